@@ -417,49 +417,62 @@ class BlockPattern:
             q_lens, kv_lens: optional per-sequence lengths ``[B]`` (default: all ``q_len`` / ``kv_len``);
                 rows/columns past a sequence's length are False and causality aligns per sequence.
         """
-        B, H, nq, nk = self.batch, self.heads, self.n_q_blocks, self.n_kv_blocks
+        Bo = self.batch
+        for name, t in (("q_lens", q_lens), ("kv_lens", kv_lens)):
+            if t is not None:
+                if t.dim() != 1 or self.batch not in (1, t.shape[0]):
+                    raise _err(name, f"a 1-D tensor of length {self.batch} (or any length for batch-1 patterns)", tuple(t.shape))
+                Bo = t.shape[0]
+        out = torch.zeros(Bo, self.heads, self.q_len, self.kv_len, dtype=torch.bool, device=self.device)
+        for b in range(Bo):
+            ql = self.q_len if q_lens is None else int(q_lens[b])
+            kl = self.kv_len if kv_lens is None else int(kv_lens[b])
+            out[b, :, :ql, :kl] = self.mask_rows(b if self.batch > 1 else 0, 0, self.n_q_blocks, ql, kl)
+        return out
+
+    def mask_rows(self, b: int, qb0: int, qb1: int, q_len: Optional[int] = None, kv_len: Optional[int] = None) -> Tensor:
+        """Element mask of query blocks ``[qb0, qb1)`` of pattern batch ``b``: bool ``[H, rows, kv_len]``.
+
+        ``q_len``/``kv_len`` are the sequence's own lengths (default the pattern's); rows are
+        clipped to ``q_len`` and causality is aligned to these lengths.
+        """
+        ql = self.q_len if q_len is None else q_len
+        kl = self.kv_len if kv_len is None else kv_len
+        H, nk = self.heads, self.n_kv_blocks
         bq, bk = self.block_q, self.block_k
         dev = self.device
-        Bo = B
-        if q_lens is not None or kv_lens is not None:
-            n = (q_lens if q_lens is not None else kv_lens).shape[0]
-            if B not in (1, n):
-                raise _err("q_lens", f"length {B}", n)
-            Bo = n
-        ql = (q_lens if q_lens is not None else torch.full((Bo,), self.q_len)).to(dev).long()
-        kl = (kv_lens if kv_lens is not None else torch.full((Bo,), self.kv_len)).to(dev).long()
-        full = self.full_sel()
-        part = self.partial_sel()
-        # element-level expansion of block selections
-        m = full.repeat_interleave(bq, 2).repeat_interleave(bk, 3)[:, :, : self.q_len, : self.kv_len]
+        qb1 = min(qb1, _cdiv(ql, bq)) if ql > 0 else qb0
+        nrow = max(qb1 - qb0, 0)
+        rows = torch.arange(qb0 * bq, qb0 * bq + nrow * bq, device=dev)
+        full = _sel_from_lists(self.full_kv_num_blocks[b, :, qb0:qb1], self.full_kv_indices[b, :, qb0:qb1], nk)
+        part = _sel_from_lists(self.kv_num_blocks[b, :, qb0:qb1], self.kv_indices[b, :, qb0:qb1], nk)
+        m = full.repeat_interleave(bq, 1).repeat_interleave(bk, 2)
         if self.mask_ids is not None:
-            ids_dense = torch.full((B, H, nq, nk), -1, dtype=torch.long, device=dev)
-            valid = torch.arange(self.kv_indices.shape[-1], device=dev) < self.kv_num_blocks[..., None]
-            src = torch.where(valid, self.mask_ids.long(), torch.full_like(self.mask_ids, -1, dtype=torch.long))
-            dst = torch.where(valid, self.kv_indices.long(), torch.zeros_like(self.kv_indices, dtype=torch.long))
-            # scatter: invalid slots write -1 into block 0 only if nothing else is there; do it via amax
-            ids_dense = ids_dense.scatter_reduce(-1, dst, src, reduce="amax", include_self=True)
+            ids_dense = torch.full((H, nrow, nk), -1, dtype=torch.long, device=dev)
+            cnt = self.kv_num_blocks[b, :, qb0:qb1]
+            idx = self.kv_indices[b, :, qb0:qb1]
+            valid = torch.arange(idx.shape[-1], device=dev) < cnt[..., None]
+            hh, qq, ss = valid.nonzero(as_tuple=True)
+            ids_dense[hh, qq, idx[hh, qq, ss].long()] = self.mask_ids[b, :, qb0:qb1][hh, qq, ss].long()
             bank = torch.cat([self.mask_bank, torch.ones(1, bq, bk, dtype=torch.bool, device=dev)], 0)
-            ids_dense = torch.where(ids_dense < 0, torch.full_like(ids_dense, bank.shape[0] - 1), ids_dense)
-            tiles = bank[ids_dense]  # [B,H,nq,nk,bq,bk]
-            tiles = tiles & part[..., None, None]
-            pm = tiles.permute(0, 1, 2, 4, 3, 5).reshape(B, H, nq * bq, nk * bk)[:, :, : self.q_len, : self.kv_len]
+            tiles = bank[torch.where(ids_dense < 0, bank.shape[0] - 1, ids_dense)] & part[..., None, None]
+            pm = tiles.permute(0, 1, 3, 2, 4).reshape(H, nrow * bq, nk * bk)
         else:
-            pm = part.repeat_interleave(bq, 2).repeat_interleave(bk, 3)[:, :, : self.q_len, : self.kv_len]
+            pm = part.repeat_interleave(bq, 1).repeat_interleave(bk, 2)
         m = m | pm
         if self.columns is not None:
-            listed = (full | part).repeat_interleave(bq, 2)[:, :, : self.q_len]  # [B,H,q_len,nk]
-            col_tok = self.columns.to_token_mask()  # [Bc,Hc,kv_len]
-            col_tok = _broadcast_heads(col_tok, H, "columns")
-            col_blk_listed = listed.repeat_interleave(bk, 3)[..., : self.kv_len]
-            m = m | (col_tok[:, :, None, :] & ~col_blk_listed)
-        m = m.expand(Bo, H, self.q_len, self.kv_len)
-        i = torch.arange(self.q_len, device=dev)
-        j = torch.arange(self.kv_len, device=dev)
-        inb = (i[None, :, None] < ql[:, None, None]) & (j[None, None, :] < kl[:, None, None])
+            cb = b if self.columns.batch > 1 else 0
+            col_tok = _broadcast_heads(self.columns.to_token_mask()[cb:cb + 1], H, "columns")[0]  # [H, kv_len]
+            col_tok = torch.nn.functional.pad(col_tok, (0, nk * bk - col_tok.shape[-1]))
+            listed = (full | part).repeat_interleave(bq, 1).repeat_interleave(bk, 2)
+            m = m | (col_tok[:, None, :] & ~listed)
+        m = m[:, : max(min(ql, qb1 * bq) - qb0 * bq, 0), :kl]
+        rows = rows[: m.shape[1]]
+        j = torch.arange(kl, device=dev)
+        ok = (j[None, :] < kl) & (rows[:, None] < ql)
         if self.causal:
-            inb = inb & (j[None, None, :] <= i[None, :, None] + (kl - ql)[:, None, None])
-        return m & inb[:, None]
+            ok = ok & (j[None, :] <= rows[:, None] + (kl - ql))
+        return m & ok[None]
 
     def pair_counts(self) -> tuple[Tensor, Tensor]:
         """(computed pairs, reference pairs) per (batch, head): float64 tensors ``[B, H]``.

@@ -1,0 +1,286 @@
+"""Public attention entry points: validation, backend choice, and the packed (varlen) form."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Optional
+
+import torch
+
+from . import patterns as _patterns
+from .patterns import BlockPattern
+
+log = logging.getLogger("sparsattn")
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _err(name: str, expected: str, got) -> ValueError:
+    return ValueError(f"{name}: expected {expected}, got {got}")
+
+
+def _check_lens(name: str, t, B: int, T: int, device) -> Optional[torch.Tensor]:
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t)
+    if t.dim() != 1 or t.shape[0] != B:
+        raise _err(name, f"a 1-D integer tensor of length {B}", tuple(t.shape))
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise _err(name, "an integer tensor", t.dtype)
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) > T):
+        raise _err(name, f"lengths in [0, {T}]", f"min {int(t.min())}, max {int(t.max())}")
+    return t.to(device=device, dtype=torch.int32)
+
+
+def validate_inputs(q, k, v, pattern: Optional[BlockPattern], scale):
+    """Check q/k/v/pattern/scale; raise ValueError naming the argument and what was expected."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise _err(name, "a torch.Tensor", type(t).__name__)
+        if t.dim() != 4:
+            raise _err(name, "a 4-D tensor [batch, heads, tokens, head_dim]", f"{t.dim()}-D shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise _err(f"{name}.dtype", "float16, bfloat16 or float32", t.dtype)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise _err("k/v dtype", f"the same dtype as q ({q.dtype})", (k.dtype, v.dtype))
+    if k.device != q.device or v.device != q.device:
+        raise _err("k/v device", f"the same device as q ({q.device})", (k.device, v.device))
+    B, Hq, Tq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise _err("k/v batch", f"{B} (as q)", (k.shape[0], v.shape[0]))
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise _err("v", f"heads and tokens equal to k's {tuple(k.shape[1:3])}", tuple(v.shape[1:3]))
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv:
+        raise _err("k heads", f"a divisor of q's {Hq} heads (GQA/MQA)", Hkv)
+    if k.shape[3] != D:
+        raise _err("k head_dim", f"{D} (as q)", k.shape[3])
+    if D < 1 or D > 256 or v.shape[3] > 256:
+        raise _err("head_dim", "1..256", (D, v.shape[3]))
+    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0):
+        raise _err("scale", "None or a positive finite float", scale)
+    if pattern is not None:
+        if not isinstance(pattern, BlockPattern):
+            raise _err("pattern", "a sparsattn.patterns.BlockPattern or None", type(pattern).__name__)
+        if pattern.q_len != Tq or pattern.kv_len != k.shape[2]:
+            raise _err("pattern", f"q_len={Tq}, kv_len={k.shape[2]} (the inputs' token counts)",
+                       f"q_len={pattern.q_len}, kv_len={pattern.kv_len}")
+        if pattern.batch not in (1, B):
+            raise _err("pattern batch", f"1 or {B}", pattern.batch)
+        if pattern.heads not in (1, Hkv, Hq):
+            raise _err("pattern heads", f"1, {Hkv} (kv heads) or {Hq} (query heads)", pattern.heads)
+        if pattern.device != q.device:
+            raise _err("pattern device", f"{q.device} (as q)", pattern.device)
+        if pattern.columns is not None:
+            c = pattern.columns
+            if c.batch not in (1, B) or c.heads not in (1, Hkv, Hq):
+                raise _err("pattern.columns", f"batch 1 or {B}, heads 1, {Hkv} or {Hq}", (c.batch, c.heads))
+            if c.device != q.device:
+                raise _err("pattern.columns device", f"{q.device}", c.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# backend table (NATTEN-style: each backend says whether it can run and why not)
+# ----------------------------------------------------------------------------------------------
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _can_triton(q, pattern, extra) -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # pragma: no cover - triton is a dependency
+        return False, f"triton is not importable ({e})"
+    if q.is_cuda:
+        if torch.cuda.get_device_capability(q.device)[0] < 8:
+            return False, "needs a GPU of compute capability >= 8.0"
+        return True, "cuda device"
+    if q.device.type == "cpu" and _interpret():
+        return True, "TRITON_INTERPRET=1 on the CPU"
+    return False, f"device {q.device.type} (triton needs CUDA, or TRITON_INTERPRET=1 on the CPU)"
+
+
+def _can_flex(q, pattern, extra) -> tuple[bool, str]:
+    if not q.is_cuda:
+        return False, "flex backend is used on CUDA only"
+    if pattern is not None and pattern.columns is not None:
+        return False, "pattern has columns (no column path in FlexAttention)"
+    if extra.get("varlen"):
+        return False, "per-sequence lengths are not supported by the flex backend"
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except Exception as e:
+        return False, f"FlexAttention is not available ({e})"
+    return True, "cuda device, no columns"
+
+
+def _can_reference(q, pattern, extra) -> tuple[bool, str]:
+    return True, "always available"
+
+
+BACKENDS = {
+    "triton": _can_triton,
+    "flex": _can_flex,
+    "reference": _can_reference,
+}
+_ORDER = ("triton", "flex", "reference")
+
+
+def choose_backend(q, pattern, *, backend: Optional[str] = None, **extra) -> str:
+    """choose_backend: the backend that will run, by the table's order; logs every refusal (DEBUG).
+
+    With ``backend`` given, that backend is used or a ValueError says why it cannot run.
+    """
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise _err("backend", f"one of {sorted(BACKENDS)} or None", repr(backend))
+        ok, why = BACKENDS[backend](q, pattern, extra)
+        if not ok:
+            raise ValueError(f"backend: {backend!r} cannot run these inputs: {why}")
+        return backend
+    for name in _ORDER:
+        ok, why = BACKENDS[name](q, pattern, extra)
+        if ok:
+            log.debug("sparsattn backend %s chosen: %s", name, why)
+            return name
+        log.debug("sparsattn backend %s refused: %s", name, why)
+    raise RuntimeError("no backend can run")  # pragma: no cover (reference always can)
+
+
+def _default_pattern(Tq, Tk, causal, device, D):
+    bs = 128 if D <= 128 else 64
+    build = _patterns.causal if causal else _patterns.dense
+    return build(Tq, Tk, block_q=bs, device=device)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Optional[BlockPattern] = None, *,
+              causal: bool = False, scale: Optional[float] = None, return_lse: bool = False,
+              backend: Optional[str] = None, q_lens=None, kv_lens=None, padding_side: str = "right"):
+    """attention: softmax attention of ``q`` on ``k, v`` restricted to ``pattern`` (dense when None).
+
+    Args:
+        q: ``[B, Hq, Tq, D]``; k, v: ``[B, Hkv, Tk, D]`` with ``Hkv`` dividing ``Hq`` (GQA/MQA,
+            K/V are never repeated in memory). float16, bfloat16 or float32; D up to 256.
+        pattern: a ``BlockPattern`` with ``q_len == Tq`` and ``kv_len == Tk``; None = dense
+            (causal if ``causal``).
+        causal: for ``pattern=None``, use the causal mask (bottom-right aligned when Tq != Tk);
+            with a pattern, ``causal=True`` requires a causal pattern.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        return_lse: also return the natural log-sum-exp per row, float32 ``[B, Hq, Tq]``.
+        backend: "triton", "flex" or "reference"; None picks the first that can run (set the
+            ``sparsattn`` logger to DEBUG to see why others were refused).
+        q_lens, kv_lens: optional per-sequence lengths ``[B]`` for a padded batch; pattern blocks and
+            causality are relative to each sequence; rows past a sequence's length are zero.
+        padding_side: "right" (sequence b occupies tokens ``[0, len)``) or "left" (``[T - len, T)``).
+
+    Returns:
+        ``out [B, Hq, Tq, D]`` in q's dtype, and ``lse`` when ``return_lse``. Query rows with no
+        key get zeros (and ``lse = -inf``), never NaN.
+    """
+    validate_inputs(q, k, v, pattern, scale)
+    B, Hq, Tq, D = q.shape
+    Tk = k.shape[2]
+    if padding_side not in ("right", "left"):
+        raise _err("padding_side", "'right' or 'left'", repr(padding_side))
+    ql = _check_lens("q_lens", q_lens, B, Tq, q.device)
+    kl = _check_lens("kv_lens", kv_lens, B, Tk, q.device)
+    if pattern is None:
+        pattern = _default_pattern(Tq, Tk, causal, q.device, D)
+    elif causal and not pattern.causal:
+        raise _err("causal", "False with a non-causal pattern (build the pattern with causal=True)", True)
+    qo = ko = None
+    if padding_side == "left":
+        if ql is not None:
+            qo = (Tq - ql).to(torch.int32)
+        if kl is not None:
+            ko = (Tk - kl).to(torch.int32)
+    name = choose_backend(q, pattern, backend=backend, varlen=ql is not None or kl is not None)
+    out, lse = _run(name, q, k, v, pattern, scale, ql, kl, qo, ko)
+    return (out, lse) if return_lse else out
+
+
+def _run(name, q, k, v, pattern, scale, ql, kl, qo, ko):
+    if name == "reference":
+        from .kernels.block_sparse.reference import block_sparse_reference
+
+        return block_sparse_reference(q, k, v, pattern, scale=scale, q_lens=ql, kv_lens=kl, q_offsets=qo, kv_offsets=ko)
+    if name == "flex":
+        from .kernels.block_sparse.flex import flex_block_sparse
+
+        return flex_block_sparse(q, k, v, pattern, scale=scale)
+    from .kernels.block_sparse import block_sparse_attention
+
+    return block_sparse_attention(q, k, v, pattern, scale=scale, q_lens=ql, kv_lens=kl, q_offsets=qo, kv_offsets=ko)
+
+
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q, cu_seqlens_k=None,
+                     pattern: Optional[BlockPattern] = None, *, causal: bool = False, scale: Optional[float] = None,
+                     return_lse: bool = False, backend: Optional[str] = None):
+    """attention_varlen: attention over packed sequences (flash-attention's varlen form).
+
+    Args:
+        q: ``[Hq, total_q, D]``; k, v: ``[Hkv, total_k, D]``: the tokens of all sequences concatenated.
+        cu_seqlens_q: int ``[N + 1]`` cumulative query lengths starting at 0; cu_seqlens_k likewise
+            (default: equal to cu_seqlens_q).
+        pattern: a ``BlockPattern`` with batch 1 or N, ``q_len`` / ``kv_len`` = the longest
+            sequence; block indices are relative to each sequence's start. None = dense/causal.
+    Returns:
+        ``out [Hq, total_q, D]`` (and ``lse [Hq, total_q]`` when ``return_lse``).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise _err(name, "a 3-D tensor [heads, total_tokens, head_dim]", getattr(t, "shape", type(t)))
+    cu_q = torch.as_tensor(cu_seqlens_q, device=q.device)
+    cu_k = cu_q if cu_seqlens_k is None else torch.as_tensor(cu_seqlens_k, device=q.device)
+    for name, cu, total in (("cu_seqlens_q", cu_q, q.shape[1]), ("cu_seqlens_k", cu_k, k.shape[1])):
+        if cu.dim() != 1 or cu.numel() < 2 or cu.dtype.is_floating_point:
+            raise _err(name, "a 1-D integer tensor [n_sequences + 1]", (cu.dtype, tuple(cu.shape)))
+        if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
+            raise _err(name, f"non-decreasing values from 0 to {total}", cu.tolist()[:8])
+    if cu_q.numel() != cu_k.numel():
+        raise _err("cu_seqlens_k", f"{cu_q.numel()} entries (as cu_seqlens_q)", cu_k.numel())
+    ql = (cu_q[1:] - cu_q[:-1]).to(torch.int32)
+    kl = (cu_k[1:] - cu_k[:-1]).to(torch.int32)
+    N = ql.numel()
+    Tq, Tk = int(ql.max()), int(kl.max())
+    q4, k4, v4 = q[None], k[None], v[None]
+    validate_inputs(q4, k4, v4, None, scale)
+    if pattern is None:
+        pattern = _default_pattern(Tq, Tk, causal, q.device, q.shape[-1])
+    elif causal and not pattern.causal:
+        raise _err("causal", "False with a non-causal pattern", True)
+    if pattern.q_len != Tq or pattern.kv_len != Tk:
+        raise _err("pattern", f"q_len={Tq}, kv_len={Tk} (the longest sequences)", (pattern.q_len, pattern.kv_len))
+    if pattern.batch not in (1, N):
+        raise _err("pattern batch", f"1 or {N} (sequences)", pattern.batch)
+    name = choose_backend(q4, pattern, backend=backend, varlen=True)
+    if name == "reference" or name == "flex":
+        # reference over the packed layout: each sequence is a batch entry with an offset
+        from .kernels.block_sparse.reference import block_sparse_reference
+
+        if name == "flex":
+            raise ValueError("backend: 'flex' does not support packed sequences")
+        qq = q4.expand(N, *q.shape)
+        kk = k4.expand(N, *k.shape)
+        vv = v4.expand(N, *v.shape)
+        out_n, lse_n = block_sparse_reference(qq, kk, vv, pattern, scale=scale,
+                                              q_lens=ql, kv_lens=kl, q_offsets=cu_q[:-1], kv_offsets=cu_k[:-1])
+        # each sequence wrote only its own rows: sum the disjoint parts
+        out = out_n.sum(0)
+        lse = torch.full((q.shape[0], q.shape[1]), float("-inf"), device=q.device)
+        for b in range(N):
+            a, z = int(cu_q[b]), int(cu_q[b + 1])
+            lse[:, a:z] = lse_n[b, :, a:z]
+    else:
+        from .kernels.block_sparse import block_sparse_attention
+
+        out, lse = block_sparse_attention(q4, k4, v4, pattern, scale=scale, q_lens=ql, kv_lens=kl,
+                                          q_offsets=cu_q[:-1].to(torch.int32), kv_offsets=cu_k[:-1].to(torch.int32),
+                                          packed=True)
+        out, lse = out[0], lse[0]
+    return (out, lse) if return_lse else out
+

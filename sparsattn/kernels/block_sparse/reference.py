@@ -1,0 +1,119 @@
+"""Reference: block-sparse attention in plain torch, obviously correct, differentiable by autograd.
+
+Computes softmax attention restricted to a ``BlockPattern``'s element mask (see
+``sparsattn.patterns``), in float32, one chunk of query blocks at a time so that memory stays
+``O(chunk * kv_len)`` per head instead of quadratic. Rows with no key return zeros and a
+log-sum-exp of ``-inf``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ...patterns import BlockPattern
+
+
+def _seq_slices(n_batch: int, T: int, lens: Optional[torch.Tensor], offsets: Optional[torch.Tensor]):
+    out = []
+    for b in range(n_batch):
+        L = T if lens is None else int(lens[b])
+        o = 0 if offsets is None else int(offsets[b])
+        out.append((o, L))
+    return out
+
+
+def block_sparse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPattern, *,
+                           scale: Optional[float] = None, q_lens: Optional[torch.Tensor] = None,
+                           kv_lens: Optional[torch.Tensor] = None, q_offsets: Optional[torch.Tensor] = None,
+                           kv_offsets: Optional[torch.Tensor] = None, max_chunk_elems: int = 1 << 26):
+    """block_sparse_reference: attention of ``q [B, Hq, Tq, D]`` on ``k, v [B, Hkv, Tk, D(v)]``
+    restricted to ``pattern``; returns ``(out [B, Hq, Tq, Dv] in q.dtype, lse [B, Hq, Tq] float32)``.
+
+    Sequence ``b`` occupies query tokens ``[q_offsets[b], q_offsets[b] + q_lens[b])`` and key tokens
+    likewise (defaults: offset 0, full length); pattern block indices and causality are relative
+    to the sequence's start and lengths. Outputs outside every sequence are zero (lse ``-inf``).
+    Inputs are assumed validated by the caller (``sparsattn.attention``).
+    """
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    out = torch.zeros(B, Hq, Tq, v.shape[-1], dtype=torch.float32, device=q.device)
+    lse = torch.full((B, Hq, Tq), float("-inf"), dtype=torch.float32, device=q.device)
+    # outputs are written out of place (index_copy) so that autograd flows to q, k, v
+    out_parts, lse_parts, where = [], [], []
+    qs = _seq_slices(B, Tq, q_lens, q_offsets)
+    ks = _seq_slices(B, Tk, kv_lens, kv_offsets)
+    bq = pattern.block_q
+    for b in range(B):
+        (qo, ql), (ko, kl) = qs[b], ks[b]
+        if ql == 0:
+            continue
+        pb = b if pattern.batch > 1 else 0
+        kb = k[b, :, ko:ko + kl].float()
+        vb = v[b, :, ko:ko + kl].float()
+        kb = kb.repeat_interleave(G, 0)
+        vb = vb.repeat_interleave(G, 0)
+        rows_per_chunk = max(bq, (max_chunk_elems // max(Hq * max(kl, 1), 1)) // bq * bq)
+        n_qb = -(-ql // bq)
+        step = rows_per_chunk // bq
+        for qb0 in range(0, n_qb, step):
+            qb1 = min(n_qb, qb0 + step)
+            r0, r1 = qb0 * bq, min(ql, qb1 * bq)
+            qc = q[b, :, qo + r0:qo + r1].float()
+            mask = pattern.mask_rows(pb, qb0, qb1, ql, kl)  # [Hp, rows, kl]
+            if mask.shape[0] != Hq:
+                mask = mask.repeat_interleave(Hq // mask.shape[0], 0) if mask.shape[0] > 1 else mask.expand(Hq, -1, -1)
+            s = torch.matmul(qc, kb.transpose(-1, -2)) * scale
+            s = s.masked_fill(~mask, float("-inf"))
+            m = s.amax(-1, keepdim=True)
+            m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+            p = torch.exp(s - m)
+            denom = p.sum(-1, keepdim=True)
+            o = torch.matmul(p, vb) / torch.where(denom == 0, torch.ones_like(denom), denom)
+            lc = torch.where(denom[..., 0] == 0, torch.full_like(denom[..., 0], float("-inf")),
+                             torch.log(denom[..., 0]) + m[..., 0])
+            out_parts.append(o)
+            lse_parts.append(lc)
+            where.append((b, qo + r0, qo + r1))
+    for o, lc, (b, a, z) in zip(out_parts, lse_parts, where):
+        out = _write(out, o, b, a, z)
+        lse = _write(lse, lc, b, a, z)
+    return out.to(q.dtype), lse
+
+
+def _write(dst: torch.Tensor, src: torch.Tensor, b: int, a: int, z: int) -> torch.Tensor:
+    """Out-of-place slice write that keeps autograd (dst[b, :, a:z] = src)."""
+    idx = torch.arange(a, z, device=dst.device)
+    row = dst[b].index_copy(1, idx, src)
+    return dst.index_copy(0, torch.tensor([b], device=dst.device), row[None])
+
+
+def dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    scale: Optional[float] = None, mask: Optional[torch.Tensor] = None):
+    """dense_reference: plain softmax attention in float64 (GQA by repetition), for tests.
+
+    ``mask``: optional bool ``[B or 1, Hq or 1, Tq, Tk]``; causal aligns bottom-right. Returns
+    ``(out float64, lse float64)``; rows with no key give zeros and ``-inf``.
+    """
+    B, Hq, Tq, D = q.shape
+    G = Hq // k.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    kk = k.double().repeat_interleave(G, 1)
+    vv = v.double().repeat_interleave(G, 1)
+    s = torch.matmul(q.double(), kk.transpose(-1, -2)) * scale
+    keep = torch.ones(s.shape, dtype=torch.bool, device=s.device)
+    if causal:
+        Tk = k.shape[2]
+        i = torch.arange(Tq, device=s.device)[:, None]
+        j = torch.arange(Tk, device=s.device)[None, :]
+        keep = keep & (j <= i + (Tk - Tq))
+    if mask is not None:
+        keep = keep & mask
+    s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.where(keep, torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None]),
+                    torch.zeros_like(s))
+    return torch.matmul(p, vv), lse

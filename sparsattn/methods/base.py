@@ -1,0 +1,125 @@
+"""The method contract: one registered dataclass per paper, producing patterns.
+
+A method is a ``@register("name")`` dataclass whose fields are its hyper-parameters (with the
+paper's defaults) and whose class attributes describe it to the rest of the library:
+
+* ``paper``: title and arXiv id;
+* ``phase``: ``"prefill"`` | ``"decode"`` | ``"train"``;
+* ``trainable``: whether it has parameters to train;
+* ``needs``: what it must be given before use (e.g. ``("calibration",)``) via ``fit``/``load``.
+
+``select(q, k, ctx)`` returns the pattern (plain torch, no model access). Model-dependent setup
+happens in an explicit ``fit(...)`` that saves/loads a small JSON or safetensors file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+import torch
+
+_REGISTRY: dict[str, type] = {}
+
+
+@dataclass
+class SelectContext:
+    """SelectContext: what the integration passes to ``Method.select`` besides q and k.
+
+    Attributes:
+        layer: index of the attention layer (or None outside a model).
+        causal: whether the attention is causal.
+        scale: softmax scale (None = 1/sqrt(head_dim)).
+        q_offset: absolute position of the first query (chunked prefill / decode).
+        state: a dict shared across layers and steps of one forward/generation, owned by the
+            integration (cross-layer state such as TidalDecode's positions lives here).
+        extras: free-form inputs (e.g. ``positions``, pre-RoPE q/k) an integration may supply.
+    """
+
+    layer: Optional[int] = None
+    causal: bool = True
+    scale: Optional[float] = None
+    q_offset: int = 0
+    state: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
+
+
+class Method:
+    """Method: base class of registered sparse-attention methods (see module docstring)."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    phase: ClassVar[str] = "prefill"
+    trainable: ClassVar[bool] = False
+    needs: ClassVar[tuple] = ()
+
+    def select(self, q: torch.Tensor, k: torch.Tensor, ctx: Optional[SelectContext] = None):
+        """Return the pattern for queries ``q [B, Hq, Tq, D]`` and keys ``k [B, Hkv, Tk, D]``."""
+        raise NotImplementedError
+
+    @property
+    def is_fitted(self) -> bool:
+        """True when every requirement in ``needs`` is satisfied (overridden by calibrated methods)."""
+        return not self.needs
+
+    def config(self) -> dict[str, Any]:
+        """The method's hyper-parameters as a JSON-serialisable dict."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name.startswith("_"):
+                continue
+            v = getattr(self, f.name)
+            if isinstance(v, (int, float, str, bool, type(None), list, tuple, dict)):
+                out[f.name] = v
+        return out
+
+
+def register(name: str):
+    """register: class decorator adding a Method subclass to the registry under ``name``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name: expected a non-empty string, got {name!r}")
+
+    def deco(cls):
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"name: method {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        if not issubclass(cls, Method):
+            raise ValueError(f"cls: expected a subclass of sparsattn.methods.Method, got {cls!r}")
+        if cls.phase not in ("prefill", "decode", "train"):
+            raise ValueError(f"{cls.__qualname__}.phase: expected 'prefill', 'decode' or 'train', got {cls.phase!r}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def list_methods(phase: Optional[str] = None) -> list[str]:
+    """list_methods: sorted names of registered methods, optionally of one ``phase``."""
+    from . import _load_all  # noqa: F401  (imports every method module once)
+
+    _load_all()
+    return sorted(n for n, c in _REGISTRY.items() if phase is None or c.phase == phase)
+
+
+def method_class(name: str) -> type:
+    """method_class: the registered class for ``name``; ValueError listing valid names otherwise."""
+    names = list_methods()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(str(name), names, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"method: unknown method {name!r}{hint}; valid methods: {', '.join(names)}")
+    return _REGISTRY[name]
+
+
+def get_method(name: str, **config) -> Method:
+    """get_method: build the registered method ``name`` with hyper-parameters ``config``.
+
+    Unknown hyper-parameters raise ValueError listing the valid ones.
+    """
+    cls = method_class(name)
+    valid = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")} if dataclasses.is_dataclass(cls) else set()
+    bad = sorted(set(config) - valid)
+    if bad:
+        raise ValueError(f"config: unknown hyper-parameter(s) {bad} for method {name!r}; valid: {sorted(valid)}")
+    return cls(**config)

@@ -1,0 +1,30 @@
+"""dense: exact attention, the baseline every method is measured against."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import patterns
+from .base import Method, SelectContext, register
+
+
+@register("dense")
+@dataclass
+class Dense(Method):
+    """Dense: every key block (causal when the context is causal); density 1.
+
+    Args:
+        block_size: block size of the returned pattern (tokens).
+    """
+
+    paper = "Attention Is All You Need (arXiv 1706.03762)"
+    phase = "prefill"
+    block_size: int = 128
+
+    def __post_init__(self):
+        if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size: expected a power of two >= 16, got {self.block_size!r}")
+
+    def select(self, q, k, ctx: SelectContext | None = None):
+        ctx = ctx or SelectContext()
+        build = patterns.causal if ctx.causal else patterns.dense
+        return build(q.shape[2], k.shape[2], block_q=self.block_size, device=q.device)
