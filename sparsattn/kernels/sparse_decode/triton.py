@@ -1,0 +1,249 @@
+"""Triton: sparse decode attention (token / page gather, GQA-packed, split-K with an LSE merge).
+
+One program handles one (batch, pattern row, split): all the query heads that share the row's
+selection (a whole GQA group when the pattern has one row per KV head), so each selected K/V
+row is read once. The selection (``count * page_size`` tokens, or ``kv_len`` tokens when dense)
+is cut into ``num_splits`` slices (flash-decoding); every split writes a partial output and
+log-sum-exp that a second small kernel merges. With one split the first kernel writes the final
+output directly. KV may be contiguous ``[B, Hkv, T, D]`` or paged ``[n_pages, Hkv, P, D]`` with a
+block table ``[B, max_pages]``.
+
+Only long-standing Triton APIs are used (tested with triton 3.6 and 3.9).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _decode_kernel(Q, K, V, IDX, CNT, LW, KVL, BT, O, L,
+                   qk_scale,
+                   stride_qb, stride_qh,
+                   stride_kb, stride_kh, stride_kt,
+                   stride_vb, stride_vh, stride_vt,
+                   stride_ib, stride_ir, stride_cb, stride_cr, stride_wb, stride_wr,
+                   stride_btb,
+                   stride_ob, stride_oh, stride_os,
+                   stride_lb, stride_lh,
+                   split_len,
+                   GP: tl.constexpr, ROWS_PER_KV: tl.constexpr, PAGE: tl.constexpr, CPS: tl.constexpr,
+                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DENSE: tl.constexpr, PAGED: tl.constexpr, HAS_LW: tl.constexpr, DIRECT: tl.constexpr,
+                   PREC: tl.constexpr, UPCAST: tl.constexpr):
+    b = tl.program_id(0)
+    r = tl.program_id(1)
+    sp = tl.program_id(2)
+    kvh = r // ROWS_PER_KV
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    hmask = offs_h < GP
+    dmask = offs_d < D
+    qh = r * GP + offs_h
+    q = tl.load(Q + b * stride_qb + qh[:, None] * stride_qh + offs_d[None, :],
+                mask=hmask[:, None] & dmask[None, :], other=0.0)
+    if UPCAST:  # the CPU interpreter's bf16 tl.dot is wrong (triton 3.9): compute in fp32 there
+        q = q.to(tl.float32)
+    kvlen = tl.load(KVL + b)
+    if DENSE:
+        n_sel = kvlen
+    else:
+        n_sel = tl.load(CNT + b * stride_cb + r * stride_cr) * PAGE
+    start = sp * split_len
+    end = tl.minimum(start + split_len, n_sel)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for j0 in range(start, end, BLOCK_N):
+        offs_j = j0 + tl.arange(0, BLOCK_N)
+        jmask = offs_j < end
+        if DENSE:
+            tok = offs_j
+        else:
+            e = offs_j // PAGE
+            ix = tl.load(IDX + b * stride_ib + r * stride_ir + e, mask=jmask, other=0)
+            tok = ix * PAGE + offs_j % PAGE
+        valid = jmask & (tok < kvlen)
+        if PAGED:
+            pg = tl.load(BT + b * stride_btb + tok // CPS, mask=valid, other=0).to(tl.int64)
+            koff = pg * stride_kb + kvh * stride_kh + (tok % CPS) * stride_kt
+            voff = pg * stride_vb + kvh * stride_vh + (tok % CPS) * stride_vt
+        else:
+            tok64 = tok.to(tl.int64)
+            koff = b.to(tl.int64) * stride_kb + kvh * stride_kh + tok64 * stride_kt
+            voff = b.to(tl.int64) * stride_vb + kvh * stride_vh + tok64 * stride_vt
+        kv_mask = valid[:, None] & dmask[None, :]
+        k = tl.load(K + koff[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + voff[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_H, BLOCK_N], log2 units
+        if HAS_LW:
+            w = tl.load(LW + b * stride_wb + r * stride_wr + e, mask=jmask, other=0.0)
+            s = s + w[None, :] * 1.4426950408889634
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    nonempty = l_i > 0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    omask = hmask[:, None] & dmask[None, :]
+    optr = O + b * stride_ob + qh[:, None] * stride_oh + sp * stride_os + offs_d[None, :]
+    if DIRECT:
+        tl.store(optr, out.to(O.dtype.element_ty), mask=omask)
+    else:
+        tl.store(optr, out, mask=omask)
+    tl.store(L + b * stride_lb + qh * stride_lh + sp, lse, mask=hmask)
+
+
+@triton.jit
+def _merge_kernel(OP, LP, O, L, S, stride_opb, stride_oph, stride_ops, stride_lpb, stride_lph,
+                  stride_ob, stride_oh, stride_lb, H,
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    smask = offs_s < S
+    lse = tl.load(LP + b * stride_lpb + h * stride_lph + offs_s, mask=smask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.where(smask, tl.exp(lse - m_safe), 0.0)
+    tot = tl.sum(w, 0)
+    o = tl.load(OP + b * stride_opb + h * stride_oph + offs_s[:, None] * stride_ops + offs_d[None, :],
+                mask=smask[:, None] & (offs_d[None, :] < D), other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(tot > 0, tot, 1.0)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=offs_d < D)
+    tl.store(L + b * stride_lb + h, tl.where(tot > 0, m + tl.log(tl.where(tot > 0, tot, 1.0)), float("-inf")))
+
+
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def choose_splits(n_programs: int, max_sel: int, block_n: int, device) -> int:
+    """Number of split-K slices: enough programs to fill the GPU, each with >= 4 blocks of work."""
+    if max_sel <= 0:
+        return 1
+    target = 2 * _sm_count(device)
+    want = max(1, -(-target // max(n_programs, 1)))
+    most = max(1, -(-max_sel // (4 * block_n)))
+    return int(min(want, most, 64))
+
+
+def sparse_decode_triton(q, k_cache, v_cache, indices, counts, kv_lens, *, scale, page_size, log_weight=None,
+                         block_table=None, num_splits=None, block_n=None, num_warps=4):
+    """sparse_decode_triton: launch the decode kernel on validated inputs (see ``sparse_decode_attention``).
+
+    ``indices [B', R, max_n]`` / ``counts [B', R]`` (``B'`` = 1 or B; R = pattern rows, 1, Hkv or Hq)
+    or None for dense; ``kv_lens`` int32 ``[B]`` on the device. Returns ``(out [B, Hq, D], lse [B, Hq])``.
+    """
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    dense = indices is None
+    R = Hkv if dense else max(indices.shape[1], Hkv)
+    if not dense and indices.shape[1] not in (1, R):
+        raise ValueError(f"indices: expected 1 or {R} rows, got {indices.shape[1]}")
+    GP = Hq // R
+    ROWS_PER_KV = R // Hkv
+    q = q.contiguous()
+    if k_cache.stride(-1) != 1:
+        k_cache = k_cache.contiguous()
+    if v_cache.stride(-1) != 1:
+        v_cache = v_cache.contiguous()
+    paged = block_table is not None
+    cps = k_cache.shape[2] if paged else 1
+    T = block_table.shape[1] * cps if paged else k_cache.shape[2]
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_H = max(16, triton.next_power_of_2(GP))
+    if block_n is None:
+        block_n = 64 if BLOCK_D <= 128 else 32
+    max_sel = T if dense else indices.shape[-1] * page_size
+    max_sel = min(max_sel, T)
+    S = num_splits or choose_splits(B * R, max_sel, block_n, q.device)
+    split_len = max(block_n, -(-max(max_sel, 1) // S))
+    split_len = -(-split_len // block_n) * block_n
+    S = max(1, -(-max(max_sel, 1) // split_len))
+    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    if dense:
+        idx, cnt, sib, sir, scb, scr = dummy, dummy, 0, 0, 0, 0
+    else:
+        idx, cnt = indices, counts
+        if idx.stride(-1) != 1:
+            idx = idx.contiguous()
+        sib = idx.stride(0) if idx.shape[0] > 1 else 0
+        sir = idx.stride(1) if idx.shape[1] > 1 else 0
+        scb = cnt.stride(0) if cnt.shape[0] > 1 else 0
+        scr = cnt.stride(1) if cnt.shape[1] > 1 else 0
+    if log_weight is not None:
+        lw = log_weight.float()
+        if lw.stride(-1) != 1:
+            lw = lw.contiguous()
+        swb = lw.stride(0) if lw.shape[0] > 1 else 0
+        swr = lw.stride(1) if lw.shape[1] > 1 else 0
+    else:
+        lw, swb, swr = torch.zeros(1, dtype=torch.float32, device=q.device), 0, 0
+    bt = block_table if paged else dummy
+    sbt = bt.stride(0) if paged else 0
+    upcast = q.device.type == "cpu" and q.dtype == torch.bfloat16
+    prec = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
+    direct = S == 1
+    if direct:
+        out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+        lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
+        so = (out.stride(0), out.stride(1), 0)
+        sl = (lse.stride(0), lse.stride(1))
+        o_t, l_t = out, lse
+    else:
+        o_t = torch.empty(B, Hq, S, D, dtype=torch.float32, device=q.device)
+        l_t = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
+        so = (o_t.stride(0), o_t.stride(1), o_t.stride(2))
+        sl = (l_t.stride(0), l_t.stride(1))
+    qk_scale = float(scale) * LOG2E
+    grid = (B, R, S)
+    _decode_kernel[grid](
+        q, k_cache, v_cache, idx, cnt, lw, kv_lens, bt, o_t, l_t,
+        qk_scale,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        sib, sir, scb, scr, swb, swr,
+        sbt,
+        so[0], so[1], so[2],
+        sl[0], sl[1],
+        split_len,
+        GP=GP, ROWS_PER_KV=ROWS_PER_KV, PAGE=page_size, CPS=cps,
+        D=D, BLOCK_D=BLOCK_D, BLOCK_H=BLOCK_H, BLOCK_N=block_n,
+        DENSE=dense, PAGED=paged, HAS_LW=log_weight is not None, DIRECT=direct, PREC=prec, UPCAST=upcast,
+        num_warps=num_warps,
+    )
+    if direct:
+        return out, lse
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
+    _merge_kernel[(B * Hq,)](
+        o_t, l_t, out, lse, S, o_t.stride(0), o_t.stride(1), o_t.stride(2), l_t.stride(0), l_t.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0), Hq,
+        D=D, BLOCK_D=BLOCK_D, BLOCK_S=max(2, triton.next_power_of_2(S)), num_warps=4,
+    )
+    return out, lse
+
+
+__all__ = ["sparse_decode_triton", "choose_splits"]

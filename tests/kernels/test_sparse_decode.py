@@ -1,0 +1,195 @@
+"""Sparse decode kernel: Triton (interpreted on the CPU) vs the torch reference vs dense attention."""
+import math
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from sparsattn.kernels.block_sparse.reference import dense_reference  # noqa: E402
+from sparsattn.kernels.sparse_decode import sparse_decode_attention  # noqa: E402
+from sparsattn.kernels.sparse_decode.reference import paged_to_contiguous  # noqa: E402
+from sparsattn.patterns import TokenPattern  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="needs TRITON_INTERPRET=1 or CUDA")
+
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every floating tensor allocated with torch.empty starts as NaN, so unwritten outputs fail."""
+    orig = torch.empty
+
+    def empty(*a, **k):
+        t = orig(*a, **k)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def _pattern(B, H, T, P, kv_lens, counts_kind, gen):
+    """Random sorted selections with different counts per batch: 0, full and random in between."""
+    lists = []
+    for b in range(B):
+        units = -(-int(kv_lens[b]) // P)
+        rows = []
+        for h in range(H):
+            if counts_kind[b] == "zero":
+                n = 0
+            elif counts_kind[b] == "full":
+                n = units
+            else:
+                n = int(torch.randint(1, max(units, 1) + 1, (1,), generator=gen)) if units else 0
+            rows.append(sorted(torch.randperm(units, generator=gen)[:n].tolist()))
+        lists.append(rows)
+    return TokenPattern.from_lists(lists, T, page_size=P)
+
+
+def _close(a, b, tol):
+    assert not torch.isnan(a).any(), "NaN in output"
+    err = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+    assert err <= tol * max(1.0, b.float().abs().max().item()), err
+
+
+CASES = [  # T, D, G (Hq/Hkv), dtype, page size, pattern heads ("kv" or "q" or "one")
+    (1, 64, 1, torch.float32, 1, "kv"),
+    (63, 80, 4, torch.float16, 1, "kv"),
+    (200, 128, 8, torch.bfloat16, 16, "kv"),
+    (1000, 64, 2, torch.float32, 16, "q"),
+    (200, 80, 1, torch.bfloat16, 1, "one"),
+    (1000, 128, 8, torch.float16, 1, "kv"),
+    (63, 64, 4, torch.float32, 16, "one"),
+    (200, 64, 2, torch.float32, 1, "q"),
+]
+
+
+@pytest.mark.parametrize("T,D,G,dtype,P,heads", CASES)
+def test_kernel_matches_reference(T, D, G, dtype, P, heads, poison):
+    gen = torch.Generator().manual_seed(T * 7 + D + G)
+    B, Hkv = 3, 2
+    Hq = Hkv * G
+    q = torch.randn(B, Hq, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, T, D, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, T, D, generator=gen).to(dtype)
+    kv_lens = torch.tensor([T, max(T // 3, 1), T])
+    H = {"kv": Hkv, "q": Hq, "one": 1}[heads]
+    pat = _pattern(B, H, T, P, kv_lens, ["full", "rand", "zero"], gen)
+    for splits in ((None,) if T >= 1000 else (None, 3)):
+        o, lse = sparse_decode_attention(q, k, v, pat, kv_lens=kv_lens, return_lse=True, backend="triton",
+                                         num_splits=splits)
+        ro, rlse = sparse_decode_attention(q, k, v, pat, kv_lens=kv_lens, return_lse=True, backend="reference")
+        assert o.dtype == dtype and lse.dtype == torch.float32 and o.shape == (B, Hq, D)
+        _close(o, ro, TOL[dtype])
+        # batch 2 selects nothing: zeros and -inf
+        assert (o[2] == 0).all() and torch.isneginf(lse[2]).all()
+        fin = torch.isfinite(rlse)
+        assert torch.equal(fin, torch.isfinite(lse))
+        assert (lse[fin] - rlse[fin]).abs().max() <= 1e-3
+    # batch 0 selects the whole cache: equals dense attention with the query as the last position
+    ref, ref_lse = dense_reference(q[:1, :, None], k[:1], v[:1], causal=True)
+    _close(o[:1], ref[:, :, 0], TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_pattern_none_with_kv_lens(dtype, poison):
+    gen = torch.Generator().manual_seed(1)
+    B, Hq, Hkv, T, D = 3, 8, 2, 300, 64
+    q = torch.randn(B, Hq, D, generator=gen).to(dtype)
+    k = torch.randn(B, Hkv, T, D, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, T, D, generator=gen).to(dtype)
+    kv_lens = torch.tensor([300, 1, 0])
+    o, lse = sparse_decode_attention(q, k, v, None, kv_lens=kv_lens, return_lse=True, backend="triton")
+    for b in range(2):
+        L = int(kv_lens[b])
+        ref, rl = dense_reference(q[b:b + 1, :, None], k[b:b + 1, :, :L], v[b:b + 1, :, :L])
+        _close(o[b:b + 1], ref[:, :, 0], TOL[dtype])
+        assert (lse[b] - rl[0, :, 0]).abs().max() < 1e-3
+    assert (o[2] == 0).all() and torch.isneginf(lse[2]).all()
+
+
+def test_log_weight_compensation_formula(poison):
+    """RazorAttention's compensation token: o = (sum_kept e^s v + n e^s_c v_c) / (sum_kept e^s + n e^s_c)."""
+    gen = torch.Generator().manual_seed(2)
+    B, Hq, Hkv, T, D = 2, 4, 2, 50, 64
+    q = torch.randn(B, Hq, D, generator=gen)
+    k = torch.randn(B, Hkv, T, D, generator=gen)
+    v = torch.randn(B, Hkv, T, D, generator=gen)
+    sel = [[[0, 1, 30, 40, 49], [0, 2, 3, 48]], [[5, 10], [0, 1, 2, 3, 4, 5]]]
+    pat = TokenPattern.from_lists(sel, T)
+    n_drop = torch.tensor([[7.0, 3.0], [1.0, 12.0]])
+    lw = torch.zeros(B, Hkv, pat.indices.shape[-1])
+    lw[:, :, 1] = n_drop.log()  # the second selected entry of each row is a compensation token
+    outs = {be: sparse_decode_attention(q, k, v, pat, log_weight=lw, backend=be, return_lse=True)
+            for be in ("triton", "reference")}
+    scale = 1 / math.sqrt(D)
+    for b in range(B):
+        for h in range(Hq):
+            g = h // (Hq // Hkv)
+            ids = sel[b][g]
+            s = (k[b, g, ids].double() @ q[b, h].double()) * scale
+            w = torch.ones(len(ids), dtype=torch.float64)
+            w[1] = n_drop[b, g]
+            e = w * torch.exp(s)
+            want = (e[:, None] * v[b, g, ids].double()).sum(0) / e.sum()
+            for be, (o, lse) in outs.items():
+                assert torch.allclose(o[b, h].double(), want, atol=1e-5), be
+                assert abs(float(lse[b, h]) - float(torch.log(e.sum()))) < 1e-4, be
+
+
+@pytest.mark.parametrize("cps,dtype", [(16, torch.bfloat16), (1, torch.float32)])
+def test_paged_layout_matches_contiguous(cps, dtype, poison):
+    gen = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, D, max_pages = 2, 8, 2, 80, 13 if cps == 16 else 70
+    T = max_pages * cps
+    n_pages = B * max_pages + 3
+    pages_k = torch.randn(n_pages, Hkv, cps, D, generator=gen).to(dtype)
+    pages_v = torch.randn(n_pages, Hkv, cps, D, generator=gen).to(dtype)
+    bt = torch.randperm(n_pages, generator=gen)[: B * max_pages].view(B, max_pages).to(torch.int32)
+    kv_lens = torch.tensor([T, T - 5])
+    q = torch.randn(B, Hq, D, generator=gen).to(dtype)
+    kc, vc = paged_to_contiguous(pages_k, bt, T), paged_to_contiguous(pages_v, bt, T)
+    pat = _pattern(B, Hkv, T, 4, kv_lens, ["rand", "rand"], gen)
+    for p in (pat, None):
+        o = sparse_decode_attention(q, pages_k, pages_v, p, kv_lens=kv_lens, block_table=bt, backend="triton")
+        oc = sparse_decode_attention(q, kc, vc, p, kv_lens=kv_lens, backend="reference")
+        orp = sparse_decode_attention(q, pages_k, pages_v, p, kv_lens=kv_lens, block_table=bt, backend="reference")
+        _close(o, oc, TOL[dtype])
+        _close(orp, oc, 1e-6)
+
+
+def test_validation_errors():
+    B, Hq, Hkv, T, D = 2, 4, 2, 40, 64
+    q, k, v = torch.randn(B, Hq, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    kl = torch.tensor([40, 20])
+
+    def pat(idx, cnt, P=1):
+        return TokenPattern(torch.tensor(idx, dtype=torch.int32), torch.tensor(cnt, dtype=torch.int32), T, P)
+
+    ok = pat([[[0, 5], [1, 2]], [[0, 19], [3, 4]]], [[2, 2], [2, 2]])
+    sparse_decode_attention(q, k, v, ok, kv_lens=kl, backend="reference")
+    with pytest.raises(ValueError, match="pattern.indices"):  # 25 >= kv_lens[1] = 20
+        sparse_decode_attention(q, k, v, pat([[[0, 5], [1, 2]], [[0, 25], [3, 4]]], [[2, 2], [2, 2]]), kv_lens=kl)
+    with pytest.raises(ValueError, match="pattern.indices"):  # unsorted
+        sparse_decode_attention(q, k, v, pat([[[5, 0], [1, 2]], [[0, 1], [3, 4]]], [[2, 2], [2, 2]]), kv_lens=kl)
+    with pytest.raises(ValueError, match="pattern.counts"):  # budget larger than the cache (pages)
+        idx = [[list(range(3)), list(range(3))], [list(range(3)), list(range(3))]]
+        sparse_decode_attention(q, k, v, pat(idx, [[3, 3], [3, 3]], P=16), kv_lens=torch.tensor([40, 20]))
+    with pytest.raises(ValueError, match="pattern.counts"):  # negative budget
+        sparse_decode_attention(q, k, v, pat([[[0, 5], [1, 2]], [[0, 1], [3, 4]]], [[-1, 2], [2, 2]]), kv_lens=kl)
+    with pytest.raises(ValueError, match="kv_lens"):
+        sparse_decode_attention(q, k, v, ok, kv_lens=torch.tensor([41, 3]))
+    with pytest.raises(ValueError, match="pattern heads"):
+        sparse_decode_attention(q, k, v, pat([[[0]] * 3] * 2, [[1] * 3] * 2))
+    with pytest.raises(ValueError, match="pattern.kv_len"):
+        sparse_decode_attention(q, k[:, :, :30], v[:, :, :30], ok)
+    with pytest.raises(ValueError, match="k_cache.dtype"):
+        sparse_decode_attention(q, k.half(), v.half(), ok)
+    with pytest.raises(ValueError, match="log_weight"):
+        sparse_decode_attention(q, k, v, None, log_weight=torch.zeros(B, Hkv, 2))
+    # validate=False skips the O(n) checks (benchmarks) but cheap checks still run
+    sparse_decode_attention(q, k, v, ok, kv_lens=kl, validate=False, backend="reference")
