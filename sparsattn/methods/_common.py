@@ -1,0 +1,102 @@
+"""Shared helpers for the training-free prefill methods: validation, budget clamping and
+assembling per-head patterns (not a method module: the registry skips ``_``-prefixed files)."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+from typing import Optional, Sequence
+
+import torch
+
+from ..patterns import BlockPattern, TokenPattern
+
+Tensor = torch.Tensor
+
+
+def check_int(name: str, v, lo: int = 0, hi: Optional[int] = None) -> None:
+    """Raise ValueError naming ``name`` unless ``v`` is an int in ``[lo, hi]``."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name}: expected an int {rng}, got {v!r}")
+
+
+def check_pow2(name: str, v) -> None:
+    """Raise ValueError naming ``name`` unless ``v`` is a power of two >= 16 (kernel block sizes)."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
+        raise ValueError(f"{name}: expected a power of two >= 16, got {v!r}")
+
+
+def check_fraction(name: str, v, *, allow_zero: bool = False) -> None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (0 <= v if allow_zero else 0 < v) and v <= 1
+    if not ok:
+        raise ValueError(f"{name}: expected a number in {'[0' if allow_zero else '(0'}, 1], got {v!r}")
+
+
+def check_inputs(method: str, q: Tensor, k: Tensor, ctx, *, need_causal: bool = True) -> None:
+    """Validate select() inputs: 4-D q/k with matching batch/head_dim, GQA heads, causal context."""
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D tensor [batch, heads, tokens, head_dim], "
+                             f"got {getattr(t, 'shape', type(t))}")
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"k: expected batch {q.shape[0]} and head_dim {q.shape[3]} (as q), got {tuple(k.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"k heads: expected a divisor of q's {q.shape[1]} heads, got {k.shape[1]}")
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"q tokens: expected at most k's {k.shape[2]} tokens (prefill queries are the "
+                         f"last tokens of the keys), got {q.shape[2]}")
+    if need_causal and ctx is not None and not ctx.causal:
+        raise ValueError(f"ctx.causal: {method} is a causal (decoder prefill) method; expected True, got False")
+
+
+def clamp_budget(method: str, name: str, value: int, limit: int) -> int:
+    """Clamp a budget to what the context holds, with a warning when it is larger."""
+    if value > limit:
+        warnings.warn(f"{method}: {name}={value} exceeds what the context holds ({limit}); clamped to {limit}",
+                      stacklevel=3)
+        return limit
+    return value
+
+
+def restrict_heads(p: BlockPattern, heads: Sequence[int], n_heads: int) -> BlockPattern:
+    """Pattern with ``n_heads`` heads: head ``heads[i]`` takes ``p``'s head ``i`` (or its only head),
+    every other head is empty. Used to assemble per-head pattern types."""
+    heads = [int(h) for h in heads]
+    if p.heads not in (1, len(heads)):
+        raise ValueError(f"p: expected 1 or {len(heads)} heads, got {p.heads}")
+    dev = p.device
+    hidx = torch.tensor(heads, dtype=torch.long, device=dev)
+
+    def place(t: Optional[Tensor], fill) -> Optional[Tensor]:
+        if t is None:
+            return None
+        src = t.expand(t.shape[0], len(heads), *t.shape[2:])
+        out = torch.full((t.shape[0], n_heads, *t.shape[2:]), fill, dtype=t.dtype, device=dev)
+        out[:, hidx] = src
+        return out
+
+    cols = None
+    if p.columns is not None:
+        c = p.columns
+        cols = TokenPattern(place(c.indices, 0), place(c.counts, 0), c.kv_len, c.page_size)
+    return replace(p, kv_num_blocks=place(p.kv_num_blocks, 0), kv_indices=place(p.kv_indices, 0),
+                   full_kv_num_blocks=place(p.full_kv_num_blocks, 0), full_kv_indices=place(p.full_kv_indices, 0),
+                   mask_ids=place(p.mask_ids, -1), columns=cols, _cache={})
+
+
+def merge_heads(parts: Sequence[tuple[Sequence[int], BlockPattern]], n_heads: int) -> BlockPattern:
+    """One pattern with ``n_heads`` heads from ``(heads, pattern)`` parts covering disjoint heads
+    (same block sizes and lengths); heads not covered by any part are empty."""
+    if not parts:
+        raise ValueError("parts: expected at least one (heads, pattern) pair")
+    out = None
+    for heads, p in parts:
+        r = restrict_heads(p, heads, n_heads)
+        out = r if out is None else out.union(r)
+    return out
+
+
+def kv_heads_for(q_heads: Sequence[int], n_q_heads: int, n_kv_heads: int) -> list[int]:
+    """The KV head that serves each query head (GQA)."""
+    g = n_q_heads // n_kv_heads
+    return [int(h) // g for h in q_heads]
