@@ -1,0 +1,12 @@
+"""KV cache and cache policies: storage, eviction/compression, quantisation and host offload.
+
+``KVCache`` (contiguous or paged, per-(batch, head) lengths, offload + prefetch), and policies
+``StreamingLLMPolicy``, ``RazorAttentionPolicy``, ``MoAPolicy``, ``ZipVLPolicy``.
+"""
+from .cache import KVCache, Prefetched
+from .policies import (KVPolicy, MixedPrecisionKV, MoAPolicy, RazorAttentionPolicy, StreamingLLMPolicy,
+                       ZipVLPolicy, probe_importance)
+from .quant import QuantizedRows, quantize_rows
+
+__all__ = ["KVCache", "Prefetched", "KVPolicy", "StreamingLLMPolicy", "RazorAttentionPolicy", "MoAPolicy",
+           "ZipVLPolicy", "MixedPrecisionKV", "probe_importance", "QuantizedRows", "quantize_rows"]

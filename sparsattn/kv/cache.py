@@ -1,0 +1,484 @@
+"""KVCache: per-layer K/V storage for decoding with per-(batch, head) lengths, eviction and offload.
+
+Layouts:
+
+* ``"contiguous"``: per layer ``k, v [B, Hkv, capacity, D]``. Each (batch, kv head) row holds
+  ``lengths[b, h]`` *slots*; slot ``s`` stores the token at original position ``positions[b, h, s]``
+  (``-1`` for a merged/compensation slot standing for ``exp(log_weight[b, h, s])`` tokens). Policies
+  may evict different tokens per (batch, head); eviction compacts the row (order kept) and
+  ``shrink()`` gives the memory back.
+* ``"paged"``: per layer a page pool ``[n_pages, Hkv, page_size, D]`` and a block table
+  ``[B, max_pages]`` (vLLM style); every head of a sequence has the same tokens. Append, gather,
+  attend and offload work; per-head eviction needs the contiguous layout (ValueError).
+
+Offload: ``offload(layer)`` moves a layer's K/V to host memory (pinned when CUDA is available),
+``prefetch(layer, pattern)`` copies only the selected rows back to the device asynchronously (a
+side CUDA stream when on CUDA) and ``fetch(layer)`` brings the whole layer back. Round trips are
+exact (plain copies).
+
+``nbytes()`` reports the bytes actually kept (K/V storage, quantised codes and metadata).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..kernels.sparse_decode import sparse_decode_attention
+from ..kernels.sparse_decode.reference import paged_to_contiguous
+from ..patterns import TokenPattern
+
+Tensor = torch.Tensor
+
+
+def _err(name: str, expected: str, got) -> ValueError:
+    return ValueError(f"{name}: expected {expected}, got {got}")
+
+
+@dataclass
+class _Layer:
+    k: Optional[Tensor] = None
+    v: Optional[Tensor] = None
+    lengths: Optional[Tensor] = None  # [B, H] (contiguous) or [B] (paged), int64
+    positions: Optional[Tensor] = None  # [B, H, cap] int64 (contiguous)
+    log_weight: Optional[Tensor] = None  # [B, H, cap] float32 or None
+    seen: Optional[Tensor] = None  # [B] int64: tokens appended so far (next absolute position)
+    block_table: Optional[Tensor] = None  # [B, max_pages] int32 (paged)
+    n_used_pages: int = 0
+    on_host: bool = False
+    quant: Optional[object] = None  # a MixedPrecisionKV (ZipVL) replacing k/v
+
+
+@dataclass
+class Prefetched:
+    """Prefetched: selected rows copied to the device; call ``wait()`` before use (CUDA streams).
+
+    ``k, v``: ``[B, R, n, D]``; ``pattern``: a TokenPattern over those ``n`` rows (page_size 1)
+    that selects exactly the rows that were requested and valid; ``log_weight`` aligned with it.
+    """
+
+    k: Tensor
+    v: Tensor
+    pattern: TokenPattern
+    log_weight: Optional[Tensor] = None
+    event: Optional[object] = field(default=None, repr=False)
+
+    def wait(self) -> "Prefetched":
+        if self.event is not None:
+            torch.cuda.current_stream(self.k.device).wait_event(self.event)
+            self.event = None
+        return self
+
+
+class KVCache:
+    """KVCache: K/V cache of ``n_layers`` layers, batch ``B`` with per-sequence (and per-head) lengths.
+
+    Args:
+        n_layers, batch, kv_heads, head_dim: sizes.
+        dtype, device: storage dtype and device.
+        layout: ``"contiguous"`` (default) or ``"paged"``.
+        page_size: tokens per page for the paged layout (default 16).
+        capacity: initial token capacity per row (grows by doubling).
+    """
+
+    def __init__(self, n_layers: int, batch: int, kv_heads: int, head_dim: int, *, dtype=torch.float16,
+                 device="cpu", layout: str = "contiguous", page_size: int = 16, capacity: int = 0):
+        for name, val in (("n_layers", n_layers), ("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim)):
+            if not isinstance(val, int) or val < 1:
+                raise _err(name, "an int >= 1", val)
+        if layout not in ("contiguous", "paged"):
+            raise _err("layout", "'contiguous' or 'paged'", repr(layout))
+        if not isinstance(page_size, int) or page_size < 1:
+            raise _err("page_size", "an int >= 1", page_size)
+        if not isinstance(capacity, int) or capacity < 0:
+            raise _err("capacity", "an int >= 0", capacity)
+        self.n_layers, self.batch, self.kv_heads, self.head_dim = n_layers, batch, kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.layout, self.page_size, self._cap0 = layout, page_size, capacity
+        self.layers = [_Layer() for _ in range(n_layers)]
+        self._stream = None
+
+    # ------------------------------------------------------------------ helpers
+    def _layer(self, layer: int) -> _Layer:
+        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise _err("layer", f"an int in [0, {self.n_layers})", layer)
+        L = self.layers[layer]
+        if L.lengths is None:
+            B, H = self.batch, self.kv_heads
+            dev = self.device
+            L.seen = torch.zeros(B, dtype=torch.long, device=dev)
+            if self.layout == "contiguous":
+                cap = self._cap0
+                L.k = torch.zeros(B, H, cap, self.head_dim, dtype=self.dtype, device=dev)
+                L.v = torch.zeros_like(L.k)
+                L.lengths = torch.zeros(B, H, dtype=torch.long, device=dev)
+                L.positions = torch.full((B, H, cap), -1, dtype=torch.long, device=dev)
+            else:
+                P = self.page_size
+                n = max(1, -(-self._cap0 // P)) * B
+                L.k = torch.zeros(n, H, P, self.head_dim, dtype=self.dtype, device=dev)
+                L.v = torch.zeros_like(L.k)
+                L.lengths = torch.zeros(B, dtype=torch.long, device=dev)
+                L.block_table = torch.zeros(B, 0, dtype=torch.int32, device=dev)
+        return L
+
+    def _check_resident(self, L: _Layer, name: str):
+        if L.on_host:
+            raise ValueError(f"layer: is offloaded to host memory; call fetch() or prefetch() before {name}")
+
+    def seq_lens(self, layer: int) -> Tensor:
+        """Tokens appended so far per sequence ``[B]`` (the next absolute position)."""
+        return self._layer(layer).seen.clone()
+
+    def lengths(self, layer: int) -> Tensor:
+        """Slots kept per (batch, head) ``[B, Hkv]`` (after eviction/compression)."""
+        L = self._layer(layer)
+        if self.layout == "paged":
+            return L.lengths[:, None].expand(-1, self.kv_heads).clone()
+        return L.lengths.clone()
+
+    def kv_lens(self, layer: int) -> Tensor:
+        """Per-sequence valid length ``[B]`` int32: the longest row of the sequence."""
+        L = self._layer(layer)
+        n = L.lengths if self.layout == "paged" else L.lengths.amax(1)
+        return n.to(torch.int32)
+
+    # ------------------------------------------------------------------ append
+    def append(self, layer: int, k: Tensor, v: Tensor, lens=None) -> None:
+        """Append ``k, v [B, Hkv, t, D]``; ``lens [B]`` = valid new tokens per sequence (default t;
+        right-padded beyond). New tokens go after each row's current slots."""
+        L = self._layer(layer)
+        self._check_resident(L, "append")
+        if L.quant is not None:
+            raise ValueError("layer: holds a quantised (ZipVL) cache; appends go through the policy")
+        B, H, D = self.batch, self.kv_heads, self.head_dim
+        for name, x in (("k", k), ("v", v)):
+            if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[0] != B or x.shape[1] != H or x.shape[3] != D:
+                raise _err(name, f"a tensor [{B}, {H}, t, {D}]", getattr(x, "shape", type(x).__name__))
+        if k.shape != v.shape:
+            raise _err("v", f"shape {tuple(k.shape)} (as k)", tuple(v.shape))
+        t = k.shape[2]
+        if lens is None:
+            lens = torch.full((B,), t, dtype=torch.long, device=self.device)
+        else:
+            lens = torch.as_tensor(lens, device=self.device).long()
+            if lens.shape != (B,) or int(lens.min()) < 0 or int(lens.max()) > t:
+                raise _err("lens", f"a [B={B}] tensor of values in [0, {t}]", lens.tolist())
+        k = k.to(device=self.device, dtype=self.dtype)
+        v = v.to(device=self.device, dtype=self.dtype)
+        j = torch.arange(t, device=self.device)
+        ok = j[None, :] < lens[:, None]  # [B, t]
+        if self.layout == "contiguous":
+            need = int((L.lengths + lens[:, None]).max()) if B else 0
+            self._grow(L, need)
+            slots = L.lengths[:, :, None] + j  # [B, H, t]
+            m = ok[:, None, :].expand(B, H, t)
+            bi, hi, ti = m.nonzero(as_tuple=True)
+            si = slots[bi, hi, ti]
+            L.k[bi, hi, si] = k[bi, hi, ti]
+            L.v[bi, hi, si] = v[bi, hi, ti]
+            L.positions[bi, hi, si] = L.seen[bi] + ti
+            if L.log_weight is not None:
+                L.log_weight[bi, hi, si] = 0.0
+            L.lengths += lens[:, None]
+        else:
+            P = self.page_size
+            need_pages = -(-(L.lengths + lens) // P)  # [B]
+            self._grow_pages(L, need_pages)
+            bi, ti = ok.nonzero(as_tuple=True)
+            tok = L.lengths[bi] + ti
+            pg = L.block_table[bi, tok // P].long()
+            L.k[pg, :, tok % P] = k[bi, :, ti]
+            L.v[pg, :, tok % P] = v[bi, :, ti]
+            L.lengths += lens
+        L.seen += lens
+
+    def _grow(self, L: _Layer, need: int) -> None:
+        cap = L.k.shape[2]
+        if need <= cap:
+            return
+        new = max(need, 2 * cap, 16)
+        pad = new - cap
+        L.k = torch.cat([L.k, L.k.new_zeros(*L.k.shape[:2], pad, L.k.shape[3])], 2)
+        L.v = torch.cat([L.v, L.v.new_zeros(*L.v.shape[:2], pad, L.v.shape[3])], 2)
+        L.positions = torch.cat([L.positions, L.positions.new_full((*L.positions.shape[:2], pad), -1)], 2)
+        if L.log_weight is not None:
+            L.log_weight = torch.cat([L.log_weight, L.log_weight.new_zeros(*L.log_weight.shape[:2], pad)], 2)
+
+    def _grow_pages(self, L: _Layer, need_pages: Tensor) -> None:
+        B = self.batch
+        have = L.block_table.shape[1]
+        want = int(need_pages.max()) if B else 0
+        if want > have:
+            extra = torch.full((B, want - have), -1, dtype=torch.int32, device=self.device)
+            L.block_table = torch.cat([L.block_table, extra], 1)
+        # allocate pages for every (b, page) that is needed and unassigned
+        bt = L.block_table
+        cols = torch.arange(bt.shape[1], device=self.device)
+        missing = (bt < 0) & (cols[None, :] < need_pages[:, None])
+        n_new = int(missing.sum())
+        if n_new:
+            if L.n_used_pages + n_new > L.k.shape[0]:
+                grow = max(L.n_used_pages + n_new, 2 * L.k.shape[0]) - L.k.shape[0]
+                L.k = torch.cat([L.k, L.k.new_zeros(grow, *L.k.shape[1:])], 0)
+                L.v = torch.cat([L.v, L.v.new_zeros(grow, *L.v.shape[1:])], 0)
+            ids = torch.arange(L.n_used_pages, L.n_used_pages + n_new, device=self.device, dtype=torch.int32)
+            bt[missing] = ids
+            L.n_used_pages += n_new
+        # unallocated tail entries point at page 0 (never read: beyond kv_lens)
+        L.block_table = bt
+
+    # ------------------------------------------------------------------ read
+    def get(self, layer: int):
+        """``(k, v)`` as ``[B, Hkv, T, D]`` slot-major tensors (paged layouts are gathered; ZipVL
+        layers are dequantised). Slots beyond ``lengths`` hold zeros."""
+        L = self._layer(layer)
+        self._check_resident(L, "get")
+        if L.quant is not None:
+            return L.quant.dequantize()
+        if self.layout == "paged":
+            T = L.block_table.shape[1] * self.page_size
+            bt = L.block_table.clamp_min(0)
+            return paged_to_contiguous(L.k, bt, T), paged_to_contiguous(L.v, bt, T)
+        return L.k, L.v
+
+    def positions(self, layer: int) -> Tensor:
+        """Original token position of every slot ``[B, Hkv, T]`` (-1: empty or merged slot)."""
+        L = self._layer(layer)
+        if self.layout == "paged":
+            T = L.block_table.shape[1] * self.page_size
+            p = torch.arange(T, device=self.device).expand(self.batch, self.kv_heads, T)
+            return torch.where(p < L.lengths[:, None, None], p, torch.full_like(p, -1))
+        return L.positions
+
+    def log_weights(self, layer: int) -> Optional[Tensor]:
+        """Per-slot log-weight ``[B, Hkv, T]`` (log of the tokens a slot stands for), or None."""
+        return self._layer(layer).log_weight
+
+    def gather(self, layer: int, pattern: TokenPattern):
+        """Selected slots ``(k, v) [B, R, n, D]`` for a slot-indexed pattern (heads 1 or Hkv)."""
+        k, v = self.get(layer)
+        tok, valid = _pattern_rows(pattern, self.kv_lens(layer), self.batch, self.kv_heads)
+        t = torch.where(valid, tok, torch.zeros_like(tok))
+        kk = torch.gather(k, 2, t[..., None].expand(-1, -1, -1, k.shape[-1]))
+        vv = torch.gather(v, 2, t[..., None].expand(-1, -1, -1, v.shape[-1]))
+        return kk * valid[..., None], vv * valid[..., None]
+
+    def attend(self, layer: int, q: Tensor, pattern: Optional[TokenPattern] = None, *, scale=None,
+               return_lse: bool = False, backend=None, validate: bool = True):
+        """Decode attention of ``q [B, Hq, D]`` on this layer (optionally on a slot-indexed pattern);
+        per-head lengths and compensation log-weights are honoured."""
+        L = self._layer(layer)
+        self._check_resident(L, "attend")
+        kl = self.kv_lens(layer)
+        kw = dict(scale=scale, return_lse=return_lse, backend=backend, validate=validate)
+        if self.layout == "paged" and L.quant is None:
+            T = L.block_table.shape[1] * self.page_size
+            if pattern is not None and pattern.kv_len != T:
+                raise _err("pattern.kv_len", f"{T} (the cache's slot count)", pattern.kv_len)
+            return sparse_decode_attention(q, L.k, L.v, pattern, kv_lens=kl, block_table=L.block_table.clamp_min(0),
+                                           **kw)
+        k, v = self.get(layer)
+        T = k.shape[2]
+        lens = L.lengths if L.quant is None else L.quant.lengths
+        lw_all = L.log_weight
+        if pattern is None:
+            uniform = bool((lens == lens[:, :1]).all())
+            if uniform and lw_all is None:
+                return sparse_decode_attention(q, k, v, None, kv_lens=kl, **kw)
+            idx = torch.arange(max(T, 1), device=k.device, dtype=torch.int32).expand(self.batch, self.kv_heads, -1)
+            pattern = TokenPattern(idx.contiguous(), lens.to(torch.int32), T)
+        if pattern.kv_len != T:
+            raise _err("pattern.kv_len", f"{T} (the cache's slot count)", pattern.kv_len)
+        lw = None
+        if lw_all is not None:
+            if pattern.page_size != 1:
+                raise _err("pattern.page_size", "1 for a layer with compensation tokens", pattern.page_size)
+            idx = pattern.indices.long().expand(self.batch, self.kv_heads, -1)
+            lw = torch.gather(lw_all, 2, idx.clamp_max(max(T - 1, 0)))
+        return sparse_decode_attention(q, k, v, pattern, kv_lens=kl, log_weight=lw, **kw)
+
+    # ------------------------------------------------------------------ eviction
+    def evict(self, layer: int, keep: Tensor) -> None:
+        """Keep only the slots where ``keep [B, Hkv, T]`` is True (per (batch, head)); rows are
+        compacted in order. Slots beyond ``lengths`` are ignored."""
+        L = self._layer(layer)
+        self._check_resident(L, "evict")
+        if self.layout != "contiguous":
+            raise _err("layout", "'contiguous' for per-head eviction", self.layout)
+        T = L.k.shape[2]
+        if not isinstance(keep, Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (self.batch, self.kv_heads, T):
+            raise _err("keep", f"a bool tensor [{self.batch}, {self.kv_heads}, {T}]", getattr(keep, "shape", None))
+        live = torch.arange(T, device=self.device) < L.lengths[..., None]
+        keep = keep.to(self.device) & live
+        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # kept slots first
+        g = order[..., None].expand(-1, -1, -1, L.k.shape[-1])
+        L.k = torch.gather(L.k, 2, g)
+        L.v = torch.gather(L.v, 2, g)
+        L.positions = torch.gather(L.positions, 2, order)
+        if L.log_weight is not None:
+            L.log_weight = torch.gather(L.log_weight, 2, order)
+        L.lengths = keep.sum(-1)
+        dead = torch.arange(T, device=self.device) >= L.lengths[..., None]
+        L.positions[dead] = -1
+        L.k[dead] = 0
+        L.v[dead] = 0
+        if L.log_weight is not None:
+            L.log_weight[dead] = 0
+
+    def write_slot(self, layer: int, b: Tensor, h: Tensor, k: Tensor, v: Tensor, log_weight: Tensor) -> None:
+        """Append one merged slot per listed (b, h) with its key/value and log-weight (position -1)."""
+        L = self._layer(layer)
+        self._check_resident(L, "write_slot")
+        if self.layout != "contiguous":
+            raise _err("layout", "'contiguous' for merged slots", self.layout)
+        if b.numel() == 0:
+            return
+        self._grow(L, int(L.lengths[b, h].max()) + 1)
+        if L.log_weight is None:
+            L.log_weight = torch.zeros(L.positions.shape, dtype=torch.float32, device=self.device)
+        s = L.lengths[b, h]
+        L.k[b, h, s] = k.to(self.dtype)
+        L.v[b, h, s] = v.to(self.dtype)
+        L.positions[b, h, s] = -1
+        L.log_weight[b, h, s] = log_weight.float()
+        L.lengths[b, h] += 1
+
+    def shrink(self, layer: Optional[int] = None) -> None:
+        """Give back capacity beyond the longest row (after eviction)."""
+        for i in ([layer] if layer is not None else range(self.n_layers)):
+            L = self._layer(i)
+            if self.layout != "contiguous" or L.on_host or L.quant is not None:
+                continue
+            n = int(L.lengths.max()) if L.lengths.numel() else 0
+            L.k, L.v = L.k[:, :, :n].clone(), L.v[:, :, :n].clone()
+            L.positions = L.positions[:, :, :n].clone()
+            if L.log_weight is not None:
+                L.log_weight = L.log_weight[:, :, :n].clone()
+
+    def set_quantized(self, layer: int, mpkv) -> None:
+        """Replace a layer's K/V by a mixed-precision (ZipVL) store; its bytes are what is kept."""
+        L = self._layer(layer)
+        L.quant = mpkv
+        L.k = L.v = None
+        L.log_weight = None
+        L.positions = mpkv.positions
+        L.lengths = mpkv.lengths.clone()
+
+    # ------------------------------------------------------------------ offload
+    def offload(self, layer: int) -> None:
+        """Move the layer's K/V to host memory (pinned when CUDA is available)."""
+        L = self._layer(layer)
+        if L.on_host:
+            return
+        if L.quant is not None:
+            raise ValueError("layer: quantised layers are kept on the device")
+        pin = torch.cuda.is_available()
+        hk = torch.empty(L.k.shape, dtype=L.k.dtype, device="cpu", pin_memory=pin)
+        hv = torch.empty(L.v.shape, dtype=L.v.dtype, device="cpu", pin_memory=pin)
+        hk.copy_(L.k)
+        hv.copy_(L.v)
+        L.k, L.v, L.on_host = hk, hv, True
+
+    def fetch(self, layer: int) -> None:
+        """Bring an offloaded layer's K/V back to the device."""
+        L = self._layer(layer)
+        if not L.on_host:
+            return
+        L.k = L.k.to(self.device)
+        L.v = L.v.to(self.device)
+        L.on_host = False
+
+    def prefetch(self, layer: int, pattern: TokenPattern) -> Prefetched:
+        """Copy the rows selected by a slot-indexed ``pattern`` (heads 1 or Hkv) of an offloaded layer
+        to the device, asynchronously (on a side stream on CUDA; call ``.wait()`` before use)."""
+        L = self._layer(layer)
+        if not L.on_host:
+            raise ValueError("layer: is not offloaded (call offload() first, or use gather())")
+        kl = self.kv_lens(layer).cpu()
+        tok, valid = _pattern_rows(pattern.to("cpu"), kl, self.batch, self.kv_heads)
+        if self.layout == "paged":
+            T = L.block_table.shape[1] * self.page_size
+            kc = paged_to_contiguous(L.k, L.block_table.cpu().clamp_min(0), T)
+            vc = paged_to_contiguous(L.v, L.block_table.cpu().clamp_min(0), T)
+        else:
+            kc, vc = L.k, L.v
+        t = torch.where(valid, tok, torch.zeros_like(tok))
+        # compact: valid rows first so that the device pattern is a prefix of each row
+        order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices
+        t = torch.gather(t, 2, order)
+        cnt = valid.sum(-1)
+        pin = torch.cuda.is_available()
+        g = t[..., None].expand(-1, -1, -1, kc.shape[-1])
+        sk = torch.gather(kc, 2, g)
+        sv = torch.gather(vc, 2, g)
+        if pin:
+            sk, sv = sk.pin_memory(), sv.pin_memory()
+        lw = None
+        if L.log_weight is not None:
+            lw = torch.gather(L.log_weight.cpu(), 2, t)
+        n = max(t.shape[-1], 1)
+        idx = torch.arange(n, dtype=torch.int32).expand(self.batch, tok.shape[1], n).contiguous()
+        event = None
+        if self.device.type == "cuda":
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(self._stream):
+                dk = sk.to(self.device, non_blocking=True)
+                dv = sv.to(self.device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._stream)
+        else:
+            dk, dv = sk.clone(), sv.clone()
+        pat = TokenPattern(idx.to(self.device), cnt.to(torch.int32).to(self.device), t.shape[-1])
+        if lw is not None:
+            lw = lw.to(self.device)
+        return Prefetched(dk, dv, pat, lw, event)
+
+    # ------------------------------------------------------------------ memory
+    def nbytes(self, layer: Optional[int] = None) -> int:
+        """Bytes kept (device and host): K/V storage (or quantised codes) plus slot metadata."""
+        total = 0
+        for i in ([layer] if layer is not None else range(self.n_layers)):
+            L = self.layers[i]
+            if L.lengths is None:
+                continue
+            if L.quant is not None:
+                total += L.quant.nbytes()
+            for t in (L.k, L.v, L.positions, L.log_weight, L.block_table, L.lengths):
+                if t is not None and not (L.quant is not None and t is L.positions):
+                    total += t.numel() * t.element_size()
+        return total
+
+    def used_bytes(self, layer: Optional[int] = None) -> int:
+        """Bytes of the K/V slots in use (lengths × D × 2 × itemsize), independent of capacity."""
+        total = 0
+        item = torch.empty(0, dtype=self.dtype).element_size()
+        for i in ([layer] if layer is not None else range(self.n_layers)):
+            L = self.layers[i]
+            if L.lengths is None:
+                continue
+            if L.quant is not None:
+                total += L.quant.nbytes()
+                continue
+            n = int(L.lengths.sum()) * (self.kv_heads if self.layout == "paged" else 1)
+            total += 2 * n * self.head_dim * item
+        return total
+
+
+def _pattern_rows(pattern: TokenPattern, kv_lens: Tensor, B: int, H: int):
+    """Slot positions ``[B, R, n]`` and validity of a pattern (pages expanded), R = 1 or H."""
+    if pattern.heads not in (1, H):
+        raise _err("pattern heads", f"1 or {H} (kv heads)", pattern.heads)
+    if pattern.batch not in (1, B):
+        raise _err("pattern batch", f"1 or {B}", pattern.batch)
+    from ..kernels.sparse_decode.reference import selected_tokens
+
+    tok, valid, _ = selected_tokens(pattern, kv_lens.to(pattern.device), pattern.kv_len, pattern.heads)
+    if tok.shape[0] != B:
+        tok, valid = tok.expand(B, -1, -1), valid.expand(B, -1, -1)
+    return tok, valid
+
+
+__all__ = ["KVCache", "Prefetched"]
