@@ -1,0 +1,418 @@
+"""minference: MInference 1.0's dynamic patterns (vertical-slash, block-sparse) and its offline
+per-head pattern search (arXiv 2407.02490). The A-shape head type lives in ``a_shape.py``.
+
+Registered names:
+
+* ``vertical_slash``: online vertical + slash estimate from the last 64 queries;
+* ``block_sparse``: top-k key blocks from mean-pooled q/k;
+* ``minference``: per-head pattern types chosen offline by ``search_patterns`` / ``MInference.fit``
+  (saved as calibration JSON) and estimated online per head.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .. import patterns
+from ..calibration import ModelShape, load_calibration, save_calibration
+from ..kernels import estimate
+from ._common import check_inputs, check_int, check_pow2, clamp_budget, kv_heads_for, merge_heads
+from .base import Method, SelectContext, register
+
+PAPER = "MInference 1.0: Accelerating Pre-filling for Long-Context LLMs via Dynamic Sparse Attention (arXiv 2407.02490)"
+
+
+@register("vertical_slash")
+@dataclass
+class VerticalSlash(Method):
+    """VerticalSlash: per head, the top ``v_size`` key columns and top ``s_size`` diagonals estimated
+    from the attention of the last ``last_q`` queries (MInference, arXiv 2407.02490).
+
+    Estimate (O(last_q·N)): ``Â = softmax(Q[-last_q:] Kᵀ·scale)`` with the causal mask; vertical
+    score = column sums of Â, slash score = sums along each diagonal. The first ``n_sink`` columns
+    and the ``n_local`` nearest diagonals are forced in (as the official kernel: 30 and 100).
+    Verticals go through the pattern's exact column path; slashes are covered by the key blocks
+    they cross (block granularity, as MInference's PIT kernel). Query heads are scored against
+    their GQA key head; pattern heads = query heads.
+
+    Defaults (checked against ``microsoft/MInference`` ``minference_forward.py``): last_q=64,
+    v_size=1000, s_size=6096 (the default head config), 30 sink columns, 100 local diagonals,
+    block 64. (The official code also raises v_size to >= 30 and s_size to >= 50; here the sizes
+    are taken as given, the forced sinks/local diagonals counting in them.)
+
+    Args:
+        v_size, s_size: numbers of vertical lines / slash lines (clamped to the context, warned).
+        last_q: number of trailing queries of the estimate.
+        n_sink: leading key columns always kept.
+        n_local: nearest diagonals always kept (>= 1: the diagonal itself).
+        block_size: block size of the returned pattern.
+    """
+
+    paper = PAPER
+    phase = "prefill"
+    v_size: int = 1000
+    s_size: int = 6096
+    last_q: int = 64
+    n_sink: int = 30
+    n_local: int = 100
+    block_size: int = 64
+
+    def __post_init__(self):
+        check_int("v_size", self.v_size, 0)
+        check_int("s_size", self.s_size, 1)
+        check_int("last_q", self.last_q, 1)
+        check_int("n_sink", self.n_sink, 0)
+        check_int("n_local", self.n_local, 1)
+        check_pow2("block_size", self.block_size)
+
+    @classmethod
+    def conformance_config(cls) -> dict:
+        return {"v_size": 40, "s_size": 24, "last_q": 16, "n_sink": 4, "n_local": 8, "block_size": 32}
+
+    @classmethod
+    def conformance_full_config(cls, q_len: int) -> dict:
+        return {"v_size": 0, "s_size": q_len, "last_q": 16, "n_sink": 0, "n_local": q_len, "block_size": 32}
+
+    def select(self, q, k, ctx: Optional[SelectContext] = None):
+        ctx = ctx or SelectContext()
+        check_inputs("vertical_slash", q, k, ctx)
+        Tq, Tk = q.shape[2], k.shape[2]
+        v_size = clamp_budget("vertical_slash", "v_size", self.v_size, Tk)
+        s_size = clamp_budget("vertical_slash", "s_size", self.s_size, Tk)
+        vert, slash = estimate.vertical_slash_scores(q, k, self.last_q, scale=ctx.scale)
+        inf = float("inf")
+        if self.n_sink:
+            vert[..., : self.n_sink] = inf
+        slash[..., : self.n_local] = inf
+        B, H = vert.shape[:2]
+        if v_size > 0:
+            vi = torch.topk(vert, v_size, dim=-1).indices
+        else:
+            vi = torch.zeros(B, H, 0, dtype=torch.long, device=q.device)
+        si = torch.topk(slash, s_size, dim=-1).indices
+        return patterns.vertical_slash(Tq, vi.to(torch.int32), si.to(torch.int32), kv_len=Tk, block_size=self.block_size)
+
+
+@register("block_sparse")
+@dataclass
+class BlockSparse(Method):
+    """BlockSparse: per head and query block, the ``top_k`` key blocks with the highest mean-pooled
+    score ``q̄ k̄ᵀ`` (MInference, arXiv 2407.02490), the first block and the diagonal block always
+    kept (counted in ``top_k``). Estimate memory (N/block)² per head; pattern heads = query heads.
+
+    Defaults (``microsoft/MInference``): block 64, top_k = 100.
+    """
+
+    paper = PAPER
+    phase = "prefill"
+    top_k: int = 100
+    block_size: int = 64
+
+    def __post_init__(self):
+        check_int("top_k", self.top_k, 1)
+        check_pow2("block_size", self.block_size)
+
+    @classmethod
+    def conformance_config(cls) -> dict:
+        return {"top_k": 4, "block_size": 32}
+
+    @classmethod
+    def conformance_full_config(cls, q_len: int) -> dict:
+        return {"top_k": -(-q_len // 32), "block_size": 32}
+
+    def select(self, q, k, ctx: Optional[SelectContext] = None):
+        ctx = ctx or SelectContext()
+        check_inputs("block_sparse", q, k, ctx)
+        Tq, Tk = q.shape[2], k.shape[2]
+        bs = self.block_size
+        s = estimate.block_scores(q, k, bs, bs, scale=ctx.scale, causal=True)
+        nq, nk = s.shape[2], s.shape[3]
+        top_k = clamp_budget("block_sparse", "top_k", self.top_k, nk)
+        diag = estimate.diagonal_block(Tq, Tk, bs, bs, q.device)
+        s[..., 0] = float("inf")
+        s.scatter_(3, diag.view(1, 1, nq, 1).expand(*s.shape[:2], nq, 1), float("inf"))
+        if Tk != Tq:  # the first row's diagonal may sit one block earlier
+            first = torch.clamp((torch.arange(nq, device=q.device) * bs + Tk - Tq) // bs, min=0)
+            s.scatter_(3, first.view(1, 1, nq, 1).expand(*s.shape[:2], nq, 1), float("inf"))
+        s = s.masked_fill(~estimate.causal_block_mask(Tq, Tk, bs, bs, q.device), float("-inf"))
+        idx, ok = estimate.topk_indices(s, top_k)
+        return patterns.from_topk_blocks(idx, q_len=Tq, kv_len=Tk, block_size=bs, causal=True,
+                                         counts=ok.sum(-1).to(torch.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# offline per-head search
+# ----------------------------------------------------------------------------------------------
+
+#: MInference's search grid (``search_pattern`` in the official repo: A-shape (100 sinks, 800 local);
+#: VS (30, 800), (100, 750), (500, 700), (3500, 100), plus (1000, 4096) from ``search_pattern_v2``;
+#: block-sparse top-k 100). Sizes are for long (>= 8k) calibration prompts; pass your own for short ones.
+DEFAULT_CANDIDATES: tuple = (
+    {"type": "a_shape", "n_init": 100, "n_local": 800},
+    {"type": "vertical_slash", "v_size": 30, "s_size": 800},
+    {"type": "vertical_slash", "v_size": 100, "s_size": 750},
+    {"type": "vertical_slash", "v_size": 500, "s_size": 700},
+    {"type": "vertical_slash", "v_size": 3500, "s_size": 100},
+    {"type": "vertical_slash", "v_size": 1000, "s_size": 4096},
+    {"type": "block_sparse", "top_k": 100},
+)
+
+_TYPES = {"a_shape": ("n_init", "n_local"), "vertical_slash": ("v_size", "s_size"), "block_sparse": ("top_k",)}
+
+
+def _check_candidate(c: Any, where: str = "candidates") -> dict:
+    if not isinstance(c, dict) or c.get("type") not in _TYPES:
+        raise ValueError(f"{where}: expected a dict with 'type' in {sorted(_TYPES)}, got {c!r}")
+    for f in _TYPES[c["type"]]:
+        if f not in c:
+            raise ValueError(f"{where}: {c['type']} candidate needs field {f!r}, got {c!r}")
+        check_int(f"{where}.{f}", c[f], 0 if f in ("n_init", "v_size") else 1)
+    return {"type": c["type"], **{f: int(c[f]) for f in _TYPES[c["type"]]}}
+
+
+def build_head_method(entry: dict, *, block_size: int = 64, last_q: int = 64) -> Method:
+    """The online method for one head's plan entry ``{"type": ..., sizes...}``."""
+    c = _check_candidate(entry, "entry")
+    if c["type"] == "a_shape":
+        from .a_shape import AShape
+
+        return AShape(n_init=c["n_init"], n_local=c["n_local"], block_size=block_size)
+    if c["type"] == "vertical_slash":
+        return VerticalSlash(v_size=c["v_size"], s_size=c["s_size"], last_q=last_q, block_size=block_size)
+    return BlockSparse(top_k=c["top_k"], block_size=block_size)
+
+
+def attention_recall(q: torch.Tensor, k: torch.Tensor, pattern: patterns.BlockPattern, *,
+                     scale: Optional[float] = None, rows_from: int = 0, max_chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """attention_recall: per query head, the mean over query rows (``>= rows_from``) of the exact
+    causal attention mass that ``pattern`` keeps -> float64 ``[Hq]`` (averaged over the batch).
+
+    Chunked over query blocks: memory O(chunk·N) per head (the search is offline, time O(N²)).
+    """
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    bq = pattern.block_q
+    nq = pattern.n_q_blocks
+    step = max(1, max_chunk_elems // max(1, B * Hq * bq * Tk))
+    tot = torch.zeros(Hq, dtype=torch.float64, device=q.device)
+    n_rows = 0
+    j = torch.arange(Tk, device=q.device)
+    for qb0 in range(0, nq, step):
+        qb1 = min(nq, qb0 + step)
+        r0, r1 = qb0 * bq, min(Tq, qb1 * bq)
+        lo = max(r0, rows_from)
+        if lo >= r1:
+            continue
+        qc = q[:, :, r0:r1].float().view(B, Hkv, G, r1 - r0, D)
+        s = torch.matmul(qc, k.float()[:, :, None].transpose(-1, -2)).reshape(B, Hq, r1 - r0, Tk) * scale
+        rows = torch.arange(r0, r1, device=q.device) + (Tk - Tq)
+        s = s.masked_fill(j[None, :] > rows[:, None], float("-inf"))
+        p = torch.softmax(s, -1)
+        for b in range(B):
+            m = pattern.mask_rows(b if pattern.batch > 1 else 0, qb0, qb1)  # [Hp, rows, Tk]
+            if m.shape[0] != Hq:
+                m = m.repeat_interleave(Hq // m.shape[0], 0) if m.shape[0] > 1 else m.expand(Hq, -1, -1)
+            kept = (p[b] * m).sum(-1)[:, lo - r0:]
+            tot += kept.double().sum(-1)
+        n_rows += B * (r1 - lo)
+    return tot / max(n_rows, 1)
+
+
+def _head_density(p: patterns.BlockPattern, Hq: int) -> torch.Tensor:
+    comp, ref = p.pair_counts()
+    d = (comp / ref.clamp_min(1)).mean(0)  # [H]
+    return d.expand(Hq) if d.shape[0] == 1 else d.repeat_interleave(Hq // d.shape[0])
+
+
+def search_patterns(captured: dict, candidates: Optional[Sequence[dict]] = None, budget: Optional[float] = None, *,
+                    block_size: int = 64, last_q: int = 64, rows_from: int = 0, scale: Optional[float] = None) -> dict:
+    """search_patterns: MInference's offline kernel-aware search, per (layer, query head).
+
+    Args:
+        captured: ``{layer: (q, k[, v])}`` calibration tensors (post-RoPE), q ``[B, Hq, T, D]``,
+            k ``[B, Hkv, T, D]``.
+        candidates: list of ``{"type": "a_shape"|"vertical_slash"|"block_sparse", sizes...}``
+            (default ``DEFAULT_CANDIDATES``, meant for calibration prompts of >= 8k tokens).
+        budget: optional maximum density (computed pairs / causal pairs) per head; candidates above
+            it are skipped (if none fits, the sparsest candidate is kept). Pass candidates of
+            roughly equal FLOPs, as MInference does, or a budget.
+        rows_from: score only query rows >= this (MInference scores rows from 2500 on).
+    Returns:
+        ``{layer: {head: {"type", sizes..., "score": recall, "density": density}}}`` where score is
+        the attention mass the candidate keeps (mean over rows), the search criterion.
+    """
+    if not isinstance(captured, dict) or not captured:
+        raise ValueError("captured: expected a non-empty dict {layer: (q, k, v)}")
+    cands = [_check_candidate(c) for c in (DEFAULT_CANDIDATES if candidates is None else candidates)]
+    if not cands:
+        raise ValueError("candidates: expected at least one candidate")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1):
+        raise ValueError(f"budget: expected None or a density in (0, 1], got {budget!r}")
+    plan: dict = {}
+    import warnings
+
+    for layer in sorted(captured, key=int):
+        t = captured[layer]
+        if not isinstance(t, (tuple, list)) or len(t) < 2:
+            raise ValueError(f"captured[{layer}]: expected a tuple (q, k[, v]), got {type(t).__name__}")
+        q, k = t[0], t[1]
+        check_inputs("search_patterns", q, k, None)
+        Hq = q.shape[1]
+        rec, den = [], []
+        for c in cands:
+            m = build_head_method(c, block_size=block_size, last_q=last_q)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # candidates larger than a short calibration prompt are fine
+                p = m.select(q, k, SelectContext(layer=int(layer), scale=scale))
+            rec.append(attention_recall(q, k, p, scale=scale, rows_from=rows_from))
+            den.append(_head_density(p, Hq).double())
+        rec_t, den_t = torch.stack(rec), torch.stack(den)  # [C, Hq]
+        layer_plan = {}
+        for h in range(Hq):
+            r, d = rec_t[:, h], den_t[:, h]
+            ok = torch.ones_like(r, dtype=torch.bool) if budget is None else d <= budget + 1e-9
+            if ok.any():
+                best = int(torch.where(ok, r, torch.full_like(r, -1.0)).argmax())
+            else:
+                best = int(d.argmin())
+            layer_plan[h] = {**cands[best], "score": float(r[best]), "density": float(d[best])}
+        plan[int(layer)] = layer_plan
+    return plan
+
+
+@register("minference")
+@dataclass
+class MInference(Method):
+    """MInference: per-head pattern types (A-shape / vertical-slash / block-sparse) fixed offline by
+    a kernel-aware search, sparse indices estimated online per head (arXiv 2407.02490).
+
+    Needs a calibration: ``MInference.fit(captured {layer: (q, k, v)}, candidates=..., budget=...,
+    path=...)`` (runs ``search_patterns`` and saves JSON) or ``get_method("minference", path=...)``
+    / ``MInference.load(path)``. The file records the model shape; another shape is refused.
+    ``select`` needs ``ctx.layer``. Pattern heads = query heads (per-head types assembled into one
+    pattern).
+
+    Args:
+        path: calibration JSON to load (None: unfitted until ``fit``).
+        block_size: block size of every head's pattern.
+        last_q: trailing queries of the vertical-slash estimate.
+    """
+
+    paper = PAPER
+    phase = "prefill"
+    needs = ("calibration",)
+    path: Optional[str] = None
+    block_size: int = 64
+    last_q: int = 64
+    _plan: Optional[dict] = field(default=None, repr=False, compare=False)
+    _shape: Optional[ModelShape] = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        check_pow2("block_size", self.block_size)
+        check_int("last_q", self.last_q, 1)
+        if self.path is not None:
+            if not isinstance(self.path, str):
+                raise ValueError(f"path: expected a str path to a calibration JSON, got {self.path!r}")
+            shape, data, _ = load_calibration(self.path, method="minference")
+            self._set(shape, data)
+
+    def _set(self, shape: ModelShape, data: dict) -> None:
+        plan = {}
+        for layer, heads in data.items():
+            if not isinstance(heads, dict):
+                raise ValueError(f"data[{layer}]: expected {{head: entry}}, got {type(heads).__name__}")
+            plan[int(layer)] = {int(h): {**_check_candidate(e, f"data[{layer}][{h}]"),
+                                         "score": float(e.get("score", float("nan"))),
+                                         "density": float(e.get("density", float("nan")))}
+                                for h, e in heads.items()}
+            if sorted(plan[int(layer)]) != list(range(shape.num_heads)):
+                raise ValueError(f"data[{layer}]: expected entries for heads 0..{shape.num_heads - 1}, "
+                                 f"got {sorted(plan[int(layer)])}")
+        self._plan, self._shape = plan, shape
+
+    @property
+    def is_fitted(self) -> bool:
+        return self._plan is not None
+
+    @property
+    def plan(self) -> dict:
+        """``{layer: {head: entry}}`` (a copy)."""
+        return {l: {h: dict(e) for h, e in hs.items()} for l, hs in (self._plan or {}).items()}
+
+    @classmethod
+    def fit(cls, captured: dict, candidates: Optional[Sequence[dict]] = None, budget: Optional[float] = None, *,
+            path: Optional[str] = None, num_layers: Optional[int] = None, block_size: int = 64, last_q: int = 64,
+            rows_from: int = 0, scale: Optional[float] = None) -> "MInference":
+        """fit: run ``search_patterns`` on ``captured`` and return a fitted instance (saved to ``path`` if given)."""
+        inst = cls(block_size=block_size, last_q=last_q)
+        plan = search_patterns(captured, candidates, budget, block_size=block_size, last_q=last_q,
+                               rows_from=rows_from, scale=scale)
+        inst._set(ModelShape.from_captured(captured, num_layers), plan)
+        if path is not None:
+            inst.save(path)
+            inst.path = str(path)
+        return inst
+
+    def save(self, path) -> str:
+        """save: write the plan as calibration JSON (``{layer: {head: entry}}`` + model shape)."""
+        self._require_fit()
+        data = {str(l): {str(h): e for h, e in hs.items()} for l, hs in self._plan.items()}
+        return save_calibration(path, "minference", self._shape, data,
+                                {"block_size": self.block_size, "last_q": self.last_q})
+
+    @classmethod
+    def load(cls, path, *, block_size: int = 64, last_q: int = 64, expect_shape=None) -> "MInference":
+        """load: a fitted instance from calibration JSON (``expect_shape`` checked when given)."""
+        if expect_shape is not None:
+            load_calibration(path, method="minference", expect_shape=expect_shape)
+        return cls(path=str(path), block_size=block_size, last_q=last_q)
+
+    def _require_fit(self):
+        if self._plan is None:
+            raise RuntimeError("minference: not fitted; run MInference.fit(captured={layer: (q, k, v)}, "
+                               "candidates=..., budget=..., path='minference.json') on calibration q/k/v, or "
+                               "load a calibration with get_method('minference', path='minference.json')")
+
+    @classmethod
+    def conformance_fit(cls, q, k, v, full: bool = False) -> "MInference":
+        T = q.shape[2]
+        if full:
+            cands = [{"type": "a_shape", "n_init": 0, "n_local": T}]
+        else:
+            cands = [{"type": "a_shape", "n_init": 16, "n_local": 64},
+                     {"type": "vertical_slash", "v_size": 40, "s_size": 50},
+                     {"type": "block_sparse", "top_k": 3}]
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cls.fit({0: (q, k, v)}, cands, block_size=32, last_q=16)
+
+    def select(self, q, k, ctx: Optional[SelectContext] = None):
+        ctx = ctx or SelectContext()
+        self._require_fit()
+        check_inputs("minference", q, k, ctx)
+        if ctx.layer is None:
+            raise ValueError("ctx.layer: minference needs the layer index (per-layer, per-head plan), got None")
+        self._shape.check_qk(q, k, ctx.layer, source=f"minference calibration {self.path or '(fitted)'}")
+        layer = int(ctx.layer)
+        if layer not in self._plan:
+            raise ValueError(f"ctx.layer: layer {layer} has no entry in the calibration (layers "
+                             f"{sorted(self._plan)}); refit with this layer captured")
+        Hq, Hkv = q.shape[1], k.shape[1]
+        groups: dict = {}
+        for h, e in self._plan[layer].items():
+            key = tuple((f, e[f]) for f in ("type",) + _TYPES[e["type"]])
+            groups.setdefault(key, []).append(h)
+        parts = []
+        for key, heads in groups.items():
+            m = build_head_method(dict(key), block_size=self.block_size, last_q=self.last_q)
+            hq = torch.tensor(heads, device=q.device)
+            hk = torch.tensor(kv_heads_for(heads, Hq, Hkv), device=q.device)
+            parts.append((heads, m.select(q[:, hq], k[:, hk], ctx)))
+        return merge_heads(parts, Hq)
