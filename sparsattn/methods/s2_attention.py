@@ -1,0 +1,63 @@
+"""s2_attention: S2-Attention's heterogeneous strided context sharding (arXiv 2407.17678)."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+from .. import patterns
+from ._common import check_inputs, check_int, check_pow2
+from .base import Method, SelectContext, register
+
+
+@register("s2_attention")
+@dataclass
+class S2Attention(Method):
+    """S2Attention: each head sees its ``local_blocks`` nearest key blocks plus every
+    ``vert_stride``-th block with a head-specific offset, so the heads together cover the whole
+    context (S2-Attention / DKernel, arXiv 2407.17678).
+
+    Key block j is visible to query block i of head h when ``0 <= i - j < local_blocks`` or
+    ``(j + h * head_sliding_step) % vert_stride == 0`` with ``head_sliding_step =
+    max(1, vert_stride // H)`` (DKernel's rotation). GQA groups share a pattern, so H = KV heads
+    and the pattern has KV heads; ``homo_head=True`` gives every head offset 0 (one pattern).
+
+    Defaults: Phi-3-small production config (METHODS.md C4 [code]): block 64, local_blocks=16
+    (1024 tokens), vert_stride=8. The architecture's dense layers
+    (``dense_attention_every_n_layers=2``) are a layer choice: compose with
+    ``masformer(full_layers=..., inner="s2_attention")``. S2 is also a training method; here it is
+    the static mask.
+    """
+
+    paper = "S2-Attention: Hardware-Aware Context Sharding Among Attention Heads (arXiv 2407.17678)"
+    phase = "prefill"
+    block_size: int = 64
+    local_blocks: int = 16
+    vert_stride: int = 8
+    homo_head: bool = False
+
+    def __post_init__(self):
+        check_pow2("block_size", self.block_size)
+        check_int("local_blocks", self.local_blocks, 1)
+        check_int("vert_stride", self.vert_stride, 1)
+        if not isinstance(self.homo_head, bool):
+            raise ValueError(f"homo_head: expected a bool, got {self.homo_head!r}")
+
+    @classmethod
+    def conformance_config(cls) -> dict:
+        return {"block_size": 32, "local_blocks": 2, "vert_stride": 3}
+
+    @classmethod
+    def conformance_full_config(cls, q_len: int) -> dict:
+        return {"block_size": 32, "local_blocks": 2, "vert_stride": 1}
+
+    def select(self, q, k, ctx: Optional[SelectContext] = None):
+        ctx = ctx or SelectContext()
+        check_inputs("s2_attention", q, k, ctx)
+        Tq, Tk = q.shape[2], k.shape[2]
+        if self.local_blocks * self.block_size >= Tk and self.vert_stride > 1:
+            warnings.warn(f"s2_attention: local_blocks * block_size = {self.local_blocks * self.block_size} covers the "
+                          f"whole context ({Tk} tokens); the pattern is dense", stacklevel=2)
+        H = 1 if self.homo_head else k.shape[1]
+        return patterns.strided_shards(Tq, H, vert_stride=self.vert_stride, local_blocks=self.local_blocks, kv_len=Tk,
+                                       block_size=self.block_size, causal=True, device=q.device)
