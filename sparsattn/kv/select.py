@@ -1,0 +1,109 @@
+"""Select: shared helpers of the decode methods (query shapes, valid lengths, top-k -> TokenPattern).
+
+Plain torch, no attention computed here: decode methods score tokens cheaply and call these to
+turn scores or masks into a ``TokenPattern`` (per (batch, kv head) sorted indices + counts).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..patterns import TokenPattern
+
+Tensor = torch.Tensor
+
+
+def _err(name: str, expected: str, got) -> ValueError:
+    return ValueError(f"{name}: expected {expected}, got {got}")
+
+
+def decode_inputs(q: Tensor, k: Tensor, ctx) -> tuple[Tensor, Tensor, Tensor]:
+    """Check and normalise decode inputs: ``q [B, Hq, D]`` (from ``[B, Hq, 1, D]`` too),
+    ``k [B, Hkv, T, D]`` and the valid lengths ``kv_lens [B]`` (``ctx.extras["kv_lens"]``, default T)."""
+    if not isinstance(q, Tensor) or q.dim() not in (3, 4) or (q.dim() == 4 and q.shape[2] != 1):
+        raise _err("q", "[B, Hq, D] or [B, Hq, 1, D] (one decode query)", getattr(q, "shape", type(q).__name__))
+    if q.dim() == 4:
+        q = q[:, :, 0]
+    if not isinstance(k, Tensor) or k.dim() != 4:
+        raise _err("k", "a KV cache [B, Hkv, T, D]", getattr(k, "shape", type(k).__name__))
+    B, Hq, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise _err("k", f"batch {B} and head_dim {D} (as q)", tuple(k.shape))
+    if k.shape[1] == 0 or Hq % k.shape[1]:
+        raise _err("k heads", f"a divisor of q's {Hq} heads", k.shape[1])
+    T = k.shape[2]
+    kl = None if ctx is None else ctx.extras.get("kv_lens")
+    if kl is None:
+        kl = torch.full((B,), T, dtype=torch.long, device=k.device)
+    else:
+        kl = torch.as_tensor(kl, device=k.device).long()
+        if kl.shape != (B,) or int(kl.min()) < 0 or int(kl.max()) > T:
+            raise _err("ctx.extras['kv_lens']", f"[B={B}] lengths in [0, {T}]", kl.tolist())
+    return q, k, kl
+
+
+def scale_of(ctx, D: int) -> float:
+    return 1.0 / math.sqrt(D) if ctx is None or ctx.scale is None else float(ctx.scale)
+
+
+def group_scores(q: Tensor, k: Tensor, reduce: str = "max") -> Tensor:
+    """Exact ``q·k`` per query head reduced over each GQA group: ``[B, Hkv, T]`` float32."""
+    B, Hq, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.float().view(B, Hkv, Hq // Hkv, D)
+    s = torch.matmul(qg.to(k.dtype), k.transpose(-1, -2)).float()  # [B, Hkv, G, T], no fp32 copy of K
+    return reduce_group(s, reduce)
+
+
+def reduce_group(s: Tensor, reduce: str) -> Tensor:
+    """Reduce ``[B, Hkv, G, n]`` scores over the group axis by ``max`` / ``mean`` / ``sum``."""
+    if reduce == "max":
+        return s.amax(2)
+    if reduce == "mean":
+        return s.mean(2)
+    if reduce == "sum":
+        return s.sum(2)
+    raise _err("head_reduce", "'max', 'mean' or 'sum'", repr(reduce))
+
+
+def valid_units(kv_lens: Tensor, n_units: int, page_size: int = 1) -> Tensor:
+    """bool ``[B, n_units]``: units (tokens or pages) that hold at least one valid token."""
+    units = (kv_lens + page_size - 1) // page_size
+    return torch.arange(n_units, device=kv_lens.device)[None, :] < units[:, None]
+
+
+def topk_mask(scores: Tensor, k: int, valid: Tensor) -> Tensor:
+    """bool mask ``[B, H, n]`` of the top-``k`` valid entries per row (fewer when fewer are valid)."""
+    n = scores.shape[-1]
+    k = max(0, min(int(k), n))
+    out = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if k == 0 or n == 0:
+        return out
+    s = scores.float().masked_fill(~valid[:, None, :], float("-inf"))
+    idx = s.topk(k, dim=-1).indices
+    out.scatter_(-1, idx, True)
+    return out & valid[:, None, :]
+
+
+def sink_window_mask(B: int, H: int, T: int, kv_lens: Tensor, n_sink: int, window: int) -> Tensor:
+    """bool ``[B, H, T]``: the first ``n_sink`` and the last ``window`` valid tokens of each sequence."""
+    t = torch.arange(T, device=kv_lens.device)[None, :]
+    L = kv_lens[:, None]
+    m = ((t < n_sink) | (t >= L - window)) & (t < L)
+    return m[:, None, :].expand(B, H, T)
+
+
+def mask_to_pattern(mask: Tensor, kv_len: int, page_size: int = 1) -> TokenPattern:
+    """TokenPattern from a bool unit mask ``[B, H, n_units]``."""
+    return TokenPattern.from_mask(mask.contiguous(), page_size=page_size, kv_len=kv_len)
+
+
+def full_pattern(B: int, H: int, kv_lens: Tensor, T: int) -> TokenPattern:
+    """Every valid token of each sequence (dense decode expressed as a pattern)."""
+    return mask_to_pattern(valid_units(kv_lens, T)[:, None, :].expand(B, H, T), T)
+
+
+__all__ = ["decode_inputs", "scale_of", "group_scores", "reduce_group", "valid_units", "topk_mask",
+           "sink_window_mask", "mask_to_pattern", "full_pattern"]

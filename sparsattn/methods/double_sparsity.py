@@ -1,0 +1,137 @@
+"""double_sparsity: calibrated outlier channels -> (4-bit) label cache -> approximate top-k tokens."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..kv.quant import quantize_rows
+from ..kv.select import decode_inputs, mask_to_pattern, reduce_group, topk_mask, valid_units
+from .base import Method, SelectContext, register
+
+
+@register("double_sparsity")
+@dataclass
+class DoubleSparsity(Method):
+    """DoubleSparsity: top-k tokens from a label cache of calibrated outlier channels (Double Sparsity, arXiv 2408.07092).
+
+    Offline: ``calibrate(qs, ks)`` ranks, per layer and KV head, the channels by mean ``|q_c * k_c|``
+    over captured (post-RoPE) queries and keys and keeps the top ``r = D / group_factor``; the
+    result is saved/loaded as JSON (``save`` / ``load``). Runtime: the label cache
+    ``K[..., channels]`` (quantised per token to ``label_bits``, 4 by default; 16 = unquantised)
+    is kept incrementally in ``ctx.state["double_sparsity"][layer]``; approximate scores
+    ``q[ch] · K_label / sqrt(r)`` pick the top ``token_budget`` tokens (``budget_ratio`` instead
+    gives ``ceil(ratio * T)``, the paper's "1/16" setting).
+
+    Defaults from the repository's converter (``token_budget`` (heavy_const) 256, group_factor 8,
+    label_bits 4) [code, per METHODS.md B2]. GQA: scores of the query heads of a group are
+    combined by ``head_reduce`` (``"max"``), giving one token list per KV head.
+
+    ``select(q [B, Hq, (1,) D], k_cache [B, Hkv, T, D], ctx)`` needs ``ctx.layer`` and a
+    calibration (``needs = ("calibration",)``).
+    """
+
+    paper = "Post-Training Sparse Attention with Double Sparsity (arXiv 2408.07092)"
+    phase = "decode"
+    needs = ("calibration",)
+    token_budget: int = 256
+    budget_ratio: Optional[float] = None
+    group_factor: int = 8
+    label_bits: int = 4
+    head_reduce: str = "max"
+    channels: Optional[dict] = None  # {layer: [[channel ids] per kv head]}
+
+    def __post_init__(self):
+        if not isinstance(self.token_budget, int) or self.token_budget < 1:
+            raise ValueError(f"token_budget: expected an int >= 1, got {self.token_budget!r}")
+        if self.budget_ratio is not None and not (isinstance(self.budget_ratio, (int, float)) and 0 < self.budget_ratio <= 1):
+            raise ValueError(f"budget_ratio: expected None or a number in (0, 1], got {self.budget_ratio!r}")
+        if not isinstance(self.group_factor, int) or self.group_factor < 1:
+            raise ValueError(f"group_factor: expected an int >= 1, got {self.group_factor!r}")
+        if self.label_bits not in (4, 8, 16):
+            raise ValueError(f"label_bits: expected 4, 8 or 16, got {self.label_bits!r}")
+        if self.head_reduce not in ("max", "mean", "sum"):
+            raise ValueError(f"head_reduce: expected 'max', 'mean' or 'sum', got {self.head_reduce!r}")
+        if self.channels is not None:
+            self.channels = {int(l): [list(map(int, h)) for h in c] for l, c in self.channels.items()}
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.channels is not None
+
+    # ------------------------------------------------------------------ calibration
+    def calibrate(self, qs: Sequence[torch.Tensor], ks: Sequence[torch.Tensor]) -> dict:
+        """Rank channels per layer and KV head from captured ``q [N, Hq, T, D]`` and ``k [N, Hkv, T, D]``
+        (one pair per layer, post-RoPE): importance = mean over tokens and the group of ``|q_c * k_c|``."""
+        if len(qs) != len(ks) or not qs:
+            raise ValueError(f"qs/ks: expected equal-length non-empty lists (one per layer), got {len(qs)}, {len(ks)}")
+        out = {}
+        for layer, (q, k) in enumerate(zip(qs, ks)):
+            if q.dim() != 4 or k.dim() != 4 or q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
+                raise ValueError(f"qs[{layer}]/ks[{layer}]: expected [N, Hq, T, D] / [N, Hkv, T, D], got {tuple(q.shape)}, {tuple(k.shape)}")
+            N, Hq, T, D = q.shape
+            Hkv = k.shape[1]
+            r = max(1, D // self.group_factor)
+            kk = k.float().repeat_interleave(Hq // Hkv, 1)
+            imp = (q.float() * kk).abs().mean(dim=(0, 2))  # [Hq, D]
+            imp = imp.view(Hkv, Hq // Hkv, D).mean(1)
+            out[layer] = imp.topk(r, dim=-1).indices.sort(-1).values.tolist()
+        self.channels = out
+        return out
+
+    def save(self, path: str) -> None:
+        if self.channels is None:
+            raise ValueError("channels: nothing to save; run calibrate() first")
+        with open(path, "w") as f:
+            json.dump({"method": "double_sparsity", "group_factor": self.group_factor,
+                       "channels": {str(l): c for l, c in self.channels.items()}}, f)
+
+    def load(self, path: str) -> "DoubleSparsity":
+        with open(path) as f:
+            data = json.load(f)
+        if data.get("method") != "double_sparsity" or "channels" not in data:
+            raise ValueError(f"path: expected a double_sparsity calibration JSON, got keys {sorted(data)}")
+        self.channels = {int(l): c for l, c in data["channels"].items()}
+        return self
+
+    # ------------------------------------------------------------------ runtime
+    def _labels(self, k: torch.Tensor, ch: torch.Tensor, kv_lens: torch.Tensor, ctx) -> torch.Tensor:
+        """Label cache ``[B, Hkv, T, r]`` (dequantised), appended incrementally in ``ctx.state``."""
+        B, H, T, D = k.shape
+        st = ctx.state.setdefault("double_sparsity", {}).get(ctx.layer) if ctx is not None else None
+        start = 0
+        old = None
+        if st is not None and st["labels"].shape[:2] == (B, H) and st["T"] <= T and bool((st["kv_lens"] <= kv_lens).all()):
+            start = int(st["kv_lens"].min())
+            old = st["labels"][:, :, :start]
+        new = torch.gather(k[:, :, start:], 3, ch[None, :, None, :].expand(B, -1, T - start, -1))
+        if self.label_bits != 16 and new.numel():
+            new = quantize_rows(new, self.label_bits).dequantize()
+        lab = new.float() if old is None else torch.cat([old, new.float()], 2)
+        if ctx is not None:
+            ctx.state["double_sparsity"][ctx.layer] = {"labels": lab, "T": T, "kv_lens": kv_lens.clone()}
+        return lab
+
+    def select(self, q, k, ctx: SelectContext | None = None):
+        q, k, kl = decode_inputs(q, k, ctx)
+        if self.channels is None:
+            raise ValueError("double_sparsity: not calibrated; call calibrate(qs, ks) or load(path) first")
+        layer = 0 if ctx is None or ctx.layer is None else ctx.layer
+        if layer not in self.channels:
+            raise ValueError(f"ctx.layer: no calibrated channels for layer {layer} (have {sorted(self.channels)})")
+        B, Hq, D = q.shape
+        Hkv, T = k.shape[1], k.shape[2]
+        ch = torch.as_tensor(self.channels[layer], device=k.device, dtype=torch.long)
+        if ch.dim() != 2 or ch.shape[0] != Hkv or int(ch.max()) >= D:
+            raise ValueError(f"channels[{layer}]: expected [Hkv={Hkv}, r] ids < {D}, got {tuple(ch.shape)}")
+        r = ch.shape[1]
+        lab = self._labels(k, ch, kl, ctx)  # [B, Hkv, T, r]
+        qg = q.float().view(B, Hkv, Hq // Hkv, D)
+        qc = torch.gather(qg, 3, ch[None, :, None, :].expand(B, -1, Hq // Hkv, -1))
+        s = torch.matmul(qc, lab.transpose(-1, -2)) / math.sqrt(r)  # [B, Hkv, G, T]
+        s = reduce_group(s, self.head_reduce)
+        budget = self.token_budget if self.budget_ratio is None else math.ceil(self.budget_ratio * T)
+        return mask_to_pattern(topk_mask(s, budget, valid_units(kl, T)), T)

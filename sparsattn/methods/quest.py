@@ -1,0 +1,101 @@
+"""quest: query-aware page selection from per-page key min/max bounds."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..kv.select import decode_inputs, full_pattern, mask_to_pattern, reduce_group, topk_mask, valid_units
+from .base import Method, SelectContext, register
+
+
+@register("quest")
+@dataclass
+class Quest(Method):
+    """Quest: top pages by an upper bound of q·k from per-page key min/max (Quest, arXiv 2406.10774).
+
+    For every page of ``page_size`` tokens the element-wise min and max of its keys are kept; the
+    page's criticality for query q is ``sum_d max(q_d * min_d, q_d * max_d)`` (an upper bound of
+    q·k over the page), and the ``max(3, token_budget // page_size)`` best pages are read. The
+    first ``dense_layers`` layers stay dense. Defaults from the official evaluation code
+    (``evaluation/quest_attention.py``: page (chunk) size 16, >= 3 pages, layers 0-1 dense);
+    ``token_budget`` 2048 is one of the paper's evaluated budgets.
+
+    The page metadata is kept incrementally in ``ctx.state["quest"][layer]`` (only pages that
+    received new tokens are recomputed). GQA: ``head_reduce`` combines the bounds of the query
+    heads of a group (default ``"max"``: one page list per KV head, read once for the group);
+    ``"none"`` keeps one list per query head as in the paper's MHA setting.
+
+    ``select(q [B, Hq, (1,) D], k_cache [B, Hkv, T, D], ctx) -> TokenPattern`` with ``page_size``
+    pages, heads Hkv (or Hq for ``head_reduce="none"``).
+    """
+
+    paper = "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference (arXiv 2406.10774)"
+    phase = "decode"
+    token_budget: int = 2048
+    page_size: int = 16
+    dense_layers: int = 2
+    head_reduce: str = "max"
+
+    def __post_init__(self):
+        if not isinstance(self.token_budget, int) or self.token_budget < 1:
+            raise ValueError(f"token_budget: expected an int >= 1, got {self.token_budget!r}")
+        if not isinstance(self.page_size, int) or self.page_size < 1:
+            raise ValueError(f"page_size: expected an int >= 1, got {self.page_size!r}")
+        if not isinstance(self.dense_layers, int) or self.dense_layers < 0:
+            raise ValueError(f"dense_layers: expected an int >= 0, got {self.dense_layers!r}")
+        if self.head_reduce not in ("max", "mean", "sum", "none"):
+            raise ValueError(f"head_reduce: expected 'max', 'mean', 'sum' or 'none', got {self.head_reduce!r}")
+
+    def page_bounds(self, k: torch.Tensor, kv_lens: torch.Tensor, ctx: SelectContext | None):
+        """Per-page key (min, max) ``[B, Hkv, n_pages, D]``, updated incrementally in ``ctx.state``."""
+        B, H, T, D = k.shape
+        P = self.page_size
+        n_pages = -(-T // P)
+        st = None
+        if ctx is not None:
+            st = ctx.state.setdefault("quest", {}).get(ctx.layer)
+        # pages touched since the last call: from the page holding the old length onwards
+        if (st is not None and st["kmin"].shape[:2] == (B, H) and st["kmin"].shape[-1] == D
+                and st["T"] <= T and bool((st["kv_lens"] <= kv_lens).all())):
+            first = int(st["kv_lens"].min()) // P
+            kmin, kmax = st["kmin"], st["kmax"]
+            if kmin.shape[2] < n_pages:
+                pad = n_pages - kmin.shape[2]
+                kmin = torch.cat([kmin, kmin.new_zeros(B, H, pad, D)], 2)
+                kmax = torch.cat([kmax, kmax.new_zeros(B, H, pad, D)], 2)
+        else:
+            first = 0
+            kmin = k.new_zeros(B, H, n_pages, D, dtype=torch.float32)
+            kmax = k.new_zeros(B, H, n_pages, D, dtype=torch.float32)
+        if first < n_pages:
+            seg = k[:, :, first * P:].float()
+            Tp = (n_pages - first) * P
+            if seg.shape[2] < Tp:
+                seg = torch.cat([seg, seg.new_zeros(B, H, Tp - seg.shape[2], D)], 2)
+            t = torch.arange(first * P, n_pages * P, device=k.device)
+            ok = (t[None, :] < kv_lens[:, None])[:, None, :, None]  # [B, 1, Tp, 1]
+            big = torch.finfo(torch.float32).max
+            lo = seg.masked_fill(~ok, big).view(B, H, -1, P, D).amin(3)
+            hi = seg.masked_fill(~ok, -big).view(B, H, -1, P, D).amax(3)
+            kmin = kmin.clone()
+            kmax = kmax.clone()
+            kmin[:, :, first:], kmax[:, :, first:] = lo, hi
+        if ctx is not None:
+            ctx.state["quest"][ctx.layer] = {"kmin": kmin, "kmax": kmax, "T": T, "kv_lens": kv_lens.clone()}
+        return kmin, kmax
+
+    def select(self, q, k, ctx: SelectContext | None = None):
+        q, k, kl = decode_inputs(q, k, ctx)
+        B, Hq, D = q.shape
+        Hkv, T = k.shape[1], k.shape[2]
+        rows = Hq if self.head_reduce == "none" else Hkv
+        if ctx is not None and ctx.layer is not None and ctx.layer < self.dense_layers:
+            return full_pattern(B, rows, kl, T)
+        kmin, kmax = self.page_bounds(k, kl, ctx)
+        qg = q.float().view(B, Hkv, Hq // Hkv, 1, D)
+        ub = torch.maximum(qg * kmin[:, :, None], qg * kmax[:, :, None]).sum(-1)  # [B, Hkv, G, n_pages]
+        ub = ub.flatten(1, 2) if self.head_reduce == "none" else reduce_group(ub, self.head_reduce)
+        n_sel = max(3, self.token_budget // self.page_size)
+        valid = valid_units(kl, ub.shape[-1], self.page_size)
+        return mask_to_pattern(topk_mask(ub, n_sel, valid), T, self.page_size)

@@ -1,0 +1,66 @@
+"""tidal_decode: top-k positions chosen in two full-attention layers and reused by the others."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..kv.select import decode_inputs, full_pattern, group_scores, mask_to_pattern, topk_mask, valid_units
+from .base import Method, SelectContext, register
+
+
+@register("tidal_decode")
+@dataclass
+class TidalDecode(Method):
+    """TidalDecode: position-persistent sparse attention (TidalDecode, arXiv 2410.05076).
+
+    Per decode step: layers ``< sparse_layer_start`` are dense; layer ``sparse_layer_start`` and
+    the re-selection layer ``correction_layer`` score every cached token with the exact ``q·k``
+    and keep the top ``token_budget``; every other layer reuses the positions stored by the last
+    selection layer of the same step. The positions live in ``ctx.state["tidal_decode"]`` only
+    (keyed by the cache length, so a stale selection from an earlier step is refused).
+
+    Defaults: ``sparse_layer_start`` 2 and ``correction_layer`` 13 (the repository's Llama-3-8B
+    example) [code]; ``token_budget`` 2048 lies in the paper's evaluated range 128..4096 (the
+    exact default is unverified). GQA: the group's scores are combined by max (one token list per
+    KV head); all layers must have the same number of KV heads.
+
+    ``select(q [B, Hq, (1,) D], k_cache [B, Hkv, T, D], ctx)`` needs ``ctx.layer``.
+    """
+
+    paper = "TidalDecode: Fast and Accurate LLM Decoding with Position Persistent Sparse Attention (arXiv 2410.05076)"
+    phase = "decode"
+    token_budget: int = 2048
+    sparse_layer_start: int = 2
+    correction_layer: int = 13
+
+    def __post_init__(self):
+        if not isinstance(self.token_budget, int) or self.token_budget < 1:
+            raise ValueError(f"token_budget: expected an int >= 1, got {self.token_budget!r}")
+        if not isinstance(self.sparse_layer_start, int) or self.sparse_layer_start < 0:
+            raise ValueError(f"sparse_layer_start: expected an int >= 0, got {self.sparse_layer_start!r}")
+        if not isinstance(self.correction_layer, int) or self.correction_layer <= self.sparse_layer_start:
+            raise ValueError(f"correction_layer: expected an int > sparse_layer_start ({self.sparse_layer_start}), "
+                             f"got {self.correction_layer!r}")
+
+    def select(self, q, k, ctx: SelectContext | None = None):
+        q, k, kl = decode_inputs(q, k, ctx)
+        if ctx is None or ctx.layer is None:
+            raise ValueError("ctx.layer: TidalDecode needs the layer index (and ctx.state shared across layers)")
+        B, Hkv, T = k.shape[0], k.shape[1], k.shape[2]
+        layer = ctx.layer
+        if layer < self.sparse_layer_start:
+            return full_pattern(B, Hkv, kl, T)
+        st = ctx.state.setdefault("tidal_decode", {})
+        if layer in (self.sparse_layer_start, self.correction_layer):
+            s = group_scores(q, k, "max")
+            pat = mask_to_pattern(topk_mask(s, self.token_budget, valid_units(kl, T)), T)
+            st.update(pattern=pat, kv_lens=kl.clone(), T=T, layer=layer)
+            return pat
+        pat = st.get("pattern")
+        if pat is None or st["T"] != T or not torch.equal(st["kv_lens"], kl):
+            raise ValueError(f"ctx.state['tidal_decode']: no positions for this step at layer {layer}; the token "
+                             f"selection layer {self.sparse_layer_start} must run first in every step")
+        if pat.heads != Hkv or pat.batch != B:
+            raise ValueError(f"k: expected {Hkv} kv heads and batch {B} as at the selection layer, got {pat.heads}, {pat.batch}")
+        return pat

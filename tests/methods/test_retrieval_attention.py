@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from sparsattn.methods import get_method
+from sparsattn.methods.base import SelectContext
+
+from _sparse_decode_utils import assert_equals_dense, needle_case, selects
+
+
+def test_needle_retrieved_and_static_tokens_kept():
+    q, k, v, pos = needle_case()
+    m = get_method("retrieval_attention", n_sink=16, window=32, top_k=8)
+    ctx = SelectContext(layer=0)
+    p = m.select(q, k, ctx)
+    tm = p.to_token_mask()
+    assert tm[:, :, :16].all() and tm[:, :, -32:].all()
+    assert all(selects(p, b, h, pos[b]) for b in range(2) for h in range(2))
+    assert int(p.counts.max()) <= 16 + 32 + 4 * 8  # group union of per-head top-k
+    assert ctx.state["retrieval_attention"][0]["upto"] == [2048 - 32, 2048 - 32]
+
+
+def test_index_grows_as_tokens_leave_the_window():
+    q, k, v, _ = needle_case(T=600, pos=(10, 20))
+    m = get_method("retrieval_attention", n_sink=4, window=50, top_k=5)
+    ctx = SelectContext(layer=1)
+    gen = torch.Generator().manual_seed(2)
+    for L in (300, 301, 420):
+        ctx.extras["kv_lens"] = torch.tensor([L, L])
+        k2 = k.clone()
+        k2[:, :, L - 51] = 8 * q.view(2, 2, 4, 64).mean(2)  # just left the window: must be indexed
+        p = m.select(q, k2, ctx)
+        assert all(selects(p, b, h, L - 51) for b in range(2) for h in range(2)), L
+        assert ctx.state["retrieval_attention"][1]["upto"] == [L - 50, L - 50]
+
+
+def test_full_budget_equals_dense():
+    q, k, v, _ = needle_case(T=400)
+    kl = torch.tensor([400, 333])
+    p = get_method("retrieval_attention", n_sink=8, window=16, top_k=1000).select(
+        q, k, SelectContext(extras={"kv_lens": kl}))
+    assert_equals_dense(q, k, v, p, kl)
+    with pytest.raises(ValueError, match="top_k"):
+        get_method("retrieval_attention", top_k=-1)
