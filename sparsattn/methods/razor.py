@@ -1,0 +1,237 @@
+"""razor: RazorAttention's retrieval-head split for prefill (arXiv 2407.15891).
+
+Retrieval heads (echo + induction heads, found data-free on repeated random tokens) keep dense
+attention; every other head keeps ``n_sink`` sink tokens and a local window of
+``max(min_window, N / compression)`` keys.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .. import patterns
+from ..calibration import ModelShape, load_calibration, save_calibration
+from ._common import check_inputs, check_int, check_pow2, merge_heads
+from .base import Method, SelectContext, register
+
+PAPER = "RazorAttention: Efficient KV Cache Compression Through Retrieval Heads (arXiv 2407.15891)"
+
+
+def repeated_random_tokens(vocab: int, n: int, repeats: int, seed: int = 0, *, low: int = 0) -> torch.Tensor:
+    """repeated_random_tokens: ``n`` random token ids in ``[low, vocab)`` (distinct when ``n`` allows)
+    repeated ``repeats`` times -> long ``[n * repeats]`` (RazorAttention's data-free probe input)."""
+    check_int("vocab", vocab, 1)
+    check_int("low", low, 0, vocab - 1)
+    check_int("n", n, 2)
+    check_int("repeats", repeats, 2)
+    g = torch.Generator().manual_seed(int(seed))
+    span = vocab - low
+    seg = torch.randperm(span, generator=g)[:n] if n <= span else torch.randint(0, span, (n,), generator=g)
+    return (seg + low).repeat(repeats)
+
+
+def echo_induction_scores(q: torch.Tensor, k: torch.Tensor, period: int, *, scale: Optional[float] = None,
+                          max_chunk_elems: int = 1 << 24) -> tuple[torch.Tensor, torch.Tensor]:
+    """echo_induction_scores: per query head, the mean causal attention (over queries after the first
+    repetition and the batch) to previous occurrences of the current token (echo) and to the
+    tokens that followed them (induction), for q/k captured on a sequence repeating every
+    ``period`` tokens -> ``(echo float64 [Hq], induction float64 [Hq])``."""
+    check_inputs("echo_induction_scores", q, k, None)
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q tokens: expected the same number as k ({k.shape[2]}), got {T}")
+    check_int("period", period, 2, T - 1)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    rows_per = max(1, max_chunk_elems // max(1, B * Hq * T))
+    echo = torch.zeros(Hq, dtype=torch.float64, device=q.device)
+    ind = torch.zeros(Hq, dtype=torch.float64, device=q.device)
+    j = torch.arange(T, device=q.device)
+    kf = k.float()[:, :, None]
+    for r0 in range(period, T, rows_per):
+        r1 = min(T, r0 + rows_per)
+        i = torch.arange(r0, r1, device=q.device)[:, None]
+        s = torch.matmul(q[:, :, r0:r1].float().view(B, Hkv, G, r1 - r0, D), kf.transpose(-1, -2))
+        s = s.reshape(B, Hq, r1 - r0, T) * scale
+        s = s.masked_fill(j[None, :] > i, float("-inf"))
+        p = torch.softmax(s, -1)
+        dist = i - j[None, :]
+        em = (dist > 0) & (dist % period == 0)
+        im = (dist + 1 >= period) & ((dist + 1) % period == 0)
+        echo += (p * em).sum((-1, -2)).double().sum(0)
+        ind += (p * im).sum((-1, -2)).double().sum(0)
+    n = B * (T - period)
+    return echo / n, ind / n
+
+
+@register("razor")
+@dataclass
+class RazorAttention(Method):
+    """RazorAttention: retrieval heads (top echo + top induction heads) dense, other heads
+    ``n_sink`` sink tokens + a local window of ``max(min_window, ceil(N / compression))`` keys
+    (RazorAttention, arXiv 2407.15891), applied to prefill attention.
+
+    Fit (data-free, RoPE models): feed ``repeated_random_tokens(vocab, n, repeats)`` to the model,
+    capture q/k per layer and call ``RazorAttention.fit({layer: (q, k)}, period=n, path=...)``:
+    echo/induction scores per head (``echo_induction_scores``), then the top ``echo_fraction`` of
+    all heads by echo score plus the top ``induction_fraction`` by induction score are retrieval
+    heads (saved as calibration JSON with the model shape). ``select`` needs ``ctx.layer``.
+    Pattern heads = query heads.
+
+    The paper compresses the KV cache after prefill; its compensation token (mean of the dropped
+    keys/values, weighted by their count) is not a mask and belongs to the KV-cache policy, so it
+    is not part of this prefill pattern. ALiBi models (heads chosen from their slopes) are out of scope.
+
+    Defaults, all unverified against the paper (no official code; METHODS.md B5 [mem]):
+    compression C=5, min_window S0=4000, n_sink N0=4, echo_fraction=0.01, induction_fraction=0.14
+    (about 15% retrieval heads).
+    """
+
+    paper = PAPER
+    phase = "prefill"
+    needs = ("calibration",)
+    path: Optional[str] = None
+    n_sink: int = 4
+    compression: float = 5.0
+    min_window: int = 4000
+    echo_fraction: float = 0.01
+    induction_fraction: float = 0.14
+    block_size: int = 64
+    _heads: Optional[dict] = field(default=None, repr=False, compare=False)
+    _scores: Optional[dict] = field(default=None, repr=False, compare=False)
+    _shape: Optional[ModelShape] = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        check_int("n_sink", self.n_sink, 0)
+        check_int("min_window", self.min_window, 1)
+        if isinstance(self.compression, bool) or not isinstance(self.compression, (int, float)) or \
+                not self.compression >= 1:
+            raise ValueError(f"compression: expected a number >= 1, got {self.compression!r}")
+        for name in ("echo_fraction", "induction_fraction"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ValueError(f"{name}: expected a number in [0, 1], got {v!r}")
+        check_pow2("block_size", self.block_size)
+        if self.path is not None:
+            if not isinstance(self.path, str):
+                raise ValueError(f"path: expected a str path to a calibration JSON, got {self.path!r}")
+            shape, data, _ = load_calibration(self.path, method="razor")
+            self._set(shape, data)
+
+    def _set(self, shape: ModelShape, data: dict) -> None:
+        heads, scores = {}, {}
+        for layer, d in data.items():
+            if not isinstance(d, dict) or "retrieval_heads" not in d:
+                raise ValueError(f"data[{layer}]: expected {{'retrieval_heads': [...], 'echo': [...], 'induction': [...]}}")
+            hs = sorted(int(h) for h in d["retrieval_heads"])
+            if any(not 0 <= h < shape.num_heads for h in hs):
+                raise ValueError(f"data[{layer}].retrieval_heads: expected heads in [0, {shape.num_heads}), got {hs}")
+            heads[int(layer)] = hs
+            scores[int(layer)] = {"echo": list(d.get("echo", [])), "induction": list(d.get("induction", []))}
+        self._heads, self._scores, self._shape = heads, scores, shape
+
+    @property
+    def is_fitted(self) -> bool:
+        return self._heads is not None
+
+    @property
+    def retrieval_heads(self) -> dict:
+        """``{layer: [retrieval query heads]}``."""
+        return {l: list(h) for l, h in (self._heads or {}).items()}
+
+    @property
+    def scores(self) -> dict:
+        """``{layer: {"echo": [per head], "induction": [per head]}}``."""
+        return {l: {k: list(v) for k, v in d.items()} for l, d in (self._scores or {}).items()}
+
+    @classmethod
+    def fit(cls, captured: dict, period: int, *, path: Optional[str] = None, num_layers: Optional[int] = None,
+            scale: Optional[float] = None, **config) -> "RazorAttention":
+        """fit: score heads on q/k captured from a repeated random-token input (``{layer: (q, k, ...)}``,
+        the sequence repeating every ``period`` tokens) and pick retrieval heads; saved to ``path`` if given."""
+        inst = cls(**config)
+        if not isinstance(captured, dict) or not captured:
+            raise ValueError("captured: expected a non-empty dict {layer: (q, k)}")
+        sc = {}
+        for layer in sorted(captured, key=int):
+            t = captured[layer]
+            if not isinstance(t, (tuple, list)) or len(t) < 2:
+                raise ValueError(f"captured[{layer}]: expected a tuple (q, k[, v])")
+            e, i = echo_induction_scores(t[0], t[1], period, scale=scale)
+            sc[int(layer)] = (e, i)
+        shape = ModelShape.from_captured(captured, num_layers)
+        layers = sorted(sc)
+        E = torch.stack([sc[l][0] for l in layers])  # [L, H]
+        I = torch.stack([sc[l][1] for l in layers])
+        n = E.numel()
+        pick = torch.zeros(n, dtype=torch.bool)
+        for frac, s in ((inst.echo_fraction, E), (inst.induction_fraction, I)):
+            m = min(n, max(1, round(frac * n))) if frac > 0 else 0
+            if m:
+                pick[torch.topk(s.flatten(), m).indices] = True
+        pick = pick.view(E.shape)
+        data = {str(l): {"retrieval_heads": pick[a].nonzero().flatten().tolist(),
+                         "echo": E[a].tolist(), "induction": I[a].tolist()} for a, l in enumerate(layers)}
+        inst._set(shape, data)
+        if path is not None:
+            inst.save(path)
+            inst.path = str(path)
+        return inst
+
+    def save(self, path) -> str:
+        """save: write retrieval heads and scores as calibration JSON with the model shape."""
+        self._require_fit()
+        data = {str(l): {"retrieval_heads": self._heads[l], **self._scores[l]} for l in self._heads}
+        return save_calibration(path, "razor", self._shape, data,
+                                {"echo_fraction": self.echo_fraction, "induction_fraction": self.induction_fraction})
+
+    @classmethod
+    def load(cls, path, **config) -> "RazorAttention":
+        """load: a fitted instance from calibration JSON."""
+        return cls(path=str(path), **config)
+
+    def _require_fit(self):
+        if self._heads is None:
+            raise RuntimeError("razor: not fitted; capture q/k per layer on repeated_random_tokens(vocab, n, repeats) "
+                               "and run RazorAttention.fit({layer: (q, k)}, period=n, path='razor.json'), or load "
+                               "one with get_method('razor', path='razor.json')")
+
+    @classmethod
+    def conformance_fit(cls, q, k, v, full: bool = False) -> "RazorAttention":
+        frac = 1.0 if full else 0.25
+        return cls.fit({0: (q, k)}, q.shape[2] // 3, echo_fraction=frac, induction_fraction=frac, min_window=32,
+                       compression=16.0, n_sink=4, block_size=32)
+
+    def window(self, kv_len: int) -> int:
+        """Local window of non-retrieval heads for ``kv_len`` keys: ``max(min_window, ceil(kv_len / C))``."""
+        return max(self.min_window, math.ceil(kv_len / self.compression))
+
+    def select(self, q, k, ctx: Optional[SelectContext] = None):
+        ctx = ctx or SelectContext()
+        self._require_fit()
+        check_inputs("razor", q, k, ctx)
+        if ctx.layer is None:
+            raise ValueError("ctx.layer: razor needs the layer index (per-layer retrieval heads), got None")
+        self._shape.check_qk(q, k, ctx.layer, source=f"razor calibration {self.path or '(fitted)'}")
+        layer = int(ctx.layer)
+        if layer not in self._heads:
+            raise ValueError(f"ctx.layer: layer {layer} has no entry in the calibration (layers {sorted(self._heads)})")
+        Hq, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
+        ret = self._heads[layer]
+        rest = [h for h in range(Hq) if h not in set(ret)]
+        w = self.window(Tk)
+        if rest and self.n_sink + w >= Tk:
+            warnings.warn(f"razor: n_sink + window = {self.n_sink + w} covers the whole context ({Tk} tokens); "
+                          "non-retrieval heads are dense", stacklevel=2)
+        parts = []
+        if ret:
+            parts.append((ret, patterns.causal(Tq, Tk, block_q=self.block_size, device=q.device)))
+        if rest:
+            parts.append((rest, patterns.sink_local(Tq, min(self.n_sink, Tk), min(w, Tk), kv_len=Tk,
+                                                    block_q=self.block_size, device=q.device)))
+        return merge_heads(parts, Hq)
