@@ -1,0 +1,377 @@
+"""SeerAttention: a learned AttnGate picks the key blocks of block-sparse prefill attention
+(SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs, arXiv 2410.13276).
+
+The gate (one per layer) pools queries (average) and keys (max, min and average, concatenated)
+over blocks of 64 tokens, projects them per head to 128 dimensions (``W_q``, ``W_k``; keys per KV
+head, shared by the GQA group), applies RoPE at the blocks' first-token positions, and scores key
+blocks with ``softmax(q~ k~^T / sqrt(128))`` under the causal block mask. Inference keeps a block
+when its probability exceeds ``threshold`` (default 2e-3, the repository's ``seerattn_threshold``)
+or, with ``nz_ratio`` set, the top ``nz_ratio`` of each row's causal blocks; the diagonal block
+is always kept and the last query-block row is dense (``last_block_dense``).
+
+**What is pooled.** The paper's gate (``microsoft/SeerAttention``, ``seer_attn/attn_gate.py`` and
+``prefill_sparse/llama/modeling_llama_seerattn.py``) takes the *pre-RoPE* projections
+``q_proj(x)``/``k_proj(x)`` and adds its own RoPE at block positions; that is the default here
+(``SeerGate.rope_input == "pre"``). The library's integration passes *post-RoPE* q/k to
+``select``, so the method takes pre-RoPE tensors from ``ctx.extras["q_pre_rope"]`` /
+``ctx.extras["k_pre_rope"]`` when an integration supplies them, and otherwise undoes the model's
+rotate-half RoPE exactly with the inverse frequencies stored in the gate file (recorded from the
+model at training time; queries at positions ``Tk - Tq + i``, keys at ``j``). A gate trained
+with ``rope_input="post"`` pools the given q/k directly.
+
+Gate weights live in a directory: ``gate.safetensors`` + ``config.json`` (model shape, layers,
+block size, RoPE data); ``SeerAttention(gate_path=...)`` or ``.load_gate(path)`` loads it, and a
+mismatch with the model's shape is refused naming the field. Training: ``sparsattn.train.seer_gate``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .. import patterns
+from .base import Method, SelectContext, register
+
+Tensor = torch.Tensor
+
+GATE_FORMAT = "sparsattn.seer_gate"
+GATE_VERSION = 1
+_TRAIN_HINT = ("train a gate with `python -m sparsattn.train.seer_gate --model PATH --out GATE_DIR --minutes M` "
+               "(or sparsattn.train.seer_gate.train_gates) and pass gate_path=GATE_DIR or call .load_gate(GATE_DIR)")
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _cos_sin(pos: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    f = pos.float()[:, None] * inv_freq.float()[None, :]
+    emb = torch.cat((f, f), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, pos: Tensor, inv_freq: Tensor, *, inverse: bool = False) -> Tensor:
+    """Rotate-half RoPE (the HF Llama convention) of ``x [..., T, d]`` at positions ``pos [T]``;
+    ``inverse=True`` rotates back (exact inverse)."""
+    cos, sin = _cos_sin(pos, inv_freq)
+    return x * cos - _rotate_half(x) * sin if inverse else x * cos + _rotate_half(x) * sin
+
+
+def default_inv_freq(dim: int, theta: float) -> Tensor:
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)).float()
+
+
+def _pool_blocks(x: Tensor, bs: int, kinds: Sequence[str]) -> Tensor:
+    """``x [B, H, T, D]`` -> ``[B, H, ceil(T/bs), D * len(kinds)]`` (partial last block: valid rows only)."""
+    B, H, T, D = x.shape
+    n = -(-T // bs)
+    pad = n * bs - T
+    xf = x.float()
+    outs = []
+    for kind in kinds:
+        if kind == "avg":
+            s = nn.functional.pad(xf, (0, 0, 0, pad)).view(B, H, n, bs, D).sum(3)
+            cnt = torch.full((n,), float(bs), device=x.device)
+            cnt[-1] = T - (n - 1) * bs
+            outs.append(s / cnt[:, None])
+        else:
+            fill = float("-inf") if kind == "max" else float("inf")
+            v = nn.functional.pad(xf, (0, 0, 0, pad), value=fill).view(B, H, n, bs, D)
+            outs.append(v.amax(3) if kind == "max" else v.amin(3))
+    return torch.cat(outs, dim=-1)
+
+
+class SeerGate(nn.Module):
+    """SeerGate: the AttnGate of every gated layer (SeerAttention, arXiv 2410.13276).
+
+    Gate type ``Qavg_Kmaxminavg``: per layer ``wq [Hq, D, hidden]`` and ``wk [Hkv, 3D, hidden]``.
+
+    Args:
+        num_q_heads, num_kv_heads, head_dim: the model's attention shape.
+        layers: indices of the gated layers (an int n means ``range(n)``).
+        hidden_size: gate width (128). block_size: 64.
+        rope_theta: RoPE base of the gate's own block RoPE (the model's base, as the repository).
+        rope_input: ``"pre"`` (pool pre-RoPE q/k, the paper) or ``"post"`` (pool q/k as given).
+        head_inv_freq: the model's RoPE inverse frequencies ``[head_dim / 2]`` used to undo RoPE
+            on post-RoPE inputs (default: from ``rope_theta``).
+        model_info: free-form JSON-able dict saved with the gate (model path, training data...).
+    """
+
+    def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, layers=1, *, hidden_size: int = 128,
+                 block_size: int = 64, rope_theta: float = 10000.0, rope_input: str = "pre",
+                 head_inv_freq: Optional[Tensor] = None, model_info: Optional[dict] = None, seed: Optional[int] = None):
+        super().__init__()
+        for name, v in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                        ("hidden_size", hidden_size)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        if num_q_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads: expected a divisor of num_q_heads={num_q_heads}, got {num_kv_heads}")
+        if head_dim % 2 or hidden_size % 2:
+            raise ValueError(f"head_dim/hidden_size: expected even values (RoPE), got {head_dim}, {hidden_size}")
+        if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"block_size: expected a power of two >= 16, got {block_size!r}")
+        if rope_input not in ("pre", "post"):
+            raise ValueError(f"rope_input: expected 'pre' or 'post', got {rope_input!r}")
+        if not (isinstance(rope_theta, (int, float)) and rope_theta > 0):
+            raise ValueError(f"rope_theta: expected a positive number, got {rope_theta!r}")
+        layers = list(range(layers)) if isinstance(layers, int) else [int(x) for x in layers]
+        if not layers or len(set(layers)) != len(layers) or min(layers) < 0:
+            raise ValueError(f"layers: expected distinct layer indices >= 0, got {layers}")
+        self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
+        self.hidden_size, self.block_size = hidden_size, block_size
+        self.rope_theta, self.rope_input = float(rope_theta), rope_input
+        self.layers = layers
+        self.model_info = dict(model_info or {})
+        if head_inv_freq is None:
+            head_inv_freq = default_inv_freq(head_dim, self.rope_theta)
+        if tuple(head_inv_freq.shape) != (head_dim // 2,):
+            raise ValueError(f"head_inv_freq: expected shape ({head_dim // 2},), got {tuple(head_inv_freq.shape)}")
+        self.register_buffer("head_inv_freq", head_inv_freq.float().clone())
+        self.register_buffer("gate_inv_freq", default_inv_freq(hidden_size, self.rope_theta))
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.wq = nn.ParameterDict()
+        self.wk = nn.ParameterDict()
+        for layer in layers:
+            self.wq[str(layer)] = nn.Parameter(torch.randn(num_q_heads, head_dim, hidden_size, generator=gen)
+                                               / math.sqrt(head_dim))
+            self.wk[str(layer)] = nn.Parameter(torch.randn(num_kv_heads, 3 * head_dim, hidden_size, generator=gen)
+                                               / math.sqrt(3 * head_dim))
+
+    # -- config / files ---------------------------------------------------------------------------
+    def config(self) -> dict:
+        return {"format": GATE_FORMAT, "version": GATE_VERSION, "gate_type": "Qavg_Kmaxminavg",
+                "num_q_heads": self.num_q_heads, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
+                "layers": self.layers, "hidden_size": self.hidden_size, "block_size": self.block_size,
+                "rope_theta": self.rope_theta, "rope_input": self.rope_input, "model_info": self.model_info}
+
+    def save(self, path) -> Path:
+        """Write ``path/gate.safetensors`` and ``path/config.json``; returns the directory."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {f"wq.{k}": v.detach().float().cpu().contiguous() for k, v in self.wq.items()}
+        tensors.update({f"wk.{k}": v.detach().float().cpu().contiguous() for k, v in self.wk.items()})
+        tensors["head_inv_freq"] = self.head_inv_freq.detach().float().cpu().contiguous()
+        save_file(tensors, str(path / "gate.safetensors"))
+        (path / "config.json").write_text(json.dumps(self.config(), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path, *, expect: Optional[dict] = None) -> "SeerGate":
+        """Load a gate directory; ``expect`` (e.g. ``{"num_q_heads": 32, "head_dim": 128}``) must match
+        the saved config, else ValueError naming the field."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg_file, w_file = path / "config.json", path / "gate.safetensors"
+        if not cfg_file.is_file() or not w_file.is_file():
+            raise ValueError(f"gate_path: expected a directory with config.json and gate.safetensors, got {str(path)!r}")
+        cfg = json.loads(cfg_file.read_text())
+        if cfg.get("format") != GATE_FORMAT or cfg.get("version") != GATE_VERSION:
+            raise ValueError(f"gate_path: {cfg_file} is not a {GATE_FORMAT} v{GATE_VERSION} file "
+                             f"(format={cfg.get('format')!r}, version={cfg.get('version')!r})")
+        for key, want in (expect or {}).items():
+            if key in cfg and cfg[key] != want:
+                raise ValueError(f"{key}: the gate in {str(path)!r} was trained for {key}={cfg[key]!r}, "
+                                 f"the model has {want!r}")
+        t = load_file(str(w_file))
+        gate = cls(cfg["num_q_heads"], cfg["num_kv_heads"], cfg["head_dim"], cfg["layers"],
+                   hidden_size=cfg["hidden_size"], block_size=cfg["block_size"], rope_theta=cfg["rope_theta"],
+                   rope_input=cfg["rope_input"], head_inv_freq=t["head_inv_freq"], model_info=cfg.get("model_info"))
+        with torch.no_grad():
+            for layer in gate.layers:
+                for name, store in (("wq", gate.wq), ("wk", gate.wk)):
+                    key = f"{name}.{layer}"
+                    if key not in t or t[key].shape != store[str(layer)].shape:
+                        raise ValueError(f"{key}: expected a tensor of shape {tuple(store[str(layer)].shape)} in "
+                                         f"{w_file}, got {None if key not in t else tuple(t[key].shape)}")
+                    store[str(layer)].copy_(t[key])
+        return gate
+
+    def check_shape(self, q: Tensor, k: Tensor) -> None:
+        """Refuse q/k whose heads or head_dim differ from the gate's, naming the field."""
+        if q.shape[1] != self.num_q_heads:
+            raise ValueError(f"num_q_heads: the gate was trained for {self.num_q_heads} query heads, q has {q.shape[1]}")
+        if k.shape[1] != self.num_kv_heads:
+            raise ValueError(f"num_kv_heads: the gate was trained for {self.num_kv_heads} KV heads, k has {k.shape[1]}")
+        if q.shape[3] != self.head_dim:
+            raise ValueError(f"head_dim: the gate was trained for head_dim {self.head_dim}, q has {q.shape[3]}")
+
+    # -- forward ----------------------------------------------------------------------------------
+    def gate_inputs(self, q: Tensor, k: Tensor, extras: Optional[dict] = None) -> tuple[Tensor, Tensor]:
+        """The q/k the gate pools: pre-RoPE (from ``extras`` or by undoing RoPE) or as given."""
+        if self.rope_input == "post":
+            return q, k
+        extras = extras or {}
+        if extras.get("q_pre_rope") is not None and extras.get("k_pre_rope") is not None:
+            qp, kp = extras["q_pre_rope"], extras["k_pre_rope"]
+            if qp.shape != q.shape or kp.shape != k.shape:
+                raise ValueError(f"ctx.extras['q_pre_rope'/'k_pre_rope']: expected shapes {tuple(q.shape)} and "
+                                 f"{tuple(k.shape)}, got {tuple(qp.shape)} and {tuple(kp.shape)}")
+            return qp, kp
+        Tq, Tk = q.shape[2], k.shape[2]
+        inv = self.head_inv_freq.to(q.device)
+        qpos = torch.arange(Tk - Tq, Tk, device=q.device)
+        kpos = torch.arange(Tk, device=q.device)
+        return apply_rope(q.float(), qpos, inv, inverse=True), apply_rope(k.float(), kpos, inv, inverse=True)
+
+    def scores(self, layer: int, q: Tensor, k: Tensor, *, causal: bool = True) -> Tensor:
+        """Gate logits float32 ``[B, Hq, nq, nk]`` for the gate inputs ``q [B, Hq, Tq, D]``,
+        ``k [B, Hkv, Tk, D]``; blocks entirely above the (bottom-right) diagonal are ``-inf``."""
+        key = str(layer)
+        if key not in self.wq:
+            raise ValueError(f"layer: the gate has no weights for layer {layer} (gated layers: {self.layers})")
+        self.check_shape(q, k)
+        bs = self.block_size
+        Tq, Tk = q.shape[2], k.shape[2]
+        wq, wk = self.wq[key], self.wk[key]
+        qp = torch.einsum("bhnd,hde->bhne", _pool_blocks(q, bs, ("avg",)).to(wq.dtype), wq)
+        kp = torch.einsum("bhnd,hde->bhne", _pool_blocks(k, bs, ("max", "min", "avg")).to(wk.dtype), wk)
+        nq, nk = qp.shape[2], kp.shape[2]
+        off = Tk - Tq
+        inv = self.gate_inv_freq.to(q.device)
+        qpos = off + torch.arange(nq, device=q.device) * bs
+        kpos = torch.arange(nk, device=q.device) * bs
+        qp = apply_rope(qp, qpos, inv)
+        kp = apply_rope(kp, kpos, inv).repeat_interleave(self.num_q_heads // self.num_kv_heads, dim=1)
+        s = torch.matmul(qp, kp.transpose(-1, -2)) / math.sqrt(self.hidden_size)
+        if causal:
+            s = s.masked_fill(~causal_block_mask(Tq, Tk, bs, q.device), float("-inf"))
+        return s.float()
+
+
+def causal_block_mask(Tq: int, Tk: int, bs: int, device=None) -> Tensor:
+    """bool ``[nq, nk]``: key blocks holding at least one key at or below the diagonal of the block."""
+    nq, nk = -(-Tq // bs), -(-Tk // bs)
+    last_row = torch.clamp((torch.arange(nq, device=device) + 1) * bs, max=Tq) - 1
+    return (torch.arange(nk, device=device)[None, :] * bs) <= (last_row + Tk - Tq)[:, None]
+
+
+def diagonal_block_mask(Tq: int, Tk: int, bs: int, device=None) -> Tensor:
+    """bool ``[nq, nk]``: key blocks crossing the diagonal of each query block (always kept)."""
+    nq, nk = -(-Tq // bs), -(-Tk // bs)
+    r0 = torch.arange(nq, device=device) * bs + Tk - Tq
+    r1 = torch.clamp((torch.arange(nq, device=device) + 1) * bs, max=Tq) - 1 + Tk - Tq
+    c0 = torch.arange(nk, device=device) * bs
+    c1 = torch.clamp(c0 + bs, max=Tk) - 1
+    return (c0[None, :] <= r1[:, None]) & (c1[None, :] >= r0[:, None])
+
+
+@register("seer_attention")
+@dataclass
+class SeerAttention(Method):
+    """SeerAttention: learned AttnGate -> block-sparse prefill (arXiv 2410.13276).
+
+    Args:
+        threshold: keep blocks whose gate probability exceeds it (default 2e-3, ``seerattn_threshold``).
+        nz_ratio: if set (0 < r <= 1), top-k mode: keep ``ceil(r * causal blocks)`` per row instead.
+        last_block_dense: the last query-block row keeps every causal block (True).
+        gate_path: directory of a trained gate (``SeerGate.save``); None = load later.
+    Needs a trained gate (``needs = ("gate",)``); ``select`` raises ValueError until it has one.
+    """
+
+    paper = "SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs (arXiv 2410.13276)"
+    phase = "prefill"
+    trainable = True
+    needs = ("gate",)
+
+    threshold: float = 2e-3
+    nz_ratio: Optional[float] = None
+    last_block_dense: bool = True
+    gate_path: Optional[str] = None
+    _gate: Optional[SeerGate] = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if not isinstance(self.threshold, (int, float)) or not (0.0 <= self.threshold < 1.0):
+            raise ValueError(f"threshold: expected a float in [0, 1), got {self.threshold!r}")
+        if self.nz_ratio is not None and (not isinstance(self.nz_ratio, (int, float)) or not (0 < self.nz_ratio <= 1)):
+            raise ValueError(f"nz_ratio: expected None or a float in (0, 1], got {self.nz_ratio!r}")
+        if not isinstance(self.last_block_dense, bool):
+            raise ValueError(f"last_block_dense: expected a bool, got {self.last_block_dense!r}")
+        if self.gate_path is not None:
+            self.load_gate(self.gate_path)
+
+    # -- fitting ----------------------------------------------------------------------------------
+    @property
+    def is_fitted(self) -> bool:
+        return self._gate is not None
+
+    @property
+    def gate(self) -> SeerGate:
+        if self._gate is None:
+            raise ValueError(f"seer_attention: no trained AttnGate loaded; {_TRAIN_HINT}")
+        return self._gate
+
+    def load_gate(self, path, *, expect: Optional[dict] = None) -> "SeerAttention":
+        self._gate = SeerGate.load(path, expect=expect)
+        self.gate_path = str(path)
+        return self
+
+    def set_gate(self, gate: SeerGate) -> "SeerAttention":
+        if not isinstance(gate, SeerGate):
+            raise ValueError(f"gate: expected a SeerGate, got {type(gate).__name__}")
+        self._gate = gate
+        return self
+
+    @property
+    def needs_pre_rope(self) -> bool:
+        """Asks the HF integration for pre-RoPE q/k in ``ctx.extras`` (gates trained on pre-RoPE inputs)."""
+        return self._gate is None or self._gate.rope_input == "pre"
+
+    @classmethod
+    def conformance_fit(cls, q: Tensor, k: Tensor, v: Tensor, full: bool = False) -> "SeerAttention":
+        """A randomly initialised gate (layer 0) for q/k's shape; ``full=True`` keeps every causal block."""
+        gate = SeerGate(q.shape[1], k.shape[1], q.shape[3], [0], seed=0).to(q.device)
+        return (cls(nz_ratio=1.0) if full else cls()).set_gate(gate)
+
+    # -- selection --------------------------------------------------------------------------------
+    def block_probs(self, q: Tensor, k: Tensor, ctx: Optional[SelectContext] = None) -> Tensor:
+        """Gate probabilities float32 ``[B, Hq, nq, nk]`` (rows sum to 1 over causal blocks)."""
+        ctx = ctx or SelectContext()
+        gate = self.gate
+        layer = ctx.layer
+        if layer is None:
+            if len(gate.layers) != 1:
+                raise ValueError(f"ctx.layer: expected a layer index (the gate covers layers {gate.layers}), got None")
+            layer = gate.layers[0]
+        if gate.head_inv_freq.device != q.device:
+            gate.to(q.device)
+        with torch.no_grad():
+            qi, ki = gate.gate_inputs(q, k, ctx.extras)
+            return torch.softmax(gate.scores(layer, qi, ki, causal=ctx.causal), dim=-1)
+
+    def select(self, q: Tensor, k: Tensor, ctx: Optional[SelectContext] = None):
+        ctx = ctx or SelectContext()
+        if q.dim() != 4 or k.dim() != 4:
+            raise ValueError(f"q/k: expected 4-D tensors [batch, heads, tokens, head_dim], got {tuple(q.shape)}, {tuple(k.shape)}")
+        if k.shape[2] < q.shape[2]:
+            raise ValueError(f"k tokens: expected >= q tokens ({q.shape[2]}), got {k.shape[2]}")
+        probs = self.block_probs(q, k, ctx)
+        Tq, Tk = q.shape[2], k.shape[2]
+        bs = self.gate.block_size
+        if ctx.causal:
+            allowed = causal_block_mask(Tq, Tk, bs, q.device)
+            diag = diagonal_block_mask(Tq, Tk, bs, q.device)
+        else:
+            nq, nk = probs.shape[2:]
+            allowed = torch.ones(nq, nk, dtype=torch.bool, device=q.device)
+            diag = diagonal_block_mask(Tq, Tk, bs, q.device)
+        if self.nz_ratio is None:
+            keep = probs > self.threshold
+        else:
+            n_allowed = allowed.sum(-1)  # [nq]
+            kk = torch.clamp(torch.ceil(self.nz_ratio * n_allowed.float()).long(), min=1)
+            order = probs.masked_fill(~allowed, -1.0).argsort(dim=-1, descending=True).argsort(dim=-1)
+            keep = order < kk[:, None]
+        keep = (keep | diag) & allowed
+        if self.last_block_dense:
+            keep[:, :, -1, :] = allowed[-1]
+        return patterns.from_block_mask(keep, block_size=bs, q_len=Tq, kv_len=Tk, causal=ctx.causal)
