@@ -60,10 +60,17 @@ def _qkv(B=2, Hq=4, Hkv=2, Tq=37, Tk=None, D=16, seed=0, dtype=torch.float32):
     return q, k, v
 
 
+def assert_close(got, want, *, atol=1e-6, rtol=1e-5, msg=""):
+    """Like torch.testing.assert_close (whose first call imports for seconds), with dtype cast."""
+    got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
+    assert got.shape == want.shape, (msg, got.shape, want.shape)
+    assert torch.allclose(got, want, atol=atol, rtol=rtol), (msg, (got - want).abs().max().item())
+
+
 def _assert_matches(rep: FidelityReport, ref: dict, *, atol=2e-5):
     for name in ("recall", "topk_recall", "rel_error", "density"):
         got = getattr(rep, name).double()
-        torch.testing.assert_close(got, ref[name].double(), atol=atol, rtol=1e-4, msg=name)
+        assert_close(got, ref[name], atol=atol, rtol=1e-4, msg=name)
     # counts of |diff| > threshold: fp32 vs fp64 may flip an element sitting on the threshold
     assert (rep.n_large_error - ref["n_large_error"]).abs().max() <= 2
 
@@ -87,13 +94,13 @@ def test_diagonal_mask_analytic():
     rep = attention_fidelity(q, k, v, torch.eye(T, dtype=torch.bool), topk=3)
     ref = brute(q, k, v, torch.eye(T, dtype=torch.bool), topk=3)
     # analytic: each row keeps only itself -> O_sparse row i = v_i; density 2 / (T + 1)
-    torch.testing.assert_close(ref["o_sparse"], v.double())
+    assert_close(ref["o_sparse"], v.double())
     assert torch.allclose(rep.density, torch.full((2,), 2 / (T + 1), dtype=torch.float64))
     # recall = mean over rows of the dense diagonal probability
     s = (q.double() @ k.double().transpose(-1, -2)) / 4.0
     s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
     diag = torch.softmax(s, -1).diagonal(dim1=-2, dim2=-1)  # [1, 2, T]
-    torch.testing.assert_close(rep.recall, diag.mean(-1)[0], atol=1e-6, rtol=1e-5)
+    assert_close(rep.recall, diag.mean(-1)[0], atol=1e-6, rtol=1e-5)
     # row 0 has one causal key (itself): top-k recall 1 there; rows 1, 2 use min(k, i+1) keys
     assert float(rep.topk_recall.min()) >= 1 / (3 * T)
     _assert_matches(rep, ref)
@@ -138,7 +145,7 @@ def test_chunked_equals_unchunked_and_mask_fn(chunk):
     assert all(b - a <= chunk for a, b in calls)
     for rep in (part, via_fn):
         for name in ("recall", "topk_recall", "rel_error", "density"):
-            torch.testing.assert_close(getattr(rep, name), getattr(full, name), atol=1e-6, rtol=1e-5)
+            assert_close(getattr(rep, name), getattr(full, name), atol=1e-6, rtol=1e-5)
         assert torch.equal(rep.n_large_error, full.n_large_error)
 
 
@@ -148,13 +155,13 @@ def test_gqa_equals_repeat_interleave():
     gqa = attention_fidelity(q, k, v, mask)
     mha = attention_fidelity(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), mask)
     for name in ("recall", "topk_recall", "rel_error", "density", "n_large_error"):
-        torch.testing.assert_close(getattr(gqa, name), getattr(mha, name))
+        assert_close(getattr(gqa, name), getattr(mha, name))
     # a kv-head mask is shared by the query heads of each group
     kv_mask = mask[:, ::3]  # [1, 2, T, T]
     shared = attention_fidelity(q, k, v, kv_mask)
     expanded = attention_fidelity(q, k, v, kv_mask.repeat_interleave(3, 1))
-    torch.testing.assert_close(shared.recall, expanded.recall)
-    torch.testing.assert_close(shared.density, expanded.density)
+    assert_close(shared.recall, expanded.recall)
+    assert_close(shared.density, expanded.density)
 
 
 def test_empty_rows_and_pattern_object():
@@ -219,3 +226,15 @@ def test_errors():
         attention_fidelity(q, k, v, ok, topk=0)
     with pytest.raises(ValueError, match="q"):
         attention_fidelity(q[0], k, v, ok)
+
+
+def test_pattern_from_patterns_module():
+    """A BlockPattern (kv-head mask via to_dense_mask) gives the pattern's own density."""
+    patterns = pytest.importorskip("sparsattn.patterns")
+    if not hasattr(patterns, "sliding_window"):
+        pytest.skip("sparsattn.patterns.sliding_window not available")
+    pat = patterns.sliding_window(100, 16, block_q=16, block_k=16, batch=1, heads=2)
+    q, k, v = _qkv(B=1, Hq=4, Hkv=2, Tq=100, D=8, seed=10)
+    rep = attention_fidelity(q, k, v, pat)
+    assert float(rep.density.mean()) == pytest.approx(float(pat.density), rel=1e-9)
+    _assert_matches(rep, brute(q, k, v, pat.to_dense_mask().repeat_interleave(2, 1)))
