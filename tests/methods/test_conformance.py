@@ -1,0 +1,141 @@
+"""Conformance of every registered prefill method (parametrized over the registry).
+
+Protocol for method classes (all optional class methods):
+
+* ``conformance_config(cls) -> dict``: small-size hyper-parameter overrides for these tests
+  (inputs have T = 200..600 tokens, 4 query heads, 2 or 4 KV heads, head_dim 16..32).
+* ``conformance_full_config(cls, q_len) -> dict``: overrides that keep every causal pair; the
+  "full budget equals exact attention" test is skipped for methods without it.
+* ``conformance_fit(cls, q, k, v, full=False) -> instance``: for methods whose ``needs`` is
+  non-empty (calibration): fit on the given tensors (as layer 0); with ``full=True`` a fit that
+  keeps every causal pair, or None. Calibrated methods without it are skipped (with the reason).
+
+``select`` is called with ``SelectContext(layer=0, causal=True, extras={"v": v})``.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import sparsattn
+from sparsattn.kernels.block_sparse.reference import dense_reference
+from sparsattn.methods import get_method, list_methods, method_class
+from sparsattn.methods.base import SelectContext
+from sparsattn.patterns import BlockPattern
+
+METHODS = list_methods("prefill")
+MINE = {"oracle_topk", "a_shape", "vertical_slash", "block_sparse", "minference", "hip", "longheads",
+        "s2_attention", "masformer", "razor"}
+SHAPES = [  # (B, Hq, Hkv, T, D)
+    (1, 4, 2, 457, 32),
+    (2, 4, 4, 200, 16),
+]
+
+
+def _inputs(B, Hq, Hkv, T, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, T, D, generator=g) * 1.5
+    k = torch.randn(B, Hkv, T, D, generator=g) * 1.5
+    v = torch.randn(B, Hkv, T, D, generator=g)
+    return q, k, v
+
+
+def _instance(name, q, k, v, full=False):
+    cls = method_class(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if cls.needs:
+            if not hasattr(cls, "conformance_fit"):
+                pytest.skip(f"{name} needs {cls.needs} but has no conformance_fit(cls, q, k, v, full) hook")
+            inst = cls.conformance_fit(q, k, v, full=full)
+            if inst is None:
+                pytest.skip(f"{name}.conformance_fit gives no full-budget fit")
+            return inst
+        if full:
+            if not hasattr(cls, "conformance_full_config"):
+                pytest.skip(f"{name} has no conformance_full_config(cls, q_len) hook")
+            return get_method(name, **cls.conformance_full_config(q.shape[2]))
+        cfg = cls.conformance_config() if hasattr(cls, "conformance_config") else {}
+        return get_method(name, **cfg)
+
+
+def _select(inst, q, k, v):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return inst.select(q, k, SelectContext(layer=0, causal=True, extras={"v": v}))
+
+
+def _dense_mask(p: BlockPattern, Hq: int) -> torch.Tensor:
+    m = p.to_dense_mask()
+    if m.shape[1] not in (1, Hq):
+        m = m.repeat_interleave(Hq // m.shape[1], 1)
+    return m
+
+
+def test_my_methods_are_registered():
+    missing = MINE - set(METHODS)
+    assert not missing, f"not registered as prefill methods: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name", METHODS)
+def test_pattern_invariants_and_kernel(name, shape):
+    B, Hq, Hkv, T, D = shape
+    q, k, v = _inputs(*shape)
+    inst = _instance(name, q, k, v)
+    p = _select(inst, q, k, v)
+    if not isinstance(p, BlockPattern):
+        pytest.skip(f"{name} returns {type(p).__name__}, not a mask pattern")
+    p.validate()
+    for t in (p.kv_num_blocks, p.kv_indices, p.full_kv_num_blocks, p.full_kv_indices):
+        assert t.dtype == torch.int32
+    if p.columns is not None:
+        assert p.columns.indices.dtype == torch.int32 and p.columns.counts.dtype == torch.int32
+    assert (p.q_len, p.kv_len) == (T, T)
+    assert p.causal
+    assert p.batch in (1, B)
+    assert p.heads in (1, Hkv, Hq), f"pattern heads {p.heads} not in (1, {Hkv}, {Hq})"
+    mask = _dense_mask(p, Hq)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    assert not (mask & ~causal).any(), "pattern keeps a pair above the diagonal"
+    assert mask.diagonal(dim1=-2, dim2=-1).all(), "some query does not attend to itself"
+    assert 0 < p.density <= 1 + 1e-9
+    # the kernel computes exactly the pattern's mask
+    out = sparsattn.attention(q, k, v, p, backend="reference")
+    ref, _ = dense_reference(q, k, v, mask=mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+    # deterministic
+    p2 = _select(inst, q, k, v)
+    assert torch.equal(_dense_mask(p2, Hq), mask)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_full_budget_is_exact_attention(name):
+    shape = (1, 4, 2, 333, 32)
+    q, k, v = _inputs(*shape, seed=1)
+    inst = _instance(name, q, k, v, full=True)
+    p = _select(inst, q, k, v)
+    if not isinstance(p, BlockPattern):
+        pytest.skip(f"{name} returns {type(p).__name__}, not a mask pattern")
+    assert abs(p.density - 1.0) < 1e-9
+    out = sparsattn.attention(q, k, v, p, backend="reference")
+    ref, _ = dense_reference(q, k, v, causal=True)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(MINE & set(METHODS)))
+def test_bad_hyper_parameter_names_field(name):
+    cls = method_class(name)
+    import dataclasses
+
+    fields = [f for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+    checked = 0
+    for f in fields:
+        if f.type in ("int", int) or isinstance(f.default, int) and not isinstance(f.default, bool):
+            with pytest.raises(ValueError, match=f.name):
+                cls(**{f.name: -7})
+            checked += 1
+    assert checked or name in ("masformer", "minference", "razor")
