@@ -253,3 +253,15 @@ def test_whitespace_tokenizer(ws_tok):
 
 def test_scorers_cover_tasks():
     assert set(SCORERS) == set(T.TASKS)
+
+
+def test_variable_tracking_code_and_multikey_code(bpe_tok, small_corpus):
+    s = T.variable_tracking(bpe_tok, 3000, seed=1, haystack="code")
+    _check_length(s, bpe_tok, 3000)
+    for off, name in zip(s.meta["statement_chars"], s.answers):
+        assert s.prompt[off:].startswith(f"VAR {name} = ")
+        assert s.prompt[off - 1] == "\n"  # own line
+    m = T.multikey_needle(bpe_tok, 3000, 0.8, seed=1, haystack="code", n_keys=3)
+    _check_length(m, bpe_tok, 3000)
+    _check_needle(m, bpe_tok)
+    assert m.meta["n_distractors"] == 2
