@@ -5,6 +5,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from .. import patterns
 from ._common import check_inputs, check_int, check_pow2
 from .base import Method, SelectContext, register
@@ -59,5 +61,18 @@ class S2Attention(Method):
             warnings.warn(f"s2_attention: local_blocks * block_size = {self.local_blocks * self.block_size} covers the "
                           f"whole context ({Tk} tokens); the pattern is dense", stacklevel=2)
         H = 1 if self.homo_head else k.shape[1]
-        return patterns.strided_shards(Tq, H, vert_stride=self.vert_stride, local_blocks=self.local_blocks, kv_len=Tk,
-                                       block_size=self.block_size, causal=True, device=q.device)
+        bs = self.block_size
+        p = patterns.strided_shards(Tq, H, vert_stride=self.vert_stride, local_blocks=self.local_blocks, kv_len=Tk,
+                                    block_size=bs, causal=True, device=q.device)
+        if (Tk - Tq) % bs:
+            # strided_shards counts the local window from the diagonal of a query block's first row;
+            # when Tk - Tq is not block-aligned the later rows' diagonal lies one block further, so add
+            # the window counted from the last row's diagonal too (every query then sees itself).
+            nq, nk = -(-Tq // bs), -(-Tk // bs)
+            r1 = torch.clamp((torch.arange(nq, device=q.device) + 1) * bs, max=Tq) - 1
+            last = (r1 + Tk - Tq) // bs
+            kb = torch.arange(nk, device=q.device)
+            dist = last[:, None] - kb[None, :]
+            local = (dist >= 0) & (dist < self.local_blocks)
+            p = p.union(patterns.from_block_mask(local[None, None], block_size=bs, q_len=Tq, kv_len=Tk, causal=True))
+        return p

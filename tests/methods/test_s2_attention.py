@@ -35,3 +35,15 @@ def test_homo_head_defaults_and_errors():
         get_method("s2_attention", local_blocks=0)
     with pytest.warns(UserWarning, match="local_blocks"):
         get_method("s2_attention").select(q, q)
+
+
+def test_chunked_prefill_queries_see_themselves():
+    Tq, Tk = 150, 407  # Tk - Tq not a multiple of the block size
+    q, k = torch.randn(1, 4, Tq, 16), torch.randn(1, 2, Tk, 16)
+    p = get_method("s2_attention", block_size=32, local_blocks=2, vert_stride=4).select(q, k)
+    p.validate()
+    mask = p.to_dense_mask()
+    i = torch.arange(Tq)
+    assert mask[..., i, i + Tk - Tq].all()
+    j = torch.arange(Tk)
+    assert not (mask & (j[None, :] > (i + Tk - Tq)[:, None])).any()
