@@ -87,6 +87,25 @@ def topk_mask(scores: Tensor, k: int, valid: Tensor) -> Tensor:
     return out & valid[:, None, :]
 
 
+def topk_pattern(scores: Tensor, k: int, valid: Tensor, kv_len: int, page_size: int = 1) -> TokenPattern:
+    """TokenPattern of the top-``k`` valid units per row of ``scores [B, H, n]`` without a dense
+    mask or a host sync: the top-k indices sorted, invalid picks (when fewer than k units are
+    valid) moved past ``counts``."""
+    B, H, n = scores.shape
+    k = max(1, min(int(k), n)) if n else 1
+    if n == 0:
+        z = torch.zeros(B, H, 1, dtype=torch.int32, device=scores.device)
+        return TokenPattern(z, torch.zeros(B, H, dtype=torch.int32, device=scores.device), kv_len, page_size)
+    s = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    top = s.topk(k, dim=-1)
+    ok = torch.isfinite(top.values) | (top.values == float("inf"))
+    ok = ok & torch.gather(valid[:, None, :].expand(B, H, n), 2, top.indices)
+    key = torch.where(ok, top.indices, top.indices + n)
+    idx = key.sort(-1).values
+    idx = torch.where(idx >= n, torch.zeros_like(idx), idx)
+    return TokenPattern(idx.to(torch.int32).contiguous(), ok.sum(-1).to(torch.int32), kv_len, page_size)
+
+
 def sink_window_mask(B: int, H: int, T: int, kv_lens: Tensor, n_sink: int, window: int) -> Tensor:
     """bool ``[B, H, T]``: the first ``n_sink`` and the last ``window`` valid tokens of each sequence."""
     t = torch.arange(T, device=kv_lens.device)[None, :]
@@ -106,4 +125,4 @@ def full_pattern(B: int, H: int, kv_lens: Tensor, T: int) -> TokenPattern:
 
 
 __all__ = ["decode_inputs", "scale_of", "group_scores", "reduce_group", "valid_units", "topk_mask",
-           "sink_window_mask", "mask_to_pattern", "full_pattern"]
+           "sink_window_mask", "mask_to_pattern", "full_pattern", "topk_pattern"]

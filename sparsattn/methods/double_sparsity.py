@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..kv.quant import quantize_rows
-from ..kv.select import decode_inputs, mask_to_pattern, reduce_group, topk_mask, valid_units
+from ..kv.select import decode_inputs, reduce_group, topk_pattern, valid_units
 from .base import Method, SelectContext, register
 
 
@@ -99,21 +99,27 @@ class DoubleSparsity(Method):
 
     # ------------------------------------------------------------------ runtime
     def _labels(self, k: torch.Tensor, ch: torch.Tensor, kv_lens: torch.Tensor, ctx) -> torch.Tensor:
-        """Label cache ``[B, Hkv, T, r]`` (dequantised), appended incrementally in ``ctx.state``."""
+        """Label cache ``[B, Hkv, T, r]`` (dequantised, in the cache's dtype), kept in ``ctx.state``:
+        only the rows appended since the last call are computed and written in place."""
         B, H, T, D = k.shape
+        r = ch.shape[1]
         st = ctx.state.setdefault("double_sparsity", {}).get(ctx.layer) if ctx is not None else None
-        start = 0
-        old = None
-        if st is not None and st["labels"].shape[:2] == (B, H) and st["T"] <= T and bool((st["kv_lens"] <= kv_lens).all()):
-            start = int(st["kv_lens"].min())
-            old = st["labels"][:, :, :start]
-        new = torch.gather(k[:, :, start:], 3, ch[None, :, None, :].expand(B, -1, T - start, -1))
-        if self.label_bits != 16 and new.numel():
-            new = quantize_rows(new, self.label_bits).dequantize()
-        lab = new.float() if old is None else torch.cat([old, new.float()], 2)
+        if (st is None or st["labels"].shape[:2] != (B, H) or st["labels"].shape[-1] != r
+                or bool((st["kv_lens"] > kv_lens).any())):
+            st = {"labels": k.new_zeros(B, H, T, r), "kv_lens": torch.zeros_like(kv_lens)}
+        lab = st["labels"]
+        if lab.shape[2] < T:
+            lab = torch.cat([lab, lab.new_zeros(B, H, T - lab.shape[2], r)], 2)
+        start = int(st["kv_lens"].min())
+        end = int(kv_lens.max())
+        if end > start:
+            new = torch.gather(k[:, :, start:end], 3, ch[None, :, None, :].expand(B, -1, end - start, -1))
+            if self.label_bits != 16:
+                new = quantize_rows(new, self.label_bits).dequantize()
+            lab[:, :, start:end] = new.to(lab.dtype)
         if ctx is not None:
-            ctx.state["double_sparsity"][ctx.layer] = {"labels": lab, "T": T, "kv_lens": kv_lens.clone()}
-        return lab
+            ctx.state["double_sparsity"][ctx.layer] = {"labels": lab, "kv_lens": kv_lens.clone()}
+        return lab[:, :, :T]
 
     def select(self, q, k, ctx: SelectContext | None = None):
         q, k, kl = decode_inputs(q, k, ctx)
@@ -129,9 +135,9 @@ class DoubleSparsity(Method):
             raise ValueError(f"channels[{layer}]: expected [Hkv={Hkv}, r] ids < {D}, got {tuple(ch.shape)}")
         r = ch.shape[1]
         lab = self._labels(k, ch, kl, ctx)  # [B, Hkv, T, r]
-        qg = q.float().view(B, Hkv, Hq // Hkv, D)
+        qg = q.view(B, Hkv, Hq // Hkv, D).to(lab.dtype)
         qc = torch.gather(qg, 3, ch[None, :, None, :].expand(B, -1, Hq // Hkv, -1))
-        s = torch.matmul(qc, lab.transpose(-1, -2)) / math.sqrt(r)  # [B, Hkv, G, T]
+        s = torch.matmul(qc, lab.transpose(-1, -2)).float() / math.sqrt(r)  # [B, Hkv, G, T]
         s = reduce_group(s, self.head_reduce)
         budget = self.token_budget if self.budget_ratio is None else math.ceil(self.budget_ratio * T)
-        return mask_to_pattern(topk_mask(s, budget, valid_units(kl, T)), T)
+        return topk_pattern(s, budget, valid_units(kl, T), T)

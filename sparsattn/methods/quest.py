@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kv.select import decode_inputs, full_pattern, mask_to_pattern, reduce_group, topk_mask, valid_units
+from ..kv.select import decode_inputs, full_pattern, reduce_group, topk_pattern, valid_units
 from .base import Method, SelectContext, register
 
 
@@ -66,21 +66,21 @@ class Quest(Method):
                 kmax = torch.cat([kmax, kmax.new_zeros(B, H, pad, D)], 2)
         else:
             first = 0
-            kmin = k.new_zeros(B, H, n_pages, D, dtype=torch.float32)
-            kmax = k.new_zeros(B, H, n_pages, D, dtype=torch.float32)
-        if first < n_pages:
-            seg = k[:, :, first * P:].float()
-            Tp = (n_pages - first) * P
+            kmin = k.new_zeros(B, H, n_pages, D)  # stored in the cache's dtype (as Quest's fp16 metadata)
+            kmax = k.new_zeros(B, H, n_pages, D)
+        last = -(-int(kv_lens.max()) // P)  # pages holding valid tokens
+        if first < last:
+            seg = k[:, :, first * P:last * P]
+            Tp = (last - first) * P
             if seg.shape[2] < Tp:
                 seg = torch.cat([seg, seg.new_zeros(B, H, Tp - seg.shape[2], D)], 2)
-            t = torch.arange(first * P, n_pages * P, device=k.device)
+            t = torch.arange(first * P, last * P, device=k.device)
             ok = (t[None, :] < kv_lens[:, None])[:, None, :, None]  # [B, 1, Tp, 1]
-            big = torch.finfo(torch.float32).max
+            big = torch.finfo(k.dtype).max
             lo = seg.masked_fill(~ok, big).view(B, H, -1, P, D).amin(3)
             hi = seg.masked_fill(~ok, -big).view(B, H, -1, P, D).amax(3)
-            kmin = kmin.clone()
-            kmax = kmax.clone()
-            kmin[:, :, first:], kmax[:, :, first:] = lo, hi
+            kmin[:, :, first:last] = lo.to(kmin.dtype)  # in place: the state is this method's own
+            kmax[:, :, first:last] = hi.to(kmax.dtype)
         if ctx is not None:
             ctx.state["quest"][ctx.layer] = {"kmin": kmin, "kmax": kmax, "T": T, "kv_lens": kv_lens.clone()}
         return kmin, kmax
@@ -93,9 +93,11 @@ class Quest(Method):
         if ctx is not None and ctx.layer is not None and ctx.layer < self.dense_layers:
             return full_pattern(B, rows, kl, T)
         kmin, kmax = self.page_bounds(k, kl, ctx)
-        qg = q.float().view(B, Hkv, Hq // Hkv, 1, D)
-        ub = torch.maximum(qg * kmin[:, :, None], qg * kmax[:, :, None]).sum(-1)  # [B, Hkv, G, n_pages]
+        # sum_d max(q_d min_d, q_d max_d) = relu(q)·max + min(q, 0)·min: two small matmuls
+        qg = q.view(B, Hkv, Hq // Hkv, D).to(kmin.dtype)
+        ub = (torch.matmul(qg.clamp_min(0), kmax.transpose(-1, -2)).float()
+              + torch.matmul(qg.clamp_max(0), kmin.transpose(-1, -2)).float())  # [B, Hkv, G, n_pages]
         ub = ub.flatten(1, 2) if self.head_reduce == "none" else reduce_group(ub, self.head_reduce)
         n_sel = max(3, self.token_budget // self.page_size)
         valid = valid_units(kl, ub.shape[-1], self.page_size)
-        return mask_to_pattern(topk_mask(ub, n_sel, valid), T, self.page_size)
+        return topk_pattern(ub, n_sel, valid, T, self.page_size)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kv.select import decode_inputs, full_pattern, group_scores, mask_to_pattern, topk_mask, valid_units
+from ..kv.select import decode_inputs, full_pattern, group_scores, topk_pattern, valid_units
 from .base import Method, SelectContext, register
 
 
@@ -54,7 +54,7 @@ class TidalDecode(Method):
         st = ctx.state.setdefault("tidal_decode", {})
         if layer in (self.sparse_layer_start, self.correction_layer):
             s = group_scores(q, k, "max")
-            pat = mask_to_pattern(topk_mask(s, self.token_budget, valid_units(kl, T)), T)
+            pat = topk_pattern(s, self.token_budget, valid_units(kl, T), T)
             st.update(pattern=pat, kv_lens=kl.clone(), T=T, layer=layer)
             return pat
         pat = st.get("pattern")

@@ -193,3 +193,18 @@ def test_validation_errors():
         sparse_decode_attention(q, k, v, None, log_weight=torch.zeros(B, Hkv, 2))
     # validate=False skips the O(n) checks (benchmarks) but cheap checks still run
     sparse_decode_attention(q, k, v, ok, kv_lens=kl, validate=False, backend="reference")
+
+
+def test_decode_bench_smoke(tmp_path):
+    """The GPU benchmark runs end to end on tiny CPU sizes and its outputs are correct."""
+    from sparsattn.bench.decode import run_decode_bench
+
+    out = tmp_path / "d.csv"
+    rows = run_decode_bench(lengths=(80,), batches=(2,), budgets=(1 / 16,), hq=4, hkv=2, d=32, dtype=torch.float32,
+                            device="cpu", out_csv=str(out), flex=False, reps=1)
+    impls = {r["impl"] for r in rows}
+    assert {"sdpa_dense", "sparse_dense", "sparse_tokens", "sparse_pages16", "quest+kernel",
+            "double_sparsity+kernel"} <= impls
+    assert all(r["ms"] is not None and r["ms"] > 0 for r in rows), [r["note"] for r in rows]
+    assert all(r["max_err"] is None or r["max_err"] < 1e-4 for r in rows)
+    assert out.read_text().startswith("impl,T,B")

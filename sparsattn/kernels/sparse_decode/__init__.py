@@ -21,13 +21,18 @@ def _err(name: str, expected: str, got) -> ValueError:
     return ValueError(f"{name}: expected {expected}, got {got}")
 
 
+_CAP: dict = {}
+
+
 def _triton_ok(q) -> tuple[bool, str]:
     try:
         import triton  # noqa: F401
     except Exception as e:  # pragma: no cover
         return False, f"triton is not importable ({e})"
     if q.is_cuda:
-        if torch.cuda.get_device_capability(q.device)[0] < 8:
+        if q.device not in _CAP:
+            _CAP[q.device] = torch.cuda.get_device_capability(q.device)[0]
+        if _CAP[q.device] < 8:
             return False, "needs a GPU of compute capability >= 8.0"
         return True, "cuda"
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -113,10 +118,11 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if kv_lens is None:
         kl = torch.full((B,), T, dtype=torch.int32, device=q.device)
     else:
-        kl = torch.as_tensor(kv_lens, device=q.device)
+        kl = kv_lens if isinstance(kv_lens, torch.Tensor) and kv_lens.device == q.device else torch.as_tensor(kv_lens, device=q.device)
         if kl.dim() != 1 or kl.shape[0] != B or kl.dtype.is_floating_point or kl.dtype == torch.bool:
             raise _err("kv_lens", f"a 1-D integer tensor of length {B}", (kl.dtype, tuple(kl.shape)))
-        kl = kl.to(torch.int32)
+        if kl.dtype != torch.int32:
+            kl = kl.to(torch.int32)
         if validate and B and (int(kl.min()) < 0 or int(kl.max()) > T):
             raise _err("kv_lens", f"lengths in [0, {T}]", f"min {int(kl.min())}, max {int(kl.max())}")
     if pattern is not None:

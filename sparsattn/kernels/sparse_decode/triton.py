@@ -132,10 +132,25 @@ def _merge_kernel(OP, LP, O, L, S, stride_opb, stride_oph, stride_ops, stride_lp
     tl.store(L + b * stride_lb + h, tl.where(tot > 0, m + tl.log(tl.where(tot > 0, tot, 1.0)), float("-inf")))
 
 
+_SM: dict = {}
+_DUMMY: dict = {}
+
+
 def _sm_count(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    if device.type != "cuda":
+        return 4
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SM:
+        _SM[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SM[key]
+
+
+def _dummy(device, dtype) -> torch.Tensor:
+    """A cached 1-element placeholder for unused pointer arguments (no allocation per call)."""
+    key = (str(device), dtype)
+    if key not in _DUMMY:
+        _DUMMY[key] = torch.zeros(1, dtype=dtype, device=device)
+    return _DUMMY[key]
 
 
 def choose_splits(n_programs: int, max_sel: int, block_n: int, device) -> int:
@@ -181,7 +196,7 @@ def sparse_decode_triton(q, k_cache, v_cache, indices, counts, kv_lens, *, scale
     split_len = max(block_n, -(-max(max_sel, 1) // S))
     split_len = -(-split_len // block_n) * block_n
     S = max(1, -(-max(max_sel, 1) // split_len))
-    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    dummy = _dummy(q.device, torch.int32)
     if dense:
         idx, cnt, sib, sir, scb, scr = dummy, dummy, 0, 0, 0, 0
     else:
@@ -199,7 +214,7 @@ def sparse_decode_triton(q, k_cache, v_cache, indices, counts, kv_lens, *, scale
         swb = lw.stride(0) if lw.shape[0] > 1 else 0
         swr = lw.stride(1) if lw.shape[1] > 1 else 0
     else:
-        lw, swb, swr = torch.zeros(1, dtype=torch.float32, device=q.device), 0, 0
+        lw, swb, swr = _dummy(q.device, torch.float32), 0, 0
     bt = block_table if paged else dummy
     sbt = bt.stride(0) if paged else 0
     upcast = q.device.type == "cpu" and q.dtype == torch.bfloat16

@@ -1,0 +1,263 @@
+"""Decode benchmark: sparse decode kernel vs dense SDPA decode and FlexAttention decode, one run.
+
+Per (context length T, batch B) it times, for one new query token (GQA Hq/Hkv, head_dim D):
+
+* ``sdpa_dense``: ``F.scaled_dot_product_attention`` over the whole cache (``enable_gqa``);
+* ``flex_dense``: compiled FlexAttention over the whole cache; ``flex_pages128``: FlexAttention
+  with a block mask keeping the same budget as 128-token pages;
+* ``sparse_dense``: this library's decode kernel with ``pattern=None`` (bandwidth check);
+* ``sparse_tokens`` / ``sparse_pages16``: the kernel on a random selection of ``budget * T``
+  tokens (or 16-token pages) per (sequence, KV head), index selection excluded;
+* ``quest+kernel`` / ``double_sparsity+kernel``: the methods' incremental selection and the kernel
+  together (index selection included; ``select_ms`` reports the selection alone).
+
+Bandwidth is computed on the bytes actually read (selected K/V rows of each KV head once, the
+indices, q and the output). Outputs are checked against the torch reference on sequence 0 before
+timing. GPU timing: ``triton.testing.do_bench(..., return_mode="median")``; CPU (``--tiny``):
+median wall time of a few calls (smoke test only).
+
+Run: ``python -m sparsattn.bench.decode --out decode.csv`` (GPU), ``--tiny`` on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.sparse_decode import sparse_decode_attention, sparse_decode_reference
+from ..methods import get_method
+from ..methods.base import SelectContext
+from ..patterns import TokenPattern
+
+FIELDS = ["impl", "T", "B", "Hq", "Hkv", "D", "dtype", "budget", "page_size", "ms", "select_ms", "speedup_vs_sdpa",
+          "bytes_read", "GBps", "max_err", "note", "device", "torch", "triton"]
+
+
+def _time(fn: Callable, device: torch.device, reps: int) -> float:
+    if device.type == "cuda":
+        import triton
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def random_selection(B: int, H: int, n_units: int, count: int, page_size: int, T: int, device, gen) -> TokenPattern:
+    """Sorted random unit indices, ``count`` per (batch, head), as a TokenPattern."""
+    count = max(1, min(count, n_units))
+    scores = torch.rand(B, H, n_units, generator=gen, device="cpu").to(device)
+    idx = scores.topk(count, dim=-1).indices.sort(-1).values.to(torch.int32).contiguous()
+    cnt = torch.full((B, H), count, dtype=torch.int32, device=device)
+    return TokenPattern(idx, cnt, T, page_size)
+
+
+def _bytes(B, Hq, Hkv, D, item, n_tokens_per_row: float, n_idx_per_row: float) -> int:
+    kv = 2 * B * Hkv * n_tokens_per_row * D * item
+    return int(kv + B * Hkv * n_idx_per_row * 4 + 2 * B * Hq * D * item)
+
+
+def run_decode_bench(lengths: Sequence[int] = (32768, 131072), batches: Sequence[int] = (1, 8),
+                     budgets: Sequence[float] = (1 / 16, 1 / 64), hq: int = 32, hkv: int = 8, d: int = 128,
+                     dtype: torch.dtype = torch.bfloat16, device: Optional[str] = None, out_csv: Optional[str] = None,
+                     flex: bool = True, methods: bool = True, reps: int = 5, check: bool = True) -> list[dict]:
+    """run_decode_bench: per-token decode latency of the sparse kernel vs dense SDPA and Flex (CSV rows).
+
+    Args:
+        lengths, batches, budgets: the sweep (budget = fraction of T read per (sequence, KV head)).
+        hq, hkv, d, dtype: attention shape (defaults: GQA 32/8, D 128, bf16).
+        device: "cuda" when available, else "cpu" (use tiny sizes there).
+        out_csv: path of the CSV written at the end (also printed as a short table).
+        flex: include FlexAttention rows (CUDA only); methods: include quest/double_sparsity rows.
+    Returns the list of row dicts.
+    """
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    import triton
+
+    backend = "triton" if dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "reference"
+    item = torch.empty(0, dtype=dtype).element_size()
+    versions = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                "torch": torch.__version__, "triton": triton.__version__}
+    rows: list[dict] = []
+    gen = torch.Generator().manual_seed(0)
+    flex_fn = None
+    if flex and dev.type == "cuda":
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            import torch._dynamo as dynamo
+
+            # every (shape, block mask) pair compiles once; keep them all compiled (PERF.md: after 8
+            # recompiles Flex falls back to an unfused path)
+            for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit"):
+                if hasattr(dynamo.config, knob):
+                    setattr(dynamo.config, knob, max(getattr(dynamo.config, knob), 256))
+            flex_fn = torch.compile(flex_attention, dynamic=False)
+        except Exception as e:  # pragma: no cover - depends on the torch build
+            print(f"flex unavailable: {e}", file=sys.stderr)
+
+    def row(impl, T, B, budget, P, ms, sel_ms, sdpa_ms, nbytes, err, note=""):
+        r = {"impl": impl, "T": T, "B": B, "Hq": hq, "Hkv": hkv, "D": d, "dtype": str(dtype).replace("torch.", ""),
+             "budget": budget, "page_size": P, "ms": round(ms, 5) if ms is not None else None,
+             "select_ms": round(sel_ms, 5) if sel_ms is not None else None,
+             "speedup_vs_sdpa": round(sdpa_ms / ms, 3) if ms and sdpa_ms else None,
+             "bytes_read": nbytes, "GBps": round(nbytes / (ms * 1e-3) / 1e9, 1) if ms and nbytes else None,
+             "max_err": err, "note": note, **versions}
+        rows.append(r)
+        print(f"{impl:>24} T={T:>6} B={B} budget={budget!s:>8} P={P:>2}: {r['ms']} ms  {r['GBps']} GB/s  "
+              f"x{r['speedup_vs_sdpa']} vs sdpa  err={err} {note}", flush=True)
+
+    for T in lengths:
+        for B in batches:
+            q = torch.randn(B, hq, d, device=dev, dtype=dtype)
+            k = torch.randn(B, hkv, T, d, device=dev, dtype=dtype)
+            v = torch.randn(B, hkv, T, d, device=dev, dtype=dtype)
+            kv_lens = torch.full((B,), T, dtype=torch.int32, device=dev)
+            q4 = q[:, :, None]
+            dense_bytes = _bytes(B, hq, hkv, d, item, T, 0)
+            try:
+                sdpa = lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)  # noqa: E731
+                sdpa_ms = _time(sdpa, dev, reps)
+                row("sdpa_dense", T, B, 1.0, 1, sdpa_ms, None, sdpa_ms, dense_bytes, None)
+            except Exception as e:
+                sdpa_ms = None
+                row("sdpa_dense", T, B, 1.0, 1, None, None, None, dense_bytes, None, f"failed: {type(e).__name__}: {e}"[:200])
+            if flex_fn is not None:
+                try:
+                    ms = _time(lambda: flex_fn(q4, k, v, enable_gqa=True), dev, reps)
+                    row("flex_dense", T, B, 1.0, 1, ms, None, sdpa_ms, dense_bytes, None)
+                except Exception as e:
+                    row("flex_dense", T, B, 1.0, 1, None, None, sdpa_ms, dense_bytes, None, f"failed: {type(e).__name__}: {e}"[:200])
+            ref0 = None
+            if check:
+                ref0 = lambda p, lw=None: sparse_decode_reference(q[:1], k[:1], v[:1], p, kv_lens=kv_lens[:1])[0]  # noqa: E731
+            fn = lambda: sparse_decode_attention(q, k, v, None, kv_lens=kv_lens, backend=backend, validate=False)  # noqa: E731
+            try:
+                err = float((fn()[:1].float() - ref0(None).float()).abs().max()) if check else None
+                row("sparse_dense", T, B, 1.0, 1, _time(fn, dev, reps), None, sdpa_ms, dense_bytes, err)
+            except Exception as e:
+                row("sparse_dense", T, B, 1.0, 1, None, None, sdpa_ms, dense_bytes, None, f"failed: {type(e).__name__}: {e}"[:200])
+            for budget in budgets:
+                for P in (1, 16):
+                    impl = "sparse_tokens" if P == 1 else "sparse_pages16"
+                    n_units = -(-T // P)
+                    count = max(1, round(budget * T / P))
+                    nbytes = _bytes(B, hq, hkv, d, item, count * P, count)
+                    try:
+                        pat = random_selection(B, hkv, n_units, count, P, T, dev, gen)
+                        fn = lambda: sparse_decode_attention(q, k, v, pat, kv_lens=kv_lens, backend=backend,  # noqa: E731
+                                                             validate=False)
+                        err = None
+                        if check:
+                            p0 = TokenPattern(pat.indices[:1], pat.counts[:1], T, P)
+                            err = float((fn()[:1].float() - ref0(p0).float()).abs().max())
+                        row(impl, T, B, budget, P, _time(fn, dev, reps), None, sdpa_ms, nbytes, err)
+                    except Exception as e:
+                        row(impl, T, B, budget, P, None, None, sdpa_ms, nbytes, None, f"failed: {type(e).__name__}: {e}"[:200])
+                if flex_fn is not None:
+                    try:
+                        nb = -(-T // 128)
+                        cb = max(1, round(budget * T / 128))
+                        sel = random_selection(B, hkv, nb, cb, 128, T, dev, gen).to_unit_mask()  # [B, Hkv, nb]
+                        G = hq // hkv
+
+                        def page_mask(b, h, q_idx, kv_idx, sel=sel, G=G):
+                            return sel[b, h // G, kv_idx // 128]
+
+                        bm = create_block_mask(page_mask, B, hq, 1, T, device=dev, BLOCK_SIZE=128)
+                        ms = _time(lambda: flex_fn(q4, k, v, block_mask=bm, enable_gqa=True), dev, reps)
+                        row("flex_pages128", T, B, budget, 128, ms, None, sdpa_ms, _bytes(B, hq, hkv, d, item, cb * 128, 0), None)
+                    except Exception as e:
+                        row("flex_pages128", T, B, budget, 128, None, None, sdpa_ms, 0, None, f"failed: {type(e).__name__}: {e}"[:200])
+                if methods:
+                    _method_rows(row, q, k, v, kv_lens, T, B, budget, backend, dev, reps, sdpa_ms, hq, hkv, d, item)
+            del q, k, v
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    _summary(rows)
+    if out_csv:
+        os.makedirs(os.path.dirname(os.path.abspath(out_csv)), exist_ok=True)
+        with open(out_csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        print(f"wrote {out_csv}")
+    return rows
+
+
+def _method_rows(row, q, k, v, kv_lens, T, B, budget, backend, dev, reps, sdpa_ms, hq, hkv, d, item):
+    """quest / double_sparsity: incremental selection (state warmed as in decoding) + the kernel."""
+    n_tok = max(16, round(budget * T))
+    cases = [("quest", get_method("quest", token_budget=n_tok, page_size=16))]
+    ds = get_method("double_sparsity", token_budget=n_tok)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    ds.calibrate([torch.randn(1, hq, 64, d, generator=g) for _ in range(3)],
+                 [torch.randn(1, hkv, 64, d, generator=g) for _ in range(3)])  # layers 0..2 (layer 2 is timed)
+    cases.append(("double_sparsity", ds))
+    for name, m in cases:
+        try:
+            ctx = SelectContext(layer=2, extras={"kv_lens": kv_lens})  # past Quest's dense layers
+            m.select(q, k, ctx)  # builds the incremental metadata (prefill), as a real decode would
+
+            def sel():
+                return m.select(q, k, ctx)
+
+            pat = sel()
+            P = pat.page_size
+            n = int(pat.counts.float().mean()) * P
+
+            def both():
+                return sparse_decode_attention(q, k, v, sel(), kv_lens=kv_lens, backend=backend, validate=False)
+
+            sel_ms = _time(sel, dev, reps)
+            ms = _time(both, dev, reps)
+            meta = (T // 16) * d * 2 * item if name == "quest" else T * (d // 8) * item  # page bounds / labels
+            row(f"{name}+kernel", T, B, budget, P, ms, sel_ms, sdpa_ms,
+                _bytes(B, hq, hkv, d, item, n, n // P) + B * hkv * meta, None, "selection included")
+        except Exception as e:
+            row(f"{name}+kernel", T, B, budget, 0, None, None, sdpa_ms, 0, None, f"failed: {type(e).__name__}: {e}"[:200])
+
+
+def _summary(rows: list[dict]) -> None:
+    print("\n impl                      T       B  budget    ms        GB/s    x vs sdpa")
+    for r in rows:
+        if r["ms"] is None:
+            continue
+        print(f" {r['impl']:<24} {r['T']:>7} {r['B']:>2}  {float(r['budget']):<8.4f} {r['ms']:<9} {r['GBps']!s:<7} "
+              f"{r['speedup_vs_sdpa']}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny CPU smoke test")
+    ap.add_argument("--out", default=None, help="CSV path (default $OUT/decode_bench.csv when $OUT is set)")
+    ap.add_argument("--lengths", type=int, nargs="*", default=None)
+    ap.add_argument("--batches", type=int, nargs="*", default=None)
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-methods", action="store_true")
+    a = ap.parse_args(argv)
+    out = a.out or (os.path.join(os.environ["OUT"], "decode_bench.csv") if os.environ.get("OUT") else None)
+    if a.tiny:
+        run_decode_bench(lengths=a.lengths or (256, 700), batches=a.batches or (1, 2), budgets=(1 / 16, 1 / 64),
+                         hq=4, hkv=2, d=64, dtype=torch.float32, device="cpu", out_csv=out, flex=False,
+                         methods=not a.no_methods, reps=2)
+    else:
+        run_decode_bench(lengths=a.lengths or (32768, 131072), batches=a.batches or (1, 8), out_csv=out,
+                         flex=not a.no_flex, methods=not a.no_methods)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
