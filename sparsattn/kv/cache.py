@@ -66,7 +66,10 @@ class Prefetched:
 
     def wait(self) -> "Prefetched":
         if self.event is not None:
-            torch.cuda.current_stream(self.k.device).wait_event(self.event)
+            cur = torch.cuda.current_stream(self.k.device)
+            cur.wait_event(self.event)
+            for t in (self.k, self.v):  # allocated on the side stream, used on this one
+                t.record_stream(cur)
             self.event = None
         return self
 
@@ -411,10 +414,10 @@ class KVCache:
         cnt = valid.sum(-1)
         pin = torch.cuda.is_available()
         g = t[..., None].expand(-1, -1, -1, kc.shape[-1])
-        sk = torch.gather(kc, 2, g)
-        sv = torch.gather(vc, 2, g)
-        if pin:
-            sk, sv = sk.pin_memory(), sv.pin_memory()
+        sk = torch.empty(g.shape, dtype=kc.dtype, pin_memory=pin)  # gathered straight into pinned memory
+        sv = torch.empty(g.shape, dtype=vc.dtype, pin_memory=pin)
+        torch.gather(kc, 2, g, out=sk)
+        torch.gather(vc, 2, g, out=sv)
         lw = None
         if L.log_weight is not None:
             lw = torch.gather(L.log_weight.cpu(), 2, t)

@@ -5,15 +5,14 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from sparsattn.kernels.block_sparse.reference import dense_reference  # noqa: E402
 from sparsattn.kernels.sparse_decode import sparse_decode_attention  # noqa: E402
 from sparsattn.kernels.sparse_decode.reference import paged_to_contiguous  # noqa: E402
 from sparsattn.patterns import TokenPattern  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                                reason="needs TRITON_INTERPRET=1 or CUDA")
+                                reason="needs TRITON_INTERPRET=1 (tests/conftest.py sets it on CPU) or CUDA")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
@@ -73,12 +72,13 @@ def test_kernel_matches_reference(T, D, G, dtype, P, heads, poison):
     gen = torch.Generator().manual_seed(T * 7 + D + G)
     B, Hkv = 3, 2
     Hq = Hkv * G
-    q = torch.randn(B, Hq, D, generator=gen).to(dtype)
-    k = torch.randn(B, Hkv, T, D, generator=gen).to(dtype)
-    v = torch.randn(B, Hkv, T, D, generator=gen).to(dtype)
+    q = torch.randn(B, Hq, D, generator=gen).to(DEV, dtype)
+    k = torch.randn(B, Hkv, T, D, generator=gen).to(DEV, dtype)
+    v = torch.randn(B, Hkv, T, D, generator=gen).to(DEV, dtype)
     kv_lens = torch.tensor([T, max(T // 3, 1), T])
     H = {"kv": Hkv, "q": Hq, "one": 1}[heads]
-    pat = _pattern(B, H, T, P, kv_lens, ["full", "rand", "zero"], gen)
+    pat = _pattern(B, H, T, P, kv_lens, ["full", "rand", "zero"], gen).to(DEV)
+    kv_lens = kv_lens.to(DEV)
     for splits in ((None,) if T >= 1000 else (None, 3)):
         o, lse = sparse_decode_attention(q, k, v, pat, kv_lens=kv_lens, return_lse=True, backend="triton",
                                          num_splits=splits)
@@ -99,10 +99,10 @@ def test_kernel_matches_reference(T, D, G, dtype, P, heads, poison):
 def test_dense_pattern_none_with_kv_lens(dtype, poison):
     gen = torch.Generator().manual_seed(1)
     B, Hq, Hkv, T, D = 3, 8, 2, 300, 64
-    q = torch.randn(B, Hq, D, generator=gen).to(dtype)
-    k = torch.randn(B, Hkv, T, D, generator=gen).to(dtype)
-    v = torch.randn(B, Hkv, T, D, generator=gen).to(dtype)
-    kv_lens = torch.tensor([300, 1, 0])
+    q = torch.randn(B, Hq, D, generator=gen).to(DEV, dtype)
+    k = torch.randn(B, Hkv, T, D, generator=gen).to(DEV, dtype)
+    v = torch.randn(B, Hkv, T, D, generator=gen).to(DEV, dtype)
+    kv_lens = torch.tensor([300, 1, 0], device=DEV)
     o, lse = sparse_decode_attention(q, k, v, None, kv_lens=kv_lens, return_lse=True, backend="triton")
     for b in range(2):
         L = int(kv_lens[b])
@@ -116,13 +116,13 @@ def test_log_weight_compensation_formula(poison):
     """RazorAttention's compensation token: o = (sum_kept e^s v + n e^s_c v_c) / (sum_kept e^s + n e^s_c)."""
     gen = torch.Generator().manual_seed(2)
     B, Hq, Hkv, T, D = 2, 4, 2, 50, 64
-    q = torch.randn(B, Hq, D, generator=gen)
-    k = torch.randn(B, Hkv, T, D, generator=gen)
-    v = torch.randn(B, Hkv, T, D, generator=gen)
+    q = torch.randn(B, Hq, D, generator=gen).to(DEV)
+    k = torch.randn(B, Hkv, T, D, generator=gen).to(DEV)
+    v = torch.randn(B, Hkv, T, D, generator=gen).to(DEV)
     sel = [[[0, 1, 30, 40, 49], [0, 2, 3, 48]], [[5, 10], [0, 1, 2, 3, 4, 5]]]
-    pat = TokenPattern.from_lists(sel, T)
-    n_drop = torch.tensor([[7.0, 3.0], [1.0, 12.0]])
-    lw = torch.zeros(B, Hkv, pat.indices.shape[-1])
+    pat = TokenPattern.from_lists(sel, T, device=DEV)
+    n_drop = torch.tensor([[7.0, 3.0], [1.0, 12.0]], device=DEV)
+    lw = torch.zeros(B, Hkv, pat.indices.shape[-1], device=DEV)
     lw[:, :, 1] = n_drop.log()  # the second selected entry of each row is a compensation token
     outs = {be: sparse_decode_attention(q, k, v, pat, log_weight=lw, backend=be, return_lse=True)
             for be in ("triton", "reference")}
@@ -132,7 +132,7 @@ def test_log_weight_compensation_formula(poison):
             g = h // (Hq // Hkv)
             ids = sel[b][g]
             s = (k[b, g, ids].double() @ q[b, h].double()) * scale
-            w = torch.ones(len(ids), dtype=torch.float64)
+            w = torch.ones(len(ids), dtype=torch.float64, device=DEV)
             w[1] = n_drop[b, g]
             e = w * torch.exp(s)
             want = (e[:, None] * v[b, g, ids].double()).sum(0) / e.sum()
@@ -147,13 +147,14 @@ def test_paged_layout_matches_contiguous(cps, dtype, poison):
     B, Hq, Hkv, D, max_pages = 2, 8, 2, 80, 13 if cps == 16 else 70
     T = max_pages * cps
     n_pages = B * max_pages + 3
-    pages_k = torch.randn(n_pages, Hkv, cps, D, generator=gen).to(dtype)
-    pages_v = torch.randn(n_pages, Hkv, cps, D, generator=gen).to(dtype)
-    bt = torch.randperm(n_pages, generator=gen)[: B * max_pages].view(B, max_pages).to(torch.int32)
+    pages_k = torch.randn(n_pages, Hkv, cps, D, generator=gen).to(DEV, dtype)
+    pages_v = torch.randn(n_pages, Hkv, cps, D, generator=gen).to(DEV, dtype)
+    bt = torch.randperm(n_pages, generator=gen)[: B * max_pages].view(B, max_pages).to(DEV, torch.int32)
     kv_lens = torch.tensor([T, T - 5])
-    q = torch.randn(B, Hq, D, generator=gen).to(dtype)
+    q = torch.randn(B, Hq, D, generator=gen).to(DEV, dtype)
     kc, vc = paged_to_contiguous(pages_k, bt, T), paged_to_contiguous(pages_v, bt, T)
-    pat = _pattern(B, Hkv, T, 4, kv_lens, ["rand", "rand"], gen)
+    pat = _pattern(B, Hkv, T, 4, kv_lens, ["rand", "rand"], gen).to(DEV)
+    kv_lens = kv_lens.to(DEV)
     for p in (pat, None):
         o = sparse_decode_attention(q, pages_k, pages_v, p, kv_lens=kv_lens, block_table=bt, backend="triton")
         oc = sparse_decode_attention(q, kc, vc, p, kv_lens=kv_lens, backend="reference")

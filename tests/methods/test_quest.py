@@ -13,7 +13,7 @@ def test_full_budget_equals_dense_and_dense_layers():
     m = get_method("quest", token_budget=4096)
     p = m.select(q, k, SelectContext(layer=5, extras={"kv_lens": kl}))
     assert p.page_size == 16
-    assert_equals_dense(q, k, v, p, kl, backend="triton")
+    assert_equals_dense(q, k, v, p, kl, backend=None)  # triton (interpreted on the CPU) when available
     # the first two layers are dense whatever the budget
     p0 = get_method("quest", token_budget=16).select(q, k, SelectContext(layer=1, extras={"kv_lens": kl}))
     assert_equals_dense(q, k, v, p0, kl)
