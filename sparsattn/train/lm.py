@@ -1,0 +1,820 @@
+"""Train the bundled long-context model: a small Llama decoder on local code + synthetic retrieval.
+
+Recipe (defaults; every knob is a flag):
+
+* Model: ``LlamaForCausalLM``, hidden 512, 8 layers, 8 query / 2 KV heads (GQA) of 64, SwiGLU 1216,
+  RoPE theta 5e5, max_position_embeddings 16384, tied embeddings, vocab 8192: 24.4M parameters.
+* Tokenizer: byte-level BPE with single-digit pre-tokens, trained on ~16 MB of the corpus.
+* Data: the train split of the installation's Python files, packed with ``</s>`` separators, plus
+  synthetic retrieval samples in the evaluation's exact format (``sparsattn.train.data``).
+  Loss = mean CE over code tokens + ``answer_weight`` x mean CE over retrieval-answer tokens
+  (separately averaged so the few answer tokens are not drowned).
+* Curriculum over *wall-clock time* (robust to unknown throughput): 1K, 2K, 4K, 8K, 16K tokens,
+  ~128K tokens per step, retrieval share rising from 30% to 50%; AdamW (fused on CUDA), linear
+  warm-up then cosine decay on the time fraction; bf16 autocast, SDPA flash/cuDNN attention.
+  ``--steps N`` switches to a step-based schedule (tests, dry runs).
+* Checkpoints (HF format, safetensors shards <= 14 MB) after every phase and at the end, then a
+  dense pass-key self-check (greedy, string match) and a quick held-out loss; metrics.json and
+  the model card README.md are written next to the weights.
+
+Run: ``python -m sparsattn.train.lm --out DIR --minutes 9 --device cuda`` (``--tiny`` for a
+seconds-long CPU smoke run). The time budget covers everything from process start.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+def _process_start() -> float:
+    """time.monotonic() value at which this process started (Linux /proc), else now."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        with open("/proc/self/stat") as f:
+            start = int(f.read().rsplit(")", 1)[1].split()[19]) / ticks
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.monotonic() - max(0.0, uptime - start)
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+
+
+_T_START = _process_start()
+
+DEFAULT_CURRICULUM = "1024:0.12:0.3,2048:0.28:0.3,4096:0.20:0.4,8192:0.20:0.45,16384:0.20:0.5"
+TINY_CURRICULUM = "256:0.5:0.4,512:0.5:0.5"
+MAX_SHARD_BYTES = 15 * 1024 * 1024
+SHARD_SIZE = "14MB"
+
+
+@dataclass
+class Phase:
+    """One curriculum phase: sequence length, share of the budget (time or steps), retrieval share."""
+    seq_len: int
+    frac: float
+    retrieval_share: float
+
+
+def parse_curriculum(spec: str) -> list[Phase]:
+    """parse_curriculum: ``"L:frac:share,..."`` -> phases (fractions normalised to sum 1).
+
+    Raises:
+        ValueError: malformed spec, non-positive length/fraction or share outside [0, 1].
+    """
+    phases = []
+    for part in str(spec).split(","):
+        bits = part.strip().split(":")
+        if len(bits) not in (2, 3):
+            raise ValueError(f"curriculum: expected 'LEN:FRAC[:SHARE],...', got {spec!r}")
+        try:
+            L, frac = int(bits[0]), float(bits[1])
+            share = float(bits[2]) if len(bits) == 3 else 0.35
+        except ValueError:
+            raise ValueError(f"curriculum: expected numbers in {part!r}") from None
+        if L < 64 or frac <= 0 or not 0.0 <= share <= 1.0:
+            raise ValueError(f"curriculum: need LEN >= 64, FRAC > 0, 0 <= SHARE <= 1, got {part!r}")
+        phases.append(Phase(L, frac, share))
+    total = sum(p.frac for p in phases)
+    return [Phase(p.seq_len, p.frac / total, p.retrieval_share) for p in phases]
+
+
+@dataclass
+class TrainConfig:
+    """TrainConfig: every setting of a run (the argparse flags, resolved)."""
+    out: str
+    minutes: float = 9.0
+    device: str = "cuda"
+    tiny: bool = False
+    seed: int = 0
+    steps: int | None = None
+    tokens_per_step: int = 131072
+    curriculum: str = DEFAULT_CURRICULUM
+    lr: float = 1.5e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 150
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    answer_weight: float = 1.0
+    vocab_size: int = 8192
+    hidden: int = 512
+    layers: int = 8
+    heads: int = 8
+    kv_heads: int = 2
+    head_dim: int = 64
+    intermediate: int = 1216
+    rope_theta: float = 500000.0
+    max_position: int = 16384
+    workers: int = 8
+    corpus_mb: float = 256.0
+    tokenizer_mb: float = 16.0
+    tokenizer: str | None = None
+    corpus_root: list = field(default_factory=list)
+    compile: bool = False
+    save_dtype: str = "bfloat16"
+    selfcheck_lengths: str = "2048,8192,16384"
+    selfcheck_samples: int = 20
+    reserve_seconds: float = 45.0
+    log_every: int = 20
+    mid_checkpoints: bool = True
+    micro_batch: int | None = None
+
+    def phases(self) -> list[Phase]:
+        return parse_curriculum(self.curriculum)
+
+
+TINY = dict(vocab_size=512, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128,
+            max_position=512, tokens_per_step=2048, curriculum=TINY_CURRICULUM, corpus_mb=1.5,
+            tokenizer_mb=0.5, selfcheck_lengths="512", selfcheck_samples=4, warmup_steps=5, log_every=2,
+            reserve_seconds=10.0, workers=0, lr=3e-3)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """build_parser: the argparse parser of ``python -m sparsattn.train.lm`` (and ``sparsattn train-lm``)."""
+    d = TrainConfig(out="")
+    ap = argparse.ArgumentParser(prog="python -m sparsattn.train.lm",
+                                 description="Train the bundled long-context Llama model (code + synthetic retrieval).")
+    ap.add_argument("--out", required=True, help="checkpoint folder (created)")
+    ap.add_argument("--minutes", type=float, default=d.minutes, help="wall-clock budget of the whole run, from process start")
+    ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    ap.add_argument("--tiny", action="store_true", help="tiny model and data: a seconds-long CPU smoke run")
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--steps", type=int, default=None, help="fixed number of optimizer steps (step-based schedule)")
+    ap.add_argument("--tokens-per-step", type=int, default=None, help=f"tokens per optimizer step (default {d.tokens_per_step})")
+    ap.add_argument("--micro-batch", type=int, default=None, help="sequences per forward pass (default: whole step; halves on OOM)")
+    ap.add_argument("--curriculum", default=None, help=f"LEN:FRAC:RETRIEVAL_SHARE,... (default {d.curriculum})")
+    ap.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr})")
+    ap.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    ap.add_argument("--warmup-steps", type=int, default=None, help=f"(default {d.warmup_steps})")
+    ap.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    ap.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    ap.add_argument("--answer-weight", type=float, default=d.answer_weight, help="weight of the retrieval-answer loss")
+    for name, typ in (("vocab-size", int), ("hidden", int), ("layers", int), ("heads", int), ("kv-heads", int),
+                      ("head-dim", int), ("intermediate", int), ("rope-theta", float), ("max-position", int)):
+        ap.add_argument(f"--{name}", type=typ, default=None,
+                        help=f"(default {getattr(d, name.replace('-', '_'))})")
+    ap.add_argument("--workers", type=int, default=None, help="data loader worker processes (default min(8, cpus - 2))")
+    ap.add_argument("--corpus-mb", type=float, default=None, help=f"corpus text to tokenize, MB (default {d.corpus_mb})")
+    ap.add_argument("--tokenizer-mb", type=float, default=None, help=f"tokenizer training sample, MB (default {d.tokenizer_mb})")
+    ap.add_argument("--tokenizer", default=None, help="reuse a saved tokenizer folder instead of training one")
+    ap.add_argument("--corpus-root", action="append", default=[], help="scan these folders instead of the installation")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decoder (one compile per sequence length)")
+    ap.add_argument("--save-dtype", choices=["bfloat16", "float32"], default=d.save_dtype)
+    ap.add_argument("--selfcheck-lengths", default=None, help=f"comma-separated (default {d.selfcheck_lengths}); '' skips")
+    ap.add_argument("--selfcheck-samples", type=int, default=None, help=f"(default {d.selfcheck_samples})")
+    ap.add_argument("--reserve-seconds", type=float, default=None, help="time kept for saving and the self-check")
+    ap.add_argument("--log-every", type=int, default=None)
+    ap.add_argument("--no-mid-checkpoints", action="store_true")
+    return ap
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """config_from_args: TrainConfig from parsed flags (``--tiny`` presets first, explicit flags win)."""
+    cfg = TrainConfig(out=args.out)
+    if args.tiny:
+        for k, v in TINY.items():
+            setattr(cfg, k, v)
+        cfg.tiny = True
+    for k in ("minutes", "seed", "steps", "tokens_per_step", "micro_batch", "curriculum", "lr", "min_lr_ratio",
+              "warmup_steps", "weight_decay", "grad_clip", "answer_weight", "vocab_size", "hidden", "layers",
+              "heads", "kv_heads", "head_dim", "intermediate", "rope_theta", "max_position", "workers",
+              "corpus_mb", "tokenizer_mb", "tokenizer", "compile", "save_dtype", "selfcheck_lengths",
+              "selfcheck_samples", "reserve_seconds", "log_every"):
+        v = getattr(args, k, None)
+        if v is not None and v is not False:
+            setattr(cfg, k, v)
+    cfg.corpus_root = list(args.corpus_root or [])
+    cfg.mid_checkpoints = not args.no_mid_checkpoints
+    if args.device is None:
+        import torch
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        cfg.device = args.device
+    if args.workers is None and not args.tiny:
+        cfg.workers = max(0, min(8, (os.cpu_count() or 2) - 2))
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """validate_config: ValueError naming the first bad setting."""
+    phases = cfg.phases()
+    checks = [
+        ("minutes", cfg.minutes > 0, "> 0"),
+        ("steps", cfg.steps is None or cfg.steps >= len(phases), f">= the number of phases ({len(phases)})"),
+        ("heads", cfg.heads % cfg.kv_heads == 0, "a multiple of kv_heads"),
+        ("lr", cfg.lr > 0, "> 0"),
+        ("min_lr_ratio", 0 <= cfg.min_lr_ratio <= 1, "in [0, 1]"),
+        ("answer_weight", cfg.answer_weight >= 0, ">= 0"),
+        ("max_position", cfg.max_position >= max(p.seq_len for p in phases), "at least the longest curriculum length"),
+        ("tokens_per_step", all(cfg.tokens_per_step >= p.seq_len for p in phases), "at least the longest sequence"),
+        ("micro_batch", cfg.micro_batch is None or cfg.micro_batch >= 1, ">= 1"),
+        ("selfcheck_samples", cfg.selfcheck_samples >= 1, ">= 1"),
+        ("workers", cfg.workers >= 0, ">= 0"),
+    ]
+    for name, ok, want in checks:
+        if not ok:
+            raise ValueError(f"{name}: expected {want}, got {getattr(cfg, name)!r}")
+    for L in selfcheck_lengths(cfg):
+        if L > cfg.max_position:
+            raise ValueError(f"selfcheck_lengths: {L} exceeds max_position {cfg.max_position}")
+
+
+def selfcheck_lengths(cfg: TrainConfig) -> list[int]:
+    s = str(cfg.selfcheck_lengths or "").strip()
+    return [int(x) for x in s.split(",") if x.strip()] if s else []
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------------
+
+def model_config(cfg: TrainConfig, *, vocab_size: int | None = None, bos_id: int = 1, eos_id: int = 2,
+                 pad_id: int = 0):
+    """model_config: the ``LlamaConfig`` of a run (RoPE via ``rope_parameters``, transformers 5.x)."""
+    from transformers import LlamaConfig
+
+    kw = dict(vocab_size=vocab_size or cfg.vocab_size, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+              num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+              head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position, rms_norm_eps=1e-5,
+              initializer_range=0.02, tie_word_embeddings=True, bos_token_id=bos_id, eos_token_id=eos_id,
+              pad_token_id=pad_id, attention_bias=False, mlp_bias=False, use_cache=True)
+    try:
+        conf = LlamaConfig(**kw, rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)})
+    except TypeError:  # transformers without rope_parameters
+        conf = LlamaConfig(**kw, rope_theta=float(cfg.rope_theta))
+    conf._attn_implementation = "sdpa"
+    return conf
+
+
+def count_parameters(model) -> int:
+    """count_parameters: unique parameters (tied embeddings counted once)."""
+    seen, n = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def save_checkpoint(model, tokenizer, out: Path, *, dtype: str = "bfloat16") -> list[Path]:
+    """save_checkpoint: HF folder (config, safetensors shards <= 14 MB, generation config, tokenizer).
+
+    The weights are copied to a fresh CPU model in ``dtype`` (the live model is untouched).
+    Raises:
+        RuntimeError: a shard came out larger than 15 MiB.
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from .tokenizer import save_tokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in out.glob("model*.safetensors*"):
+        f.unlink()
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    state = {k[len("_orig_mod."):] if k.startswith("_orig_mod.") else k: v for k, v in state.items()}
+    conf = model.config
+    with torch.device("cpu"):
+        cpu = LlamaForCausalLM(conf)
+    cpu.load_state_dict(state, strict=True)
+    tdtype = getattr(torch, dtype)
+    cpu = cpu.to(tdtype)
+    cpu.config.dtype = dtype  # config.json records the saved dtype (from_pretrained loads it by default)
+    if hasattr(cpu, "generation_config") and cpu.generation_config is not None:
+        cpu.generation_config.bos_token_id = conf.bos_token_id
+        cpu.generation_config.eos_token_id = conf.eos_token_id
+        cpu.generation_config.pad_token_id = conf.pad_token_id
+    cpu.save_pretrained(str(out), max_shard_size=SHARD_SIZE)
+    save_tokenizer(tokenizer, out)
+    shards = sorted(out.glob("*.safetensors"))
+    if not shards:
+        raise RuntimeError(f"save_checkpoint: no safetensors written in {out}")
+    big = [f"{p.name} ({p.stat().st_size} bytes)" for p in shards if p.stat().st_size > MAX_SHARD_BYTES]
+    if big:
+        raise RuntimeError(f"save_checkpoint: shards over 15 MiB: {big}")
+    return shards
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+class _Log:
+    def __init__(self, path: Path, t0: float):
+        self.path, self.t0 = path, t0
+        self.f = open(path, "a", buffering=1)
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.monotonic() - self.t0:7.1f}s] {msg}"
+        print(line, flush=True)
+        self.f.write(line + "\n")
+
+    def close(self):
+        self.f.close()
+
+
+def _environment(device) -> dict:
+    import tokenizers
+    import torch
+    import transformers
+
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+           "python": platform.python_version(), "device": str(device),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["gpu"] = "none (CPU)"
+    return env
+
+
+def _lr_at(cfg: TrainConfig, step: int, progress: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from lr to lr * min_lr_ratio over progress 0..1."""
+    w = min(1.0, (step + 1) / max(1, warmup))
+    p = min(max(progress, 0.0), 1.0)
+    decay = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+    return cfg.lr * w * decay
+
+
+def _loader(corpus, tokenizer_json: str, phase: Phase, batch_size: int, cfg: TrainConfig, phase_idx: int,
+            bos_id: int, eos_id: int, pin: bool):
+    import torch
+
+    from .data import BatchStream
+
+    ds = BatchStream(corpus, tokenizer_json, seq_len=phase.seq_len, batch_size=batch_size,
+                     retrieval_share=phase.retrieval_share, seed=cfg.seed * 1000 + phase_idx, bos_id=bos_id,
+                     eos_id=eos_id)
+    kw = {}
+    if cfg.workers > 0:
+        import multiprocessing as mp
+        kw = dict(num_workers=cfg.workers, prefetch_factor=4, multiprocessing_context=mp.get_context("fork"),
+                  persistent_workers=False)
+    return torch.utils.data.DataLoader(ds, batch_size=None, pin_memory=pin, **kw)
+
+
+def _sdpa_context(device):
+    """On CUDA: SDPA restricted to flash / cuDNN / memory-efficient kernels (never the quadratic math path)."""
+    import contextlib
+
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+
+
+class _Trainer:
+    """Holds model/optimizer and runs one optimizer step with micro-batching and OOM back-off."""
+
+    def __init__(self, model, opt, cfg: TrainConfig, device, log):
+        import torch
+
+        self.model, self.opt, self.cfg, self.device, self.log = model, opt, cfg, device, log
+        self.amp = device.type == "cuda"
+        self.restrict_sdpa = device.type == "cuda"
+        self.vocab = model.config.vocab_size
+        z = lambda: torch.zeros((), device=device, dtype=torch.float32)  # noqa: E731
+        self.sums = {"lm": z(), "n_lm": z(), "ans": z(), "n_ans": z(), "ans_hit": z()}
+
+    def reset_stats(self):
+        for v in self.sums.values():
+            v.zero_()
+
+    def stats(self) -> dict:
+        s = {k: float(v) for k, v in self.sums.items()}
+        return {"lm_loss": s["lm"] / max(s["n_lm"], 1.0), "answer_loss": s["ans"] / max(s["n_ans"], 1.0),
+                "answer_acc": s["ans_hit"] / max(s["n_ans"], 1.0), "n_answer_tokens": s["n_ans"]}
+
+    def _forward_loss(self, inp, tgt, grp, n_lm, n_ans):
+        import torch
+        import torch.nn.functional as F
+
+        import contextlib
+
+        ctx = _sdpa_context(self.device) if self.restrict_sdpa else contextlib.nullcontext()
+        with ctx, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            hidden = self.model.model(input_ids=inp).last_hidden_state
+            logits = self.model.lm_head(hidden)
+        ce = F.cross_entropy(logits.float().reshape(-1, self.vocab), tgt.reshape(-1), reduction="none").view_as(tgt)
+        lm_m = (grp == 1).float()
+        ans_m = (grp == 2).float()
+        lm_sum = (ce * lm_m).sum()
+        ans_sum = (ce * ans_m).sum()
+        loss = lm_sum / n_lm + self.cfg.answer_weight * ans_sum / n_ans
+        with torch.no_grad():
+            hit = ((logits.argmax(-1) == tgt).float() * ans_m).sum()
+            self.sums["lm"] += lm_sum.detach()
+            self.sums["n_lm"] += lm_m.sum()
+            self.sums["ans"] += ans_sum.detach()
+            self.sums["n_ans"] += ans_m.sum()
+            self.sums["ans_hit"] += hit
+        return loss
+
+    def step(self, batch: dict, lr: float, micro: int) -> int:
+        """One optimizer step over ``batch``; returns the micro-batch size that worked."""
+        import torch
+
+        tokens = batch["tokens"].to(self.device, non_blocking=True).long()
+        groups = batch["groups"].to(self.device, non_blocking=True)
+        inp, tgt, grp = tokens[:, :-1], tokens[:, 1:], groups[:, 1:]
+        n_lm = (grp == 1).sum().float().clamp_min(1.0)
+        n_ans = (grp == 2).sum().float().clamp_min(1.0)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        B = tokens.shape[0]
+        micro = max(1, min(micro, B))
+        while True:
+            snapshot = {k: v.clone() for k, v in self.sums.items()}
+            try:
+                for i in range(0, B, micro):
+                    loss = self._forward_loss(inp[i:i + micro], tgt[i:i + micro], grp[i:i + micro], n_lm, n_ans)
+                    loss.backward()
+                break
+            except torch.cuda.OutOfMemoryError:
+                self.opt.zero_grad(set_to_none=True)
+                self.sums = snapshot
+                loss = None
+                if micro == 1:
+                    raise
+                torch.cuda.empty_cache()
+                micro = max(1, micro // 2)
+                self.log(f"out of memory at {B}x{inp.shape[1]}: micro-batch -> {micro}")
+            except RuntimeError as e:
+                # no flash/cuDNN/efficient kernel for these inputs: allow every SDPA backend once
+                if self.restrict_sdpa and "No available kernel" in str(e):
+                    self.opt.zero_grad(set_to_none=True)
+                    self.sums = snapshot
+                    self.restrict_sdpa = False
+                    self.log(f"SDPA: no fused kernel ({str(e).splitlines()[0][:120]}); allowing all backends")
+                    continue
+                raise
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return micro
+
+
+def _heldout_loss(model, tokenizer, cfg: TrainConfig, device, lengths: list[int], log) -> dict:
+    """Quick held-out LM loss (nats/token) on a few windows of held-out files per length."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from ..data import source_files
+    from .data import Corpus, raw_tokenizer
+
+    try:
+        files = source_files("heldout", roots=[Path(r) for r in cfg.corpus_root] or None)
+    except ValueError as e:
+        log(f"held-out loss skipped: {e}")
+        return {}
+    raw = raw_tokenizer(tokenizer)
+    corpus = Corpus.build(raw, files, bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
+                          max_bytes=int(3e6), seed=1)
+    out = {}
+    rng = np.random.default_rng(123)
+    model.eval()
+    for L in lengths:
+        if L + 1 > len(corpus):
+            continue
+        n = max(1, min(16, (2 * 2048 * 16) // L))
+        wins = torch.from_numpy(np.stack([corpus.window(rng, L + 1) for _ in range(n)])).long()
+        tot, cnt = 0.0, 0
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            for i in range(0, n, 4):
+                w = wins[i:i + 4].to(device)
+                logits = model(input_ids=w[:, :-1]).logits.float()
+                tgt = w[:, 1:]
+                mask = tgt != tokenizer.bos_token_id
+                ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none")
+                tot += float((ce * mask.reshape(-1)).sum())
+                cnt += int(mask.sum())
+        out[str(L)] = {"loss": tot / max(cnt, 1), "perplexity": math.exp(min(tot / max(cnt, 1), 50.0)),
+                       "tokens": cnt}
+    model.train()
+    return out
+
+
+def passkey_selfcheck(model, tokenizer, lengths: list[int], n: int, device, *, seed: int = 1234,
+                      new_tokens: int = 10) -> dict:
+    """passkey_selfcheck: dense pass-key accuracy by length and depth (greedy decode, string match).
+
+    Prompts: the evaluation's passkey format in the noise haystack (built by
+    ``RetrievalTasks.needle``, identical tokenization to ``sparsattn.eval.tasks.passkey``), with
+    depths evenly spaced over [0, 1]; the prompt plus the answer fits in ``length`` tokens.
+    """
+    import numpy as np
+    import torch
+
+    from .data import Corpus, RetrievalTasks, raw_tokenizer
+
+    raw = raw_tokenizer(tokenizer)
+    dummy = Corpus(np.array([tokenizer.bos_token_id] * 8, dtype=np.int32))
+    tasks = RetrievalTasks(raw, dummy, bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id)
+    model.eval()
+    res = {}
+    for L in lengths:
+        rng = random.Random(seed + L)
+        nprng = np.random.default_rng(seed + L)
+        by_depth: dict[str, list[int]] = {}
+        hits = 0
+        for i in range(n):
+            depth = i / (n - 1) if n > 1 else 0.5
+            s = tasks.needle(rng, nprng, L - new_tokens - 2, haystack="noise", n_needles=1, depths=[depth],
+                             key_kind="words", pad_front=False)
+            ids = torch.from_numpy(s.ids[s.prompt_start:s.prompt_end].astype(np.int64))[None].to(device)
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                     do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+            text = tokenizer.decode(gen[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+            ok = int(s.answers[0] in text)
+            hits += ok
+            by_depth.setdefault(f"{depth:.2f}", []).append(ok)
+        res[str(L)] = {"acc": hits / n, "n": n, "by_depth": {d: sum(v) / len(v) for d, v in by_depth.items()}}
+    model.train()
+    return res
+
+
+def train(cfg: TrainConfig, *, start_time: float | None = None) -> dict:
+    """train: run the whole recipe; returns the metrics dict (also written to ``out/metrics.json``).
+
+    ``start_time``: ``time.monotonic()`` origin of the ``minutes`` budget (default: now; the
+    ``python -m`` entry point passes the process start, so imports count too).
+    """
+    validate_config(cfg)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    import numpy as np
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from ..data import source_files
+    from .card import write_card
+    from .data import Corpus, DEFAULT_MIX, raw_tokenizer
+    from .tokenizer import load_tokenizer, sample_texts, save_tokenizer, train_tokenizer
+
+    t_start = time.monotonic() if start_time is None else float(start_time)
+    deadline = t_start + cfg.minutes * 60.0
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = _Log(out / "train_log.txt", t_start)
+    device = torch.device(cfg.device)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    env = _environment(device)
+    log(f"start: {env}")
+    log(f"config: {json.dumps(asdict(cfg))}")
+
+    # ---------------------------------------------------------------- data
+    t = time.monotonic()
+    roots = [Path(r) for r in cfg.corpus_root] or None
+    files = source_files("train", roots=roots)
+    log(f"corpus: {len(files)} train files ({time.monotonic() - t:.1f}s)")
+    t = time.monotonic()
+    if cfg.tokenizer:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        tok_source = f"loaded from {cfg.tokenizer}"
+    else:
+        tokenizer = train_tokenizer(sample_texts(files, int(cfg.tokenizer_mb * 1e6), seed=cfg.seed), cfg.vocab_size)
+        tok_source = f"trained on {cfg.tokenizer_mb} MB of train files"
+    save_tokenizer(tokenizer, out)
+    raw = raw_tokenizer(tokenizer)
+    vocab = raw.get_vocab_size()
+    log(f"tokenizer: vocab {vocab}, {tok_source} ({time.monotonic() - t:.1f}s)")
+    t = time.monotonic()
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    corpus = Corpus.build(raw, files, bos_id=bos, eos_id=eos, max_bytes=int(cfg.corpus_mb * 1e6), seed=cfg.seed)
+    log(f"corpus: {len(corpus):,} tokens from {corpus.n_docs} files, {corpus.n_bytes / 1e6:.1f} MB "
+        f"({corpus.n_bytes / max(len(corpus), 1):.2f} chars/token, {time.monotonic() - t:.1f}s)")
+    tokenizer_json = raw.to_str()
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # before forking loader workers
+
+    # ---------------------------------------------------------------- model
+    conf = model_config(cfg, vocab_size=vocab, bos_id=bos, eos_id=eos, pad_id=pad)
+    model = LlamaForCausalLM(conf).to(device)
+    model.config._attn_implementation = "sdpa"
+    n_params = count_parameters(model)
+    log(f"model: {n_params:,} parameters ({n_params / 1e6:.2f}M), {conf.num_hidden_layers} layers, "
+        f"hidden {conf.hidden_size}, heads {conf.num_attention_heads}/{conf.num_key_value_heads}")
+    decay, no_decay = [], []
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    opt_kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    if device.type == "cuda":
+        opt_kw["fused"] = True
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], **opt_kw)
+    if cfg.compile:
+        model.model.compile(dynamic=False)
+        log("torch.compile: decoder compiled (dynamic=False, one graph per sequence length)")
+    trainer = _Trainer(model, opt, cfg, device, log)
+
+    recipe = {
+        "model": {"architecture": "LlamaForCausalLM", "n_params": n_params, "vocab_size": vocab,
+                  "hidden_size": cfg.hidden, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+                  "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+                  "intermediate_size": cfg.intermediate, "rope_theta": cfg.rope_theta,
+                  "max_position_embeddings": cfg.max_position, "tie_word_embeddings": True,
+                  "trained_length": max(p.seq_len for p in cfg.phases()), "saved_dtype": cfg.save_dtype},
+        "tokenizer": f"byte-level BPE, single-digit pre-tokens, vocab {vocab}, {tok_source}",
+        "curriculum (len:time-or-step share:retrieval share)": cfg.curriculum,
+        "schedule": "step-based" if cfg.steps else "wall-clock based",
+        "tokens_per_step": cfg.tokens_per_step, "optimizer": "AdamW" + (" (fused)" if device.type == "cuda" else ""),
+        "lr": cfg.lr, "min_lr_ratio": cfg.min_lr_ratio, "warmup_steps": cfg.warmup_steps,
+        "lr_schedule": "linear warm-up, cosine decay over the run", "betas": [cfg.beta1, cfg.beta2],
+        "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "answer_weight": cfg.answer_weight,
+        "loss": "mean CE on code tokens + answer_weight x mean CE on retrieval answers",
+        "precision": "bf16 autocast, fp32 master weights" if device.type == "cuda" else "fp32",
+        "attention": "SDPA (flash / cuDNN / efficient)", "compile": cfg.compile, "seed": cfg.seed,
+        "data": {"corpus": "train split of the installation's .py files (sparsattn.data.source_files)",
+                 "files": len(files), "corpus_tokens": len(corpus), "corpus_chars": corpus.n_bytes,
+                 "synthetic_mix": DEFAULT_MIX, "minutes_budget": cfg.minutes},
+    }
+    metrics = {"recipe": recipe, "training": {}, "environment": env, "selfcheck": {}, "eval": {}}
+
+    # ---------------------------------------------------------------- schedule
+    phases = cfg.phases()
+    train_t0 = time.monotonic()
+    train_t1 = deadline - cfg.reserve_seconds
+    prep_s = train_t0 - t_start
+    if not cfg.steps and train_t1 - train_t0 < 5:
+        raise ValueError(f"minutes: budget too small: {prep_s:.0f}s of preparation leave "
+                         f"{train_t1 - train_t0:.0f}s of training")
+    cum = np.cumsum([p.frac for p in phases])
+    if cfg.steps:  # phase i ends at step round(cum_i * steps), at least one step per phase
+        step_ends = []
+        for c in cum:
+            step_ends.append(max(int(round(c * cfg.steps)), (step_ends[-1] if step_ends else 0) + 1))
+        total_steps = step_ends[-1]
+    log(f"prep {prep_s:.1f}s; training budget {train_t1 - train_t0:.1f}s" if not cfg.steps else
+        f"prep {prep_s:.1f}s; training {total_steps} steps")
+
+    step, tokens_seen = 0, 0
+    phase_log = []
+    stopped_early = False
+    pin = device.type == "cuda"
+    last = {}
+    for pi, ph in enumerate(phases):
+        B = max(1, cfg.tokens_per_step // ph.seq_len)
+        micro = min(B, cfg.micro_batch or B)
+        loader = _loader(corpus, tokenizer_json, ph, B, cfg, pi, bos, eos, pin)
+        it = iter(loader)
+        ph_t0, ph_step0, ph_tok0 = time.monotonic(), step, tokens_seen
+        phase_end_t = train_t0 + cum[pi] * (train_t1 - train_t0)
+        log(f"phase {pi + 1}/{len(phases)}: seq_len {ph.seq_len}, batch {B}, retrieval share {ph.retrieval_share}")
+        trainer.reset_stats()
+        t_log, tok_log = time.monotonic(), tokens_seen
+        while True:
+            now = time.monotonic()
+            if cfg.steps:
+                if step >= step_ends[pi]:
+                    break
+                progress = step / total_steps
+            else:
+                if now >= phase_end_t and step > ph_step0:
+                    break
+                if now >= train_t1:
+                    break
+                progress = (now - train_t0) / (train_t1 - train_t0)
+            lr = _lr_at(cfg, step, progress, cfg.warmup_steps)
+            batch = next(it)
+            micro = trainer.step(batch, lr, micro)
+            step += 1
+            tokens_seen += B * ph.seq_len
+            if step % cfg.log_every == 0:
+                st = trainer.stats()
+                dt = time.monotonic() - t_log
+                tps = (tokens_seen - tok_log) / max(dt, 1e-9)
+                log(f"step {step} len {ph.seq_len} lr {lr:.2e} lm {st['lm_loss']:.4f} ans {st['answer_loss']:.4f} "
+                    f"ans_acc {st['answer_acc']:.3f} tok/s {tps:,.0f} tokens {tokens_seen:,} "
+                    f"elapsed {time.monotonic() - t_start:.1f}s")
+                if not math.isfinite(st["lm_loss"]) or not math.isfinite(st["answer_loss"]):
+                    raise FloatingPointError(f"non-finite loss at step {step}: {st}")
+                last = st
+                trainer.reset_stats()
+                t_log, tok_log = time.monotonic(), tokens_seen
+        if trainer.sums["n_lm"].item() > 0 or trainer.sums["n_ans"].item() > 0:
+            last = trainer.stats()
+        del it, loader
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        sec = time.monotonic() - ph_t0
+        entry = {"seq_len": ph.seq_len, "batch": B, "micro_batch": micro, "steps": step - ph_step0,
+                 "tokens": tokens_seen - ph_tok0, "seconds": round(sec, 2),
+                 "tokens_per_s": round((tokens_seen - ph_tok0) / max(sec, 1e-9)),
+                 "retrieval_share": ph.retrieval_share, "lm_loss": last.get("lm_loss"),
+                 "answer_loss": last.get("answer_loss"), "answer_acc": last.get("answer_acc")}
+        if device.type == "cuda":
+            entry["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            torch.cuda.reset_peak_memory_stats(device)
+        phase_log.append(entry)
+        log(f"phase {pi + 1} done: {entry}")
+        if not cfg.steps and time.monotonic() >= train_t1 and pi < len(phases) - 1:
+            stopped_early = True
+            log("time budget reached before the last phase")
+            break
+        if cfg.mid_checkpoints and pi < len(phases) - 1:
+            t = time.monotonic()
+            metrics["training"] = {"steps": step, "tokens_seen": tokens_seen, "phases": phase_log, "partial": True}
+            save_checkpoint(model, tokenizer, out, dtype=cfg.save_dtype)
+            write_card(out, metrics)
+            log(f"mid-run checkpoint saved ({time.monotonic() - t:.1f}s)")
+
+    train_s = time.monotonic() - train_t0
+    metrics["training"] = {
+        "steps": step, "tokens_seen": tokens_seen, "train_seconds": round(train_s, 1), "prep_seconds": round(prep_s, 1),
+        "final_lm_loss": last.get("lm_loss"), "final_answer_loss": last.get("answer_loss"),
+        "final_answer_acc": last.get("answer_acc"), "phases": phase_log, "stopped_early": stopped_early,
+    }
+    # ---------------------------------------------------------------- save + checks
+    t = time.monotonic()
+    shards = save_checkpoint(model, tokenizer, out, dtype=cfg.save_dtype)
+    log(f"checkpoint: {[f'{p.name} {p.stat().st_size / 2**20:.2f} MiB' for p in shards]} ({time.monotonic() - t:.1f}s)")
+    metrics["training"]["checkpoint_shards"] = len(shards)
+    metrics["selfcheck"]["reload"] = _reload_check(model, out, cfg, device)
+    log(f"reload check: {metrics['selfcheck']['reload']}")
+    if metrics["selfcheck"]["reload"]["weights_max_abs_diff"] != 0.0:
+        raise RuntimeError(f"save_checkpoint: reloaded weights differ from the trained ones: {metrics['selfcheck']['reload']}")
+    lengths = selfcheck_lengths(cfg)
+    if lengths:
+        t = time.monotonic()
+        pk = passkey_selfcheck(model, tokenizer, lengths, cfg.selfcheck_samples, device, seed=cfg.seed + 99)
+        metrics["selfcheck"]["passkey"] = pk
+        log(f"passkey self-check ({time.monotonic() - t:.1f}s): "
+            + ", ".join(f"{L}: {v['acc'] * 100:.0f}%" for L, v in pk.items()))
+        t = time.monotonic()
+        hl = _heldout_loss(model, tokenizer, cfg, device, sorted({min(lengths), max(lengths)}), log)
+        if hl:
+            metrics["selfcheck"]["heldout_quick"] = hl
+            log(f"held-out quick loss ({time.monotonic() - t:.1f}s): "
+                + ", ".join(f"{L}: {v['loss']:.3f} (ppl {v['perplexity']:.2f})" for L, v in hl.items()))
+    metrics["training"]["total_seconds"] = round(time.monotonic() - t_start, 1)
+    write_card(out, metrics)
+    log(f"done in {metrics['training']['total_seconds']}s: {out}")
+    log.close()
+    return metrics
+
+
+def _reload_check(model, out: Path, cfg: TrainConfig, device) -> dict:
+    """Reload the saved folder offline (``AutoModelForCausalLM.from_pretrained``) on the CPU.
+
+    Returns ``weights_max_abs_diff`` (saved vs live weights cast to the saved dtype: expected 0)
+    and ``logits_max_abs_diff_vs_live`` (reloaded model vs the live fp32 weights on the CPU, an
+    indication of the saved dtype's rounding; 0 for float32).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    dtype = getattr(torch, cfg.save_dtype)
+    loaded = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, dtype=dtype).eval()
+    live = {k.replace("_orig_mod.", ""): v.detach().cpu() for k, v in model.state_dict().items()}
+    got = loaded.state_dict()
+    w_diff = max(float((got[k].float() - v.to(dtype).float()).abs().max()) for k, v in live.items())
+    with torch.device("cpu"):
+        ref = LlamaForCausalLM(model.config)
+    ref.load_state_dict(live)
+    ref = ref.float().eval()
+    ids = torch.arange(64).remainder(model.config.vocab_size)[None]
+    with torch.no_grad():
+        a = loaded.float()(input_ids=ids).logits
+        b = ref(input_ids=ids).logits
+    return {"weights_max_abs_diff": w_diff, "logits_max_abs_diff_vs_live": float((a - b).abs().max())}
+
+
+def main(argv=None, *, start_time: float | None = None) -> int:
+    """main: ``python -m sparsattn.train.lm`` entry point; returns the exit code.
+
+    ``start_time``: origin of the ``--minutes`` budget (``time.monotonic()``; default: now).
+    """
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    m = train(cfg, start_time=start_time)
+    pk = m.get("selfcheck", {}).get("passkey", {})
+    print(json.dumps({"out": cfg.out, "steps": m["training"]["steps"], "tokens_seen": m["training"]["tokens_seen"],
+                      "final_lm_loss": m["training"]["final_lm_loss"],
+                      "passkey": {L: v["acc"] for L, v in pk.items()}}, indent=None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(start_time=_T_START))
