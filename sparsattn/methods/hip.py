@@ -64,7 +64,15 @@ class HiP(Method):
                 "sliding_window_size": 16}
 
     def search(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tree search: ``(block indices long [B, Hq, nq, K], valid bool [B, Hq, nq, K])``."""
+        """The tree search: ``(block indices long [B, Hq, nq, K], valid bool [B, Hq, nq, K])``.
+
+        One GQA group at a time: peak memory ``O(B · G · N · K)`` (G = query heads per KV head)."""
+        Hq, Hkv = q.shape[1], k.shape[1]
+        G = Hq // Hkv
+        parts = [self._search(q[:, h * G:(h + 1) * G], k[:, h:h + 1]) for h in range(Hkv)]
+        return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+
+    def _search(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, Hq, Tq, D = q.shape
         Hkv, Tk = k.shape[1], k.shape[2]
         G = Hq // Hkv

@@ -89,13 +89,19 @@ class LongHeads(Method):
         scale = 1.0 / math.sqrt(D) if scale is None else scale
         vc = torch.nn.functional.pad(v.float(), (0, 0, 0, pad)).view(B, Hkv, nc, w, v.shape[-1])
         qc = torch.nn.functional.pad(q.float(), (0, 0, 0, pad)).view(B, Hkv, G, nc, w, D)
-        s = torch.einsum("bkgcid,bkcjd->bkgcij", qc, kc) * scale
-        s = s.masked_fill(~valid[None, None, None, :, None, :], float("-inf"))
-        o = torch.einsum("bkgcij,bkcjd->bkgcid", torch.softmax(s, -1), vc)
-        cv = (o * valid[None, None, None, :, :, None]).sum(4) / valid.sum(-1).clamp(min=1)[:, None]  # [B,Hkv,G,nc,Dv]
-        s2 = torch.einsum("bkgcd,bkcjd->bkgcj", cv, kc) * scale
-        s2 = s2.masked_fill(~valid[None, None, None], float("-inf"))
-        ck = torch.einsum("bkgcj,bkcjd->bkgcd", torch.softmax(s2, -1), kc)
+        ck = torch.empty(B, Hkv, G, nc, D, dtype=torch.float32, device=q.device)
+        step = max(1, (1 << 25) // max(1, B * G * w * w))  # chunks per slice: bounded w x w score memory
+        for h in range(Hkv):
+            for c0 in range(0, nc, step):
+                c1 = min(nc, c0 + step)
+                kk, vv, ok = kc[:, h, c0:c1], vc[:, h, c0:c1], valid[c0:c1]
+                s = torch.einsum("bgcid,bcjd->bgcij", qc[:, h, :, c0:c1], kk) * scale
+                s = s.masked_fill(~ok[None, None, :, None, :], float("-inf"))
+                o = torch.einsum("bgcij,bcjd->bgcid", torch.softmax(s, -1), vv)
+                cv = (o * ok[None, None, :, :, None]).sum(3) / ok.sum(-1).clamp(min=1)[:, None]  # chunk values
+                s2 = torch.einsum("bgcd,bcjd->bgcj", cv, kk) * scale
+                s2 = s2.masked_fill(~ok[None, None], float("-inf"))
+                ck[:, h, :, c0:c1] = torch.einsum("bgcj,bcjd->bgcd", torch.softmax(s2, -1), kk)
         return ck.reshape(B, Hq, nc, D)
 
     def select(self, q, k, ctx: Optional[SelectContext] = None):

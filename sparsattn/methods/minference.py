@@ -128,17 +128,26 @@ class BlockSparse(Method):
         check_inputs("block_sparse", q, k, ctx)
         Tq, Tk = q.shape[2], k.shape[2]
         bs = self.block_size
-        s = estimate.block_scores(q, k, bs, bs, scale=ctx.scale, causal=True)
-        nq, nk = s.shape[2], s.shape[3]
+        nq, nk = -(-Tq // bs), -(-Tk // bs)
         top_k = clamp_budget("block_sparse", "top_k", self.top_k, nk)
-        diag = estimate.diagonal_block(Tq, Tk, bs, bs, q.device)
-        s[..., 0] = float("inf")
-        s.scatter_(3, diag.view(1, 1, nq, 1).expand(*s.shape[:2], nq, 1), float("inf"))
+        dev = q.device
+        forced = torch.zeros(nq, nk, dtype=torch.bool, device=dev)
+        forced[:, 0] = True
+        forced[torch.arange(nq, device=dev), estimate.diagonal_block(Tq, Tk, bs, bs, dev)] = True
         if Tk != Tq:  # the first row's diagonal may sit one block earlier
-            first = torch.clamp((torch.arange(nq, device=q.device) * bs + Tk - Tq) // bs, min=0)
-            s.scatter_(3, first.view(1, 1, nq, 1).expand(*s.shape[:2], nq, 1), float("inf"))
-        s = s.masked_fill(~estimate.causal_block_mask(Tq, Tk, bs, bs, q.device), float("-inf"))
-        idx, ok = estimate.topk_indices(s, top_k)
+            first = torch.clamp((torch.arange(nq, device=dev) * bs + Tk - Tq) // bs, min=0)
+            forced[torch.arange(nq, device=dev), first] = True
+        allowed = estimate.causal_block_mask(Tq, Tk, bs, bs, dev)
+        Hq, Hkv = q.shape[1], k.shape[1]
+        G = Hq // Hkv
+        idx_parts, ok_parts = [], []
+        for h in range(Hkv):  # one GQA group at a time: (N/block)^2 scores per query head of the group
+            s = estimate.block_scores(q[:, h * G:(h + 1) * G], k[:, h:h + 1], bs, bs, scale=ctx.scale, causal=True)
+            s = s.masked_fill(forced, float("inf")).masked_fill(~allowed, float("-inf"))
+            idx, ok = estimate.topk_indices(s, top_k)
+            idx_parts.append(idx)
+            ok_parts.append(ok)
+        idx, ok = torch.cat(idx_parts, 1), torch.cat(ok_parts, 1)
         return patterns.from_topk_blocks(idx, q_len=Tq, kv_len=Tk, block_size=bs, causal=True,
                                          counts=ok.sum(-1).to(torch.int32))
 

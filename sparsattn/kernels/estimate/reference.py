@@ -131,19 +131,31 @@ def vertical_slash_scores(q: Tensor, k: Tensor, last_q: int = 64, *, scale: Opti
     Returns ``(vertical [B, Hq, Tk], slash [B, Hq, Tk])`` float32: ``vertical[j]`` = sum over the
     last queries of their attention to key ``j``; ``slash[d]`` = sum over the last queries ``i`` of
     their attention to key ``j = i + (Tk - Tq) - d`` (diagonal offset ``d >= 0``). ``probs`` may
-    pass a precomputed ``last_q_attention``.
+    pass a precomputed ``last_q_attention``. Without ``probs`` one GQA group is processed at a
+    time, so the peak extra memory is ``B · (Hq / Hkv) · last_q · Tk`` floats.
     """
     B, Hq, Hkv, Tq, Tk, D = _check_qk(q, k)
-    a = last_q_attention(q, k, last_q, scale=scale) if probs is None else probs
-    lq = a.shape[2]
-    vertical = a.sum(2)
-    pos = torch.arange(Tq - lq, Tq, device=q.device) + (Tk - Tq)  # key index of each row's diagonal
-    d = torch.arange(Tk, device=q.device)
-    j = pos[:, None] - d[None, :]  # [lq, Tk]
-    ok = j >= 0
-    g = torch.gather(a, 3, j.clamp(min=0).expand(B, Hq, lq, Tk))
-    slash = (g * ok).sum(2)
+    if probs is not None:
+        return probs.sum(2), _slash_sums(probs, Tq, Tk)
+    G = Hq // Hkv
+    vertical = torch.empty(B, Hq, Tk, dtype=torch.float32, device=q.device)
+    slash = torch.empty(B, Hq, Tk, dtype=torch.float32, device=q.device)
+    for h in range(Hkv):
+        a = last_q_attention(q[:, h * G:(h + 1) * G], k[:, h:h + 1], last_q, scale=scale)
+        vertical[:, h * G:(h + 1) * G] = a.sum(2)
+        slash[:, h * G:(h + 1) * G] = _slash_sums(a, Tq, Tk)
     return vertical, slash
+
+
+def _slash_sums(a: Tensor, Tq: int, Tk: int) -> Tensor:
+    """Diagonal sums of the last-query attention ``a [B, H, lq, Tk]`` -> ``[B, H, Tk]`` (offset d)."""
+    lq = a.shape[2]
+    out = torch.zeros(*a.shape[:2], Tk, dtype=torch.float32, device=a.device)
+    for r in range(lq):
+        p = Tq - lq + r + (Tk - Tq)  # key index of row r's diagonal
+        if p >= 0:
+            out[..., : p + 1] += a[:, :, r, : p + 1].flip(-1)
+    return out
 
 
 def exact_block_scores(q: Tensor, k: Tensor, block_q: int, block_k: Optional[int] = None, *,
