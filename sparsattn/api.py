@@ -73,6 +73,9 @@ def validate_inputs(q, k, v, pattern: Optional[BlockPattern], scale):
             raise _err("pattern heads", f"1, {Hkv} (kv heads) or {Hq} (query heads)", pattern.heads)
         if pattern.device != q.device:
             raise _err("pattern device", f"{q.device} (as q)", pattern.device)
+        if not pattern._cache.get("validated"):  # value checks once per pattern object
+            pattern.validate()
+            pattern._cache["validated"] = True
         if pattern.columns is not None:
             c = pattern.columns
             if c.batch not in (1, B) or c.heads not in (1, Hkv, Hq):

@@ -679,8 +679,7 @@ class BlockPattern:
                     ok = ok & (kv_idx <= q_idx + off)
                 return ok
         elif causal:
-            def mask_mod(b, h, q_idx, kv_idx):
-                return kv_idx <= q_idx + off
+            mask_mod = _causal_mask_mod(off)
         else:
             mask_mod = None
         nk = self.n_kv_blocks
@@ -701,6 +700,20 @@ class BlockPattern:
                 f"block=({self.block_q},{self.block_k}), causal={self.causal}, "
                 f"blocks={self.num_computed_blocks}, tiles={0 if self.mask_bank is None else self.mask_bank.shape[0]}, "
                 f"columns={'yes' if self.columns is not None else 'no'})")
+
+
+_CAUSAL_MODS: dict = {}
+
+
+def _causal_mask_mod(off: int):
+    """One mask_mod function object per diagonal offset: FlexAttention recompiles for every new
+    function object, so patterns with the same geometry share one."""
+    fn = _CAUSAL_MODS.get(off)
+    if fn is None:
+        def fn(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx + off
+        _CAUSAL_MODS[off] = fn
+    return fn
 
 
 def _broadcast_heads(t: Tensor, H: int, name: str) -> Tensor:

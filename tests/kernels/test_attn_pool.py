@@ -10,6 +10,15 @@ import torch
 from sparsattn.kernels.attn_pool import attn_pool, attn_pool_reference, attn_pool_triton, can_run
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def naive_pool(q, k, bs=64):
     """Materialise the full causal softmax map (float64) and pool it with explicit block loops."""
     B, Hq, Tq, D = q.shape
@@ -59,15 +68,15 @@ def test_interpreter_subprocess():
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
 
 
-CASES = [(63, 64, 1, torch.float32), (200, 80, 4, torch.float32), (300, 64, 4, torch.bfloat16),
-         (200, 64, 1, torch.bfloat16), (63, 80, 4, torch.bfloat16), (300, 80, 1, torch.float32)]
+CASES = [(63, 64, 1, torch.float32), (200, 80, 1, torch.float32), (300, 64, 4, torch.bfloat16),
+         (200, 64, 1, torch.bfloat16), (63, 80, 4, torch.bfloat16), (300, 80, 1, torch.bfloat16)]
 
 
 @needs_interp
 @pytest.mark.parametrize("T,D,group,dtype", CASES)
 def test_triton_interpreter_matches_reference(T, D, group, dtype):
     torch.manual_seed(7 * T + D)
-    Hq = 4 if group == 4 else 2
+    Hq = 4 if group == 4 else 1  # the interpreter is slow: one program per (query block, head)
     q = (torch.randn(1, Hq, T, D) * 1.5).to(dtype)
     k = (torch.randn(1, Hq // group, T, D) * 1.5).to(dtype)
     nq = -(-T // 64)

@@ -209,3 +209,20 @@ def test_decode_bench_smoke(tmp_path):
     assert all(r["ms"] is not None and r["ms"] > 0 for r in rows), [r["note"] for r in rows]
     assert all(r["max_err"] is None or r["max_err"] < 1e-4 for r in rows)
     assert out.read_text().startswith("impl,T,B")
+
+
+def test_traces_under_torch_compile():
+    """The Triton launch is a custom op with a fake implementation: torch.compile traces it (fullgraph)."""
+    gen = torch.Generator().manual_seed(4)
+    B, Hq, Hkv, T, D = 2, 4, 2, 40, 32
+    q = torch.randn(B, Hq, D, generator=gen).to(DEV)
+    k = torch.randn(B, Hkv, T, D, generator=gen).to(DEV)
+    v = torch.randn(B, Hkv, T, D, generator=gen).to(DEV)
+    pat = TokenPattern.from_lists([[[0, 3, 39], [1, 2]], [[5], [0, 7, 8, 9]]], T, device=DEV)
+
+    def f(q, k, v):
+        return sparse_decode_attention(q, k, v, pat, backend="triton", validate=False) * 2
+
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    want = 2 * sparse_decode_attention(q, k, v, pat, backend="reference")
+    _close(got, want, 1e-5)

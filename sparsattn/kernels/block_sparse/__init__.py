@@ -17,6 +17,10 @@ from .reference import block_sparse_reference, dense_reference
 
 __all__ = ["block_sparse_attention", "block_sparse_reference", "dense_reference", "kernel_config"]
 
+#: Testing aid: fill freshly allocated outputs with NaN before the kernels run, so that any
+#: element a kernel fails to write shows up as NaN (set by the test-suite, never in production).
+POISON_OUTPUTS = False
+
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
@@ -43,7 +47,9 @@ def kernel_config(D: int, block_q: int, block_k: int, dtype: torch.dtype, device
         "bwd_warps": 8 if big else 4,
         "bwd_stages": 2,
     }
-    if device.type == "cuda" and dtype == torch.float32:
+    if device.type != "cuda":  # the CPU interpreter: fewer, larger steps run much faster
+        cfg.update(fwd_bn=block_k, bwd_bm=block_q, bwd_bn=block_k)
+    elif dtype == torch.float32:
         cfg["fwd_bn"] = min(cfg["fwd_bn"], 32 if big else 64)
         cfg["bwd_bm"] = min(cfg["bwd_bm"], 32)
         cfg["bwd_bn"] = min(cfg["bwd_bn"], 32)
@@ -56,6 +62,12 @@ def kernel_config(D: int, block_q: int, block_k: int, dtype: torch.dtype, device
         bm, bn, w, s = (int(x) for x in env.split(","))
         cfg.update(bwd_bm=min(bm, block_q), bwd_bn=min(bn, block_k), bwd_warps=w, bwd_stages=s)
     return cfg
+
+
+def _upcast(q: torch.Tensor) -> bool:
+    """bf16 tiles are computed in fp32 under the CPU interpreter, whose bf16 dot is wrong
+    (triton 3.9: it multiplies the raw bit patterns). On the GPU bf16 runs natively."""
+    return q.dtype == torch.bfloat16 and q.device.type != "cuda"
 
 
 def _bh_strides(t: torch.Tensor):
@@ -104,6 +116,9 @@ def _fwd(q, k, v, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, q_len, kv_len,
     else:
         o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty((q.shape[0], Hq, Tq), dtype=torch.float32, device=q.device)
+        if POISON_OUTPUTS:
+            o.fill_(float("nan"))
+            lse.fill_(float("nan"))
     has_bank = mids is not None
     has_cols = cidx is not None
     if not has_bank:
@@ -125,7 +140,7 @@ def _fwd(q, k, v, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, q_len, kv_len,
         D=D, BLOCK_D=BD, BLOCK_M=block_q, BLOCK_N=cfg["fwd_bn"], BLOCK_KP=block_k, CAUSAL=causal,
         HAS_BANK=has_bank, HAS_COLS=has_cols, EVEN=even,
         LOG_F=_log_len(fidx.shape[-1]), LOG_P=_log_len(pidx.shape[-1]),
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=_upcast(q),
         num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"],
     )
     return o, lse
@@ -148,6 +163,9 @@ def _bwd(do, q, k, v, o, lse, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tc
     dq = torch.zeros_like(q)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
+    if POISON_OUTPUTS and even:  # every element must then be written by the kernels
+        for t in (dq, dk, dv):
+            t.fill_(float("nan"))
     has_bank = mids is not None
     has_cols = cidx is not None
     if not has_bank:
@@ -174,7 +192,7 @@ def _bwd(do, q, k, v, o, lse, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tc
         scale, scale * K.LOG2E, Hq // Hkv, Hq // Hp, Hq // (ccnt.shape[1] if has_cols else 1),
         D=D, BLOCK_D=BD, BLOCK_M=block_q, BLOCK_N=cfg["bwd_bn"], BLOCK_KP=block_k, CAUSAL=causal,
         HAS_BANK=has_bank, HAS_COLS=has_cols, EVEN=even,
-        LOG_F=_log_len(fidx.shape[-1]), LOG_P=_log_len(pidx.shape[-1]), PREC=prec,
+        LOG_F=_log_len(fidx.shape[-1]), LOG_P=_log_len(pidx.shape[-1]), PREC=prec, UPCAST=_upcast(q),
         num_warps=cfg["fwd_warps"], num_stages=cfg["bwd_stages"],
     )
     s_tcb, s_tch = _bh_strides(tcnt)
@@ -191,7 +209,7 @@ def _bwd(do, q, k, v, o, lse, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tc
         s_tcb, s_tch, s_tib, s_tih, tidx.stride(2), s_pib, s_pih, pidx.stride(2),
         scale, scale * K.LOG2E, Hq // Hkv, Hq // Hp, fidx.shape[-1],
         D=D, BLOCK_D=BD, BLOCK_QP=block_q, BLOCK_M=cfg["bwd_bm"], BLOCK_N=bn, BLOCK_KP=block_k,
-        CAUSAL=causal, HAS_BANK=has_bank, EVEN=even, PREC=prec,
+        CAUSAL=causal, HAS_BANK=has_bank, EVEN=even, PREC=prec, UPCAST=_upcast(q),
         num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"],
     )
     if has_cols:

@@ -74,7 +74,7 @@ def _elem_mask(rows, cols, kv_len, off, bank_ptr, mid, tile_r, tile_c,
 def _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, cols, rows, offs_d, kv_len, qk_scale,
               ok, MASKED: tl.constexpr, EVEN: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
               PREC: tl.constexpr):
-    kt = _load_rows_t(k_base, cols, offs_d, stride_kt, kv_len, D, BLOCK_D, EVEN)
+    kt = _load_rows_t(k_base, cols, offs_d, stride_kt, kv_len, D, BLOCK_D, EVEN).to(q.dtype)
     qk = tl.dot(q, kt, input_precision=PREC) * qk_scale
     if MASKED:
         qk = tl.where(ok, qk, float("-inf"))
@@ -86,8 +86,8 @@ def _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, cols, rows
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    v = _load_rows(v_base, cols, offs_d, stride_vt, kv_len, D, BLOCK_D, EVEN)
-    acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    v = _load_rows(v_base, cols, offs_d, stride_vt, kv_len, D, BLOCK_D, EVEN).to(q.dtype)
+    acc += tl.dot(p.to(q.dtype), v, input_precision=PREC)
     return acc, m_new, l_i
 
 
@@ -101,7 +101,7 @@ def _bs_fwd_kernel(
     qk_scale, GROUP, PH_DIV, CH_DIV,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_KP: tl.constexpr, CAUSAL: tl.constexpr, HAS_BANK: tl.constexpr, HAS_COLS: tl.constexpr,
-    EVEN: tl.constexpr, LOG_F: tl.constexpr, LOG_P: tl.constexpr, PREC: tl.constexpr,
+    EVEN: tl.constexpr, LOG_F: tl.constexpr, LOG_P: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -126,6 +126,8 @@ def _bs_fwd_kernel(
     k_base = K + b * s_kb + kvh * s_kh + k_off * s_kt
     v_base = V + b * s_vb + kvh * s_vh + k_off * s_vt
     q = _load_rows(q_base, offs_m, offs_d, s_qt, q_len, D, BLOCK_D, False)
+    if UPCAST:
+        q = q.to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -193,7 +195,7 @@ def _bwd_dq_kernel(
     sm_scale, qk_scale, GROUP, PH_DIV, CH_DIV,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_KP: tl.constexpr, CAUSAL: tl.constexpr, HAS_BANK: tl.constexpr, HAS_COLS: tl.constexpr,
-    EVEN: tl.constexpr, LOG_F: tl.constexpr, LOG_P: tl.constexpr, PREC: tl.constexpr,
+    EVEN: tl.constexpr, LOG_F: tl.constexpr, LOG_P: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dQ for one query block (q/do/dq share strides s_q*, O strides s_o* are for DO)."""
     pid_m = tl.program_id(0)
@@ -221,6 +223,9 @@ def _bwd_dq_kernel(
     v_base = V + b * s_vb + kvh * s_vh + k_off * s_vt
     q = _load_rows(q_base, offs_m, offs_d, s_qt, q_len, D, BLOCK_D, False)
     do = _load_rows(do_base, offs_m, offs_d, s_ot, q_len, D, BLOCK_D, False)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
     lse = tl.load(LSE + b * s_lb + h * s_lh + q_off + offs_m, mask=offs_m < q_len, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(DELTA + b * s_lb + h * s_lh + q_off + offs_m, mask=offs_m < q_len, other=0.0)
@@ -232,8 +237,8 @@ def _bwd_dq_kernel(
         kb = tl.load(f_list + i)
         for s in tl.static_range(SUB):
             cols = kb * BLOCK_KP + s * BLOCK_N + offs_n
-            kt = _load_rows_t(k_base, cols, offs_d, s_kt, kv_len, D, BLOCK_D, EVEN)
-            vt = _load_rows_t(v_base, cols, offs_d, s_vt, kv_len, D, BLOCK_D, EVEN)
+            kt = _load_rows_t(k_base, cols, offs_d, s_kt, kv_len, D, BLOCK_D, EVEN).to(q.dtype)
+            vt = _load_rows_t(v_base, cols, offs_d, s_vt, kv_len, D, BLOCK_D, EVEN).to(q.dtype)
             qk = tl.dot(q, kt, input_precision=PREC) * qk_scale
             if not EVEN:
                 qk = tl.where(cols[None, :] < kv_len, qk, float("-inf"))
@@ -255,8 +260,8 @@ def _bwd_dq_kernel(
             cols = kb * BLOCK_KP + s * BLOCK_N + offs_n
             ok = _elem_mask(offs_m, cols, kv_len, off, BANK, mid, tile_r, s * BLOCK_N + offs_n,
                             CAUSAL, HAS_BANK, BLOCK_KP, BANK_TILE)
-            kt = _load_rows_t(k_base, cols, offs_d, s_kt, kv_len, D, BLOCK_D, EVEN)
-            vt = _load_rows_t(v_base, cols, offs_d, s_vt, kv_len, D, BLOCK_D, EVEN)
+            kt = _load_rows_t(k_base, cols, offs_d, s_kt, kv_len, D, BLOCK_D, EVEN).to(q.dtype)
+            vt = _load_rows_t(v_base, cols, offs_d, s_vt, kv_len, D, BLOCK_D, EVEN).to(q.dtype)
             qk = tl.dot(q, kt, input_precision=PREC) * qk_scale
             qk = tl.where(ok, qk, float("-inf"))
             p = tl.math.exp2(qk - lse2[:, None])
@@ -280,8 +285,8 @@ def _bwd_dq_kernel(
             ok = keep[None, :] & (offs_m[:, None] < q_len)
             if CAUSAL:
                 ok = ok & (cols[None, :] <= offs_m[:, None] + off)
-            kt = _load_rows_t(k_base, cols, offs_d, s_kt, kv_len, D, BLOCK_D, False)
-            vt = _load_rows_t(v_base, cols, offs_d, s_vt, kv_len, D, BLOCK_D, False)
+            kt = _load_rows_t(k_base, cols, offs_d, s_kt, kv_len, D, BLOCK_D, False).to(q.dtype)
+            vt = _load_rows_t(v_base, cols, offs_d, s_vt, kv_len, D, BLOCK_D, False).to(q.dtype)
             qk = tl.dot(q, kt, input_precision=PREC) * qk_scale
             qk = tl.where(ok, qk, float("-inf"))
             p = tl.math.exp2(qk - lse2[:, None])
@@ -310,7 +315,7 @@ def _bwd_dkv_kernel(
     sm_scale, qk_scale, GROUP, PH_DIV, MAX_FULL,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_QP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, CAUSAL: tl.constexpr, HAS_BANK: tl.constexpr,
-    EVEN: tl.constexpr, PREC: tl.constexpr,
+    EVEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dK, dV for one tile of BLOCK_N keys (DK/DV share K's/V's strides)."""
     pid_n = tl.program_id(0)
@@ -334,6 +339,9 @@ def _bwd_dkv_kernel(
     v_base = V + b * s_vb + kvh * s_vh + k_off * s_vt
     k = _load_rows(k_base, offs_n, offs_d, s_kt, kv_len, D, BLOCK_D, False)
     v = _load_rows(v_base, offs_n, offs_d, s_vt, kv_len, D, BLOCK_D, False)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     tile_c = offs_n - kb * BLOCK_KP
@@ -357,8 +365,8 @@ def _bwd_dkv_kernel(
                 mid = tl.where(is_part, mid, -1)
             for r in tl.static_range(SUBM):
                 offs_m = qb * BLOCK_QP + r * BLOCK_M + tl.arange(0, BLOCK_M)
-                q = _load_rows(q_base, offs_m, offs_d, s_qt, q_len, D, BLOCK_D, False)
-                do = _load_rows(do_base, offs_m, offs_d, s_ot, q_len, D, BLOCK_D, False)
+                q = _load_rows(q_base, offs_m, offs_d, s_qt, q_len, D, BLOCK_D, False).to(k.dtype)
+                do = _load_rows(do_base, offs_m, offs_d, s_ot, q_len, D, BLOCK_D, False).to(k.dtype)
                 lse = tl.load(l_base + offs_m, mask=offs_m < q_len, other=float("-inf"))
                 lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
                 delta = tl.load(d_base + offs_m, mask=offs_m < q_len, other=0.0)

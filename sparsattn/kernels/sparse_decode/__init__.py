@@ -166,12 +166,25 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                 idx, cnt = idx.expand(-1, Hkv, -1), cnt.expand(-1, Hkv)
                 if log_weight is not None:
                     log_weight = log_weight.expand(-1, Hkv, -1)
-        out, lse = sparse_decode_triton(q, k_cache, v_cache, idx, cnt, kl, scale=scale, page_size=P,
-                                        log_weight=log_weight, block_table=block_table, num_splits=num_splits)
+        from .triton import sparse_decode_op
+
+        if sparse_decode_op is not None and _compiling():
+            out, lse = sparse_decode_op(q, k_cache, v_cache, idx, cnt, kl, log_weight, block_table, scale, P,
+                                        int(num_splits or 0))
+        else:
+            out, lse = sparse_decode_triton(q, k_cache, v_cache, idx, cnt, kl, scale=scale, page_size=P,
+                                            log_weight=log_weight, block_table=block_table, num_splits=num_splits)
     else:
         out, lse = sparse_decode_reference(q, k_cache, v_cache, pattern, scale=scale, kv_lens=kl,
                                            log_weight=log_weight, block_table=block_table)
     return (out, lse) if return_lse else out
+
+
+def _compiling() -> bool:
+    try:
+        return bool(torch.compiler.is_compiling())
+    except Exception:  # pragma: no cover
+        return False
 
 
 def _deep_check(pattern: TokenPattern, kv_lens: torch.Tensor) -> None:

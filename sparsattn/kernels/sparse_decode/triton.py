@@ -262,3 +262,31 @@ def sparse_decode_triton(q, k_cache, v_cache, indices, counts, kv_lens, *, scale
 
 
 __all__ = ["sparse_decode_triton", "choose_splits"]
+
+
+def _register_op():
+    """``torch.ops.sparsattn.sparse_decode``: the launch as a custom op, so ``torch.compile`` can trace
+    through it (eager calls skip the dispatcher and launch directly)."""
+    from typing import Optional
+
+    @torch.library.custom_op("sparsattn::sparse_decode", mutates_args=())
+    def sparse_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, indices: Optional[torch.Tensor],
+                         counts: Optional[torch.Tensor], kv_lens: torch.Tensor, log_weight: Optional[torch.Tensor],
+                         block_table: Optional[torch.Tensor], scale: float, page_size: int,
+                         num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = sparse_decode_triton(q, k_cache, v_cache, indices, counts, kv_lens, scale=scale, page_size=page_size,
+                                        log_weight=log_weight, block_table=block_table, num_splits=num_splits or None)
+        return out, lse
+
+    @sparse_decode_op.register_fake
+    def _(q, k_cache, v_cache, indices, counts, kv_lens, log_weight, block_table, scale, page_size, num_splits):
+        B, Hq, D = q.shape
+        return q.new_empty(B, Hq, D), q.new_empty(B, Hq, dtype=torch.float32)
+
+    return sparse_decode_op
+
+
+try:
+    sparse_decode_op = _register_op()
+except Exception:  # pragma: no cover - torch without torch.library.custom_op
+    sparse_decode_op = None

@@ -1,0 +1,29 @@
+"""Test configuration: Triton kernels run through the interpreter on machines without a GPU.
+
+TRITON_INTERPRET must be set before any kernel module is imported, so it is set here.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_poison():
+    torch.manual_seed(1234)
+    from sparsattn.kernels import block_sparse
+
+    block_sparse.POISON_OUTPUTS = True
+    yield
+    block_sparse.POISON_OUTPUTS = False
