@@ -5,6 +5,7 @@ kernel is in ``triton.py`` and the plain torch reference in ``reference.py``.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from typing import Optional
@@ -22,13 +23,25 @@ def _err(name: str, expected: str, got) -> ValueError:
 
 
 _CAP: dict = {}
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_TRI = None
+if _HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+    # imported now (not inside the call) so that torch.compile never traces an import
+    from . import triton as _TRI  # noqa: F811
+
+
+def _impl():
+    global _TRI
+    if _TRI is None:
+        from . import triton as _t
+
+        _TRI = _t
+    return _TRI
 
 
 def _triton_ok(q) -> tuple[bool, str]:
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # pragma: no cover
-        return False, f"triton is not importable ({e})"
+    if not _HAS_TRITON:  # pragma: no cover
+        return False, "triton is not installed"
     if q.is_cuda:
         if q.device not in _CAP:
             _CAP[q.device] = torch.cuda.get_device_capability(q.device)[0]
@@ -155,8 +168,6 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         raise ValueError(f"backend: 'triton' cannot run these inputs: {why}")
     use_triton = ok if backend is None else backend == "triton"
     if use_triton:
-        from .triton import sparse_decode_triton
-
         idx = cnt = None
         P = 1
         if pattern is not None:
@@ -166,13 +177,12 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                 idx, cnt = idx.expand(-1, Hkv, -1), cnt.expand(-1, Hkv)
                 if log_weight is not None:
                     log_weight = log_weight.expand(-1, Hkv, -1)
-        from .triton import sparse_decode_op
-
-        if sparse_decode_op is not None and _compiling():
-            out, lse = sparse_decode_op(q, k_cache, v_cache, idx, cnt, kl, log_weight, block_table, scale, P,
+        impl = _impl()
+        if impl.sparse_decode_op is not None and _compiling():
+            out, lse = impl.sparse_decode_op(q, k_cache, v_cache, idx, cnt, kl, log_weight, block_table, scale, P,
                                         int(num_splits or 0))
         else:
-            out, lse = sparse_decode_triton(q, k_cache, v_cache, idx, cnt, kl, scale=scale, page_size=P,
+            out, lse = impl.sparse_decode_triton(q, k_cache, v_cache, idx, cnt, kl, scale=scale, page_size=P,
                                             log_weight=log_weight, block_table=block_table, num_splits=num_splits)
     else:
         out, lse = sparse_decode_reference(q, k_cache, v_cache, pattern, scale=scale, kv_lens=kl,

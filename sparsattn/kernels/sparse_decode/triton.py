@@ -13,6 +13,7 @@ Only long-standing Triton APIs are used (tested with triton 3.6 and 3.9).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -267,8 +268,6 @@ __all__ = ["sparse_decode_triton", "choose_splits"]
 def _register_op():
     """``torch.ops.sparsattn.sparse_decode``: the launch as a custom op, so ``torch.compile`` can trace
     through it (eager calls skip the dispatcher and launch directly)."""
-    from typing import Optional
-
     @torch.library.custom_op("sparsattn::sparse_decode", mutates_args=())
     def sparse_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, indices: Optional[torch.Tensor],
                          counts: Optional[torch.Tensor], kv_lens: torch.Tensor, log_weight: Optional[torch.Tensor],
@@ -288,5 +287,8 @@ def _register_op():
 
 try:
     sparse_decode_op = _register_op()
-except Exception:  # pragma: no cover - torch without torch.library.custom_op
+except Exception as e:  # pragma: no cover - torch without torch.library.custom_op
+    import warnings
+
+    warnings.warn(f"sparsattn: sparse_decode custom op not registered ({e}); torch.compile will not trace it")
     sparse_decode_op = None
