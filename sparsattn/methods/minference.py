@@ -11,6 +11,7 @@ Registered names:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -263,8 +264,6 @@ def search_patterns(captured: dict, candidates: Optional[Sequence[dict]] = None,
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1):
         raise ValueError(f"budget: expected None or a density in (0, 1], got {budget!r}")
     plan: dict = {}
-    import warnings
-
     for layer in sorted(captured, key=int):
         t = captured[layer]
         if not isinstance(t, (tuple, list)) or len(t) < 2:
@@ -396,8 +395,6 @@ class MInference(Method):
             cands = [{"type": "a_shape", "n_init": 16, "n_local": 64},
                      {"type": "vertical_slash", "v_size": 40, "s_size": 50},
                      {"type": "block_sparse", "top_k": 3}]
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return cls.fit({0: (q, k, v)}, cands, block_size=32, last_q=16)

@@ -1,7 +1,6 @@
 """oracle_topk: the true top-k key blocks per query block from exact attention (upper bound)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 

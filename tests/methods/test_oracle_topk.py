@@ -1,6 +1,5 @@
 """oracle_topk: exact top-k blocks; recall >= other block selections at equal block budget."""
 import math
-import warnings
 
 import pytest
 import torch
