@@ -9,6 +9,10 @@
 * ``topk_mask`` / ``topk_indices``: top-k along the last dim ignoring ``-inf`` entries.
 * ``group_query_heads``: view ``q [B, Hq, T, D]`` as ``[B, Hkv, G, T, D]`` for GQA scoring.
 
+A Triton version of the vertical/slash estimate (two streaming passes, no ``[B, Hq, last_q, Tk]``
+tensor) is ``sparsattn.kernels.estimate.triton.vertical_slash_scores_triton`` (CUDA, or CPU with
+``TRITON_INTERPRET=1``; tested against the reference in interpret mode).
+
 Every function takes tensors in the public layout ``[batch, heads, tokens, head_dim]`` and
 returns float32 scores; query heads are scored against their GQA key head without repeating K.
 """
