@@ -25,10 +25,14 @@ class RetrievalAttention(Method):
 
     Defaults: 128 initial + 512 recent static tokens [code, MInference's port]; ``top_k`` 100 (the
     paper's small k, [mem], unverified; MInference's port uses 2000). HNSW: ``M`` 16,
-    ``ef_construction`` 200, search ``ef = max(ef_search, top_k)``. Not implemented: the paper's
-    attention-aware index (linking keys through prefill queries' exact top-k, projected to a
-    key-key graph); this is the plain key-key HNSW baseline, which the paper shows needs to scan
-    more keys for the same recall on out-of-distribution queries.
+    ``ef_construction`` 200, search ``ef = max(ef_search, top_k)``.
+
+    ``index``: ``"hnsw"`` (default: a plain key-key HNSW, the baseline the paper improves on) or
+    ``"attention_aware"``: the paper's idea, a key graph built from the prefill queries' exact
+    top-``knn`` keys projected onto key-key edges (``sparsattn.kv.ann.AttentionAwareIndex``, degree
+    ``2 * M``); it needs ``ctx.extras["prefill_q"]`` ``[B, Hq, Tp, D]`` on the first decode step
+    (at most ``max_build_queries`` per KV head are used). It is a numpy implementation (slower
+    than hnswlib per query) that recovers the OOD recall a key-only index loses.
 
     Index state in ``ctx.state["retrieval_attention"][layer]``. ``select(q, k_cache, ctx)`` ->
     TokenPattern (heads Hkv).
@@ -39,15 +43,32 @@ class RetrievalAttention(Method):
     n_sink: int = 128
     window: int = 512
     top_k: int = 100
+    index: str = "hnsw"
     M: int = 16
     ef_construction: int = 200
     ef_search: int = 100
+    knn: int = 32
+    max_build_queries: int = 4096
 
     def __post_init__(self):
-        for name, lo in (("n_sink", 0), ("window", 0), ("top_k", 0), ("M", 2), ("ef_construction", 1), ("ef_search", 1)):
+        for name, lo in (("n_sink", 0), ("window", 0), ("top_k", 0), ("M", 2), ("ef_construction", 1), ("ef_search", 1),
+                         ("knn", 1), ("max_build_queries", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+        if self.index not in ("hnsw", "attention_aware"):
+            raise ValueError(f"index: expected 'hnsw' or 'attention_aware', got {self.index!r}")
+
+    def _build_queries(self, ctx, b: int, h: int, G: int) -> np.ndarray:
+        pq = ctx.extras.get("prefill_q")
+        if pq is None:
+            raise ValueError("ctx.extras['prefill_q']: index='attention_aware' needs the prefill queries "
+                             "[B, Hq, Tp, D] of this layer when the index is built (first decode step)")
+        qq = pq[b, h * G:(h + 1) * G].detach().float().reshape(-1, pq.shape[-1])
+        if qq.shape[0] > self.max_build_queries:  # evenly spaced subsample, the last queries included
+            sel = torch.linspace(qq.shape[0] - 1, 0, self.max_build_queries).round().long().flip(0)
+            qq = qq[sel]
+        return qq.cpu().numpy()
 
     def _index(self, keys: np.ndarray, ids: np.ndarray, idx=None):
         import hnswlib
@@ -83,7 +104,17 @@ class RetrievalAttention(Method):
                 keys = k[b, :, lo:end].detach().float().cpu().numpy()
                 ids = np.arange(lo, end)
                 for h in range(Hkv):
-                    st["index"][b][h] = self._index(np.ascontiguousarray(keys[h]), ids, st["index"][b][h])
+                    kh = np.ascontiguousarray(keys[h])
+                    ix = st["index"][b][h]
+                    if self.index == "hnsw":
+                        st["index"][b][h] = self._index(kh, ids, ix)
+                    elif ix is None:
+                        from ..kv.ann import AttentionAwareIndex
+
+                        st["index"][b][h] = AttentionAwareIndex(D, degree=2 * self.M, knn=self.knn).build(
+                            kh, ids, self._build_queries(ctx, b, h, G))
+                    else:
+                        ix.add(kh, ids)
                 st["upto"][b] = end
             st["kv_lens"][b] = L
             n_idx = max(0, st["upto"][b] - self.n_sink)
@@ -94,8 +125,11 @@ class RetrievalAttention(Method):
                 continue
             for h in range(Hkv):
                 ix = st["index"][b][h]
-                ix.set_ef(max(self.ef_search, self.top_k))
-                labels, _ = ix.knn_query(qh[b, h], k=self.top_k, num_threads=1)
+                if self.index == "hnsw":
+                    ix.set_ef(max(self.ef_search, self.top_k))
+                    labels, _ = ix.knn_query(qh[b, h], k=self.top_k, num_threads=1)
+                else:
+                    labels = np.concatenate([ix.search(qv, self.top_k, ef=max(self.ef_search, self.top_k)) for qv in qh[b, h]])
                 sel = torch.as_tensor(np.unique(labels.astype(np.int64)), device=k.device)
                 mask[b, h, sel] = True
         return mask_to_pattern(mask, T)

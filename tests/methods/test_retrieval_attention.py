@@ -41,3 +41,22 @@ def test_full_budget_equals_dense():
     assert_equals_dense(q, k, v, p, kl)
     with pytest.raises(ValueError, match="top_k"):
         get_method("retrieval_attention", top_k=-1)
+
+
+def test_attention_aware_index_finds_the_needle():
+    q, k, v, pos = needle_case(T=1024, pos=(300, 600))
+    gen = torch.Generator().manual_seed(7)
+    # prefill queries resemble the decode query (same direction), keys do not
+    prefill_q = q[:, :, None, :] + 0.5 * torch.randn(2, 8, 64, 64, generator=gen)
+    m = get_method("retrieval_attention", n_sink=8, window=32, top_k=8, index="attention_aware")
+    ctx = SelectContext(layer=0, extras={"prefill_q": prefill_q, "kv_lens": torch.tensor([900, 900])})
+    p = m.select(q, k, ctx)
+    assert all(selects(p, b, h, pos[b]) for b in range(2) for h in range(2))
+    # later steps insert the tokens leaving the window into the graph
+    k2 = k.clone()
+    k2[:, :, 960] = 8 * q.view(2, 2, 4, 64).mean(2)
+    ctx.extras["kv_lens"] = torch.tensor([1000, 1000])  # 960 < 1000 - 32: now indexed, not in the window
+    p2 = m.select(q, k2, ctx)
+    assert all(selects(p2, b, h, 960) for b in range(2) for h in range(2))
+    with pytest.raises(ValueError, match="prefill_q"):
+        m.select(q, k, SelectContext(layer=0))
