@@ -72,7 +72,8 @@ def _bytes(B, Hq, Hkv, D, item, n_tokens_per_row: float, n_idx_per_row: float) -
 def run_decode_bench(lengths: Sequence[int] = (32768, 131072), batches: Sequence[int] = (1, 8),
                      budgets: Sequence[float] = (1 / 16, 1 / 64), hq: int = 32, hkv: int = 8, d: int = 128,
                      dtype: torch.dtype = torch.bfloat16, device: Optional[str] = None, out_csv: Optional[str] = None,
-                     flex: bool = True, methods: bool = True, reps: int = 5, check: bool = True) -> list[dict]:
+                     flex: bool = True, methods: bool = True, reps: int = 5, check: bool = True,
+                     tune: bool = True) -> list[dict]:
     """run_decode_bench: per-token decode latency of the sparse kernel vs dense SDPA and Flex (CSV rows).
 
     Args:
@@ -81,6 +82,8 @@ def run_decode_bench(lengths: Sequence[int] = (32768, 131072), batches: Sequence
         device: "cuda" when available, else "cpu" (use tiny sizes there).
         out_csv: path of the CSV written at the end (also printed as a short table).
         flex: include FlexAttention rows (CUDA only); methods: include quest/double_sparsity rows.
+        tune: on CUDA, also time kernel configurations (block_n, num_warps, splits) at the largest
+            (T, B) and the first budget, rows ``sparse_tokens[bn=..,w=..,s=..]`` (and pages16).
     Returns the list of row dicts.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -164,6 +167,8 @@ def run_decode_bench(lengths: Sequence[int] = (32768, 131072), batches: Sequence
                             p0 = TokenPattern(pat.indices[:1], pat.counts[:1], T, P)
                             err = float((fn()[:1].float() - ref0(p0).float()).abs().max())
                         row(impl, T, B, budget, P, _time(fn, dev, reps), None, sdpa_ms, nbytes, err)
+                        if tune and dev.type == "cuda" and T == max(lengths) and B == max(batches) and budget == budgets[0]:
+                            _config_rows(row, impl, q, k, v, pat, kv_lens, T, B, budget, P, dev, reps, sdpa_ms, nbytes)
                     except Exception as e:
                         row(impl, T, B, budget, P, None, None, sdpa_ms, nbytes, None, f"failed: {type(e).__name__}: {e}"[:200])
                 if flex_fn is not None:
@@ -195,6 +200,25 @@ def run_decode_bench(lengths: Sequence[int] = (32768, 131072), batches: Sequence
             w.writerows(rows)
         print(f"wrote {out_csv}")
     return rows
+
+
+def _config_rows(row, impl, q, k, v, pat, kv_lens, T, B, budget, P, dev, reps, sdpa_ms, nbytes):
+    """Kernel launch configurations on one case (the defaults are block_n 64, 4 warps, auto splits)."""
+    from ..kernels.sparse_decode.triton import sparse_decode_triton
+
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    for bn in (32, 64, 128):
+        for w in (4, 8):
+            for sp in (None, 2, 8, 16):
+                def fn(bn=bn, w=w, sp=sp):
+                    return sparse_decode_triton(q, k, v, pat.indices, pat.counts, kv_lens, scale=scale, page_size=P,
+                                                block_n=bn, num_warps=w, num_splits=sp)
+                try:
+                    row(f"{impl}[bn={bn},w={w},s={sp or 'auto'}]", T, B, budget, P, _time(fn, dev, reps), None,
+                        sdpa_ms, nbytes, None)
+                except Exception as e:
+                    row(f"{impl}[bn={bn},w={w},s={sp or 'auto'}]", T, B, budget, P, None, None, sdpa_ms, nbytes,
+                        None, f"failed: {type(e).__name__}: {e}"[:200])
 
 
 def _method_rows(row, q, k, v, kv_lens, T, B, budget, backend, dev, reps, sdpa_ms, hq, hkv, d, item):
@@ -247,6 +271,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="*", default=None)
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-methods", action="store_true")
+    ap.add_argument("--no-tune", action="store_true", help="skip the kernel configuration sweep")
     a = ap.parse_args(argv)
     out = a.out or (os.path.join(os.environ["OUT"], "decode_bench.csv") if os.environ.get("OUT") else None)
     if a.tiny:
@@ -255,7 +280,7 @@ def main(argv=None) -> int:
                          methods=not a.no_methods, reps=2)
     else:
         run_decode_bench(lengths=a.lengths or (32768, 131072), batches=a.batches or (1, 8), out_csv=out,
-                         flex=not a.no_flex, methods=not a.no_methods)
+                         flex=not a.no_flex, methods=not a.no_methods, tune=not a.no_tune)
     return 0
 
 

@@ -155,12 +155,13 @@ def _dummy(device, dtype) -> torch.Tensor:
 
 
 def choose_splits(n_programs: int, max_sel: int, block_n: int, device) -> int:
-    """Number of split-K slices: enough programs to fill the GPU, each with >= 4 blocks of work."""
+    """Number of split-K slices: enough programs to fill the GPU (about 2 per SM), each with at
+    least 2 blocks of ``block_n`` selected tokens."""
     if max_sel <= 0:
         return 1
     target = 2 * _sm_count(device)
     want = max(1, -(-target // max(n_programs, 1)))
-    most = max(1, -(-max_sel // (4 * block_n)))
+    most = max(1, -(-max_sel // (2 * block_n)))
     return int(min(want, most, 64))
 
 
