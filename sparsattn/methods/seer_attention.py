@@ -342,6 +342,7 @@ class SeerAttention(Method):
             if len(gate.layers) != 1:
                 raise ValueError(f"ctx.layer: expected a layer index (the gate covers layers {gate.layers}), got None")
             layer = gate.layers[0]
+        gate.check_shape(q, k)
         if gate.head_inv_freq.device != q.device:
             gate.to(q.device)
         with torch.no_grad():

@@ -1,8 +1,9 @@
 """attn_pool: block-max-pooled attention map, SeerAttention's distillation target
 (SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs, arXiv 2410.13276).
 
-``attn_pool(q, k, block_size=64, backend=None)`` dispatches to the Triton kernel when it can run
-(CUDA, or the CPU with ``TRITON_INTERPRET=1``) and to the chunked torch reference otherwise.
+``attn_pool(q, k, block_size=64, backend=None)`` runs the Triton kernel on CUDA and the chunked
+torch reference on the CPU (the Triton interpreter, ``TRITON_INTERPRET=1``, is for testing the
+kernel: ask for it with ``backend="triton"``).
 """
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ def attn_pool(q: torch.Tensor, k: torch.Tensor, *, block_size: int = 64, scale: 
               normalize: bool = True, backend: Optional[str] = None) -> torch.Tensor:
     """attn_pool: float32 ``[B, Hq, ceil(Tq/bs), ceil(Tk/bs)]`` block-max-pooled causal attention map.
 
-    ``backend``: None (Triton when ``can_run``, else the reference), ``"triton"`` or ``"reference"``.
+    ``backend``: None (Triton on CUDA, else the reference), ``"triton"`` (CUDA, or the CPU
+    interpreter) or ``"reference"``.
     """
     if backend not in (None, "triton", "reference"):
         raise ValueError(f"backend: expected None, 'triton' or 'reference', got {backend!r}")
     if backend is None:
-        backend = "triton" if can_run(q)[0] else "reference"
+        backend = "triton" if q.device.type == "cuda" and can_run(q)[0] else "reference"
     if backend == "triton":
         return attn_pool_triton(q, k, block_size=block_size, scale=scale, normalize=normalize)
     return attn_pool_reference(q, k, block_size=block_size, scale=scale, normalize=normalize)

@@ -1,0 +1,496 @@
+"""MoA: Mixture of Attention Spans, per-head elastic sliding windows found by gradient profiling
+(MoA: Mixture of Sparse Attention for Automatic Large Language Model Compression, arXiv 2406.14909).
+
+Each head ``h`` of each layer keeps the first ``sink`` keys plus a causal window of
+``span_h(N) = alpha_h + beta_h * N`` keys, ``N`` = key length (rounded, clipped to
+``[min_span, N]``). The window is exact at token granularity: partial tiles at the window edge and
+the sink boundary are element-masked tiles of the BlockPattern (``patterns._from_predicate``), so
+``select`` computes exactly ``sink | (0 <= i - j < span_h)``.
+
+Fitting (``fit_moa``) has two steps:
+
+1. **Profiling** (``profile_moa``): calibration sequences whose answers the dense model itself
+   generated (a retrieval-style prompt built from training-split text: a long context, then a
+   snippet of it; the model greedily continues), loss on the answer tokens only. An explicit
+   (quadratic) attention function records every attention matrix ``A`` of every layer and, from
+   ``G = dL/dA`` (backward hook), the predicted loss increase of masking each entry, with the
+   softmax renormalisation (MoA's ``effect``): ``E_ij = -A_ij (G_ij - sum_j' G_ij' A_ij') /
+   (1 - A_ij)`` (first row ``-G A``), optionally ``|E|`` (``take_abs``, default True). Entries are
+   summed along diagonals ``d = i - j`` (sink columns excluded, they are always kept), so the loss
+   of a span ``s`` is the suffix sum ``sum_{d >= s}``: one ``[L, H, N]`` profile per length.
+2. **Search** (``search_plan``): one ``(alpha, beta)`` per head minimising the summed predicted
+   loss over the profiled lengths subject to ``mean density <= budget`` at *each* length. Solved by
+   Lagrangian relaxation (one multiplier per length, each found by bisection; the relaxed problem
+   splits into a per-head argmin) followed by a greedy fill of the remaining slack. Why not the
+   exact DP: a multiple-choice knapsack DP handles one budget; with one constraint per profiled
+   length the DP state is a tuple of budgets (exponential in the number of lengths), whereas the
+   Lagrangian handles every length at the cost of a duality gap bounded by one head's loss range,
+   which is negligible next to the total for models with hundreds of heads. (No Gurobi here.)
+
+The plan is a calibration JSON (``sparsattn.calibration``) with the model shape; other shapes are
+refused naming the field.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from .. import patterns
+from ..calibration import ModelShape, load_calibration, save_calibration
+from .base import Method, SelectContext, register
+
+Tensor = torch.Tensor
+_FIT_HINT = ("fit a plan with sparsattn.methods.moa.fit_moa(model, tokenizer, lengths=(2048, 4096), budget=0.5, "
+             "out_path=PLAN.json) and pass plan_path=PLAN.json (or call .load_plan(PLAN.json))")
+
+
+def spans_for(alpha: Tensor, beta: Tensor, n: int, min_span: int = 1) -> Tensor:
+    """Per-head span ``clip(round(alpha + beta * n), min_span, n)`` as int64."""
+    s = torch.round(alpha.double() + beta.double() * n).long()
+    return s.clamp(min=min(min_span, n), max=max(n, 1))
+
+
+def span_density(span: Tensor, sink: int, n: int) -> Tensor:
+    """Causal density (kept pairs / causal pairs) of sink + window ``span`` at length ``n`` (any shape)."""
+    i = torch.arange(n, dtype=torch.float64)
+    s = span.double()[..., None]
+    row = torch.minimum(i + 1, s) + torch.clamp(torch.minimum(torch.tensor(float(sink), dtype=torch.float64),
+                                                              i + 1 - s), min=0)
+    return row.sum(-1) / (n * (n + 1) / 2)
+
+
+def candidate_grid(lengths: Sequence[int], alpha_step: int = 1024, n_beta: int = 9) -> tuple[Tensor, Tensor]:
+    """MoA's grid: alpha in ``[-min_len, max_len]`` every ``alpha_step``; beta ``linspace(0, 1, n_beta)``."""
+    lo, hi = -min(lengths), max(lengths)
+    alphas = torch.arange(lo, hi + 1, alpha_step, dtype=torch.float64)
+    betas = torch.linspace(0, 1, n_beta, dtype=torch.float64)
+    a, b = torch.meshgrid(alphas, betas, indexing="ij")
+    return a.reshape(-1), b.reshape(-1)
+
+
+def search_plan(loss: Tensor, density: Tensor, budget: float, *, iters: int = 60) -> tuple[Tensor, dict]:
+    """search_plan: choose one candidate per head (multiple-choice knapsack, Lagrangian relaxation).
+
+    Args:
+        loss: ``[n_len, n_heads, n_cand]`` predicted loss increase of each candidate at each length.
+        density: ``[n_len, n_heads, n_cand]`` density of each candidate (in [0, 1]).
+        budget: bound on the mean density over heads, at every length.
+    Returns:
+        ``(choice [n_heads] int64, info)``; info has the per-length mean density, the total loss,
+        the multipliers and ``feasible`` (False only if even the sparsest choice breaks the budget,
+        in which case the sparsest candidates are returned).
+    """
+    if loss.shape != density.shape or loss.dim() != 3:
+        raise ValueError(f"loss/density: expected equal shapes [n_len, n_heads, n_cand], got "
+                         f"{tuple(loss.shape)} and {tuple(density.shape)}")
+    if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
+        raise ValueError(f"budget: expected a float in (0, 1], got {budget!r}")
+    loss, density = loss.double(), density.double()
+    n_len, H, C = loss.shape
+    cost = loss.sum(0)  # [H, C]
+    heads = torch.arange(H)
+
+    def pick(lam: Tensor) -> Tensor:
+        obj = cost + (lam[:, None, None] * density).sum(0)
+        # ties: prefer the sparser candidate (sum of densities), then the lower index
+        obj = obj + 1e-12 * density.sum(0)
+        return obj.argmin(-1)
+
+    def dens_of(ch: Tensor) -> Tensor:
+        return density[:, heads, ch].mean(-1)  # [n_len]
+
+    lam = torch.zeros(n_len, dtype=torch.float64)
+    ch = pick(lam)
+    scale = float(cost.abs().max()) * H + 1.0
+    for _ in range(4 * n_len + 4):  # cyclic bisection on the violated lengths
+        d = dens_of(ch)
+        viol = (d > budget + 1e-12).nonzero().flatten()
+        if viol.numel() == 0:
+            break
+        l = int(viol[(d[viol] - budget).argmax()])
+        lo, hi = float(lam[l]), float(lam[l]) + 1.0
+        while True:
+            lam2 = lam.clone()
+            lam2[l] = hi
+            if dens_of(pick(lam2))[l] <= budget + 1e-12 or hi > 1e6 * scale:
+                break
+            lo, hi = hi, hi * 2
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            lam2 = lam.clone()
+            lam2[l] = mid
+            if dens_of(pick(lam2))[l] <= budget + 1e-12:
+                hi = mid
+            else:
+                lo = mid
+        lam[l] = hi
+        ch = pick(lam)
+    feasible = bool((dens_of(ch) <= budget + 1e-12).all())
+    if not feasible:  # sparsest candidates (by summed density) as the fallback
+        ch = density.sum(0).argmin(-1)
+        feasible = bool((dens_of(ch) <= budget + 1e-12).all())
+    else:  # greedy fill: best loss decrease per density increase while every budget holds
+        while True:
+            cur_d = dens_of(ch)
+            cur_cost = cost[heads, ch]
+            gain = cur_cost[:, None] - cost  # [H, C]
+            new_d = cur_d[:, None, None] + (density - density[:, heads, ch][..., None]) / H  # [n_len, H, C]
+            ok = (new_d <= budget + 1e-12).all(0) & (gain > 0)
+            if not ok.any():
+                break
+            extra = (new_d - cur_d[:, None, None]).clamp_min(0).sum(0) + 1e-15
+            score = torch.where(ok, gain / extra, torch.full_like(gain, -1.0))
+            h, c = divmod(int(score.argmax()), C)
+            ch = ch.clone()
+            ch[h] = c
+    return ch, {"density": dens_of(ch).tolist(), "loss": float(cost[heads, ch].sum()),
+                "multipliers": lam.tolist(), "feasible": feasible}
+
+
+@register("moa")
+@dataclass
+class MoA(Method):
+    """MoA: per-head elastic sink + sliding window, span = alpha_h + beta_h * N (arXiv 2406.14909).
+
+    Args:
+        plan_path: calibration JSON from ``fit_moa`` (None = load or fit later).
+        block_size: block size of the returned patterns (64).
+    The plan records ``sink`` (default 64 tokens when fitting) and ``min_span``.
+    """
+
+    paper = "MoA: Mixture of Sparse Attention for Automatic Large Language Model Compression (arXiv 2406.14909)"
+    phase = "prefill"
+    trainable = False
+    needs = ("calibration",)
+
+    plan_path: Optional[str] = None
+    block_size: int = 64
+    _plan: Optional[dict] = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        bs = self.block_size
+        if not isinstance(bs, int) or bs < 16 or bs & (bs - 1):
+            raise ValueError(f"block_size: expected a power of two >= 16, got {bs!r}")
+        if self.plan_path is not None:
+            self.load_plan(self.plan_path)
+
+    # -- plan -------------------------------------------------------------------------------------
+    @property
+    def is_fitted(self) -> bool:
+        return self._plan is not None
+
+    @property
+    def plan(self) -> dict:
+        if self._plan is None:
+            raise ValueError(f"moa: no span plan loaded; {_FIT_HINT}")
+        return self._plan
+
+    def set_plan(self, shape, alpha, beta, *, sink: int = 64, min_span: int = 64, info: Optional[dict] = None) -> "MoA":
+        """Install a plan: ``alpha``/``beta`` ``[num_layers][num_heads]`` for ``shape`` (ModelShape or dict)."""
+        shape = shape if isinstance(shape, ModelShape) else ModelShape.from_dict(shape)
+        a = torch.as_tensor(alpha, dtype=torch.float64)
+        b = torch.as_tensor(beta, dtype=torch.float64)
+        want = (shape.num_layers, shape.num_heads)
+        for name, t in (("alpha", a), ("beta", b)):
+            if tuple(t.shape) != want:
+                raise ValueError(f"{name}: expected [num_layers={want[0]}][num_heads={want[1]}] values, got {tuple(t.shape)}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{name}: expected finite values")
+        if not isinstance(sink, int) or sink < 0:
+            raise ValueError(f"sink: expected an int >= 0, got {sink!r}")
+        if not isinstance(min_span, int) or min_span < 1:
+            raise ValueError(f"min_span: expected an int >= 1, got {min_span!r}")
+        self._plan = {"shape": shape, "alpha": a, "beta": b, "sink": sink, "min_span": min_span, "info": dict(info or {})}
+        return self
+
+    def save_plan(self, path) -> str:
+        p = self.plan
+        data = {"alpha": p["alpha"].tolist(), "beta": p["beta"].tolist(), "sink": p["sink"],
+                "min_span": p["min_span"], "info": p["info"]}
+        return save_calibration(path, "moa", p["shape"], data, config={"block_size": self.block_size})
+
+    def load_plan(self, path, *, expect_shape=None) -> "MoA":
+        shape, data, _ = load_calibration(path, method="moa", expect_shape=expect_shape)
+        for key in ("alpha", "beta", "sink", "min_span"):
+            if key not in data:
+                raise ValueError(f"path: {str(path)!r} has no '{key}' in its MoA plan")
+        self.set_plan(shape, data["alpha"], data["beta"], sink=int(data["sink"]), min_span=int(data["min_span"]),
+                      info=data.get("info"))
+        self.plan_path = str(path)
+        return self
+
+    @classmethod
+    def conformance_fit(cls, q: Tensor, k: Tensor, v: Tensor, full: bool = False) -> "MoA":
+        """A plan for one layer with varied per-head spans (``full``: spans covering every key)."""
+        Hq, N = q.shape[1], k.shape[2]
+        shape = ModelShape(1, Hq, k.shape[1], q.shape[3])
+        if full:
+            alpha, beta = [[float(N)] * Hq], [[0.0] * Hq]
+        else:
+            g = torch.Generator().manual_seed(0)
+            alpha = [(torch.randint(0, 96, (Hq,), generator=g).double()).tolist()]
+            beta = [(torch.rand(Hq, generator=g).double() * 0.5).tolist()]
+        return cls().set_plan(shape, alpha, beta, sink=16, min_span=8)
+
+    # -- selection --------------------------------------------------------------------------------
+    def spans(self, layer: int, n: int) -> Tensor:
+        p = self.plan
+        return spans_for(p["alpha"][layer], p["beta"][layer], n, p["min_span"])
+
+    def select(self, q: Tensor, k: Tensor, ctx: Optional[SelectContext] = None):
+        ctx = ctx or SelectContext()
+        p = self.plan
+        if q.dim() != 4 or k.dim() != 4:
+            raise ValueError(f"q/k: expected 4-D tensors [batch, heads, tokens, head_dim], got {tuple(q.shape)}, {tuple(k.shape)}")
+        layer = ctx.layer
+        if layer is None:
+            if p["shape"].num_layers != 1:
+                raise ValueError(f"ctx.layer: expected a layer index (the plan covers {p['shape'].num_layers} layers), got None")
+            layer = 0
+        p["shape"].check_qk(q, k, layer, source="moa plan")
+        Tq, Tk = q.shape[2], k.shape[2]
+        if Tk < Tq:
+            raise ValueError(f"k tokens: expected >= q tokens ({Tq}), got {Tk}")
+        span = self.spans(int(layer), Tk).to(q.device)
+        return sink_window_pattern(Tq, Tk, span, p["sink"], block_size=self.block_size, causal=ctx.causal,
+                                   device=q.device)
+
+
+def sink_window_pattern(q_len: int, kv_len: int, span: Tensor, sink: int, *, block_size: int = 64,
+                        causal: bool = True, device=None) -> patterns.BlockPattern:
+    """Per-head sink + window BlockPattern ``[1, H, ...]``: key ``j`` of row ``i`` (offset
+    ``o = kv_len - q_len``) kept iff ``j < sink`` or ``0 <= i + o - j < span_h`` (``|i + o - j| <
+    span_h`` when not causal). Exact at token level (edge tiles in the mask bank)."""
+    H = span.shape[0]
+    sp = span.to(device=device, dtype=torch.long)
+    off = kv_len - q_len
+    s3 = sp[:, None, None]  # [H, 1, 1]
+
+    if causal:
+        def pred(r, c, h):
+            return (c < sink) | ((r + off - c) < sp[h])
+
+        def anyp(r0, r1, c0, c1):
+            return (c0 < sink) | ((r0 + off - c1) < s3)
+
+        def fullp(r0, r1, c0, c1):
+            return (c1 < sink) | ((r1 + off - c0) < s3)
+    else:
+        def pred(r, c, h):
+            return (c < sink) | ((r + off - c).abs() < sp[h])
+
+        def anyp(r0, r1, c0, c1):
+            gap = torch.clamp(torch.maximum(r0 + off - c1, c0 - r1 - off), min=0)
+            return (c0 < sink) | (gap < s3)
+
+        def fullp(r0, r1, c0, c1):
+            far = torch.maximum((r1 + off - c0).abs(), (c1 - r0 - off).abs())
+            return (c1 < sink) | (far < s3)
+
+    return patterns._from_predicate(pred, fullp, anyp, q_len, kv_len, block_size, block_size, causal, device,
+                                    heads=H)
+
+
+# ------------------------------------------------------------------------------------------------
+# Profiling on a Hugging Face model
+# ------------------------------------------------------------------------------------------------
+
+_PROFILE = "sparsattn_moa_profile"
+
+
+def diagonal_sums(e: Tensor) -> Tensor:
+    """``e [..., T, T]`` -> ``[..., T]``: ``out[..., d] = sum_i e[..., i, i - d]`` (d >= 0, lower part)."""
+    T = e.shape[-1]
+    r = torch.flip(e, dims=[-1])  # r[i, m] = e[i, T-1-m]
+    r = torch.nn.functional.pad(r, (0, T))  # [..., T, 2T]
+    flat = r.reshape(*r.shape[:-2], 2 * T * T)[..., : T * (2 * T - 1)]
+    sheared = flat.reshape(*r.shape[:-2], T, 2 * T - 1)  # sheared[i, c] = r[i, c - i]
+    return sheared[..., T - 1:].sum(-2)
+
+
+def masking_effect(A: Tensor, G: Tensor, *, take_abs: bool = True) -> Tensor:
+    """MoA's first-order loss increase of masking each attention entry (softmax renormalisation
+    included): ``-A (G - sum_j' G A) / (1 - A)``, first row ``-G A``; ``|.|`` with ``take_abs``."""
+    GA = G * A
+    eps = torch.finfo(A.dtype).eps
+    e = A * (G - GA.sum(-1, keepdim=True)) / (1 - A + eps)
+    e[..., 0, :] = GA[..., 0, :]
+    e = -e
+    return e.abs() if take_abs else e
+
+
+class _Profiler:
+    def __init__(self, n_layers: int, sink: int, take_abs: bool):
+        self.sink, self.take_abs = sink, take_abs
+        self.acc: dict[int, Tensor] = {}
+
+    def forward(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        layer = int(getattr(module, "layer_idx", 0))
+        B, Hq, T, D = query.shape
+        rep = Hq // key.shape[1]
+        scaling = D ** -0.5 if scaling is None else scaling
+        kf = key.float().repeat_interleave(rep, 1)
+        vf = value.float().repeat_interleave(rep, 1)
+        s = torch.matmul(query.float(), kf.transpose(-1, -2)) * scaling
+        causal = torch.ones(T, key.shape[2], dtype=torch.bool, device=query.device).tril(key.shape[2] - T)
+        A = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
+        if not A.requires_grad:
+            A.requires_grad_(True)
+        sink, take_abs = self.sink, self.take_abs
+
+        def hook(G, A=A, layer=layer):
+            with torch.no_grad():
+                e = masking_effect(A.detach(), G.float(), take_abs=take_abs)
+                if sink:
+                    e[..., :sink] = 0
+                d = diagonal_sums(e).sum(0).double().cpu()  # [Hq, T]
+                self.acc[layer] = self.acc.get(layer, 0) + d
+            return G
+
+        A.register_hook(hook)
+        out = torch.matmul(A, vf).to(query.dtype)
+        return out.transpose(1, 2).contiguous(), None
+
+
+def profile_moa(model, samples: Sequence[tuple[Tensor, Tensor]], *, sink: int = 64, take_abs: bool = True) -> Tensor:
+    """profile_moa: ``[L, Hq, N]`` diagonal profile of the masking effect, averaged over ``samples``.
+
+    ``samples``: ``(input_ids [1, N], loss_mask [1, N] bool)`` pairs of one length ``N``; the loss is
+    the mean next-token cross-entropy at the positions where ``loss_mask`` is true (the answer).
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from ..integrations.hf import _set_impl, attention_modules
+
+    mods = attention_modules(model)
+    L = max(mods) + 1
+    prof = _Profiler(L, sink, take_abs)
+    AttentionInterface.register(_PROFILE, prof.forward)
+    AttentionMaskInterface.register(_PROFILE, sdpa_mask)
+    configs, saved = [], []
+    for m in mods.values():
+        if all(m.config is not c for c in configs):
+            configs.append(m.config)
+            saved.append(m.config.__dict__.get("_attn_implementation_internal", getattr(m.config, "_attn_implementation", None)))
+    n = None
+    try:
+        for c in configs:
+            _set_impl(c, _PROFILE)
+        for ids, mask in samples:
+            if n is not None and ids.shape[1] != n:
+                raise ValueError(f"samples: expected one length per call, got {n} and {ids.shape[1]}")
+            n = ids.shape[1]
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            tgt = ids[:, 1:]
+            m = mask[:, 1:].to(logits.device)
+            if not m.any():
+                raise ValueError("samples: a loss_mask selects no answer token")
+            loss = torch.nn.functional.cross_entropy(logits[m], tgt[m])
+            loss.backward()
+    finally:
+        for c, s in zip(configs, saved):
+            _set_impl(c, s)
+    if not prof.acc:
+        raise RuntimeError("profile_moa: no attention call went through the profiling function")
+    Hq = next(iter(prof.acc.values())).shape[0]
+    out = torch.zeros(L, Hq, n, dtype=torch.float64)
+    for l, d in prof.acc.items():
+        out[l] = d / len(samples)
+    return out
+
+
+def calibration_samples(model, tokenizer, length: int, n: int, *, answer_len: int = 64, query_len: int = 16,
+                        seed: int = 0, max_files: Optional[int] = None) -> list[tuple[Tensor, Tensor]]:
+    """Retrieval-style calibration samples of ``length`` tokens answered by the dense model itself:
+    a context of training-split source text, then a ``query_len``-token snippet copied from the
+    context's first half, then ``answer_len`` tokens greedily generated by ``model`` (the loss mask)."""
+    from ..train.seer_gate import token_windows
+
+    dev = next(model.parameters()).device
+    ctx_len = length - query_len - answer_len
+    if ctx_len < 2 * query_len:
+        raise ValueError(f"length: expected > {3 * query_len + answer_len} tokens, got {length}")
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    win = token_windows(tokenizer, ctx_len, seed=seed, max_files=max_files)
+    for _ in range(n):
+        ctx = next(win)
+        p = int(torch.randint(0, max(1, ctx_len // 2 - query_len), (1,), generator=g))
+        prompt = torch.cat([ctx, ctx[:, p:p + query_len]], dim=1).to(dev)
+        with torch.no_grad():
+            ids = prompt
+            for _ in range(answer_len):  # greedy, no cache: exact and model-agnostic
+                nxt = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+                ids = torch.cat([ids, nxt], dim=1)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        mask[:, prompt.shape[1]:] = True
+        out.append((ids, mask))
+    return out
+
+
+def fit_moa(model_or_path, tokenizer=None, *, lengths: Sequence[int] = (2048, 4096), budget: float = 0.5,
+            samples_per_length: int = 4, answer_len: int = 64, sink: int = 64, min_span: int = 64,
+            alpha_step: int = 1024, n_beta: int = 9, take_abs: bool = True, device: Optional[str] = None,
+            out_path=None, seed: int = 0, max_files: Optional[int] = None, log=print) -> MoA:
+    """fit_moa: profile an HF causal LM at ``lengths``, search per-head spans under ``budget``.
+
+    ``model_or_path``: a loaded model or a local path (then ``tokenizer`` may be None). Returns a
+    fitted ``MoA``; with ``out_path`` the plan JSON is written too. The samples' answer tokens are
+    generated by the model itself; profiling is quadratic in length (explicit attention matrices).
+    """
+    from ..integrations.hf import attention_modules
+
+    if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = AutoModelForCausalLM.from_pretrained(str(model_or_path), dtype=torch.float32).to(device).eval()
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model_or_path))
+    else:
+        model = model_or_path.eval()
+        if device is not None:
+            model = model.to(device)
+    if tokenizer is None:
+        raise ValueError("tokenizer: expected a tokenizer when a model object is given")
+    lengths = sorted(int(x) for x in lengths)
+    if not lengths or lengths[0] < 4 * (answer_len + 16):
+        raise ValueError(f"lengths: expected lengths >= {4 * (answer_len + 16)}, got {lengths}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    mods = attention_modules(model)
+    m0 = mods[min(mods)]
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hq = cfg.num_attention_heads
+    hkv = getattr(cfg, "num_key_value_heads", None) or hq
+    hd = getattr(m0, "head_dim", None) or cfg.hidden_size // hq
+    shape = ModelShape(max(mods) + 1, int(hq), int(hkv), int(hd))
+    alphas, betas = candidate_grid(lengths, alpha_step, n_beta)
+    losses, dens = [], []
+    for n in lengths:
+        samples = calibration_samples(model, tokenizer, n, samples_per_length, answer_len=answer_len, seed=seed + n,
+                                      max_files=max_files)
+        prof = profile_moa(model, samples, sink=sink, take_abs=take_abs)  # [L, H, n]
+        suffix = torch.flip(torch.cumsum(torch.flip(prof, [-1]), -1), [-1])  # loss of span s = suffix[s]
+        suffix = torch.cat([suffix, torch.zeros(*suffix.shape[:-1], 1, dtype=suffix.dtype)], -1)
+        sp = spans_for(alphas, betas, n, min_span)  # [C]
+        losses.append(suffix[..., sp].reshape(-1, sp.numel()))  # [L*H, C]
+        dens.append(span_density(sp, sink, n)[None].expand(shape.num_layers * shape.num_heads, -1))
+        if log:
+            log(f"profiled length {n}: {samples_per_length} samples, total effect {float(prof.sum()):.4g}")
+    choice, info = search_plan(torch.stack(losses), torch.stack(dens), budget)
+    a = alphas[choice].view(shape.num_layers, shape.num_heads)
+    b = betas[choice].view(shape.num_layers, shape.num_heads)
+    info.update({"lengths": lengths, "budget": budget, "samples_per_length": samples_per_length,
+                 "take_abs": take_abs, "answer_len": answer_len})
+    moa = MoA().set_plan(shape, a.tolist(), b.tolist(), sink=sink, min_span=min_span, info=info)
+    if out_path is not None:
+        moa.save_plan(out_path)
+        moa.plan_path = str(out_path)
+    if log:
+        log(f"MoA plan: density per length {['%.3f' % d for d in info['density']]} (budget {budget}), "
+            f"predicted loss {info['loss']:.4g}")
+    return moa
