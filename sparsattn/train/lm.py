@@ -467,17 +467,19 @@ class _Trainer:
         return micro
 
 
-def _heldout_loss(model, tokenizer, cfg: TrainConfig, device, lengths: list[int], log) -> dict:
-    """Quick held-out LM loss (nats/token) on a few windows of held-out files per length."""
+def _heldout_loss(model, tokenizer, files_future, device, lengths: list[int], log) -> dict:
+    """Quick held-out LM loss (nats/token) on a few windows of held-out files per length.
+
+    ``files_future``: a future of ``source_files("heldout")`` (scanned in a thread during training).
+    """
     import numpy as np
     import torch
     import torch.nn.functional as F
 
-    from ..data import source_files
     from .data import Corpus, raw_tokenizer
 
     try:
-        files = source_files("heldout", roots=[Path(r) for r in cfg.corpus_root] or None)
+        files = files_future.result()
     except ValueError as e:
         log(f"held-out loss skipped: {e}")
         return {}
@@ -652,6 +654,12 @@ def train(cfg: TrainConfig, *, start_time: float | None = None) -> dict:
     }
     metrics = {"recipe": recipe, "training": {}, "environment": env, "selfcheck": {}, "eval": {}}
 
+    # held-out files for the final quick check: scanned in a thread while the GPU trains
+    import concurrent.futures
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    heldout_files = pool.submit(source_files, "heldout", roots=roots)
+    pool.shutdown(wait=False)
+
     # ---------------------------------------------------------------- schedule
     phases = cfg.phases()
     train_t0 = time.monotonic()
@@ -763,7 +771,7 @@ def train(cfg: TrainConfig, *, start_time: float | None = None) -> dict:
         log(f"passkey self-check ({time.monotonic() - t:.1f}s): "
             + ", ".join(f"{L}: {v['acc'] * 100:.0f}%" for L, v in pk.items()))
         t = time.monotonic()
-        hl = _heldout_loss(model, tokenizer, cfg, device, sorted({min(lengths), max(lengths)}), log)
+        hl = _heldout_loss(model, tokenizer, heldout_files, device, sorted({min(lengths), max(lengths)}), log)
         if hl:
             metrics["selfcheck"]["heldout_quick"] = hl
             log(f"held-out quick loss ({time.monotonic() - t:.1f}s): "

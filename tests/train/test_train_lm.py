@@ -107,3 +107,21 @@ def test_tiny_training_end_to_end(tmp_path):
     with torch.no_grad():
         la, lb = a(input_ids=ids).logits, b(input_ids=ids).logits
     assert la.shape[-1] == a.config.vocab_size and torch.equal(la, lb) and torch.isfinite(la).all()
+
+
+def test_tiny_wall_clock_schedule(tmp_path):
+    """Without --steps the curriculum follows the clock: both phases run, the run ends in budget."""
+    import time
+    out = tmp_path / "clock"
+    t0 = time.monotonic()
+    rc = main(["--out", str(out), "--tiny", "--minutes", "0.4", "--reserve-seconds", "4", "--device", "cpu",
+               "--corpus-root", str(EMAIL_ROOT), "--selfcheck-lengths", "", "--no-mid-checkpoints",
+               "--log-every", "5"])
+    wall = time.monotonic() - t0
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    ph = m["training"]["phases"]
+    assert [p["seq_len"] for p in ph] == [256, 512] and all(p["steps"] >= 1 for p in ph)
+    assert m["training"]["train_seconds"] <= 24 and wall <= 24 + 20  # budget + save/reload slack
+    assert 0.4 <= ph[0]["seconds"] / ph[1]["seconds"] <= 2.5  # 50/50 time split
+    assert "passkey" not in m["selfcheck"] and m["training"]["stopped_early"] is False
