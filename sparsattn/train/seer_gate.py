@@ -184,14 +184,15 @@ def capture_for_gate(model, input_ids: Tensor, layers: list[int]) -> dict[int, t
     return out
 
 
-def token_windows(tokenizer, seq_len: int, *, split: str = "train", seed: int = 0,
-                  batch_size: int = 1, max_files: Optional[int] = None) -> Iterator[Tensor]:
-    """Endless ``[batch_size, seq_len]`` windows of tokenized local source files (shuffled, repeated)."""
+def token_windows(tokenizer, seq_len: int, *, files: Optional[list] = None, split: str = "train", seed: int = 0,
+                  batch_size: int = 1) -> Iterator[Tensor]:
+    """Endless ``[batch_size, seq_len]`` windows of tokenized local source files (shuffled, repeated);
+    ``files`` default ``sparsattn.data.source_files(split)``."""
     from ..data import read_source_text, source_files
 
-    files = source_files(split)
-    if max_files is not None:
-        files = files[:max_files]
+    files = list(source_files(split) if files is None else files)
+    if not files:
+        raise ValueError("files: expected at least one text file")
     rng = random.Random(seed)
     eos = getattr(tokenizer, "eos_token_id", None)
     buf: list[int] = []
@@ -208,7 +209,7 @@ def token_windows(tokenizer, seq_len: int, *, split: str = "train", seed: int = 
 
 def train_gates(model_path, out_path, *, steps: int = 1000, seq_len: int = 8192, device: Optional[str] = None,
                 minutes: Optional[float] = None, batch_size: int = 1, lr: float = 1e-3, warmup: int = 20,
-                layers=None, rope_input: str = "pre", seed: int = 0, max_files: Optional[int] = None,
+                layers=None, rope_input: str = "pre", seed: int = 0, files: Optional[list] = None,
                 log: Optional[Callable[[str], None]] = print) -> Path:
     """train_gates: train SeerAttention gates for the local HF model at ``model_path``; save to ``out_path``.
 
@@ -217,7 +218,7 @@ def train_gates(model_path, out_path, *, steps: int = 1000, seq_len: int = 8192,
         seq_len: training sequence length (clipped to the model's ``max_position_embeddings``).
         device: default ``"cuda"`` when available, else ``"cpu"``.
         rope_input: ``"pre"`` (paper) or ``"post"``; see ``sparsattn.methods.seer_attention``.
-        max_files: use only the first N training files (tests).
+        files: text files to train on (default ``sparsattn.data.source_files("train")``).
     Returns the gate directory (``gate.safetensors`` + ``config.json``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -237,7 +238,7 @@ def train_gates(model_path, out_path, *, steps: int = 1000, seq_len: int = 8192,
     gate = gate_for_model(model, rope_input=rope_input, layers=layers, seed=seed).to(device)
     gate.model_info.update({"model_path": str(model_path), "seq_len": seq_len, "steps": steps, "lr": lr,
                             "batch_size": batch_size, "data": "sparsattn.data.source_files('train')"})
-    windows = token_windows(tok, seq_len, seed=seed, batch_size=batch_size, max_files=max_files)
+    windows = token_windows(tok, seq_len, files=files, seed=seed, batch_size=batch_size)
 
     def batches():
         for ids in windows:
