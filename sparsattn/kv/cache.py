@@ -54,7 +54,7 @@ class _Layer:
 class Prefetched:
     """Prefetched: selected rows copied to the device; call ``wait()`` before use (CUDA streams).
 
-    ``k, v``: ``[B, R, n, D]``; ``pattern``: a TokenPattern over those ``n`` rows (page_size 1)
+    ``k, v``: ``[B, Hkv, n, D]``; ``pattern``: a TokenPattern over those ``n`` rows (page_size 1)
     that selects exactly the rows that were requested and valid; ``log_weight`` aligned with it.
     """
 
@@ -260,7 +260,7 @@ class KVCache:
         return self._layer(layer).log_weight
 
     def gather(self, layer: int, pattern: TokenPattern):
-        """Selected slots ``(k, v) [B, R, n, D]`` for a slot-indexed pattern (heads 1 or Hkv)."""
+        """Selected slots ``(k, v) [B, Hkv, n, D]`` for a slot-indexed pattern (heads 1 or Hkv)."""
         k, v = self.get(layer)
         tok, valid = _pattern_rows(pattern, self.kv_lens(layer), self.batch, self.kv_heads)
         t = torch.where(valid, tok, torch.zeros_like(tok))
@@ -471,7 +471,7 @@ class KVCache:
 
 
 def _pattern_rows(pattern: TokenPattern, kv_lens: Tensor, B: int, H: int):
-    """Slot positions ``[B, R, n]`` and validity of a pattern (pages expanded), R = 1 or H."""
+    """Slot positions ``[B, H, n]`` and validity of a pattern (pages expanded; heads 1 or H)."""
     if pattern.heads not in (1, H):
         raise _err("pattern heads", f"1 or {H} (kv heads)", pattern.heads)
     if pattern.batch not in (1, B):
@@ -479,8 +479,8 @@ def _pattern_rows(pattern: TokenPattern, kv_lens: Tensor, B: int, H: int):
     from ..kernels.sparse_decode.reference import selected_tokens
 
     tok, valid, _ = selected_tokens(pattern, kv_lens.to(pattern.device), pattern.kv_len, pattern.heads)
-    if tok.shape[0] != B:
-        tok, valid = tok.expand(B, -1, -1), valid.expand(B, -1, -1)
+    if tok.shape[0] != B or tok.shape[1] != H:  # broadcast a shared selection to every sequence / kv head
+        tok, valid = tok.expand(B, H, -1), valid.expand(B, H, -1)
     return tok, valid
 
 

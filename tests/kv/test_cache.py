@@ -101,6 +101,15 @@ def test_offload_round_trip_and_prefetch(layout):
     assert torch.equal(a, b)
     k1, v1 = cache.get(0)
     assert torch.equal(k0, k1) and torch.equal(v0, v1)  # exact round trip
+    # a selection shared by every kv head (pattern heads 1) is fetched for each head
+    cache.offload(0)
+    shared = TokenPattern.from_lists([[[1, 3]], [[0]]], T)
+    pf = cache.prefetch(0, shared).wait()
+    assert pf.k.shape[1] == H and torch.equal(pf.k[0, 1, :2], k0[0, 1, [1, 3]]) and torch.equal(pf.v[1, 1, :1], v0[1, 1, [0]])
+    cache.fetch(0)
+    gk, gv = cache.gather(0, shared)
+    for b, n in ((0, 2), (1, 1)):
+        assert torch.equal(gk[b, :, :n], pf.k[b, :, :n]) and torch.equal(gv[b, :, :n], pf.v[b, :, :n])
 
 
 def test_append_validation():
