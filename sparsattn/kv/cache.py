@@ -298,7 +298,10 @@ class KVCache:
         if lw_all is not None:
             if pattern.page_size != 1:
                 raise _err("pattern.page_size", "1 for a layer with compensation tokens", pattern.page_size)
-            idx = pattern.indices.long().expand(self.batch, self.kv_heads, -1)
+            if pattern.heads != self.kv_heads or pattern.batch != self.batch:  # weights differ per (b, head)
+                pattern = TokenPattern(pattern.indices.expand(self.batch, self.kv_heads, -1).contiguous(),
+                                       pattern.counts.expand(self.batch, self.kv_heads).contiguous(), T)
+            idx = pattern.indices.long()
             lw = torch.gather(lw_all, 2, idx.clamp_max(max(T - 1, 0)))
         return sparse_decode_attention(q, k, v, pattern, kv_lens=kl, log_weight=lw, **kw)
 

@@ -75,6 +75,11 @@ def test_razor_compensation_token_is_exact():
     e, ec = s.exp(), len(drop) * sc.exp()
     want = ((e[:, None] * v[b, h, kept].double()).sum(0) + ec * vh) / (e.sum() + ec)
     assert torch.allclose(out[b, h].double(), want, atol=1e-5)
+    # a shared (heads=1) slot selection on a layer with compensation tokens: per-head weights apply
+    from sparsattn.patterns import TokenPattern
+    shared = TokenPattern.from_lists([[list(range(11))], [list(range(9))]], cache.get(0)[0].shape[2])
+    out2 = cache.attend(0, q, shared, backend="reference")
+    assert torch.allclose(out2[0, 0].double(), want, atol=1e-5)
     # a second compression folds the old compensation token into the new one (still no loss)
     cache.append(0, torch.randn(2, 2, 30, 16), torch.randn(2, 2, 30, 16))
     pol.apply(cache, 0)
