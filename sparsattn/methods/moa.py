@@ -32,7 +32,6 @@ refused naming the field.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 

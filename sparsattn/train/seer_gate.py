@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..kernels.attn_pool import attn_pool
 from ..methods.seer_attention import SeerGate, causal_block_mask

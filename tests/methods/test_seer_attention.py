@@ -208,3 +208,35 @@ def test_gate_loss_target_is_attn_pool():
     with pytest.raises(ValueError, match="target"):
         gate_loss(gate, 0, q, k, target=t[:, :, :2])
     assert float(gate_loss(gate, 0, q, k, target=logp.exp().detach()).detach()) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_train_gates_end_to_end_on_a_tiny_hf_model(tmp_path):
+    """train_gates on a saved tiny Llama + tokenizer: loads, captures, trains, saves a loadable gate."""
+    import email
+    from pathlib import Path
+
+    import transformers as tf
+
+    from sparsattn.data import read_source_text, source_files
+    from sparsattn.train.seer_gate import main
+    from sparsattn.train.tokenizer import save_tokenizer, train_tokenizer
+
+    files = source_files("train", roots=[Path(email.__file__).resolve().parent])[:6]
+    tok = train_tokenizer((read_source_text(f) for f in files), vocab_size=512)
+    save_tokenizer(tok, tmp_path / "model")
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
+    from sparsattn.train.seer_gate import train_gates
+
+    out = train_gates(tmp_path / "model", tmp_path / "gate", steps=3, seq_len=256, device="cpu", files=files, log=None)
+    m = SeerAttention(gate_path=str(out))
+    assert m.gate.layers == [0, 1] and m.gate.num_kv_heads == 2 and m.gate.rope_input == "pre"
+    assert m.gate.model_info["steps_done"] == 3
+    q, k = torch.randn(1, 4, 256, 16), torch.randn(1, 2, 256, 16)
+    m.select(q, k, SelectContext(layer=1)).validate()
+    with pytest.raises(SystemExit):
+        main(["--help"])
