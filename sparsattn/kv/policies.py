@@ -18,8 +18,8 @@ compensation token (the kept slots' weights always add up to the number of token
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 

@@ -6,7 +6,6 @@ turn scores or masks into a ``TokenPattern`` (per (batch, kv head) sorted indice
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 

@@ -12,7 +12,6 @@ Only long-standing Triton APIs are used (tested with triton 3.6 and 3.9).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
