@@ -5,9 +5,13 @@ The gate (one per layer) pools queries (average) and keys (max, min and average,
 over blocks of 64 tokens, projects them per head to 128 dimensions (``W_q``, ``W_k``; keys per KV
 head, shared by the GQA group), applies RoPE at the blocks' first-token positions, and scores key
 blocks with ``softmax(q~ k~^T / sqrt(128))`` under the causal block mask. Inference keeps a block
-when its probability exceeds ``threshold`` (default 2e-3, the repository's ``seerattn_threshold``)
-or, with ``nz_ratio`` set, the top ``nz_ratio`` of each row's causal blocks; the diagonal block
-is always kept and the last query-block row is dense (``last_block_dense``).
+when its probability exceeds ``threshold`` (default 2e-3: the documented default of the
+repository's ``seerattn_threshold``; its constructor literally defaults to 0.0 and the README
+example uses 5e-4) or, with ``nz_ratio`` set, the top ``k = int((1 - sqrt(1 - nz_ratio)) * nk)``
+blocks of every row (the repository's rule; ``nk`` = key blocks), then the causal block mask.
+``last_block_dense`` makes the last *two* query-block rows dense, as the repository's
+``get_sparse_attn_mask_from_*`` do. The diagonal block is always kept here (the repository does
+not force it) so that no query row can end up with no key.
 
 **What is pooled.** The paper's gate (``microsoft/SeerAttention``, ``seer_attn/attn_gate.py`` and
 ``prefill_sparse/llama/modeling_llama_seerattn.py``) takes the *pre-RoPE* projections
@@ -248,6 +252,11 @@ class SeerGate(nn.Module):
         return s.float()
 
 
+def nz_topk(nz_ratio: float, n_kv_blocks: int) -> int:
+    """Blocks per row in top-k mode: ``max(1, int((1 - sqrt(1 - nz_ratio)) * n_kv_blocks))`` (the repository's rule)."""
+    return max(1, int((1.0 - math.sqrt(1.0 - nz_ratio)) * n_kv_blocks))
+
+
 def causal_block_mask(Tq: int, Tk: int, bs: int, device=None) -> Tensor:
     """bool ``[nq, nk]``: key blocks holding at least one key at or below the diagonal of the block."""
     nq, nk = -(-Tq // bs), -(-Tk // bs)
@@ -272,8 +281,8 @@ class SeerAttention(Method):
 
     Args:
         threshold: keep blocks whose gate probability exceeds it (default 2e-3, ``seerattn_threshold``).
-        nz_ratio: if set (0 < r <= 1), top-k mode: keep ``ceil(r * causal blocks)`` per row instead.
-        last_block_dense: the last query-block row keeps every causal block (True).
+        nz_ratio: if set (0 < r <= 1), top-k mode instead: ``int((1 - sqrt(1 - r)) * nk)`` blocks per row.
+        last_block_dense: the last two query-block rows keep every causal block (True).
         gate_path: directory of a trained gate (``SeerGate.save``); None = load later.
     Needs a trained gate (``needs = ("gate",)``); ``select`` raises ValueError until it has one.
     """
@@ -368,11 +377,10 @@ class SeerAttention(Method):
         if self.nz_ratio is None:
             keep = probs > self.threshold
         else:
-            n_allowed = allowed.sum(-1)  # [nq]
-            kk = torch.clamp(torch.ceil(self.nz_ratio * n_allowed.float()).long(), min=1)
-            order = probs.masked_fill(~allowed, -1.0).argsort(dim=-1, descending=True).argsort(dim=-1)
-            keep = order < kk[:, None]
+            kk = nz_topk(self.nz_ratio, probs.shape[-1])
+            order = probs.masked_fill(~allowed, -1.0).argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+            keep = order < kk
         keep = (keep | diag) & allowed
         if self.last_block_dense:
-            keep[:, :, -1, :] = allowed[-1]
+            keep[:, :, -2:, :] = allowed[-2:]
         return patterns.from_block_mask(keep, block_size=bs, q_len=Tq, kv_len=Tk, causal=ctx.causal)
