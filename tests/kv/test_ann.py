@@ -1,7 +1,8 @@
 """Attention-aware key graph: recall on out-of-distribution queries, incremental insertion."""
-import hnswlib
 import numpy as np
 import pytest
+
+hnswlib = pytest.importorskip("hnswlib")  # the optional 'ann' extra
 
 from sparsattn.kv.ann import AttentionAwareIndex
 

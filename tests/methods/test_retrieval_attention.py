@@ -6,6 +6,8 @@ from sparsattn.methods.base import SelectContext
 
 from _sparse_decode_utils import assert_equals_dense, needle_case, selects
 
+pytest.importorskip("hnswlib")  # the optional 'ann' extra (index='hnsw')
+
 
 def test_needle_retrieved_and_static_tokens_kept():
     q, k, v, pos = needle_case()
