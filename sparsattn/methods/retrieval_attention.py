@@ -71,7 +71,11 @@ class RetrievalAttention(Method):
         return qq.cpu().numpy()
 
     def _index(self, keys: np.ndarray, ids: np.ndarray, idx=None):
-        import hnswlib
+        try:
+            import hnswlib
+        except ImportError as e:  # the optional 'ann' extra
+            raise ImportError("retrieval_attention: index='hnsw' needs hnswlib (pip install 'sparsattn[ann]'); "
+                              "index='attention_aware' needs no extra package") from e
 
         if idx is None:
             idx = hnswlib.Index(space="ip", dim=keys.shape[1])
