@@ -29,6 +29,12 @@ Fitting (``fit_moa``) has two steps:
 
 The plan is a calibration JSON (``sparsattn.calibration``) with the model shape; other shapes are
 refused naming the field.
+
+Provenance: the effect formula (with ``1/(1 - A)`` and the first-row special case) follows
+``thu-nics/MoA`` ``MoA/models/llama/modify_llama_profile.py``; the sink of 64 tokens, the
+``take_abs=True`` default and the span floor ``min_span = 64`` were *not* checked against MoA's
+pipeline scripts. Only the prefill side is implemented (MoA's per-head window KV cache for decode
+is not). Plans are per query head; MoA's GQA handling was not checked.
 """
 from __future__ import annotations
 
