@@ -52,8 +52,8 @@ def _attn_pool_kernel(Q, K, Out,
                       UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
+    b = (pid_bh // Hq).to(tl.int64)  # 64-bit offsets: batch x head strides can pass 2**31
+    h = (pid_bh % Hq).to(tl.int64)
     hk = h // GROUP
     off = Tk - Tq
     rows = pid_m * BLOCK + tl.arange(0, BLOCK)
@@ -87,7 +87,7 @@ def _attn_pool_kernel(Q, K, Out,
         m_i = m_new
     lse2 = m_i + tl.log2(l_i)
 
-    out_row = Out + pid_bh * (tl.num_programs(0) * NK) + pid_m * NK
+    out_row = Out + pid_bh.to(tl.int64) * (tl.num_programs(0) * NK) + pid_m * NK
     for kb in range(0, n_causal):
         cols = kb * BLOCK + tl.arange(0, BLOCK)
         kt = tl.load(k_base + cols[None, :] * skt + dims[:, None] * skd,
