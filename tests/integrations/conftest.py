@@ -113,3 +113,12 @@ def layer_windows(model) -> dict:
         attn = layer.self_attn
         out[l] = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
     return out
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread avoids oversubscription on shared CI cores (10-50x faster)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
