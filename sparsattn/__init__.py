@@ -12,5 +12,14 @@ from .api import attention, attention_varlen, choose_backend  # noqa: E402
 from .methods import get_method, list_methods  # noqa: E402
 from .patterns import BlockPattern, TokenPattern  # noqa: E402
 
-__all__ = ["attention", "attention_varlen", "choose_backend", "patterns", "BlockPattern", "TokenPattern",
+__all__ = ["attention", "attention_varlen", "choose_backend", "patterns", "BlockPattern", "TokenPattern", "patch", "unpatch", "patched",
            "get_method", "list_methods", "__version__"]
+
+
+def __getattr__(name):
+    """Lazy exports that import transformers only when used: ``patch``, ``unpatch``, ``patched``."""
+    if name in ("patch", "unpatch", "patched"):
+        from .integrations import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'sparsattn' has no attribute {name!r}")
