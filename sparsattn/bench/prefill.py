@@ -90,13 +90,13 @@ def run_prefill_bench(lengths=(8192, 32768, 131072), *, heads: int = 32, kv_head
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
-    import torch._dynamo
+    import torch._dynamo as dynamo
 
     # Flex recompiles per mask_mod and shape; past the limit it silently falls back to an
     # unfused path that materialises the score matrix (out of memory at 32K+). Lift the limit.
     for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, 256)
+        if hasattr(dynamo.config, name):
+            setattr(dynamo.config, name, 256)
     if tiny:
         lengths, heads, kv_heads_gqa, gqa_lengths, head_dim, block, window = (256,), 2, 1, (256,), 64, 64, 128
         flex = flex and dev == "cuda"
