@@ -1,0 +1,50 @@
+"""sparsattn.demo.model_demo in quick mode on a tiny random Llama standing in for the bundled model."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+import sparsattn.models
+from sparsattn import demo
+
+from .test_evaluate import make_tiny_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_quick_demo_on_tiny_model(tmp_path, monkeypatch, capsys):
+    path = make_tiny_model(tmp_path / "bundled", layers=2, max_pos=8192)
+    monkeypatch.setattr(sparsattn.models, "bundled_path", lambda: path)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # as the CLI sets it; the demo must use the reference on CPU
+    out = tmp_path / "demo"
+    # quick mode, at 1K tokens instead of 4K to keep the test fast (the reference kernel is O(T^2) on CPU)
+    assert demo.model_demo(out, quick=True, progress=False, lengths=[1024]) == 0
+    import os
+    assert os.environ["TRITON_INTERPRET"] == "1"  # restored
+    text = capsys.readouterr().out
+    assert "sparsattn demo: passkey" in text
+    for m in demo.DEMO_METHODS:
+        assert m in text
+    assert (out / "demo.png").stat().st_size > 1000
+    with open(out / "eval.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["method"] for r in rows] == list(demo.DEMO_METHODS)
+    assert {r["length"] for r in rows} == {"1024"} and {r["n_samples"] for r in rows} == {"2"}
+    dens = {r["method"]: float(r["density"]) for r in rows}
+    assert dens["dense"] == 1.0
+    for r in rows:
+        assert r["recall"] != "" and 0.0 <= float(r["recall"]) <= 1.0
+    # position-only patterns have a known density at 1K: a_shape 512 keys per row, S2 4 local blocks
+    # + every 8th block; the oracle keeps its 10 % budget
+    assert 0.5 < dens["a_shape"] < 0.9
+    assert 0.3 < dens["s2_attention"] < 0.8
+    assert 0.05 < dens["oracle_topk"] < 0.2
+    assert all(d < 1.0 for m, d in dens.items() if m != "dense")
