@@ -63,6 +63,10 @@ _ATTR = "_sparsattn_layer"
 _PATCH_ATTR = "_sparsattn_patch"
 _DEFAULT_BLOCK = 64
 
+#: Backend used by patched layers whose ``patch(..., backend=None)``: None = ``sparsattn.attention``'s
+#: automatic choice. Tests on the CPU set "reference" to avoid the (slow) Triton interpreter.
+DEFAULT_BACKEND: Optional[str] = None
+
 __all__ = ["patch", "unpatch", "patched", "is_patched", "SparseCache", "MaskInfo", "attention_modules", "NAME"]
 
 MethodSpec = Union[str, Method, type, dict]
@@ -397,13 +401,18 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
 class _Layer:
     """Binding of one attention module: methods for prefill and decode, and the owning patch."""
 
-    def __init__(self, patch_ref, index: int, prefill: Optional[_Choice], decode: Optional[_Choice], hkv: int):
+    def __init__(self, patch_ref, index: int, prefill: Optional[_Choice], decode: Optional[_Choice], hkv: int,
+                 backend: Optional[str] = None):
         self.patch_ref = patch_ref
+        self.backend = backend
         self.index = index
         self.prefill = prefill
         self.decode = decode
         self.hkv = hkv
         self.pre_rope: dict = {}
+
+    def _be(self) -> Optional[str]:
+        return self.backend if self.backend is not None else DEFAULT_BACKEND
 
     # -- padding ---------------------------------------------------------------------------------
     def _lengths(self, frame, mask: Optional[MaskInfo], Tq: int, Tk: int, device):
@@ -532,7 +541,7 @@ class _Layer:
                                      "intersected with the window")
                 pattern = pattern & win
         return _attention(q, k, v, pattern, causal=True, scale=scale, q_lens=q_lens, kv_lens=kv_lens,
-                          padding_side=side)
+                          padding_side=side, backend=self._be())
 
     def _decode(self, q, k, v, scale, kv_lens, window, ctx):
         B, Hq, _, D = q.shape
@@ -553,9 +562,11 @@ class _Layer:
                 tp = self.decode.select_token(q, k, ctx)
                 if lo is not None and bool((lo > 0).any()):
                     tp = _clip_tokens(tp, lo, B, Tk)
-                return sparse_decode_attention(q, k, v, tp, scale=scale)[:, :, None]
+                be = self._be() if self._be() in ("triton", "reference") else None
+                return sparse_decode_attention(q, k, v, tp, scale=scale, backend=be)[:, :, None]
         kl = None if lo is None or not bool((lo > 0).any()) else (Tk - lo).to(torch.int32)
-        return _attention(q, k, v, None, causal=True, scale=scale, kv_lens=kl, padding_side="left")
+        return _attention(q, k, v, None, causal=True, scale=scale, kv_lens=kl, padding_side="left",
+                          backend=self._be())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -809,7 +820,7 @@ def is_patched(model) -> bool:
 
 
 def patch(model, method: MethodSpec = "dense", *, decode: Optional[MethodSpec] = None,
-          heads: Optional[dict] = None, **config):
+          heads: Optional[dict] = None, backend: Optional[str] = None, **config):
     """patch: route a transformers decoder's attention through sparsattn (undo with ``unpatch``).
 
     Args:
@@ -824,11 +835,15 @@ def patch(model, method: MethodSpec = "dense", *, decode: Optional[MethodSpec] =
             decode choice per layer).
         heads: optional ``{query_head: method}`` applied to every layer on top of its method
             (the layer's method stays the default for the other heads).
+        backend: kernel backend for ``sparsattn.attention`` ("triton", "flex", "reference"; None =
+            automatic); the decode kernel gets it when it is "triton" or "reference".
         **config: hyper-parameters for the methods given by name or class; each key goes to every
             named method that has such a field (a key no method accepts is an error).
     Returns:
         ``model`` (patched in place).
     """
+    if backend is not None and backend not in ("triton", "flex", "reference"):
+        raise ValueError(f"backend: expected 'triton', 'flex', 'reference' or None, got {backend!r}")
     modules = attention_modules(model)
     layers = list(modules)
     Hq = {l: _heads(m)[0] for l, m in modules.items()}
@@ -885,7 +900,7 @@ def patch(model, method: MethodSpec = "dense", *, decode: Optional[MethodSpec] =
     ref = weakref.ref(p)
     for l, m in modules.items():
         pre, dec = bindings[l]
-        lb = _Layer(ref, l, pre, dec, Hkv[l])
+        lb = _Layer(ref, l, pre, dec, Hkv[l], backend)
         setattr(m, _ATTR, lb)
         if any(c is not None and c.needs_pre_rope for c in (pre, dec)):
             p.handles += _pre_rope_hooks(m, lb, l)

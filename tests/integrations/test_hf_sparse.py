@@ -190,3 +190,20 @@ def test_pre_rope_hook():
     assert (qp[:, :, 5:] - q[:, :, 5:]).abs().max() > 1e-4
     hf.unpatch(model)
     assert not model.model.layers[0].self_attn.q_proj._forward_hooks
+
+
+def test_triton_kernels_end_to_end(interpret):
+    """The same window check through the Triton kernels (the interpreter on the CPU)."""
+    if not interpret:
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py on the CPU)")
+    model = make_model("llama", num_hidden_layers=2)
+    T = 40
+    ids, am, pos = left_padded(2, T, [0, 7])
+    ref = eager_logits(model, ids, {l: causal_keep(T, am, window=10) for l in range(2)}, pos)
+    hf.patch(model, Window(window=10), backend="triton")
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=am, position_ids=pos).logits
+    valid = am.bool()
+    torch.testing.assert_close(out[valid], ref[valid], rtol=1e-4, atol=2e-5)
+    with pytest.raises(ValueError, match="backend: expected"):
+        hf.patch(model, "dense", backend="cuda")
