@@ -774,6 +774,7 @@ class _Patch:
         self.configs = configs
         self.saved = saved
         self.handles: list = []
+        self.layers: dict = {}
         self.frames: list[dict] = []
         self.max_pos = None
 
@@ -898,21 +899,28 @@ def patch(model, method: MethodSpec = "dense", *, decode: Optional[MethodSpec] =
     p = _Patch(model, base, modules, configs, saved)
     p.max_pos = getattr(next(iter(modules.values())).config, "max_position_embeddings", None)
     ref = weakref.ref(p)
-    for l, m in modules.items():
-        pre, dec = bindings[l]
-        lb = _Layer(ref, l, pre, dec, Hkv[l], backend)
-        setattr(m, _ATTR, lb)
-        if any(c is not None and c.needs_pre_rope for c in (pre, dec)):
-            p.handles += _pre_rope_hooks(m, lb, l)
-    p.handles.append(base.register_forward_pre_hook(p.pre_hook, with_kwargs=True))
-    p.handles.append(base.register_forward_hook(p.post_hook, with_kwargs=True, always_call=True))
-    for c in configs:
-        _set_impl(c, NAME)
-    model.__dict__[_PATCH_ATTR] = p
+    p.layers = {l: _Layer(ref, l, bindings[l][0], bindings[l][1], Hkv[l], backend) for l in layers}
+    for l, m in modules.items():  # check before attaching anything
+        if any(c is not None and c.needs_pre_rope for c in bindings[l]):
+            _check_pre_rope(m, l)
+    _attach(model, p)
     log.debug("sparsattn: patched %s: %s", type(model).__name__,
               {l: (pre.describe() if pre else "dense", dec.describe() if dec else "dense")
                for l, (pre, dec) in bindings.items()})
     return model
+
+
+def _attach(model, p: _Patch) -> None:
+    for l, m in p.modules.items():
+        lb = p.layers[l]
+        setattr(m, _ATTR, lb)
+        if any(c is not None and c.needs_pre_rope for c in (lb.prefill, lb.decode)):
+            p.handles += _pre_rope_hooks(m, lb)
+    p.handles.append(p.base.register_forward_pre_hook(p.pre_hook, with_kwargs=True))
+    p.handles.append(p.base.register_forward_hook(p.post_hook, with_kwargs=True, always_call=True))
+    for c in p.configs:
+        _set_impl(c, NAME)
+    model.__dict__[_PATCH_ATTR] = p
 
 
 def _decode_names() -> list[str]:
@@ -921,9 +929,12 @@ def _decode_names() -> list[str]:
     return list_methods("decode")
 
 
-def _pre_rope_hooks(m, lb: _Layer, l: int) -> list:
+def _check_pre_rope(m, l: int) -> None:
     if not (hasattr(m, "q_proj") and hasattr(m, "k_proj") and hasattr(m, "head_dim")):
         raise ValueError(f"method: layer {l} needs pre-RoPE q/k but {type(m).__name__} has no q_proj/k_proj/head_dim")
+
+
+def _pre_rope_hooks(m, lb: _Layer) -> list:
 
     def hook(which):
         def fn(mod, args, out):
@@ -969,21 +980,17 @@ def unpatch(model):
 def patched(model, method: MethodSpec = "dense", **kwargs):
     """patched: context-manager form of ``patch``; restores the previous state on exit (also on error).
 
-    If the model was already patched, the previous patch is restored on exit.
+    If the model was already patched, that patch (methods, hooks) is restored on exit.
     """
     prev = getattr(model, _PATCH_ATTR, None)
-    prev_spec = None
-    if prev is not None:
-        prev_spec = {l: (getattr(m, _ATTR).prefill, getattr(m, _ATTR).decode) for l, m in prev.modules.items()}
     patch(model, method, **kwargs)
     try:
         yield model
     finally:
-        unpatch_all = prev is None
-        if unpatch_all:
+        cur = getattr(model, _PATCH_ATTR, None)
+        if prev is None:
             unpatch(model)
         else:
-            cur = getattr(model, _PATCH_ATTR)
-            for l, m in cur.modules.items():
-                lb = getattr(m, _ATTR)
-                lb.prefill, lb.decode = prev_spec[l]
+            if cur is not None:
+                _detach(model, cur, restore=False)
+            _attach(model, prev)

@@ -208,3 +208,24 @@ def test_sparse_cache_noop_policy_matches_unpatched_generate():
 def test_sparse_cache_bad_policy():
     with pytest.raises(ValueError, match="policy: expected an object with a compress"):
         SparseCache(policy=object())
+
+
+def test_per_head_decode_mapping():
+    """decode={"default": {0: sink+recent, "default": "dense"}}: only query head 0 reads a subset."""
+    model = make_model("llama")
+    T = 40
+    ids, am, pos = left_padded(2, T, [0, 6])
+    nxt = torch.randint(0, 128, (2, 1))
+    hf.patch(model, "dense", decode={"default": {0: SinkRecent(sink=2, recent=5), "default": "dense"}})
+    got = _decode_step_logits(model, ids, am, pos, nxt, SparseCache(config=model.config))
+    hf.unpatch(model)
+    full = torch.cat([ids, nxt], 1)
+    am2 = torch.cat([am, torch.ones(2, 1, dtype=am.dtype)], 1)
+    pos2 = torch.cat([pos, pos[:, -1:] + 1], 1)
+    keep = causal_keep(T + 1, am2).expand(2, 4, T + 1, T + 1).clone()
+    j = torch.arange(T + 1)
+    for b, p in enumerate([0, 6]):
+        rel = j - p
+        keep[b, 0, -1] &= ((rel >= 0) & (rel < 2)) | (j >= T + 1 - 5)
+    ref = eager_logits(model, full, {l: keep for l in range(4)}, pos2)[:, -1]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=2e-5)

@@ -164,3 +164,28 @@ def test_right_padding_prefill_matches():
 def test_exports():
     for name in ("patch", "unpatch", "patched", "SparseCache"):
         assert hasattr(hf, name) and name in hf.__all__
+
+
+def test_nested_patched_restores_previous_patch():
+    model = make_model("llama")
+    ids = torch.randint(0, 128, (1, 40))
+    from sparsattn import patterns
+    from sparsattn.methods import Method
+
+    class Win(Method):
+        name = "test_win4"
+
+        def select(self, q, k, ctx=None):
+            return patterns.sliding_window(q.shape[2], 4, k.shape[2], block_q=16, device=q.device)
+
+    with torch.no_grad():
+        dense = model(ids).logits
+        hf.patch(model, Win())
+        win = model(ids).logits
+        with hf.patched(model, "dense"):
+            torch.testing.assert_close(model(ids).logits, dense, rtol=1e-4, atol=2e-5)
+        assert hf.is_patched(model)
+        torch.testing.assert_close(model(ids).logits, win, rtol=0, atol=0)
+        hf.unpatch(model)
+        assert model.config._attn_implementation == "eager"
+    assert (win - dense).abs().max() > 1e-3
