@@ -117,39 +117,50 @@ class MaskInfo:
     kv_offset: int = 0
 
 
+def _nonlocals(fn) -> dict:
+    """Closure variables of ``fn`` (cheap: no module lookups, unlike inspect.getclosurevars)."""
+    code = getattr(fn, "__code__", None)
+    cells = getattr(fn, "__closure__", None) or ()
+    if code is None:
+        return {}
+    try:
+        return {n: c.cell_contents for n, c in zip(code.co_freevars, cells)}
+    except ValueError:  # an empty cell
+        return {}
+
+
+_VERIFIED: set = set()
+
+
 def _classify_mask_function(fn) -> tuple[Optional[str], Optional[int]]:
     """("causal", None), ("sliding", window) or (None, None) when the mask is something else."""
     from transformers import masking_utils as mu
 
     if fn is mu.causal_mask_function:
         return "causal", None
-    try:
-        nl = inspect.getclosurevars(fn).nonlocals
-    except (TypeError, ValueError):
-        return None, None
-    parts = nl.get("mask_functions")
+    parts = _nonlocals(fn).get("mask_functions")
     if not (getattr(fn, "__qualname__", "").startswith("and_masks.") and isinstance(parts, tuple) and len(parts) == 2):
         return None, None
     other = [p for p in parts if p is not mu.causal_mask_function]
     if len(other) != 1 or not getattr(other[0], "__qualname__", "").startswith("sliding_window_overlay."):
         return None, None
-    try:
-        w = inspect.getclosurevars(other[0]).nonlocals.get("sliding_window")
-    except (TypeError, ValueError):
+    w = _nonlocals(other[0]).get("sliding_window")
+    if not isinstance(w, int) or isinstance(w, bool) or w < 1:
         return None, None
-    if not isinstance(w, int) or w < 1:
-        return None, None
-    # probe: the function must really be "kv <= q and q - kv < w" (guards against semantic changes)
-    n = min(3 * w, 768)
-    i = torch.arange(n)[:, None]
-    j = torch.arange(n)[None, :]
-    try:
-        got = torch.as_tensor(fn(torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long), i, j)).bool()
-    except Exception:  # noqa: BLE001 - any failure means "not something we understand"
-        return None, None
-    want = (j <= i) & (i - j < w)
-    if got.shape != want.shape or not bool((got == want).all()):
-        return None, None
+    key = (fn.__code__, other[0].__code__, w)
+    if key not in _VERIFIED:
+        # probe once per (code, window): the function must really be "kv <= q and q - kv < w"
+        n = min(3 * w, 768)
+        i = torch.arange(n)[:, None]
+        j = torch.arange(n)[None, :]
+        try:
+            got = torch.as_tensor(fn(torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long), i, j)).bool()
+        except Exception:  # noqa: BLE001 - any failure means "not something we understand"
+            return None, None
+        want = (j <= i) & (i - j < w)
+        if got.shape != want.shape or not bool((got == want).all()):
+            return None, None
+        _VERIFIED.add(key)
     return "sliding", w
 
 
@@ -200,6 +211,13 @@ class _Choice:
         if device not in self._src_t:
             self._src_t[device] = torch.tensor(self.head_src, dtype=torch.long, device=device)
         return self._src_t[device]
+
+    @property
+    def dense_only(self) -> bool:
+        """Only the registered "dense" method: the kernel's default causal pattern is used directly."""
+        from ..methods.dense import Dense
+
+        return all(type(m) is Dense for m in self.methods)
 
     @property
     def needs_pre_rope(self) -> bool:
@@ -517,7 +535,7 @@ class _Layer:
         Tk = k.shape[2]
         ctx.extras["phase"] = "prefill"
         pattern = None
-        if self.prefill is not None:
+        if self.prefill is not None and not self.prefill.dense_only:
             if kv_lens is not None and Tq != Tk:
                 # chunked prefill of a padded batch: per-sequence offsets differ, a pattern built
                 # for the padded tensors would be misaligned -> exact dense attention instead
