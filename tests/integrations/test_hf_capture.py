@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import left_padded, make_model
+from hf_testutil import left_padded, make_model
 
 from sparsattn.capture import capture_qkv
 from sparsattn.integrations import hf

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import cache_kwarg, causal_keep, eager_logits, left_padded, make_model
+from hf_testutil import cache_kwarg, causal_keep, eager_logits, left_padded, make_model
 
 from sparsattn.integrations import hf
 from sparsattn.integrations.hf_cache import SparseCache

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import FAMILIES, causal_keep, eager_logits, layer_windows, left_padded, make_model
+from hf_testutil import FAMILIES, causal_keep, eager_logits, layer_windows, left_padded, make_model
 
 from sparsattn.integrations import hf
 

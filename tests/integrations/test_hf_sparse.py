@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import causal_keep, eager_logits, layer_windows, left_padded, make_model
+from hf_testutil import causal_keep, eager_logits, layer_windows, left_padded, make_model
 
 from sparsattn import patterns
 from sparsattn.integrations import hf
