@@ -21,9 +21,14 @@ def device():
 
 @pytest.fixture(autouse=True)
 def _seed_and_poison():
+    """Fixed seed; NaN-poisoned kernel outputs; one intra-op thread per test process (CI runs
+    two xdist workers on two cores, and small tensors only lose to OpenMP spin-waits)."""
     torch.manual_seed(1234)
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     from sparsattn.kernels import block_sparse
 
     block_sparse.POISON_OUTPUTS = True
     yield
     block_sparse.POISON_OUTPUTS = False
+    torch.set_num_threads(n_threads)

@@ -10,15 +10,6 @@ import torch
 from sparsattn.kernels.attn_pool import attn_pool, attn_pool_reference, attn_pool_triton, can_run
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def naive_pool(q, k, bs=64):
     """Materialise the full causal softmax map (float64) and pool it with explicit block loops."""
     B, Hq, Tq, D = q.shape

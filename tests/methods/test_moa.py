@@ -12,15 +12,6 @@ from sparsattn.methods.moa import (MoA, candidate_grid, diagonal_sums, fit_moa, 
                                    search_plan, span_density, spans_for)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _plan(L=2, H=4, Hkv=2, D=16, sink=16, min_span=8):
     alpha = [[10.0, 70.0, -50.0, 200.0][:H] for _ in range(L)]
     beta = [[0.0, 0.1, 0.5, 0.0][:H] for _ in range(L)]

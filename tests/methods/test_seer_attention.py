@@ -12,15 +12,6 @@ from sparsattn.methods.seer_attention import (SeerAttention, SeerGate, apply_rop
 from sparsattn.train.seer_gate import cosine_with_warmup, gate_loss, train_gate
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread avoids OpenMP spin-waits on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _qk(B=1, Hq=4, Hkv=2, T=333, D=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(B, Hq, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
