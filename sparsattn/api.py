@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -154,10 +155,24 @@ def choose_backend(q, pattern, *, backend: Optional[str] = None, **extra) -> str
     raise RuntimeError("no backend can run")  # pragma: no cover (reference always can)
 
 
+_DEFAULT_PATTERNS: "OrderedDict[tuple, BlockPattern]" = OrderedDict()
+
+
 def _default_pattern(Tq, Tk, causal, device, D):
+    """The dense/causal pattern for ``pattern=None``, cached (LRU, 16 entries) so that repeated
+    calls with the same shapes do not rebuild and re-validate it."""
     bs = 128 if D <= 128 else 64
-    build = _patterns.causal if causal else _patterns.dense
-    return build(Tq, Tk, block_q=bs, device=device)
+    key = (Tq, Tk, bool(causal), str(device), bs)
+    p = _DEFAULT_PATTERNS.get(key)
+    if p is None:
+        build = _patterns.causal if causal else _patterns.dense
+        p = build(Tq, Tk, block_q=bs, device=device)
+        _DEFAULT_PATTERNS[key] = p
+        if len(_DEFAULT_PATTERNS) > 16:
+            _DEFAULT_PATTERNS.popitem(last=False)
+    else:
+        _DEFAULT_PATTERNS.move_to_end(key)
+    return p
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Optional[BlockPattern] = None, *,
