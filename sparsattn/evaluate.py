@@ -13,9 +13,10 @@ and scored with ``string_match_all`` (x100). Beside the accuracy each row report
 - with ``fidelity=True``: attention recall, top-k recall (k = 10), relative output error, count of
   output elements off by more than 5e-3, and the density of the method's pattern against dense
   attention on q/k/v captured (``sparsattn.capture.capture_qkv``) from the model on one real prompt
-  per length, on a few layers (first / middle / last by default). The method selects on every
-  layer in order (so cross-layer state is as in a real forward); fidelity is measured on the
-  chosen layers only. (Attention recall: MInference, arXiv 2407.02490; top-k recall: Quest,
+  per length, on a few layers (first / middle / last by default) and the last ``fidelity_rows``
+  query rows (1024 by default; the rows that read the longest contexts). The method selects on
+  every layer in order up to the last chosen one (so cross-layer state is as in a real forward);
+  fidelity is measured on the chosen layers only. (Attention recall: MInference, arXiv 2407.02490; top-k recall: Quest,
   arXiv 2406.10774.)
 
 Methods that need fitting (``needs`` non-empty: calibrated MInference, RazorAttention,
@@ -214,14 +215,16 @@ def _generate(model, tok, prompts: list[str], *, device, max_new_tokens: int) ->
 # fidelity
 # ----------------------------------------------------------------------------------------------
 
-def _pattern_rows(p):
-    """Row provider (q0, q1) -> bool [1, H, q1 - q0, Tk] of a BlockPattern (batch 0), never T x T at once."""
+def _pattern_rows(p, row0: int = 0):
+    """Row provider (q0, q1) -> bool [1, H, q1 - q0, Tk] of a BlockPattern (batch 0) for its query rows
+    ``row0 + q0 .. row0 + q1``; never T x T at once."""
     bq = p.block_q
 
     def rows(q0: int, q1: int) -> torch.Tensor:
-        qb0, qb1 = q0 // bq, -(-q1 // bq)
+        a, z = row0 + q0, row0 + q1
+        qb0, qb1 = a // bq, -(-z // bq)
         m = p.mask_rows(0, qb0, qb1)
-        return m[:, q0 - qb0 * bq: q1 - qb0 * bq][None]
+        return m[:, a - qb0 * bq: z - qb0 * bq][None]
 
     return rows
 
@@ -232,7 +235,7 @@ def _fidelity_layers(n_layers: int, layers=None) -> list[int]:
     return sorted({0, n_layers // 2, n_layers - 1})
 
 
-def _fidelity(model, tok, prompt: str, methods: dict, *, device, layers=None) -> dict[str, dict]:
+def _fidelity(model, tok, prompt: str, methods: dict, *, device, layers=None, rows=None) -> dict[str, dict]:
     """{method: pooled fidelity summary} on one prompt (dense baseline: recall 1 by definition)."""
     from .capture import capture_qkv
     from .eval import attention_fidelity
@@ -244,7 +247,8 @@ def _fidelity(model, tok, prompt: str, methods: dict, *, device, layers=None) ->
     order = sorted(mods)
     fl = [order[i] for i in _fidelity_layers(len(order), layers) if 0 <= i < len(order)]
     ids = tok(prompt, return_tensors="pt")["input_ids"].to(device)
-    cap = capture_qkv(model, ids)
+    last = max(fl)
+    cap = capture_qkv(model, ids, layers=[l for l in order if l <= last])
     out: dict[str, dict] = {}
     for name, m in methods.items():
         if m is None:
@@ -259,6 +263,8 @@ def _fidelity(model, tok, prompt: str, methods: dict, *, device, layers=None) ->
         state: dict = {}
         reps = []
         for l in order:
+            if l > last:
+                break
             q, k, v = cap[l]
             G = q.shape[1] // k.shape[1]
             ctx = SelectContext(layer=l, causal=True, scale=float(getattr(mods[l], "scaling", q.shape[-1] ** -0.5)),
@@ -270,8 +276,11 @@ def _fidelity(model, tok, prompt: str, methods: dict, *, device, layers=None) ->
                 continue
             if not isinstance(p, BlockPattern):
                 raise ValueError(f"method {name!r}: select() returned {type(p).__name__}; expected a BlockPattern")
-            reps.append(attention_fidelity(q.float(), k.float(), v.float(), _pattern_rows(p), causal=True,
-                                           scale=ctx.scale))
+            T = q.shape[2]
+            r0 = 0 if rows is None else max(0, T - int(rows))
+            # the last rows: causal alignment is bottom-right, so they are exactly the pattern's rows r0..T
+            reps.append(attention_fidelity(q[:, :, r0:].float(), k.float(), v.float(), _pattern_rows(p, r0),
+                                           causal=True, scale=ctx.scale))
         err = sum(float(r.err_sq.sum()) for r in reps)
         ref = sum(float(r.ref_sq.sum()) for r in reps)
         out[name] = {
@@ -305,7 +314,7 @@ def run_eval(model_path=None, methods: Sequence[str] = ("dense", "a_shape", "ver
              depths: Optional[Sequence[float]] = None, method_config: Optional[dict] = None,
              out_dir="sparsattn_eval", device: str = "cpu", batch_size: int = 4, progress: bool = True,
              fidelity: bool = True, seed: int = 0, max_new_tokens: int = 12, fidelity_layers=None,
-             dtype=None, title: str = "") -> list[dict]:
+             fidelity_rows: Optional[int] = 1024, dtype=None, title: str = "") -> list[dict]:
     """run_eval: accuracy, pattern density and fidelity of methods x tasks x lengths on a model.
 
     Args:
@@ -321,6 +330,8 @@ def run_eval(model_path=None, methods: Sequence[str] = ("dense", "a_shape", "ver
         progress: tqdm bars. fidelity: compute fidelity metrics (one prompt per length).
         seed: sample seed. max_new_tokens: greedy tokens generated per prompt.
         fidelity_layers: layer indices for fidelity (default first / middle / last).
+        fidelity_rows: fidelity on the last this many query rows of the prompt (those that read the
+            longest contexts; the question sits there), None = all rows. ``fid_density`` is over these rows.
         dtype: weight dtype (default float32 on the CPU).
     Returns:
         one dict per (method, task, length) with the keys of ``COLUMNS``.
@@ -371,7 +382,8 @@ def run_eval(model_path=None, methods: Sequence[str] = ("dense", "a_shape", "ver
     if fidelity:
         for L in tqdm(lengths, desc="fidelity", disable=not progress):
             prompt = samples[(tasks[0], L)][0].prompt
-            fid[L] = _fidelity(model, tok, prompt, resolved, device=device, layers=fidelity_layers)
+            fid[L] = _fidelity(model, tok, prompt, resolved, device=device, layers=fidelity_layers,
+                               rows=fidelity_rows)
 
     rows: list[dict] = []
     srows: list[dict] = []

@@ -18,7 +18,7 @@ def _tokenizer_texts() -> list[str]:
             "0 1 2 3 4 5 6 7 8 9 " * 20, "magic number special text provided mentioned memorize quiz"] * 4
 
 
-def make_tiny_model(path: Path, *, layers: int = 3, max_pos: int = 1024) -> Path:
+def make_tiny_model(path: Path, *, layers: int = 2, max_pos: int = 1024) -> Path:
     """A randomly initialised LlamaForCausalLM (GQA 4/2, head_dim 16) + a BPE tokenizer trained here."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -35,8 +35,11 @@ def make_tiny_model(path: Path, *, layers: int = 3, max_pos: int = 1024) -> Path
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a loaded 2-core runner two spinning threads make tiny matmuls ~100x slower."""
+def one_thread(monkeypatch):
+    """One intra-op thread (on a loaded 2-core runner two spinning threads make tiny matmuls ~100x
+    slower) and the plain-torch reference kernel instead of the Triton interpreter (tested elsewhere;
+    through the interpreter a 256-token generation takes minutes)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -57,7 +60,7 @@ def test_grid_end_to_end(tiny_path, tmp_path):
     out = tmp_path / "ev"
     rows = run_eval(tiny_path, methods=["dense", "a_shape"], tasks=["passkey"], lengths=[256], n_samples=2,
                     method_config={"a_shape": {"n_init": 16, "n_local": 48, "block_size": 16}},
-                    out_dir=out, batch_size=2, progress=False, fidelity=True, fidelity_layers=[0, 2])
+                    out_dir=out, batch_size=2, progress=False, fidelity=True, fidelity_layers=[0, 1], fidelity_rows=128)
     assert [(r["method"], r["task"], r["length"]) for r in rows] == [("dense", "passkey", 256), ("a_shape", "passkey", 256)]
     csv_rows = _read(out / "eval.csv")
     assert list(csv_rows[0]) == COLUMNS and len(csv_rows) == 2
@@ -68,13 +71,12 @@ def test_grid_end_to_end(tiny_path, tmp_path):
         assert (out / name).stat().st_size > 1000
     dense, ash = rows
     assert dense["density"] == 1.0 and dense["recall"] == 1.0
-    # a_shape at 256 tokens with sink 16 + local 48: well under half of the causal pairs, measured
-    # both from the patterns used during generation and on the captured prompt
+    # a_shape at 256 tokens with sink 16 + local 48: well under half of the causal pairs in the
+    # patterns used during generation; on the last 128 rows (fidelity) 64 of ~190 keys on average
     assert 0.1 < ash["density"] < 0.6, ash
-    assert 0.1 < ash["fid_density"] < 0.6, ash
-    assert abs(ash["density"] - ash["fid_density"]) < 0.1
+    assert 0.2 < ash["fid_density"] < 0.5, ash
     assert 0.0 < ash["recall"] < 1.0 and 0.0 < ash["topk_recall"] <= 1.0 and ash["rel_error"] > 0
-    assert ash["fid_layers"] == "0 2"
+    assert ash["fid_layers"] == "0 1"
     assert json.loads(ash["config"])["n_local"] == 48
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 100.0 and r["n_samples"] == 2 and r["n_tokens"] <= 256
