@@ -501,10 +501,11 @@ def plot_needle_heatmap(srows: list[dict], task: str, path) -> Path:
     methods = list(dict.fromkeys(r["method"] for r in rs))
     lengths = sorted({r["length"] for r in rs})
     depths = sorted({round(float(r["depth"]), 3) for r in rs if r["depth"] is not None})
-    fig, axes = plt.subplots(1, max(1, len(methods)), figsize=(2.2 + 1.2 * len(lengths) * max(1, len(methods)),
-                                                               1.5 + 0.4 * max(1, len(depths))), squeeze=False)
+    nm = max(1, len(methods))
+    fig, axes = plt.subplots(1, nm, figsize=(1.5 + (1.0 + 0.8 * len(lengths)) * nm, 2.0 + 0.35 * max(1, len(depths))),
+                             squeeze=False, sharey=True)
     im = None
-    for ax, mname in zip(axes[0], methods):
+    for mi, (ax, mname) in enumerate(zip(axes[0], methods)):
         grid = torch.full((max(1, len(depths)), len(lengths)), float("nan"))
         for di, d in enumerate(depths):
             for li, L in enumerate(lengths):
@@ -515,12 +516,13 @@ def plot_needle_heatmap(srows: list[dict], task: str, path) -> Path:
         im = ax.imshow(grid.numpy(), vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(lengths)), [str(L) for L in lengths], fontsize=7)
         ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths], fontsize=7)
-        ax.set_xlabel("length")
-        ax.set_ylabel("needle depth")
-        ax.set_title(mname, fontsize=9)
+        ax.set_xlabel("length", fontsize=8)
+        if mi == 0:
+            ax.set_ylabel("needle depth")
+        ax.set_title(mname, fontsize=8)
     if im is not None:
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
-    fig.suptitle(f"{task}: accuracy by depth x length", fontsize=10)
+    fig.suptitle(f"{task}: accuracy by depth x length", fontsize=10, y=1.02)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
