@@ -12,3 +12,6 @@ timeout ${PREFILL_TIMEOUT:-330} python3 -m sparsattn.bench.prefill --out "$OUT" 
 if [ "${DECODE:-1}" = 1 ]; then
   timeout ${DECODE_TIMEOUT:-150} python3 -m sparsattn.bench.decode --out "$OUT/decode_bench.csv" ${DECODE_ARGS:-} 2>&1 | grep -v -i warn | tail -30
 fi
+if [ "${METHODS:-1}" = 1 ]; then
+  timeout ${METHODS_TIMEOUT:-200} python3 -m sparsattn.bench.methods --out "$OUT" 2>&1 | grep "^\[methods\]"
+fi

@@ -98,7 +98,7 @@ def run_prefill_bench(lengths=(8192, 32768, 131072), *, heads: int = 32, kv_head
         if hasattr(dynamo.config, name):
             setattr(dynamo.config, name, 256)
     if tiny:
-        lengths, heads, kv_heads_gqa, gqa_lengths, head_dim, block, window = (256,), 2, 1, (256,), 64, 64, 128
+        lengths, heads, kv_heads_gqa, gqa_lengths, head_dim, block, window = (256,), 2, 1, (256,), 32, 64, 128
         flex = flex and dev == "cuda"
         rep_ms = 20.0
     out_dir = Path(out_dir)
@@ -138,7 +138,7 @@ def run_prefill_bench(lengths=(8192, 32768, 131072), *, heads: int = 32, kv_head
                    "pattern": pname, "block": block, "density": round(pat.density, 4),
                    "blocks": pat.num_computed_blocks, **base}
             flops_fwd = pat.num_computed_blocks * _flops_per_block(block, block, head_dim) * (Hq // pat.heads)
-            f = lambda: attention(q, k, v, pat, backend="triton" if dev == "cuda" else None)  # noqa: E731
+            f = lambda: attention(q, k, v, pat, backend="triton" if dev == "cuda" else "reference")  # noqa: E731
             row["ours_fwd_ms"] = time_ms(f, rep_ms=rep_ms)
             row["ours_fwd_tflops_per_block"] = flops_fwd / row["ours_fwd_ms"] / 1e9
             mem = peak_memory(f)
@@ -147,7 +147,7 @@ def run_prefill_bench(lengths=(8192, 32768, 131072), *, heads: int = 32, kv_head
             ours_out = f()
             if backward:
                 qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-                fb = _fwd_bwd(lambda: attention(qg, kg, vg, pat, backend="triton" if dev == "cuda" else None),
+                fb = _fwd_bwd(lambda: attention(qg, kg, vg, pat, backend="triton" if dev == "cuda" else "reference"),
                               (qg, kg, vg), do)
                 row["ours_fwdbwd_ms"] = time_ms(fb, rep_ms=rep_ms)
                 row["ours_bwd_ms"] = row["ours_fwdbwd_ms"] - row["ours_fwd_ms"]
