@@ -10,6 +10,15 @@
 ``perplexity``: length -> held-out perplexity; ``passkey``: length -> depth -> accuracy in
 [0, 1] (or length -> accuracy). Any other key is rendered as a nested list.
 
+An optional ``eval_cpu`` section holds a dense evaluation measured on the CPU, with sample counts::
+
+    {"device": "CPU (2 cores)", "date": "...", "torch": "...", "transformers": "...",
+     "perplexity": {"2048": {"ppl": 5.9, "nll": 1.78, "n_tokens": 8188, "n_windows": 4}, ...},
+     "passkey": {"noise": {"2048": {"0.0": {"acc": 1.0, "n": 2}, ...}, ...}, "code": {...}}, ...}
+
+It is rendered as tables (perplexity with tokens scored; pass-key accuracy by length x depth per
+haystack, with the number of samples per cell); its other keys as a nested list.
+
 Update a card: ``python -m sparsattn.train.card CHECKPOINT_DIR --eval eval.json``
 (merges eval.json into ``metrics.json["eval"]`` and rewrites README.md).
 """
@@ -82,6 +91,52 @@ def _passkey_table(pk: dict) -> list[str]:
     return lines
 
 
+def _eval_cpu_section(ec: dict) -> list[str]:
+    """Markdown of ``metrics["eval_cpu"]`` (see the module docstring)."""
+    L = [f"### Dense evaluation on {ec.get('device', 'CPU')}\n"]
+    ppl = ec.get("perplexity")
+    if isinstance(ppl, dict) and ppl:
+        L.append("Held-out perplexity (dense attention) by context length:\n")
+        L += ["| context | perplexity | mean NLL (nats) | tokens scored | windows |", "| --- | --- | --- | --- | --- |"]
+        for k in _sort_num(ppl):
+            v = ppl[k]
+            if isinstance(v, dict):
+                L.append(f"| {k} | {_fmt(v.get('ppl', ''))} | {_fmt(v.get('nll', ''))} | "
+                         f"{_fmt(v.get('n_tokens', ''))} | {_fmt(v.get('n_windows', ''))} |")
+            else:
+                L.append(f"| {k} | {_fmt(v)} | | | |")
+        L.append("")
+    pk = ec.get("passkey")
+    if isinstance(pk, dict) and pk:
+        for hay in pk:
+            tab = pk[hay]
+            if not isinstance(tab, dict) or not tab:
+                continue
+            lengths = _sort_num(tab)
+            depths = _sort_num({d for n in lengths if isinstance(tab[n], dict) for d in tab[n]})
+            L.append(f"Dense pass-key accuracy, {hay} haystack (accuracy, samples per cell):\n")
+            L += ["| length \\ depth | " + " | ".join(str(d) for d in depths) + " | all |",
+                  "| --- " * (len(depths) + 2) + "|"]
+            for n in lengths:
+                row, hits, count = [], 0.0, 0
+                for d in depths:
+                    c = tab[n].get(d) if isinstance(tab[n], dict) else None
+                    if isinstance(c, dict) and isinstance(c.get("acc"), (int, float)) and isinstance(c.get("n"), int):
+                        row.append(f"{100 * c['acc']:.0f}% ({c['n']})")
+                        hits += c["acc"] * c["n"]
+                        count += c["n"]
+                    else:
+                        row.append("")
+                total = f"{100 * hits / count:.1f}% ({count})" if count else ""
+                L.append(f"| {n} | " + " | ".join(row) + f" | {total} |")
+            L.append("")
+    rest = {k: v for k, v in ec.items() if k not in ("perplexity", "passkey", "device")}
+    if rest:
+        L += _nested(rest)
+        L.append("")
+    return L
+
+
 def render_card(metrics: dict) -> str:
     """render_card: Markdown model card from a metrics dict (see the module docstring for the schema).
 
@@ -112,10 +167,11 @@ def render_card(metrics: dict) -> str:
     L.append("```python\nfrom sparsattn.models import load_bundled\nmodel, tokenizer = load_bundled(device=\"cuda\")\n"
              "# or: AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)\n```\n")
     L.append("## Evaluation\n")
-    if not ev:
+    ec = metrics.get("eval_cpu")
+    if not ev and not (isinstance(ec, dict) and ec):
         L.append("_Not evaluated yet: run the evaluation step and "
                  "`python -m sparsattn.train.card <checkpoint> --eval eval.json`._\n")
-    else:
+    elif ev:
         ppl = ev.get("perplexity")
         if isinstance(ppl, dict) and ppl:
             L.append("Held-out perplexity (dense attention) by context length:\n")
@@ -131,10 +187,14 @@ def render_card(metrics: dict) -> str:
         if rest:
             L += _nested(rest)
             L.append("")
+    if isinstance(ec, dict) and ec:
+        L += _eval_cpu_section(ec)
     if selfcheck:
+        where = env.get("gpu") or env.get("device")
         L.append("### Training-time self-check\n")
-        L.append("Measured by the training script right after training (greedy decode, string match; "
-                 "a quick check, not the evaluation above):\n")
+        L.append("Measured by the training script right after training"
+                 + (f", on the training device ({where})" if where else "")
+                 + " (greedy decode, string match; a quick check, not the evaluation above):\n")
         pk = selfcheck.get("passkey")
         if isinstance(pk, dict) and pk:
             L += _passkey_table({k: (v.get("by_depth") if isinstance(v, dict) and "by_depth" in v else
