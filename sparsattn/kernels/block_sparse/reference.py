@@ -42,8 +42,7 @@ def block_sparse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     out = torch.zeros(B, Hq, Tq, v.shape[-1], dtype=torch.float32, device=q.device)
     lse = torch.full((B, Hq, Tq), float("-inf"), dtype=torch.float32, device=q.device)
-    # outputs are written out of place (index_copy) so that autograd flows to q, k, v
-    out_parts, lse_parts, where = [], [], []
+    per_batch: dict = {}  # b -> [(out chunk, lse chunk)] covering the sequence's rows in order
     qs = _seq_slices(B, Tq, q_lens, q_offsets)
     ks = _seq_slices(B, Tk, kv_lens, kv_offsets)
     bq = pattern.block_q
@@ -56,7 +55,10 @@ def block_sparse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
         vb = v[b, :, ko:ko + kl].float()
         kb = kb.repeat_interleave(G, 0)
         vb = vb.repeat_interleave(G, 0)
-        rows_per_chunk = max(bq, (max_chunk_elems // max(Hq * max(kl, 1), 1)) // bq * bq)
+        # small row chunks: only the key columns some row of the chunk uses are computed, which
+        # keeps the cost proportional to the pattern for local/sparse patterns
+        rows_per_chunk = min(max(bq, 256 // bq * bq),
+                             max(bq, (max_chunk_elems // max(Hq * max(kl, 1), 1)) // bq * bq))
         n_qb = -(-ql // bq)
         step = rows_per_chunk // bq
         for qb0 in range(0, n_qb, step):
@@ -64,23 +66,31 @@ def block_sparse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
             r0, r1 = qb0 * bq, min(ql, qb1 * bq)
             qc = q[b, :, qo + r0:qo + r1].float()
             mask = pattern.mask_rows(pb, qb0, qb1, ql, kl)  # [Hp, rows, kl]
+            used = mask.any(1).any(0).nonzero().flatten()  # columns kept by any head and row
+            if used.numel() < kl:  # drop columns masked everywhere in this chunk (changes nothing)
+                mask = mask.index_select(2, used)
+                kc, vc = kb.index_select(1, used), vb.index_select(1, used)
+            else:
+                kc, vc = kb, vb
             if mask.shape[0] != Hq:
                 mask = mask.repeat_interleave(Hq // mask.shape[0], 0) if mask.shape[0] > 1 else mask.expand(Hq, -1, -1)
-            s = torch.matmul(qc, kb.transpose(-1, -2)) * scale
+            s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
             s = s.masked_fill(~mask, float("-inf"))
             m = s.amax(-1, keepdim=True)
             m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
             p = torch.exp(s - m)
             denom = p.sum(-1, keepdim=True)
-            o = torch.matmul(p, vb) / torch.where(denom == 0, torch.ones_like(denom), denom)
+            o = torch.matmul(p, vc) / torch.where(denom == 0, torch.ones_like(denom), denom)
             lc = torch.where(denom[..., 0] == 0, torch.full_like(denom[..., 0], float("-inf")),
                              torch.log(denom[..., 0]) + m[..., 0])
-            out_parts.append(o)
-            lse_parts.append(lc)
-            where.append((b, qo + r0, qo + r1))
-    for o, lc, (b, a, z) in zip(out_parts, lse_parts, where):
-        out = _write(out, o, b, a, z)
-        lse = _write(lse, lc, b, a, z)
+            per_batch.setdefault(b, []).append((o, lc))
+    # one out-of-place write per sequence (keeps autograd flowing to q, k, v)
+    for b, parts in per_batch.items():
+        qo, ql = qs[b]
+        ob = torch.cat([o for o, _ in parts], 1)
+        lb = torch.cat([lc for _, lc in parts], 1)
+        out = _write(out, ob, b, qo, qo + ql)
+        lse = _write(lse, lb, b, qo, qo + ql)
     return out.to(q.dtype), lse
 
 

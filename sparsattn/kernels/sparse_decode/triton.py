@@ -77,8 +77,8 @@ def _decode_kernel(Q, K, V, IDX, CNT, LW, KVL, BT, O, L,
             voff = pg * stride_vb + kvh * stride_vh + (tok % CPS) * stride_vt
         else:
             tok64 = tok.to(tl.int64)
-            koff = b.to(tl.int64) * stride_kb + kvh * stride_kh + tok64 * stride_kt
-            voff = b.to(tl.int64) * stride_vb + kvh * stride_vh + tok64 * stride_vt
+            koff = b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh + tok64 * stride_kt
+            voff = b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + tok64 * stride_vt
         kv_mask = valid[:, None] & dmask[None, :]
         k = tl.load(K + koff[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + voff[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
