@@ -47,7 +47,7 @@ __all__ = ["run_eval", "main", "load_model", "ModelPathError", "COLUMNS", "SAMPL
 #: columns of eval.csv, in order
 COLUMNS = ["method", "task", "length", "n_samples", "n_tokens", "accuracy", "density", "decode_density",
            "recall", "topk_recall", "rel_error", "n_large_error", "fid_density", "fid_layers",
-           "seconds", "config"]
+           "seconds", "speedup_vs_dense", "config"]
 #: columns of eval_samples.csv
 SAMPLE_COLUMNS = ["method", "task", "length", "sample", "depth", "n_tokens", "score", "answers", "prediction"]
 
@@ -429,6 +429,7 @@ def run_eval(model_path=None, methods: Sequence[str] = ("dense", "a_shape", "ver
             row[c] = None if f is None else f[c]
         rows.append(row)
     bar.close()
+    _add_speedup(rows)
 
     _write_csv(out / "eval.csv", rows, COLUMNS)
     _write_csv(out / "eval_samples.csv", srows, SAMPLE_COLUMNS)
@@ -438,6 +439,8 @@ def run_eval(model_path=None, methods: Sequence[str] = ("dense", "a_shape", "ver
                 title=title or f"sparsattn eval: {path.name} ({device})")
     written = [out / "eval.csv", out / "eval_samples.csv"]
     written.append(plot_accuracy_vs_density(rows, out / "accuracy_vs_density.png"))
+    if any(r.get("speedup_vs_dense") for r in rows):
+        written.append(plot_accuracy_vs_density(rows, out / "accuracy_vs_speedup.png", x="speedup_vs_dense"))
     for t in tasks:
         if t in DEPTH_TASKS:
             written.append(plot_needle_heatmap(srows, t, out / f"needle_heatmap_{t}.png"))
@@ -462,8 +465,19 @@ def _plt():
     return plt
 
 
-def plot_accuracy_vs_density(rows: list[dict], path) -> Path:
-    """plot_accuracy_vs_density: a panel per task, a point per method x length (marker = length)."""
+def _add_speedup(rows: list[dict]) -> None:
+    """speedup_vs_dense = wall time of the dense run / the method's, same task and length (the
+    whole generation on this device: on the CPU the sparse path is the torch reference)."""
+    for r in rows:
+        d = next((x for x in rows if x["method"] == "dense" and x["task"] == r["task"] and x["length"] == r["length"]),
+                 None)
+        ok = d is not None and r.get("seconds") and d.get("seconds")
+        r["speedup_vs_dense"] = round(d["seconds"] / r["seconds"], 4) if ok else None
+
+
+def plot_accuracy_vs_density(rows: list[dict], path, x: str = "density") -> Path:
+    """plot_accuracy_vs_density: a panel per task, a point per method x length (marker = length);
+    ``x="speedup_vs_dense"`` plots accuracy against the measured speed-up instead (log axis)."""
     plt = _plt()
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -477,12 +491,19 @@ def plot_accuracy_vs_density(rows: list[dict], path) -> Path:
                 r = next((r for r in rows if r["task"] == t and r["method"] == mname and r["length"] == L), None)
                 if r is None:
                     continue
-                ax.scatter(r["density"], r["accuracy"], color=colors[mi % len(colors)],
+                if r.get(x) is None:
+                    continue
+                ax.scatter(r[x], r["accuracy"], color=colors[mi % len(colors)],
                            marker=markers[li % len(markers)], s=50,
                            label=mname if li == 0 else None, edgecolors="k", linewidths=0.4)
-        ax.set_xlim(0, 1.05)
+        if x == "density":
+            ax.set_xlim(0, 1.05)
+            ax.set_xlabel("density (computed / causal pairs)")
+        else:
+            ax.set_xscale("log")
+            ax.axvline(1.0, color="k", lw=0.6)
+            ax.set_xlabel("speed-up vs dense (wall time of the run, this device)")
         ax.set_ylim(-5, 105)
-        ax.set_xlabel("density (computed / causal pairs)")
         ax.set_ylabel("accuracy (string_match_all x100)")
         ax.set_title(f"{t}; markers: " + ", ".join(f"{markers[i % len(markers)]}={L}" for i, L in enumerate(lengths)),
                      fontsize=9)

@@ -67,9 +67,11 @@ def test_grid_end_to_end(tiny_path, tmp_path):
     samp = _read(out / "eval_samples.csv")
     assert list(samp[0]) == SAMPLE_COLUMNS and len(samp) == 4
     assert {s["depth"] for s in samp} == {"0.0", "1.0"}
-    for name in ("accuracy_vs_density.png", "needle_heatmap_passkey.png"):
+    for name in ("accuracy_vs_density.png", "accuracy_vs_speedup.png", "needle_heatmap_passkey.png"):
         assert (out / name).stat().st_size > 1000
     dense, ash = rows
+    assert dense["speedup_vs_dense"] == 1.0
+    assert ash["speedup_vs_dense"] == round(dense["seconds"] / ash["seconds"], 4)
     assert dense["density"] == 1.0 and dense["recall"] == 1.0
     # a_shape at 256 tokens with sink 16 + local 48: well under half of the causal pairs in the
     # patterns used during generation; on the last 128 rows (fidelity) 64 of ~190 keys on average
