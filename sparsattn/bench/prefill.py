@@ -9,7 +9,6 @@ same mask, and the peak memory of our forward against the size of q+k+v+out+lse.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from pathlib import Path
 from typing import Optional

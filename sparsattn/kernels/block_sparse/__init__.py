@@ -156,7 +156,7 @@ def _bwd(do, q, k, v, o, lse, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tc
 
     B = q_len.shape[0]
     _, Hq, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     Hp = fcnt.shape[1]
     cfg = kernel_config(D, block_q, block_k, q.dtype, q.device)
     BD = max(16, _next_pow2(D))
