@@ -49,6 +49,20 @@ def check_inputs(method: str, q: Tensor, k: Tensor, ctx, *, need_causal: bool = 
         raise ValueError(f"ctx.causal: {method} is a causal (decoder prefill) method; expected True, got False")
 
 
+def calibrated_layer(method: str, q: Tensor, k: Tensor, ctx, shape, table: dict, source: str) -> int:
+    """Checks shared by calibrated per-layer methods: inputs, ``ctx.layer`` present, the calibration's
+    model shape matching q/k, and an entry for the layer. Returns the layer index."""
+    check_inputs(method, q, k, ctx)
+    if ctx.layer is None:
+        raise ValueError(f"ctx.layer: {method} needs the layer index (its calibration is per layer), got None")
+    shape.check_qk(q, k, ctx.layer, source=source)
+    layer = int(ctx.layer)
+    if layer not in table:
+        raise ValueError(f"ctx.layer: layer {layer} has no entry in the calibration (layers {sorted(table)}); "
+                         "refit with this layer captured")
+    return layer
+
+
 def clamp_budget(method: str, name: str, value: int, limit: int) -> int:
     """Clamp a budget to what the context holds, with a warning when it is larger."""
     if value > limit:

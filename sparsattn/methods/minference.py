@@ -20,7 +20,7 @@ import torch
 from .. import patterns
 from ..calibration import ModelShape, load_calibration, save_calibration
 from ..kernels import estimate
-from ._common import check_inputs, check_int, check_pow2, clamp_budget, kv_heads_for, merge_heads
+from ._common import calibrated_layer, check_inputs, check_int, check_pow2, clamp_budget, kv_heads_for, merge_heads
 from .base import Method, SelectContext, register
 
 PAPER = "MInference 1.0: Accelerating Pre-filling for Long-Context LLMs via Dynamic Sparse Attention (arXiv 2407.02490)"
@@ -402,14 +402,8 @@ class MInference(Method):
     def select(self, q, k, ctx: Optional[SelectContext] = None):
         ctx = ctx or SelectContext()
         self._require_fit()
-        check_inputs("minference", q, k, ctx)
-        if ctx.layer is None:
-            raise ValueError("ctx.layer: minference needs the layer index (per-layer, per-head plan), got None")
-        self._shape.check_qk(q, k, ctx.layer, source=f"minference calibration {self.path or '(fitted)'}")
-        layer = int(ctx.layer)
-        if layer not in self._plan:
-            raise ValueError(f"ctx.layer: layer {layer} has no entry in the calibration (layers "
-                             f"{sorted(self._plan)}); refit with this layer captured")
+        layer = calibrated_layer("minference", q, k, ctx, self._shape, self._plan,
+                                 f"minference calibration {self.path or '(fitted)'}")
         Hq, Hkv = q.shape[1], k.shape[1]
         groups: dict = {}
         for h, e in self._plan[layer].items():

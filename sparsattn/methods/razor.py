@@ -15,7 +15,7 @@ import torch
 
 from .. import patterns
 from ..calibration import ModelShape, load_calibration, save_calibration
-from ._common import check_inputs, check_int, check_pow2, merge_heads
+from ._common import calibrated_layer, check_inputs, check_int, check_pow2, merge_heads
 from .base import Method, SelectContext, register
 
 PAPER = "RazorAttention: Efficient KV Cache Compression Through Retrieval Heads (arXiv 2407.15891)"
@@ -214,13 +214,8 @@ class RazorAttention(Method):
     def select(self, q, k, ctx: Optional[SelectContext] = None):
         ctx = ctx or SelectContext()
         self._require_fit()
-        check_inputs("razor", q, k, ctx)
-        if ctx.layer is None:
-            raise ValueError("ctx.layer: razor needs the layer index (per-layer retrieval heads), got None")
-        self._shape.check_qk(q, k, ctx.layer, source=f"razor calibration {self.path or '(fitted)'}")
-        layer = int(ctx.layer)
-        if layer not in self._heads:
-            raise ValueError(f"ctx.layer: layer {layer} has no entry in the calibration (layers {sorted(self._heads)})")
+        layer = calibrated_layer("razor", q, k, ctx, self._shape, self._heads,
+                                 f"razor calibration {self.path or '(fitted)'}")
         Hq, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
         ret = self._heads[layer]
         rest = [h for h in range(Hq) if h not in set(ret)]
