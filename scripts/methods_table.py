@@ -77,7 +77,7 @@ def _prov_update(entry: str, rec: dict) -> None:
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
-def calibrate(which: list[str], seer_minutes: float, seer_steps: int) -> None:
+def calibrate(which: list[str], seer_minutes: float, seer_steps: int, moa_samples: int = 2, moa_answer_len: int = 32) -> None:
     from sparsattn.capture import capture_qkv
     from sparsattn.methods.minference import MInference
     from sparsattn.methods.moa import fit_moa
@@ -125,14 +125,16 @@ def calibrate(which: list[str], seer_minutes: float, seer_steps: int) -> None:
         print("razor:", r.retrieval_heads, f"{time.time() - t0:.1f}s")
     if "moa" in which:
         t0 = time.time()
-        kw = dict(lengths=(1024, 2048), budget=0.5, samples_per_length=2, answer_len=32, alpha_step=256,
+        kw = dict(lengths=(1024, 2048), budget=0.5, samples_per_length=moa_samples, answer_len=moa_answer_len,
+                  alpha_step=256,
                   device="cpu", seed=0)
         fit_moa(model, tok, out_path=str(CAL_DIR / "moa.json"), **kw)
         _prov_update("moa", {
             "call": "fit_moa(model, tok, out_path='moa.json', " + ", ".join(f"{k}={v!r}" for k, v in kw.items()) + ")",
             "seconds": round(time.time() - t0, 1),
-            "data": "2 samples per length (1024, 2048) from sparsattn.data.source_files('train') "
-                    "(calibration_samples: context + copied query + 32 greedy answer tokens of the dense model)"})
+            "data": f"{moa_samples} sample(s) per length (1024, 2048) from sparsattn.data.source_files('train') "
+                    f"(calibration_samples: context + copied query + {moa_answer_len} greedy answer tokens of the "
+                    "dense model)"})
         print(f"moa: {time.time() - t0:.1f}s")
     if "seer" in which and seer_minutes > 0:
         from sparsattn.train.seer_gate import train_gates
@@ -162,12 +164,13 @@ def settings(quick: bool) -> list[tuple[str, str, dict]]:
         ("a_shape", "sink64+local448", {"n_init": 64, "n_local": 448}),
         ("vertical_slash", "v100/s200", {"v_size": 100, "s_size": 200}),
         ("vertical_slash", "v300/s500", {"v_size": 300, "s_size": 500}),
+        ("vertical_slash", "v64/s16", {"v_size": 64, "s_size": 16}),
         ("block_sparse", "top4", {"top_k": 4}),
         ("block_sparse", "top8", {"top_k": 8}),
         ("hip", "k128/sw128", {"mask_k": 128, "sliding_window_size": 128}),
         ("hip", "k256/sw256", {"mask_k": 256, "sliding_window_size": 256}),
-        ("longheads", "w256/len512", {"window_size": 256, "atten_length": 512}),
-        ("longheads", "w256/len1024", {"window_size": 256, "atten_length": 1024}),
+        ("longheads", "w128/len512", {"window_size": 128, "atten_length": 512}),
+        ("longheads", "w256/len1024/mean-keys", {"window_size": 256, "atten_length": 1024, "chunk_key": "mean"}),
         ("masformer", "full{0}+ashape(64,192)", {"full_layers": (0,), "inner": "a_shape",
                                                  "inner_config": {"n_init": 64, "n_local": 192}}),
         ("masformer", "full{0,4}+ashape(64,192)", {"full_layers": (0, 4), "inner": "a_shape",
@@ -241,7 +244,7 @@ def fidelity_one(m, name, caps, mods, layers, rows) -> dict:
                                 extras={"phase": "prefill", "q_lens": None, "kv_lens": None,
                                         "padding_side": "right", "sliding_window": None,
                                         "num_kv_groups": q.shape[1] // k.shape[1],
-                                        "q_pre_rope": qp, "k_pre_rope": kp})
+                                        "q_pre_rope": qp, "k_pre_rope": kp, "v": v})
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -297,7 +300,7 @@ def passkey_one(model, tok, m, samples, max_new_tokens: int) -> dict:
 
 
 COLS = ["method", "setting", "density", "recall", "topk_recall", "rel_error", "passkey_acc", "passkey_by_depth",
-        "passkey_n", "passkey_tokens", "select_s", "passkey_s", "config"]
+        "passkey_n", "passkey_tokens", "select_s", "passkey_s", "config", "error"]
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -359,7 +362,8 @@ def table(args) -> None:
             for r in csv.DictReader(fh):
                 for k in ("density", "recall", "topk_recall", "rel_error", "passkey_acc", "select_s", "passkey_s"):
                     r[k] = float(r[k]) if r.get(k) not in (None, "") else None
-                rows.append(r)
+                if not r.get("error"):  # settings that failed are run again
+                    rows.append(r)
     done = {(r["method"], r["setting"]) for r in rows}
     caps, mods = [], None
     for i in range(0 if args.no_fidelity else n_prompts):
@@ -376,14 +380,23 @@ def table(args) -> None:
     for name, label, cfg in setups:
         if (name, label) in done:
             continue
-        m = None if name == "dense" else get_method(name, **cfg)
         r = {"method": name, "setting": label}
-        if not args.no_fidelity:
-            r.update(fidelity_one(m, name, caps, mods, layers, args.fid_rows or None))
+        m = None
+        try:
+            m = None if name == "dense" else get_method(name, **cfg)
+            if not args.no_fidelity:
+                r.update(fidelity_one(m, name, caps, mods, layers, args.fid_rows or None))
+        except Exception as e:  # recorded in the CSV, the other settings still run
+            r["error"] = f"fidelity: {type(e).__name__}: {e}"[:300]
+            print(f"  {name} {label}: {r['error']}", flush=True)
         print(f"  {name:15s} {label:26s} " + " ".join(f"{k}={v:.4f}" for k, v in r.items() if isinstance(v, float)),
               flush=True)
-        if samples is not None:
-            r.update(passkey_one(model, tok, m, samples, args.max_new_tokens))
+        if samples is not None and "error" not in r:
+            try:
+                r.update(passkey_one(model, tok, m, samples, args.max_new_tokens))
+            except Exception as e:
+                r["error"] = f"passkey: {type(e).__name__}: {e}"[:300]
+                print(f"  {name} {label}: {r['error']}", flush=True)
             print(f"  {'':15s} {'':26s} passkey={r['passkey_acc']:.0f} [{r['passkey_by_depth']}] "
                   f"{r['passkey_s']:.0f}s", flush=True)
         r["config"] = json.dumps({k: (Path(v).name if k.endswith("path") else v) for k, v in cfg.items()},
@@ -414,11 +427,20 @@ def merge(fid_csv: str, pk_csv: str, out_csv: str, out_png: str, title: str) -> 
         x = dict(r)
         for c in ("passkey_acc", "passkey_by_depth", "passkey_n", "passkey_tokens", "passkey_s"):
             x[c] = k.get(key, {}).get(c, "")
+        x["error"] = "; ".join(e for e in (r.get("error"), k.get(key, {}).get("error")) if e)
         rows.append(x)
     with open(out_csv, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=COLS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+    print("| method | setting | density | attention recall | top-10 recall | rel. output error | passkey acc. (%) "
+          "| passkey by depth 0/.25/.5/.75/1 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for x in rows:
+        def f(c, fmt="{:.3f}"):
+            return fmt.format(float(x[c])) if x.get(c) not in (None, "") else "not run"
+        print(f"| `{x['method']}` | {x['setting']} | {f('density')} | {f('recall')} | {f('topk_recall')} | "
+              f"{f('rel_error')} | {f('passkey_acc', '{:.0f}')} | {x.get('passkey_by_depth') or 'not run'} |")
     for x in rows:
         for c in ("density", "recall", "passkey_acc"):
             x[c] = float(x[c]) if x.get(c) not in (None, "") else None
@@ -433,6 +455,8 @@ def main(argv=None) -> int:
     c.add_argument("--which", default="minference,razor,moa", help="comma list of minference,razor,moa,seer")
     c.add_argument("--seer-minutes", type=float, default=4.0)
     c.add_argument("--seer-steps", type=int, default=80)
+    c.add_argument("--moa-samples", type=int, default=2)
+    c.add_argument("--moa-answer-len", type=int, default=32)
     mg = sub.add_parser("merge", help="join a --no-passkey and a --no-fidelity run into one CSV + plot")
     mg.add_argument("fid_csv")
     mg.add_argument("pk_csv")
@@ -463,7 +487,7 @@ def main(argv=None) -> int:
     if a.cmd == "merge":
         merge(a.fid_csv, a.pk_csv, a.out_csv, a.out_png, a.title)
     elif a.cmd == "calibrate":
-        calibrate(a.which.split(","), a.seer_minutes, a.seer_steps)
+        calibrate(a.which.split(","), a.seer_minutes, a.seer_steps, a.moa_samples, a.moa_answer_len)
     else:
         if a.cmd is None:
             a = ap.parse_args(["table"] + list(argv or sys.argv[1:]))
