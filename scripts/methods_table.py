@@ -326,7 +326,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_xlabel("density (kept / causal pairs, mean over layers and heads)")
         ax.set_ylabel(lab)
         ax.grid(alpha=0.3, which="both")
-    axes[1].legend(fontsize=8, loc="lower right", ncol=2)
+    axes[0].legend(fontsize=8, loc="lower right", ncol=2)
+    axes[1].set_ylim(-5, 105)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -397,8 +398,9 @@ def table(args) -> None:
             except Exception as e:
                 r["error"] = f"passkey: {type(e).__name__}: {e}"[:300]
                 print(f"  {name} {label}: {r['error']}", flush=True)
-            print(f"  {'':15s} {'':26s} passkey={r['passkey_acc']:.0f} [{r['passkey_by_depth']}] "
-                  f"{r['passkey_s']:.0f}s", flush=True)
+            if "passkey_acc" in r:
+                print(f"  {'':15s} {'':26s} passkey={r['passkey_acc']:.0f} [{r['passkey_by_depth']}] "
+                      f"{r['passkey_s']:.0f}s", flush=True)
         r["config"] = json.dumps({k: (Path(v).name if k.endswith("path") else v) for k, v in cfg.items()},
                                  sort_keys=True)
         rows.append(r)
@@ -439,8 +441,11 @@ def merge(fid_csv: str, pk_csv: str, out_csv: str, out_png: str, title: str) -> 
     for x in rows:
         def f(c, fmt="{:.3f}"):
             return fmt.format(float(x[c])) if x.get(c) not in (None, "") else "not run"
+        pk, pkd = f('passkey_acc', '{:.0f}'), x.get('passkey_by_depth') or 'not run'
+        if "passkey:" in (x.get("error") or ""):
+            pk, pkd = "failed", "error (see CSV)"
         print(f"| `{x['method']}` | {x['setting']} | {f('density')} | {f('recall')} | {f('topk_recall')} | "
-              f"{f('rel_error')} | {f('passkey_acc', '{:.0f}')} | {x.get('passkey_by_depth') or 'not run'} |")
+              f"{f('rel_error')} | {pk} | {pkd} |")
     for x in rows:
         for c in ("density", "recall", "passkey_acc"):
             x[c] = float(x[c]) if x.get(c) not in (None, "") else None
