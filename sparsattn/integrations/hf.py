@@ -28,7 +28,8 @@ decode-phase method's ``select(q, k_cache, ctx)`` returns a ``TokenPattern`` and
 ``sparsattn.kernels.sparse_decode.sparse_decode_attention`` computes it; prefill-phase methods run
 dense at decode (as MInference does).
 
-Hooks for methods, in ``SelectContext.extras``: ``phase`` ("prefill"|"decode"), ``q_lens``,
+Hooks for methods, in ``SelectContext.extras``: ``phase`` ("prefill"|"decode"), ``v`` (prefill: the
+values ``[B, Hkv, Tk, D]``, aligned like k), ``q_lens``,
 ``kv_lens``, ``padding_side`` (q/k given to ``select`` at prefill are always right-aligned, i.e.
 sequence b occupies rows ``[0, q_lens[b])``), ``position_ids`` (when the model passes them),
 ``sliding_window``, ``num_kv_groups``, and, for a method whose class sets
@@ -542,9 +543,10 @@ class _Layer:
                 log.debug("sparsattn layer %d: chunked prefill with padding: dense SDPA fallback", self.index)
                 keep = self._explicit_mask(mask if isinstance(mask, MaskInfo) else None, window, Tq, Tk, q.device)
                 return _dense_masked(q, k, v, keep, scale)
-            qs, ks = q, k
+            qs, ks, vs = q, k, v
             if kv_lens is not None and side == "left":
-                qs, ks = _left_to_right(q, q_lens), _left_to_right(k, kv_lens)
+                qs, ks, vs = _left_to_right(q, q_lens), _left_to_right(k, kv_lens), _left_to_right(v, kv_lens)
+            ctx.extras["v"] = vs  # values aligned with ks (LongHeads builds chunk keys from them)
             pattern = self.prefill.select_block(qs, ks, ctx)
         if window is not None:
             bq = pattern.block_q if pattern is not None else _DEFAULT_BLOCK

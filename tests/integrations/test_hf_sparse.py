@@ -207,3 +207,23 @@ def test_triton_kernels_end_to_end(interpret):
     torch.testing.assert_close(out[valid], ref[valid], rtol=1e-4, atol=2e-5)
     with pytest.raises(ValueError, match="backend: expected"):
         hf.patch(model, "dense", backend="cuda")
+
+
+def test_longheads_gets_values_at_prefill():
+    """LongHeads' default chunk keys need the values: the integration passes them in ctx.extras."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import sparsattn
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (1, 200))
+    with torch.no_grad():
+        ref = model(ids).logits
+        with sparsattn.patched(model, method="longheads", backend="reference", window_size=32, atten_length=512,
+                               block_size=32):
+            out = model(ids).logits  # atten_length covers the context: equal to dense
+    assert torch.allclose(out, ref, atol=1e-4), (out - ref).abs().max()
