@@ -62,7 +62,12 @@ class KVPolicy:
         raise NotImplementedError
 
     def apply(self, cache: KVCache, layer: int, **signals) -> dict:
-        raise NotImplementedError
+        """Default: evict every slot not in ``promised``, compact the cache, report the bytes kept.
+        Policies that also rewrite slots (compensation tokens, quantisation) override this."""
+        b0, s0 = cache.used_bytes(layer), int(cache.lengths(layer).sum())
+        cache.evict(layer, self.promised(cache, layer))
+        cache.shrink(layer)
+        return _report(cache, layer, b0, s0)
 
 
 @dataclass
@@ -87,12 +92,6 @@ class StreamingLLMPolicy(KVPolicy):
         pos = cache.positions(layer)
         keep = _sink_window_keep(pos, cache.seq_lens(layer), self.n_sink, self.window)
         return (keep | (pos < 0)) & _live(cache, layer)
-
-    def apply(self, cache, layer, **signals):
-        b0, s0 = cache.used_bytes(layer), int(cache.lengths(layer).sum())
-        cache.evict(layer, self.promised(cache, layer))
-        cache.shrink(layer)
-        return _report(cache, layer, b0, s0)
 
 
 @dataclass
@@ -211,12 +210,6 @@ class MoAPolicy(KVPolicy):
         seen = cache.seq_lens(layer)
         keep = _sink_window_keep(pos, seen, self.n_sink, self.spans(layer, seen))
         return (keep | (pos < 0)) & _live(cache, layer)
-
-    def apply(self, cache, layer, **signals):
-        b0, s0 = cache.used_bytes(layer), int(cache.lengths(layer).sum())
-        cache.evict(layer, self.promised(cache, layer))
-        cache.shrink(layer)
-        return _report(cache, layer, b0, s0)
 
 
 @dataclass
