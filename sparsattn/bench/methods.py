@@ -30,6 +30,8 @@ def method_configs(T: int, density: float = 0.05) -> dict[str, dict]:
         "hip": dict(mask_k=max(256, int(density * half)), block_k=64),
         "s2_attention": dict(vert_stride=max(2, int(1 / density)), local_blocks=max(1, int(density * nk64 / 4))),
         "longheads": dict(atten_length=max(1024, int(density * half) // 256 * 256)),
+        # top-k mode keeps int((1 - sqrt(1 - r)) * nk) of nk blocks per row; about density * nk / 2 of a causal row
+        "seer_attention": dict(nz_ratio=1.0 - (1.0 - density / 2) ** 2),
     }
 
 
@@ -67,6 +69,10 @@ def run_methods_bench(lengths=(32768, 131072), *, heads: int = 32, kv_heads: int
             row = {"T": T, "method": name, "config": str(cfg), "dense_cudnn_ms" if dev == "cuda" else "dense_ms": dense_ms}
             try:
                 m = get_method(name, **cfg)
+                if name == "seer_attention":
+                    # timing only: a randomly initialised gate costs the same as a trained one
+                    from ..methods.seer_attention import SeerGate
+                    m.set_gate(SeerGate(heads, kv_heads, head_dim, [0], rope_input="post", seed=0).to(dev))
                 ctx = SelectContext(causal=True, extras={"v": v})  # LongHeads' chunk keys need the values
                 pat = m.select(q, k, ctx)
                 row["density"] = round(pat.density, 4)

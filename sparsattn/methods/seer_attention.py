@@ -155,14 +155,19 @@ class SeerGate(nn.Module):
                 "layers": self.layers, "hidden_size": self.hidden_size, "block_size": self.block_size,
                 "rope_theta": self.rope_theta, "rope_input": self.rope_input, "model_info": self.model_info}
 
-    def save(self, path) -> Path:
-        """Write ``path/gate.safetensors`` and ``path/config.json``; returns the directory."""
+    def save(self, path, *, dtype: torch.dtype = torch.float32) -> Path:
+        """Write ``path/gate.safetensors`` and ``path/config.json``; returns the directory.
+
+        ``dtype`` stores the weights in float32 (default), bfloat16 or float16 (half the bytes; the
+        gate is loaded back into float32 either way). The RoPE frequencies stay float32."""
         from safetensors.torch import save_file
 
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {f"wq.{k}": v.detach().float().cpu().contiguous() for k, v in self.wq.items()}
-        tensors.update({f"wk.{k}": v.detach().float().cpu().contiguous() for k, v in self.wk.items()})
+        tensors = {f"wq.{k}": v.detach().to(dtype).cpu().contiguous() for k, v in self.wq.items()}
+        tensors.update({f"wk.{k}": v.detach().to(dtype).cpu().contiguous() for k, v in self.wk.items()})
         tensors["head_inv_freq"] = self.head_inv_freq.detach().float().cpu().contiguous()
         save_file(tensors, str(path / "gate.safetensors"))
         (path / "config.json").write_text(json.dumps(self.config(), indent=2))

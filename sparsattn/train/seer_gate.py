@@ -209,6 +209,7 @@ def token_windows(tokenizer, seq_len: int, *, files: Optional[list] = None, spli
 def train_gates(model_path, out_path, *, steps: int = 1000, seq_len: int = 8192, device: Optional[str] = None,
                 minutes: Optional[float] = None, batch_size: int = 1, lr: float = 1e-3, warmup: int = 20,
                 layers=None, rope_input: str = "pre", seed: int = 0, files: Optional[list] = None,
+                save_dtype: torch.dtype = torch.bfloat16,
                 log: Optional[Callable[[str], None]] = print) -> Path:
     """train_gates: train SeerAttention gates for the local HF model at ``model_path``; save to ``out_path``.
 
@@ -218,6 +219,7 @@ def train_gates(model_path, out_path, *, steps: int = 1000, seq_len: int = 8192,
         device: default ``"cuda"`` when available, else ``"cpu"``.
         rope_input: ``"pre"`` (paper) or ``"post"``; see ``sparsattn.methods.seer_attention``.
         files: text files to train on (default ``sparsattn.data.source_files("train")``).
+        save_dtype: dtype of the saved weights (bfloat16: half the bytes of float32, enough for top-k).
     Returns the gate directory (``gate.safetensors`` + ``config.json``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -250,7 +252,7 @@ def train_gates(model_path, out_path, *, steps: int = 1000, seq_len: int = 8192,
     losses = train_gate(gate, batches(), steps=steps, lr=lr, warmup=min(warmup, steps), minutes=minutes, log=log)
     gate.model_info.update({"steps_done": len(losses), "final_loss": losses[-1] if losses else None,
                             "first_loss": losses[0] if losses else None, "seconds": round(time.time() - t0, 1)})
-    out = gate.save(out_path)
+    out = gate.save(out_path, dtype=save_dtype)
     if log:
         log(f"saved gate to {out} ({len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f})" if losses else
             f"saved untrained gate to {out}")
