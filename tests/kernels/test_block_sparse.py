@@ -171,6 +171,10 @@ def test_subtiles_config(device, monkeypatch):
     p = P.vertical_slash(100, torch.tensor([[[3, 50]]], device=device), torch.tensor([[[0, 9]]], device=device),
                          block_size=32)
     _check(q[:, :1], k, v, p)
+    # rectangular blocks wider than the tiles (LongHeads' chunk blocks): block_k = 4 sub-tiles
+    g = torch.Generator().manual_seed(3)
+    bm = torch.rand(1, 2, 7, 2, generator=g) < 0.6
+    _check(q, k, v, P.from_block_mask(bm.to(device), block_size=(16, 64), q_len=100, causal=True))
 
 
 def test_per_sequence_lengths_right_and_left_padding(device):

@@ -136,28 +136,28 @@ def _bs_fwd_kernel(
 
     f_list = FIDX + b * s_fib + ph * s_fih + pid_m * s_fiq
     n_full = tl.load(FCNT + b * s_fcb + ph * s_fch + pid_m)
-    for i in range(0, n_full):
-        kb = tl.load(f_list + i)
-        for s in tl.static_range(SUB):
-            cols = kb * BLOCK_KP + s * BLOCK_N + offs_n
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, cols, offs_m, offs_d, kv_len,
-                                      qk_scale, dummy_ok, False, EVEN, D, BLOCK_D, PREC)
+    # one flat loop over (block, sub-tile): a single K/V load per iteration, so the software
+    # pipeline's buffers do not multiply by SUB (key blocks wider than BLOCK_N)
+    for j in range(0, n_full * SUB):
+        kb = tl.load(f_list + j // SUB)
+        cols = kb * BLOCK_KP + (j % SUB) * BLOCK_N + offs_n
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, cols, offs_m, offs_d, kv_len,
+                                  qk_scale, dummy_ok, False, EVEN, D, BLOCK_D, PREC)
 
     p_list = PIDX + b * s_pib + ph * s_pih + pid_m * s_piq
     m_list = MIDS + b * s_pib + ph * s_pih + pid_m * s_piq
     n_part = tl.load(PCNT + b * s_pcb + ph * s_pch + pid_m)
     tile_r = tl.arange(0, BLOCK_M)
-    for i in range(0, n_part):
-        kb = tl.load(p_list + i)
+    for j in range(0, n_part * SUB):
+        kb = tl.load(p_list + j // SUB)
         mid = -1
         if HAS_BANK:
-            mid = tl.load(m_list + i)
-        for s in tl.static_range(SUB):
-            cols = kb * BLOCK_KP + s * BLOCK_N + offs_n
-            ok = _elem_mask(offs_m, cols, kv_len, off, BANK, mid, tile_r, s * BLOCK_N + offs_n,
-                            CAUSAL, HAS_BANK, BLOCK_KP, BANK_TILE)
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, cols, offs_m, offs_d, kv_len,
-                                      qk_scale, ok, True, EVEN, D, BLOCK_D, PREC)
+            mid = tl.load(m_list + j // SUB)
+        tc = (j % SUB) * BLOCK_N + offs_n
+        cols = kb * BLOCK_KP + tc
+        ok = _elem_mask(offs_m, cols, kv_len, off, BANK, mid, tile_r, tc, CAUSAL, HAS_BANK, BLOCK_KP, BANK_TILE)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, cols, offs_m, offs_d, kv_len,
+                                  qk_scale, ok, True, EVEN, D, BLOCK_D, PREC)
 
     if HAS_COLS:
         ch = h // CH_DIV
@@ -233,41 +233,39 @@ def _bwd_dq_kernel(
 
     f_list = FIDX + b * s_fib + ph * s_fih + pid_m * s_fiq
     n_full = tl.load(FCNT + b * s_fcb + ph * s_fch + pid_m)
-    for i in range(0, n_full):
-        kb = tl.load(f_list + i)
-        for s in tl.static_range(SUB):
-            cols = kb * BLOCK_KP + s * BLOCK_N + offs_n
-            kt = _load_rows_t(k_base, cols, offs_d, s_kt, kv_len, D, BLOCK_D, EVEN).to(q.dtype)
-            vt = _load_rows_t(v_base, cols, offs_d, s_vt, kv_len, D, BLOCK_D, EVEN).to(q.dtype)
-            qk = tl.dot(q, kt, input_precision=PREC) * qk_scale
-            if not EVEN:
-                qk = tl.where(cols[None, :] < kv_len, qk, float("-inf"))
-            p = tl.math.exp2(qk - lse2[:, None])
-            dp = tl.dot(do, vt, input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+    for j in range(0, n_full * SUB):  # flat (block, sub-tile) loop, as in the forward
+        kb = tl.load(f_list + j // SUB)
+        cols = kb * BLOCK_KP + (j % SUB) * BLOCK_N + offs_n
+        kt = _load_rows_t(k_base, cols, offs_d, s_kt, kv_len, D, BLOCK_D, EVEN).to(q.dtype)
+        vt = _load_rows_t(v_base, cols, offs_d, s_vt, kv_len, D, BLOCK_D, EVEN).to(q.dtype)
+        qk = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        if not EVEN:
+            qk = tl.where(cols[None, :] < kv_len, qk, float("-inf"))
+        p = tl.math.exp2(qk - lse2[:, None])
+        dp = tl.dot(do, vt, input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
 
     p_list = PIDX + b * s_pib + ph * s_pih + pid_m * s_piq
     m_list = MIDS + b * s_pib + ph * s_pih + pid_m * s_piq
     n_part = tl.load(PCNT + b * s_pcb + ph * s_pch + pid_m)
     tile_r = tl.arange(0, BLOCK_M)
-    for i in range(0, n_part):
-        kb = tl.load(p_list + i)
+    for j in range(0, n_part * SUB):
+        kb = tl.load(p_list + j // SUB)
         mid = -1
         if HAS_BANK:
-            mid = tl.load(m_list + i)
-        for s in tl.static_range(SUB):
-            cols = kb * BLOCK_KP + s * BLOCK_N + offs_n
-            ok = _elem_mask(offs_m, cols, kv_len, off, BANK, mid, tile_r, s * BLOCK_N + offs_n,
-                            CAUSAL, HAS_BANK, BLOCK_KP, BANK_TILE)
-            kt = _load_rows_t(k_base, cols, offs_d, s_kt, kv_len, D, BLOCK_D, EVEN).to(q.dtype)
-            vt = _load_rows_t(v_base, cols, offs_d, s_vt, kv_len, D, BLOCK_D, EVEN).to(q.dtype)
-            qk = tl.dot(q, kt, input_precision=PREC) * qk_scale
-            qk = tl.where(ok, qk, float("-inf"))
-            p = tl.math.exp2(qk - lse2[:, None])
-            dp = tl.dot(do, vt, input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
+            mid = tl.load(m_list + j // SUB)
+        tc = (j % SUB) * BLOCK_N + offs_n
+        cols = kb * BLOCK_KP + tc
+        ok = _elem_mask(offs_m, cols, kv_len, off, BANK, mid, tile_r, tc, CAUSAL, HAS_BANK, BLOCK_KP, BANK_TILE)
+        kt = _load_rows_t(k_base, cols, offs_d, s_kt, kv_len, D, BLOCK_D, EVEN).to(q.dtype)
+        vt = _load_rows_t(v_base, cols, offs_d, s_vt, kv_len, D, BLOCK_D, EVEN).to(q.dtype)
+        qk = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        qk = tl.where(ok, qk, float("-inf"))
+        p = tl.math.exp2(qk - lse2[:, None])
+        dp = tl.dot(do, vt, input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
 
     if HAS_COLS:
         ch = h // CH_DIV
@@ -355,7 +353,9 @@ def _bwd_dkv_kernel(
         d_base = DELTA + b * s_lb + h * s_lh + q_off
         t_cnt = tl.load(TCNT + b * s_tcb + ph * s_tch + kb)
         t_row = b * s_tib + ph * s_tih + kb * s_tik
-        for j in range(0, t_cnt):
+        for jj in range(0, t_cnt * SUBM):  # flat (query block, sub-tile) loop: one Q/dO load per iteration
+            j = jj // SUBM
+            r = jj % SUBM
             qb = tl.load(TIDX + t_row + j)
             slot = tl.load(TSLOT + t_row + j)
             is_part = slot >= MAX_FULL
@@ -363,28 +363,27 @@ def _bwd_dkv_kernel(
             if HAS_BANK:
                 mid = tl.load(MIDS + b * s_pib + ph * s_pih + qb * s_piq + tl.maximum(slot - MAX_FULL, 0))
                 mid = tl.where(is_part, mid, -1)
-            for r in tl.static_range(SUBM):
-                offs_m = qb * BLOCK_QP + r * BLOCK_M + tl.arange(0, BLOCK_M)
-                q = _load_rows(q_base, offs_m, offs_d, s_qt, q_len, D, BLOCK_D, False).to(k.dtype)
-                do = _load_rows(do_base, offs_m, offs_d, s_ot, q_len, D, BLOCK_D, False).to(k.dtype)
-                lse = tl.load(l_base + offs_m, mask=offs_m < q_len, other=float("-inf"))
-                lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-                delta = tl.load(d_base + offs_m, mask=offs_m < q_len, other=0.0)
-                qk_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
-                ok = offs_n[:, None] < kv_len
-                if CAUSAL:  # full blocks lie below the diagonal, so this is exact for them too
-                    ok = ok & (offs_n[:, None] <= offs_m[None, :] + off)
-                if HAS_BANK:
-                    tile_r = r * BLOCK_M + tl.arange(0, BLOCK_M)
-                    mid_v = tile_r[None, :] * 0 + tile_c[:, None] * 0 + mid
-                    tv = tl.load(BANK + tl.maximum(mid_v, 0) * BANK_TILE + tile_r[None, :] * BLOCK_KP + tile_c[:, None])
-                    ok = ok & ((tv != 0) | (mid_v < 0))
-                qk_t = tl.where(ok, qk_t, float("-inf"))
-                p_t = tl.math.exp2(qk_t - lse2[None, :])
-                dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
-                dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
-                ds_t = p_t * (dp_t - delta[None, :])
-                dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
+            offs_m = qb * BLOCK_QP + r * BLOCK_M + tl.arange(0, BLOCK_M)
+            q = _load_rows(q_base, offs_m, offs_d, s_qt, q_len, D, BLOCK_D, False).to(k.dtype)
+            do = _load_rows(do_base, offs_m, offs_d, s_ot, q_len, D, BLOCK_D, False).to(k.dtype)
+            lse = tl.load(l_base + offs_m, mask=offs_m < q_len, other=float("-inf"))
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            delta = tl.load(d_base + offs_m, mask=offs_m < q_len, other=0.0)
+            qk_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
+            ok = offs_n[:, None] < kv_len
+            if CAUSAL:  # full blocks lie below the diagonal, so this is exact for them too
+                ok = ok & (offs_n[:, None] <= offs_m[None, :] + off)
+            if HAS_BANK:
+                tile_r = r * BLOCK_M + tl.arange(0, BLOCK_M)
+                mid_v = tile_r[None, :] * 0 + tile_c[:, None] * 0 + mid
+                tv = tl.load(BANK + tl.maximum(mid_v, 0) * BANK_TILE + tile_r[None, :] * BLOCK_KP + tile_c[:, None])
+                ok = ok & ((tv != 0) | (mid_v < 0))
+            qk_t = tl.where(ok, qk_t, float("-inf"))
+            p_t = tl.math.exp2(qk_t - lse2[None, :])
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
 
     dk = dk * sm_scale
     smask = (offs_n[:, None] < kv_len) & (offs_d[None, :] < D)
