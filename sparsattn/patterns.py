@@ -198,17 +198,18 @@ class TokenPattern:
 
 
 def _lists_from_sel(sel: Tensor) -> tuple[Tensor, Tensor]:
-    """bool [..., n] -> (counts int32 [...], sorted indices int32 [..., max(count, 1)])."""
+    """bool [..., n] -> (counts int32 [...], sorted indices int32 [..., max(count, 1)]).
+
+    Linear time: each selected entry goes to slot ``cumsum - 1`` of its row (no sort)."""
     n = sel.shape[-1]
     counts = sel.sum(-1, dtype=torch.int32)
     max_n = max(int(counts.max()) if counts.numel() else 0, 1)
-    ar = torch.arange(n, device=sel.device, dtype=torch.int32)
-    key = torch.where(sel, ar, ar + n)
-    top = key.sort(dim=-1).values[..., :max_n] if n else torch.zeros(*sel.shape[:-1], 1, dtype=torch.int32, device=sel.device)
-    if top.shape[-1] < max_n:
-        top = torch.nn.functional.pad(top, (0, max_n - top.shape[-1]), value=n)
-    idx = torch.where(top < n, top, torch.zeros_like(top))
-    return counts.contiguous(), idx.to(torch.int32).contiguous()
+    out = torch.zeros(*sel.shape[:-1], max_n + 1, dtype=torch.int32, device=sel.device)
+    if n:
+        slot = torch.where(sel, sel.cumsum(-1, dtype=torch.int32) - 1, max_n).long()
+        ar = torch.arange(n, device=sel.device, dtype=torch.int32).expand_as(slot)
+        out.scatter_(-1, slot, ar)
+    return counts.contiguous(), out[..., :max_n].contiguous()
 
 
 def _sel_from_lists(counts: Tensor, indices: Tensor, n: int) -> Tensor:
@@ -756,6 +757,34 @@ def _transpose_lists(p: BlockPattern) -> dict:
             "q_slot": q_slot.view(B, H, nk, max_q).contiguous()}
 
 
+_HASH_P = 2147483629  # a prime below 2**31
+
+
+def _unique_tiles(tiles: Tensor) -> tuple[Tensor, Tensor]:
+    """Distinct rows of a bool matrix ``[P, n]`` -> (rows ``[U, n]``, inverse ``[P]``).
+
+    ``torch.unique(dim=0)`` sorts whole rows (slow on long contexts: thousands of 64x64 tiles);
+    instead the rows are packed into 31-bit words, hashed twice modulo a prime, and made unique
+    by hash. Every row is then compared with its representative; on a hash collision (never
+    seen, but possible) the exact ``torch.unique(dim=0)`` is used."""
+    P_, n = tiles.shape
+    dev = tiles.device
+    W = _cdiv(n, 31)
+    padded = torch.nn.functional.pad(tiles, (0, W * 31 - n)).view(P_, W, 31).long()
+    words = (padded << torch.arange(31, device=dev)).sum(-1)  # [P, W], each < 2**31
+    gen = torch.Generator().manual_seed(12345)
+    mult = torch.randint(1, _HASH_P, (2, W), generator=gen).to(dev)
+    h = [((words * m) % _HASH_P).sum(-1) % _HASH_P for m in mult]  # products < 2**62, sums < 2**31 * W
+    key = h[0] * _HASH_P + h[1]
+    ukey, inv = torch.unique(key, return_inverse=True)
+    first = torch.full((ukey.numel(),), P_, dtype=torch.long, device=dev)
+    first.scatter_reduce_(0, inv, torch.arange(P_, device=dev), reduce="amin")
+    uniq = tiles[first]
+    if not torch.equal(uniq[inv], tiles):  # a collision: fall back to the exact row sort
+        return torch.unique(tiles, dim=0, return_inverse=True)
+    return uniq, inv
+
+
 def _assemble(full: Tensor, part: Tensor, part_coords, tiles: Optional[Tensor], bq: int, bk: int,
               q_len: int, kv_len: int, is_causal: bool, columns: Optional[TokenPattern] = None) -> BlockPattern:
     """Build a BlockPattern from block selections and, for partial blocks, element tiles.
@@ -786,7 +815,7 @@ def _assemble(full: Tensor, part: Tensor, part_coords, tiles: Optional[Tensor], 
         need = ~plain
         ids_flat = torch.full((b.numel(),), -1, dtype=torch.long, device=dev)
         if need.any():
-            uniq, inv = torch.unique(eff[need].flatten(1), dim=0, return_inverse=True)
+            uniq, inv = _unique_tiles(eff[need].flatten(1))
             mask_bank = uniq.view(-1, bq, bk).contiguous()
             ids_flat[need] = inv
             idmap = torch.full(part.shape, -1, dtype=torch.int32, device=dev)
@@ -1178,19 +1207,54 @@ def from_block_mask(block_mask: Tensor, *, block_size, q_len: int, kv_len: Optio
 def from_topk_blocks(indices: Tensor, *, q_len: int, kv_len: Optional[int] = None, block_size=64,
                      causal: bool = True, counts: Optional[Tensor] = None) -> BlockPattern:
     """from_topk_blocks: BlockPattern from per-query-block key-block indices ``[B, H, nq, k]``
-    (any order, duplicates and out-of-causal entries dropped); ``counts [B, H, nq]`` optional."""
+    (any order, duplicates and out-of-causal entries dropped); ``counts [B, H, nq]`` optional.
+
+    Same pattern as ``from_block_mask`` of the selected blocks, built in ``O(nq * k log k)``
+    without a ``[nq, n_kv_blocks]`` mask (the cost of index building at long contexts)."""
     bq, bk = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
     kv_len, bk = _check_lengths(q_len, kv_len, bq, bk)
     nq, nk = _cdiv(q_len, bq), _cdiv(kv_len, bk)
-    if indices.dim() != 4 or indices.shape[2] != nq:
-        raise _err("indices", f"an int tensor [B, H, {nq}, k]", tuple(indices.shape))
+    if not isinstance(indices, Tensor) or indices.dim() != 4 or indices.shape[2] != nq:
+        raise _err("indices", f"an int tensor [B, H, {nq}, k]", tuple(getattr(indices, "shape", ())))
+    if indices.is_floating_point() or indices.dtype == torch.bool:
+        raise _err("indices", "an integer tensor", indices.dtype)
+    dev = indices.device
     idx = indices.long()
     valid = (idx >= 0) & (idx < nk)
     if counts is not None:
-        valid = valid & (torch.arange(idx.shape[-1], device=idx.device) < counts[..., None])
-    sel = torch.zeros(*idx.shape[:3], nk + 1, dtype=torch.bool, device=idx.device)
-    sel.scatter_(-1, torch.where(valid, idx, torch.full_like(idx, nk)), True)
-    return from_block_mask(sel[..., :nk], block_size=(bq, bk), q_len=q_len, kv_len=kv_len, causal=causal)
+        valid = valid & (torch.arange(idx.shape[-1], device=dev) < counts[..., None])
+    key = torch.where(valid, idx, nk).sort(dim=-1).values
+    if key.shape[-1] > 1:  # duplicates are adjacent after the sort
+        dup = torch.zeros_like(key, dtype=torch.bool)
+        dup[..., 1:] = key[..., 1:] == key[..., :-1]
+        key = torch.where(dup, nk, key)
+    kb = key.clamp(max=max(nk - 1, 0))
+    qb = torch.arange(nq, device=dev)[:, None]
+    r0, r1 = qb * bq, torch.clamp((qb + 1) * bq, max=q_len) - 1
+    c0, c1 = kb * bk, torch.clamp((kb + 1) * bk, max=kv_len) - 1
+    ok = key < nk
+    if causal:
+        off = kv_len - q_len
+        ok = ok & (c0 <= r1 + off)
+        full = ok & (c1 <= r0 + off)
+    else:
+        full = ok
+    part = ok & ~full
+    fc, fi = _lists_from_keys(torch.where(full, key, nk), nk)
+    pc, pi = _lists_from_keys(torch.where(part, key, nk), nk)
+    return BlockPattern(pc, pi, fc, fi, bq, bk, q_len, kv_len, causal)
+
+
+def _lists_from_keys(key: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Indices ``[..., k]`` with ``n`` marking unused entries -> (counts int32, sorted int32 lists
+    ``[..., max(count, 1)]`` padded with 0), as ``_lists_from_sel``."""
+    key = key.sort(dim=-1).values
+    counts = (key < n).sum(-1, dtype=torch.int32)
+    max_n = max(int(counts.max()) if counts.numel() else 0, 1)
+    top = key[..., :max_n]
+    if top.shape[-1] < max_n:
+        top = torch.nn.functional.pad(top, (0, max_n - top.shape[-1]), value=n)
+    return counts.contiguous(), torch.where(top < n, top, 0).to(torch.int32).contiguous()
 
 
 def from_dense_mask(mask: Tensor, *, block_size=64, causal: bool = False) -> BlockPattern:

@@ -182,3 +182,44 @@ def test_blockpattern_shape_errors():
         BlockPattern(p.kv_num_blocks.long(), p.kv_indices, p.full_kv_num_blocks, p.full_kv_indices, 64, 64, 128, 128, True)
     with pytest.raises(ValueError, match="n_q_blocks"):
         BlockPattern(p.kv_num_blocks, p.kv_indices, p.full_kv_num_blocks, p.full_kv_indices, 64, 64, 300, 128, True)
+
+
+def test_from_topk_blocks_equals_block_mask_of_the_selection():
+    """The direct top-k builder gives the same lists as from_block_mask of the scattered selection
+    (invalid, duplicate, counted-out and above-diagonal entries dropped), causal or not, any shapes."""
+    g = torch.Generator().manual_seed(1)
+    for q_len, kv_len, bs in [(100, 100, 16), (70, 200, 32), (200, 70, (16, 32)), (1, 300, 16)]:
+        bq, bk = (bs, bs) if isinstance(bs, int) else bs
+        nq, nk = -(-q_len // bq), -(-kv_len // bk)
+        for causal in (True, False):
+            for kk in (1, 3, nk + 2):
+                ind = torch.randint(-1, nk + 1, (2, 3, nq, kk), generator=g)
+                cnt = torch.randint(0, kk + 1, (2, 3, nq), generator=g)
+                for c in (None, cnt):
+                    a = P.from_topk_blocks(ind, q_len=q_len, kv_len=kv_len, block_size=bs, causal=causal, counts=c)
+                    valid = (ind >= 0) & (ind < nk)
+                    if c is not None:
+                        valid &= torch.arange(kk) < c[..., None]
+                    sel = torch.zeros(2, 3, nq, nk + 1, dtype=torch.bool)
+                    sel.scatter_(-1, torch.where(valid, ind, nk), True)
+                    b = P.from_block_mask(sel[..., :nk], block_size=(bq, bk), q_len=q_len, kv_len=kv_len, causal=causal)
+                    assert torch.equal(a.to_dense_mask(), b.to_dense_mask())
+                    for cf, lf in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+                        assert torch.equal(getattr(a, cf), getattr(b, cf))
+                        la, lb = getattr(a, lf), getattr(b, lf)
+                        w = max(la.shape[-1], lb.shape[-1])
+                        pad = lambda t: torch.nn.functional.pad(t, (0, w - t.shape[-1]))  # noqa: E731
+                        assert torch.equal(pad(la), pad(lb))
+    with pytest.raises(ValueError, match="indices"):
+        P.from_topk_blocks(torch.zeros(1, 1, 2, 3), q_len=100, block_size=64)
+
+
+def test_tile_dedup_matches_exact_unique():
+    from sparsattn.patterns import _unique_tiles
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(7, 4096, generator=g) < 0.5
+    rows = base[torch.randint(0, 7, (300,), generator=g)]
+    u, inv = _unique_tiles(rows)
+    assert torch.equal(u[inv], rows)
+    assert u.shape[0] == torch.unique(rows, dim=0).shape[0]

@@ -27,7 +27,7 @@ def method_configs(T: int, density: float = 0.05) -> dict[str, dict]:
         "a_shape": dict(n_init=128, n_local=max(64, int(density * half))),
         "vertical_slash": dict(v_size=1000, s_size=100 + max(8, int(density * half / 128)), block_size=64),
         "block_sparse": dict(top_k=max(2, int(density * nk64 / 2)), block_size=64),
-        "hip": dict(mask_k=max(256, int(density * half)), block_k=64),
+        "hip": dict(mask_k=max(256, int(density * half) // 64 * 64), block_k=64),  # a multiple of block_k
         "s2_attention": dict(vert_stride=max(2, int(1 / density)), local_blocks=max(1, int(density * nk64 / 4))),
         "longheads": dict(atten_length=max(1024, int(density * half) // 256 * 256)),
         # top-k mode keeps int((1 - sqrt(1 - r)) * nk) of nk blocks per row; about density * nk / 2 of a causal row

@@ -144,7 +144,7 @@ class BlockSparse(Method):
         idx_parts, ok_parts = [], []
         for h in range(Hkv):  # one GQA group at a time: (N/block)^2 scores per query head of the group
             s = estimate.block_scores(q[:, h * G:(h + 1) * G], k[:, h:h + 1], bs, bs, scale=ctx.scale, causal=True)
-            s = s.masked_fill(forced, float("inf")).masked_fill(~allowed, float("-inf"))
+            s.masked_fill_(forced, float("inf")).masked_fill_(~allowed, float("-inf"))
             idx, ok = estimate.topk_indices(s, top_k)
             idx_parts.append(idx)
             ok_parts.append(ok)

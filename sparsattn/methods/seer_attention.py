@@ -349,6 +349,10 @@ class SeerAttention(Method):
     # -- selection --------------------------------------------------------------------------------
     def block_probs(self, q: Tensor, k: Tensor, ctx: Optional[SelectContext] = None) -> Tensor:
         """Gate probabilities float32 ``[B, Hq, nq, nk]`` (rows sum to 1 over causal blocks)."""
+        return torch.softmax(self.block_logits(q, k, ctx), dim=-1)
+
+    def block_logits(self, q: Tensor, k: Tensor, ctx: Optional[SelectContext] = None) -> Tensor:
+        """Gate logits float32 ``[B, Hq, nq, nk]`` (``-inf`` above the causal diagonal)."""
         ctx = ctx or SelectContext()
         gate = self.gate
         layer = ctx.layer
@@ -361,7 +365,7 @@ class SeerAttention(Method):
             gate.to(q.device)
         with torch.no_grad():
             qi, ki = gate.gate_inputs(q, k, ctx.extras)
-            return torch.softmax(gate.scores(layer, qi, ki, causal=ctx.causal), dim=-1)
+            return gate.scores(layer, qi, ki, causal=ctx.causal)
 
     def select(self, q: Tensor, k: Tensor, ctx: Optional[SelectContext] = None):
         ctx = ctx or SelectContext()
@@ -369,22 +373,22 @@ class SeerAttention(Method):
             raise ValueError(f"q/k: expected 4-D tensors [batch, heads, tokens, head_dim], got {tuple(q.shape)}, {tuple(k.shape)}")
         if k.shape[2] < q.shape[2]:
             raise ValueError(f"k tokens: expected >= q tokens ({q.shape[2]}), got {k.shape[2]}")
-        probs = self.block_probs(q, k, ctx)
         Tq, Tk = q.shape[2], k.shape[2]
         bs = self.gate.block_size
         if ctx.causal:
             allowed = causal_block_mask(Tq, Tk, bs, q.device)
-            diag = diagonal_block_mask(Tq, Tk, bs, q.device)
         else:
-            nq, nk = probs.shape[2:]
-            allowed = torch.ones(nq, nk, dtype=torch.bool, device=q.device)
-            diag = diagonal_block_mask(Tq, Tk, bs, q.device)
+            allowed = torch.ones(-(-Tq // bs), -(-Tk // bs), dtype=torch.bool, device=q.device)
+        diag = diagonal_block_mask(Tq, Tk, bs, q.device)
         if self.nz_ratio is None:
-            keep = probs > self.threshold
+            keep = self.block_probs(q, k, ctx) > self.threshold
         else:
-            kk = nz_topk(self.nz_ratio, probs.shape[-1])
-            order = probs.masked_fill(~allowed, -1.0).argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
-            keep = order < kk
+            # top-k of the logits = top-k of the probabilities (softmax is monotonic), scattered into
+            # the block mask: no softmax and no full sort of the [nq, nk] scores
+            logits = self.block_logits(q, k, ctx)
+            kk = min(nz_topk(self.nz_ratio, logits.shape[-1]), logits.shape[-1])
+            keep = torch.zeros(logits.shape, dtype=torch.bool, device=q.device)
+            keep.scatter_(-1, torch.topk(logits.masked_fill_(~allowed, float("-inf")), kk, dim=-1).indices, True)
         keep = (keep | diag) & allowed
         if self.last_block_dense:
             keep[:, :, -2:, :] = allowed[-2:]

@@ -148,14 +148,20 @@ def vertical_slash_scores(q: Tensor, k: Tensor, last_q: int = 64, *, scale: Opti
 
 
 def _slash_sums(a: Tensor, Tq: int, Tk: int) -> Tensor:
-    """Diagonal sums of the last-query attention ``a [B, H, lq, Tk]`` -> ``[B, H, Tk]`` (offset d)."""
-    lq = a.shape[2]
-    out = torch.zeros(*a.shape[:2], Tk, dtype=torch.float32, device=a.device)
-    for r in range(lq):
-        p = Tq - lq + r + (Tk - Tq)  # key index of row r's diagonal
-        if p >= 0:
-            out[..., : p + 1] += a[:, :, r, : p + 1].flip(-1)
-    return out
+    """Diagonal sums of the last-query attention ``a [B, H, lq, Tk]`` -> ``[B, H, Tk]`` (offset d).
+
+    Row ``r`` (key index of its diagonal ``p = Tk - lq + r``) adds ``a[r, p - d]`` to offset ``d``.
+    Reversed along keys, that is ``flip(a)[r, (lq - 1 - r) + d]``: a skewed view of the padded
+    reversed rows, summed over ``r`` in one reduction (no loop over rows)."""
+    B, H, lq, n = a.shape
+    if lq == 0 or n == 0:
+        return torch.zeros(B, H, Tk, dtype=torch.float32, device=a.device)
+    if Tk - lq < 0:
+        raise ValueError(f"a: expected at most Tk={Tk} rows, got {lq}")
+    f = torch.nn.functional.pad(a.float().flip(-1), (0, lq)).contiguous()  # [B, H, lq, Tk + lq]
+    W = Tk + lq
+    skew = f.as_strided((B, H, lq, Tk), (H * lq * W, lq * W, W - 1, 1), f.storage_offset() + lq - 1)
+    return skew.sum(2)
 
 
 def exact_block_scores(q: Tensor, k: Tensor, block_q: int, block_k: Optional[int] = None, *,
