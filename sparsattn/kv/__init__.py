@@ -1,12 +1,15 @@
 """KV cache and cache policies: storage, eviction/compression, quantisation and host offload.
 
 ``KVCache`` (contiguous or paged, per-(batch, head) lengths, offload + prefetch), and policies
-``StreamingLLMPolicy``, ``RazorAttentionPolicy``, ``MoAPolicy``, ``ZipVLPolicy``.
+``StreamingLLMPolicy``, ``RazorAttentionPolicy``, ``MoAPolicy``, ``ZipVLPolicy``; ``as_cache_policy`` runs
+a policy inside a transformers cache (``sparsattn.integrations.hf_cache.SparseCache``).
 """
+from .adapter import CachePolicy, as_cache_policy
 from .cache import KVCache, Prefetched
 from .policies import (KVPolicy, MixedPrecisionKV, MoAPolicy, RazorAttentionPolicy, StreamingLLMPolicy,
                        ZipVLPolicy, probe_importance)
 from .quant import QuantizedRows, quantize_rows
 
 __all__ = ["KVCache", "Prefetched", "KVPolicy", "StreamingLLMPolicy", "RazorAttentionPolicy", "MoAPolicy",
-           "ZipVLPolicy", "MixedPrecisionKV", "probe_importance", "QuantizedRows", "quantize_rows"]
+           "ZipVLPolicy", "MixedPrecisionKV", "probe_importance", "QuantizedRows", "quantize_rows",
+           "CachePolicy", "as_cache_policy"]

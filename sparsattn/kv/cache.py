@@ -363,6 +363,42 @@ class KVCache:
             if L.log_weight is not None:
                 L.log_weight = L.log_weight[:, :, :n].clone()
 
+    def load_layer(self, layer: int, k: Tensor, v: Tensor, lengths: Tensor, positions: Tensor, seen: Tensor,
+                   log_weight: Optional[Tensor] = None) -> None:
+        """Adopt external slot-major rows as layer ``layer`` (contiguous layout), e.g. to run a policy on
+        another cache's tensors: ``k, v [B, Hkv, T, D]`` with row (b, h) holding ``lengths[b, h]``
+        slots first; ``positions [B, Hkv, T]`` (original token positions, -1 for merged slots);
+        ``seen [B]`` tokens appended so far; optional ``log_weight [B, Hkv, T]``. Slots beyond
+        ``lengths`` are cleared (in a copy)."""
+        L = self._layer(layer)
+        if self.layout != "contiguous":
+            raise _err("layout", "'contiguous' to load external rows", self.layout)
+        B, H, D = self.batch, self.kv_heads, self.head_dim
+        for name, x in (("k", k), ("v", v)):
+            if not isinstance(x, Tensor) or x.dim() != 4 or tuple(x.shape[:2]) != (B, H) or x.shape[3] != D:
+                raise _err(name, f"a tensor [{B}, {H}, T, {D}]", getattr(x, "shape", type(x).__name__))
+        T = k.shape[2]
+        if v.shape != k.shape:
+            raise _err("v", f"shape {tuple(k.shape)} (as k)", tuple(v.shape))
+        lengths = torch.as_tensor(lengths, device=self.device).long()
+        if tuple(lengths.shape) != (B, H) or (lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > T)):
+            raise _err("lengths", f"a [{B}, {H}] tensor of values in [0, {T}]", getattr(lengths, "shape", lengths))
+        if not isinstance(positions, Tensor) or tuple(positions.shape) != (B, H, T):
+            raise _err("positions", f"a tensor [{B}, {H}, {T}]", getattr(positions, "shape", type(positions).__name__))
+        seen = torch.as_tensor(seen, device=self.device).long()
+        if tuple(seen.shape) != (B,):
+            raise _err("seen", f"a [{B}] tensor", tuple(seen.shape))
+        if log_weight is not None and (not isinstance(log_weight, Tensor) or tuple(log_weight.shape) != (B, H, T)):
+            raise _err("log_weight", f"None or a tensor [{B}, {H}, {T}]", getattr(log_weight, "shape", None))
+        dead = torch.arange(T, device=self.device) >= lengths[..., None]
+        L.k = k.to(device=self.device, dtype=self.dtype).masked_fill(dead[..., None], 0)
+        L.v = v.to(device=self.device, dtype=self.dtype).masked_fill(dead[..., None], 0)
+        L.positions = positions.to(self.device).long().masked_fill(dead, -1)
+        L.log_weight = None if log_weight is None else log_weight.to(self.device).float().masked_fill(dead, 0.0)
+        L.lengths = lengths.clone()
+        L.seen = seen.clone()
+        L.on_host, L.quant = False, None
+
     def set_quantized(self, layer: int, mpkv) -> None:
         """Replace a layer's K/V by a mixed-precision (ZipVL) store; its bytes are what is kept."""
         L = self._layer(layer)
