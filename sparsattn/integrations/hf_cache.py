@@ -139,8 +139,17 @@ class SparseCache(DynamicCache):
         return pad[:, 0]
 
     def head_pad(self, layer_idx: int) -> Optional[torch.Tensor]:
-        """Left-padding slots ``[B, Hkv]`` of the keys returned by the last ``update`` of ``layer_idx``."""
-        return self._pad_attn.get(layer_idx)
+        """Padding slots ``[B, Hkv]`` in front of each stored row of ``layer_idx`` (None before its first update)."""
+        return self._pad_stored.get(layer_idx)
+
+    def head_lens(self, layer_idx: int) -> Optional[torch.Tensor]:
+        """Slots kept ``[B, Hkv]`` per (batch, KV head) in the stored rows of ``layer_idx`` (merged slots count 1)."""
+        pad = self._pad_stored.get(layer_idx)
+        return None if pad is None else self.layers[layer_idx].keys.shape[-2] - pad
+
+    def log_weights(self, layer_idx: int) -> Optional[torch.Tensor]:
+        """Per-slot log-weights ``[B, Hkv, T]`` of the stored rows (None: every slot is one token)."""
+        return self._lw_stored.get(layer_idx)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                scale: Optional[float] = None, backend: Optional[str] = None) -> Optional[torch.Tensor]:
