@@ -120,3 +120,31 @@ def test_append_validation():
         cache.append(0, torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8), lens=[2, 0])
     with pytest.raises(ValueError, match="layer"):
         cache.append(3, torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))
+
+
+def test_load_layer_adopts_rows_like_append():
+    """Rows loaded slot-major (per-head lengths) behave like the same tokens appended: same slots,
+    positions, attention; slots past the lengths are cleared; bad shapes raise."""
+    gen = torch.Generator().manual_seed(3)
+    B, H, T, D = 2, 2, 6, 8
+    k, v = torch.randn(B, H, T, D, generator=gen), torch.randn(B, H, T, D, generator=gen)
+    lens = torch.tensor([[6, 4], [2, 5]])
+    pos = torch.arange(T).expand(B, H, T).clone()
+    ref = KVCache(1, B, H, D, dtype=torch.float32)
+    ref.append(0, k, v)
+    cap = ref.get(0)[0].shape[2]
+    ref.evict(0, torch.arange(cap)[None, None, :] < lens[..., None])
+    ref.shrink(0)
+    got = KVCache(1, B, H, D, dtype=torch.float32)
+    got.load_layer(0, k, v, lens, pos, torch.tensor([T, T]))
+    assert torch.equal(got.lengths(0), ref.lengths(0)) and torch.equal(got.seq_lens(0), ref.seq_lens(0))
+    assert torch.equal(got.positions(0), ref.positions(0))
+    assert torch.equal(got.get(0)[0], ref.get(0)[0]) and got.get(0)[1][1, 0, 2:].abs().max() == 0
+    q = torch.randn(B, 4, D, generator=gen)
+    torch.testing.assert_close(got.attend(0, q, backend="reference"), ref.attend(0, q, backend="reference"))
+    with pytest.raises(ValueError, match="lengths"):
+        got.load_layer(0, k, v, lens + 3, pos, torch.tensor([T, T]))
+    with pytest.raises(ValueError, match="positions"):
+        got.load_layer(0, k, v, lens, pos[:, :, :3], torch.tensor([T, T]))
+    with pytest.raises(ValueError, match="log_weight"):
+        got.load_layer(0, k, v, lens, pos, torch.tensor([T, T]), log_weight=torch.zeros(B, H, 2))
