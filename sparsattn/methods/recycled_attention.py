@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..kv.select import decode_inputs, full_pattern, group_scores, mask_to_pattern, scale_of, topk_mask, valid_units
+from ..kv.select import decode_inputs, full_pattern, mask_to_pattern, scale_of, valid_units
 from .base import Method, SelectContext, register
 
 
@@ -16,14 +16,17 @@ from .base import Method, SelectContext, register
 @dataclass
 class RecycledAttention(Method):
     """RecycledAttention: alternate full steps with steps over the recycled top-K tokens (Recycled Attention,
-    arXiv 2411.05787; RefreshKV, its journal version).
+    arXiv 2411.05787; RefreshKV, its journal version, same arXiv id).
 
-    A *full step* reads every token and rebuilds the recycled set: the top ``budget`` tokens of the
-    step's attention scores, max-pooled over ``pool_kernel`` neighbouring positions (SnapKV-style),
-    the GQA group combined by max. A *partial step* reads the recycled set plus every token
-    appended since the last full step (RefreshKV instead evicts the lowest-score token to keep
-    exactly K; that needs the partial step's attention scores, which a selector does not compute).
-    Schedule: ``"stride"`` = a full step every ``stride`` steps (original Recycled Attention), or
+    A *full step* reads every token and rebuilds the partial cache ``C_p``: the ``budget`` (K) tokens
+    with the highest attention probabilities of the step (softmax per query head, the GQA group
+    combined by max, then max-pooled over ``pool_kernel`` neighbouring positions, SnapKV-style),
+    ranked by that score. A *partial step* reads ``C_p`` plus the current token, then appends the
+    current token to ``C_p`` and, when ``|C_p|`` exceeds K, evicts the entry with the lowest score of
+    the last full step (RefreshKV, Algorithm 1 lines 5-7: ``C_p`` is kept in ascending score order,
+    new tokens go to its end, ``C_p <- C_p[1:]``); once every recycled token is gone the oldest new
+    token goes first. So a partial step reads exactly ``min(K, valid) + 1`` tokens. Schedule:
+    ``"stride"`` = a full step every ``stride`` steps (original Recycled Attention), or
     ``"similarity"`` = every ``check_every`` steps, a full step when the cosine similarity of the
     head-averaged query with the one of the last full step is below ``similarity`` (RefreshKV).
 
@@ -73,30 +76,53 @@ class RecycledAttention(Method):
         cos = F.cosine_similarity(a, st["q"], dim=-1)
         return bool((cos < self.similarity).any())
 
+    def _rank(self, q, k, kl, ctx):
+        """Ranking of a full step: token indices ``[B, Hkv, min(K, T)]`` by descending pooled score, the
+        number of valid entries ``[B, Hkv]`` (K, or fewer valid tokens), and the capacity K."""
+        B, Hq, D = q.shape
+        Hkv, T = k.shape[1], k.shape[2]
+        qg = q.view(B, Hkv, Hq // Hkv, D).to(k.dtype)
+        s = torch.matmul(qg, k.transpose(-1, -2)).float() * scale_of(ctx, D)  # [B, Hkv, G, T]
+        valid = valid_units(kl, T)
+        s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+        p = torch.softmax(s, -1).nan_to_num(0.0).amax(2)  # probabilities, group max [B, Hkv, T]
+        if self.pool_kernel > 1:
+            p = F.max_pool1d(p.view(B * Hkv, 1, T), self.pool_kernel, stride=1,
+                             padding=self.pool_kernel // 2).view(B, Hkv, T)
+        p = p.masked_fill(~valid[:, None, :], float("-inf"))
+        K = self.budget if self.budget is not None else max(1, math.ceil(self.budget_ratio * T))
+        top = p.topk(min(K, T), dim=-1)
+        # descending score; equal scores (max-pooling makes neighbours equal) rank the earlier token first
+        idx, val = top.indices.sort(-1)
+        val = torch.gather(top.values, 2, val)
+        order = torch.gather(idx, 2, val.sort(dim=-1, descending=True, stable=True).indices)
+        n_valid = torch.clamp(kl, max=K)[:, None].expand(B, Hkv)
+        return order, n_valid.contiguous(), K
+
     def select(self, q, k, ctx: SelectContext | None = None):
         q, k, kl = decode_inputs(q, k, ctx)
         ctx = ctx if ctx is not None else SelectContext()
         B, Hkv, T = k.shape[0], k.shape[1], k.shape[2]
         states = ctx.state.setdefault("recycled_attention", {})
         st = states.get(ctx.layer)
-        if st is not None and (st["mask"].shape[:2] != (B, Hkv) or bool((kl < st["kv_lens"]).any())):
+        if st is not None and (st["order"].shape[:2] != (B, Hkv) or bool((kl < st["kv_lens"]).any())):
             st = None  # a different batch or a new sequence: start over with a full step
         full = self._is_full(st, q)
         ctx.extras["full_step"] = full
         if full:
-            s = group_scores(q, k, "max") * scale_of(ctx, q.shape[-1])
-            valid = valid_units(kl, T)
-            s = s.masked_fill(~valid[:, None, :], float("-inf"))
-            if self.pool_kernel > 1:
-                s = F.max_pool1d(s.view(B * Hkv, 1, T), self.pool_kernel, stride=1, padding=self.pool_kernel // 2).view(B, Hkv, T)
-            K = self.budget if self.budget is not None else math.ceil(self.budget_ratio * T)
-            mask = topk_mask(s, K, valid)
-            states[ctx.layer] = {"mask": mask, "kv_lens": kl.clone(), "since": 0, "q": q.float().mean(1)}
+            order, n_rec, K = self._rank(q, k, kl, ctx)
+            states[ctx.layer] = {"order": order, "n_rec": n_rec, "K": K, "kv_lens": kl.clone(), "since": 0,
+                                 "q": q.float().mean(1)}
             return full_pattern(B, Hkv, kl, T)
         st["since"] += 1
-        mask = st["mask"]
-        if mask.shape[-1] < T:
-            mask = torch.cat([mask, mask.new_zeros(B, Hkv, T - mask.shape[-1])], -1)
+        order, n_rec, K = st["order"], st["n_rec"], st["K"]
+        n_new = (kl - st["kv_lens"])[:, None]  # tokens appended since the full step, the current one included
+        evicted = (n_rec + n_new - 1 - K).clamp(min=0)  # evictions so far from C_p (K entries at most)
+        keep_rec = (n_rec - evicted).clamp(min=0)  # the top-ranked recycled tokens still in C_p
+        new_lo = st["kv_lens"][:, None] + (evicted - n_rec).clamp(min=0)  # oldest new token still in C_p
+        mask = torch.zeros(B, Hkv, T, dtype=torch.bool, device=k.device)
+        rank_ok = torch.arange(order.shape[-1], device=k.device) < keep_rec[..., None]
+        mask.scatter_(2, order.clamp(max=T - 1), rank_ok)
         t = torch.arange(T, device=k.device)
-        new = (t[None, :] >= st["kv_lens"][:, None]) & (t[None, :] < kl[:, None])  # appended since the full step
-        return mask_to_pattern(mask[..., :T] | new[:, None, :], T)
+        mask |= (t >= new_lo[..., None]) & (t < kl[:, None, None])
+        return mask_to_pattern(mask, T)
