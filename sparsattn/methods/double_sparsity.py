@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..kv.quant import quantize_rows
+from ..kv.quant import quantize_minmax, unpack4
 from ..kv.select import decode_inputs, reduce_group, topk_pattern, valid_units
 from .base import Method, SelectContext, register
 
@@ -21,10 +21,15 @@ class DoubleSparsity(Method):
     Offline: ``calibrate(qs, ks)`` ranks, per layer and KV head, the channels by mean ``|q_c * k_c|``
     over captured (post-RoPE) queries and keys and keeps the top ``r = D / group_factor``; the
     result is saved/loaded as JSON (``save`` / ``load``). Runtime: the label cache
-    ``K[..., channels]`` (quantised per token to ``label_bits``, 4 by default; 16 = unquantised)
-    is kept incrementally in ``ctx.state["double_sparsity"][layer]``; approximate scores
-    ``q[ch] · K_label / sqrt(r)`` pick the top ``token_budget`` tokens (``budget_ratio`` instead
-    gives ``ceil(ratio * T)``, the paper's "1/16" setting).
+    ``K[..., channels]`` is kept incrementally in ``ctx.state["double_sparsity"][layer]``, stored
+    low-bit: ``label_bits`` 4 (default) = per-token min-max codes packed two per uint8 byte with a
+    float16 scale and zero point per token (``codes [B, Hkv, cap, ceil(r / 2)]``, ``scale`` /
+    ``zero [B, Hkv, cap, 1]``; the reference code quantises labels per token by min/max), 8 = one
+    code per byte, 16 = unquantised labels in the cache's dtype. Approximate scores are computed on
+    the fly from the codes: ``q[ch] · label = scale * (q[ch] · codes) + zero * sum(q[ch])``, divided
+    by ``sqrt(r)``; they pick the top ``token_budget`` tokens (``budget_ratio`` instead gives
+    ``ceil(ratio * T)``, the paper's "1/16" setting). ``label_nbytes(state)`` reports the bytes the
+    label cache holds (also ``ctx.extras["label_bytes"]`` after each ``select``).
 
     Defaults from the repository's converter (``token_budget`` (heavy_const) 256, group_factor 8,
     label_bits 4) [code, per METHODS.md B2]. GQA: scores of the query heads of a group are
@@ -98,28 +103,73 @@ class DoubleSparsity(Method):
         return self
 
     # ------------------------------------------------------------------ runtime
-    def _labels(self, k: torch.Tensor, ch: torch.Tensor, kv_lens: torch.Tensor, ctx) -> torch.Tensor:
-        """Label cache ``[B, Hkv, T, r]`` (dequantised, in the cache's dtype), kept in ``ctx.state``:
-        only the rows appended since the last call are computed and written in place."""
+    @staticmethod
+    def label_nbytes(state: dict, layer: Optional[int] = None) -> int:
+        """Bytes held by the label cache in ``state`` (a ``SelectContext.state``), one layer or all."""
+        st = state.get("double_sparsity", {})
+        layers = [layer] if layer is not None else list(st)
+        return sum(t.numel() * t.element_size() for l in layers if l in st
+                   for name, t in st[l].items() if name in ("labels", "codes", "scale", "zero"))
+
+    def _labels(self, k: torch.Tensor, ch: torch.Tensor, kv_lens: torch.Tensor, ctx) -> dict:
+        """Label cache of the layer (see the class docstring), kept in ``ctx.state``: only the rows
+        appended since the last call are quantised and written in place; capacity grows by doubling."""
         B, H, T, D = k.shape
         r = ch.shape[1]
+        names = ("labels",) if self.label_bits == 16 else ("codes", "scale", "zero")
         st = ctx.state.setdefault("double_sparsity", {}).get(ctx.layer) if ctx is not None else None
-        if (st is None or st["labels"].shape[:2] != (B, H) or st["labels"].shape[-1] != r
-                or bool((st["kv_lens"] > kv_lens).any())):
-            st = {"labels": k.new_zeros(B, H, T, r), "kv_lens": torch.zeros_like(kv_lens)}
-        lab = st["labels"]
-        if lab.shape[2] < T:
-            lab = torch.cat([lab, lab.new_zeros(B, H, T - lab.shape[2], r)], 2)
+        if (st is None or any(n not in st for n in names) or st[names[0]].shape[:2] != (B, H)
+                or st.get("r") != r or bool((st["kv_lens"] > kv_lens).any())):
+            if self.label_bits == 16:
+                st = {"labels": k.new_zeros(B, H, T, r)}
+            else:
+                nb = -(-r // 2) if self.label_bits == 4 else r
+                st = {"codes": torch.zeros(B, H, T, nb, dtype=torch.uint8, device=k.device),
+                      "scale": torch.zeros(B, H, T, 1, dtype=torch.float16, device=k.device),
+                      "zero": torch.zeros(B, H, T, 1, dtype=torch.float16, device=k.device)}
+            st.update(kv_lens=torch.zeros_like(kv_lens), r=r)
+        cap = st[names[0]].shape[2]
+        if cap < T:
+            new_cap = max(T, 2 * cap)
+            for n in names:
+                t = st[n]
+                st[n] = torch.cat([t, t.new_zeros(B, H, new_cap - cap, t.shape[-1])], 2)
         start = int(st["kv_lens"].min())
         end = int(kv_lens.max())
         if end > start:
             new = torch.gather(k[:, :, start:end], 3, ch[None, :, None, :].expand(B, -1, end - start, -1))
-            if self.label_bits != 16:
-                new = quantize_rows(new, self.label_bits).dequantize()
-            lab[:, :, start:end] = new.to(lab.dtype)
+            if self.label_bits == 16:
+                st["labels"][:, :, start:end] = new
+            else:
+                qn = quantize_minmax(new, self.label_bits)
+                st["codes"][:, :, start:end] = qn.codes
+                st["scale"][:, :, start:end] = qn.scale
+                st["zero"][:, :, start:end] = qn.zero
+        st["kv_lens"] = kv_lens.clone()
         if ctx is not None:
-            ctx.state["double_sparsity"][ctx.layer] = {"labels": lab, "kv_lens": kv_lens.clone()}
-        return lab[:, :, :T]
+            ctx.state["double_sparsity"][ctx.layer] = st
+        return st
+
+    def dequantized_labels(self, st: dict, T: int) -> torch.Tensor:
+        """The first ``T`` labels of a layer's label cache ``[B, Hkv, T, r]`` as float32 (for inspection)."""
+        if self.label_bits == 16:
+            return st["labels"][:, :, :T].float()
+        codes = st["codes"][:, :, :T]
+        c = unpack4(codes, st["r"]) if self.label_bits == 4 else codes
+        return c.float() * st["scale"][:, :, :T].float() + st["zero"][:, :, :T].float()
+
+    def _approx_scores(self, qc: torch.Tensor, st: dict, T: int) -> torch.Tensor:
+        """``qc [B, Hkv, G, r]`` · labels, straight from the stored codes: ``[B, Hkv, G, T]`` float32."""
+        if self.label_bits == 16:
+            lab = st["labels"][:, :, :T]
+            return torch.matmul(qc.to(lab.dtype), lab.transpose(-1, -2)).float()
+        codes = st["codes"][:, :, :T]
+        c = (unpack4(codes, st["r"]) if self.label_bits == 4 else codes).float()  # [B, Hkv, T, r]
+        qf = qc.float()
+        s = torch.matmul(qf, c.transpose(-1, -2))
+        scale = st["scale"][:, :, :T, 0].float()[:, :, None, :]
+        zero = st["zero"][:, :, :T, 0].float()[:, :, None, :]
+        return s * scale + qf.sum(-1, keepdim=True) * zero
 
     def select(self, q, k, ctx: SelectContext | None = None):
         q, k, kl = decode_inputs(q, k, ctx)
@@ -134,10 +184,12 @@ class DoubleSparsity(Method):
         if ch.dim() != 2 or ch.shape[0] != Hkv or int(ch.max()) >= D:
             raise ValueError(f"channels[{layer}]: expected [Hkv={Hkv}, r] ids < {D}, got {tuple(ch.shape)}")
         r = ch.shape[1]
-        lab = self._labels(k, ch, kl, ctx)  # [B, Hkv, T, r]
-        qg = q.view(B, Hkv, Hq // Hkv, D).to(lab.dtype)
+        st = self._labels(k, ch, kl, ctx)
+        qg = q.view(B, Hkv, Hq // Hkv, D)
         qc = torch.gather(qg, 3, ch[None, :, None, :].expand(B, -1, Hq // Hkv, -1))
-        s = torch.matmul(qc, lab.transpose(-1, -2)).float() / math.sqrt(r)  # [B, Hkv, G, T]
+        s = self._approx_scores(qc, st, T) / math.sqrt(r)  # [B, Hkv, G, T]
         s = reduce_group(s, self.head_reduce)
+        if ctx is not None:
+            ctx.extras["label_bytes"] = self.label_nbytes(ctx.state, ctx.layer)
         budget = self.token_budget if self.budget_ratio is None else math.ceil(self.budget_ratio * T)
         return topk_pattern(s, budget, valid_units(kl, T), T)
