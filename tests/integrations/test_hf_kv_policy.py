@@ -282,3 +282,21 @@ def test_bad_policies_and_unpatched_model():
     cache = SparseCache(config=model.config, policy=StreamingLLMPolicy(n_sink=2, window=4))
     with pytest.raises(ValueError, match="patched"), torch.no_grad():
         model(input_ids=torch.randint(0, 128, (1, 10)), use_cache=True, **{cache_kwarg(model): cache})
+
+
+def test_sliding_window_layers_keep_their_own_window():
+    """Qwen2 with sliding layers 2-3 (window 24): the policy runs on the full-attention layers only;
+    with a window covering everything generation equals dense."""
+    model = make_model("qwen2", attn_implementation="sdpa")
+    ids, am, _ = left_padded(2, 40, [0, 9])
+    kw = dict(attention_mask=am, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+        keep_all = SparseCache(config=model.config, policy=StreamingLLMPolicy(n_sink=4, window=10_000))
+        evict = SparseCache(config=model.config, policy=StreamingLLMPolicy(n_sink=2, window=6))
+        with hf.patched(model, "dense"):
+            out = model.generate(ids, **kw, **{cache_kwarg(model): keep_all})
+            model.generate(ids, **kw, **{cache_kwarg(model): evict})
+    assert torch.equal(out, ref)
+    assert sorted(evict.policy_reports) == [0, 1]
+    assert [evict.layers[l].keys.shape[-2] for l in range(N_LAYERS)] == [8, 8, 23, 23]
