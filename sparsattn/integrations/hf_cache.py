@@ -160,7 +160,9 @@ class SparseCache(DynamicCache):
 
         One query: ``sparse_decode_attention`` over each row's valid slots with the log-weights
         (``backend`` "triton"/"reference", None = automatic). Several: dense SDPA with an additive
-        mask (-inf on padding and future slots, the log-weights on the others)."""
+        mask (-inf on padding and future slots, the log-weights on the others; float32 when there are
+        log-weights). Such a layer is attended over every slot the policy kept: a decode method given
+        to ``hf.patch`` does not further select on it."""
         if not self.needs_attend(layer_idx):
             return None
         pad = self._pad_attn[layer_idx]
@@ -187,9 +189,11 @@ class SparseCache(DynamicCache):
         w = torch.zeros((), device=k.device) if lw is None else lw.to(k.device).float()[:, :, None, :]
         bias = torch.where(keep, w, torch.full((), float("-inf"), device=k.device))
         g = Hq // H
-        bias = bias.repeat_interleave(g, 1).to(q.dtype)
+        dt = q.dtype if lw is None else torch.float32  # log-weights (log n) need more than 16-bit precision
+        bias = bias.repeat_interleave(g, 1).to(dt)
         kk, vv = (k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)) if g > 1 else (k, v)
-        return F.scaled_dot_product_attention(q, kk, vv, attn_mask=bias, scale=scale)
+        out = F.scaled_dot_product_attention(q.to(dt), kk.to(dt), vv.to(dt), attn_mask=bias, scale=scale)
+        return out.to(q.dtype)
 
     def _pad_from_mask(self, B: int, T: int, device) -> torch.Tensor:
         m = self._mask2d

@@ -23,6 +23,8 @@ policy drops different tokens per head), with optional per-slot log-weights ``ct
 Sliding-window layers (``ctx.extras["sliding"]``) are left to their own window. ``every``: run the
 policy after the prefill and then every ``every`` decode steps (1 = every step, the exact
 policy; larger values trade a cache up to ``every - 1`` tokens over budget for fewer rewrites).
+Cost of one run: a few copies of the layer's kept rows (alignment, the policy's compaction); for
+caches that stay large (RazorAttention's retrieval heads) ``every > 1`` amortises it.
 """
 from __future__ import annotations
 
