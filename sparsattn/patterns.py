@@ -1223,38 +1223,35 @@ def from_topk_blocks(indices: Tensor, *, q_len: int, kv_len: Optional[int] = Non
     valid = (idx >= 0) & (idx < nk)
     if counts is not None:
         valid = valid & (torch.arange(idx.shape[-1], device=dev) < counts[..., None])
-    key = torch.where(valid, idx, nk).sort(dim=-1).values
-    if key.shape[-1] > 1:  # duplicates are adjacent after the sort
-        dup = torch.zeros_like(key, dtype=torch.bool)
-        dup[..., 1:] = key[..., 1:] == key[..., :-1]
-        key = torch.where(dup, nk, key)
+    key = torch.where(valid, idx, nk).sort(dim=-1).values  # the only sort; duplicates now adjacent
+    ok = key < nk
+    if key.shape[-1] > 1:
+        ok[..., 1:] &= key[..., 1:] != key[..., :-1]
     kb = key.clamp(max=max(nk - 1, 0))
     qb = torch.arange(nq, device=dev)[:, None]
     r0, r1 = qb * bq, torch.clamp((qb + 1) * bq, max=q_len) - 1
     c0, c1 = kb * bk, torch.clamp((kb + 1) * bk, max=kv_len) - 1
-    ok = key < nk
     if causal:
         off = kv_len - q_len
         ok = ok & (c0 <= r1 + off)
         full = ok & (c1 <= r0 + off)
     else:
         full = ok
-    part = ok & ~full
-    fc, fi = _lists_from_keys(torch.where(full, key, nk), nk)
-    pc, pi = _lists_from_keys(torch.where(part, key, nk), nk)
+    fc, fi = _compact_sorted(key, full)
+    pc, pi = _compact_sorted(key, ok & ~full)
     return BlockPattern(pc, pi, fc, fi, bq, bk, q_len, kv_len, causal)
 
 
-def _lists_from_keys(key: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Indices ``[..., k]`` with ``n`` marking unused entries -> (counts int32, sorted int32 lists
-    ``[..., max(count, 1)]`` padded with 0), as ``_lists_from_sel``."""
-    key = key.sort(dim=-1).values
-    counts = (key < n).sum(-1, dtype=torch.int32)
+def _compact_sorted(key: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """The ``keep`` entries of ascending ``key [..., k]`` moved to the front, order kept ->
+    (counts int32, int32 lists ``[..., max(count, 1)]`` padded with 0), as ``_lists_from_sel``."""
+    counts = keep.sum(-1, dtype=torch.int32)
     max_n = max(int(counts.max()) if counts.numel() else 0, 1)
-    top = key[..., :max_n]
-    if top.shape[-1] < max_n:
-        top = torch.nn.functional.pad(top, (0, max_n - top.shape[-1]), value=n)
-    return counts.contiguous(), torch.where(top < n, top, 0).to(torch.int32).contiguous()
+    out = torch.zeros(*key.shape[:-1], max_n + 1, dtype=torch.int32, device=key.device)
+    if key.shape[-1]:
+        slot = torch.where(keep, keep.cumsum(-1) - 1, max_n)
+        out.scatter_(-1, slot, key.to(torch.int32))
+    return counts.contiguous(), out[..., :max_n].contiguous()
 
 
 def from_dense_mask(mask: Tensor, *, block_size=64, causal: bool = False) -> BlockPattern:

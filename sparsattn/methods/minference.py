@@ -132,25 +132,30 @@ class BlockSparse(Method):
         nq, nk = -(-Tq // bs), -(-Tk // bs)
         top_k = clamp_budget("block_sparse", "top_k", self.top_k, nk)
         dev = q.device
-        forced = torch.zeros(nq, nk, dtype=torch.bool, device=dev)
-        forced[:, 0] = True
-        forced[torch.arange(nq, device=dev), estimate.diagonal_block(Tq, Tk, bs, bs, dev)] = True
+        rows = torch.arange(nq, device=dev)
+        forced = [torch.zeros_like(rows), estimate.diagonal_block(Tq, Tk, bs, bs, dev)]
         if Tk != Tq:  # the first row's diagonal may sit one block earlier
-            first = torch.clamp((torch.arange(nq, device=dev) * bs + Tk - Tq) // bs, min=0)
-            forced[torch.arange(nq, device=dev), first] = True
+            forced.append(torch.clamp((rows * bs + Tk - Tq) // bs, min=0))
         allowed = estimate.causal_block_mask(Tq, Tk, bs, bs, dev)
-        Hq, Hkv = q.shape[1], k.shape[1]
+        scale = 1.0 / math.sqrt(q.shape[-1]) if ctx.scale is None else ctx.scale
+        B, Hq, Hkv, D = q.shape[0], q.shape[1], k.shape[1], q.shape[3]
         G = Hq // Hkv
-        idx_parts, ok_parts = [], []
-        for h in range(Hkv):  # one GQA group at a time: (N/block)^2 scores per query head of the group
-            s = estimate.block_scores(q[:, h * G:(h + 1) * G], k[:, h:h + 1], bs, bs, scale=ctx.scale, causal=True)
-            s.masked_fill_(forced, float("inf")).masked_fill_(~allowed, float("-inf"))
-            idx, ok = estimate.topk_indices(s, top_k)
-            idx_parts.append(idx)
-            ok_parts.append(ok)
-        idx, ok = torch.cat(idx_parts, 1), torch.cat(ok_parts, 1)
-        return patterns.from_topk_blocks(idx, q_len=Tq, kv_len=Tk, block_size=bs, causal=True,
-                                         counts=ok.sum(-1).to(torch.int32))
+        qp = estimate.pool_blocks(q, bs).view(B, Hkv, G * nq, D)
+        kp = estimate.pool_blocks(k, bs)
+        # KV heads in chunks of at most 2**27 scores (512 MB): one batched matmul + top-k per chunk
+        step = max(1, (1 << 27) // max(1, B * G * nq * nk))
+        idx_parts = []
+        for h0 in range(0, Hkv, step):
+            s = torch.matmul(qp[:, h0:h0 + step], kp[:, h0:h0 + step].transpose(-1, -2)).view(B, -1, nq, nk)
+            s.mul_(scale)
+            for f in forced:  # the first and the diagonal block(s) always kept, counted in top_k
+                s[:, :, rows, f] = float("inf")
+            s.masked_fill_(~allowed, float("-inf"))
+            val, idx = torch.topk(s, top_k, dim=-1, sorted=False)
+            idx_parts.append(torch.where(val > float("-inf"), idx, -1))
+            del s
+        idx = torch.cat(idx_parts, 1) if len(idx_parts) > 1 else idx_parts[0]
+        return patterns.from_topk_blocks(idx, q_len=Tq, kv_len=Tk, block_size=bs, causal=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -72,23 +72,26 @@ def default_inv_freq(dim: int, theta: float) -> Tensor:
 
 
 def _pool_blocks(x: Tensor, bs: int, kinds: Sequence[str]) -> Tensor:
-    """``x [B, H, T, D]`` -> ``[B, H, ceil(T/bs), D * len(kinds)]`` (partial last block: valid rows only)."""
+    """``x [B, H, T, D]`` -> float32 ``[B, H, ceil(T/bs), D * len(kinds)]`` (partial last block: valid rows only).
+
+    Reduces x in its own dtype (mean accumulated in float32): no float32 or padded copy of x."""
     B, H, T, D = x.shape
-    n = -(-T // bs)
-    pad = n * bs - T
-    xf = x.float()
-    outs = []
-    for kind in kinds:
-        if kind == "avg":
-            s = nn.functional.pad(xf, (0, 0, 0, pad)).view(B, H, n, bs, D).sum(3)
-            cnt = torch.full((n,), float(bs), device=x.device)
-            cnt[-1] = T - (n - 1) * bs
-            outs.append(s / cnt[:, None])
-        else:
-            fill = float("-inf") if kind == "max" else float("inf")
-            v = nn.functional.pad(xf, (0, 0, 0, pad), value=fill).view(B, H, n, bs, D)
-            outs.append(v.amax(3) if kind == "max" else v.amin(3))
-    return torch.cat(outs, dim=-1)
+    nfull, tail = divmod(T, bs)
+    pieces = []
+    for xs, n in ((x[:, :, : nfull * bs].reshape(B, H, nfull, bs, D), bs),
+                  (x[:, :, nfull * bs:].reshape(B, H, 1 if tail else 0, tail, D), tail)):
+        if xs.shape[2] == 0:
+            continue
+        outs = []
+        for kind in kinds:
+            if kind == "avg":
+                outs.append(xs.sum(3, dtype=torch.float32) / n)
+            else:
+                outs.append((xs.amax(3) if kind == "max" else xs.amin(3)).float())
+        pieces.append(torch.cat(outs, dim=-1))
+    if not pieces:
+        return torch.zeros(B, H, 0, D * len(kinds), dtype=torch.float32, device=x.device)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
 
 
 class SeerGate(nn.Module):

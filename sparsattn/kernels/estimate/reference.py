@@ -60,18 +60,20 @@ def pool_blocks(x: Tensor, block: int, mode: str = "mean") -> Tensor:
     if mode not in ("mean", "max"):
         raise _err("mode", "'mean' or 'max'", repr(mode))
     B, H, T, D = x.shape
-    nb = _cdiv(T, block)
-    pad = nb * block - T
-    xf = x.float()
-    if mode == "mean":
-        xp = torch.nn.functional.pad(xf, (0, 0, 0, pad))
-        s = xp.view(B, H, nb, block, D).sum(3)
-        cnt = torch.full((nb,), float(block), device=x.device)
-        if nb:
-            cnt[-1] = T - (nb - 1) * block
-        return s / cnt[:, None]
-    xp = torch.nn.functional.pad(xf, (0, 0, 0, pad), value=float("-inf"))
-    return xp.view(B, H, nb, block, D).amax(3)
+    nfull, tail = divmod(T, block)
+    # reduce in place of the input (float32 accumulation for the mean, exact max in x's dtype):
+    # no float32 copy or padded copy of x (at 128K x 32 heads that copy alone is 2 GB)
+    parts = []
+    if nfull:
+        xv = x[:, :, : nfull * block].reshape(B, H, nfull, block, D)
+        parts.append(xv.sum(3, dtype=torch.float32) / block if mode == "mean" else xv.amax(3).float())
+    if tail:
+        xt = x[:, :, nfull * block:]
+        parts.append((xt.sum(2, keepdim=True, dtype=torch.float32) / tail) if mode == "mean"
+                     else xt.amax(2, keepdim=True).float())
+    if not parts:
+        return torch.zeros(B, H, 0, D, dtype=torch.float32, device=x.device)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def causal_block_mask(q_len: int, kv_len: int, block_q: int, block_k: int, device=None) -> Tensor:
