@@ -377,6 +377,21 @@ def _left_to_right(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
     return out * valid[:, None, :, None].to(x.dtype)
 
 
+def _shift_left(x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x [B, H, T, D]`` moved ``pad[b]`` slots to the front (left padding -> right padding)."""
+    T = x.shape[2]
+    src = (torch.arange(T, device=x.device)[None, :] + pad[:, None]) % T  # [B, T]
+    return torch.gather(x, 2, src[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+
+
+def _unshift_tokens(tp: TokenPattern, pad: torch.Tensor, Tk: int) -> TokenPattern:
+    """Token picks made on right-aligned rows (``_shift_left``) -> slots of the left-padded cache."""
+    m = tp.to_token_mask()  # [B or 1, H, Tk]
+    m = m.expand(pad.shape[0], *m.shape[1:]) if m.shape[0] != pad.shape[0] else m
+    src = (torch.arange(Tk, device=m.device)[None, :] - pad[:, None]) % Tk  # slot j held row position j - pad
+    return TokenPattern.from_mask(torch.gather(m, 2, src[:, None, :].expand(-1, m.shape[1], -1)), kv_len=Tk)
+
+
 def _clip_tokens(tp: TokenPattern, lo: torch.Tensor, B: int, Tk: int) -> TokenPattern:
     """Drop selected tokens below ``lo[b]`` (left padding / outside the window); page_size becomes 1."""
     m = tp.to_token_mask()
@@ -499,6 +514,11 @@ class _Layer:
         B, Hq, Tq, D = q.shape
         Tk = k.shape[2]
         scale = float(scaling) if scaling is not None else getattr(module, "scaling", None)
+        cache = frame.get("cache")
+        if isinstance(cache, SparseCache):  # a KV policy left per-head lengths or merged-slot weights
+            out = cache.attend(self.index, q, k, v, scale=scale, backend=self._be())
+            if out is not None:
+                return out.transpose(1, 2).contiguous(), None
         if isinstance(mask, torch.Tensor):
             log.debug("sparsattn layer %d: 4-D mask from transformers: dense SDPA fallback", self.index)
             return _dense_masked(q, k, v, mask, scale).transpose(1, 2).contiguous(), None
@@ -579,7 +599,14 @@ class _Layer:
             except ImportError as e:
                 log.debug("sparsattn layer %d: sparse decode kernel unavailable (%s): dense decode", self.index, e)
             else:
-                tp = self.decode.select_token(q, k, ctx)
+                pad = None if kv_lens is None else (Tk - kv_lens.long()).clamp(min=0)
+                if pad is not None and bool((pad > 0).any()):
+                    # decode methods read kv_lens as "the first n slots hold the sequence": give them
+                    # the left-padded rows right-aligned, and map their picks back to cache slots
+                    ctx.extras["padding_side"] = "right"
+                    tp = _unshift_tokens(self.decode.select_token(q, _shift_left(k, pad), ctx), pad, Tk)
+                else:
+                    tp = self.decode.select_token(q, k, ctx)
                 if lo is not None and bool((lo > 0).any()):
                     tp = _clip_tokens(tp, lo, B, Tk)
                 be = self._be() if self._be() in ("triton", "reference") else None

@@ -17,7 +17,10 @@ from sparsattn.patterns import TokenPattern
 
 @dataclass
 class SinkRecent(Method):
-    """Test decode method (not registered): the first ``sink`` real tokens and the ``recent`` last slots."""
+    """Test decode method (not registered): the first ``sink`` real tokens and the ``recent`` last ones.
+
+    Decode methods see each sequence's tokens in slots ``[0, kv_lens[b])`` (the integration
+    right-aligns left-padded caches for them and maps the picks back)."""
 
     name = "test_sink_recent"
     paper = "test"
@@ -28,10 +31,10 @@ class SinkRecent(Method):
     def select(self, q, k_cache, ctx=None):
         B, H, T = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
         kl = ctx.extras.get("kv_lens")
-        pad = torch.zeros(B, dtype=torch.long) if kl is None else T - kl.long()
+        kl = torch.full((B,), T, dtype=torch.long) if kl is None else kl.long()
+        assert ctx.extras.get("padding_side", "right") == "right"
         j = torch.arange(T)[None, :]
-        rel = j - pad[:, None]
-        m = ((rel >= 0) & (rel < self.sink)) | (j >= T - self.recent)
+        m = (j < torch.clamp(kl[:, None], max=self.sink)) | ((j >= kl[:, None] - self.recent) & (j < kl[:, None]))
         ctx.state["steps"] = ctx.state.get("steps", 0) + (ctx.layer == 0)
         return TokenPattern.from_mask(m[:, None, :].expand(B, H, T).contiguous(), kv_len=T)
 
