@@ -1,0 +1,907 @@
+"""decode_quality: passkey accuracy vs token budget, top-10 recall and full-budget equality of the decode methods.
+
+Quality half of issue 5 on the bundled model (or any local Llama-style checkpoint), in the shape of
+Quest's Table 1 (Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference, arXiv
+2406.10774; passkey accuracy per token budget, ``/work/shared/EVAL.md`` section 3).
+
+Protocol, per passkey sample (``sparsattn.eval.tasks.passkey``, RULER niah_single, needle depths
+spread over the context: sample i of n sits at depth ``(i + 0.5) / n``):
+
+1. **Split**: the prompt is cut before its question (``"\\nWhat is the special magic number for
+   {key} ... text is"``, about 49 tokens with the bundled tokenizer). Only the part before it is
+   prefilled, densely (plain SDPA, unpatched), once per sample; every run starts from a copy of
+   that KV cache. If the whole prompt were prefilled, the first answer token would be read by the
+   dense prefill and the decode method would never be measured.
+2. **Teacher-forced decode**: the question tokens are fed one at a time through the decode path
+   (``sparsattn.patched(model, decode=method)``: each layer calls the method's
+   ``select(q, k_cache, ctx)`` and ``sparse_decode_attention``), with a ``SparseCache`` so that
+   the methods' cross-step state (Quest page bounds, Recycled Attention's recycled set, TidalDecode's
+   positions, RetrievalAttention's index) lives for the whole generation.
+3. **Answer**: ``max_new_tokens`` greedy tokens, still through the sparse decode path; scored with
+   the task's scorer (``string_match_all``, x100).
+4. **Top-10 recall** (teacher-forced steps only): for every call of ``select`` (one per layer and
+   step) and every query head, the fraction of the 10 keys with the largest exact ``q·k`` over the
+   whole cache the method was given that lie inside the method's selection (pages expanded).
+   ``top10_recall`` averages over steps, layers and query heads (layers a method keeps dense
+   count as 1); ``top10_recall_sparse`` averages only over the calls whose selection did not cover
+   the whole cache.
+5. **Full budget**: each method with a budget of twice the context (covers every token); the
+   generated tokens are compared with the dense generation of the same sample (``match_dense`` =
+   fraction of samples with identical tokens; ``max_logit_diff`` over the steps that saw the same
+   inputs).
+
+Budgets (``--budgets``): token counts (``64``), fractions of the prompt length (``0.02``) or
+``full``; each is mapped to the method's own hyper-parameters by ``budget_config`` (tokens read
+per KV head on the layers the method sparsifies):
+
+* streaming_llm: ``n_sink = min(4, B // 2)``, ``window = B - n_sink``;
+* quest: ``token_budget = B`` (``max(3, B // 16)`` pages of 16; layers 0-1 dense, the paper's);
+* double_sparsity: ``token_budget = B``; channels calibrated inside the script on a held-out
+  passkey prompt (a seed no evaluated sample uses);
+* tidal_decode: ``token_budget = B``; the re-selection layer scaled from the paper's 13 of 32
+  layers to the model's depth (layer 3 of 8 on the bundled model);
+* recycled_attention: ``budget = B`` (partial steps also read the tokens appended since the last
+  full step; every ``stride``-th step is a full step);
+* retrieval_attention: ``n_sink = max(1, B // 8)``, ``window = max(1, B // 2 - n_sink)``,
+  ``top_k = max(1, B // (2 G))`` per query head (G query heads per KV head: the union read per KV
+  head stays within B). Its HNSW index is built on the CPU (hnswlib, one thread): about 5 s per
+  16K keys per (layer, KV head) on a slow CPU, so it is not in the default GPU grid;
+* actqkv: ``token_budget = B`` with the authors' proportions scaled down: ``n_init = max(1, B // 32)``,
+  ``n_local = B // 4``, ``block_size = min(32, max(4, B // 8))`` (the rest is retrieved blocks).
+
+The ``density`` column is the measured fraction of the cache read, averaged over every call
+(dense layers included), so methods can be compared on what they really read.
+
+Outputs under ``--out``: ``decode_quality.csv`` (method, budget, length, accuracy, top10_recall, n,
+then budget_tokens, top10_recall_sparse, density, match_dense, max_logit_diff, seconds),
+``decode_quality_samples.csv`` (one row per run), ``decode_quality_layers.csv`` (recall and
+density per layer), ``configs.json`` (the hyper-parameters of every method x budget),
+``environment.json`` (torch/transformers/triton versions, device, date, arguments, timing),
+``accuracy_vs_budget.png`` and ``top10_recall_vs_budget.png`` (a panel per length, a line per
+method, dense as a horizontal line).
+
+Time: samples are the outer loop (sample i at every length, every method and budget), and a new
+round starts only if the estimated round time fits in ``--time-limit`` seconds, so a run always
+ends in time and every cell has the same number of samples (the ``n`` column says how many).
+
+CLI: ``python -m sparsattn.eval.decode_quality --out DIR [--device cuda] [--lengths 4096,8192,16384]
+[--budgets 64,256,1024] [--n 10] [--methods ...] [--tiny]``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import inspect
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from .scoring import get_scorer
+from .tasks import QUESTION_TEMPLATE, Sample, encode_ids, passkey
+
+#: how many of the true top keys the recall looks for
+TOP_K_RECALL = 10
+DEFAULT_LENGTHS = (4096, 8192, 16384)
+DEFAULT_BUDGETS = ("64", "256", "1024")
+#: decode methods left out of the default grid (their CPU-side index build dominates the time budget)
+SLOW_METHODS = ("retrieval_attention",)
+#: --tiny: a CPU smoke run (< 1 minute)
+TINY = dict(lengths=(384,), budgets=("32", "128"), n=1, full_n=1, max_new_tokens=8)
+#: the decode methods budget_config knows
+BUDGET_MAPPED = ("streaming_llm", "quest", "double_sparsity", "tidal_decode", "recycled_attention",
+                 "retrieval_attention", "actqkv")
+#: the seed of the calibration prompt (double_sparsity); evaluated samples use seed + i < this
+CALIBRATION_SEED = 1_000_003
+#: TidalDecode's re-selection layer in the paper's Llama-3-8B example (of 32 layers)
+_TIDAL_REF = (13, 32)
+
+MAIN_COLS = ["method", "budget", "length", "accuracy", "top10_recall", "n", "budget_tokens",
+             "top10_recall_sparse", "density", "match_dense", "max_logit_diff", "seconds"]
+SAMPLE_COLS = ["method", "budget", "length", "sample", "seed", "depth", "n_tokens", "n_prefill", "n_question",
+               "budget_tokens", "score", "prediction", "answer", "top10_recall", "top10_recall_sparse", "density",
+               "match_dense", "max_logit_diff", "seconds"]
+LAYER_COLS = ["method", "budget", "length", "layer", "top10_recall", "density", "calls"]
+
+
+# ----------------------------------------------------------------------------------------------
+# budgets -> method hyper-parameters
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Budget:
+    """Budget: one entry of ``--budgets``: ``kind`` "tokens" | "fraction" | "full", ``value``, ``label``."""
+
+    kind: str
+    value: float
+    label: str
+
+    def tokens(self, length: int) -> int:
+        """Tokens per KV head for a prompt of ``length`` tokens (full: twice the length)."""
+        if self.kind == "tokens":
+            return int(self.value)
+        if self.kind == "fraction":
+            return max(1, math.ceil(self.value * length))
+        return 2 * int(length)
+
+
+def parse_budget(s: str) -> Budget:
+    """parse_budget: ``"64"`` (tokens), ``"0.02"`` (fraction of the prompt, in (0, 1]) or ``"full"``.
+
+    Raises:
+        ValueError: anything else (names ``--budgets`` and the expected forms).
+    """
+    t = str(s).strip().lower()
+    if t == "full":
+        return Budget("full", 0.0, "full")
+    try:
+        if "." in t or "e" in t:
+            v = float(t)
+            if not (0 < v <= 1) or not math.isfinite(v):
+                raise ValueError
+            return Budget("fraction", v, t)
+        v = int(t)
+        if v < 1:
+            raise ValueError
+        return Budget("tokens", v, str(v))
+    except ValueError:
+        raise ValueError(f"--budgets: expected token counts >= 1 (64), fractions in (0, 1] (0.02) or 'full', "
+                         f"got {s!r}") from None
+
+
+def budget_config(name: str, budget_tokens: int, *, n_layers: int, group_size: int) -> dict:
+    """budget_config: the hyper-parameters of decode method ``name`` for ``budget_tokens`` tokens per KV head.
+
+    See the module docstring for the mapping. ``n_layers`` scales TidalDecode's re-selection layer;
+    ``group_size`` (query heads per KV head) splits RetrievalAttention's retrieval budget.
+    Raises:
+        ValueError: a budget < 1, bad model sizes, or a decode method without a mapping here.
+    """
+    B = int(budget_tokens)
+    if B < 1:
+        raise ValueError(f"budget_tokens: expected an int >= 1, got {budget_tokens!r}")
+    if n_layers < 1 or group_size < 1:
+        raise ValueError(f"n_layers/group_size: expected ints >= 1, got {n_layers}, {group_size}")
+    if name == "streaming_llm":
+        n_sink = min(4, B // 2)
+        return {"n_sink": n_sink, "window": max(1, B - n_sink)}
+    if name == "quest":
+        return {"token_budget": B}
+    if name == "double_sparsity":
+        return {"token_budget": B}
+    if name == "tidal_decode":
+        start = 2
+        corr = max(start + 1, round(_TIDAL_REF[0] * n_layers / _TIDAL_REF[1]))
+        return {"token_budget": B, "sparse_layer_start": start, "correction_layer": corr}
+    if name == "recycled_attention":
+        return {"budget": B}
+    if name == "retrieval_attention":
+        n_sink = max(1, B // 8)
+        return {"n_sink": n_sink, "window": max(1, B // 2 - n_sink), "top_k": max(1, B // (2 * group_size))}
+    if name == "actqkv":
+        n_init, n_local, bs = max(1, B // 32), B // 4, min(32, max(4, B // 8))
+        return {"token_budget": B, "n_init": n_init, "n_local": n_local, "block_size": bs}
+    raise ValueError(f"method: no budget mapping for decode method {name!r} in sparsattn.eval.decode_quality "
+                     f"(known: {', '.join(BUDGET_MAPPED)}); add one to budget_config")
+
+
+# ----------------------------------------------------------------------------------------------
+# prompt split
+# ----------------------------------------------------------------------------------------------
+
+def split_prompt(tokenizer: Any, sample: Sample) -> tuple[list[int], int]:
+    """split_prompt: ``(ids, n_prefill)``: the prompt's token ids and how many precede its question.
+
+    The question is ``"\\n" + QUESTION_TEMPLATE.format(key=...)`` at the end of a passkey prompt;
+    ``ids[:n_prefill]`` is the longest prefix shared by the tokenisation of the prompt and of the
+    text before the question (a token merged across the boundary goes to the question part).
+    Raises:
+        ValueError: the prompt does not end with the passkey question, or nothing precedes it.
+    """
+    key = sample.meta.get("key")
+    q = "\n" + QUESTION_TEMPLATE.format(key=key) if key is not None else None
+    if q is None or not sample.prompt.endswith(q):
+        raise ValueError("sample: expected a passkey prompt ending with its question "
+                         f"({QUESTION_TEMPLATE[:40]!r}...), got one ending {sample.prompt[-60:]!r}")
+    ids = encode_ids(tokenizer, sample.prompt)
+    pre = encode_ids(tokenizer, sample.prompt[: len(sample.prompt) - len(q)])
+    n = 0
+    for a, b in zip(ids, pre):
+        if a != b:
+            break
+        n += 1
+    if n < 1 or n >= len(ids):
+        raise ValueError(f"sample: could not split the prompt before its question (shared prefix {n} of {len(ids)} tokens)")
+    return ids, n
+
+
+# ----------------------------------------------------------------------------------------------
+# top-k recall of a selection
+# ----------------------------------------------------------------------------------------------
+
+def _rows_to_heads(m: torch.Tensor, B: int, Hq: int) -> torch.Tensor:
+    """bool [B|1, 1|Hkv|Hq, T] -> [B, Hq, T] (pattern rows shared by a GQA group are repeated)."""
+    Hp = m.shape[1]
+    if Hp != Hq:
+        if Hp == 1:
+            m = m.expand(m.shape[0], Hq, m.shape[2])
+        elif Hq % Hp == 0:
+            m = m.repeat_interleave(Hq // Hp, dim=1)
+        else:
+            raise ValueError(f"pattern: expected 1, a divisor of {Hq} or {Hq} heads, got {Hp}")
+    if m.shape[0] != B:
+        if m.shape[0] != 1:
+            raise ValueError(f"pattern: expected batch 1 or {B}, got {m.shape[0]}")
+        m = m.expand(B, *m.shape[1:])
+    return m
+
+
+def topk_recall(q: torch.Tensor, k: torch.Tensor, pattern, top: int = TOP_K_RECALL,
+                kv_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """topk_recall: per (batch, query head), the fraction of the ``top`` keys with the largest exact
+    ``q·k`` that the selection contains.
+
+    Args:
+        q: ``[B, Hq, D]`` or ``[B, Hq, 1, D]`` (one decode query per sequence).
+        k: the cache ``[B, Hkv, T, D]`` (Hkv divides Hq; query head h reads KV head ``h // (Hq/Hkv)``).
+        pattern: a ``TokenPattern`` (batch 1 or B; heads 1, Hkv or Hq; pages expanded to tokens) or a
+            bool token mask ``[B|1, 1|Hkv|Hq, T]``.
+        top: how many true top keys (``min(top, valid tokens)`` per row).
+        kv_lens: optional ``[B]`` valid lengths (tokens ``[0, kv_lens[b])``, the decode methods'
+            convention); default T.
+    Returns:
+        float32 ``[B, Hq]`` in [0, 1] (a row with no valid token gives 1: nothing to miss).
+    """
+    from ..patterns import TokenPattern
+
+    if q.dim() == 4:
+        if q.shape[2] != 1:
+            raise ValueError(f"q: expected [B, Hq, D] or [B, Hq, 1, D], got {tuple(q.shape)}")
+        q = q[:, :, 0]
+    if q.dim() != 3 or k.dim() != 4 or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[2] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q/k: expected [B, Hq, D] and [B, Hkv, T, D] with Hkv dividing Hq, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}")
+    if not isinstance(top, int) or top < 1:
+        raise ValueError(f"top: expected an int >= 1, got {top!r}")
+    B, Hq, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    if isinstance(pattern, TokenPattern):
+        if pattern.kv_len != T:
+            raise ValueError(f"pattern: kv_len {pattern.kv_len} != cache length {T}")
+        sel = pattern.to_token_mask()
+    elif isinstance(pattern, torch.Tensor) and pattern.dtype == torch.bool and pattern.dim() == 3 and pattern.shape[-1] == T:
+        sel = pattern
+    else:
+        raise ValueError(f"pattern: expected a TokenPattern or a bool mask [B, H, {T}], got {type(pattern).__name__}")
+    sel = _rows_to_heads(sel.to(k.device), B, Hq)
+    G = Hq // Hkv
+    s = torch.matmul(q.float().view(B, Hkv, G, D), k.float().transpose(-1, -2)).view(B, Hq, T)
+    valid = torch.ones(B, T, dtype=torch.bool, device=k.device)
+    if kv_lens is not None:
+        kl = torch.as_tensor(kv_lens, device=k.device).long()
+        if kl.shape != (B,):
+            raise ValueError(f"kv_lens: expected [B={B}], got {tuple(kl.shape)}")
+        valid = torch.arange(T, device=k.device)[None, :] < kl[:, None]
+    s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    kk = min(top, T)
+    if kk == 0:
+        return torch.ones(B, Hq, device=k.device)
+    val, idx = s.topk(kk, dim=-1)
+    ok = torch.isfinite(val)
+    hit = torch.gather(sel, 2, idx) & ok
+    n_ok = ok.sum(-1)
+    return torch.where(n_ok > 0, hit.sum(-1).float() / n_ok.clamp(min=1).float(), torch.ones_like(n_ok, dtype=torch.float32))
+
+
+class SelectRecorder:
+    """SelectRecorder: wraps a method instance's ``select`` (restored on exit); counts every call by
+    phase and, while ``active``, accumulates top-k recall and the fraction read per layer (on the
+    device, one host sync at ``summary``)."""
+
+    def __init__(self, method, top: int = TOP_K_RECALL):
+        self.method = method
+        self.top = top
+        self.active = False
+        self.calls: dict[str, int] = {}
+        self.active_calls = 0
+        self._acc: dict[int, list] = {}  # layer -> [sum recall, sum density, n calls, sum recall sparse, n sparse]
+
+    def __enter__(self):
+        m = self.method
+        orig = m.select
+
+        def select(q, k, ctx=None, *a, **kw):
+            p = orig(q, k, ctx, *a, **kw)
+            phase = (ctx.extras.get("phase") if ctx is not None else None) or "none"
+            self.calls[phase] = self.calls.get(phase, 0) + 1
+            if self.active:
+                self._record(q, k, p, ctx)
+            return p
+
+        object.__setattr__(m, "select", select)
+        return self
+
+    def __exit__(self, *exc):
+        with contextlib.suppress(AttributeError):
+            object.__delattr__(self.method, "select")
+        return False
+
+    def _record(self, q, k, p, ctx) -> None:
+        from ..patterns import TokenPattern
+
+        if not isinstance(p, TokenPattern):
+            return
+        self.active_calls += 1
+        kl = None if ctx is None else ctx.extras.get("kv_lens")
+        B, Hq = q.shape[0], q.shape[1]
+        T = k.shape[2]
+        rec = topk_recall(q, k, p, self.top, kl).mean()
+        sel = _rows_to_heads(p.to_token_mask(), B, Hq)
+        if kl is None:
+            n_valid = torch.full((B,), T, device=k.device)
+            valid = torch.ones(B, T, dtype=torch.bool, device=k.device)
+        else:
+            n_valid = torch.as_tensor(kl, device=k.device).long()
+            valid = torch.arange(T, device=k.device)[None, :] < n_valid[:, None]
+        got = (sel & valid[:, None, :]).sum(-1).float()  # [B, Hq]
+        dens = (got / n_valid[:, None].clamp(min=1).float()).mean()
+        sparse = (got < n_valid[:, None].float()).any().float()
+        layer = -1 if ctx is None or ctx.layer is None else int(ctx.layer)
+        acc = self._acc.get(layer)
+        row = torch.stack([rec, dens, torch.ones_like(rec), rec * sparse, sparse])
+        self._acc[layer] = row if acc is None else acc + row
+
+    def summary(self) -> dict:
+        """``{"top10_recall", "top10_recall_sparse", "density", "calls", "layers": {layer: {...}}}`` (None when
+        nothing was recorded)."""
+        if not self._acc:
+            return {"top10_recall": None, "top10_recall_sparse": None, "density": None, "calls": 0, "layers": {}}
+        layers = sorted(self._acc)
+        tab = torch.stack([self._acc[l] for l in layers]).double().cpu()
+        tot = tab.sum(0)
+        for v in tab.flatten().tolist():
+            if not math.isfinite(v):
+                raise RuntimeError("decode_quality: a non-finite recall/density was recorded")
+        out = {"top10_recall": float(tot[0] / tot[2]), "density": float(tot[1] / tot[2]), "calls": int(tot[2]),
+               "top10_recall_sparse": float(tot[3] / tot[4]) if tot[4] > 0 else None,
+               "layers": {l: {"top10_recall": float(r[0] / r[2]), "density": float(r[1] / r[2]), "calls": int(r[2])}
+                          for l, r in zip(layers, tab)}}
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# prefill once, decode many times
+# ----------------------------------------------------------------------------------------------
+
+def _cache_kwarg(model) -> str:
+    """The name of the forward's cache argument (``cache`` in newer transformers, ``past_key_values`` before)."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _model_sizes(model) -> tuple[int, int]:
+    """(attention layers, query heads per KV head)."""
+    from ..integrations.hf import attention_modules
+
+    mods = attention_modules(model)
+    cfg = next(iter(mods.values())).config
+    hq = cfg.num_attention_heads
+    hkv = getattr(cfg, "num_key_value_heads", None) or hq
+    return len(mods), hq // hkv
+
+
+def prefill(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """prefill: dense (unpatched) forward of ``ids [1, P]``; the per-layer ``(keys, values)`` of the cache.
+
+    Raises:
+        ValueError: the model is patched by sparsattn (the prefill must be the model's own dense one).
+    """
+    from transformers import DynamicCache
+
+    from ..integrations.hf import is_patched
+
+    if is_patched(model):
+        raise ValueError("model: expected an unpatched model for the dense prefill (call sparsattn.unpatch first)")
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
+        raise ValueError(f"ids: expected [1, P >= 1] token ids, got {tuple(ids.shape)}")
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=ids, use_cache=True, **{_cache_kwarg(model): cache})
+    out = [(layer.keys, layer.values) for layer in cache.layers]
+    if len(out) == 0 or any(kv[0] is None or kv[0].shape[2] != ids.shape[1] for kv in out):
+        raise RuntimeError("prefill: the cache does not hold one (keys, values) pair of the prefix per layer")
+    return out
+
+
+@dataclass
+class DecodeResult:
+    """DecodeResult: ``tokens`` (generated, greedy), ``step_logits`` float32 ``[steps, V]`` (when kept:
+    the teacher-forced steps, then the generated ones), ``recorder`` summary, ``calls`` by phase."""
+
+    tokens: list[int]
+    step_logits: Optional[torch.Tensor] = None
+    recall: dict = field(default_factory=dict)
+    calls: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def decode_run(model, prefix_kv, tail: torch.Tensor, *, max_new_tokens: int, method=None,
+               backend: Optional[str] = None, record_recall: bool = True, keep_logits: bool = False) -> DecodeResult:
+    """decode_run: feed ``tail [1, n]`` one token at a time through the decode path after the cached
+    prefix, then generate ``max_new_tokens`` greedy tokens.
+
+    Args:
+        model: the (unpatched) causal LM.
+        prefix_kv: ``prefill(model, prefix)`` (not modified; each run appends to its own cache).
+        tail: the question tokens ``[1, n >= 1]`` on the model's device.
+        max_new_tokens: greedy tokens generated after the tail (the first from the last tail step).
+        method: a decode-phase ``Method`` instance (used inside ``sparsattn.patched(model,
+            decode=method)``), or None = the model's own dense decode.
+        backend: kernel backend for the patched layers (None = automatic; "reference" on the CPU).
+        record_recall: record top-k recall / density while the tail is fed (method only).
+        keep_logits: return the float32 logits of every step.
+    """
+    from ..integrations import hf
+    from ..integrations.hf_cache import SparseCache
+
+    if tail.dim() != 2 or tail.shape[0] != 1 or tail.shape[1] < 1:
+        raise ValueError(f"tail: expected [1, n >= 1] token ids, got {tuple(tail.shape)}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+    ck = _cache_kwarg(model)
+    recorder = SelectRecorder(method) if method is not None else None
+    logits: list[torch.Tensor] = []
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as st:
+        if method is not None:
+            st.enter_context(hf.patched(model, decode=method, backend=backend))
+            st.enter_context(recorder)
+        st.enter_context(torch.inference_mode())
+        cache = SparseCache(config=model.config)
+        for layer, (k, v) in enumerate(prefix_kv):
+            cache.update(k, v, layer)  # DynamicCache concatenates: the prefix tensors are not written
+
+        def step(tok):
+            out = model(input_ids=tok, use_cache=True, **{ck: cache}).logits[:, -1]
+            if keep_logits:
+                logits.append(out.float()[0])
+            return out
+
+        if recorder is not None:
+            recorder.active = record_recall
+        for i in range(tail.shape[1]):
+            last = step(tail[:, i:i + 1])
+        if recorder is not None:
+            recorder.active = False
+        nxt = last.argmax(-1, keepdim=True)
+        gen = [nxt]
+        for _ in range(max_new_tokens - 1):
+            nxt = step(nxt).argmax(-1, keepdim=True)
+            gen.append(nxt)
+        tokens = torch.cat(gen, 1)[0].tolist()  # the one host sync of the run
+    res = DecodeResult(tokens=tokens, step_logits=torch.stack(logits) if keep_logits else None,
+                       seconds=time.perf_counter() - t0)
+    if recorder is not None:
+        res.recall = recorder.summary()
+        res.calls = dict(recorder.calls)
+        for v in (res.recall.get("top10_recall"), res.recall.get("density")):
+            if v is not None and not (0.0 <= v <= 1.0 + 1e-6):
+                raise RuntimeError(f"decode_quality: recall/density out of [0, 1]: {v}")
+    if res.step_logits is not None and not bool(torch.isfinite(res.step_logits).all()):
+        raise RuntimeError("decode_quality: non-finite logits in a decode run")
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# calibration (double_sparsity)
+# ----------------------------------------------------------------------------------------------
+
+def calibrate_double_sparsity(model, tokenizer, *, length: int, seed: int = CALIBRATION_SEED,
+                              device=None) -> dict:
+    """calibrate_double_sparsity: Double Sparsity's outlier channels (Post-Training Sparse Attention with
+    Double Sparsity, arXiv 2408.07092) from one held-out passkey prompt of ``length`` tokens (seed
+    ``seed``, never an evaluated sample's): ``{layer: [[channel] per KV head]}``."""
+    from ..capture import capture_qkv
+    from ..methods import get_method
+
+    s = passkey(tokenizer, length, 0.5, seed=seed)
+    dev = device or next(model.parameters()).device
+    ids = torch.tensor([encode_ids(tokenizer, s.prompt)], device=dev)
+    cap = capture_qkv(model, ids)
+    layers = sorted(cap)
+    m = get_method("double_sparsity")
+    return m.calibrate([cap[l][0] for l in layers], [cap[l][1] for l in layers])
+
+
+# ----------------------------------------------------------------------------------------------
+# the grid
+# ----------------------------------------------------------------------------------------------
+
+def _depth(i: int, n: int) -> float:
+    return (i + 0.5) / n
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _r(x, nd=4):
+    return None if x is None else round(float(x), nd)
+
+
+def _aggregate(srows: list[dict], lrows_raw: list[dict]) -> tuple[list[dict], list[dict]]:
+    groups: dict = {}
+    for r in srows:
+        groups.setdefault((r["method"], r["budget"], r["length"]), []).append(r)
+    rows = []
+    for (m, b, L), rs in groups.items():
+        rows.append({
+            "method": m, "budget": b, "length": L, "accuracy": _r(100.0 * _mean([r["score"] for r in rs]), 2),
+            "top10_recall": _r(_mean([r["top10_recall"] for r in rs])), "n": len(rs),
+            "budget_tokens": rs[0]["budget_tokens"],
+            "top10_recall_sparse": _r(_mean([r["top10_recall_sparse"] for r in rs])),
+            "density": _r(_mean([r["density"] for r in rs])),
+            "match_dense": _r(_mean([None if r["match_dense"] is None else float(r["match_dense"]) for r in rs])),
+            "max_logit_diff": (None if all(r["max_logit_diff"] is None for r in rs)
+                               else _r(max(r["max_logit_diff"] for r in rs if r["max_logit_diff"] is not None), 6)),
+            "seconds": _r(sum(r["seconds"] for r in rs), 2),
+        })
+    lg: dict = {}
+    for r in lrows_raw:
+        key = (r["method"], r["budget"], r["length"], r["layer"])
+        a = lg.setdefault(key, [0.0, 0.0, 0])
+        a[0] += r["top10_recall"] * r["calls"]
+        a[1] += r["density"] * r["calls"]
+        a[2] += r["calls"]
+    lrows = [{"method": k[0], "budget": k[1], "length": k[2], "layer": k[3], "top10_recall": _r(a[0] / a[2]),
+              "density": _r(a[1] / a[2]), "calls": a[2]} for k, a in lg.items() if a[2]]
+    return rows, lrows
+
+
+def _write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in cols})
+
+
+def environment(device, args: Optional[dict] = None) -> dict:
+    """environment: versions, device and date of a run (JSON-serialisable)."""
+    import transformers
+
+    env = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "python": platform.python_version(), "platform": platform.platform(),
+           "torch": torch.__version__, "transformers": transformers.__version__, "device": str(device),
+           "cpu_threads": torch.get_num_threads()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:  # pragma: no cover
+        env["triton"] = None
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        env["cuda"] = torch.version.cuda
+    if args is not None:
+        env["args"] = args
+    return env
+
+
+def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cpu",
+                       lengths: Sequence[int] = DEFAULT_LENGTHS, budgets: Sequence[str] = DEFAULT_BUDGETS,
+                       n: int = 10, methods: Optional[Sequence[str]] = None, full_n: int = 2,
+                       max_new_tokens: int = 10, seed: int = 0, time_limit: Optional[float] = 270.0,
+                       backend: Optional[str] = None, plots: bool = True, model_path=None,
+                       log: Callable[[str], None] = print, t_start: Optional[float] = None) -> dict:
+    """run_decode_quality: the whole grid (see the module docstring); writes the outputs under ``out_dir``.
+
+    Args:
+        model, tokenizer: a loaded causal LM and tokenizer (None = ``sparsattn.evaluate.load_model``
+            of ``model_path``, default the bundled checkpoint, on ``device``).
+        lengths: prompt lengths in tokens. budgets: ``parse_budget`` strings ("full" is added to
+            the checks below anyway). n: samples per length (depths spread). methods: decode
+            methods (default: every registered one except ``SLOW_METHODS``). full_n: samples per
+            length that also get the full-budget check (0 = none). max_new_tokens: greedy tokens.
+        seed: sample i uses seed ``seed + i``. time_limit: seconds (from ``t_start``, default now)
+            within which rounds are started; None = no limit. backend: patched layers' kernel
+            backend (None: automatic on CUDA, "reference" on the CPU).
+    Returns:
+        ``{"rows", "sample_rows", "layer_rows", "configs", "environment", "files"}``.
+    Raises:
+        ValueError: bad arguments (each names the argument).
+    """
+    from ..methods import get_method, list_methods
+
+    t_start = time.perf_counter() if t_start is None else t_start
+    lengths = [int(x) for x in lengths]
+    if not lengths or any(L < 64 for L in lengths):
+        raise ValueError(f"lengths: expected prompt lengths >= 64 tokens, got {lengths}")
+    bl = [parse_budget(b) for b in budgets]
+    if len({b.label for b in bl}) != len(bl):
+        raise ValueError(f"budgets: duplicates in {list(budgets)}")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected an int >= 1, got {n!r}")
+    if not isinstance(full_n, int) or full_n < 0:
+        raise ValueError(f"full_n: expected an int >= 0, got {full_n!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"time_limit: expected seconds > 0 or None, got {time_limit!r}")
+    dec = list_methods("decode")
+    if methods is None:
+        methods = [m for m in dec if m not in SLOW_METHODS]
+    methods = list(dict.fromkeys(methods))
+    bad = [m for m in methods if m not in dec]
+    if bad or not methods:
+        raise ValueError(f"methods: expected registered decode methods ({', '.join(dec)}), got {methods}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if model is None or tokenizer is None:
+        from ..evaluate import load_model
+
+        model, tokenizer, _ = load_model(model_path, device=device)
+    dev = next(model.parameters()).device
+    if backend is None and dev.type == "cpu":
+        backend = "reference"  # never the Triton interpreter here (TRITON_INTERPRET may be set)
+    n_layers, G = _model_sizes(model)
+    scorer = get_scorer("passkey")
+    args = {"lengths": lengths, "budgets": [b.label for b in bl], "n": n, "methods": methods, "full_n": full_n,
+            "max_new_tokens": max_new_tokens, "seed": seed, "time_limit": time_limit, "backend": backend,
+            "dtype": str(next(model.parameters()).dtype), "model": str(model_path or "bundled")}
+    env = environment(dev, args)
+    log(f"decode_quality: {n_layers} layers, GQA group {G}, device {dev}, dtype {args['dtype']}; "
+        f"lengths {lengths}, budgets {[b.label for b in bl]}, methods {methods}, n {n} (full-budget check on {full_n})")
+
+    channels = None
+    if "double_sparsity" in methods:
+        t0 = time.perf_counter()
+        channels = calibrate_double_sparsity(model, tokenizer, length=min(2048, max(lengths)), seed=CALIBRATION_SEED + seed)
+        log(f"double_sparsity: channels calibrated on a held-out passkey prompt (seed {CALIBRATION_SEED + seed}) "
+            f"in {time.perf_counter() - t0:.1f}s")
+
+    def make(name: str, btok: int):
+        cfg = budget_config(name, btok, n_layers=n_layers, group_size=G)
+        if name == "double_sparsity":
+            cfg["channels"] = channels
+        return get_method(name, **cfg), {k: v for k, v in cfg.items() if k != "channels"}
+
+    configs: dict = {}
+    srows: list[dict] = []
+    lraw: list[dict] = []
+    files: list[Path] = []
+    round_times: list[float] = []
+    n_done = 0
+
+    def flush():
+        rows, lrows = _aggregate(srows, lraw)
+        _write_csv(out / "decode_quality.csv", rows, MAIN_COLS)
+        _write_csv(out / "decode_quality_samples.csv", srows, SAMPLE_COLS)
+        _write_csv(out / "decode_quality_layers.csv", lrows, LAYER_COLS)
+        (out / "configs.json").write_text(json.dumps(configs, indent=1, sort_keys=True))
+        env["samples_done"] = n_done
+        env["elapsed_s"] = round(time.perf_counter() - t_start, 2)
+        (out / "environment.json").write_text(json.dumps(env, indent=1))
+        return rows, lrows
+
+    for i in range(n):
+        elapsed = time.perf_counter() - t_start
+        if time_limit is not None and round_times:
+            est = max(round_times)
+            if elapsed + est > time_limit:
+                log(f"time limit: stopping after {n_done} of {n} samples per length "
+                    f"(elapsed {elapsed:.0f}s, a round takes ~{est:.0f}s, limit {time_limit:.0f}s)")
+                env["stopped_early"] = f"{n_done} of {n} samples (time limit {time_limit}s)"
+                break
+        t_round = time.perf_counter()
+        for L in lengths:
+            t_len = time.perf_counter()
+            s = passkey(tokenizer, L, _depth(i, n), seed=seed + i)
+            ids, n_pre = split_prompt(tokenizer, s)
+            ids_t = torch.tensor([ids], device=dev)
+            kv = prefill(model, ids_t[:, :n_pre])
+            tail = ids_t[:, n_pre:]
+            base = {"length": L, "sample": i, "seed": seed + i, "depth": round(_depth(i, n), 4),
+                    "n_tokens": len(ids), "n_prefill": n_pre, "n_question": len(ids) - n_pre,
+                    "answer": s.answers[0]}
+            check_full = i < full_n
+            dref = decode_run(model, kv, tail, max_new_tokens=max_new_tokens, keep_logits=check_full)
+            pred = tokenizer.decode(dref.tokens, skip_special_tokens=True)
+            srows.append({**base, "method": "dense", "budget": "dense", "budget_tokens": len(ids),
+                          "score": scorer(pred, s.answers), "prediction": pred, "top10_recall": None,
+                          "top10_recall_sparse": None, "density": 1.0, "match_dense": None, "max_logit_diff": None,
+                          "seconds": round(dref.seconds, 3)})
+            msg = [f"dense {'ok' if srows[-1]['score'] == 1 else 'x'}"]
+            for name in methods:
+                parts = []
+                blist = list(bl) + ([Budget("full", 0.0, "full")] if check_full and all(b.kind != "full" for b in bl) else [])
+                for b in blist:
+                    full = b.kind == "full"
+                    if full and not check_full:
+                        continue
+                    btok = b.tokens(L)
+                    meth, cfg = make(name, btok)
+                    configs.setdefault(name, {}).setdefault(b.label, {})[str(L)] = cfg
+                    res = decode_run(model, kv, tail, max_new_tokens=max_new_tokens, method=meth, backend=backend,
+                                     keep_logits=full)
+                    pred = tokenizer.decode(res.tokens, skip_special_tokens=True)
+                    match = diff = None
+                    if full:
+                        match = res.tokens == dref.tokens
+                        nstep = res.step_logits.shape[0] if match else tail.shape[1]
+                        diff = float((res.step_logits[:nstep] - dref.step_logits[:nstep]).abs().max())
+                    sc = scorer(pred, s.answers)
+                    srows.append({**base, "method": name, "budget": b.label, "budget_tokens": btok, "score": sc,
+                                  "prediction": pred, "top10_recall": _r(res.recall.get("top10_recall"), 5),
+                                  "top10_recall_sparse": _r(res.recall.get("top10_recall_sparse"), 5),
+                                  "density": _r(res.recall.get("density"), 5), "match_dense": match,
+                                  "max_logit_diff": None if diff is None else _r(diff, 6),
+                                  "seconds": round(res.seconds, 3)})
+                    for layer, d in res.recall.get("layers", {}).items():
+                        lraw.append({"method": name, "budget": b.label, "length": L, "layer": layer, **d})
+                    rec = res.recall.get("top10_recall")
+                    tag = f"{b.label}:{'ok' if sc == 1 else 'x'}" + ("" if rec is None else f"/{rec:.2f}")
+                    if full:
+                        tag += "=" if match else "!=dense"
+                    parts.append(tag)
+                msg.append(f"{name} " + " ".join(parts))
+            log(f"[sample {i + 1}/{n} len {L} depth {_depth(i, n):.2f}] " + "; ".join(msg)
+                + f"  ({time.perf_counter() - t_len:.1f}s, total {time.perf_counter() - t_start:.0f}s)")
+            del kv
+        n_done = i + 1
+        round_times.append(time.perf_counter() - t_round)
+        flush()
+
+    rows, lrows = flush()
+    files += [out / "decode_quality.csv", out / "decode_quality_samples.csv", out / "decode_quality_layers.csv",
+              out / "configs.json", out / "environment.json"]
+    if plots and rows:
+        files.append(plot_vs_budget(rows, out / "accuracy_vs_budget.png", "accuracy"))
+        files.append(plot_vs_budget(rows, out / "top10_recall_vs_budget.png", "top10_recall"))
+    env["elapsed_s"] = round(time.perf_counter() - t_start, 2)
+    (out / "environment.json").write_text(json.dumps(env, indent=1))
+    log(_table(rows))
+    log("wrote " + ", ".join(str(f) for f in files))
+    return {"rows": rows, "sample_rows": srows, "layer_rows": lrows, "configs": configs, "environment": env,
+            "files": files}
+
+
+def _table(rows: list[dict]) -> str:
+    lines = [f"{'method':<20} {'budget':>7} {'length':>6} {'acc':>6} {'top10':>6} {'dens':>6} {'match':>5} {'n':>3}"]
+    for r in sorted(rows, key=lambda r: (r["method"] != "dense", r["method"], r["length"], r["budget_tokens"])):
+        f = lambda x, w, p=3: (f"{x:>{w}.{p}f}" if isinstance(x, (int, float)) else f"{'-':>{w}}")  # noqa: E731
+        lines.append(f"{r['method']:<20} {r['budget']:>7} {r['length']:>6} {f(r['accuracy'], 6, 1)} "
+                     f"{f(r['top10_recall'], 6)} {f(r['density'], 6)} {f(r['match_dense'], 5, 2)} {r['n']:>3}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# plots
+# ----------------------------------------------------------------------------------------------
+
+def plot_vs_budget(rows: list[dict], path, metric: str = "accuracy") -> Path:
+    """plot_vs_budget: a panel per length, ``metric`` ("accuracy" or "top10_recall") against the token
+    budget (log2 axis), a line per method; dense accuracy as a horizontal dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if metric not in ("accuracy", "top10_recall"):
+        raise ValueError(f"metric: expected 'accuracy' or 'top10_recall', got {metric!r}")
+    lengths = sorted({r["length"] for r in rows})
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.6 * len(lengths), 3.9), squeeze=False)
+    for ax, L in zip(axes[0], lengths):
+        for mi, m in enumerate(methods):
+            rs = sorted((r for r in rows if r["method"] == m and r["length"] == L and r["budget"] != "full"
+                         and r.get(metric) is not None), key=lambda r: r["budget_tokens"])
+            if rs:
+                ax.plot([r["budget_tokens"] for r in rs], [r[metric] for r in rs], marker="o", ms=4,
+                        color=colors[mi % len(colors)], label=m)
+            fr = next((r for r in rows if r["method"] == m and r["length"] == L and r["budget"] == "full"
+                       and r.get(metric) is not None), None)
+            if fr is not None:  # the full-budget point, at the context length
+                ax.scatter([L], [fr[metric]], marker="*", s=60, color=colors[mi % len(colors)], edgecolors="k",
+                           linewidths=0.4)
+        d = next((r for r in rows if r["method"] == "dense" and r["length"] == L), None)
+        if metric == "accuracy" and d is not None:
+            ax.axhline(d["accuracy"], color="k", ls="--", lw=1, label=f"dense ({d['accuracy']:.0f})")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("token budget per KV head (* = full budget)")
+        ax.set_ylabel("passkey accuracy (x100)" if metric == "accuracy" else "top-10 recall (teacher-forced steps)")
+        ax.set_ylim(-5, 105) if metric == "accuracy" else ax.set_ylim(-0.03, 1.03)
+        nn = sorted({r["n"] for r in rows if r["length"] == L})
+        ax.set_title(f"passkey, {L} tokens (n={'/'.join(map(str, nn))})", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+def _csv_list(s: str) -> list[str]:
+    return [x.strip() for x in str(s).split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sparsattn.eval.decode_quality",
+                                description="Passkey accuracy vs token budget, top-10 recall and full-budget "
+                                            "equality of the decode methods (issue 5).")
+    p.add_argument("--out", required=True, help="output directory (CSV, JSON, PNG)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--model", default=None, help="local model folder (default: the bundled model)")
+    p.add_argument("--lengths", default=None, help=f"comma-separated prompt lengths (default {','.join(map(str, DEFAULT_LENGTHS))})")
+    p.add_argument("--budgets", default=None, help="comma-separated budgets: tokens (64), fractions (0.02) or full "
+                                                   f"(default {','.join(DEFAULT_BUDGETS)})")
+    p.add_argument("--n", type=int, default=None, help="samples per length, needle depths spread (default 10)")
+    p.add_argument("--methods", default=None, help="comma-separated decode methods (default: all registered except "
+                                                   + ", ".join(SLOW_METHODS) + ")")
+    p.add_argument("--full-n", type=int, default=None, help="samples per length with the full-budget check (default 2)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="greedy answer tokens (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-limit", type=float, default=270.0,
+                   help="seconds from start within which new sample rounds are started (0 = no limit)")
+    p.add_argument("--backend", default=None, choices=["triton", "reference"],
+                   help="kernel backend of the patched layers (default: automatic; reference on the CPU)")
+    p.add_argument("--tiny", action="store_true",
+                   help=f"CPU smoke run: lengths {TINY['lengths']}, budgets {TINY['budgets']}, n {TINY['n']}, "
+                        "every decode method")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: unchanged; --tiny uses 1, faster on shared cores)")
+    p.add_argument("--no-plots", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    """main: the CLI (see ``--help``); returns the exit status."""
+    t_start = time.perf_counter()
+    args = build_parser().parse_args(argv)
+    try:
+        from ..methods import list_methods
+
+        tiny = args.tiny
+        try:
+            lengths = [int(x) for x in _csv_list(args.lengths)] if args.lengths else list(
+                TINY["lengths"] if tiny else DEFAULT_LENGTHS)
+        except ValueError:
+            raise ValueError(f"--lengths: expected comma-separated integers, got {args.lengths!r}") from None
+        budgets = _csv_list(args.budgets) if args.budgets else list(TINY["budgets"] if tiny else DEFAULT_BUDGETS)
+        methods = _csv_list(args.methods) if args.methods else (list_methods("decode") if tiny else None)
+        n = args.n if args.n is not None else (TINY["n"] if tiny else 10)
+        full_n = args.full_n if args.full_n is not None else (TINY["full_n"] if tiny else 2)
+        mnt = args.max_new_tokens if args.max_new_tokens is not None else (TINY["max_new_tokens"] if tiny else 10)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        threads = args.threads if args.threads is not None else (1 if tiny else None)
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"--threads: expected an int >= 1, got {threads}")
+            torch.set_num_threads(threads)
+        run_decode_quality(out_dir=args.out, device=device, lengths=lengths, budgets=budgets, n=n, methods=methods,
+                           full_n=full_n, max_new_tokens=mnt, seed=args.seed,
+                           time_limit=args.time_limit if args.time_limit and args.time_limit > 0 else None,
+                           backend=args.backend, plots=not args.no_plots, model_path=args.model,
+                           log=lambda s: print(s, flush=True), t_start=t_start)
+    except ValueError as e:
+        print(f"decode_quality: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
