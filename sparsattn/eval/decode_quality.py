@@ -5,7 +5,9 @@ Quest's Table 1 (Quest: Query-Aware Sparsity for Efficient Long-Context LLM Infe
 2406.10774; passkey accuracy per token budget, ``/work/shared/EVAL.md`` section 3).
 
 Protocol, per passkey sample (``sparsattn.eval.tasks.passkey``, RULER niah_single, needle depths
-spread over the context: sample i of n sits at depth ``(i + 0.5) / n``):
+spread over the context: sample i of n sits at depth ``(i + 0.5) / n``; a "length" L means a prompt
+of at most ``L - max_new_tokens`` tokens, so prompt and answer stay within L, e.g. the bundled
+model's trained 16,384 positions):
 
 1. **Split**: the prompt is cut before its question (``"\\nWhat is the special magic number for
    {key} ... text is"``, about 49 tokens with the bundled tokenizer). Only the part before it is
@@ -25,12 +27,14 @@ spread over the context: sample i of n sits at depth ``(i + 0.5) / n``):
    ``top10_recall`` averages over steps, layers and query heads (layers a method keeps dense
    count as 1); ``top10_recall_sparse`` averages only over the calls whose selection did not cover
    the whole cache.
-5. **Full budget**: each method with a budget of twice the context (covers every token); the
-   generated tokens are compared with the dense generation of the same sample (``match_dense`` =
-   fraction of samples with identical tokens; ``max_logit_diff`` over the steps that saw the same
-   inputs).
+5. **Full budget** (the first ``full_n`` samples of each length): each method with a budget of
+   twice the context (covers every token); its generated tokens are compared with the dense
+   generation of the same sample (``match_dense`` = fraction of samples with identical tokens;
+   ``max_logit_diff`` over the steps that saw the same inputs) and with ``dense_kernel``, every token
+   selected and computed by the same sparse decode kernel (``match_kernel_dense``: on a bf16 GPU a
+   difference from SDPA can be the kernel's rounding alone).
 
-Budgets (``--budgets``): token counts (``64``), fractions of the prompt length (``0.02``) or
+Budgets (``--budgets``): token counts (``64``), fractions of the length L (``0.02``) or
 ``full``; each is mapped to the method's own hyper-parameters by ``budget_config`` (tokens read
 per KV head on the layers the method sparsifies):
 
@@ -53,7 +57,8 @@ The ``density`` column is the measured fraction of the cache read, averaged over
 (dense layers included), so methods can be compared on what they really read.
 
 Outputs under ``--out``: ``decode_quality.csv`` (method, budget, length, accuracy, top10_recall, n,
-then budget_tokens, top10_recall_sparse, density, match_dense, max_logit_diff, seconds),
+then budget_tokens, top10_recall_sparse, density, match_dense, match_kernel_dense, max_logit_diff,
+seconds; accuracy x100, recall and density in [0, 1]),
 ``decode_quality_samples.csv`` (one row per run), ``decode_quality_layers.csv`` (recall and
 density per layer), ``configs.json`` (the hyper-parameters of every method x budget),
 ``environment.json`` (torch/transformers/triton versions, device, date, arguments, timing),
@@ -85,6 +90,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ..methods.base import Method, SelectContext
 from .scoring import get_scorer
 from .tasks import QUESTION_TEMPLATE, Sample, encode_ids, passkey
 
@@ -95,7 +101,7 @@ DEFAULT_BUDGETS = ("64", "256", "1024")
 #: decode methods left out of the default grid (their CPU-side index build dominates the time budget)
 SLOW_METHODS = ("retrieval_attention",)
 #: --tiny: a CPU smoke run (< 1 minute)
-TINY = dict(lengths=(384,), budgets=("32", "128"), n=1, full_n=1, max_new_tokens=8)
+TINY = dict(lengths=(384,), budgets=("64",), n=1, full_n=1, max_new_tokens=8)
 #: the decode methods budget_config knows
 BUDGET_MAPPED = ("streaming_llm", "quest", "double_sparsity", "tidal_decode", "recycled_attention",
                  "retrieval_attention", "actqkv")
@@ -105,10 +111,10 @@ CALIBRATION_SEED = 1_000_003
 _TIDAL_REF = (13, 32)
 
 MAIN_COLS = ["method", "budget", "length", "accuracy", "top10_recall", "n", "budget_tokens",
-             "top10_recall_sparse", "density", "match_dense", "max_logit_diff", "seconds"]
+             "top10_recall_sparse", "density", "match_dense", "match_kernel_dense", "max_logit_diff", "seconds"]
 SAMPLE_COLS = ["method", "budget", "length", "sample", "seed", "depth", "n_tokens", "n_prefill", "n_question",
                "budget_tokens", "score", "prediction", "answer", "top10_recall", "top10_recall_sparse", "density",
-               "match_dense", "max_logit_diff", "seconds"]
+               "match_dense", "match_kernel_dense", "max_logit_diff", "seconds"]
 LAYER_COLS = ["method", "budget", "length", "layer", "top10_recall", "density", "calls"]
 
 
@@ -125,7 +131,7 @@ class Budget:
     label: str
 
     def tokens(self, length: int) -> int:
-        """Tokens per KV head for a prompt of ``length`` tokens (full: twice the length)."""
+        """Tokens per KV head at context length ``length`` (full: twice the length, i.e. every token)."""
         if self.kind == "tokens":
             return int(self.value)
         if self.kind == "fraction":
@@ -134,7 +140,7 @@ class Budget:
 
 
 def parse_budget(s: str) -> Budget:
-    """parse_budget: ``"64"`` (tokens), ``"0.02"`` (fraction of the prompt, in (0, 1]) or ``"full"``.
+    """parse_budget: ``"64"`` (tokens), ``"0.02"`` (fraction of the length, in (0, 1]) or ``"full"``.
 
     Raises:
         ValueError: anything else (names ``--budgets`` and the expected forms).
@@ -500,6 +506,26 @@ def decode_run(model, prefix_kv, tail: torch.Tensor, *, max_new_tokens: int, met
     return res
 
 
+@dataclass
+class AllTokens(Method):
+    """AllTokens: every valid cached token (dense decode expressed as a selection; not registered).
+
+    The reference of the full-budget check that shares the sparse decode kernel with the methods:
+    on a bf16 GPU, a method at full budget may differ from SDPA's dense decode by the kernel's
+    rounding alone; ``match_kernel_dense`` compares it with this run instead.
+    """
+
+    name = "dense_kernel"
+    paper = "dense decode attention over every cached token"
+    phase = "decode"
+
+    def select(self, q, k, ctx: Optional[SelectContext] = None):
+        from ..kv.select import decode_inputs, full_pattern
+
+        q, k, kl = decode_inputs(q, k, ctx)
+        return full_pattern(k.shape[0], k.shape[1], kl, k.shape[2])
+
+
 # ----------------------------------------------------------------------------------------------
 # calibration (double_sparsity)
 # ----------------------------------------------------------------------------------------------
@@ -524,6 +550,13 @@ def calibrate_double_sparsity(model, tokenizer, *, length: int, seed: int = CALI
 # ----------------------------------------------------------------------------------------------
 # the grid
 # ----------------------------------------------------------------------------------------------
+
+def _logit_diff(res: DecodeResult, ref: DecodeResult, same_tokens: bool, tail: torch.Tensor) -> float:
+    """Max |logit difference| over the steps that saw the same inputs (all of them when the generated
+    tokens agree, else the teacher-forced ones)."""
+    nstep = res.step_logits.shape[0] if same_tokens else tail.shape[1]
+    return float((res.step_logits[:nstep] - ref.step_logits[:nstep]).abs().max())
+
 
 def _depth(i: int, n: int) -> float:
     return (i + 0.5) / n
@@ -550,7 +583,9 @@ def _aggregate(srows: list[dict], lrows_raw: list[dict]) -> tuple[list[dict], li
             "budget_tokens": rs[0]["budget_tokens"],
             "top10_recall_sparse": _r(_mean([r["top10_recall_sparse"] for r in rs])),
             "density": _r(_mean([r["density"] for r in rs])),
-            "match_dense": _r(_mean([None if r["match_dense"] is None else float(r["match_dense"]) for r in rs])),
+            "match_dense": _r(_mean([None if r.get("match_dense") is None else float(r["match_dense"]) for r in rs])),
+            "match_kernel_dense": _r(_mean([None if r.get("match_kernel_dense") is None else float(r["match_kernel_dense"])
+                                            for r in rs])),
             "max_logit_diff": (None if all(r["max_logit_diff"] is None for r in rs)
                                else _r(max(r["max_logit_diff"] for r in rs if r["max_logit_diff"] is not None), 6)),
             "seconds": _r(sum(r["seconds"] for r in rs), 2),
@@ -600,7 +635,7 @@ def environment(device, args: Optional[dict] = None) -> dict:
 def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cpu",
                        lengths: Sequence[int] = DEFAULT_LENGTHS, budgets: Sequence[str] = DEFAULT_BUDGETS,
                        n: int = 10, methods: Optional[Sequence[str]] = None, full_n: int = 2,
-                       max_new_tokens: int = 10, seed: int = 0, time_limit: Optional[float] = 270.0,
+                       max_new_tokens: int = 10, seed: int = 0, time_limit: Optional[float] = 260.0,
                        backend: Optional[str] = None, plots: bool = True, model_path=None,
                        log: Callable[[str], None] = print, t_start: Optional[float] = None) -> dict:
     """run_decode_quality: the whole grid (see the module docstring); writes the outputs under ``out_dir``.
@@ -608,7 +643,7 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
     Args:
         model, tokenizer: a loaded causal LM and tokenizer (None = ``sparsattn.evaluate.load_model``
             of ``model_path``, default the bundled checkpoint, on ``device``).
-        lengths: prompt lengths in tokens. budgets: ``parse_budget`` strings ("full" is added to
+        lengths: context lengths L in tokens (prompts of at most ``L - max_new_tokens``). budgets: ``parse_budget`` strings ("full" is added to
             the checks below anyway). n: samples per length (depths spread). methods: decode
             methods (default: every registered one except ``SLOW_METHODS``). full_n: samples per
             length that also get the full-budget check (0 = none). max_new_tokens: greedy tokens.
@@ -696,7 +731,7 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
     for i in range(n):
         elapsed = time.perf_counter() - t_start
         if time_limit is not None and round_times:
-            est = max(round_times)
+            est = round_times[-1]  # the first rounds also hold the JIT warm-up and the full-budget checks
             if elapsed + est > time_limit:
                 log(f"time limit: stopping after {n_done} of {n} samples per length "
                     f"(elapsed {elapsed:.0f}s, a round takes ~{est:.0f}s, limit {time_limit:.0f}s)")
@@ -705,7 +740,7 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
         t_round = time.perf_counter()
         for L in lengths:
             t_len = time.perf_counter()
-            s = passkey(tokenizer, L, _depth(i, n), seed=seed + i)
+            s = passkey(tokenizer, L - max_new_tokens, _depth(i, n), seed=seed + i)  # prompt + answer <= L
             ids, n_pre = split_prompt(tokenizer, s)
             ids_t = torch.tensor([ids], device=dev)
             kv = prefill(model, ids_t[:, :n_pre])
@@ -721,6 +756,19 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
                           "top10_recall_sparse": None, "density": 1.0, "match_dense": None, "max_logit_diff": None,
                           "seconds": round(dref.seconds, 3)})
             msg = [f"dense {'ok' if srows[-1]['score'] == 1 else 'x'}"]
+            dk = None
+            if check_full:  # every token through the sparse decode kernel: the kernel's own numerics
+                dk = decode_run(model, kv, tail, max_new_tokens=max_new_tokens, method=AllTokens(), backend=backend,
+                                keep_logits=True)
+                pred = tokenizer.decode(dk.tokens, skip_special_tokens=True)
+                match = dk.tokens == dref.tokens
+                srows.append({**base, "method": "dense_kernel", "budget": "full", "budget_tokens": len(ids),
+                              "score": scorer(pred, s.answers), "prediction": pred,
+                              "top10_recall": _r(dk.recall.get("top10_recall"), 5), "top10_recall_sparse": None,
+                              "density": _r(dk.recall.get("density"), 5), "match_dense": match,
+                              "match_kernel_dense": True, "max_logit_diff": _r(_logit_diff(dk, dref, match, tail), 6),
+                              "seconds": round(dk.seconds, 3)})
+                msg.append("dense_kernel " + ("=" if match else "!=dense"))
             for name in methods:
                 parts = []
                 blist = list(bl) + ([Budget("full", 0.0, "full")] if check_full and all(b.kind != "full" for b in bl) else [])
@@ -734,16 +782,17 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
                     res = decode_run(model, kv, tail, max_new_tokens=max_new_tokens, method=meth, backend=backend,
                                      keep_logits=full)
                     pred = tokenizer.decode(res.tokens, skip_special_tokens=True)
-                    match = diff = None
+                    match = diff = match_k = None
                     if full:
                         match = res.tokens == dref.tokens
-                        nstep = res.step_logits.shape[0] if match else tail.shape[1]
-                        diff = float((res.step_logits[:nstep] - dref.step_logits[:nstep]).abs().max())
+                        diff = _logit_diff(res, dref, match, tail)
+                        match_k = res.tokens == dk.tokens if dk is not None else None
                     sc = scorer(pred, s.answers)
                     srows.append({**base, "method": name, "budget": b.label, "budget_tokens": btok, "score": sc,
                                   "prediction": pred, "top10_recall": _r(res.recall.get("top10_recall"), 5),
                                   "top10_recall_sparse": _r(res.recall.get("top10_recall_sparse"), 5),
                                   "density": _r(res.recall.get("density"), 5), "match_dense": match,
+                                  "match_kernel_dense": match_k,
                                   "max_logit_diff": None if diff is None else _r(diff, 6),
                                   "seconds": round(res.seconds, 3)})
                     for layer, d in res.recall.get("layers", {}).items():
@@ -751,7 +800,7 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
                     rec = res.recall.get("top10_recall")
                     tag = f"{b.label}:{'ok' if sc == 1 else 'x'}" + ("" if rec is None else f"/{rec:.2f}")
                     if full:
-                        tag += "=" if match else "!=dense"
+                        tag += "=" if match else ("!=dense" + ("(=kernel)" if match_k else ""))
                     parts.append(tag)
                 msg.append(f"{name} " + " ".join(parts))
             log(f"[sample {i + 1}/{n} len {L} depth {_depth(i, n):.2f}] " + "; ".join(msg)
@@ -799,7 +848,7 @@ def plot_vs_budget(rows: list[dict], path, metric: str = "accuracy") -> Path:
     if metric not in ("accuracy", "top10_recall"):
         raise ValueError(f"metric: expected 'accuracy' or 'top10_recall', got {metric!r}")
     lengths = sorted({r["length"] for r in rows})
-    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m not in ("dense", AllTokens.name)]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.6 * len(lengths), 3.9), squeeze=False)
     for ax, L in zip(axes[0], lengths):
@@ -855,7 +904,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-n", type=int, default=None, help="samples per length with the full-budget check (default 2)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="greedy answer tokens (default 10)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-limit", type=float, default=270.0,
+    p.add_argument("--time-limit", type=float, default=260.0,
                    help="seconds from start within which new sample rounds are started (0 = no limit)")
     p.add_argument("--backend", default=None, choices=["triton", "reference"],
                    help="kernel backend of the patched layers (default: automatic; reference on the CPU)")

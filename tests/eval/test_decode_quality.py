@@ -214,13 +214,15 @@ def test_run_writes_outputs_and_respects_the_time_limit(tiny_model, hf_tok, tmp_
     rows = list(csv.DictReader(open(tmp_path / "decode_quality.csv")))
     assert list(rows[0])[:6] == ["method", "budget", "length", "accuracy", "top10_recall", "n"]
     got = {(r["method"], r["budget"]) for r in rows}
-    assert got == {("dense", "dense")} | {(m, b) for m in ("streaming_llm", "quest") for b in ("16", "0.25", "full")}
+    assert got == {("dense", "dense"), ("dense_kernel", "full")} | {(m, b) for m in ("streaming_llm", "quest")
+                                                                     for b in ("16", "0.25", "full")}
     assert all(r["n"] == "1" for r in rows)  # the time limit stopped after the first round
     for r in rows:
         if r["method"] != "dense":
             assert 0 <= float(r["top10_recall"]) <= 1 and 0 <= float(r["accuracy"]) <= 100
         if r["budget"] == "full":
             assert float(r["match_dense"]) == 1.0 and float(r["top10_recall"]) == 1.0
+            assert float(r["match_kernel_dense"]) == 1.0 and float(r["max_logit_diff"]) < 1e-3
     q40 = next(r for r in rows if r["method"] == "quest" and r["budget"] == "0.25")
     assert q40["budget_tokens"] == "40"
     env = json.loads((tmp_path / "environment.json").read_text())
@@ -230,7 +232,7 @@ def test_run_writes_outputs_and_respects_the_time_limit(tiny_model, hf_tok, tmp_
         assert (tmp_path / f).stat().st_size > 0
     layers = list(csv.DictReader(open(tmp_path / "decode_quality_layers.csv")))
     assert {int(r["layer"]) for r in layers} == set(range(N_LAYERS))
-    assert len(res["sample_rows"]) == 1 + 2 * 3
+    assert len(res["sample_rows"]) == 2 + 2 * 3
 
 
 def test_run_bad_arguments(tiny_model, hf_tok, tmp_path):
