@@ -101,7 +101,7 @@ DEFAULT_BUDGETS = ("64", "256", "1024")
 #: decode methods left out of the default grid (their CPU-side index build dominates the time budget)
 SLOW_METHODS = ("retrieval_attention",)
 #: --tiny: a CPU smoke run (< 1 minute)
-TINY = dict(lengths=(384,), budgets=("64",), n=1, full_n=1, max_new_tokens=8)
+TINY = dict(lengths=(384,), budgets=("64",), n=1, full_n=0, max_new_tokens=8)
 #: the decode methods budget_config knows
 BUDGET_MAPPED = ("streaming_llm", "quest", "double_sparsity", "tidal_decode", "recycled_attention",
                  "retrieval_attention", "actqkv")
@@ -697,6 +697,9 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
     log(f"decode_quality: {n_layers} layers, GQA group {G}, device {dev}, dtype {args['dtype']}; "
         f"lengths {lengths}, budgets {[b.label for b in bl]}, methods {methods}, n {n} (full-budget check on {full_n})")
 
+    if "retrieval_attention" in methods and max(lengths) > 4096:
+        log("note: retrieval_attention builds its HNSW index on the CPU (one thread) at the first decode step of "
+            "every run: several seconds per 4K keys x layers x KV heads")
     channels = None
     if "double_sparsity" in methods:
         t0 = time.perf_counter()
@@ -715,6 +718,7 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
     lraw: list[dict] = []
     files: list[Path] = []
     round_times: list[float] = []
+    errors: list[str] = []
     n_done = 0
 
     def flush():
@@ -758,8 +762,14 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
             msg = [f"dense {'ok' if srows[-1]['score'] == 1 else 'x'}"]
             dk = None
             if check_full:  # every token through the sparse decode kernel: the kernel's own numerics
-                dk = decode_run(model, kv, tail, max_new_tokens=max_new_tokens, method=AllTokens(), backend=backend,
-                                keep_logits=True)
+                try:
+                    dk = decode_run(model, kv, tail, max_new_tokens=max_new_tokens, method=AllTokens(), backend=backend,
+                                    keep_logits=True)
+                except Exception as e:  # noqa: BLE001 - recorded and reported
+                    errors.append(f"dense_kernel length {L} sample {i}: {type(e).__name__}: {e}")
+                    env["errors"] = errors
+                    log("ERROR " + errors[-1])
+            if dk is not None:
                 pred = tokenizer.decode(dk.tokens, skip_special_tokens=True)
                 match = dk.tokens == dref.tokens
                 srows.append({**base, "method": "dense_kernel", "budget": "full", "budget_tokens": len(ids),
@@ -779,8 +789,16 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
                     btok = b.tokens(L)
                     meth, cfg = make(name, btok)
                     configs.setdefault(name, {}).setdefault(b.label, {})[str(L)] = cfg
-                    res = decode_run(model, kv, tail, max_new_tokens=max_new_tokens, method=meth, backend=backend,
-                                     keep_logits=full)
+                    try:
+                        res = decode_run(model, kv, tail, max_new_tokens=max_new_tokens, method=meth, backend=backend,
+                                         keep_logits=full)
+                    except Exception as e:  # noqa: BLE001 - recorded and reported, the other cells go on
+                        err = f"{name} budget {b.label} length {L} sample {i}: {type(e).__name__}: {e}"
+                        errors.append(err)
+                        env["errors"] = errors
+                        log("ERROR " + err)
+                        parts.append(f"{b.label}:ERROR")
+                        continue
                     pred = tokenizer.decode(res.tokens, skip_special_tokens=True)
                     match = diff = match_k = None
                     if full:
@@ -820,8 +838,11 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
     (out / "environment.json").write_text(json.dumps(env, indent=1))
     log(_table(rows))
     log("wrote " + ", ".join(str(f) for f in files))
+    if errors:
+        log(f"{len(errors)} run(s) FAILED (listed in environment.json 'errors'; their cells are missing or have a "
+            "smaller n):\n  " + "\n  ".join(errors[:20]))
     return {"rows": rows, "sample_rows": srows, "layer_rows": lrows, "configs": configs, "environment": env,
-            "files": files}
+            "files": files, "errors": errors}
 
 
 def _table(rows: list[dict]) -> str:
@@ -850,14 +871,16 @@ def plot_vs_budget(rows: list[dict], path, metric: str = "accuracy") -> Path:
     lengths = sorted({r["length"] for r in rows})
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m not in ("dense", AllTokens.name)]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*Xh<>"
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.6 * len(lengths), 3.9), squeeze=False)
     for ax, L in zip(axes[0], lengths):
         for mi, m in enumerate(methods):
             rs = sorted((r for r in rows if r["method"] == m and r["length"] == L and r["budget"] != "full"
                          and r.get(metric) is not None), key=lambda r: r["budget_tokens"])
+            dodge = 2 ** (0.04 * (mi - (len(methods) - 1) / 2))  # overlapping lines stay visible (log axis)
             if rs:
-                ax.plot([r["budget_tokens"] for r in rs], [r[metric] for r in rs], marker="o", ms=4,
-                        color=colors[mi % len(colors)], label=m)
+                ax.plot([r["budget_tokens"] * dodge for r in rs], [r[metric] for r in rs], marker=markers[mi % len(markers)],
+                        ms=4, lw=1.2, alpha=0.85, color=colors[mi % len(colors)], label=m)
             fr = next((r for r in rows if r["method"] == m and r["length"] == L and r["budget"] == "full"
                        and r.get(metric) is not None), None)
             if fr is not None:  # the full-budget point, at the context length
@@ -867,7 +890,7 @@ def plot_vs_budget(rows: list[dict], path, metric: str = "accuracy") -> Path:
         if metric == "accuracy" and d is not None:
             ax.axhline(d["accuracy"], color="k", ls="--", lw=1, label=f"dense ({d['accuracy']:.0f})")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("token budget per KV head (* = full budget)")
+        ax.set_xlabel("token budget per KV head (* = full; x dodged)")
         ax.set_ylabel("passkey accuracy (x100)" if metric == "accuracy" else "top-10 recall (teacher-forced steps)")
         ax.set_ylim(-5, 105) if metric == "accuracy" else ax.set_ylim(-0.03, 1.03)
         nn = sorted({r["n"] for r in rows if r["length"] == L})
@@ -909,8 +932,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, choices=["triton", "reference"],
                    help="kernel backend of the patched layers (default: automatic; reference on the CPU)")
     p.add_argument("--tiny", action="store_true",
-                   help=f"CPU smoke run: lengths {TINY['lengths']}, budgets {TINY['budgets']}, n {TINY['n']}, "
-                        "every decode method")
+                   help=f"CPU smoke run (< 1 min): lengths {TINY['lengths']}, budgets {TINY['budgets']}, n {TINY['n']}, "
+                        "every decode method, no full-budget check (--full-n 1 adds it, ~+35 s)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: unchanged; --tiny uses 1, faster on shared cores)")
     p.add_argument("--no-plots", action="store_true")
@@ -941,7 +964,7 @@ def main(argv=None) -> int:
             if threads < 1:
                 raise ValueError(f"--threads: expected an int >= 1, got {threads}")
             torch.set_num_threads(threads)
-        run_decode_quality(out_dir=args.out, device=device, lengths=lengths, budgets=budgets, n=n, methods=methods,
+        res = run_decode_quality(out_dir=args.out, device=device, lengths=lengths, budgets=budgets, n=n, methods=methods,
                            full_n=full_n, max_new_tokens=mnt, seed=args.seed,
                            time_limit=args.time_limit if args.time_limit and args.time_limit > 0 else None,
                            backend=args.backend, plots=not args.no_plots, model_path=args.model,
@@ -949,7 +972,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"decode_quality: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return 1 if res["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -244,3 +244,17 @@ def test_run_bad_arguments(tiny_model, hf_tok, tmp_path):
     with pytest.raises(ValueError, match="--budgets"):
         dq.run_decode_quality(tiny_model, hf_tok, lengths=[160], budgets=["x"], **kw)
     assert dq.main(["--out", str(tmp_path), "--budgets", "0"]) == 2
+
+
+def test_a_failing_method_is_reported_and_the_others_go_on(tiny_model, hf_tok, tmp_path, monkeypatch):
+    from sparsattn.methods.streaming_llm import StreamingLLM
+
+    def boom(self, q, k, ctx=None):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(StreamingLLM, "select", boom)
+    res = dq.run_decode_quality(tiny_model, hf_tok, out_dir=tmp_path, lengths=[160], budgets=["16"], n=1,
+                                methods=["streaming_llm", "quest"], full_n=0, max_new_tokens=2, log=lambda s: None)
+    assert len(res["errors"]) == 1 and "streaming_llm" in res["errors"][0] and "boom" in res["errors"][0]
+    assert {r["method"] for r in res["rows"]} == {"dense", "quest"}
+    assert json.loads((tmp_path / "environment.json").read_text())["errors"] == res["errors"]
