@@ -171,6 +171,9 @@ def test_subtiles_config(device, monkeypatch):
     p = P.vertical_slash(100, torch.tensor([[[3, 50]]], device=device), torch.tensor([[[0, 9]]], device=device),
                          block_size=32)
     _check(q[:, :1], k, v, p)
+    # the column path's membership test by bisection (block lists longer than LIST_COMPARE_MAX)
+    monkeypatch.setattr("sparsattn.kernels.block_sparse.LIST_COMPARE_MAX", 0)
+    _check(q[:, :1], k, v, p)
     # rectangular blocks wider than the tiles (LongHeads' chunk blocks): block_k = 4 sub-tiles
     g = torch.Generator().manual_seed(3)
     bm = torch.rand(1, 2, 7, 2, generator=g) < 0.6

@@ -30,6 +30,17 @@ def _log_len(n: int) -> int:
     return max(1, (n + 1).bit_length())
 
 
+#: block lists up to this long are tested for membership by comparison (columns path); longer by bisection
+LIST_COMPARE_MAX = 512
+
+
+def _list_len(n: int, has_cols: bool) -> int:
+    """LIST constexpr of the column path: the list width rounded up to 32, or 0 (binary search)."""
+    if not has_cols or n > LIST_COMPARE_MAX:
+        return 0
+    return max(32, -(-n // 32) * 32)
+
+
 def kernel_config(D: int, block_q: int, block_k: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Launch configuration (tile sizes, warps, stages) for the forward and backward kernels.
 
@@ -144,6 +155,7 @@ def _fwd(q, k, v, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, q_len, kv_len,
         D=D, BLOCK_D=BD, BLOCK_M=block_q, BLOCK_N=cfg["fwd_bn"], BLOCK_KP=block_k, CAUSAL=causal,
         HAS_BANK=has_bank, HAS_COLS=has_cols, EVEN=even,
         LOG_F=_log_len(fidx.shape[-1]), LOG_P=_log_len(pidx.shape[-1]),
+        LIST_F=_list_len(fidx.shape[-1], has_cols), LIST_P=_list_len(pidx.shape[-1], has_cols),
         PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=_upcast(q),
         num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"],
     )
@@ -197,6 +209,7 @@ def _bwd(do, q, k, v, o, lse, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tc
         D=D, BLOCK_D=BD, BLOCK_M=block_q, BLOCK_N=cfg["bwd_bn"], BLOCK_KP=block_k, CAUSAL=causal,
         HAS_BANK=has_bank, HAS_COLS=has_cols, EVEN=even,
         LOG_F=_log_len(fidx.shape[-1]), LOG_P=_log_len(pidx.shape[-1]), PREC=prec, UPCAST=_upcast(q),
+        LIST_F=_list_len(fidx.shape[-1], has_cols), LIST_P=_list_len(pidx.shape[-1], has_cols),
         num_warps=cfg["fwd_warps"], num_stages=cfg["bwd_stages"],
     )
     s_tcb, s_tch = _bh_strides(tcnt)
