@@ -531,10 +531,11 @@ class AllTokens(Method):
 # ----------------------------------------------------------------------------------------------
 
 def calibrate_double_sparsity(model, tokenizer, *, length: int, seed: int = CALIBRATION_SEED,
-                              device=None) -> dict:
+                              device=None, group_factor: int = 8) -> dict:
     """calibrate_double_sparsity: Double Sparsity's outlier channels (Post-Training Sparse Attention with
     Double Sparsity, arXiv 2408.07092) from one held-out passkey prompt of ``length`` tokens (seed
-    ``seed``, never an evaluated sample's): ``{layer: [[channel] per KV head]}``."""
+    ``seed``, never an evaluated sample's): ``{layer: [[channel] per KV head]}``, ``D / group_factor``
+    channels per KV head."""
     from ..capture import capture_qkv
     from ..methods import get_method
 
@@ -543,7 +544,7 @@ def calibrate_double_sparsity(model, tokenizer, *, length: int, seed: int = CALI
     ids = torch.tensor([encode_ids(tokenizer, s.prompt)], device=dev)
     cap = capture_qkv(model, ids)
     layers = sorted(cap)
-    m = get_method("double_sparsity")
+    m = get_method("double_sparsity", group_factor=group_factor)
     return m.calibrate([cap[l][0] for l in layers], [cap[l][1] for l in layers])
 
 
@@ -637,6 +638,7 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
                        n: int = 10, methods: Optional[Sequence[str]] = None, full_n: int = 2,
                        max_new_tokens: int = 10, seed: int = 0, time_limit: Optional[float] = 260.0,
                        backend: Optional[str] = None, plots: bool = True, model_path=None,
+                       method_config: Optional[dict] = None,
                        log: Callable[[str], None] = print, t_start: Optional[float] = None) -> dict:
     """run_decode_quality: the whole grid (see the module docstring); writes the outputs under ``out_dir``.
 
@@ -649,9 +651,12 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
             length that also get the full-budget check (0 = none). max_new_tokens: greedy tokens.
         seed: sample i uses seed ``seed + i``. time_limit: seconds (from ``t_start``, default now)
             within which rounds are started; None = no limit. backend: patched layers' kernel
-            backend (None: automatic on CUDA, "reference" on the CPU).
+            backend (None: automatic on CUDA, "reference" on the CPU). method_config: optional
+            ``{method: {hyper-parameter: value}}`` overriding the mapped configuration at every budget
+            (e.g. ``{"double_sparsity": {"group_factor": 4}}``; double_sparsity is calibrated with its
+            ``group_factor``); recorded in configs.json.
     Returns:
-        ``{"rows", "sample_rows", "layer_rows", "configs", "environment", "files"}``.
+        ``{"rows", "sample_rows", "layer_rows", "configs", "environment", "files", "errors"}``.
     Raises:
         ValueError: bad arguments (each names the argument).
     """
@@ -679,6 +684,14 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
     bad = [m for m in methods if m not in dec]
     if bad or not methods:
         raise ValueError(f"methods: expected registered decode methods ({', '.join(dec)}), got {methods}")
+    method_config = dict(method_config or {})
+    for name, cfg in method_config.items():
+        if name not in methods:
+            raise ValueError(f"method_config: {name!r} is not among the evaluated methods {methods}")
+        if not isinstance(cfg, dict) or "channels" in cfg:
+            raise ValueError(f"method_config[{name!r}]: expected a dict of hyper-parameters (not channels), got {cfg!r}")
+        get_method(name, **{**budget_config(name, 256, n_layers=8, group_size=4), **cfg,
+                            **({"channels": {0: [[0]]}} if name == "double_sparsity" else {})})  # valid names/values
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if model is None or tokenizer is None:
@@ -692,7 +705,8 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
     scorer = get_scorer("passkey")
     args = {"lengths": lengths, "budgets": [b.label for b in bl], "n": n, "methods": methods, "full_n": full_n,
             "max_new_tokens": max_new_tokens, "seed": seed, "time_limit": time_limit, "backend": backend,
-            "dtype": str(next(model.parameters()).dtype), "model": str(model_path or "bundled")}
+            "dtype": str(next(model.parameters()).dtype), "model": str(model_path or "bundled"),
+            "method_config": method_config}
     env = environment(dev, args)
     log(f"decode_quality: {n_layers} layers, GQA group {G}, device {dev}, dtype {args['dtype']}; "
         f"lengths {lengths}, budgets {[b.label for b in bl]}, methods {methods}, n {n} (full-budget check on {full_n})")
@@ -703,12 +717,15 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
     channels = None
     if "double_sparsity" in methods:
         t0 = time.perf_counter()
-        channels = calibrate_double_sparsity(model, tokenizer, length=min(2048, max(lengths)), seed=CALIBRATION_SEED + seed)
+        gf = method_config.get("double_sparsity", {}).get("group_factor", 8)
+        channels = calibrate_double_sparsity(model, tokenizer, length=min(2048, max(lengths)),
+                                             seed=CALIBRATION_SEED + seed, group_factor=gf)
         log(f"double_sparsity: channels calibrated on a held-out passkey prompt (seed {CALIBRATION_SEED + seed}) "
             f"in {time.perf_counter() - t0:.1f}s")
 
     def make(name: str, btok: int):
         cfg = budget_config(name, btok, n_layers=n_layers, group_size=G)
+        cfg.update(method_config.get(name, {}))
         if name == "double_sparsity":
             cfg["channels"] = channels
         return get_method(name, **cfg), {k: v for k, v in cfg.items() if k != "channels"}
@@ -931,6 +948,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds from start within which new sample rounds are started (0 = no limit)")
     p.add_argument("--backend", default=None, choices=["triton", "reference"],
                    help="kernel backend of the patched layers (default: automatic; reference on the CPU)")
+    p.add_argument("--method-config", default=None,
+                   help='JSON {method: {hyper-parameter: value}} (or a JSON file) overriding the budget mapping, '
+                        'e.g. \'{"double_sparsity": {"group_factor": 4}}\'')
     p.add_argument("--tiny", action="store_true",
                    help=f"CPU smoke run (< 1 min): lengths {TINY['lengths']}, budgets {TINY['budgets']}, n {TINY['n']}, "
                         "every decode method, no full-budget check (--full-n 1 adds it, ~+35 s)")
@@ -958,6 +978,17 @@ def main(argv=None) -> int:
         n = args.n if args.n is not None else (TINY["n"] if tiny else 10)
         full_n = args.full_n if args.full_n is not None else (TINY["full_n"] if tiny else 2)
         mnt = args.max_new_tokens if args.max_new_tokens is not None else (TINY["max_new_tokens"] if tiny else 10)
+        mcfg = None
+        if args.method_config:
+            src = args.method_config
+            if not src.lstrip().startswith("{") and Path(src).is_file():
+                src = Path(src).read_text()
+            try:
+                mcfg = json.loads(src)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--method-config: not valid JSON ({e})") from None
+            if not isinstance(mcfg, dict):
+                raise ValueError("--method-config: expected a JSON object {method: {...}}")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         threads = args.threads if args.threads is not None else (1 if tiny else None)
         if threads is not None:
@@ -967,7 +998,7 @@ def main(argv=None) -> int:
         res = run_decode_quality(out_dir=args.out, device=device, lengths=lengths, budgets=budgets, n=n, methods=methods,
                            full_n=full_n, max_new_tokens=mnt, seed=args.seed,
                            time_limit=args.time_limit if args.time_limit and args.time_limit > 0 else None,
-                           backend=args.backend, plots=not args.no_plots, model_path=args.model,
+                           backend=args.backend, plots=not args.no_plots, model_path=args.model, method_config=mcfg,
                            log=lambda s: print(s, flush=True), t_start=t_start)
     except ValueError as e:
         print(f"decode_quality: error: {e}", file=sys.stderr)

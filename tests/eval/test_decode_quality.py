@@ -258,3 +258,17 @@ def test_a_failing_method_is_reported_and_the_others_go_on(tiny_model, hf_tok, t
     assert len(res["errors"]) == 1 and "streaming_llm" in res["errors"][0] and "boom" in res["errors"][0]
     assert {r["method"] for r in res["rows"]} == {"dense", "quest"}
     assert json.loads((tmp_path / "environment.json").read_text())["errors"] == res["errors"]
+
+
+def test_method_config_overrides_the_mapping(tiny_model, hf_tok, tmp_path):
+    res = dq.run_decode_quality(tiny_model, hf_tok, out_dir=tmp_path, lengths=[160], budgets=["32"], n=1,
+                                methods=["double_sparsity"], full_n=0, max_new_tokens=2, log=lambda s: None,
+                                method_config={"double_sparsity": {"group_factor": 4, "label_bits": 16}})
+    cfg = json.loads((tmp_path / "configs.json").read_text())["double_sparsity"]["32"]["160"]
+    assert cfg == {"token_budget": 32, "group_factor": 4, "label_bits": 16}
+    assert res["environment"]["args"]["method_config"] == {"double_sparsity": {"group_factor": 4, "label_bits": 16}}
+    for bad in ({"quest": {"token_budget": 8}}, {"double_sparsity": {"nope": 1}}):
+        with pytest.raises(ValueError):
+            dq.run_decode_quality(tiny_model, hf_tok, out_dir=tmp_path, lengths=[160], methods=["double_sparsity"],
+                                  method_config=bad, log=lambda s: None)
+    assert dq.main(["--out", str(tmp_path), "--method-config", "{bad"]) == 2
