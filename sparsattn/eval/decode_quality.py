@@ -44,8 +44,8 @@ per KV head on the layers the method sparsifies):
   passkey prompt (a seed no evaluated sample uses);
 * tidal_decode: ``token_budget = B``; the re-selection layer scaled from the paper's 13 of 32
   layers to the model's depth (layer 3 of 8 on the bundled model);
-* recycled_attention: ``budget = B`` (partial steps also read the tokens appended since the last
-  full step; every ``stride``-th step is a full step);
+* recycled_attention: ``budget = B`` (the recycled set read by partial steps; every ``stride``-th
+  step is a full step over the whole cache);
 * retrieval_attention: ``n_sink = max(1, B // 8)``, ``window = max(1, B // 2 - n_sink)``,
   ``top_k = max(1, B // (2 G))`` per query head (G query heads per KV head: the union read per KV
   head stays within B). Its HNSW index is built on the CPU (hnswlib, one thread): about 5 s per
@@ -66,11 +66,14 @@ density per layer), ``configs.json`` (the hyper-parameters of every method x bud
 method, dense as a horizontal line).
 
 Time: samples are the outer loop (sample i at every length, every method and budget), and a new
-round starts only if the estimated round time fits in ``--time-limit`` seconds, so a run always
-ends in time and every cell has the same number of samples (the ``n`` column says how many).
+round starts only if the estimated round time (the last round's) fits in ``--time-limit`` seconds,
+so a run ends in time and every cell has the same number of samples (the ``n`` column says how
+many; a run that raised is logged, listed under ``errors`` in environment.json, makes the exit
+status 1, and leaves its cell one sample short).
 
 CLI: ``python -m sparsattn.eval.decode_quality --out DIR [--device cuda] [--lengths 4096,8192,16384]
-[--budgets 64,256,1024] [--n 10] [--methods ...] [--tiny]``.
+[--budgets 64,256,1024] [--n 10] [--methods ...] [--full-n 2] [--time-limit 260]
+[--method-config JSON] [--tiny]``.
 """
 from __future__ import annotations
 
