@@ -938,7 +938,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (CSV, JSON, PNG)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--model", default=None, help="local model folder (default: the bundled model)")
-    p.add_argument("--lengths", default=None, help=f"comma-separated prompt lengths (default {','.join(map(str, DEFAULT_LENGTHS))})")
+    p.add_argument("--lengths", default=None, help=f"comma-separated context lengths L, prompts <= L - max-new-tokens (default {','.join(map(str, DEFAULT_LENGTHS))})")
     p.add_argument("--budgets", default=None, help="comma-separated budgets: tokens (64), fractions (0.02) or full "
                                                    f"(default {','.join(DEFAULT_BUDGETS)})")
     p.add_argument("--n", type=int, default=None, help="samples per length, needle depths spread (default 10)")
