@@ -232,3 +232,25 @@ def test_per_head_decode_mapping():
         keep[b, 0, -1] &= ((rel >= 0) & (rel < 2)) | (j >= T + 1 - 5)
     ref = eager_logits(model, full, {l: keep for l in range(4)}, pos2)[:, -1]
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", __import__("sparsattn").list_methods("decode"))
+def test_every_decode_method_full_budget_left_padded_batch_equals_dense(name):
+    """Registered decode methods with a budget covering the cache, batch 3 with different left
+    paddings: one decode step gives the dense logits (the integration right-aligns the rows for the
+    methods, which read ``kv_lens`` as the first slots, and maps their picks back)."""
+    from sparsattn.eval import decode_quality as dq
+    from sparsattn.methods import get_method
+
+    model = make_model("llama")
+    T = 40
+    ids, am, pos = left_padded(3, T, [0, 13, 6])
+    nxt = torch.randint(0, 128, (3, 1), generator=torch.Generator().manual_seed(5))
+    cfg = dq.budget_config(name, 2 * (T + 1), n_layers=4, group_size=2)  # as decode_quality's "full"
+    if name == "double_sparsity":
+        cfg["channels"] = {l: [list(range(4))] * 2 for l in range(4)}
+    method = get_method(name, **cfg)
+    ref = _decode_step_logits(model, ids, am, pos, nxt, SparseCache(config=model.config))
+    with hf.patched(model, decode=method):
+        got = _decode_step_logits(model, ids, am, pos, nxt, SparseCache(config=model.config))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=2e-5)
