@@ -72,6 +72,7 @@ def _bytes(B, Hq, Hkv, D, item, n_tokens_per_row: float, n_idx_per_row: float) -
 def run_decode_bench(lengths: Sequence[int] = (32768, 131072), batches: Sequence[int] = (1, 8),
                      budgets: Sequence[float] = (1 / 16, 1 / 64), hq: int = 32, hkv: int = 8, d: int = 128,
                      dtype: torch.dtype = torch.bfloat16, device: Optional[str] = None, out_csv: Optional[str] = None,
+                     page_sizes: Sequence[int] = (1, 16),
                      flex: bool = True, methods: bool = True, reps: int = 5, check: bool = True,
                      tune: bool = True) -> list[dict]:
     """run_decode_bench: per-token decode latency of the sparse kernel vs dense SDPA and Flex (CSV rows).
@@ -84,6 +85,7 @@ def run_decode_bench(lengths: Sequence[int] = (32768, 131072), batches: Sequence
         flex: include FlexAttention rows (CUDA only); methods: include quest/double_sparsity rows.
         tune: on CUDA, also time kernel configurations (block_n, num_warps, splits) at the largest
             (T, B) and the first budget, rows ``sparse_tokens[bn=..,w=..,s=..]`` (and pages16).
+        page_sizes: granularities of the kernel rows: 1 = token indices, P > 1 = P-token pages.
     Returns the list of row dicts.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -153,8 +155,8 @@ def run_decode_bench(lengths: Sequence[int] = (32768, 131072), batches: Sequence
             except Exception as e:
                 row("sparse_dense", T, B, 1.0, 1, None, None, sdpa_ms, dense_bytes, None, f"failed: {type(e).__name__}: {e}"[:200])
             for budget in budgets:
-                for P in (1, 16):
-                    impl = "sparse_tokens" if P == 1 else "sparse_pages16"
+                for P in page_sizes:
+                    impl = "sparse_tokens" if P == 1 else f"sparse_pages{P}"
                     n_units = -(-T // P)
                     count = max(1, round(budget * T / P))
                     nbytes = _bytes(B, hq, hkv, d, item, count * P, count)
@@ -272,15 +274,18 @@ def main(argv=None) -> int:
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-methods", action="store_true")
     ap.add_argument("--no-tune", action="store_true", help="skip the kernel configuration sweep")
+    ap.add_argument("--page-sizes", type=int, nargs="*", default=None,
+                    help="selection granularities of the kernel rows (default 1 16: tokens and 16-token pages)")
     a = ap.parse_args(argv)
     out = a.out or (os.path.join(os.environ["OUT"], "decode_bench.csv") if os.environ.get("OUT") else None)
     if a.tiny:
         run_decode_bench(lengths=a.lengths or (256, 700), batches=a.batches or (1, 2), budgets=(1 / 16, 1 / 64),
                          hq=4, hkv=2, d=64, dtype=torch.float32, device="cpu", out_csv=out, flex=False,
-                         methods=not a.no_methods, reps=2)
+                         methods=not a.no_methods, reps=2, page_sizes=tuple(a.page_sizes or (1, 16)))
     else:
         run_decode_bench(lengths=a.lengths or (32768, 131072), batches=a.batches or (1, 8), out_csv=out,
-                         flex=not a.no_flex, methods=not a.no_methods, tune=not a.no_tune)
+                         flex=not a.no_flex, methods=not a.no_methods, tune=not a.no_tune,
+                         page_sizes=tuple(a.page_sizes or (1, 16)))
     return 0
 
 
