@@ -34,7 +34,7 @@ attention recall >= 0.9 on the bundled model"):
 3. **Fidelity on every layer** (``sparsattn.eval.fidelity.attention_fidelity``: attention recall,
    MInference arXiv 2407.02490; top-10 recall, Quest arXiv 2406.10774; relative output error;
    density) of the same settings on q/k/v captured from a held-out code prompt
-   (``heldout_token_stream``) at one length, all query rows, methods selecting layer by layer in
+   (``heldout_token_stream``) at one length (8192 by default), all query rows, methods selecting layer by layer in
    order as in a forward.
 
 Outputs in ``--out``: ``settings.csv``, ``passkey.csv``, ``passkey_samples.csv``,
@@ -65,7 +65,7 @@ import torch
 __all__ = [
     "PREFILL_METHODS", "Family", "Setting", "SearchResult", "search_knob", "knob_family", "teacher_forced_ids",
     "score_teacher_forced", "teacher_forced_predict", "capture_prompt", "measure_density", "fidelity_layers",
-    "resolve_settings", "run", "write_table", "plot_pareto", "plot_speedup", "main",
+    "resolve_settings", "run", "replot", "write_table", "plot_pareto", "plot_speedup", "read_speed", "main",
 ]
 
 #: the prefill methods evaluated by default (``sparsattn.list_methods("prefill")`` at the time of writing)
@@ -526,6 +526,10 @@ class Setting:
                 "note": self.note, "error": self.error}
 
 
+def _config_key(s: "Setting") -> tuple:
+    return (s.method, json.dumps(s.config, sort_keys=True, default=str))
+
+
 def _short_paths(cfg: dict) -> dict:
     return {k: (os.path.basename(v) if isinstance(v, str) and k.endswith("path") else v) for k, v in cfg.items()}
 
@@ -844,7 +848,8 @@ def summarize(settings: list[Setting], passkey: list[dict], fid: dict, lengths: 
     for key in keys:
         name, tgt = key
         fs = next((s for s in settings if s.key == key and s.length == fid_length), None)
-        r = {"method": name, "target": tgt, "setting": fs.label if fs else ""}
+        r = {"method": name, "target": tgt, "setting": fs.label if fs else "",
+             "target_met": "" if fs is None or fs.target_met is None else bool(fs.target_met)}
         f = fid.get(key)
         if f:
             r.update({"density": _f(f["density"]), "recall": _f(f["recall"]), "topk_recall": _f(f["topk_recall"]),
@@ -880,14 +885,15 @@ def write_table(summary: list[dict], path: Path, lengths: Sequence[int], fid_len
     cols = ["method", "target", "setting (at fid. length)", f"density (fid., {fid_length})", "attn recall",
             "min layer recall", "top-10 recall", "rel. out. err"]
     cols += [f"passkey {L} (%) [density]" for L in lengths] + ["mean passkey (%)"]
-    lines = [header] if header else []
+    lines = [header.rstrip("\n"), ""] if header.strip() else []
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
     def g(r, k, fmt="{:.3f}"):
         v = _num(r.get(k))
         return fmt.format(v) if v is not None else "-"
     for r in summary:
-        cells = [f"`{r['method']}`", str(r["target"]), str(r.get("setting", "")), g(r, "density"), g(r, "recall"),
+        tgt = str(r["target"]) + (" (not met)" if str(r.get("target_met")) == "False" else "")
+        cells = [f"`{r['method']}`", tgt, str(r.get("setting", "")), g(r, "density"), g(r, "recall"),
                  g(r, "min_layer_recall"), g(r, "topk_recall"), g(r, "rel_error")]
         for L in lengths:
             a = g(r, f"acc_{L}", "{:.0f}")
@@ -1053,7 +1059,7 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
             raise ValueError(f"tasks: expected 'passkey' and/or 'multikey_needle', got {t!r}")
     if fid_prompt not in ("code", "passkey"):
         raise ValueError(f"fid_prompt: expected 'code' or 'passkey', got {fid_prompt!r}")
-    fid_length = int(fid_length or lengths[-1])
+    fid_length = int(fid_length or (8192 if 8192 in lengths else lengths[-1]))
     if fid_length not in lengths:
         raise ValueError(f"fid_length: expected one of the lengths {lengths}, got {fid_length}")
     dev = torch.device(device)
@@ -1124,12 +1130,16 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
     cap = capture_prompt(model, ids)
     fid_rows: list[dict] = []
     fid: dict = {}
+    done_fid: dict = {}  # identical configurations (e.g. a budget clamped for two targets) are measured once
     for s in settings[fid_length]:
         if s.error:
             continue
         t1 = time.time()
         try:
-            per = fidelity_layers(s.build(), cap)
+            ck = _config_key(s)
+            if ck not in done_fid:
+                done_fid[ck] = fidelity_layers(s.build(), cap)
+            per = done_fid[ck]
         except Exception as e:
             s.error = f"fidelity: {type(e).__name__}: {e}"[:300]
             _log(f"fidelity {s.method} {s.target_name}: ERROR {s.error}")
@@ -1150,6 +1160,7 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
     t0 = time.time()
     pk_rows: list[dict] = []
     sample_rows: list[dict] = []
+    done_pk: dict = {}
     for L in lengths:
         for task in tasks:
             samples = make_prompts(tok, task, L, n, SAMPLE_SEED)
@@ -1163,7 +1174,10 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
                     pk_rows.append(row)
                     continue
                 try:
-                    agg, rows = run_passkey(model, tok, s, samples, device=dev, backend=backend)
+                    ck = (L, task, None if s is None else _config_key(s))
+                    if ck not in done_pk:
+                        done_pk[ck] = run_passkey(model, tok, s, samples, device=dev, backend=backend)
+                    agg, rows = done_pk[ck]
                     row.update({k: (_f(v, 4) if isinstance(v, float) else v) for k, v in agg.items()})
                     for r in rows:
                         sample_rows.append({"method": name, "target": tgt, "setting": label, "length": L,
@@ -1185,7 +1199,7 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
     _write_csv(out_dir / "summary.csv", summary)
     where = f"{device}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")
     header = (f"Bundled model, {where}, {env['model_dtype']}; passkey: teacher forcing, {n} needles per length "
-              f"(depths 0..1), acc = all 8 answer tokens right, [density] = measured in those forwards; fidelity: "
+              f"(depths 0..1), acc = every answer token (space + 7 digits) right, [density] = measured in those forwards; fidelity: "
               f"1 held-out {'code' if fid_prompt == 'code' else 'passkey'} prompt of {fid_length} tokens, all {n_layers} layers and rows. "
               f"Dense (SDPA) passkey: " + ", ".join(f"{L}: {summary[0].get(f'acc_{L}', '-')}%" for L in lengths)
               + ".\n")
@@ -1198,6 +1212,36 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
     env["timings"]["total_s"] = round(time.time() - t_start, 1)
     (out_dir / "env.json").write_text(json.dumps(env, indent=1, default=str) + "\n")
     _log(f"done in {time.time() - t_start:.0f}s; wrote {sorted(p.name for p in out_dir.iterdir())}")
+    return summary
+
+
+def replot(out_dir, speed_csv: Optional[str] = None) -> list[dict]:
+    """replot: rebuild ``summary.csv`` speed-up columns, ``table.md``, ``pareto.png`` and ``speedup.png``
+    from a finished run's ``summary.csv`` and ``env.json`` (e.g. on another machine, with ``--speed``)."""
+    out_dir = Path(out_dir)
+    env = json.loads((out_dir / "env.json").read_text())
+    with open(out_dir / "summary.csv", newline="") as f:
+        summary = [dict(r) for r in csv.DictReader(f)]
+    if not summary:
+        raise ValueError(f"out: {out_dir / 'summary.csv'} has no rows")
+    lengths = [int(k[4:]) for k in summary[0] if k.startswith("acc_") and k[4:].isdigit()]
+    fid_length = int(env["args"]["fid_length"])
+    speed = read_speed(speed_csv) if speed_csv else None
+    if speed:
+        for r in summary:
+            for k in [k for k in r if k.startswith("speedup_")]:
+                del r[k]
+            for T, v in sorted(speed.get(r["method"], {}).items()):
+                r[f"speedup_{T}"] = _f(v, 3)
+        _write_csv(out_dir / "summary.csv", summary)
+    text = (out_dir / "table.md").read_text() if (out_dir / "table.md").is_file() else ""
+    header = text.split("\n|", 1)[0] if text and not text.startswith("|") else ""
+    write_table(summary, out_dir / "table.md", lengths, fid_length, header)
+    title = (f"bundled model ({env['args']['device']}): teacher-forced passkey at {', '.join(map(str, lengths))} "
+             f"tokens ({env['args']['n']} needles each); fidelity at {fid_length} tokens, all layers")
+    plot_pareto(summary, out_dir / "pareto.png", lengths, title)
+    if speed:
+        plot_speedup(summary, speed, out_dir / "speedup.png", title + f"; speed-up from {os.path.basename(speed_csv)}")
     return summary
 
 
@@ -1227,7 +1271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=10, help="needles per length (depths linspace(0, 1, n))")
     p.add_argument("--methods", default="", help="comma list (default: the 13 prefill methods)")
     p.add_argument("--tasks", default="passkey", help="passkey and/or multikey_needle")
-    p.add_argument("--fid-length", type=int, default=0, help="fidelity length (default: the longest length)")
+    p.add_argument("--fid-length", type=int, default=0,
+                   help="fidelity length, one of --lengths (default 8192 when listed, else the longest)")
     p.add_argument("--fid-prompt", choices=("code", "passkey"), default="",
                    help="fidelity prompt: held-out source code (default) or a passkey prompt (default with --tiny)")
     p.add_argument("--speed", default="", help="methods benchmark CSV (python -m sparsattn.bench.methods)")
@@ -1240,6 +1285,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(0 = none; default 4.5 on CUDA, none on the CPU)")
     p.add_argument("--model", default="", help="model folder (default: the bundled model)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--replot", action="store_true",
+                   help="no measurement: rebuild table.md and the plots of the finished run in --out (with --speed)")
     p.add_argument("--tiny", action="store_true",
                    help="CPU smoke run: 256 tokens, density 0.1, 2 needles, passkey fidelity prompt")
     return p
@@ -1247,6 +1294,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
+    if a.replot:
+        replot(a.out, a.speed or None)
+        return 0
     if a.threads:
         torch.set_num_threads(a.threads)
     lengths, densities, n = _csv_ints(a.lengths), _csv_floats(a.densities), a.n

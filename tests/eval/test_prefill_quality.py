@@ -213,5 +213,12 @@ def test_run_end_to_end_tiny(tmp_path, bundled):
     assert abs(a["density_pk_256"] - 0.1) <= 0.02 and 0 < a["recall"] < 1
     env = json.loads((out / "env.json").read_text())
     assert env["args"]["lengths"] == [256] and "passkey_s" in env["timings"]
+    # replot (no measurement) adds the benchmark's speed-ups, the speed-up plot, and keeps the table's header
+    speed = tmp_path / "bench.csv"
+    speed.write_text("T,method,speedup_end_to_end\n32768,a_shape,2.5\n131072,a_shape,7.0\n")
+    before = (out / "table.md").read_text()
+    again = pq.replot(out, str(speed))
+    assert next(r for r in again if r["method"] == "a_shape")["speedup_131072"] == 7.0
+    assert (out / "speedup.png").is_file() and (out / "table.md").read_text() == before
     with pytest.raises(ValueError, match="methods"):
         pq.run(out, lengths=[256], methods=["quest"])
