@@ -19,7 +19,8 @@ attention recall >= 0.9 on the bundled model"):
    ``seer_attention`` uses the shipped gate in top-k mode (``nz_ratio``) with
    ``last_block_dense=False``: the repository's default makes the last two query blocks dense,
    which would let the answer rows read the whole context densely. ``moa`` can also be re-fitted
-   at each target budget (``fit_moa`` on 2K/4K prompts, ``--moa-fit``; on by default on CUDA).
+   at each target budget (``fit_moa`` on one 4K and one 8K prompt, sink and minimum span 32,
+   ``--moa-fit``; on by default on CUDA).
 
 2. **Passkey decided by the sparse prefill (teacher forcing).** Prefill-phase methods decode
    densely, so a generated passkey reads the needle through dense decode attention after its first
@@ -647,9 +648,11 @@ def _masformer_setting(d: float, T: int, cap: Captured, found: dict, n_layers: i
                         f"use a_shape's setting for {d:g}")
 
 
-def fit_moa_plans(model, tok, densities: Sequence[float], out_dir: Path, lengths=(2048, 4096)) -> dict:
+def fit_moa_plans(model, tok, densities: Sequence[float], out_dir: Path, lengths=(4096, 8192), *, sink: int = 32,
+                  min_span: int = 32) -> dict:
     """MoA plans fitted at each target budget (``fit_moa``, 1 sample per length, 16 answer tokens):
-    ``{density: (plan path or None, note)}``."""
+    ``{density: (plan path or None, note)}``. ``sink``/``min_span`` are 32 rather than ``fit_moa``'s 64
+    so that a 5% budget is feasible at the profiled lengths (64 + 64 keys are 6.3% of a 4K context)."""
     from ..data import source_files
     from ..methods.moa import fit_moa
 
@@ -662,9 +665,11 @@ def fit_moa_plans(model, tok, densities: Sequence[float], out_dir: Path, lengths
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 m = fit_moa(model, tok, lengths=tuple(lengths), budget=float(d), samples_per_length=1, answer_len=16,
-                            alpha_step=256, seed=0, out_path=str(path), files=files, log=None)
+                            sink=sink, min_span=min_span, alpha_step=256, seed=0, out_path=str(path), files=files,
+                            log=None)
             info = m.plan.get("info", {})
-            note = (f"fit_moa(lengths={list(lengths)}, budget={d:g}, 1 sample/length, 16 answer tokens): "
+            note = (f"fit_moa(lengths={list(lengths)}, budget={d:g}, sink={sink}, min_span={min_span}, "
+                    f"1 sample/length, 16 answer tokens): "
                     f"feasible={info.get('feasible')}, density {['%.3f' % x for x in info.get('density', [])]}, "
                     f"{time.time() - t0:.0f}s")
             plans[float(d)] = (path, note)
@@ -1100,7 +1105,7 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
     moa_plans = None
     if moa_fit and "moa" in methods:
         t0 = time.time()
-        fit_lengths = [x for x in (2048, 4096) if x <= lengths[-1]] or [lengths[-1]]
+        fit_lengths = [x for x in (4096, 8192) if x <= lengths[-1]] or [lengths[-1]]
         moa_plans = fit_moa_plans(model, tok, densities, out_dir, fit_lengths)
         env["timings"]["moa_fit_s"] = round(time.time() - t0, 1)
 
