@@ -140,9 +140,12 @@ class BlockSparse(Method):
         scale = 1.0 / math.sqrt(q.shape[-1]) if ctx.scale is None else ctx.scale
         B, Hq, Hkv, D = q.shape[0], q.shape[1], k.shape[1], q.shape[3]
         G = Hq // Hkv
-        qp = estimate.pool_blocks(q, bs).view(B, Hkv, G * nq, D)
-        kp = estimate.pool_blocks(k, bs)
-        # KV heads in chunks of at most 2**27 scores (512 MB): one batched matmul + top-k per chunk
+        # pooled in float32, scored in the model's dtype as MInference does (16-bit inputs: half the
+        # bytes through the matmul, masking and top-k, which dominate index building at 128K)
+        sdt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        qp = estimate.pool_blocks(q, bs).to(sdt).view(B, Hkv, G * nq, D)
+        kp = estimate.pool_blocks(k, bs).to(sdt)
+        # KV heads in chunks of at most 2**27 scores: one batched matmul + top-k per chunk
         step = max(1, (1 << 27) // max(1, B * G * nq * nk))
         idx_parts = []
         for h0 in range(0, Hkv, step):

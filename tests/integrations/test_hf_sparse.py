@@ -200,9 +200,11 @@ def test_triton_kernels_end_to_end(interpret):
     T = 40
     ids, am, pos = left_padded(2, T, [0, 7])
     ref = eager_logits(model, ids, {l: causal_keep(T, am, window=10) for l in range(2)}, pos)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the compiled kernels on a GPU
+    model.to(dev)
     hf.patch(model, Window(window=10), backend="triton")
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=am, position_ids=pos).logits
+        out = model(input_ids=ids.to(dev), attention_mask=am.to(dev), position_ids=pos.to(dev)).logits.cpu()
     valid = am.bool()
     torch.testing.assert_close(out[valid], ref[valid], rtol=1e-4, atol=2e-5)
     with pytest.raises(ValueError, match="backend: expected"):
