@@ -17,6 +17,19 @@ def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+def mean_chunk_keys(k: torch.Tensor, window_size: int) -> torch.Tensor:
+    """Mean key of every chunk of ``window_size`` tokens: float32 ``[B, H, ceil(T / window_size), D]``
+    from ``k [B, H, T, D]`` (a last, partial chunk is the mean of the tokens it holds). LongHeads'
+    ``chunk_key="mean"`` representative, shared with the decode variant (``longheads_decode``)."""
+    B, H, T, D = k.shape
+    w = int(window_size)
+    nc = _cdiv(T, w)
+    pad = nc * w - T
+    kc = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(B, H, nc, w, D)
+    n = (torch.arange(nc * w, device=k.device) < T).view(nc, w).sum(-1).clamp(min=1).float()
+    return kc.sum(3) / n[:, None]
+
+
 @register("longheads")
 @dataclass
 class LongHeads(Method):
@@ -78,14 +91,12 @@ class LongHeads(Method):
         Hkv = k.shape[1]
         G = Hq // Hkv
         w = self.window_size
+        if self.chunk_key == "mean":
+            return mean_chunk_keys(k, w).repeat_interleave(G, 1)
         nc = _cdiv(k.shape[2], w)
         pad = nc * w - k.shape[2]
         kc = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(B, Hkv, nc, w, D)
         valid = (torch.arange(nc * w, device=k.device) < k.shape[2]).view(nc, w)
-        if self.chunk_key == "mean":
-            n = valid.sum(-1).clamp(min=1).float()
-            ck = kc.sum(3) / n[:, None]
-            return ck.repeat_interleave(G, 1)
         scale = 1.0 / math.sqrt(D) if scale is None else scale
         vc = torch.nn.functional.pad(v.float(), (0, 0, 0, pad)).view(B, Hkv, nc, w, v.shape[-1])
         qc = torch.nn.functional.pad(q.float(), (0, 0, 0, pad)).view(B, Hkv, G, nc, w, D)
