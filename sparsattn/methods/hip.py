@@ -15,6 +15,51 @@ def _cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+def tree_search(qb: torch.Tensor, k: torch.Tensor, kv_head: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                K: int, block_k: int, row_ok: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """tree_search: HiP's hierarchical top-k key-block search (HiP Attention, arXiv 2406.09827).
+
+    ``qb [B, H, nq, R, D]``: R query rows per query block (a node's score is the max over the
+    rows; ``row_ok [nq, R]`` masks padded rows); ``k [B, Hkv, T, D]``; ``kv_head [H]`` long: the KV
+    head each row of ``qb`` reads; ``lo, hi [B, nq]`` long: the token range ``[lo, hi)`` searched
+    for each query block (empty when ``hi <= lo``); ``K`` the number of key blocks of ``block_k``
+    tokens to keep. Key block ``u`` covers tokens ``[u * block_k, (u + 1) * block_k)``; blocks
+    overlapping the range are candidates and a child is represented by the key at the centre of
+    its part inside the range. Returns ``(block indices long [B, H, nq, K], valid bool [B, H, nq,
+    K])``: fewer than K valid entries when the range holds fewer blocks.
+    """
+    B, H, nq, R, D = qb.shape
+    T = k.shape[2]
+    bk = block_k
+    dev = qb.device
+    u0 = torch.div(lo, bk, rounding_mode="floor")
+    n_units = torch.clamp(torch.div(hi + bk - 1, bk, rounding_mode="floor") - u0, min=0)  # [B, nq]
+    j = torch.arange(K, device=dev)
+    # initial nodes: K near-equal ranges of key blocks (empty ones when fewer than K blocks)
+    s = (u0[..., None] + (j * n_units[..., None]) // K)[:, None].expand(B, H, nq, K).contiguous()
+    e = (u0[..., None] + ((j + 1) * n_units[..., None]) // K)[:, None].expand(B, H, nq, K).contiguous()
+    qf = qb.float()
+    bidx = torch.arange(B, device=dev)[:, None, None, None]
+    hidx = kv_head.to(dev).long()[None, :, None, None]
+    lo_, hi_ = lo[:, None, :, None], hi[:, None, :, None]
+    while bool(((e - s) > 1).any()):
+        m = s + (e - s + 1) // 2
+        cs = torch.cat([s, m], -1)  # children [B, H, nq, 2K]
+        ce = torch.cat([m, e], -1)
+        nonempty = ce > cs
+        t0 = torch.maximum(cs * bk, lo_)
+        t1 = torch.minimum(ce * bk, hi_)  # the child's part of the searched range (tokens)
+        center = torch.clamp((t0 + t1 - 1) // 2, min=0, max=max(T - 1, 0))
+        kc = k[bidx, hidx, center].float()  # [B, H, nq, 2K, D]: gathered first, no fp32 copy of K
+        sc = torch.einsum("bhnrd,bhncd->bhnrc", qf, kc)
+        if row_ok is not None:
+            sc = sc.masked_fill(~row_ok[None, None, :, :, None], float("-inf"))
+        sc = sc.amax(3).masked_fill(~nonempty, float("-inf"))
+        top = torch.topk(sc, K, dim=-1).indices
+        s, e = torch.gather(cs, -1, top), torch.gather(ce, -1, top)
+    return s, e > s
+
+
 @register("hip")
 @dataclass
 class HiP(Method):
@@ -34,7 +79,8 @@ class HiP(Method):
     sliding_window_size=256, sink_token_size=16. Difference: HiP's final node width is
     ``block_size_k = 2`` keys; our kernel works on key blocks of >= 16 tokens, so the search stops
     at ``block_k = 16`` (the pattern's block_k) and keeps ``mask_k / block_k`` blocks. HiP's query
-    block stride (2) and decode-time mask refresh are not part of this prefill selection.
+    block stride (2) is not used; the decode-time mask refresh is ``hip_decode`` (hip_decode.py), which
+    reuses ``tree_search``.
     """
 
     paper = "HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention Pruning (arXiv 2406.09827)"
@@ -80,38 +126,16 @@ class HiP(Method):
         nq, nk = _cdiv(Tq, bq), _cdiv(Tk, bk)
         dev = q.device
         K = clamp_budget("hip", "mask_k // block_k", self.mask_k // bk, nk)
-        off = Tk - Tq
         r1 = torch.clamp((torch.arange(nq, device=dev) + 1) * bq, max=Tq) - 1
-        last_key = r1 + off  # last causal key of each query block
-        n_units = last_key // bk + 1  # causal key blocks per query block [nq]
-        j = torch.arange(K, device=dev)
-        s = (j[None, :] * n_units[:, None]) // K  # initial nodes [nq, K] in key-block units
-        e = ((j[None, :] + 1) * n_units[:, None]) // K
-        s = s[None, None].expand(B, Hq, nq, K).contiguous()
-        e = e[None, None].expand(B, Hq, nq, K).contiguous()
+        last_key = r1 + (Tk - Tq)  # last causal key of each query block
         # queries by block, padded rows masked out of the max
         pad = nq * bq - Tq
         qb = torch.nn.functional.pad(q.float(), (0, 0, 0, pad)).view(B, Hq, nq, bq, D)
         row_ok = (torch.arange(nq * bq, device=dev) < Tq).view(nq, bq)
-        kf = k.float()
-        bidx = torch.arange(B, device=dev)[:, None, None, None]
-        hidx = (torch.arange(Hq, device=dev) // G)[None, :, None, None]
-        lk = last_key[None, None, :, None]
-        while bool(((e - s) > 1).any()):
-            m = s + (e - s + 1) // 2
-            cs = torch.cat([s, m], -1)  # children [B, Hq, nq, 2K]
-            ce = torch.cat([m, e], -1)
-            nonempty = ce > cs
-            t0 = cs * bk
-            t1 = torch.minimum(ce * bk, lk + 1)  # causal end of the child (tokens)
-            center = torch.clamp((t0 + t1 - 1) // 2, min=0, max=Tk - 1)
-            kc = kf[bidx, hidx, center]  # [B, Hq, nq, 2K, D]
-            sc = torch.einsum("bhnrd,bhncd->bhnrc", qb, kc)
-            sc = sc.masked_fill(~row_ok[None, None, :, :, None], float("-inf")).amax(3)
-            sc = sc.masked_fill(~nonempty, float("-inf"))
-            top = torch.topk(sc, K, dim=-1).indices
-            s, e = torch.gather(cs, -1, top), torch.gather(ce, -1, top)
-        return s, e > s
+        lo = torch.zeros(B, nq, dtype=torch.long, device=dev)
+        hi = (last_key + 1)[None].expand(B, nq)
+        kv_head = torch.arange(Hq, device=dev) // G
+        return tree_search(qb, k, kv_head, lo, hi, K, bk, row_ok)
 
     def select(self, q, k, ctx: Optional[SelectContext] = None):
         ctx = ctx or SelectContext()
