@@ -51,7 +51,9 @@ per KV head on the layers the method sparsifies):
   head stays within B). Its HNSW index is built on the CPU (hnswlib, one thread): about 5 s per
   16K keys per (layer, KV head) on a slow CPU, so it is not in the default GPU grid;
 * actqkv: ``token_budget = B`` with the authors' proportions scaled down: ``n_init = max(1, B // 32)``,
-  ``n_local = B // 4``, ``block_size = min(32, max(4, B // 8))`` (the rest is retrieved blocks).
+  ``n_local = B // 4``, ``block_size = min(32, max(4, B // 8))`` (the rest is retrieved blocks);
+* longheads_decode: chunks of ``window_size`` = the largest power of two <= ``B / 16`` (1..256),
+  ``atten_length = max(3 * window_size, B)`` (about 16 chunks, the paper's ratio);
 
 The ``density`` column is the measured fraction of the cache read, averaged over every call
 (dense layers included), so methods can be compared on what they really read.
@@ -107,7 +109,7 @@ SLOW_METHODS = ("retrieval_attention",)
 TINY = dict(lengths=(384,), budgets=("64",), n=1, full_n=0, max_new_tokens=8)
 #: the decode methods budget_config knows
 BUDGET_MAPPED = ("streaming_llm", "quest", "double_sparsity", "tidal_decode", "recycled_attention",
-                 "retrieval_attention", "actqkv")
+                 "retrieval_attention", "actqkv", "longheads_decode")
 #: the seed of the calibration prompt (double_sparsity); evaluated samples use seed + i < this
 CALIBRATION_SEED = 1_000_003
 #: TidalDecode's re-selection layer in the paper's Llama-3-8B example (of 32 layers)
@@ -198,6 +200,10 @@ def budget_config(name: str, budget_tokens: int, *, n_layers: int, group_size: i
     if name == "actqkv":
         n_init, n_local, bs = max(1, B // 32), B // 4, min(32, max(4, B // 8))
         return {"token_budget": B, "n_init": n_init, "n_local": n_local, "block_size": bs}
+    if name == "longheads_decode":
+        # the paper's ~16 chunks per budget: chunks of a power of two <= B/16 (1..256 tokens)
+        w = 1 << max(0, min(8, (B // 16).bit_length() - 1))
+        return {"window_size": w, "atten_length": max(3 * w, B)}
     raise ValueError(f"method: no budget mapping for decode method {name!r} in sparsattn.eval.decode_quality "
                      f"(known: {', '.join(BUDGET_MAPPED)}); add one to budget_config")
 
