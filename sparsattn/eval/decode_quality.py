@@ -54,6 +54,9 @@ per KV head on the layers the method sparsifies):
   ``n_local = B // 4``, ``block_size = min(32, max(4, B // 8))`` (the rest is retrieved blocks);
 * longheads_decode: chunks of ``window_size`` = the largest power of two <= ``B / 16`` (1..256),
   ``atten_length = max(3 * window_size, B)`` (about 16 chunks, the paper's ratio);
+* hip_decode: ``refresh_interval = 8`` (``B // 8`` below 64), ``n_sink = min(16, B // 16)``,
+  ``window = B // 4``, ``block_k = 2``, ``mask_k`` = the rest of B after the sinks, the window and
+  the tokens appended between refreshes;
 
 The ``density`` column is the measured fraction of the cache read, averaged over every call
 (dense layers included), so methods can be compared on what they really read.
@@ -109,7 +112,7 @@ SLOW_METHODS = ("retrieval_attention",)
 TINY = dict(lengths=(384,), budgets=("64",), n=1, full_n=0, max_new_tokens=8)
 #: the decode methods budget_config knows
 BUDGET_MAPPED = ("streaming_llm", "quest", "double_sparsity", "tidal_decode", "recycled_attention",
-                 "retrieval_attention", "actqkv", "longheads_decode")
+                 "retrieval_attention", "actqkv", "longheads_decode", "hip_decode")
 #: the seed of the calibration prompt (double_sparsity); evaluated samples use seed + i < this
 CALIBRATION_SEED = 1_000_003
 #: TidalDecode's re-selection layer in the paper's Llama-3-8B example (of 32 layers)
@@ -204,6 +207,13 @@ def budget_config(name: str, budget_tokens: int, *, n_layers: int, group_size: i
         # the paper's ~16 chunks per budget: chunks of a power of two <= B/16 (1..256 tokens)
         w = 1 << max(0, min(8, (B // 16).bit_length() - 1))
         return {"window_size": w, "atten_length": max(3 * w, B)}
+    if name == "hip_decode":
+        # refresh every 8 steps (fewer below 64 tokens); sinks, window and the tokens appended between
+        # refreshes come out of B, the rest is HiP's mask_k (a multiple of block_k = 2)
+        R = 8 if B >= 64 else max(1, B // 8)
+        n_sink, window, bk = min(16, B // 16), max(1, B // 4), 2
+        return {"mask_k": max(bk, (B - n_sink - window - (R - 1)) // bk * bk), "block_k": bk,
+                "n_sink": n_sink, "window": window, "refresh_interval": R}
     raise ValueError(f"method: no budget mapping for decode method {name!r} in sparsattn.eval.decode_quality "
                      f"(known: {', '.join(BUDGET_MAPPED)}); add one to budget_config")
 
