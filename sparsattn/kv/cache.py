@@ -13,8 +13,8 @@ Layouts:
 
 Offload: ``offload(layer)`` moves a layer's K/V to host memory (pinned when CUDA is available),
 ``prefetch(layer, pattern)`` copies only the selected rows back to the device asynchronously (a
-side CUDA stream when on CUDA) and ``fetch(layer)`` brings the whole layer back. Round trips are
-exact (plain copies).
+side CUDA stream when on CUDA) and ``fetch(layer)`` brings the whole layer back; ``append`` on an
+offloaded layer writes the new rows to host memory. Round trips are exact (plain copies).
 
 ``nbytes()`` reports the bytes actually kept (K/V storage, quantised codes and metadata).
 """
@@ -150,9 +150,9 @@ class KVCache:
     # ------------------------------------------------------------------ append
     def append(self, layer: int, k: Tensor, v: Tensor, lens=None) -> None:
         """Append ``k, v [B, Hkv, t, D]``; ``lens [B]`` = valid new tokens per sequence (default t;
-        right-padded beyond). New tokens go after each row's current slots."""
+        right-padded beyond). New tokens go after each row's current slots. On an offloaded layer
+        the new rows are written to host memory (the layer stays offloaded)."""
         L = self._layer(layer)
-        self._check_resident(L, "append")
         if L.quant is not None:
             raise ValueError("layer: holds a quantised (ZipVL) cache; appends go through the policy")
         B, H, D = self.batch, self.kv_heads, self.head_dim
@@ -179,8 +179,9 @@ class KVCache:
             m = ok[:, None, :].expand(B, H, t)
             bi, hi, ti = m.nonzero(as_tuple=True)
             si = slots[bi, hi, ti]
-            L.k[bi, hi, si] = k[bi, hi, ti]
-            L.v[bi, hi, si] = v[bi, hi, ti]
+            hd = L.k.device  # host memory when offloaded
+            L.k[bi.to(hd), hi.to(hd), si.to(hd)] = k[bi, hi, ti].to(hd)
+            L.v[bi.to(hd), hi.to(hd), si.to(hd)] = v[bi, hi, ti].to(hd)
             L.positions[bi, hi, si] = L.seen[bi] + ti
             if L.log_weight is not None:
                 L.log_weight[bi, hi, si] = 0.0
@@ -192,8 +193,9 @@ class KVCache:
             bi, ti = ok.nonzero(as_tuple=True)
             tok = L.lengths[bi] + ti
             pg = L.block_table[bi, tok // P].long()
-            L.k[pg, :, tok % P] = k[bi, :, ti]
-            L.v[pg, :, tok % P] = v[bi, :, ti]
+            hd = L.k.device  # host memory when offloaded
+            L.k[pg.to(hd), :, (tok % P).to(hd)] = k[bi, :, ti].to(hd)
+            L.v[pg.to(hd), :, (tok % P).to(hd)] = v[bi, :, ti].to(hd)
             L.lengths += lens
         L.seen += lens
 
@@ -208,6 +210,13 @@ class KVCache:
         L.positions = torch.cat([L.positions, L.positions.new_full((*L.positions.shape[:2], pad), -1)], 2)
         if L.log_weight is not None:
             L.log_weight = torch.cat([L.log_weight, L.log_weight.new_zeros(*L.log_weight.shape[:2], pad)], 2)
+        self._repin(L)
+
+    @staticmethod
+    def _repin(L: _Layer) -> None:
+        """Keep an offloaded layer's grown K/V in pinned memory (CUDA only)."""
+        if L.on_host and torch.cuda.is_available() and not L.k.is_pinned():
+            L.k, L.v = L.k.pin_memory(), L.v.pin_memory()
 
     def _grow_pages(self, L: _Layer, need_pages: Tensor) -> None:
         B = self.batch
@@ -226,6 +235,7 @@ class KVCache:
                 grow = max(L.n_used_pages + n_new, 2 * L.k.shape[0]) - L.k.shape[0]
                 L.k = torch.cat([L.k, L.k.new_zeros(grow, *L.k.shape[1:])], 0)
                 L.v = torch.cat([L.v, L.v.new_zeros(grow, *L.v.shape[1:])], 0)
+                self._repin(L)
             ids = torch.arange(L.n_used_pages, L.n_used_pages + n_new, device=self.device, dtype=torch.int32)
             bt[missing] = ids
             L.n_used_pages += n_new

@@ -10,6 +10,7 @@ import torch
 
 from ..kv.quant import quantize_minmax, unpack4
 from ..kv.select import decode_inputs, reduce_group, topk_pattern, valid_units
+from ..patterns import TokenPattern
 from .base import Method, SelectContext, register
 
 
@@ -37,6 +38,11 @@ class DoubleSparsity(Method):
 
     ``select(q [B, Hq, (1,) D], k_cache [B, Hkv, T, D], ctx)`` needs ``ctx.layer`` and a
     calibration (``needs = ("calibration",)``).
+
+    Offload variant (the paper's Double Sparsity-Offload): ``attend_offloaded(q, cache, layer, ctx)``
+    runs one decode step on a ``KVCache`` layer kept in host memory; only the label cache is on the
+    device and only the selected K/V rows are copied over (optionally the next layer's rows are
+    prefetched with a predicted query, ``next_q``); bytes moved in ``ctx.extras["h2d_bytes"]``.
     """
 
     paper = "Post-Training Sparse Attention with Double Sparsity (arXiv 2408.07092)"
@@ -115,18 +121,30 @@ class DoubleSparsity(Method):
         """Label cache of the layer (see the class docstring), kept in ``ctx.state``: only the rows
         appended since the last call are quantised and written in place; capacity grows by doubling."""
         B, H, T, D = k.shape
-        r = ch.shape[1]
+
+        def rows(start, end):
+            return torch.gather(k[:, :, start:end], 3, ch[None, :, None, :].expand(B, -1, end - start, -1))
+
+        layer = None if ctx is None else ctx.layer
+        return self._label_state(rows, (B, H, T, ch.shape[1]), k.dtype, k.device, kv_lens, ctx, layer)
+
+    def _label_state(self, rows, shape, dtype, device, kv_lens: torch.Tensor, ctx, layer, ragged: bool = False) -> dict:
+        """Shared body of the label cache: ``rows(start, end)`` returns the new labels
+        ``[B, Hkv, end - start, r]`` on ``device`` (from a resident K: rows from the shortest
+        sequence's old length to the longest new one); with ``ragged``, ``rows(b_idx, t_idx)``
+        returns ``[n, Hkv, r]`` for exactly each sequence's new rows (host K: nothing extra moved)."""
+        B, H, T, r = shape
         names = ("labels",) if self.label_bits == 16 else ("codes", "scale", "zero")
-        st = ctx.state.setdefault("double_sparsity", {}).get(ctx.layer) if ctx is not None else None
+        st = ctx.state.setdefault("double_sparsity", {}).get(layer) if ctx is not None else None
         if (st is None or any(n not in st for n in names) or st[names[0]].shape[:2] != (B, H)
                 or st.get("r") != r or bool((st["kv_lens"] > kv_lens).any())):
             if self.label_bits == 16:
-                st = {"labels": k.new_zeros(B, H, T, r)}
+                st = {"labels": torch.zeros(B, H, T, r, dtype=dtype, device=device)}
             else:
                 nb = -(-r // 2) if self.label_bits == 4 else r
-                st = {"codes": torch.zeros(B, H, T, nb, dtype=torch.uint8, device=k.device),
-                      "scale": torch.zeros(B, H, T, 1, dtype=torch.float16, device=k.device),
-                      "zero": torch.zeros(B, H, T, 1, dtype=torch.float16, device=k.device)}
+                st = {"codes": torch.zeros(B, H, T, nb, dtype=torch.uint8, device=device),
+                      "scale": torch.zeros(B, H, T, 1, dtype=torch.float16, device=device),
+                      "zero": torch.zeros(B, H, T, 1, dtype=torch.float16, device=device)}
             st.update(kv_lens=torch.zeros_like(kv_lens), r=r)
         cap = st[names[0]].shape[2]
         if cap < T:
@@ -134,20 +152,34 @@ class DoubleSparsity(Method):
             for n in names:
                 t = st[n]
                 st[n] = torch.cat([t, t.new_zeros(B, H, new_cap - cap, t.shape[-1])], 2)
-        start = int(st["kv_lens"].min())
-        end = int(kv_lens.max())
-        if end > start:
-            new = torch.gather(k[:, :, start:end], 3, ch[None, :, None, :].expand(B, -1, end - start, -1))
-            if self.label_bits == 16:
-                st["labels"][:, :, start:end] = new
-            else:
-                qn = quantize_minmax(new, self.label_bits)
-                st["codes"][:, :, start:end] = qn.codes
-                st["scale"][:, :, start:end] = qn.scale
-                st["zero"][:, :, start:end] = qn.zero
+        if ragged:  # only each sequence's own new rows: rows(b, t) -> [n, Hkv, r]
+            t = torch.arange(T, device=kv_lens.device)
+            bi, ti = ((t >= st["kv_lens"][:, None]) & (t < kv_lens[:, None])).nonzero(as_tuple=True)
+            if bi.numel():
+                new = rows(bi, ti)
+                bi, ti = bi.to(device), ti.to(device)
+                if self.label_bits == 16:
+                    st["labels"][bi, :, ti] = new
+                else:
+                    qn = quantize_minmax(new, self.label_bits)
+                    st["codes"][bi, :, ti] = qn.codes
+                    st["scale"][bi, :, ti] = qn.scale
+                    st["zero"][bi, :, ti] = qn.zero
+        else:
+            start = int(st["kv_lens"].min())
+            end = int(kv_lens.max())
+            if end > start:
+                new = rows(start, end)
+                if self.label_bits == 16:
+                    st["labels"][:, :, start:end] = new
+                else:
+                    qn = quantize_minmax(new, self.label_bits)
+                    st["codes"][:, :, start:end] = qn.codes
+                    st["scale"][:, :, start:end] = qn.scale
+                    st["zero"][:, :, start:end] = qn.zero
         st["kv_lens"] = kv_lens.clone()
         if ctx is not None:
-            ctx.state["double_sparsity"][ctx.layer] = st
+            ctx.state["double_sparsity"][layer] = st
         return st
 
     def dequantized_labels(self, st: dict, T: int) -> torch.Tensor:
@@ -171,25 +203,224 @@ class DoubleSparsity(Method):
         zero = st["zero"][:, :, :T, 0].float()[:, :, None, :]
         return s * scale + qf.sum(-1, keepdim=True) * zero
 
+    def _channels(self, layer: int, Hkv: int, D: int, device) -> torch.Tensor:
+        if self.channels is None:
+            raise ValueError("double_sparsity: not calibrated; call calibrate(qs, ks) or load(path) first")
+        if layer not in self.channels:
+            raise ValueError(f"ctx.layer: no calibrated channels for layer {layer} (have {sorted(self.channels)})")
+        ch = torch.as_tensor(self.channels[layer], device=device, dtype=torch.long)
+        if ch.dim() != 2 or ch.shape[0] != Hkv or int(ch.max()) >= D:
+            raise ValueError(f"channels[{layer}]: expected [Hkv={Hkv}, r] ids < {D}, got {tuple(ch.shape)}")
+        return ch
+
+    def _topk(self, q: torch.Tensor, st: dict, ch: torch.Tensor, kl: torch.Tensor, T: int):
+        """Top-k TokenPattern ``[B, Hkv, k]`` of ``q [B, Hq, D]`` from a layer's label cache."""
+        B, Hq, D = q.shape
+        Hkv, r = ch.shape
+        qg = q.view(B, Hkv, Hq // Hkv, D)
+        qc = torch.gather(qg, 3, ch[None, :, None, :].expand(B, -1, Hq // Hkv, -1))
+        s = self._approx_scores(qc, st, T) / math.sqrt(r)  # [B, Hkv, G, T]
+        s = reduce_group(s, self.head_reduce)
+        budget = self.token_budget if self.budget_ratio is None else math.ceil(self.budget_ratio * T)
+        return topk_pattern(s, budget, valid_units(kl, T), T)
+
     def select(self, q, k, ctx: SelectContext | None = None):
         q, k, kl = decode_inputs(q, k, ctx)
         if self.channels is None:
             raise ValueError("double_sparsity: not calibrated; call calibrate(qs, ks) or load(path) first")
         layer = 0 if ctx is None or ctx.layer is None else ctx.layer
-        if layer not in self.channels:
-            raise ValueError(f"ctx.layer: no calibrated channels for layer {layer} (have {sorted(self.channels)})")
-        B, Hq, D = q.shape
-        Hkv, T = k.shape[1], k.shape[2]
-        ch = torch.as_tensor(self.channels[layer], device=k.device, dtype=torch.long)
-        if ch.dim() != 2 or ch.shape[0] != Hkv or int(ch.max()) >= D:
-            raise ValueError(f"channels[{layer}]: expected [Hkv={Hkv}, r] ids < {D}, got {tuple(ch.shape)}")
-        r = ch.shape[1]
+        ch = self._channels(layer, k.shape[1], q.shape[-1], k.device)
         st = self._labels(k, ch, kl, ctx)
-        qg = q.view(B, Hkv, Hq // Hkv, D)
-        qc = torch.gather(qg, 3, ch[None, :, None, :].expand(B, -1, Hq // Hkv, -1))
-        s = self._approx_scores(qc, st, T) / math.sqrt(r)  # [B, Hkv, G, T]
-        s = reduce_group(s, self.head_reduce)
         if ctx is not None:
             ctx.extras["label_bytes"] = self.label_nbytes(ctx.state, ctx.layer)
-        budget = self.token_budget if self.budget_ratio is None else math.ceil(self.budget_ratio * T)
-        return topk_pattern(s, budget, valid_units(kl, T), T)
+        return self._topk(q, st, ch, kl, k.shape[2])
+
+    # ------------------------------------------------------------------ offload (Double Sparsity-Offload)
+    def _offloaded_layer(self, cache, layer: int, name: str = "layer"):
+        """Check that ``layer`` of ``cache`` is offloaded with one length for every KV head of a sequence."""
+        from ..kv.cache import KVCache
+
+        if not isinstance(cache, KVCache):
+            raise ValueError(f"cache: expected a sparsattn.kv.KVCache, got {type(cache).__name__}")
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < cache.n_layers:
+            raise ValueError(f"{name}: expected an int in [0, {cache.n_layers}), got {layer!r}")
+        L = cache.layers[layer]
+        if L.lengths is None or not L.on_host:
+            raise ValueError(f"{name}: layer {layer} is not offloaded (call cache.offload({layer}) first; "
+                             "for a resident cache use select() + attention)")
+        lens = cache.lengths(layer)
+        if not bool((lens == lens[:, :1]).all()):
+            raise ValueError(f"cache: layer {layer} has different lengths per KV head (evicted rows); "
+                             "Double Sparsity-Offload needs one length per sequence")
+        return L
+
+    def _host_label_rows(self, cache, L, ch_host: torch.Tensor):
+        """``rows(b_idx, t_idx)``: the calibrated channels of host keys at slots ``(b, t)`` copied to the
+        device ``[n, Hkv, r]`` (only those ``r`` channels cross the bus); bytes counted in ``moved``."""
+        B, H = cache.batch, cache.kv_heads
+        r = ch_host.shape[1]
+        moved = [0]
+
+        def rows(bi, ti):
+            bi, ti = bi.cpu(), ti.cpu()
+            if cache.layout == "paged":
+                P = cache.page_size
+                pg = L.block_table.cpu().clamp_min(0)[bi, ti // P].long()
+                src = L.k[pg, :, ti % P]  # [n, H, D]
+            else:
+                src = L.k[bi, :, ti]  # [n, H, D]
+            pin = torch.cuda.is_available()
+            out = torch.empty(src.shape[0], H, r, dtype=L.k.dtype, pin_memory=pin)
+            torch.gather(src, 2, ch_host[None].expand(src.shape[0], -1, -1), out=out)
+            moved[0] += out.numel() * out.element_size()
+            return out.to(cache.device, non_blocking=pin)
+
+        return rows, moved
+
+    def _offload_select(self, q: torch.Tensor, cache, layer: int, ctx):
+        """Update the layer's label cache from host keys and return ``(pattern, label bytes moved)``."""
+        L = self._offloaded_layer(cache, layer)
+        D = cache.head_dim
+        if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.shape[0] != cache.batch or q.shape[2] != D \
+                or q.shape[1] % cache.kv_heads:
+            raise ValueError(f"q: expected [B={cache.batch}, Hq (a multiple of {cache.kv_heads}), D={D}], "
+                             f"got {getattr(q, 'shape', type(q).__name__)}")
+        ch = self._channels(layer, cache.kv_heads, D, cache.device)
+        kl = cache.kv_lens(layer).long()
+        T = L.block_table.shape[1] * cache.page_size if cache.layout == "paged" else L.k.shape[2]
+        rows, moved = self._host_label_rows(cache, L, ch.cpu())
+        st = self._label_state(rows, (cache.batch, cache.kv_heads, T, ch.shape[1]), cache.dtype, cache.device,
+                               kl, ctx, layer, ragged=True)
+        pat = self._topk(q.to(cache.device), st, ch, kl, T)
+        n = max(int(pat.counts.max()), 1)  # no padding rows over the bus (budget > a sequence's length)
+        if n < pat.indices.shape[-1]:
+            pat = TokenPattern(pat.indices[..., :n].contiguous(), pat.counts, T)
+        return pat, moved[0]
+
+    def attend_offloaded(self, q: torch.Tensor, cache, layer: int, ctx: SelectContext | None = None, *,
+                         scale: Optional[float] = None, next_q: Optional[torch.Tensor] = None,
+                         backend: Optional[str] = None) -> torch.Tensor:
+        """DoubleSparsity.attend_offloaded: one decode step of Double Sparsity-Offload (arXiv 2408.07092).
+
+        ``layer`` of ``cache`` (a ``KVCache``) must be offloaded (``cache.offload(layer)``; new tokens
+        are appended to host memory with ``cache.append``). Only the label cache stays on the device
+        (in ``ctx.state["double_sparsity"][layer]``, the same state ``select`` keeps): the calibrated
+        ``r`` channels of the keys appended since the last step are indexed in host memory and only
+        that ``[B, Hkv, n_new, r]`` slice is copied to the device. Top-k runs on the device with the
+        labels; only the selected K/V rows are fetched (``cache.prefetch``), and exact attention runs
+        on them. Returns ``[B, Hq, D]``; equals ``select`` + ``sparse_decode_attention`` on the same
+        cache kept resident.
+
+        ``q``: ``[B, Hq, D]`` post-RoPE query of this layer. ``scale``: softmax scale (default
+        ``ctx.scale`` or ``1/sqrt(D)``). ``backend``: passed to ``sparse_decode_attention``.
+
+        ``next_q`` (optional) ``[B, Hq, D]``: a *predicted* query of layer ``layer + 1`` (the paper
+        uses the next layer's projection of this layer's input, since adjacent layers' activations are
+        similar). The next layer's top-k is chosen with it on its labels (keys up to the previous step)
+        and its rows are copied right away (side CUDA stream: the copy overlaps the rest of this layer
+        on the device). At layer ``layer + 1`` the exact top-k is computed with its real query and
+        only the rows the speculative copy missed (including this step's new token) are fetched, so
+        the result stays exact. Not overlapped: the host-side gather of the rows (CPU, synchronous),
+        the label-row copy (small), and the on-demand fetch of misses. On the CPU nothing overlaps.
+
+        Bytes moved host -> device this call are in ``ctx.extras["h2d_bytes"]``: ``labels`` (new label
+        rows), ``kv`` (K/V rows fetched on demand, padding rows included), ``kv_prefetched`` (rows
+        copied by the previous layer's speculative prefetch for this layer), ``next_prefetch`` (rows
+        copied now for the next layer), ``hits`` / ``misses`` (selected tokens found / not found in the
+        speculative copy) and ``total`` (labels + kv + next_prefetch: what crossed the bus in this call).
+        """
+        from ..kernels.sparse_decode import sparse_decode_attention
+
+        if ctx is None:
+            ctx = SelectContext(layer=layer)
+        if not isinstance(ctx, SelectContext):
+            raise ValueError(f"ctx: expected a SelectContext or None, got {type(ctx).__name__}")
+        if ctx.layer is not None and ctx.layer != layer:
+            raise ValueError(f"ctx.layer: expected None or {layer!r} (the layer argument), got {ctx.layer!r}")
+        if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[2] == 1:
+            q = q[:, :, 0]
+        pat, lab_bytes = self._offload_select(q, cache, layer, ctx)
+        if next_q is not None:  # validate before any copy
+            if isinstance(next_q, torch.Tensor) and next_q.dim() == 4 and next_q.shape[2] == 1:
+                next_q = next_q[:, :, 0]
+            if not isinstance(next_q, torch.Tensor) or tuple(next_q.shape) != tuple(q.shape):
+                raise ValueError(f"next_q: expected None or a tensor {tuple(q.shape)} (as q), "
+                                 f"got {getattr(next_q, 'shape', type(next_q).__name__)}")
+            if layer + 1 >= cache.n_layers:
+                raise ValueError(f"next_q: layer {layer} is the last layer; there is no next layer to prefetch")
+            self._offloaded_layer(cache, layer + 1, "next_q (layer + 1)")
+            if self.channels is None or layer + 1 not in self.channels:
+                raise ValueError(f"next_q: no calibrated channels for layer {layer + 1}")
+        spec = ctx.state.setdefault("double_sparsity_prefetch", {}).pop(layer, None)
+        stats = {"labels": lab_bytes, "kv": 0, "kv_prefetched": 0, "next_prefetch": 0, "hits": 0, "misses": 0}
+        B, H = cache.batch, cache.kv_heads
+        T = pat.kv_len
+        if spec is not None and spec["kv_len"] <= T:
+            pf0, slots0 = spec["pf"].wait(), spec["slots"]  # slots0 [B, H, n0] long, -1 = not fetched
+            stats["kv_prefetched"] = spec["bytes"]
+            n0 = pf0.k.shape[2]
+            # where each slot sits in the speculative buffer (-1: not there)
+            where = torch.full((B, H, T + 1), -1, dtype=torch.long, device=cache.device)
+            s0 = torch.where(slots0 >= 0, slots0, torch.full_like(slots0, T))
+            where.scatter_(2, s0, torch.arange(n0, device=cache.device).expand(B, H, n0).contiguous())
+            where[..., T] = -1
+            kmax = pat.indices.shape[-1]
+            sel = pat.indices.long()
+            ok = torch.arange(kmax, device=cache.device) < pat.counts[..., None].long()
+            pos = torch.gather(where, 2, sel)
+            hit = ok & (pos >= 0)
+            miss = ok & (pos < 0)
+            stats["hits"], stats["misses"] = int(hit.sum()), int(miss.sum())
+            # the misses, in sorted order, as a pattern over the cache
+            key = torch.where(miss, sel, sel + T)
+            midx = key.sort(-1).values
+            mcnt = miss.sum(-1)
+            nm = int(mcnt.max())  # rows to fetch now (padding rows beyond the widest row are not sent)
+            midx = torch.where(midx >= T, torch.zeros_like(midx), midx)[..., :max(nm, 1)]
+            if nm:
+                pf1 = cache.prefetch(layer, TokenPattern(midx.to(torch.int32).contiguous(), mcnt.to(torch.int32), T)).wait()
+                stats["kv"] = self._pf_bytes(pf1)
+            else:
+                pf1 = type(pf0)(pf0.k[:, :, :0], pf0.v[:, :, :0], pf0.pattern,
+                                None if pf0.log_weight is None else pf0.log_weight[:, :, :0])
+            # a miss's place in pf1 = its rank among the misses of its row
+            rank = torch.cumsum(miss.long(), -1) - 1
+            buf = torch.where(hit, pos, n0 + rank)
+            buf = torch.where(ok, buf, torch.full_like(buf, 2 ** 30))
+            buf = buf.sort(-1).values
+            buf = torch.where(buf >= 2 ** 30, torch.zeros_like(buf), buf)
+            k_all = torch.cat([pf0.k, pf1.k], 2)
+            v_all = torch.cat([pf0.v, pf1.v], 2)
+            lw = None
+            if pf0.log_weight is not None:
+                lw_all = torch.cat([pf0.log_weight, pf1.log_weight], 2)
+                lw = torch.gather(lw_all, 2, buf)
+            fpat = TokenPattern(buf.to(torch.int32).contiguous(), pat.counts.to(torch.int32), k_all.shape[2])
+        else:
+            pf = cache.prefetch(layer, pat).wait()
+            stats["kv"] = self._pf_bytes(pf)
+            k_all, v_all, fpat, lw = pf.k, pf.v, pf.pattern, pf.log_weight
+        if next_q is not None:
+            npat, nlab = self._offload_select(next_q, cache, layer + 1, ctx)
+            npf = cache.prefetch(layer + 1, npat)  # asynchronous on CUDA; waited for at layer + 1
+            cnt = npat.counts.long()
+            nslots = torch.where(torch.arange(npat.indices.shape[-1], device=cache.device) < cnt[..., None],
+                                 npat.indices.long(), torch.full_like(npat.indices, -1, dtype=torch.long))
+            nb = self._pf_bytes(npf)
+            ctx.state["double_sparsity_prefetch"][layer + 1] = {"pf": npf, "slots": nslots, "kv_len": npat.kv_len,
+                                                                 "bytes": nb}
+            stats["labels"] += nlab
+            stats["next_prefetch"] = nb
+        sc = scale if scale is not None else ctx.scale
+        out = sparse_decode_attention(q.to(k_all.dtype), k_all, v_all, fpat, scale=sc, log_weight=lw, backend=backend)
+        stats["total"] = stats["labels"] + stats["kv"] + stats["next_prefetch"]
+        ctx.extras["h2d_bytes"] = stats
+        ctx.extras["label_bytes"] = self.label_nbytes(ctx.state, layer)
+        return out
+
+    @staticmethod
+    def _pf_bytes(pf) -> int:
+        n = pf.k.numel() * pf.k.element_size() + pf.v.numel() * pf.v.element_size()
+        if pf.log_weight is not None:
+            n += pf.log_weight.numel() * pf.log_weight.element_size()
+        return n

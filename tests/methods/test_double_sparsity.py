@@ -113,3 +113,167 @@ def test_packed_label_top_k_equals_fp_label_top_k_when_well_separated():
     assert torch.equal(pats[4], pats[16])
     for b in range(B):
         assert set(pats[4][b, 0].nonzero().flatten().tolist()) == set(planted[b].tolist())
+
+
+# ---------------------------------------------------------------------- Double Sparsity-Offload
+from sparsattn.kernels.block_sparse.reference import dense_reference  # noqa: E402
+from sparsattn.kernels.sparse_decode import sparse_decode_attention  # noqa: E402
+from sparsattn.kv.cache import KVCache  # noqa: E402
+
+
+def _twin_caches(layout, lens=(300, 220), n_layers=2, B=2, Hkv=2, D=64, seed=3):
+    """Two caches with the same prefill (different lengths per sequence): one stays resident, the
+    other is offloaded to host memory."""
+    gen = torch.Generator().manual_seed(seed)
+    caches = [KVCache(n_layers, B, Hkv, D, dtype=torch.float32, layout=layout, page_size=16) for _ in range(2)]
+    T = max(lens)
+    for l in range(n_layers):
+        k = torch.randn(B, Hkv, T, D, generator=gen)
+        k[..., [3, 10, 17, 40, 41, 50, 60, 63]] *= 4
+        v = torch.randn(B, Hkv, T, D, generator=gen)
+        for c in caches:
+            c.append(l, k, v, lens=torch.tensor(lens))
+    for l in range(n_layers):
+        caches[1].offload(l)
+    return caches, gen
+
+
+def _no_full_copies(cache, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("the whole offloaded layer was read back")
+    for name in ("fetch", "get", "gather", "attend"):
+        monkeypatch.setattr(cache, name, boom)
+
+
+def _decode(m_res, m_off, res, off, gen, steps, scale_q=1.0, next_noise=None, monkeypatch=None):
+    """Decode ``steps`` tokens on both caches; returns the per-step (resident, offloaded) outputs and stats."""
+    B, Hkv, D, nl = res.batch, res.kv_heads, res.head_dim, res.n_layers
+    ctx_r = [SelectContext(layer=l) for l in range(nl)]
+    state = {}
+    outs, stats = [], []
+    for _ in range(steps):
+        qs = [scale_q * torch.randn(B, 4 * Hkv, D, generator=gen) for _ in range(nl)]
+        new = [(torch.randn(B, Hkv, 1, D, generator=gen), torch.randn(B, Hkv, 1, D, generator=gen)) for _ in range(nl)]
+        for l in range(nl):
+            for c in (res, off):
+                c.append(l, *new[l])
+            k, v = res.get(l)
+            kl = res.kv_lens(l)
+            ctx_r[l].extras["kv_lens"] = kl
+            p = m_res.select(qs[l], k, ctx_r[l])
+            a = sparse_decode_attention(qs[l], k, v, p, kv_lens=kl, backend="reference")
+            ctx = SelectContext(layer=l, state=state)
+            nq = None
+            if next_noise is not None and l + 1 < nl:
+                nq = qs[l + 1] + next_noise * torch.randn(B, 4 * Hkv, D, generator=gen)
+            b = m_off.attend_offloaded(qs[l], off, l, ctx, next_q=nq, backend="reference")
+            outs.append((l, qs[l], a, b, kl.clone()))
+            stats.append((l, dict(ctx.extras["h2d_bytes"])))
+    return outs, stats
+
+
+@pytest.mark.parametrize("layout,bits", [("contiguous", 4), ("paged", 4), ("contiguous", 16)])
+def test_offloaded_equals_resident_over_a_multi_step_decode(layout, bits, monkeypatch):
+    qs, ks, outl = _calibration()
+    (res, off), gen = _twin_caches(layout)
+    m_res = get_method("double_sparsity", token_budget=24, label_bits=bits)
+    m_res.calibrate(qs, ks)
+    m_off = get_method("double_sparsity", token_budget=24, label_bits=bits, channels=m_res.channels)
+    _no_full_copies(off, monkeypatch)
+    outs, stats = _decode(m_res, m_off, res, off, gen, steps=4)
+    for l, q, a, b, kl in outs:
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), (l, (a - b).abs().max())
+    # sparse, not dense: the budget is much smaller than the context
+    l, q, a, b, kl = outs[-1]
+    k, v = res.get(l)
+    diff = [float((b[i].double() - dense_reference(q[i:i + 1, :, None], k[i:i + 1, :, :int(kl[i])],
+                                                   v[i:i + 1, :, :int(kl[i])])[0][0, :, 0]).abs().max()) for i in range(2)]
+    assert min(diff) > 1e-3
+    # bytes moved per step: the new token's r channels, and budget K/V rows per (sequence, kv head)
+    B, H, D, r, item = 2, 2, 64, len(outl), 4
+    full = 2 * B * H * 301 * D * item  # K + V of one layer
+    for i, (l, st) in enumerate(stats):
+        assert st["kv"] == 2 * B * H * 24 * D * item
+        assert st["total"] == st["labels"] + st["kv"]
+        if i >= 2:  # after the first step of each layer the labels are incremental
+            assert st["labels"] == B * H * 1 * r * item
+            assert st["total"] < full / 10
+    # the first step copies each sequence's own label rows once (1 / group_factor of its K), no padding rows
+    assert stats[0][1]["labels"] == (301 + 221) * H * r * item
+
+
+def test_offloaded_full_budget_equals_dense():
+    qs, ks, _ = _calibration()
+    (res, off), gen = _twin_caches("contiguous", lens=(90, 57))
+    m = get_method("double_sparsity", token_budget=200)
+    m.calibrate(qs, ks)
+    ctx = SelectContext(layer=1)
+    for step in range(3):
+        q = torch.randn(2, 8, 64, generator=gen)
+        kn, vn = torch.randn(2, 2, 1, 64, generator=gen), torch.randn(2, 2, 1, 64, generator=gen)
+        res.append(1, kn, vn)
+        off.append(1, kn, vn)
+        out = m.attend_offloaded(q, off, 1, ctx, backend="reference")
+        k, v = res.get(1)
+        for b, L in enumerate((91 + step, 58 + step)):
+            ref, _ = dense_reference(q[b:b + 1, :, None], k[b:b + 1, :, :L], v[b:b + 1, :, :L])
+            assert torch.allclose(out[b].double(), ref[0, :, 0], atol=1e-5)
+        assert ctx.extras["h2d_bytes"]["kv"] == 2 * 2 * 2 * (91 + step) * 64 * 4  # every valid row, padded to the longest
+
+
+def test_next_layer_prefetch_stays_exact_and_saves_on_demand_bytes(monkeypatch):
+    qs, ks, _ = _calibration()
+    (res, off), gen = _twin_caches("contiguous", n_layers=3)
+    m_res = get_method("double_sparsity", token_budget=24)
+    m_res.calibrate([*qs, qs[0]], [*ks, ks[0]])
+    m_off = get_method("double_sparsity", token_budget=24, channels=m_res.channels)
+    _no_full_copies(off, monkeypatch)
+    outs, stats = _decode(m_res, m_off, res, off, gen, steps=3, next_noise=0.05)
+    for l, q, a, b, kl in outs:
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), (l, (a - b).abs().max())
+    later = [st for l, st in stats if l > 0]
+    assert all(st["kv_prefetched"] > 0 for st in later)
+    hits = sum(st["hits"] for st in later)
+    misses = sum(st["misses"] for st in later)
+    assert hits > 3 * misses  # a close predicted query finds most rows ahead of time
+    assert all(st["kv"] < st["kv_prefetched"] for st in later)  # misses fetched on demand only
+    assert all(st["next_prefetch"] > 0 for l, st in stats if l < 2)
+    assert all(st["next_prefetch"] == 0 for l, st in stats if l == 2)
+
+
+def test_offloaded_bad_input():
+    qs, ks, _ = _calibration()
+    (res, off), gen = _twin_caches("contiguous", lens=(40, 30))
+    m = get_method("double_sparsity", token_budget=8)
+    q = torch.randn(2, 8, 64)
+    with pytest.raises(ValueError, match="calibrat"):
+        m.attend_offloaded(q, off, 0)
+    m.calibrate(qs, ks)
+    with pytest.raises(ValueError, match="layer: layer 0 is not offloaded"):
+        m.attend_offloaded(q, res, 0)
+    with pytest.raises(ValueError, match="layer"):
+        m.attend_offloaded(q, off, 5)
+    with pytest.raises(ValueError, match="cache"):
+        m.attend_offloaded(q, (torch.zeros(1),), 0)
+    with pytest.raises(ValueError, match="q:"):
+        m.attend_offloaded(torch.randn(2, 7, 64), off, 0)
+    with pytest.raises(ValueError, match="q:"):
+        m.attend_offloaded(torch.randn(2, 8, 32), off, 0)
+    with pytest.raises(ValueError, match="ctx.layer"):
+        m.attend_offloaded(q, off, 0, SelectContext(layer=1))
+    with pytest.raises(ValueError, match="next_q"):
+        m.attend_offloaded(q, off, 1, next_q=q)  # last layer
+    with pytest.raises(ValueError, match="next_q"):
+        m.attend_offloaded(q, off, 0, next_q=torch.randn(2, 8, 32))
+    res.offload(0)  # layer 0 offloaded, layer 1 resident: nothing to prefetch from
+    with pytest.raises(ValueError, match=r"next_q \(layer \+ 1\): layer 1 is not offloaded"):
+        m.attend_offloaded(q, res, 0, next_q=q)
+    # rows evicted per head: one length per sequence is needed
+    c = KVCache(1, 2, 2, 64, dtype=torch.float32)
+    c.append(0, torch.randn(2, 2, 20, 64), torch.randn(2, 2, 20, 64))
+    keep = torch.ones(2, 2, 20, dtype=torch.bool)
+    keep[0, 1, 3] = False
+    c.evict(0, keep)
+    c.offload(0)
+    with pytest.raises(ValueError, match="cache: layer 0 has different lengths"):
+        m.attend_offloaded(q, c, 0)
