@@ -355,7 +355,9 @@ class DoubleSparsity(Method):
         stats = {"labels": lab_bytes, "kv": 0, "kv_prefetched": 0, "next_prefetch": 0, "hits": 0, "misses": 0}
         B, H = cache.batch, cache.kv_heads
         T = pat.kv_len
-        if spec is not None and spec["kv_len"] <= T:
+        if spec is not None and (spec["kv_len"] > T or bool((spec["kv_lens"] > cache.kv_lens(layer).long()).any())):
+            spec = None  # the layer was rebuilt or shrunk since the speculative copy: not trusted
+        if spec is not None:
             pf0, slots0 = spec["pf"].wait(), spec["slots"]  # slots0 [B, H, n0] long, -1 = not fetched
             stats["kv_prefetched"] = spec["bytes"]
             n0 = pf0.k.shape[2]
@@ -408,7 +410,7 @@ class DoubleSparsity(Method):
                                  npat.indices.long(), torch.full_like(npat.indices, -1, dtype=torch.long))
             nb = self._pf_bytes(npf)
             ctx.state["double_sparsity_prefetch"][layer + 1] = {"pf": npf, "slots": nslots, "kv_len": npat.kv_len,
-                                                                 "bytes": nb}
+                                                                 "kv_lens": cache.kv_lens(layer + 1).long(), "bytes": nb}
             stats["labels"] += nlab
             stats["next_prefetch"] = nb
         sc = scale if scale is not None else ctx.scale

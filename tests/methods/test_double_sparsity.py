@@ -121,11 +121,15 @@ from sparsattn.kernels.sparse_decode import sparse_decode_attention  # noqa: E40
 from sparsattn.kv.cache import KVCache  # noqa: E402
 
 
-def _twin_caches(layout, lens=(300, 220), n_layers=2, B=2, Hkv=2, D=64, seed=3):
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # on a GPU: pinned memory + side stream
+
+
+def _twin_caches(layout, lens=(300, 220), n_layers=2, B=2, Hkv=2, D=64, seed=3, device="cpu"):
     """Two caches with the same prefill (different lengths per sequence): one stays resident, the
     other is offloaded to host memory."""
     gen = torch.Generator().manual_seed(seed)
-    caches = [KVCache(n_layers, B, Hkv, D, dtype=torch.float32, layout=layout, page_size=16) for _ in range(2)]
+    caches = [KVCache(n_layers, B, Hkv, D, dtype=torch.float32, layout=layout, page_size=16, device=device)
+              for _ in range(2)]
     T = max(lens)
     for l in range(n_layers):
         k = torch.randn(B, Hkv, T, D, generator=gen)
@@ -152,8 +156,10 @@ def _decode(m_res, m_off, res, off, gen, steps, scale_q=1.0, next_noise=None, mo
     state = {}
     outs, stats = [], []
     for _ in range(steps):
-        qs = [scale_q * torch.randn(B, 4 * Hkv, D, generator=gen) for _ in range(nl)]
-        new = [(torch.randn(B, Hkv, 1, D, generator=gen), torch.randn(B, Hkv, 1, D, generator=gen)) for _ in range(nl)]
+        dev = res.device
+        qs = [scale_q * torch.randn(B, 4 * Hkv, D, generator=gen).to(dev) for _ in range(nl)]
+        new = [(torch.randn(B, Hkv, 1, D, generator=gen).to(dev), torch.randn(B, Hkv, 1, D, generator=gen).to(dev))
+               for _ in range(nl)]
         for l in range(nl):
             for c in (res, off):
                 c.append(l, *new[l])
@@ -165,17 +171,18 @@ def _decode(m_res, m_off, res, off, gen, steps, scale_q=1.0, next_noise=None, mo
             ctx = SelectContext(layer=l, state=state)
             nq = None
             if next_noise is not None and l + 1 < nl:
-                nq = qs[l + 1] + next_noise * torch.randn(B, 4 * Hkv, D, generator=gen)
+                nq = qs[l + 1] + next_noise * torch.randn(B, 4 * Hkv, D, generator=gen).to(dev)
             b = m_off.attend_offloaded(qs[l], off, l, ctx, next_q=nq, backend="reference")
             outs.append((l, qs[l], a, b, kl.clone()))
             stats.append((l, dict(ctx.extras["h2d_bytes"])))
     return outs, stats
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout,bits", [("contiguous", 4), ("paged", 4), ("contiguous", 16)])
-def test_offloaded_equals_resident_over_a_multi_step_decode(layout, bits, monkeypatch):
+def test_offloaded_equals_resident_over_a_multi_step_decode(layout, bits, device, monkeypatch):
     qs, ks, outl = _calibration()
-    (res, off), gen = _twin_caches(layout)
+    (res, off), gen = _twin_caches(layout, device=device)
     m_res = get_method("double_sparsity", token_budget=24, label_bits=bits)
     m_res.calibrate(qs, ks)
     m_off = get_method("double_sparsity", token_budget=24, label_bits=bits, channels=m_res.channels)
@@ -183,11 +190,13 @@ def test_offloaded_equals_resident_over_a_multi_step_decode(layout, bits, monkey
     outs, stats = _decode(m_res, m_off, res, off, gen, steps=4)
     for l, q, a, b, kl in outs:
         assert torch.allclose(a, b, atol=1e-6, rtol=0), (l, (a - b).abs().max())
+    assert all(L.on_host and L.k.device.type == "cpu" and L.k.shape[2] >= 304 for L in off.layers)  # appends went to host
     # sparse, not dense: the budget is much smaller than the context
     l, q, a, b, kl = outs[-1]
     k, v = res.get(l)
     diff = [float((b[i].double() - dense_reference(q[i:i + 1, :, None], k[i:i + 1, :, :int(kl[i])],
-                                                   v[i:i + 1, :, :int(kl[i])])[0][0, :, 0]).abs().max()) for i in range(2)]
+                                                   v[i:i + 1, :, :int(kl[i])])[0][0, :, 0]).abs().max().cpu())
+            for i in range(2)]
     assert min(diff) > 1e-3
     # bytes moved per step: the new token's r channels, and budget K/V rows per (sequence, kv head)
     B, H, D, r, item = 2, 2, 64, len(outl), 4
@@ -221,9 +230,10 @@ def test_offloaded_full_budget_equals_dense():
         assert ctx.extras["h2d_bytes"]["kv"] == 2 * 2 * 2 * (91 + step) * 64 * 4  # every valid row, padded to the longest
 
 
-def test_next_layer_prefetch_stays_exact_and_saves_on_demand_bytes(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_next_layer_prefetch_stays_exact_and_saves_on_demand_bytes(device, monkeypatch):
     qs, ks, _ = _calibration()
-    (res, off), gen = _twin_caches("contiguous", n_layers=3)
+    (res, off), gen = _twin_caches("contiguous", n_layers=3, device=device)
     m_res = get_method("double_sparsity", token_budget=24)
     m_res.calibrate([*qs, qs[0]], [*ks, ks[0]])
     m_off = get_method("double_sparsity", token_budget=24, channels=m_res.channels)
