@@ -190,7 +190,8 @@ def test_offloaded_equals_resident_over_a_multi_step_decode(layout, bits, device
     outs, stats = _decode(m_res, m_off, res, off, gen, steps=4)
     for l, q, a, b, kl in outs:
         assert torch.allclose(a, b, atol=1e-6, rtol=0), (l, (a - b).abs().max())
-    assert all(L.on_host and L.k.device.type == "cpu" and L.k.shape[2] >= 304 for L in off.layers)  # appends went to host
+    assert all(L.on_host and L.k.device.type == "cpu" for L in off.layers)  # appends went to host memory
+    assert [int(x) for x in off.kv_lens(0)] == [304, 224]
     # sparse, not dense: the budget is much smaller than the context
     l, q, a, b, kl = outs[-1]
     k, v = res.get(l)
