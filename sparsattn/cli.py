@@ -128,6 +128,10 @@ def _cmd_bench(args) -> int:
             print(f"sparsattn bench decode: not available ({e})", file=sys.stderr)
             return 2
         return decode.main(args.rest)
+    if args.which == "kv-memory":
+        from .bench import kv_memory
+
+        return kv_memory.main(args.rest)
     return 2
 
 
@@ -162,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     prefill.build_parser(bsub.add_parser("prefill", help="block-sparse prefill vs SDPA and FlexAttention"))
     dec = bsub.add_parser("decode", help="sparse decode vs dense decode", add_help=False)
     dec.add_argument("rest", nargs=argparse.REMAINDER)
+    kvm = bsub.add_parser("kv-memory", help="bytes each KV policy keeps (device independent)", add_help=False)
+    kvm.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=_cmd_bench)
     t = sub.add_parser("train-lm", help="train the bundled long-context model", add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)

@@ -272,3 +272,14 @@ def test_method_config_overrides_the_mapping(tiny_model, hf_tok, tmp_path):
             dq.run_decode_quality(tiny_model, hf_tok, out_dir=tmp_path, lengths=[160], methods=["double_sparsity"],
                                   method_config=bad, log=lambda s: None)
     assert dq.main(["--out", str(tmp_path), "--method-config", "{bad"]) == 2
+
+
+def test_retrieval_attention_index_follows_hnswlib(monkeypatch):
+    """Without hnswlib (the optional 'ann' extra) the grid uses the method's attention-aware index."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "hnswlib" else real(n, *a))
+    assert dq.budget_config("retrieval_attention", 64, n_layers=4, group_size=2)["index"] == "attention_aware"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "hnswlib" else real(n, *a))
+    assert dq.budget_config("retrieval_attention", 64, n_layers=4, group_size=2)["index"] == "hnsw"

@@ -1,0 +1,105 @@
+"""KV-policy memory benchmark: bytes each ``sparsattn.kv`` policy keeps of one layer's K/V cache.
+
+Memory is counted, not timed, so the numbers do not depend on the device: a ``KVCache`` of one
+layer (GQA ``kv_heads``, ``head_dim``, bf16) is filled with ``T`` tokens of random keys/values per
+sequence, each policy is applied once (``KVPolicy.apply``), and its own report (bytes and slots
+before/after) is recorded together with ``KVCache.nbytes`` (storage actually held, metadata and
+quantised codes included) and the bytes of the slots in use (``KVCache.used_bytes``). The two differ
+when heads keep different numbers of tokens: the contiguous layout stores every head up to the
+longest one, so per-head policies (Razor's retrieval heads, MoA's spans) free slots but not storage
+there (per-head eviction is not available in the paged layout). Policy settings (illustrative, written in the ``config`` column):
+
+* ``streaming_llm``: 4 sinks + a window of ``T / 16`` (the decode benchmark's 1/16 budget);
+* ``razor``: 1 of the KV heads is a retrieval head (the paper keeps about 15% of heads whole),
+  the others sinks + ``max(min_window, N / compression)`` + one compensation slot, paper defaults
+  C = 5, S0 = 4000 (METHODS.md B5, [mem]);
+* ``moa``: per-head spans ``alpha + beta * N`` with alpha = 1024 and beta spread over [0, 0.25]
+  across the KV heads (MoA's elastic rule; a real plan comes from ``fit_moa``);
+* ``zipvl``: tau = 0.97 on importances from 64 random probe queries (``probe_importance``),
+  important tokens int8, the rest int4 (nothing evicted).
+
+Usage: ``python -m sparsattn.bench.kv_memory --out DIR [--lengths 32768,131072] [--batch 1]``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from .common import environment, print_table, write_csv, write_json
+
+
+def _policies(T: int, kv_heads: int) -> dict:
+    from ..kv.policies import MoAPolicy, RazorAttentionPolicy, StreamingLLMPolicy, ZipVLPolicy
+
+    beta = [[0.25 * h / max(1, kv_heads - 1) for h in range(kv_heads)]]
+    return {
+        "streaming_llm": (StreamingLLMPolicy(n_sink=4, window=max(1, T // 16)), f"n_sink=4, window={max(1, T // 16)}"),
+        "razor": (RazorAttentionPolicy(retrieval_heads={0: [0]}, n_sink=4, compression=5.0, min_window=4000),
+                  "retrieval kv head 0, n_sink=4, C=5, S0=4000"),
+        "moa": (MoAPolicy(alpha=[[1024.0] * kv_heads], beta=beta, n_sink=64),
+                "alpha=1024, beta 0..0.25 over heads, n_sink=64"),
+        "zipvl": (ZipVLPolicy(tau=0.97, hi_bits=8, lo_bits=4), "tau=0.97, int8 important / int4 rest"),
+    }
+
+
+def run_kv_memory(lengths=(32768, 131072), *, batch: int = 1, kv_heads: int = 8, q_heads: int = 32,
+                  head_dim: int = 128, dtype=torch.bfloat16, device: str = "cpu", out_dir=None,
+                  seed: int = 0) -> list[dict]:
+    """Apply every KV policy to a filled one-layer cache per length; returns (and writes) the rows."""
+    from ..kv import KVCache
+    from ..kv.policies import probe_importance
+
+    rows = []
+    for T in lengths:
+        for name, (policy, cfg) in _policies(T, kv_heads).items():
+            g = torch.Generator(device="cpu").manual_seed(seed)
+            k = torch.randn(batch, kv_heads, T, head_dim, generator=g).to(device=device, dtype=dtype)
+            v = torch.randn(batch, kv_heads, T, head_dim, generator=g).to(device=device, dtype=dtype)
+            cache = KVCache(1, batch, kv_heads, head_dim, dtype=dtype, device=device)
+            cache.append(0, k, v)
+            full_bytes = cache.nbytes(0)
+            signals = {}
+            if name == "zipvl":
+                qp = torch.randn(batch, q_heads, 64, head_dim, generator=g).to(device=device, dtype=dtype)
+                signals["importance"] = probe_importance(qp, k, torch.arange(T - 64, T))
+            rep = policy.apply(cache, 0, **signals)
+            row = {"T": T, "batch": batch, "policy": name, "config": cfg,
+                   "bytes_full": full_bytes, "bytes_kept": cache.nbytes(0),
+                   "kept_fraction": round(cache.nbytes(0) / full_bytes, 4),
+                   "used_fraction": round(rep["bytes_after"] / rep["bytes_before"], 4),
+                   "kv_bytes_before": rep.get("bytes_before"), "kv_bytes_after": rep.get("bytes_after"),
+                   "slots_before": rep.get("slots_before"), "slots_after": rep.get("slots_after")}
+            rows.append(row)
+            print(f"[kv_memory] T={T} {name}: storage held {row['kept_fraction']:.4f} of {full_bytes / 2**20:.1f} MiB, "
+                  f"slots in use {row['used_fraction']:.4f} ({cfg})", flush=True)
+            del cache, k, v
+    if out_dir is not None:
+        out = Path(out_dir)
+        write_csv(rows, out / "kv_memory.csv")
+        write_json({"environment": environment(), "dtype": str(dtype), "kv_heads": kv_heads,
+                    "head_dim": head_dim}, out / "kv_memory_env.json")
+    print_table(rows, ["T", "policy", "bytes_full", "bytes_kept", "kept_fraction", "used_fraction", "config"],
+                title="KV policies: bytes kept of one layer's cache")
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sparsattn.bench.kv_memory", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default="32768,131072")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=os.environ.get("OUT", "out"))
+    a = p.parse_args(argv)
+    lengths = tuple(int(x) for x in a.lengths.split(","))
+    if any(t < 1 for t in lengths) or a.batch < 1:
+        raise SystemExit("--lengths and --batch: expected positive integers")
+    run_kv_memory(lengths, batch=a.batch, device=a.device, out_dir=a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
