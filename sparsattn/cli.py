@@ -178,8 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: sub-commands that hand their arguments to another parser (argparse's REMAINDER does not take
+#: arguments that start with "-" right after the sub-command, so those arrive as "unknown")
+_PASS_THROUGH = {("train-lm", None), ("eval", None), ("bench", "decode"), ("bench", "kv-memory")}
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if (args.cmd, getattr(args, "which", None)) in _PASS_THROUGH:
+        args.rest = list(unknown) + list(args.rest or [])
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.cmd == "demo":
         import torch
 
