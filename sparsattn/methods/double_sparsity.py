@@ -257,7 +257,7 @@ class DoubleSparsity(Method):
     def _host_label_rows(self, cache, L, ch_host: torch.Tensor):
         """``rows(b_idx, t_idx)``: the calibrated channels of host keys at slots ``(b, t)`` copied to the
         device ``[n, Hkv, r]`` (only those ``r`` channels cross the bus); bytes counted in ``moved``."""
-        B, H = cache.batch, cache.kv_heads
+        H = cache.kv_heads
         r = ch_host.shape[1]
         moved = [0]
 

@@ -105,6 +105,8 @@ def test_question_tokens_go_through_the_decode_select(tiny_model, hf_tok, sample
 
 @pytest.mark.parametrize("name", list_methods("decode"))
 def test_full_budget_generation_equals_dense(name, tiny_model, hf_tok, sample_ids):
+    if name == "retrieval_attention":
+        pytest.importorskip("hnswlib", reason="retrieval_attention's HNSW index needs the optional 'ann' extra")
     _, ids, n_pre = sample_ids
     kv, tail = _prefix_and_tail(tiny_model, ids, n_pre)
     channels = _channels(tiny_model, hf_tok) if name == "double_sparsity" else None
@@ -273,13 +275,3 @@ def test_method_config_overrides_the_mapping(tiny_model, hf_tok, tmp_path):
                                   method_config=bad, log=lambda s: None)
     assert dq.main(["--out", str(tmp_path), "--method-config", "{bad"]) == 2
 
-
-def test_retrieval_attention_index_follows_hnswlib(monkeypatch):
-    """Without hnswlib (the optional 'ann' extra) the grid uses the method's attention-aware index."""
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "hnswlib" else real(n, *a))
-    assert dq.budget_config("retrieval_attention", 64, n_layers=4, group_size=2)["index"] == "attention_aware"
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "hnswlib" else real(n, *a))
-    assert dq.budget_config("retrieval_attention", 64, n_layers=4, group_size=2)["index"] == "hnsw"
