@@ -28,10 +28,18 @@ def test_kv_memory_counts_and_files(tmp_path):
     assert (tmp_path / "kv_memory_env.json").is_file()
 
 
-def test_kv_memory_per_head_policies_free_slots_not_contiguous_storage():
-    T = 8192  # Razor's window max(4000, T / 5) = 4000 < T for the non-retrieval heads
-    rows = run_kv_memory((T,), batch=1, kv_heads=2, q_heads=4, head_dim=8, dtype=torch.float32)
+def test_kv_memory_per_head_policies_free_storage():
+    """Per-head policies free storage too: the contiguous layout stores KV heads in groups of similar
+    length (KVCache head groups), so what is held is the slots in use plus per-slot metadata."""
+    T, D = 8192, 8  # Razor's window max(4000, T / 5) = 4000 < T for the non-retrieval heads
+    rows = run_kv_memory((T,), batch=1, kv_heads=2, q_heads=4, head_dim=D, dtype=torch.float32)
     r = {x["policy"]: x for x in rows}["razor"]
     # head 0 (retrieval) keeps T, head 1 keeps 4 sinks + 4000 + 1 compensation slot
-    assert r["slots_after"] == T + 4 + 4000 + 1
-    assert r["used_fraction"] < 0.75 and r["kept_fraction"] >= 1.0
+    slots = T + 4 + 4000 + 1
+    assert r["slots_after"] == slots and r["kv_bytes_after"] == slots * 2 * D * 4
+    assert r["used_fraction"] < 0.75
+    # storage held = K/V of the slots in use + int64 position + float32 log-weight per slot (+ small)
+    meta = r["bytes_kept"] - r["kv_bytes_after"]
+    assert slots * 12 <= meta <= slots * 12 + 256
+    m = {x["policy"]: x for x in rows}["moa"]
+    assert m["used_fraction"] < 0.3 and m["kept_fraction"] <= m["used_fraction"] * (1 + 8 / (2 * D * 4)) + 0.01
