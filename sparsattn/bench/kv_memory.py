@@ -4,10 +4,10 @@ Memory is counted, not timed, so the numbers do not depend on the device: a ``KV
 layer (GQA ``kv_heads``, ``head_dim``, bf16) is filled with ``T`` tokens of random keys/values per
 sequence, each policy is applied once (``KVPolicy.apply``), and its own report (bytes and slots
 before/after) is recorded together with ``KVCache.nbytes`` (storage actually held, metadata and
-quantised codes included) and the bytes of the slots in use (``KVCache.used_bytes``). The two differ
-when heads keep different numbers of tokens: the contiguous layout stores every head up to the
-longest one, so per-head policies (Razor's retrieval heads, MoA's spans) free slots but not storage
-there (per-head eviction is not available in the paged layout). Policy settings (illustrative, written in the ``config`` column):
+quantised codes included) and the bytes of the slots in use (``KVCache.used_bytes``). When heads keep
+different numbers of tokens (Razor's retrieval heads, MoA's spans), ``KVCache.shrink`` stores the
+layer as groups of heads of similar length, so the storage held follows the slots in use up to the
+per-slot metadata and the padding inside a group (``group_waste``). Policy settings (illustrative, written in the ``config`` column):
 
 * ``streaming_llm``: 4 sinks + a window of ``T / 16`` (the decode benchmark's 1/16 budget);
 * ``razor``: 1 of the KV heads is a retrieval head (the paper keeps about 15% of heads whole),
