@@ -31,6 +31,10 @@ def test_quick_demo_on_tiny_model(tmp_path, monkeypatch, capsys):
     assert os.environ["TRITON_INTERPRET"] == "1"  # restored
     text = capsys.readouterr().out
     assert "sparsattn demo: passkey" in text
+    assert "sparse-decided" in text  # the teacher-forced column
+    forced = demo._teacher_forced_passkey(path, demo.DEMO_METHODS, [1024], 1, "cpu")
+    assert set(forced) == {(m, 1024) for m in demo.DEMO_METHODS}
+    assert all(0.0 <= v <= 100.0 for v in forced.values())
     for m in demo.DEMO_METHODS:
         assert m in text
     assert (out / "demo.png").stat().st_size > 1000
