@@ -445,7 +445,7 @@ class KVCache:
                return_lse: bool = False, backend=None, validate: bool = True):
         """Decode attention of ``q [B, Hq, D]`` on this layer (optionally on a slot-indexed pattern);
         per-head lengths and compensation log-weights are honoured. On a grouped layer the kernel runs
-        once per head group (exact) and selected slots past a row's length are skipped."""
+        once per head group (exact); selected slots past a row's own length are skipped either way."""
         L = self._layer(layer)
         self._check_resident(L, "attend")
         kl = self.kv_lens(layer)
@@ -470,6 +470,12 @@ class KVCache:
             pattern = TokenPattern(idx.contiguous(), lens.to(torch.int32), T)
         if pattern.kv_len != T:
             raise _err("pattern.kv_len", f"{T} (the cache's slot count)", pattern.kv_len)
+        if not bool((lens == lens[:, :1]).all()):
+            # per-head lengths in one tensor: the kernel bounds rows by the sequence's longest head, so
+            # drop selected slots past a head's own length (as the grouped path does) instead of
+            # letting them read empty slots
+            valid = torch.arange(T, device=lens.device)[None, None, :] < lens[..., None]
+            pattern = TokenPattern.from_mask((pattern.to_token_mask().to(valid.device) & valid).contiguous(), kv_len=T)
         lw = None
         if lw_all is not None:
             if pattern.page_size != 1:

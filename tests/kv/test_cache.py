@@ -148,3 +148,23 @@ def test_load_layer_adopts_rows_like_append():
         got.load_layer(0, k, v, lens, pos[:, :, :3], torch.tensor([T, T]))
     with pytest.raises(ValueError, match="log_weight"):
         got.load_layer(0, k, v, lens, pos, torch.tensor([T, T]), log_weight=torch.zeros(B, H, 2))
+
+
+def test_attend_skips_selected_slots_past_a_heads_own_length():
+    """One tensor with per-head lengths: a pattern naming every slot equals attending each head's own
+    rows (the kernel alone would read the empty slots up to the sequence's longest head)."""
+    from sparsattn.kv import KVCache
+    from sparsattn.patterns import TokenPattern
+
+    g = torch.Generator().manual_seed(0)
+    c = KVCache(1, 2, 2, 16, dtype=torch.float32, group_waste=1.0)  # never split into head groups
+    k = torch.randn(2, 2, 40, 16, generator=g)
+    c.append(0, k, torch.randn(2, 2, 40, 16, generator=g))
+    keep = torch.ones(2, 2, 40, dtype=torch.bool)
+    keep[:, 1, 25:] = False  # head 1 keeps 25 slots, head 0 all 40
+    c.evict(0, keep)
+    q = torch.randn(2, 4, 16, generator=g)
+    T = c.get(0)[0].shape[2]
+    every = TokenPattern(torch.arange(T, dtype=torch.int32).expand(2, 2, T).contiguous(),
+                         torch.full((2, 2), T, dtype=torch.int32), T)
+    torch.testing.assert_close(c.attend(0, q, every, backend="reference"), c.attend(0, q, backend="reference"))
