@@ -583,21 +583,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_method_config(src: Optional[str]) -> Optional[dict]:
+    """parse_method_config: the ``--method-config`` option: inline JSON or a JSON file path ->
+    ``{method: {hyper-parameter: value}}`` (None when not given).
+
+    Raises:
+        ValueError: not valid JSON, or not a JSON object."""
+    if not src:
+        return None
+    if not src.lstrip().startswith("{") and Path(src).is_file():
+        src = Path(src).read_text()
+    try:
+        cfg = json.loads(src)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--method-config: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError("--method-config: expected a JSON object {method: {...}}")
+    return cfg
+
+
 def main(argv=None) -> int:
     """main: ``sparsattn eval`` (see ``--help``); returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        cfg = None
-        if args.method_config:
-            src = args.method_config
-            if not src.lstrip().startswith("{") and Path(src).is_file():
-                src = Path(src).read_text()
-            try:
-                cfg = json.loads(src)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--method-config: not valid JSON ({e})") from None
-            if not isinstance(cfg, dict):
-                raise ValueError("--method-config: expected a JSON object {method: {...}}")
+        cfg = parse_method_config(args.method_config)
         try:
             lengths = [int(x) for x in _csv_list(args.lengths)]
             depths = None if args.depths is None else [float(x) for x in _csv_list(args.depths)]

@@ -1001,17 +1001,9 @@ def main(argv=None) -> int:
         n = args.n if args.n is not None else (TINY["n"] if tiny else 10)
         full_n = args.full_n if args.full_n is not None else (TINY["full_n"] if tiny else 2)
         mnt = args.max_new_tokens if args.max_new_tokens is not None else (TINY["max_new_tokens"] if tiny else 10)
-        mcfg = None
-        if args.method_config:
-            src = args.method_config
-            if not src.lstrip().startswith("{") and Path(src).is_file():
-                src = Path(src).read_text()
-            try:
-                mcfg = json.loads(src)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--method-config: not valid JSON ({e})") from None
-            if not isinstance(mcfg, dict):
-                raise ValueError("--method-config: expected a JSON object {method: {...}}")
+        from ..evaluate import parse_method_config
+
+        mcfg = parse_method_config(args.method_config)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         threads = args.threads if args.threads is not None else (1 if tiny else None)
         if threads is not None:
