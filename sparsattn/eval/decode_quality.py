@@ -99,6 +99,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ..integrations.hf import _to_bh  # pattern rows (batch 1|B, heads 1|Hkv|Hq) -> [B, Hq, ...]
 from ..methods.base import Method, SelectContext
 from .scoring import get_scorer
 from .tasks import QUESTION_TEMPLATE, Sample, encode_ids, passkey
@@ -256,23 +257,6 @@ def split_prompt(tokenizer: Any, sample: Sample) -> tuple[list[int], int]:
 # top-k recall of a selection
 # ----------------------------------------------------------------------------------------------
 
-def _rows_to_heads(m: torch.Tensor, B: int, Hq: int) -> torch.Tensor:
-    """bool [B|1, 1|Hkv|Hq, T] -> [B, Hq, T] (pattern rows shared by a GQA group are repeated)."""
-    Hp = m.shape[1]
-    if Hp != Hq:
-        if Hp == 1:
-            m = m.expand(m.shape[0], Hq, m.shape[2])
-        elif Hq % Hp == 0:
-            m = m.repeat_interleave(Hq // Hp, dim=1)
-        else:
-            raise ValueError(f"pattern: expected 1, a divisor of {Hq} or {Hq} heads, got {Hp}")
-    if m.shape[0] != B:
-        if m.shape[0] != 1:
-            raise ValueError(f"pattern: expected batch 1 or {B}, got {m.shape[0]}")
-        m = m.expand(B, *m.shape[1:])
-    return m
-
-
 def topk_recall(q: torch.Tensor, k: torch.Tensor, pattern, top: int = TOP_K_RECALL,
                 kv_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """topk_recall: per (batch, query head), the fraction of the ``top`` keys with the largest exact
@@ -310,7 +294,7 @@ def topk_recall(q: torch.Tensor, k: torch.Tensor, pattern, top: int = TOP_K_RECA
         sel = pattern
     else:
         raise ValueError(f"pattern: expected a TokenPattern or a bool mask [B, H, {T}], got {type(pattern).__name__}")
-    sel = _rows_to_heads(sel.to(k.device), B, Hq)
+    sel = _to_bh(sel.to(k.device), B, Hq, "pattern")
     G = Hq // Hkv
     s = torch.matmul(q.float().view(B, Hkv, G, D), k.float().transpose(-1, -2)).view(B, Hq, T)
     valid = torch.ones(B, T, dtype=torch.bool, device=k.device)
@@ -373,7 +357,7 @@ class SelectRecorder:
         B, Hq = q.shape[0], q.shape[1]
         T = k.shape[2]
         rec = topk_recall(q, k, p, self.top, kl).mean()
-        sel = _rows_to_heads(p.to_token_mask(), B, Hq)
+        sel = _to_bh(p.to_token_mask(), B, Hq, "pattern")
         if kl is None:
             n_valid = torch.full((B,), T, device=k.device)
             valid = torch.ones(B, T, dtype=torch.bool, device=k.device)

@@ -109,3 +109,15 @@ def layer_windows(model) -> dict:
         attn = layer.self_attn
         out[l] = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
     return out
+
+
+def decode_step_logits(model, ids, am, pos, next_tok, cache):
+    """Prefill ``ids`` (left padded: ``am``, ``pos``) into ``cache``, then feed ``next_tok [B, 1]``
+    as one decode step; returns that step's logits ``[B, V]``."""
+    ck = cache_kwarg(model)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True, **{ck: cache})
+        am2 = torch.cat([am, torch.ones(am.shape[0], 1, dtype=am.dtype)], 1)
+        out = model(input_ids=next_tok, attention_mask=am2, position_ids=pos[:, -1:] + 1, use_cache=True,
+                    **{ck: cache})
+    return out.logits[:, -1]

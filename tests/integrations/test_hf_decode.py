@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hf_testutil import cache_kwarg, causal_keep, eager_logits, left_padded, make_model
+from hf_testutil import cache_kwarg, causal_keep, decode_step_logits, eager_logits, left_padded, make_model
 
 from sparsattn.integrations import hf
 from sparsattn.integrations.hf_cache import SparseCache
@@ -54,17 +54,6 @@ def test_greedy_generate_left_padding_dense_matches_unpatched(family, use_sparse
     assert torch.equal(out, ref)
 
 
-def _decode_step_logits(model, ids, am, pos, next_tok, cache):
-    """Prefill ``ids`` then feed ``next_tok`` [B, 1]; returns the last logits [B, V]."""
-    ck = cache_kwarg(model)
-    with torch.no_grad():
-        model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True, **{ck: cache})
-        am2 = torch.cat([am, torch.ones(am.shape[0], 1, dtype=am.dtype)], 1)
-        pos2 = pos[:, -1:] + 1
-        out = model(input_ids=next_tok, attention_mask=am2, position_ids=pos2, use_cache=True, **{ck: cache})
-    return out.logits[:, -1]
-
-
 def test_decode_method_through_sparse_decode_kernel(monkeypatch):
     """A decode method's TokenPattern (sinks + recent, left padding) equals eager attention whose last
     row sees exactly those keys; the sparse decode kernel is the one that ran."""
@@ -84,7 +73,7 @@ def test_decode_method_through_sparse_decode_kernel(monkeypatch):
     nxt = torch.randint(0, 128, (2, 1))
     cache = SparseCache(config=model.config)
     hf.patch(model, SinkRecent(sink=4, recent=8))
-    got = _decode_step_logits(model, ids, am, pos, nxt, cache)
+    got = decode_step_logits(model, ids, am, pos, nxt, cache)
     assert len(calls) == 4 and cache.state["steps"] == 1
     hf.unpatch(model)
     # reference: eager on the full sequence; the last row sees the sink + recent keys only
@@ -108,10 +97,10 @@ def test_decode_method_without_sparse_decode_module_runs_dense(monkeypatch):
     model = make_model("llama")
     ids, am, pos = left_padded(2, 30, [0, 5])
     nxt = torch.randint(0, 128, (2, 1))
-    ref = _decode_step_logits(model, ids, am, pos, nxt, SparseCache(config=model.config))
+    ref = decode_step_logits(model, ids, am, pos, nxt, SparseCache(config=model.config))
     monkeypatch.setitem(sys.modules, "sparsattn.kernels.sparse_decode", None)  # import now fails
     hf.patch(model, SinkRecent(sink=2, recent=3))
-    got = _decode_step_logits(model, ids, am, pos, nxt, SparseCache(config=model.config))
+    got = decode_step_logits(model, ids, am, pos, nxt, SparseCache(config=model.config))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=2e-5)
 
 
@@ -122,7 +111,7 @@ def test_decode_on_sliding_window_layers_with_decode_method():
     ids, am, pos = left_padded(2, T, [0, 7])
     nxt = torch.randint(0, 128, (2, 1))
     hf.patch(model, SinkRecent(sink=3, recent=30))
-    got = _decode_step_logits(model, ids, am, pos, nxt, SparseCache(config=model.config))
+    got = decode_step_logits(model, ids, am, pos, nxt, SparseCache(config=model.config))
     hf.unpatch(model)
     full = torch.cat([ids, nxt], 1)
     am2 = torch.cat([am, torch.ones(2, 1, dtype=am.dtype)], 1)
@@ -220,7 +209,7 @@ def test_per_head_decode_mapping():
     ids, am, pos = left_padded(2, T, [0, 6])
     nxt = torch.randint(0, 128, (2, 1))
     hf.patch(model, "dense", decode={"default": {0: SinkRecent(sink=2, recent=5), "default": "dense"}})
-    got = _decode_step_logits(model, ids, am, pos, nxt, SparseCache(config=model.config))
+    got = decode_step_logits(model, ids, am, pos, nxt, SparseCache(config=model.config))
     hf.unpatch(model)
     full = torch.cat([ids, nxt], 1)
     am2 = torch.cat([am, torch.ones(2, 1, dtype=am.dtype)], 1)
@@ -250,7 +239,7 @@ def test_every_decode_method_full_budget_left_padded_batch_equals_dense(name):
     if name == "double_sparsity":
         cfg["channels"] = {l: [list(range(4))] * 2 for l in range(4)}
     method = get_method(name, **cfg)
-    ref = _decode_step_logits(model, ids, am, pos, nxt, SparseCache(config=model.config))
+    ref = decode_step_logits(model, ids, am, pos, nxt, SparseCache(config=model.config))
     with hf.patched(model, decode=method):
-        got = _decode_step_logits(model, ids, am, pos, nxt, SparseCache(config=model.config))
+        got = decode_step_logits(model, ids, am, pos, nxt, SparseCache(config=model.config))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=2e-5)

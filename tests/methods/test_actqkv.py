@@ -1,5 +1,3 @@
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -279,17 +277,6 @@ def test_bad_inputs_name_the_argument():
 
 
 # -- through the HF integration -----------------------------------------------------------------
-
-
-@pytest.fixture
-def hf_util():
-    pytest.importorskip("transformers")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations"))
-    try:
-        import hf_testutil
-        yield hf_testutil
-    finally:
-        sys.path.pop(0)
 
 
 def test_hf_decode_reads_exactly_the_selected_keys(hf_util, monkeypatch):

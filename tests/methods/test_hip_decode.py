@@ -1,7 +1,5 @@
 """hip_decode: HiP's tree search at refresh steps, the mask reused in between, sinks + window always read."""
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -203,26 +201,6 @@ def test_short_cache_reads_everything_and_empty_search_range():
 # -- through the HF integration -----------------------------------------------------------------
 
 
-@pytest.fixture
-def hf_util():
-    pytest.importorskip("transformers")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations"))
-    try:
-        import hf_testutil
-        yield hf_testutil
-    finally:
-        sys.path.pop(0)
-
-
-def _step(hf_util, model, ids, am, pos, nxt, cache):
-    ck = hf_util.cache_kwarg(model)
-    with torch.no_grad():
-        model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True, **{ck: cache})
-        am2 = torch.cat([am, torch.ones(am.shape[0], 1, dtype=am.dtype)], 1)
-        return model(input_ids=nxt, attention_mask=am2, position_ids=pos[:, -1:] + 1, use_cache=True,
-                     **{ck: cache}).logits[:, -1]
-
-
 def test_hf_full_budget_decode_step_equals_dense(hf_util):
     import sparsattn
     from sparsattn.integrations.hf_cache import SparseCache
@@ -230,12 +208,12 @@ def test_hf_full_budget_decode_step_equals_dense(hf_util):
     model = hf_util.make_model("llama")
     ids, am, pos = hf_util.left_padded(2, 60, [0, 12])
     nxt = torch.randint(0, 128, (2, 1))
-    ref = _step(hf_util, model, ids, am, pos, nxt, SparseCache(config=model.config))
+    ref = hf_util.decode_step_logits(model, ids, am, pos, nxt, SparseCache(config=model.config))
     cache = SparseCache(config=model.config)
     sparsattn.patch(model, decode=HiPDecode(mask_k=64, block_k=2, n_sink=2, window=4), backend="reference")
     try:
         with pytest.warns(UserWarning, match="exceeds the cache"):
-            got = _step(hf_util, model, ids, am, pos, nxt, cache)
+            got = hf_util.decode_step_logits(model, ids, am, pos, nxt, cache)
     finally:
         sparsattn.unpatch(model)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=2e-5)
@@ -263,7 +241,7 @@ def test_hf_sparse_decode_reads_exactly_the_selection_and_refreshes(hf_util, mon
     sparsattn.patch(model, decode=HiPDecode(mask_k=16, block_k=4, n_sink=2, window=8, refresh_interval=2),
                     backend="reference")
     try:
-        got = _step(hf_util, model, ids, am, pos, nxt, cache)
+        got = hf_util.decode_step_logits(model, ids, am, pos, nxt, cache)
     finally:
         sparsattn.unpatch(model)
     assert len(pats) == 4

@@ -1,6 +1,4 @@
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -171,35 +169,15 @@ def test_bad_inputs_raise():
 # -- through the HF integration -----------------------------------------------------------------
 
 
-@pytest.fixture
-def hf_util():
-    pytest.importorskip("transformers")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations"))
-    try:
-        import hf_testutil
-        yield hf_testutil
-    finally:
-        sys.path.pop(0)
-
-
 def _step(hf_util, model, ids, am, pos, nxt, method):
     import sparsattn
     from sparsattn.integrations.hf_cache import SparseCache
 
-    ck = hf_util.cache_kwarg(model)
     cache = SparseCache(config=model.config)
-    ctx = sparsattn.patched(model, decode=method, backend="reference") if method is not None else None
-    with torch.no_grad():
-        if ctx is not None:
-            ctx.__enter__()
-        try:
-            model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True, **{ck: cache})
-            am2 = torch.cat([am, torch.ones(am.shape[0], 1, dtype=am.dtype)], 1)
-            out = model(input_ids=nxt, attention_mask=am2, position_ids=pos[:, -1:] + 1, use_cache=True, **{ck: cache})
-        finally:
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
-    return out.logits[:, -1]
+    if method is None:
+        return hf_util.decode_step_logits(model, ids, am, pos, nxt, cache)
+    with sparsattn.patched(model, decode=method, backend="reference"):
+        return hf_util.decode_step_logits(model, ids, am, pos, nxt, cache)
 
 
 def test_hf_full_budget_step_equals_dense_and_small_budget_reads_selection(hf_util, monkeypatch):
