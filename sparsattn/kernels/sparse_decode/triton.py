@@ -4,8 +4,11 @@ One program handles one (batch, pattern row, split): all the query heads that sh
 selection (a whole GQA group when the pattern has one row per KV head), so each selected K/V
 row is read once. The selection (``count * page_size`` tokens, or ``kv_len`` tokens when dense)
 is cut into ``num_splits`` slices (flash-decoding); every split writes a partial output and
-log-sum-exp that a second small kernel merges. With one split the first kernel writes the final
-output directly. KV may be contiguous ``[B, Hkv, T, D]`` or paged ``[n_pages, Hkv, P, D]`` with a
+log-sum-exp, and the merge is fused into the same launch: each split program takes a ticket from a
+per-(batch, row) counter after writing its partial, and the program that takes the last ticket merges
+the partials of that row and resets the counter (one kernel launch per call; the counters live in a
+small cached buffer per device and stream and are zero between calls). ``fused_merge=False`` uses a
+second small merge kernel instead. With one split the kernel writes the final output directly. KV may be contiguous ``[B, Hkv, T, D]`` or paged ``[n_pages, Hkv, P, D]`` with a
 block table ``[B, max_pages]``.
 
 Only long-standing Triton APIs are used (tested with triton 3.6 and 3.9).
@@ -23,7 +26,7 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _decode_kernel(Q, K, V, IDX, CNT, LW, KVL, BT, O, L,
+def _decode_kernel(Q, K, V, IDX, CNT, LW, KVL, BT, O, L, OF, LF, SEM,
                    qk_scale,
                    stride_qb, stride_qh,
                    stride_kb, stride_kh, stride_kt,
@@ -32,11 +35,12 @@ def _decode_kernel(Q, K, V, IDX, CNT, LW, KVL, BT, O, L,
                    stride_btb,
                    stride_ob, stride_oh, stride_os,
                    stride_lb, stride_lh,
+                   stride_ofb, stride_ofh, stride_lfb, stride_lfh,
                    split_len,
                    GP: tl.constexpr, ROWS_PER_KV: tl.constexpr, PAGE: tl.constexpr, CPS: tl.constexpr,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                    DENSE: tl.constexpr, PAGED: tl.constexpr, HAS_LW: tl.constexpr, DIRECT: tl.constexpr,
-                   PREC: tl.constexpr, UPCAST: tl.constexpr):
+                   FUSED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     b = tl.program_id(0)
     r = tl.program_id(1)
     sp = tl.program_id(2)
@@ -108,6 +112,36 @@ def _decode_kernel(Q, K, V, IDX, CNT, LW, KVL, BT, O, L,
     else:
         tl.store(optr, out, mask=omask)
     tl.store(L + b * stride_lb + qh * stride_lh + sp, lse, mask=hmask)
+    if FUSED:
+        # split-K merge in the same launch: the last split program of this (batch, row) merges
+        n_split = tl.num_programs(2)
+        sem_ptr = SEM + b * tl.num_programs(1) + r
+        tl.debug_barrier()  # every thread's partial stores precede the ticket (released by the atomic)
+        ticket = tl.atomic_add(sem_ptr, 1, sem="acq_rel")
+        if ticket == n_split - 1:
+            tl.atomic_xchg(sem_ptr, 0)  # zero again for the next call on this stream
+            m_f = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+            l_f = tl.zeros([BLOCK_H], dtype=tl.float32)
+            acc_f = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+            for s in range(0, n_split):
+                # .cg: read the other programs' partials from L2, never a stale L1 line
+                ls = tl.load(L + b * stride_lb + qh * stride_lh + s, mask=hmask, other=float("-inf"),
+                             cache_modifier=".cg")
+                os_ = tl.load(O + b * stride_ob + qh[:, None] * stride_oh + s * stride_os + offs_d[None, :],
+                              mask=omask, other=0.0, cache_modifier=".cg")
+                m_n = tl.maximum(m_f, ls)
+                m_s = tl.where(m_n == float("-inf"), 0.0, m_n)
+                a = tl.exp(m_f - m_s)
+                w = tl.exp(ls - m_s)
+                acc_f = acc_f * a[:, None] + os_ * w[:, None]
+                l_f = l_f * a + w
+                m_f = m_n
+            ok = l_f > 0
+            out_f = acc_f / tl.where(ok, l_f, 1.0)[:, None]
+            lse_f = tl.where(ok, m_f + tl.log(tl.where(ok, l_f, 1.0)), float("-inf"))
+            tl.store(OF + b * stride_ofb + qh[:, None] * stride_ofh + offs_d[None, :],
+                     out_f.to(OF.dtype.element_ty), mask=omask)
+            tl.store(LF + b * stride_lfb + qh * stride_lfh, lse_f, mask=hmask)
 
 
 @triton.jit
@@ -153,6 +187,22 @@ def _dummy(device, dtype) -> torch.Tensor:
     return _DUMMY[key]
 
 
+_SEMS: dict = {}
+
+
+def _semaphores(device, n: int) -> torch.Tensor:
+    """Zeroed int32 ticket counters (at least ``n``) for the fused merge, cached per device and stream:
+    launches on one stream run in order and every launch leaves its counters at zero, so reuse is
+    safe; another stream gets its own buffer."""
+    sid = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), sid)
+    buf = _SEMS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _SEMS[key] = buf
+    return buf
+
+
 def choose_splits(n_programs: int, max_sel: int, block_n: int, device) -> int:
     """Number of split-K slices: enough programs to fill the GPU (about 2 per SM), each with at
     least 2 blocks of ``block_n`` selected tokens."""
@@ -165,11 +215,14 @@ def choose_splits(n_programs: int, max_sel: int, block_n: int, device) -> int:
 
 
 def sparse_decode_triton(q, k_cache, v_cache, indices, counts, kv_lens, *, scale, page_size, log_weight=None,
-                         block_table=None, num_splits=None, block_n=None, num_warps=4):
+                         block_table=None, num_splits=None, block_n=None, num_warps=4, num_stages=None,
+                         fused_merge=True):
     """sparse_decode_triton: launch the decode kernel on validated inputs (see ``sparse_decode_attention``).
 
     ``indices [B', R, max_n]`` / ``counts [B', R]`` (``B'`` = 1 or B; R = pattern rows, 1, Hkv or Hq)
-    or None for dense; ``kv_lens`` int32 ``[B]`` on the device. Returns ``(out [B, Hq, D], lse [B, Hq])``.
+    or None for dense; ``kv_lens`` int32 ``[B]`` on the device. ``fused_merge``: merge the split-K
+    partials inside the one launch (default) or in a second kernel. ``num_stages``: Triton's software
+    pipelining depth (None = Triton's default). Returns ``(out [B, Hq, D], lse [B, Hq])``.
     """
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
@@ -221,9 +274,10 @@ def sparse_decode_triton(q, k_cache, v_cache, indices, counts, kv_lens, *, scale
     upcast = q.device.type == "cpu" and q.dtype == torch.bfloat16
     prec = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
     direct = S == 1
+    fused = fused_merge and not direct
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
     if direct:
-        out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-        lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
         so = (out.stride(0), out.stride(1), 0)
         sl = (lse.stride(0), lse.stride(1))
         o_t, l_t = out, lse
@@ -232,10 +286,12 @@ def sparse_decode_triton(q, k_cache, v_cache, indices, counts, kv_lens, *, scale
         l_t = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
         so = (o_t.stride(0), o_t.stride(1), o_t.stride(2))
         sl = (l_t.stride(0), l_t.stride(1))
+    sem = _semaphores(q.device, B * R) if fused else dummy
     qk_scale = float(scale) * LOG2E
     grid = (B, R, S)
+    extra = {} if num_stages is None else {"num_stages": num_stages}
     _decode_kernel[grid](
-        q, k_cache, v_cache, idx, cnt, lw, kv_lens, bt, o_t, l_t,
+        q, k_cache, v_cache, idx, cnt, lw, kv_lens, bt, o_t, l_t, out, lse, sem,
         qk_scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -244,16 +300,15 @@ def sparse_decode_triton(q, k_cache, v_cache, indices, counts, kv_lens, *, scale
         sbt,
         so[0], so[1], so[2],
         sl[0], sl[1],
+        out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
         split_len,
         GP=GP, ROWS_PER_KV=ROWS_PER_KV, PAGE=page_size, CPS=cps,
         D=D, BLOCK_D=BLOCK_D, BLOCK_H=BLOCK_H, BLOCK_N=block_n,
-        DENSE=dense, PAGED=paged, HAS_LW=log_weight is not None, DIRECT=direct, PREC=prec, UPCAST=upcast,
-        num_warps=num_warps,
+        DENSE=dense, PAGED=paged, HAS_LW=log_weight is not None, DIRECT=direct, FUSED=fused, PREC=prec,
+        UPCAST=upcast, num_warps=num_warps, **extra,
     )
-    if direct:
+    if direct or fused:
         return out, lse
-    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
     _merge_kernel[(B * Hq,)](
         o_t, l_t, out, lse, S, o_t.stride(0), o_t.stride(1), o_t.stride(2), l_t.stride(0), l_t.stride(1),
         out.stride(0), out.stride(1), lse.stride(0), Hq,
