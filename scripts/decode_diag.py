@@ -89,7 +89,7 @@ def kernel_section(T=131072, B=8, hq=32, hkv=8, d=128):
             count = max(1, round(budget * T / P))
             pat = random_selection(B, hkv, n_units, count, P, T, dev, gen)
             ref = sparse_decode_reference(q[:1], k[:1], v[:1], TokenPattern(pat.indices[:1], pat.counts[:1], T, P),
-                                          kv_lens=kl[:1])
+                                          kv_lens=kl[:1])[0]
             nbytes = 2 * B * hkv * count * P * d * 2 + B * hkv * count * 4
             for var in variants:
                 def fn(var=var):
@@ -133,31 +133,48 @@ def select_section(T=131072, B=8, hq=32, hkv=8, d=128):
 
 
 def groups_section(T=32768, B=8, hq=32, hkv=8, d=128):
+    import sparsattn.kernels.sparse_decode.triton as tri
+
     dev = torch.device("cuda")
     cases = {"razor_like": [T] + [2048] * (hkv - 1),
              "moa_like": [T, T * 3 // 4, T // 2, T * 3 // 8, T // 4, T * 3 // 16, T // 8, T // 16]}
     q = torch.randn(B, hq, d, device=dev, dtype=torch.bfloat16)
+    orig = tri.sparse_decode_triton
     for name, lens in cases.items():
-        out = {}
+        k = torch.randn(B, hkv, T, d, device=dev, dtype=torch.bfloat16)
+        v = torch.randn(B, hkv, T, d, device=dev, dtype=torch.bfloat16)
+        L = torch.tensor(lens, device=dev)[None].expand(B, hkv).contiguous()
+        ref = sparse_decode_reference(q, k, v, None, kv_lens=L)[0].float()
+        pos = torch.arange(T, device=dev).expand(B, hkv, T)
+        r = {"case": name}
         for waste in (0.1, 1.0):
             c = KVCache(1, B, hkv, d, dtype=torch.bfloat16, device=dev, group_waste=waste)
-            k = torch.randn(B, hkv, T, d, device=dev, dtype=torch.bfloat16)
-            v = torch.randn(B, hkv, T, d, device=dev, dtype=torch.bfloat16)
-            L = torch.tensor(lens, device=dev)[None].expand(B, hkv)
-            pos = torch.arange(T, device=dev).expand(B, hkv, T)
             c.load_layer(0, k, v, L, pos, torch.full((B,), T, device=dev))
             c.shrink()
-            fn = lambda: c.attend(0, q, validate=False)  # noqa: E731
-            o = fn()
-            a = do_bench(fn, warmup=25, rep=100, return_mode="median")
-            n_groups = 1 if c.layers[0].groups is None else len(c.layers[0].groups)
-            out[waste] = (o, float(a), n_groups, c.nbytes(0))
-            del k, v
-        err = float((out[0.1][0].float() - out[1.0][0].float()).abs().max())
-        r = {"case": name, "grouped_ms": out[0.1][1], "groups": out[0.1][2], "single_ms": out[1.0][1],
-             "grouped_bytes": out[0.1][3], "single_bytes": out[1.0][3], "max_diff": err}
+            tag = "grouped" if waste < 1 else "single"
+            r[f"{tag}_groups"] = 1 if c.layers[0].groups is None else len(c.layers[0].groups)
+            r[f"{tag}_bytes"] = c.nbytes(0)
+            for fused in (True, False):
+                tri.sparse_decode_triton = lambda *a, _f=fused, **kw: orig(*a, fused_merge=_f, **kw)
+                try:
+                    fn = lambda: c.attend(0, q, validate=False)  # noqa: E731
+                    r[f"{tag}_fused{int(fused)}_err"] = float((fn().float() - ref).abs().max())
+                    r[f"{tag}_fused{int(fused)}_ms"] = float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+                finally:
+                    tri.sparse_decode_triton = orig
+            # a token-index pattern over every kept slot (the path a decode method's selection takes)
+            idx = torch.arange(T, device=dev, dtype=torch.int32).expand(B, hkv, T).contiguous()
+            pat = TokenPattern(idx, L.to(torch.int32), T)
+            fn = lambda: c.attend(0, q, pat, validate=False)  # noqa: E731
+            r[f"{tag}_pattern_err"] = float((fn().float() - ref).abs().max())
+            r[f"{tag}_pattern_ms"] = float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+            del c
+        r["sdpa_full_ms"] = float(do_bench(lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True),
+                                           warmup=25, rep=100, return_mode="median"))
         RES["groups"].append(r)
         print(r, flush=True)
+        del k, v
+        torch.cuda.empty_cache()
 
 
 def main(argv=None) -> int:

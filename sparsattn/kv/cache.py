@@ -414,6 +414,12 @@ class KVCache:
             qi = (hs[:, None] * G + garange).reshape(-1)
             ln = L.lengths[:, hs].to(dev)  # [B, H_g]
             cap = g.k.shape[2]
+            if pattern is None and g.log_weight is None:  # every kept slot: dense over each row's length
+                o, s = sparse_decode_attention(q[:, qi], g.k, g.v, None, kv_lens=ln.to(torch.int32),
+                                               **dict(kw, return_lse=True))
+                out[:, qi] = o
+                lse[:, qi] = s
+                continue
             if pattern is None:
                 t = torch.arange(max(cap, 1), device=dev).expand(B, hs.numel(), -1)
                 ok = t < ln[..., None]
@@ -462,20 +468,24 @@ class KVCache:
         T = k.shape[2]
         lens = L.lengths if L.quant is None else L.quant.lengths
         lw_all = L.log_weight
+        uniform = bool((lens == lens[:, :1]).all())
         if pattern is None:
-            uniform = bool((lens == lens[:, :1]).all())
-            if uniform and lw_all is None:
-                return sparse_decode_attention(q, k, v, None, kv_lens=kl, **kw)
+            if lw_all is None:  # every kept slot: dense over each row's own length, no index list
+                return sparse_decode_attention(q, k, v, None, kv_lens=kl if uniform else lens.to(torch.int32), **kw)
             idx = torch.arange(max(T, 1), device=k.device, dtype=torch.int32).expand(self.batch, self.kv_heads, -1)
             pattern = TokenPattern(idx.contiguous(), lens.to(torch.int32), T)
         if pattern.kv_len != T:
             raise _err("pattern.kv_len", f"{T} (the cache's slot count)", pattern.kv_len)
-        if not bool((lens == lens[:, :1]).all()):
-            # per-head lengths in one tensor: the kernel bounds rows by the sequence's longest head, so
-            # drop selected slots past a head's own length (as the grouped path does) instead of
-            # letting them read empty slots
-            valid = torch.arange(T, device=lens.device)[None, None, :] < lens[..., None]
-            pattern = TokenPattern.from_mask((pattern.to_token_mask().to(valid.device) & valid).contiguous(), kv_len=T)
+        if not uniform:
+            # per-head lengths in one tensor: selected slots past a head's own length hold nothing and
+            # are skipped (as on the grouped path): checked against the sequence's longest row, then
+            # the kernel bounds each KV head by its own length
+            if kw.get("validate", True):
+                from ..kernels.sparse_decode import _deep_check
+
+                _deep_check(pattern, kl.to(pattern.device))
+            kl = lens.to(torch.int32)
+            kw = dict(kw, validate=False)
         lw = None
         if lw_all is not None:
             if pattern.page_size != 1:

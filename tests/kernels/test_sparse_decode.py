@@ -254,3 +254,53 @@ def test_fused_merge_matches_two_kernel_merge(dtype, P, poison):
         outs.append(o)
     assert torch.equal(outs[0], outs[2])
     assert all(int(buf.abs().sum()) == 0 for buf in tri._SEMS.values())
+
+
+@pytest.mark.parametrize("heads,P,dtype", [(None, 1, torch.float32), ("kv", 1, torch.bfloat16), ("q", 16, torch.float32),
+                                           ("one", 1, torch.float16)])
+def test_per_kv_head_lengths(heads, P, dtype, poison):
+    """kv_lens [B, Hkv]: each KV head reads only its own first kv_lens[b, h] slots (dense and
+    pattern), kernel == reference == per-head dense attention; an index past a head's length is a
+    clear error."""
+    gen = torch.Generator().manual_seed(5)
+    B, Hkv, G, T, D = 2, 3, 2, 150, 32
+    Hq = Hkv * G
+    q = torch.randn(B, Hq, D, generator=gen).to(DEV, dtype)
+    k = torch.randn(B, Hkv, T, D, generator=gen).to(DEV, dtype)
+    v = torch.randn(B, Hkv, T, D, generator=gen).to(DEV, dtype)
+    lens = torch.tensor([[150, 7, 64], [0, 150, 33]])
+    pat = None
+    if heads is not None:
+        H = {"kv": Hkv, "q": Hq, "one": 1}[heads]
+        n = -(-int(lens.min().clamp_min(1)) // P) if heads == "one" else None
+        rows = []
+        for b in range(B):
+            rb = []
+            for h in range(H):
+                L = int(lens[b].min()) if heads == "one" else int(lens[b, h // (H // Hkv)])
+                units = -(-L // P)
+                rb.append(sorted(torch.randperm(units, generator=gen)[: max(units // 2, min(units, 1))].tolist()))
+            rows.append(rb)
+        pat = TokenPattern.from_lists(rows, T, page_size=P).to(DEV)
+        del n
+    kl = lens.to(DEV, torch.int32)
+    o, lse = sparse_decode_attention(q, k, v, pat, kv_lens=kl, backend="triton", return_lse=True)
+    ro, rlse = sparse_decode_attention(q, k, v, pat, kv_lens=kl, backend="reference", return_lse=True)
+    _close(o, ro, TOL[dtype])
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(rlse))
+    if pat is None:  # per-head dense attention over the first lens[b, h] slots
+        for b in range(B):
+            for h in range(Hq):
+                L = int(lens[b, h // G])
+                if L == 0:
+                    assert (o[b, h] == 0).all() and torch.isneginf(lse[b, h])
+                    continue
+                s = (k[b, h // G, :L].float() @ q[b, h].float()) / math.sqrt(D)
+                want = s.softmax(0) @ v[b, h // G, :L].float()
+                _close(o[b, h], want, TOL[dtype])
+    else:
+        bad = TokenPattern.from_lists([[[0, 10]] * Hkv, [[]] + [[1]] * (Hkv - 1)], T, page_size=1).to(DEV)
+        with pytest.raises(ValueError, match="pattern.indices"):  # slot 10 of head (0, 1), which holds 7
+            sparse_decode_attention(q, k, v, bad, kv_lens=kl)
+    with pytest.raises(ValueError, match="kv_lens"):
+        sparse_decode_attention(q, k, v, None, kv_lens=kl[:, :2])

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ...patterns import TokenPattern
-from .reference import paged_to_contiguous, sparse_decode_reference
+from .reference import paged_to_contiguous, row_lens, sparse_decode_reference
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -70,8 +70,10 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             ``kv_len == T``. With ``page_size = P > 1`` index ``i`` selects tokens ``[i*P, (i+1)*P)``.
             None = dense attention over the first ``kv_lens[b]`` tokens.
         scale: softmax scale, default ``1/sqrt(D)``.
-        kv_lens: int ``[B]`` valid cache length of each sequence (default T); selected tokens at or
-            beyond it are an error (``validate=True``) and are never read.
+        kv_lens: int ``[B]`` valid cache length of each sequence (default T), or ``[B, Hkv]`` per KV
+            head (rows of different lengths in one tensor: each head reads only its first
+            ``kv_lens[b, h]`` slots, with ``pattern=None`` too); selected tokens at or beyond the
+            length are an error (``validate=True``) and are never read.
         return_lse: also return the natural-log log-sum-exp, float32 ``[B, Hq]``.
         backend: "triton" or "reference"; None = triton on CUDA (or CPU with TRITON_INTERPRET=1),
             else the reference.
@@ -132,11 +134,12 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         kl = torch.full((B,), T, dtype=torch.int32, device=q.device)
     else:
         kl = kv_lens if isinstance(kv_lens, torch.Tensor) and kv_lens.device == q.device else torch.as_tensor(kv_lens, device=q.device)
-        if kl.dim() != 1 or kl.shape[0] != B or kl.dtype.is_floating_point or kl.dtype == torch.bool:
-            raise _err("kv_lens", f"a 1-D integer tensor of length {B}", (kl.dtype, tuple(kl.shape)))
+        if (kl.dim() not in (1, 2) or kl.shape[0] != B or (kl.dim() == 2 and kl.shape[1] != Hkv)
+                or kl.dtype.is_floating_point or kl.dtype == torch.bool):
+            raise _err("kv_lens", f"an integer tensor [{B}] or [{B}, {Hkv}] (per KV head)", (kl.dtype, tuple(kl.shape)))
         if kl.dtype != torch.int32:
             kl = kl.to(torch.int32)
-        if validate and B and (int(kl.min()) < 0 or int(kl.max()) > T):
+        if validate and kl.numel() and (int(kl.min()) < 0 or int(kl.max()) > T):
             raise _err("kv_lens", f"lengths in [0, {T}]", f"min {int(kl.min())}, max {int(kl.max())}")
     if pattern is not None:
         if not isinstance(pattern, TokenPattern):
@@ -204,19 +207,21 @@ def _deep_check(pattern: TokenPattern, kv_lens: torch.Tensor) -> None:
     B = kv_lens.shape[0]
     if pattern.batch == 1 and B > 1:
         idx, cnt = idx.expand(B, -1, -1), cnt.expand(B, -1)
-    units = (kv_lens.long() + P - 1) // P  # [B]
+    if kv_lens.dim() == 2 and idx.shape[1] == 1:
+        idx, cnt = idx.expand(-1, kv_lens.shape[1], -1), cnt.expand(-1, kv_lens.shape[1])
+    units = (row_lens(kv_lens, idx.shape[1]) + P - 1) // P  # [B, rows]
     if cnt.numel():
         if bool((cnt < 0).any()):
             raise _err("pattern.counts", "values >= 0", f"min {int(cnt.min())}")
         if bool((cnt.long() > idx.shape[-1]).any()):
             raise _err("pattern.counts", f"values <= {idx.shape[-1]} (indices per row)", f"max {int(cnt.max())}")
-        if bool((cnt.long() > units[:, None]).any()):
-            raise _err("pattern.counts", "a budget no larger than the cache (kv_lens / page_size per sequence)",
+        if bool((cnt.long() > units).any()):
+            raise _err("pattern.counts", "a budget no larger than the cache (kv_lens / page_size per row)",
                        f"max {int(cnt.max())} with kv_lens {kv_lens.tolist()[:8]}")
     if not idx.numel():
         return
     valid = torch.arange(idx.shape[-1], device=idx.device) < cnt[..., None]
-    bad = ((idx < 0) | (idx.long() >= units[:, None, None])) & valid
+    bad = ((idx < 0) | (idx.long() >= units[..., None])) & valid
     if bool(bad.any()):
         raise _err("pattern.indices", "values in [0, ceil(kv_lens[b] / page_size)) within counts", "an index out of range")
     if idx.shape[-1] > 1:

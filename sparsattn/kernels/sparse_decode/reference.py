@@ -24,18 +24,34 @@ def paged_to_contiguous(pages: torch.Tensor, block_table: torch.Tensor, T: int) 
     return out.permute(0, 2, 1, 3)
 
 
+def row_lens(kv_lens: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Valid length of each of ``n_rows`` pattern rows, int64 ``[B, n_rows]``, from per-sequence
+    ``[B]`` or per-KV-head ``[B, Hkv]`` lengths (``n_rows`` a multiple of ``Hkv`` then)."""
+    kl = kv_lens.long()
+    if kl.dim() == 1:
+        return kl[:, None].expand(-1, n_rows)
+    H = kl.shape[1]
+    if n_rows % H:
+        raise ValueError(f"kv_lens: per-KV-head lengths [B, {H}] need pattern rows that are a multiple of {H}, "
+                         f"got {n_rows}")
+    return kl.repeat_interleave(n_rows // H, 1)
+
+
 def selected_tokens(pattern: Optional[TokenPattern], kv_lens: torch.Tensor, T: int, n_rows: int,
                     log_weight: Optional[torch.Tensor] = None):
     """Token positions ``[B, n_rows, n]`` (int64), validity mask and per-token log-weights (or None).
 
-    ``pattern=None`` selects every token below ``kv_lens[b]``. Pattern rows are broadcast to
-    ``n_rows`` heads when the pattern has a single head.
+    ``kv_lens``: ``[B]`` per sequence, or ``[B, Hkv]`` per KV head (then ``n_rows`` is a multiple of
+    ``Hkv``: row ``r`` belongs to KV head ``r // (n_rows // Hkv)``). ``pattern=None`` selects every
+    token below the row's length. Pattern rows are broadcast to ``n_rows`` heads when the pattern
+    has a single head.
     """
     B = kv_lens.shape[0]
     dev = kv_lens.device
+    lim = row_lens(kv_lens, n_rows)[..., None]  # [B, n_rows, 1]
     if pattern is None:
         tok = torch.arange(T, device=dev).expand(B, n_rows, T)
-        valid = tok < kv_lens.view(B, 1, 1).long()
+        valid = tok < lim
         return tok, valid, None
     P = pattern.page_size
     idx = pattern.indices.long()
@@ -50,7 +66,7 @@ def selected_tokens(pattern: Optional[TokenPattern], kv_lens: torch.Tensor, T: i
     off = torch.arange(P, device=dev)
     tok = (idx[..., None] * P + off).reshape(B, n_rows, max_n * P)
     valid = (entry_ok[..., None].expand(-1, -1, -1, P).reshape(B, n_rows, max_n * P)
-             & (tok < kv_lens.view(B, 1, 1).long()))
+             & (tok < lim))
     lw = None
     if log_weight is not None:
         w = log_weight.float()
@@ -69,7 +85,8 @@ def sparse_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     """sparse_decode_reference: decode attention of ``q [B, Hq, D]`` on the selected cache tokens.
 
     ``k_cache, v_cache``: ``[B, Hkv, T, D]``, or pages ``[n_pages, Hkv, P, D]`` with ``block_table``
-    ``[B, max_pages]`` (then ``T = max_pages * P``). ``log_weight`` ``[B, Hp, max_n]`` is added to
+    ``[B, max_pages]`` (then ``T = max_pages * P``). ``kv_lens``: ``[B]`` or per KV head ``[B, Hkv]``.
+    ``log_weight`` ``[B, Hp, max_n]`` is added to
     the logit of each selected entry (natural log). Returns ``(out [B, Hq, D] in q.dtype,
     lse [B, Hq] float32)``. Inputs are assumed validated by the caller.
     """
@@ -84,6 +101,8 @@ def sparse_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if kv_lens is None:
         kv_lens = torch.full((B,), T, dtype=torch.int32, device=q.device)
     rows = 1 if pattern is None else pattern.heads
+    if kv_lens.dim() == 2 and rows == 1:
+        rows = Hkv  # per-KV-head lengths: a row per KV head
     tok, valid, lw = selected_tokens(pattern, kv_lens.to(q.device), T, rows, log_weight)
     if rows != Hq:  # a row per KV head (shared by its query group) or one row for all heads
         rep = Hq // rows

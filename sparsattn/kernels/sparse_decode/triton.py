@@ -32,7 +32,7 @@ def _decode_kernel(Q, K, V, IDX, CNT, LW, KVL, BT, O, L, OF, LF, SEM,
                    stride_kb, stride_kh, stride_kt,
                    stride_vb, stride_vh, stride_vt,
                    stride_ib, stride_ir, stride_cb, stride_cr, stride_wb, stride_wr,
-                   stride_btb,
+                   stride_btb, stride_klb, stride_klh,
                    stride_ob, stride_oh, stride_os,
                    stride_lb, stride_lh,
                    stride_ofb, stride_ofh, stride_lfb, stride_lfh,
@@ -54,7 +54,7 @@ def _decode_kernel(Q, K, V, IDX, CNT, LW, KVL, BT, O, L, OF, LF, SEM,
                 mask=hmask[:, None] & dmask[None, :], other=0.0)
     if UPCAST:  # the CPU interpreter's bf16 tl.dot is wrong (triton 3.9): compute in fp32 there
         q = q.to(tl.float32)
-    kvlen = tl.load(KVL + b)
+    kvlen = tl.load(KVL + b * stride_klb + kvh * stride_klh)  # per sequence (stride_klh 0) or per KV head
     if DENSE:
         n_sel = kvlen
     else:
@@ -220,7 +220,7 @@ def sparse_decode_triton(q, k_cache, v_cache, indices, counts, kv_lens, *, scale
     """sparse_decode_triton: launch the decode kernel on validated inputs (see ``sparse_decode_attention``).
 
     ``indices [B', R, max_n]`` / ``counts [B', R]`` (``B'`` = 1 or B; R = pattern rows, 1, Hkv or Hq)
-    or None for dense; ``kv_lens`` int32 ``[B]`` on the device. ``fused_merge``: merge the split-K
+    or None for dense; ``kv_lens`` int32 ``[B]`` (or ``[B, Hkv]`` per KV head) on the device. ``fused_merge``: merge the split-K
     partials inside the one launch (default) or in a second kernel. ``num_stages``: Triton's software
     pipelining depth (None = Triton's default). Returns ``(out [B, Hq, D], lse [B, Hq])``.
     """
@@ -297,7 +297,7 @@ def sparse_decode_triton(q, k_cache, v_cache, indices, counts, kv_lens, *, scale
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         sib, sir, scb, scr, swb, swr,
-        sbt,
+        sbt, kv_lens.stride(0), kv_lens.stride(1) if kv_lens.dim() == 2 else 0,
         so[0], so[1], so[2],
         sl[0], sl[1],
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
