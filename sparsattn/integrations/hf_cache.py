@@ -39,10 +39,11 @@
     a query head only reads its own KV head), several = dense SDPA per group. ``attend`` releases
     the rows it read (the pre-compression rows of a step where the policy ran).
   - the policy: on every ``compress`` call the cache materialises a padded ``[B, Hkv, T, D]`` copy
-    of the groups (T = the largest group capacity; one extra copy of the layer per call, also on
-    the steps an ``as_cache_policy(..., every=N)`` wrapper does not rewrite, and a transient peak
-    of the padded size) and re-groups what it returns; if it returns its inputs unchanged the
-    groups are kept as they are. Between steps only the groups are stored.
+    of the groups (T = the largest group capacity, i.e. the longest row: a policy's own per-slot
+    state must follow ``ctx.head_lens``, as ``as_cache_policy``'s does) and re-groups what it
+    returns; if it returns its inputs unchanged the groups are kept. Cost: one extra copy of the
+    layer per call, also on the steps an ``as_cache_policy(..., every=N)`` wrapper does not
+    rewrite, and a transient peak of the padded size. Between steps only the groups are stored.
   - ``layers[i].keys`` / ``.values``, ``head_pad``, ``log_weights`` return *materialised* padded
     tensors (new tensors, not views of the storage); ``head_lens``, ``get_seq_length``,
     ``reorder_cache`` (beam search), ``nbytes``, sliding-window layers and offloading work per
@@ -267,10 +268,12 @@ class GroupedLayer(DynamicLayer):
             return self.base.cumulative_length
         return self.slots()
 
-    def get_mask_sizes(self, query_length: int):
+    def get_mask_sizes(self, query_length):
         if self.is_sliding:
             return self.base.get_mask_sizes(query_length)
-        return self.slots() + query_length, 0
+        # transformers < 5.2x passes cache_position (a tensor of the new positions) instead of the count
+        n = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
+        return self.slots() + n, 0
 
     def get_max_length(self) -> int:
         return self.base.get_max_length()
