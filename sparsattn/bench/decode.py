@@ -13,8 +13,12 @@ Per (context length T, batch B) it times, for one new query token (GQA Hq/Hkv, h
 
 Bandwidth is computed on the bytes actually read (selected K/V rows of each KV head once, the
 indices, q and the output). Outputs are checked against the torch reference on sequence 0 before
-timing. GPU timing: ``triton.testing.do_bench(..., return_mode="median")``; CPU (``--tiny``):
-median wall time of a few calls (smoke test only).
+timing. GPU timing, two columns per row, every ratio against dense SDPA timed the same way in the
+same run: ``ms`` = ``triton.testing.do_bench(..., return_mode="median")`` (launches from Python: a
+call that runs shorter on the GPU than its Python launch takes measures the CPU), ``graph_ms`` =
+``do_bench_cudagraph`` (the call captured in a CUDA graph and replayed, as serving engines decode:
+the GPU time; empty when the call cannot be captured). CPU (``--tiny``): median wall time of a few
+calls (smoke test only).
 
 Run: ``python -m sparsattn.bench.decode --out decode.csv`` (GPU), ``--tiny`` on the CPU.
 """
@@ -38,21 +42,35 @@ from ..methods.base import SelectContext
 from ..patterns import TokenPattern
 
 FIELDS = ["impl", "T", "B", "Hq", "Hkv", "D", "dtype", "budget", "page_size", "ms", "select_ms", "speedup_vs_sdpa",
-          "bytes_read", "GBps", "max_err", "note", "device", "torch", "triton"]
+          "bytes_read", "GBps", "graph_ms", "speedup_graph", "GBps_graph", "max_err", "note", "device", "torch",
+          "triton"]
 
 
-def _time(fn: Callable, device: torch.device, reps: int) -> float:
+def _time(fn: Callable, device: torch.device, reps: int) -> tuple[float, Optional[float]]:
+    """(median ms with launches from Python, median ms replaying a CUDA graph of the call or None).
+
+    GPU: ``triton.testing.do_bench`` (L2 flushed before each call, launches from Python: a call
+    shorter than its own Python launch cost measures the CPU) and ``do_bench_cudagraph`` (the same
+    call captured once and replayed: the GPU time, as a serving engine that decodes under CUDA
+    graphs sees it; None when the call cannot be captured, e.g. it syncs with the host). CPU: the
+    median wall time of ``reps`` calls (smoke test only) and None."""
     if device.type == "cuda":
         import triton
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        ms = float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        try:
+            g = float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+        except Exception as e:  # capture refused (host sync, unsupported op)
+            print(f"  (no CUDA-graph timing: {type(e).__name__}: {str(e)[:80]})", flush=True)
+            g = None
+        return ms, g
     fn()
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+    return statistics.median(ts), None
 
 
 def random_selection(B: int, H: int, n_units: int, count: int, page_size: int, T: int, device, gen) -> TokenPattern:
@@ -113,16 +131,22 @@ def run_decode_bench(lengths: Sequence[int] = (32768, 131072), batches: Sequence
         except Exception as e:  # pragma: no cover - depends on the torch build
             print(f"flex unavailable: {e}", file=sys.stderr)
 
-    def row(impl, T, B, budget, P, ms, sel_ms, sdpa_ms, nbytes, err, note=""):
+    def row(impl, T, B, budget, P, t, sel_ms, sdpa_t, nbytes, err, note=""):
+        ms, g = t if isinstance(t, tuple) else (t, None)
+        sdpa_ms, sdpa_g = sdpa_t if isinstance(sdpa_t, tuple) else (sdpa_t, None)
         r = {"impl": impl, "T": T, "B": B, "Hq": hq, "Hkv": hkv, "D": d, "dtype": str(dtype).replace("torch.", ""),
              "budget": budget, "page_size": P, "ms": round(ms, 5) if ms is not None else None,
              "select_ms": round(sel_ms, 5) if sel_ms is not None else None,
              "speedup_vs_sdpa": round(sdpa_ms / ms, 3) if ms and sdpa_ms else None,
              "bytes_read": nbytes, "GBps": round(nbytes / (ms * 1e-3) / 1e9, 1) if ms and nbytes else None,
+             "graph_ms": round(g, 5) if g else None,
+             "speedup_graph": round(sdpa_g / g, 3) if g and sdpa_g else None,
+             "GBps_graph": round(nbytes / (g * 1e-3) / 1e9, 1) if g and nbytes else None,
              "max_err": err, "note": note, **versions}
         rows.append(r)
         print(f"{impl:>24} T={T:>6} B={B} budget={budget!s:>8} P={P:>2}: {r['ms']} ms  {r['GBps']} GB/s  "
-              f"x{r['speedup_vs_sdpa']} vs sdpa  err={err} {note}", flush=True)
+              f"x{r['speedup_vs_sdpa']} vs sdpa | graph {r['graph_ms']} ms {r['GBps_graph']} GB/s "
+              f"x{r['speedup_graph']}  err={err} {note}", flush=True)
 
     for T in lengths:
         for B in batches:
@@ -247,7 +271,7 @@ def _method_rows(row, q, k, v, kv_lens, T, B, budget, backend, dev, reps, sdpa_m
             def both():
                 return sparse_decode_attention(q, k, v, sel(), kv_lens=kv_lens, backend=backend, validate=False)
 
-            sel_ms = _time(sel, dev, reps)
+            sel_ms = _time(sel, dev, reps)[0]
             ms = _time(both, dev, reps)
             meta = (T // 16) * d * 2 * item if name == "quest" else T * (d // 8) * item  # page bounds / labels
             row(f"{name}+kernel", T, B, budget, P, ms, sel_ms, sdpa_ms,

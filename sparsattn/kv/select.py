@@ -6,6 +6,8 @@ turn scores or masks into a ``TokenPattern`` (per (batch, kv head) sorted indice
 from __future__ import annotations
 
 import math
+import weakref
+from typing import Optional
 
 import torch
 
@@ -33,14 +35,53 @@ def decode_inputs(q: Tensor, k: Tensor, ctx) -> tuple[Tensor, Tensor, Tensor]:
     if k.shape[1] == 0 or Hq % k.shape[1]:
         raise _err("k heads", f"a divisor of q's {Hq} heads", k.shape[1])
     T = k.shape[2]
-    kl = None if ctx is None else ctx.extras.get("kv_lens")
-    if kl is None:
-        kl = torch.full((B,), T, dtype=torch.long, device=k.device)
-    else:
-        kl = torch.as_tensor(kl, device=k.device).long()
-        if kl.shape != (B,) or int(kl.min()) < 0 or int(kl.max()) > T:
-            raise _err("ctx.extras['kv_lens']", f"[B={B}] lengths in [0, {T}]", kl.tolist())
+    src = None if ctx is None else ctx.extras.get("kv_lens")
+    if src is None:
+        return q, k, torch.full((B,), T, dtype=torch.long, device=k.device)
+    memo = _CHECKED.get("entry")
+    if (memo is not None and isinstance(src, Tensor) and memo[0]() is src and memo[1] == src._version
+            and memo[2].device == k.device and memo[2].shape == (B,) and memo[3] <= T and memo[2]._version == memo[4]):
+        return q, k, memo[2]  # the same lengths tensor as the last call, already checked: no host sync
+    kl = torch.as_tensor(src, device=k.device).long()
+    if kl.shape != (B,):
+        raise _err("ctx.extras['kv_lens']", f"[B={B}] lengths in [0, {T}]", tuple(kl.shape))
+    lo, hi = torch.stack([kl.min(), kl.max()]).tolist() if B else (0, 0)  # one host sync
+    if lo < 0 or hi > T:
+        raise _err("ctx.extras['kv_lens']", f"[B={B}] lengths in [0, {T}]", kl.tolist())
+    if isinstance(src, Tensor):
+        _CHECKED["entry"] = (weakref.ref(src), src._version, kl, hi, kl._version)
     return q, k, kl
+
+
+# decode_inputs' memo of the last checked lengths tensor: (weakref to the caller's tensor, its version,
+# the long tensor returned, its max, that tensor's version). Every layer of a decode step passes the
+# same lengths; checking them once per step instead of once per layer saves a host sync per layer.
+_CHECKED: dict = {}
+
+
+def lengths_since(st: Optional[dict], kv_lens: Tensor) -> tuple[bool, int, int]:
+    """Rows appended since an incremental per-layer state last recorded its lengths (``record_lengths``).
+
+    Returns ``(usable, start, end)``: ``usable`` = a state exists for this batch and no sequence got
+    shorter; rows ``[start, end)`` hold every token appended since (``start`` = the shortest recorded
+    length, ``end`` = the longest new one; ``start = 0`` when not usable). One host sync, none when
+    ``kv_lens`` is the very tensor (same version) recorded last (then nothing was appended)."""
+    if st is not None and st.get("kv_lens") is not None and st["kv_lens"].shape == kv_lens.shape:
+        ref = st.get("kv_src")
+        if ref is not None and ref[0]() is kv_lens and ref[1] == kv_lens._version:
+            return True, 0, 0
+        if not kv_lens.numel():
+            return True, 0, 0
+        ok, lo, hi = torch.stack([(st["kv_lens"].long() <= kv_lens.long()).all().long(), st["kv_lens"].min().long(),
+                                  kv_lens.max().long()]).tolist()
+        return bool(ok), (lo if ok else 0), hi
+    return False, 0, int(kv_lens.max()) if kv_lens.numel() else 0
+
+
+def record_lengths(st: dict, kv_lens: Tensor) -> None:
+    """Record in an incremental state the lengths it now covers (see ``lengths_since``)."""
+    st["kv_lens"] = kv_lens.clone()
+    st["kv_src"] = (weakref.ref(kv_lens), kv_lens._version)
 
 
 def scale_of(ctx, D: int) -> float:
@@ -123,5 +164,5 @@ def full_pattern(B: int, H: int, kv_lens: Tensor, T: int) -> TokenPattern:
     return mask_to_pattern(valid_units(kv_lens, T)[:, None, :].expand(B, H, T), T)
 
 
-__all__ = ["decode_inputs", "scale_of", "group_scores", "reduce_group", "valid_units", "topk_mask",
+__all__ = ["decode_inputs", "lengths_since", "record_lengths", "scale_of", "group_scores", "reduce_group", "valid_units", "topk_mask",
            "sink_window_mask", "mask_to_pattern", "full_pattern", "topk_pattern"]

@@ -9,7 +9,8 @@ from typing import Optional, Sequence
 import torch
 
 from ..kv.quant import quantize_minmax, unpack4
-from ..kv.select import decode_inputs, reduce_group, topk_pattern, valid_units
+from ..kernels.unit_scores import label_scores
+from ..kv.select import decode_inputs, lengths_since, record_lengths, reduce_group, topk_pattern, valid_units
 from ..patterns import TokenPattern
 from .base import Method, SelectContext, register
 
@@ -136,8 +137,10 @@ class DoubleSparsity(Method):
         B, H, T, r = shape
         names = ("labels",) if self.label_bits == 16 else ("codes", "scale", "zero")
         st = ctx.state.setdefault("double_sparsity", {}).get(layer) if ctx is not None else None
-        if (st is None or any(n not in st for n in names) or st[names[0]].shape[:2] != (B, H)
-                or st.get("r") != r or bool((st["kv_lens"] > kv_lens).any())):
+        fits = (st is not None and all(n in st for n in names) and st[names[0]].shape[:2] == (B, H)
+                and st.get("r") == r)
+        ok, start, end = lengths_since(st if fits else None, kv_lens)  # at most one host sync
+        if not (fits and ok):
             if self.label_bits == 16:
                 st = {"labels": torch.zeros(B, H, T, r, dtype=dtype, device=device)}
             else:
@@ -146,6 +149,7 @@ class DoubleSparsity(Method):
                       "scale": torch.zeros(B, H, T, 1, dtype=torch.float16, device=device),
                       "zero": torch.zeros(B, H, T, 1, dtype=torch.float16, device=device)}
             st.update(kv_lens=torch.zeros_like(kv_lens), r=r)
+            start = 0
         cap = st[names[0]].shape[2]
         if cap < T:
             new_cap = max(T, 2 * cap)
@@ -166,8 +170,6 @@ class DoubleSparsity(Method):
                     st["scale"][bi, :, ti] = qn.scale
                     st["zero"][bi, :, ti] = qn.zero
         else:
-            start = int(st["kv_lens"].min())
-            end = int(kv_lens.max())
             if end > start:
                 new = rows(start, end)
                 if self.label_bits == 16:
@@ -177,7 +179,7 @@ class DoubleSparsity(Method):
                     st["codes"][:, :, start:end] = qn.codes
                     st["scale"][:, :, start:end] = qn.scale
                     st["zero"][:, :, start:end] = qn.zero
-        st["kv_lens"] = kv_lens.clone()
+        record_lengths(st, kv_lens)
         if ctx is not None:
             ctx.state["double_sparsity"][layer] = st
         return st
@@ -191,17 +193,17 @@ class DoubleSparsity(Method):
         return c.float() * st["scale"][:, :, :T].float() + st["zero"][:, :, :T].float()
 
     def _approx_scores(self, qc: torch.Tensor, st: dict, T: int) -> torch.Tensor:
-        """``qc [B, Hkv, G, r]`` · labels, straight from the stored codes: ``[B, Hkv, G, T]`` float32."""
+        """``qc [B, Hkv, G, r]`` · labels, reduced over each group by ``head_reduce`` and divided by
+        ``sqrt(r)``: ``[B, Hkv, T]`` float32. Quantised labels are scored straight from the stored
+        codes in one pass (``sparsattn.kernels.unit_scores.label_scores``: Triton on CUDA)."""
+        B, Hkv, G, r = qc.shape
         if self.label_bits == 16:
             lab = st["labels"][:, :, :T]
-            return torch.matmul(qc.to(lab.dtype), lab.transpose(-1, -2)).float()
-        codes = st["codes"][:, :, :T]
-        c = (unpack4(codes, st["r"]) if self.label_bits == 4 else codes).float()  # [B, Hkv, T, r]
-        qf = qc.float()
-        s = torch.matmul(qf, c.transpose(-1, -2))
-        scale = st["scale"][:, :, :T, 0].float()[:, :, None, :]
-        zero = st["zero"][:, :, :T, 0].float()[:, :, None, :]
-        return s * scale + qf.sum(-1, keepdim=True) * zero
+            s = torch.matmul(qc.to(lab.dtype), lab.transpose(-1, -2)).float() / math.sqrt(r)
+            return reduce_group(s, self.head_reduce)
+        return label_scores(qc.reshape(B, Hkv * G, r), st["codes"][:, :, :T], st["scale"][:, :, :T, 0],
+                            st["zero"][:, :, :T, 0], r=st["r"], bits=self.label_bits, reduce=self.head_reduce,
+                            mult=1.0 / math.sqrt(r))
 
     def _channels(self, layer: int, Hkv: int, D: int, device) -> torch.Tensor:
         if self.channels is None:
@@ -219,8 +221,7 @@ class DoubleSparsity(Method):
         Hkv, r = ch.shape
         qg = q.view(B, Hkv, Hq // Hkv, D)
         qc = torch.gather(qg, 3, ch[None, :, None, :].expand(B, -1, Hq // Hkv, -1))
-        s = self._approx_scores(qc, st, T) / math.sqrt(r)  # [B, Hkv, G, T]
-        s = reduce_group(s, self.head_reduce)
+        s = self._approx_scores(qc, st, T)  # [B, Hkv, T]
         budget = self.token_budget if self.budget_ratio is None else math.ceil(self.budget_ratio * T)
         return topk_pattern(s, budget, valid_units(kl, T), T)
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from ..kv.select import decode_inputs, full_pattern, reduce_group, topk_pattern, valid_units
+from ..kernels.unit_scores import bound_scores
+from ..kv.select import decode_inputs, full_pattern, lengths_since, record_lengths, topk_pattern, valid_units
 from .base import Method, SelectContext, register
 
 
@@ -24,7 +26,10 @@ class Quest(Method):
     The page metadata is kept incrementally in ``ctx.state["quest"][layer]`` (only pages that
     received new tokens are recomputed). GQA: ``head_reduce`` combines the bounds of the query
     heads of a group (default ``"max"``: one page list per KV head, read once for the group);
-    ``"none"`` keeps one list per query head as in the paper's MHA setting.
+    ``"none"`` keeps one list per query head as in the paper's MHA setting. The page scores come
+    from ``sparsattn.kernels.unit_scores.bound_scores`` (one pass over the bounds; ``backend``: None =
+    Triton on CUDA, the torch reference elsewhere). Per step at most one host sync (none when the
+    lengths tensor is the one seen last).
 
     ``select(q [B, Hq, (1,) D], k_cache [B, Hkv, T, D], ctx) -> TokenPattern`` with ``page_size``
     pages, heads Hkv (or Hq for ``head_reduce="none"``).
@@ -36,6 +41,7 @@ class Quest(Method):
     page_size: int = 16
     dense_layers: int = 2
     head_reduce: str = "max"
+    backend: Optional[str] = None
 
     def __post_init__(self):
         if not isinstance(self.token_budget, int) or self.token_budget < 1:
@@ -46,6 +52,8 @@ class Quest(Method):
             raise ValueError(f"dense_layers: expected an int >= 0, got {self.dense_layers!r}")
         if self.head_reduce not in ("max", "mean", "sum", "none"):
             raise ValueError(f"head_reduce: expected 'max', 'mean', 'sum' or 'none', got {self.head_reduce!r}")
+        if self.backend not in (None, "triton", "reference"):
+            raise ValueError(f"backend: expected None, 'triton' or 'reference', got {self.backend!r}")
 
     def page_bounds(self, k: torch.Tensor, kv_lens: torch.Tensor, ctx: SelectContext | None):
         """Per-page key (min, max) ``[B, Hkv, n_pages, D]``, updated incrementally in ``ctx.state``."""
@@ -55,10 +63,11 @@ class Quest(Method):
         st = None
         if ctx is not None:
             st = ctx.state.setdefault("quest", {}).get(ctx.layer)
+        fits = st is not None and st["kmin"].shape[:2] == (B, H) and st["kmin"].shape[-1] == D and st["T"] <= T
+        ok, old_len, new_len = lengths_since(st if fits else None, kv_lens)
         # pages touched since the last call: from the page holding the old length onwards
-        if (st is not None and st["kmin"].shape[:2] == (B, H) and st["kmin"].shape[-1] == D
-                and st["T"] <= T and bool((st["kv_lens"] <= kv_lens).all())):
-            first = int(st["kv_lens"].min()) // P
+        if fits and ok:
+            first = old_len // P
             kmin, kmax = st["kmin"], st["kmax"]
             if kmin.shape[2] < n_pages:
                 pad = n_pages - kmin.shape[2]
@@ -68,7 +77,7 @@ class Quest(Method):
             first = 0
             kmin = k.new_zeros(B, H, n_pages, D)  # stored in the cache's dtype (as Quest's fp16 metadata)
             kmax = k.new_zeros(B, H, n_pages, D)
-        last = -(-int(kv_lens.max()) // P)  # pages holding valid tokens
+        last = -(-new_len // P)  # pages holding new tokens
         if first < last:
             seg = k[:, :, first * P:last * P]
             Tp = (last - first) * P
@@ -82,7 +91,9 @@ class Quest(Method):
             kmin[:, :, first:last] = lo.to(kmin.dtype)  # in place: the state is this method's own
             kmax[:, :, first:last] = hi.to(kmax.dtype)
         if ctx is not None:
-            ctx.state["quest"][ctx.layer] = {"kmin": kmin, "kmax": kmax, "T": T, "kv_lens": kv_lens.clone()}
+            st = {"kmin": kmin, "kmax": kmax, "T": T}
+            record_lengths(st, kv_lens)
+            ctx.state["quest"][ctx.layer] = st
         return kmin, kmax
 
     def select(self, q, k, ctx: SelectContext | None = None):
@@ -93,11 +104,9 @@ class Quest(Method):
         if ctx is not None and ctx.layer is not None and ctx.layer < self.dense_layers:
             return full_pattern(B, rows, kl, T)
         kmin, kmax = self.page_bounds(k, kl, ctx)
-        # sum_d max(q_d min_d, q_d max_d) = relu(q)·max + min(q, 0)·min: two small matmuls
-        qg = q.view(B, Hkv, Hq // Hkv, D).to(kmin.dtype)
-        ub = (torch.matmul(qg.clamp_min(0), kmax.transpose(-1, -2)).float()
-              + torch.matmul(qg.clamp_max(0), kmin.transpose(-1, -2)).float())  # [B, Hkv, G, n_pages]
-        ub = ub.flatten(1, 2) if self.head_reduce == "none" else reduce_group(ub, self.head_reduce)
+        # sum_d max(q_d min_d, q_d max_d) per page, reduced over each GQA group: one pass over the
+        # bounds (sparsattn.kernels.unit_scores; the torch reference off CUDA)
+        ub = bound_scores(q, kmin, kmax, reduce=self.head_reduce, backend=self.backend)
         n_sel = max(3, self.token_budget // self.page_size)
         valid = valid_units(kl, ub.shape[-1], self.page_size)
         return topk_pattern(ub, n_sel, valid, T, self.page_size)

@@ -56,3 +56,40 @@ def test_head_reduce_none_gives_query_heads():
     assert p.heads == 8
     with pytest.raises(ValueError, match="page_size"):
         get_method("quest", page_size=0)
+
+
+def test_lengths_tensor_reused_in_place_and_shrinking_lengths():
+    """The incremental state skips its host sync when handed the very lengths tensor it saw last;
+    an in-place update of that tensor, or shorter lengths (a new sequence), must still be seen."""
+    gen = torch.Generator().manual_seed(2)
+    B, H, D, T = 2, 2, 32, 96
+    k = torch.randn(B, H, T, D, generator=gen)
+    q = torch.randn(B, 2 * H, D, generator=gen)
+    m = get_method("quest", token_budget=32, page_size=16)
+    ctx = SelectContext(layer=2)
+    kl = torch.tensor([30, 9])
+    ctx.extras["kv_lens"] = kl
+    for step in range(4):
+        if step == 1:
+            kl += 33  # same tensor object, new version: pages 1..3 must be recomputed
+        if step == 3:
+            ctx.extras["kv_lens"] = kl = torch.tensor([20, 5])  # shorter: the state is rebuilt
+        p = m.select(q, k, ctx)
+        fresh = m.select(q, k, SelectContext(layer=2, extras={"kv_lens": kl.clone()}))
+        assert torch.equal(p.to_unit_mask(), fresh.to_unit_mask()), step
+        st = ctx.state["quest"][2]
+        for b in range(B):
+            full = int(kl[b]) // 16  # complete pages: bounds of exactly their 16 keys
+            if full:
+                assert torch.equal(st["kmax"][b, :, :full], k[b, :, :full * 16].view(H, full, 16, D).amax(2))
+                assert torch.equal(st["kmin"][b, :, :full], k[b, :, :full * 16].view(H, full, 16, D).amin(2))
+
+
+def test_triton_page_scores_give_the_reference_selection():
+    q, k, v, pos = needle_case(T=300)
+    kl = torch.tensor([300, 211])
+    pats = [get_method("quest", token_budget=64, backend=be).select(q, k, SelectContext(layer=3, extras={"kv_lens": kl}))
+            for be in ("reference", "triton")]
+    assert torch.equal(pats[0].to_unit_mask(), pats[1].to_unit_mask())
+    with pytest.raises(ValueError, match="backend"):
+        get_method("quest", backend="cuda")
