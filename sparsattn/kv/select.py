@@ -39,8 +39,8 @@ def decode_inputs(q: Tensor, k: Tensor, ctx) -> tuple[Tensor, Tensor, Tensor]:
     if src is None:
         return q, k, torch.full((B,), T, dtype=torch.long, device=k.device)
     memo = _CHECKED.get("entry")
-    if (memo is not None and isinstance(src, Tensor) and memo[0]() is src and memo[1] == src._version
-            and memo[2].device == k.device and memo[2].shape == (B,) and memo[3] <= T and memo[2]._version == memo[4]):
+    if (memo is not None and isinstance(src, Tensor) and memo[0]() is src and memo[1] == _version(src)
+            and memo[2].device == k.device and memo[2].shape == (B,) and memo[3] <= T and memo[4] == _version(memo[2])):
         return q, k, memo[2]  # the same lengths tensor as the last call, already checked: no host sync
     kl = torch.as_tensor(src, device=k.device).long()
     if kl.shape != (B,):
@@ -48,9 +48,15 @@ def decode_inputs(q: Tensor, k: Tensor, ctx) -> tuple[Tensor, Tensor, Tensor]:
     lo, hi = torch.stack([kl.min(), kl.max()]).tolist() if B else (0, 0)  # one host sync
     if lo < 0 or hi > T:
         raise _err("ctx.extras['kv_lens']", f"[B={B}] lengths in [0, {T}]", kl.tolist())
-    if isinstance(src, Tensor):
-        _CHECKED["entry"] = (weakref.ref(src), src._version, kl, hi, kl._version)
+    if isinstance(src, Tensor) and _version(src) is not None and _version(kl) is not None:
+        _CHECKED["entry"] = (weakref.ref(src), _version(src), kl, hi, _version(kl))
     return q, k, kl
+
+
+def _version(t: Tensor) -> Optional[int]:
+    """In-place modification counter of ``t``; None for inference-mode tensors (they keep none, so
+    nothing about them is memoised)."""
+    return None if t.is_inference() else t._version
 
 
 # decode_inputs' memo of the last checked lengths tensor: (weakref to the caller's tensor, its version,
@@ -68,7 +74,7 @@ def lengths_since(st: Optional[dict], kv_lens: Tensor) -> tuple[bool, int, int]:
     ``kv_lens`` is the very tensor (same version) recorded last (then nothing was appended)."""
     if st is not None and st.get("kv_lens") is not None and st["kv_lens"].shape == kv_lens.shape:
         ref = st.get("kv_src")
-        if ref is not None and ref[0]() is kv_lens and ref[1] == kv_lens._version:
+        if ref is not None and ref[1] is not None and ref[0]() is kv_lens and ref[1] == _version(kv_lens):
             return True, 0, 0
         if not kv_lens.numel():
             return True, 0, 0
@@ -81,7 +87,7 @@ def lengths_since(st: Optional[dict], kv_lens: Tensor) -> tuple[bool, int, int]:
 def record_lengths(st: dict, kv_lens: Tensor) -> None:
     """Record in an incremental state the lengths it now covers (see ``lengths_since``)."""
     st["kv_lens"] = kv_lens.clone()
-    st["kv_src"] = (weakref.ref(kv_lens), kv_lens._version)
+    st["kv_src"] = (weakref.ref(kv_lens), _version(kv_lens))
 
 
 def scale_of(ctx, D: int) -> float:

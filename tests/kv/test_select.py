@@ -35,3 +35,19 @@ def test_lengths_since():
     kl += 1
     assert lengths_since(st, kl) == (True, 5, 10)  # same object, new version
     assert lengths_since(st, torch.tensor([1, 2, 3]))[0] is False  # another batch
+
+
+def test_inference_mode_tensors_are_checked_every_time():
+    """Inference tensors keep no version counter: nothing is memoised, every call checks."""
+    q, k = torch.randn(2, 4, 8), torch.randn(2, 2, 50, 8)
+    with torch.inference_mode():
+        kl = torch.tensor([50, 20])
+        ctx = SelectContext(extras={"kv_lens": kl})
+        assert decode_inputs(q, k, ctx)[2].tolist() == [50, 20]
+        kl[0] = 60
+        with pytest.raises(ValueError, match="kv_lens"):
+            decode_inputs(q, k, ctx)
+        st = {}
+        record_lengths(st, kl)
+        kl[0] = 70
+        assert lengths_since(st, kl) == (True, 20, 70)
