@@ -58,11 +58,34 @@ def gpu_ms(fn) -> tuple[float, int]:
         fn()
         torch.cuda.synchronize()
     tot, syncs = 0.0, 0
+    per = []
     for e in prof.key_averages():
-        tot += getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        tot += t
+        if t:
+            per.append((t, e.key))
         if e.key == "aten::_local_scalar_dense":
             syncs += e.count
+    TOP[:] = [(round(t / 1e3, 4), k[:60]) for t, k in sorted(per, reverse=True)[:6]]
     return tot / 1e3, syncs
+
+
+TOP: list = []
+
+
+def cpu_us(fn, n=200) -> float:
+    """CPU time of one call when the GPU is not the bottleneck (back-to-back calls, no sync)."""
+    import time
+
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
 
 
 def kernel_section(T=131072, B=8, hq=32, hkv=8, d=128):
@@ -80,11 +103,9 @@ def kernel_section(T=131072, B=8, hq=32, hkv=8, d=128):
     print(f"sdpa dense: do_bench {a:.4f} ms ({dense_bytes / a / 1e9:.2f} TB/s), graph {g:.4f} ms "
           f"({dense_bytes / g / 1e9:.2f} TB/s)", flush=True)
     scale = 1 / math.sqrt(d)
-    variants = [dict(), dict(fused_merge=False), dict(num_stages=1), dict(num_stages=2), dict(num_stages=4),
-                dict(num_warps=8), dict(block_n=32), dict(block_n=128), dict(num_splits=8), dict(num_splits=16),
-                dict(num_splits=3)]
-    for budget in (1 / 16, 1 / 64):
-        for P in (1, 16, 64):
+    variants = [dict(), dict(num_splits=4), dict(num_splits=8), dict(num_splits=12)]
+    for budget in (1 / 16,):
+        for P in (1, 64):
             n_units = T // P
             count = max(1, round(budget * T / P))
             pat = random_selection(B, hkv, n_units, count, P, T, dev, gen)
@@ -125,7 +146,12 @@ def select_section(T=131072, B=8, hq=32, hkv=8, d=128):
         fn = lambda: m.select(q, k, ctx)  # noqa: E731
         a = do_bench(fn, warmup=25, rep=100, return_mode="median")
         kern, syncs = gpu_ms(fn)
-        r = {"method": name, "do_bench": float(a), "gpu_kernel_ms": kern, "host_syncs": syncs}
+        try:
+            g = float(do_bench_cudagraph(fn, rep=100, return_mode="median"))
+        except Exception as e:
+            g = f"{type(e).__name__}"
+        r = {"method": name, "do_bench": float(a), "graph": g, "gpu_kernel_ms": kern, "host_syncs": syncs,
+             "cpu_us_per_call": cpu_us(fn, 50), "top_kernels_ms": list(TOP)}
         RES["select"].append(r)
         print(r, flush=True)
     del q, k
@@ -160,6 +186,12 @@ def groups_section(T=32768, B=8, hq=32, hkv=8, d=128):
                     fn = lambda: c.attend(0, q, validate=False)  # noqa: E731
                     r[f"{tag}_fused{int(fused)}_err"] = float((fn().float() - ref).abs().max())
                     r[f"{tag}_fused{int(fused)}_ms"] = float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+                    if fused:
+                        try:
+                            r[f"{tag}_graph_ms"] = float(do_bench_cudagraph(fn, rep=100, return_mode="median"))
+                        except Exception as e:
+                            r[f"{tag}_graph_ms"] = f"{type(e).__name__}: {str(e)[:80]}"
+                        r[f"{tag}_cpu_us"] = cpu_us(fn, 50)
                 finally:
                     tri.sparse_decode_triton = orig
             # a token-index pattern over every kept slot (the path a decode method's selection takes)
@@ -177,10 +209,37 @@ def groups_section(T=32768, B=8, hq=32, hkv=8, d=128):
         torch.cuda.empty_cache()
 
 
+def launch_section(T=131072, B=8, hq=32, hkv=8, d=128):
+    """CPU cost of one call of each entry point (the GPU is idle-bound only if this exceeds the GPU time)."""
+    dev = torch.device("cuda")
+    q = torch.randn(B, hq, d, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(B, hkv, T, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(B, hkv, T, d, device=dev, dtype=torch.bfloat16)
+    kl = torch.full((B,), T, dtype=torch.int32, device=dev)
+    gen = torch.Generator().manual_seed(0)
+    pat = random_selection(B, hkv, T, T // 16, 1, T, dev, gen)
+    scale = 1 / math.sqrt(d)
+    cases = {
+        "sdpa": lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True),
+        "empty_like x1": lambda: torch.empty_like(q),
+        "sparse_decode_triton": lambda: sparse_decode_triton(q, k, v, pat.indices, pat.counts, kl, scale=scale,
+                                                             page_size=1),
+        "sparse_decode_attention(validate=False)": lambda: sparse_decode_attention(q, k, v, pat, kv_lens=kl,
+                                                                                    validate=False),
+        "sparse_decode_attention(validate=True)": lambda: sparse_decode_attention(q, k, v, pat, kv_lens=kl),
+    }
+    for name, fn in cases.items():
+        r = {"call": name, "cpu_us": cpu_us(fn, 100 if "sdpa" not in name else 20)}
+        RES.setdefault("launch", []).append(r)
+        print(r, flush=True)
+    del q, k, v
+    torch.cuda.empty_cache()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--sections", nargs="*", default=["kernel", "select", "groups"])
+    ap.add_argument("--sections", nargs="*", default=["kernel", "select", "groups", "launch"])
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs CUDA", file=sys.stderr)
@@ -188,7 +247,8 @@ def main(argv=None) -> int:
     RES["env"] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     for s in a.sections:
         try:
-            {"kernel": kernel_section, "select": select_section, "groups": groups_section}[s]()
+            {"kernel": kernel_section, "select": select_section, "groups": groups_section,
+             "launch": launch_section}[s]()
         except Exception as e:
             import traceback
 

@@ -281,12 +281,12 @@ def _method_rows(row, q, k, v, kv_lens, T, B, budget, backend, dev, reps, sdpa_m
 
 
 def _summary(rows: list[dict]) -> None:
-    print("\n impl                      T       B  budget    ms        GB/s    x vs sdpa")
+    print("\n impl                      T       B  budget    ms        GB/s    x vs sdpa | graph ms  GB/s    x vs sdpa")
     for r in rows:
         if r["ms"] is None:
             continue
         print(f" {r['impl']:<24} {r['T']:>7} {r['B']:>2}  {float(r['budget']):<8.4f} {r['ms']:<9} {r['GBps']!s:<7} "
-              f"{r['speedup_vs_sdpa']}")
+              f"{r['speedup_vs_sdpa']!s:<9} | {r['graph_ms']!s:<9} {r['GBps_graph']!s:<7} {r['speedup_graph']}")
 
 
 def main(argv=None) -> int:

@@ -92,6 +92,7 @@ class DoubleSparsity(Method):
             imp = imp.view(Hkv, Hq // Hkv, D).mean(1)
             out[layer] = imp.topk(r, dim=-1).indices.sort(-1).values.tolist()
         self.channels = out
+        self.__dict__.pop("_ch_dev", None)
         return out
 
     def save(self, path: str) -> None:
@@ -107,6 +108,7 @@ class DoubleSparsity(Method):
         if data.get("method") != "double_sparsity" or "channels" not in data:
             raise ValueError(f"path: expected a double_sparsity calibration JSON, got keys {sorted(data)}")
         self.channels = {int(l): c for l, c in data["channels"].items()}
+        self.__dict__.pop("_ch_dev", None)
         return self
 
     # ------------------------------------------------------------------ runtime
@@ -210,9 +212,21 @@ class DoubleSparsity(Method):
             raise ValueError("double_sparsity: not calibrated; call calibrate(qs, ks) or load(path) first")
         if layer not in self.channels:
             raise ValueError(f"ctx.layer: no calibrated channels for layer {layer} (have {sorted(self.channels)})")
-        ch = torch.as_tensor(self.channels[layer], device=device, dtype=torch.long)
-        if ch.dim() != 2 or ch.shape[0] != Hkv or int(ch.max()) >= D:
-            raise ValueError(f"channels[{layer}]: expected [Hkv={Hkv}, r] ids < {D}, got {tuple(ch.shape)}")
+        # checked on the host list and kept on the device per (channels dict, layer, device): no host
+        # sync and no host-to-device copy per decode step
+        key = (id(self.channels), layer, str(device), Hkv, D)
+        cache = self.__dict__.setdefault("_ch_dev", {})
+        if key in cache:
+            return cache[key]
+        rows = self.channels[layer]
+        if (not isinstance(rows, (list, tuple)) or len(rows) != Hkv or not rows
+                or len({len(h) for h in rows}) != 1 or not all(0 <= int(c) < D for h in rows for c in h)):
+            raise ValueError(f"channels[{layer}]: expected [Hkv={Hkv}, r] ids in [0, {D}), got "
+                             f"{len(rows) if isinstance(rows, (list, tuple)) else type(rows).__name__} rows")
+        ch = torch.as_tensor(rows, device=device, dtype=torch.long)
+        if len(cache) > 256:
+            cache.clear()
+        cache[key] = ch
         return ch
 
     def _topk(self, q: torch.Tensor, st: dict, ch: torch.Tensor, kl: torch.Tensor, T: int):

@@ -87,7 +87,9 @@ def test_lengths_tensor_reused_in_place_and_shrinking_lengths():
 
 def test_triton_page_scores_give_the_reference_selection():
     q, k, v, pos = needle_case(T=300)
-    kl = torch.tensor([300, 211])
+    if torch.cuda.is_available():  # the kernel runs on CUDA, or interpreted on the CPU
+        q, k = q.cuda(), k.cuda()
+    kl = torch.tensor([300, 211], device=k.device)
     pats = [get_method("quest", token_budget=64, backend=be).select(q, k, SelectContext(layer=3, extras={"kv_lens": kl}))
             for be in ("reference", "triton")]
     assert torch.equal(pats[0].to_unit_mask(), pats[1].to_unit_mask())

@@ -204,13 +204,14 @@ def _semaphores(device, n: int) -> torch.Tensor:
 
 
 def choose_splits(n_programs: int, max_sel: int, block_n: int, device) -> int:
-    """Number of split-K slices: enough programs to fill the GPU about 4 deep per SM (on the H200
-    at 128K, batch 8, 8 KV heads: 8 splits read at 3.7-3.8 TB/s, 5 splits (2 per SM) at 3.5-3.6, 16
-    at 3.4; scripts/decode_diag.py), each with at least 2 blocks of ``block_n`` selected tokens."""
-    if max_sel <= 0:
+    """Number of split-K slices: the most that keep the grid within 4 programs per SM (about two
+    full waves: 2 programs of this kernel are resident per SM at head_dim 128), each split with at
+    least 2 blocks of ``block_n`` selected tokens, at most 64. Rounding *down* matters: on the H200
+    at 128K, batch 8, 8 KV heads, 1/16 budget (64 rows) S=8 (512 programs) reads at 3.7-3.8 TB/s,
+    S=9 (576: a third, nearly empty wave) at 3.3, S=5 at 3.5-3.6, S=16 at 3.4 (scripts/decode_diag.py)."""
+    if max_sel <= 0 or n_programs <= 0:
         return 1
-    target = 4 * _sm_count(device)
-    want = max(1, -(-target // max(n_programs, 1)))
+    want = max(1, (4 * _sm_count(device)) // n_programs)
     most = max(1, -(-max_sel // (2 * block_n)))
     return int(min(want, most, 64))
 
