@@ -143,7 +143,7 @@ def topk_pattern(scores: Tensor, k: int, valid: Tensor, kv_len: int, page_size: 
         z = torch.zeros(B, H, 1, dtype=torch.int32, device=scores.device)
         return TokenPattern(z, torch.zeros(B, H, dtype=torch.int32, device=scores.device), kv_len, page_size)
     s = scores.masked_fill(~valid[:, None, :], float("-inf"))
-    top = s.topk(k, dim=-1)
+    top = s.topk(k, dim=-1, sorted=False)  # the picks are sorted by position below, not by score
     ok = torch.isfinite(top.values) | (top.values == float("inf"))
     ok = ok & torch.gather(valid[:, None, :].expand(B, H, n), 2, top.indices)
     key = torch.where(ok, top.indices, top.indices + n)

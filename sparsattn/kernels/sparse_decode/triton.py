@@ -190,17 +190,25 @@ def _dummy(device, dtype) -> torch.Tensor:
 _SEMS: dict = {}
 
 
-def _semaphores(device, n: int) -> torch.Tensor:
-    """Zeroed int32 ticket counters (at least ``n``) for the fused merge, cached per device and stream:
-    launches on one stream run in order and every launch leaves its counters at zero, so reuse is
-    safe; another stream gets its own buffer."""
+def _stream_buffers(device, n_sem: int, n_part: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(zeroed int32 ticket counters >= ``n_sem``, float32 partial workspace >= ``n_part``) for the
+    split-K path, cached per device and stream: launches on one stream run in order, each launch
+    leaves its counters at zero and reads its partials before the next launch writes them, so reuse
+    is safe; another stream gets its own buffers. Inside a CUDA-graph capture fresh buffers are
+    allocated (from the graph's pool, zeroed by a captured memset) so no cached buffer is tied to a
+    graph."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return (torch.zeros(max(n_sem, 1), dtype=torch.int32, device=device),
+                torch.empty(max(n_part, 1), dtype=torch.float32, device=device))
     sid = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), sid)
-    buf = _SEMS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _SEMS[key] = buf
-    return buf
+    sem, part = _SEMS.get(key, (None, None))
+    if sem is None or sem.numel() < n_sem:
+        sem = torch.zeros(max(n_sem, 1024), dtype=torch.int32, device=device)
+    if part is None or part.numel() < n_part:
+        part = torch.empty(max(n_part, 1 << 16), dtype=torch.float32, device=device)
+    _SEMS[key] = (sem, part)
+    return sem, part
 
 
 def choose_splits(n_programs: int, max_sel: int, block_n: int, device) -> int:
@@ -284,11 +292,13 @@ def sparse_decode_triton(q, k_cache, v_cache, indices, counts, kv_lens, *, scale
         sl = (lse.stride(0), lse.stride(1))
         o_t, l_t = out, lse
     else:
-        o_t = torch.empty(B, Hq, S, D, dtype=torch.float32, device=q.device)
-        l_t = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
-        so = (o_t.stride(0), o_t.stride(1), o_t.stride(2))
-        sl = (l_t.stride(0), l_t.stride(1))
-    sem = _semaphores(q.device, B * R) if fused else dummy
+        n_o = B * Hq * S * D
+        sem, part = _stream_buffers(q.device, B * R, n_o + B * Hq * S)
+        o_t = part[:n_o].view(B, Hq, S, D)
+        l_t = part[n_o:n_o + B * Hq * S].view(B, Hq, S)
+        so = (S * D * Hq, S * D, D)
+        sl = (S * Hq, S)
+    sem = sem if fused else dummy
     qk_scale = float(scale) * LOG2E
     grid = (B, R, S)
     extra = {} if num_stages is None else {"num_stages": num_stages}

@@ -67,31 +67,34 @@ def _label_kernel(QC, CODES, SCALE, ZERO, OUT, n, n_kv, mult,
                   stride_qb, stride_qh, stride_cb, stride_ch, stride_cn,
                   stride_sb, stride_sh, stride_sn, stride_zb, stride_zh, stride_zn,
                   stride_ob, stride_oh,
-                  GP: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, BLOCK_R: tl.constexpr, BITS: tl.constexpr,
+                  GP: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, BITS: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // n_kv
     kvh = bh % n_kv
     offs_h = tl.arange(0, BLOCK_H)
-    offs_r = tl.arange(0, BLOCK_R)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     hmask = offs_h < GP
     nmask = offs_n < n
-    qrow = QC + b * stride_qb + (kvh * GP + offs_h)[:, None] * stride_qh
-    crow = (CODES + b.to(tl.int64) * stride_cb + kvh * stride_ch + offs_n[:, None].to(tl.int64) * stride_cn
-            + offs_r[None, :])
-    codes = tl.load(crow, mask=nmask[:, None] & (offs_r[None, :] < RB), other=0).to(tl.int32)
-    if BITS == 4:  # byte i holds channel 2i (low nibble) and 2i + 1 (high nibble)
-        q_lo = tl.load(qrow + 2 * offs_r[None, :], mask=hmask[:, None] & (2 * offs_r[None, :] < R), other=0.0)
-        q_hi = tl.load(qrow + 2 * offs_r[None, :] + 1, mask=hmask[:, None] & (2 * offs_r[None, :] + 1 < R), other=0.0)
-        c_lo = (codes & 15).to(tl.float32)
-        c_hi = (codes >> 4).to(tl.float32)
-        s = tl.sum(q_lo[:, None, :] * c_lo[None, :, :] + q_hi[:, None, :] * c_hi[None, :, :], 2)
-        qsum = tl.sum(q_lo + q_hi, 1)
-    else:
-        qv = tl.load(qrow + offs_r[None, :], mask=hmask[:, None] & (offs_r[None, :] < R), other=0.0)
-        s = tl.sum(qv[:, None, :] * codes.to(tl.float32)[None, :, :], 2)
-        qsum = tl.sum(qv, 1)
+    qrow = QC + b * stride_qb + (kvh * GP + offs_h) * stride_qh  # [BLOCK_H] pointers
+    crow = CODES + b.to(tl.int64) * stride_cb + kvh * stride_ch + offs_n.to(tl.int64) * stride_cn  # [BLOCK_N]
+    s = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
+    qsum = tl.zeros([BLOCK_H], dtype=tl.float32)
+    # one byte column at a time: the block's rows are contiguous, so the column loads share cache lines
+    for i in tl.static_range(RB):
+        by = tl.load(crow + i, mask=nmask, other=0).to(tl.int32)
+        if BITS == 4:  # byte i holds channel 2i (low nibble) and 2i + 1 (high nibble)
+            q_lo = tl.load(qrow + 2 * i, mask=hmask, other=0.0)
+            s += q_lo[:, None] * (by & 15).to(tl.float32)[None, :]
+            qsum += q_lo
+            if 2 * i + 1 < R:
+                q_hi = tl.load(qrow + 2 * i + 1, mask=hmask, other=0.0)
+                s += q_hi[:, None] * (by >> 4).to(tl.float32)[None, :]
+                qsum += q_hi
+        else:
+            qv = tl.load(qrow + i, mask=hmask, other=0.0)
+            s += qv[:, None] * by.to(tl.float32)[None, :]
+            qsum += qv
     sc = tl.load(SCALE + b.to(tl.int64) * stride_sb + kvh * stride_sh + offs_n.to(tl.int64) * stride_sn,
                  mask=nmask, other=0.0).to(tl.float32)
     zr = tl.load(ZERO + b.to(tl.int64) * stride_zb + kvh * stride_zh + offs_n.to(tl.int64) * stride_zn,
@@ -129,7 +132,7 @@ def bound_scores_triton(q, lo, hi, reduce="max", mult=1.0, block_n=64, num_warps
     return out
 
 
-def label_scores_triton(qc, codes, scale, zero, r, bits=4, reduce="max", mult=1.0, block_n=64, num_warps=4):
+def label_scores_triton(qc, codes, scale, zero, r, bits=4, reduce="max", mult=1.0, block_n=512, num_warps=4):
     """label_scores_triton: launch on validated inputs (see ``sparsattn.kernels.unit_scores.label_scores``)."""
     B, Hq, _ = qc.shape
     Hkv, n, RB = codes.shape[1], codes.shape[2], codes.shape[3]
@@ -145,7 +148,7 @@ def label_scores_triton(qc, codes, scale, zero, r, bits=4, reduce="max", mult=1.
                         qc.stride(0), qc.stride(1), codes.stride(0), codes.stride(1), codes.stride(2),
                         scale.stride(0), scale.stride(1), scale.stride(2), zero.stride(0), zero.stride(1),
                         zero.stride(2), out.stride(0), out.stride(1),
-                        GP=GP, R=r, RB=RB, BLOCK_R=max(2, triton.next_power_of_2(RB)), BITS=bits,
+                        GP=GP, R=r, RB=RB, BITS=bits,
                         BLOCK_H=max(2, triton.next_power_of_2(GP)), BLOCK_N=block_n, REDUCE=_RED[reduce],
                         num_warps=num_warps)
     return out
