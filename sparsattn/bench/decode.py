@@ -224,7 +224,9 @@ def run_decode_bench(lengths: Sequence[int] = (32768, 131072), batches: Sequence
             w = csv.DictWriter(f, fieldnames=FIELDS)
             w.writeheader()
             w.writerows(rows)
-        print(f"wrote {out_csv}")
+        png = os.path.splitext(out_csv)[0] + ".png"
+        plot_decode(out_csv, png)
+        print(f"wrote {out_csv}, {png}")
     return rows
 
 
@@ -280,6 +282,92 @@ def _method_rows(row, q, k, v, kv_lens, T, B, budget, backend, dev, reps, sdpa_m
             row(f"{name}+kernel", T, B, budget, 0, None, None, sdpa_ms, 0, None, f"failed: {type(e).__name__}: {e}"[:200])
 
 
+_PLOT_IMPLS = ("sparse_tokens", "sparse_pages16", "sparse_pages64", "flex_pages128", "quest+kernel",
+               "double_sparsity+kernel")
+
+
+def plot_decode(csv_path, png_path) -> str:
+    """plot_decode: figure of a decode-benchmark CSV: speed-up over dense SDPA per case (bars: CUDA-graph
+    timing where present, else the Python-launch timing; dots: the Python-launch timing) and the read
+    bandwidth of the kernel rows against dense SDPA's in the same run. Returns the PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("ms")]
+    if not rows:
+        raise ValueError(f"csv_path: no timed rows in {csv_path}")
+
+    def num(r, k):
+        v = r.get(k)
+        return float(v) if v not in (None, "", "None") else None
+
+    cases = []
+    for r in rows:
+        if r["impl"] in _PLOT_IMPLS:
+            c = (int(r["T"]), int(r["B"]), float(r["budget"]))
+            if c not in cases:
+                cases.append(c)
+    cases.sort(key=lambda c: (c[0], c[1], -c[2]))
+    impls = [i for i in _PLOT_IMPLS if any(r["impl"] == i for r in rows)]
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(8.0, 1.3 * len(cases) + 3), 8.5))
+    w = 0.8 / max(len(impls), 1)
+    for j, impl in enumerate(impls):
+        xs, ys, dots = [], [], []
+        for i, c in enumerate(cases):
+            r = next((r for r in rows if r["impl"] == impl and (int(r["T"]), int(r["B"]), float(r["budget"])) == c), None)
+            if r is None:
+                continue
+            g, m = num(r, "speedup_graph"), num(r, "speedup_vs_sdpa")
+            if g is None and m is None:
+                continue
+            xs.append(i + (j - (len(impls) - 1) / 2) * w)
+            ys.append(g if g is not None else m)
+            dots.append(m)
+        bars = a1.bar(xs, ys, width=w, label=impl)
+        a1.scatter([x for x, d in zip(xs, dots) if d is not None], [d for d in dots if d is not None], s=12,
+                   color=bars.patches[0].get_facecolor() if bars.patches else None, edgecolors="black",
+                   linewidths=0.5, zorder=3)
+    labels = [f"{T // 1024}K B{B}\n1/{round(1 / b)}" for T, B, b in cases]
+    a1.axhline(1.0, color="grey", lw=0.8)
+    a1.axhline(10.0, color="red", lw=0.8, ls="--", label="target: 10x (128K, 1/16, B8)")
+    a1.set_yscale("log")
+    a1.set_xticks(range(len(cases)))
+    a1.set_xticklabels(labels, fontsize=8)
+    a1.set_ylabel("x faster than dense SDPA decode")
+    a1.set_title("decode: bars = CUDA-graph replay, dots = launches from Python (do_bench)", fontsize=10)
+    a1.legend(fontsize=7, ncol=3)
+    kern = [i for i in impls if i.startswith("sparse_")]
+    for j, impl in enumerate(kern):
+        xs, ys = [], []
+        for i, c in enumerate(cases):
+            r = next((r for r in rows if r["impl"] == impl and (int(r["T"]), int(r["B"]), float(r["budget"])) == c), None)
+            v = None if r is None else (num(r, "GBps_graph") or num(r, "GBps"))
+            if v is not None:
+                xs.append(i + (j - (len(kern) - 1) / 2) * (0.8 / max(len(kern), 1)))
+                ys.append(v / 1e3)
+        a2.bar(xs, ys, width=0.8 / max(len(kern), 1), label=impl)
+    for i, c in enumerate(cases):
+        r = next((r for r in rows if r["impl"] == "sdpa_dense" and (int(r["T"]), int(r["B"])) == c[:2]), None)
+        v = None if r is None else (num(r, "GBps_graph") or num(r, "GBps"))
+        if v is not None:
+            a2.hlines([v / 1e3, 0.8 * v / 1e3], i - 0.45, i + 0.45, colors=["black", "red"], linestyles=["-", "--"], lw=1)
+    a2.set_xticks(range(len(cases)))
+    a2.set_xticklabels(labels, fontsize=8)
+    a2.set_ylabel("TB/s on the bytes read")
+    a2.set_title("read bandwidth (black: dense SDPA in the same run, red dashed: 80% of it)", fontsize=10)
+    a2.legend(fontsize=7)
+    dev = rows[0].get("device", "")
+    fig.suptitle(f"sparse decode vs dense SDPA ({dev}, torch {rows[0].get('torch', '')}, triton {rows[0].get('triton', '')})",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return str(png_path)
+
+
 def _summary(rows: list[dict]) -> None:
     print("\n impl                      T       B  budget    ms        GB/s    x vs sdpa | graph ms  GB/s    x vs sdpa")
     for r in rows:
@@ -298,9 +386,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-methods", action="store_true")
     ap.add_argument("--no-tune", action="store_true", help="skip the kernel configuration sweep")
+    ap.add_argument("--plot", default=None, metavar="CSV", help="only draw the figure of an existing CSV (PNG beside it)")
     ap.add_argument("--page-sizes", type=int, nargs="*", default=None,
                     help="selection granularities of the kernel rows (default 1 16: tokens and 16-token pages)")
     a = ap.parse_args(argv)
+    if a.plot:
+        print(plot_decode(a.plot, os.path.splitext(a.plot)[0] + ".png"))
+        return 0
     out = a.out or (os.path.join(os.environ["OUT"], "decode_bench.csv") if os.environ.get("OUT") else None)
     if a.tiny:
         run_decode_bench(lengths=a.lengths or (256, 700), batches=a.batches or (1, 2), budgets=(1 / 16, 1 / 64),

@@ -81,9 +81,50 @@ def run_kv_memory(lengths=(32768, 131072), *, batch: int = 1, kv_heads: int = 8,
         write_csv(rows, out / "kv_memory.csv")
         write_json({"environment": environment(), "dtype": str(dtype), "kv_heads": kv_heads,
                     "head_dim": head_dim}, out / "kv_memory_env.json")
+        plot_kv_memory(out / "kv_memory.csv", out / "kv_memory.png")
     print_table(rows, ["T", "policy", "bytes_full", "bytes_kept", "kept_fraction", "used_fraction", "config"],
                 title="KV policies: bytes kept of one layer's cache")
     return rows
+
+
+def plot_kv_memory(csv_path, png_path) -> str:
+    """plot_kv_memory: bars of the fraction of a layer's full cache each KV policy holds (storage, solid)
+    and uses (slots in use, hatched), per context length, from a ``kv_memory.csv``. Returns the PNG path."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"csv_path: no rows in {csv_path}")
+    lengths = sorted({int(r["T"]) for r in rows})
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(policies), 4.2))
+    w = 0.8 / (2 * len(lengths))
+    for j, T in enumerate(lengths):
+        for i, pol in enumerate(policies):
+            r = next((r for r in rows if r["policy"] == pol and int(r["T"]) == T), None)
+            if r is None:
+                continue
+            x = i + (2 * j - len(lengths) + 0.5) * w
+            ax.bar(x, float(r["kept_fraction"]), width=w, color=f"C{j}", label=f"{T // 1024}K: storage held" if i == 0 else None)
+            ax.bar(x + w, float(r["used_fraction"]), width=w, color=f"C{j}", alpha=0.45, hatch="//",
+                   label=f"{T // 1024}K: slots in use" if i == 0 else None)
+            ax.text(x, float(r["kept_fraction"]) + 0.01, f"{float(r['kept_fraction']):.2f}", ha="center", fontsize=7)
+    ax.set_xticks(range(len(policies)))
+    ax.set_xticklabels(policies)
+    ax.set_ylabel("fraction of the full layer cache")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("KV policies: memory of one layer (KVCache.nbytes / the uncompressed cache)", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return str(png_path)
 
 
 def main(argv=None) -> int:
@@ -93,7 +134,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=os.environ.get("OUT", "out"))
+    p.add_argument("--plot", default=None, metavar="CSV", help="only draw the figure of an existing kv_memory.csv")
     a = p.parse_args(argv)
+    if a.plot:
+        print(plot_kv_memory(a.plot, Path(a.plot).with_suffix(".png")))
+        return 0
     lengths = tuple(int(x) for x in a.lengths.split(","))
     if any(t < 1 for t in lengths) or a.batch < 1:
         raise SystemExit("--lengths and --batch: expected positive integers")

@@ -26,6 +26,7 @@ def test_kv_memory_counts_and_files(tmp_path):
     with open(tmp_path / "kv_memory.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
     assert (tmp_path / "kv_memory_env.json").is_file()
+    assert (tmp_path / "kv_memory.png").stat().st_size > 10_000
 
 
 def test_kv_memory_per_head_policies_free_storage():

@@ -209,6 +209,7 @@ def test_decode_bench_smoke(tmp_path):
     assert all(r["ms"] is not None and r["ms"] > 0 for r in rows), [r["note"] for r in rows]
     assert all(r["max_err"] is None or r["max_err"] < 1e-4 for r in rows)
     assert out.read_text().startswith("impl,T,B")
+    assert (tmp_path / "d.png").stat().st_size > 10_000  # the figure beside the CSV
 
 
 def test_traces_under_torch_compile():
