@@ -49,7 +49,9 @@ def t2(fn):
 
 
 def gpu_ms(fn) -> tuple[float, int]:
-    """Sum of CUDA kernel times of one call (profiler) and the number of host syncs in it."""
+    """Device time of one call summed over the profiler's rows (an over-count: an op row and its kernel
+    rows can both carry the same kernel time; use it for the top kernels, not as a total) and the
+    number of host syncs (aten::_local_scalar_dense calls) in it."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
