@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from ..kernels.unit_scores.reference import reduce_heads
 from ..patterns import TokenPattern
 
 Tensor = torch.Tensor
@@ -105,13 +106,9 @@ def group_scores(q: Tensor, k: Tensor, reduce: str = "max") -> Tensor:
 
 def reduce_group(s: Tensor, reduce: str) -> Tensor:
     """Reduce ``[B, Hkv, G, n]`` scores over the group axis by ``max`` / ``mean`` / ``sum``."""
-    if reduce == "max":
-        return s.amax(2)
-    if reduce == "mean":
-        return s.mean(2)
-    if reduce == "sum":
-        return s.sum(2)
-    raise _err("head_reduce", "'max', 'mean' or 'sum'", repr(reduce))
+    if reduce not in ("max", "mean", "sum"):
+        raise _err("head_reduce", "'max', 'mean' or 'sum'", repr(reduce))
+    return reduce_heads(s, reduce)
 
 
 def valid_units(kv_lens: Tensor, n_units: int, page_size: int = 1) -> Tensor:

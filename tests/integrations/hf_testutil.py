@@ -121,3 +121,27 @@ def decode_step_logits(model, ids, am, pos, next_tok, cache):
         out = model(input_ids=next_tok, attention_mask=am2, position_ids=pos[:, -1:] + 1, use_cache=True,
                     **{ck: cache})
     return out.logits[:, -1]
+
+
+def greedy_steps(model, ids, am, pos, cache, steps, extra_last=None):
+    """Prefill, then ``steps`` greedy decode steps through ``cache``; returns (tokens [B, T + steps],
+    logits of every decode step [steps, B, V], and the logits [B, n, V] of one last forward of the
+    tokens ``extra_last [B, n]`` (several queries on the cache) or None)."""
+    ck = cache_kwarg(model)
+    logits = []
+    last = None
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True, **{ck: cache})
+        toks, m, p = ids, am, pos
+        for _ in range(steps):
+            nxt = out.logits[:, -1:].argmax(-1)
+            toks = torch.cat([toks, nxt], 1)
+            m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
+            p = torch.cat([p, p[:, -1:] + 1], 1)
+            out = model(input_ids=nxt, attention_mask=m, position_ids=p[:, -1:], use_cache=True, **{ck: cache})
+            logits.append(out.logits[:, -1])
+        if extra_last is not None:
+            m = torch.cat([m, torch.ones_like(extra_last)], 1)
+            p2 = p[:, -1:] + 1 + torch.arange(extra_last.shape[1], device=p.device)
+            last = model(input_ids=extra_last, attention_mask=m, position_ids=p2, use_cache=True, **{ck: cache}).logits
+    return toks, torch.stack(logits), last

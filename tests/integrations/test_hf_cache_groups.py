@@ -8,7 +8,7 @@ import inspect
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_testutil import cache_kwarg, left_padded, make_model
+from hf_testutil import cache_kwarg, greedy_steps, left_padded, make_model
 
 from sparsattn.integrations import hf
 from sparsattn.integrations.hf_cache import GroupedKV, GroupedLayer, SparseCache
@@ -27,37 +27,14 @@ def _moa(spans, layers=N_LAYERS):
     return MoAPolicy(alpha=[list(spans)] * layers, beta=[[0.0] * len(spans)] * layers, n_sink=2)
 
 
-def _greedy(model, ids, am, pos, cache, steps, extra_last=None):
-    """Prefill, ``steps`` greedy decode steps, then optionally one forward of the tokens ``extra_last
-    [B, n]`` (several queries on the cache). Returns (tokens [B, T + steps], logits [steps (+1), B, V])."""
-    ck = cache_kwarg(model)
-    logits = []
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True, **{ck: cache})
-        toks, m, p = ids, am, pos
-        for _ in range(steps):
-            nxt = out.logits[:, -1:].argmax(-1)
-            toks = torch.cat([toks, nxt], 1)
-            m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
-            p = torch.cat([p, p[:, -1:] + 1], 1)
-            out = model(input_ids=nxt, attention_mask=m, position_ids=p[:, -1:], use_cache=True, **{ck: cache})
-            logits.append(out.logits[:, -1].float())
-        if extra_last is not None:
-            n = extra_last.shape[1]
-            m = torch.cat([m, torch.ones_like(extra_last)], 1)
-            p2 = p[:, -1:] + 1 + torch.arange(n, device=p.device)
-            out = model(input_ids=extra_last, attention_mask=m, position_ids=p2, use_cache=True, **{ck: cache})
-            logits.append(out.logits[:, -1].float())
-    return toks, torch.stack(logits)
-
-
 def _run_both(model, policy_fn, ids, am, pos, steps, extra_last=None, method="dense"):
     """The same generation with grouped storage (default group_waste) and one padded tensor."""
     res = {}
     for gw in (0.1, 1.0):
         cache = SparseCache(config=model.config, policy=policy_fn(), group_waste=gw)
         with hf.patched(model, method):
-            toks, logits = _greedy(model, ids, am, pos, cache, steps, extra_last)
+            toks, logits, last = greedy_steps(model, ids, am, pos, cache, steps, extra_last)
+            logits = logits.float() if last is None else torch.cat([logits.float(), last[None, :, -1].float()])
         res[gw] = (toks, logits, cache)
     return res
 

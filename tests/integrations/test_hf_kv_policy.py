@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from hf_testutil import cache_kwarg, causal_keep, eager_logits, left_padded, make_model
+from hf_testutil import cache_kwarg, causal_keep, eager_logits, greedy_steps, left_padded, make_model
 
 from sparsattn.integrations import hf
 from sparsattn.integrations.hf_cache import SparseCache
@@ -38,29 +38,6 @@ def attend_hook(monkeypatch):
         return orig(self, module, q, k, v, mask, dropout, scaling, kw)
 
     monkeypatch.setattr(hf._Layer, "forward", forward)
-
-
-def _greedy_steps(model, ids, am, pos, cache, steps, extra_last=None):
-    """Prefill then ``steps`` greedy decode steps through ``cache``; returns (tokens [B, T+steps], logits
-    of every decode step [steps, B, V]). ``extra_last``: feed these [B, 2] tokens as one last forward."""
-    ck = cache_kwarg(model)
-    logits = []
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True, **{ck: cache})
-        toks, m, p = ids, am, pos
-        for _ in range(steps):
-            nxt = out.logits[:, -1:].argmax(-1)
-            toks = torch.cat([toks, nxt], 1)
-            m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
-            p = torch.cat([p, p[:, -1:] + 1], 1)
-            out = model(input_ids=nxt, attention_mask=m, position_ids=p[:, -1:], use_cache=True, **{ck: cache})
-            logits.append(out.logits[:, -1])
-        if extra_last is not None:
-            m = torch.cat([m, torch.ones_like(extra_last)], 1)
-            p2 = p[:, -1:] + 1 + torch.arange(extra_last.shape[1])
-            out = model(input_ids=extra_last, attention_mask=m, position_ids=p2, use_cache=True, **{ck: cache})
-            logits.append(out.logits)
-    return toks, torch.stack(logits[:steps]), (logits[steps] if extra_last is not None else None)
 
 
 def _decode_masks(toks, pads, T, steps, sees):
@@ -110,7 +87,7 @@ def test_streaming_llm_evicts_to_sinks_plus_window_and_matches_eager(every):
     pol = as_cache_policy(StreamingLLMPolicy(n_sink=n_sink, window=window), every=every)
     cache = SparseCache(config=model.config, policy=pol)
     hf.patch(model, "dense")
-    toks, got, _ = _greedy_steps(model, ids, am, pos, cache, steps)
+    toks, got, _ = greedy_steps(model, ids, am, pos, cache, steps)
     hf.unpatch(model)
     # the cache holds exactly the sinks + the window after each policy run (every > 1: the tokens since)
     extra = steps % every
@@ -150,7 +127,7 @@ def test_moa_per_head_spans_match_eager_per_head_masks(attend_hook):
     cache = SparseCache(config=model.config, policy=pol)
     two = torch.randint(0, 128, (2, 2), generator=torch.Generator().manual_seed(3))
     hf.patch(model, "dense")
-    toks, got, last = _greedy_steps(model, ids, am, pos, cache, steps, extra_last=two)
+    toks, got, last = greedy_steps(model, ids, am, pos, cache, steps, extra_last=two)
     hf.unpatch(model)
     for l in range(N_LAYERS):
         n = cache.head_lens(l)
@@ -188,7 +165,7 @@ def test_razor_keeps_retrieval_heads_whole_and_folds_the_rest(attend_hook):
                                min_window=6)
     cache = SparseCache(config=model.config, policy=pol)
     hf.patch(model, "dense")
-    toks, got, _ = _greedy_steps(model, ids, am, pos, cache, steps)
+    toks, got, _ = greedy_steps(model, ids, am, pos, cache, steps)
     hf.unpatch(model)
     assert torch.isfinite(got).all()
     seen = [T - p + steps for p in pads]  # real tokens seen per sequence

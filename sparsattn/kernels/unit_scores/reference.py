@@ -15,8 +15,9 @@ import torch
 REDUCES = ("max", "mean", "sum", "none")
 
 
-def _reduce(s: torch.Tensor, reduce: str) -> torch.Tensor:
-    """``[B, Hkv, G, n]`` -> ``[B, Hkv, n]`` (or ``[B, Hkv * G, n]`` for ``"none"``)."""
+def reduce_heads(s: torch.Tensor, reduce: str) -> torch.Tensor:
+    """reduce_heads: ``[B, Hkv, G, n]`` scores -> ``[B, Hkv, n]`` over each group by ``"max"`` / ``"mean"`` /
+    ``"sum"`` (or ``[B, Hkv * G, n]`` for ``"none"``)."""
     if reduce == "max":
         return s.amax(2)
     if reduce == "mean":
@@ -37,7 +38,7 @@ def bound_scores_reference(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, 
     qg = q.view(B, Hkv, Hq // Hkv, D).to(lo.dtype)
     s = (torch.matmul(qg.clamp_min(0), hi.transpose(-1, -2)).float()
          + torch.matmul(qg.clamp_max(0), lo.transpose(-1, -2)).float())
-    return _reduce(s, reduce) * mult
+    return reduce_heads(s, reduce) * mult
 
 
 def unpack_codes(codes: torch.Tensor, r: int, bits: int) -> torch.Tensor:
@@ -58,4 +59,4 @@ def label_scores_reference(qc: torch.Tensor, codes: torch.Tensor, scale: torch.T
     qf = qc.float().view(B, Hkv, Hq // Hkv, r)
     s = torch.matmul(qf, c.transpose(-1, -2))  # [B, Hkv, G, T]
     s = s * scale.float()[:, :, None, :] + qf.sum(-1, keepdim=True) * zero.float()[:, :, None, :]
-    return _reduce(s, reduce) * mult
+    return reduce_heads(s, reduce) * mult
