@@ -139,8 +139,8 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             raise _err("kv_lens", f"an integer tensor [{B}] or [{B}, {Hkv}] (per KV head)", (kl.dtype, tuple(kl.shape)))
         if kl.dtype != torch.int32:
             kl = kl.to(torch.int32)
-        if validate and kl.numel() and (int(kl.min()) < 0 or int(kl.max()) > T):
-            raise _err("kv_lens", f"lengths in [0, {T}]", f"min {int(kl.min())}, max {int(kl.max())}")
+        if validate and kl.numel() and pattern is None:  # with a pattern: checked in _deep_check's one sync
+            _check_lens(kl, T)
     if pattern is not None:
         if not isinstance(pattern, TokenPattern):
             raise _err("pattern", "a sparsattn.patterns.TokenPattern or None", type(pattern).__name__)
@@ -153,7 +153,7 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         if pattern.device != q.device:
             raise _err("pattern device", f"{q.device}", pattern.device)
         if validate:
-            _deep_check(pattern, kl)
+            _deep_check(pattern, kl, T)
     if log_weight is not None:
         if pattern is None:
             raise _err("log_weight", "None when pattern is None (it is per selected entry)", "a tensor")
@@ -200,8 +200,15 @@ def _compiling() -> bool:
         return False
 
 
-def _deep_check(pattern: TokenPattern, kv_lens: torch.Tensor) -> None:
-    """O(selection) checks: counts within the cache of each sequence, indices in range and sorted."""
+def _check_lens(kv_lens: torch.Tensor, T: int) -> None:
+    if bool(((kv_lens < 0) | (kv_lens > T)).any()):
+        raise _err("kv_lens", f"lengths in [0, {T}]", f"min {int(kv_lens.min())}, max {int(kv_lens.max())}")
+
+
+def _deep_check(pattern: TokenPattern, kv_lens: torch.Tensor, T: Optional[int] = None) -> None:
+    """O(selection) checks: lengths in ``[0, T]`` (when ``T`` is given), counts within the cache of
+    each row, indices in range and sorted. Every condition is reduced on the device and read back
+    in one host sync; the details of a failure are computed only then."""
     P = pattern.page_size
     idx, cnt = pattern.indices, pattern.counts
     B = kv_lens.shape[0]
@@ -210,24 +217,30 @@ def _deep_check(pattern: TokenPattern, kv_lens: torch.Tensor) -> None:
     if kv_lens.dim() == 2 and idx.shape[1] == 1:
         idx, cnt = idx.expand(-1, kv_lens.shape[1], -1), cnt.expand(-1, kv_lens.shape[1])
     units = (row_lens(kv_lens, idx.shape[1]) + P - 1) // P  # [B, rows]
-    if cnt.numel():
-        if bool((cnt < 0).any()):
-            raise _err("pattern.counts", "values >= 0", f"min {int(cnt.min())}")
-        if bool((cnt.long() > idx.shape[-1]).any()):
-            raise _err("pattern.counts", f"values <= {idx.shape[-1]} (indices per row)", f"max {int(cnt.max())}")
-        if bool((cnt.long() > units).any()):
-            raise _err("pattern.counts", "a budget no larger than the cache (kv_lens / page_size per row)",
-                       f"max {int(cnt.max())} with kv_lens {kv_lens.tolist()[:8]}")
-    if not idx.numel():
-        return
+    no = torch.zeros((), dtype=torch.bool, device=idx.device)
     valid = torch.arange(idx.shape[-1], device=idx.device) < cnt[..., None]
-    bad = ((idx < 0) | (idx.long() >= units[..., None])) & valid
-    if bool(bad.any()):
+    flags = [
+        ((kv_lens < 0) | (kv_lens > T)).any() if T is not None and kv_lens.numel() else no,
+        (cnt < 0).any() if cnt.numel() else no,
+        (cnt.long() > idx.shape[-1]).any() if cnt.numel() else no,
+        (cnt.long() > units).any() if cnt.numel() else no,
+        (((idx < 0) | (idx.long() >= units[..., None])) & valid).any() if idx.numel() else no,
+        (~(idx[..., 1:] > idx[..., :-1]) & valid[..., 1:]).any() if idx.numel() and idx.shape[-1] > 1 else no,
+    ]
+    lens_bad, neg, over_n, over_units, out_of_range, unsorted = torch.stack(flags).tolist()  # one host sync
+    if lens_bad:
+        _check_lens(kv_lens, T)
+    if neg:
+        raise _err("pattern.counts", "values >= 0", f"min {int(cnt.min())}")
+    if over_n:
+        raise _err("pattern.counts", f"values <= {idx.shape[-1]} (indices per row)", f"max {int(cnt.max())}")
+    if over_units:
+        raise _err("pattern.counts", "a budget no larger than the cache (kv_lens / page_size per row)",
+                   f"max {int(cnt.max())} with kv_lens {kv_lens.tolist()[:8]}")
+    if out_of_range:
         raise _err("pattern.indices", "values in [0, ceil(kv_lens[b] / page_size)) within counts", "an index out of range")
-    if idx.shape[-1] > 1:
-        inc = idx[..., 1:] > idx[..., :-1]
-        if bool((~inc & valid[..., 1:]).any()):
-            raise _err("pattern.indices", "strictly increasing values within counts", "unsorted or repeated indices")
+    if unsorted:
+        raise _err("pattern.indices", "strictly increasing values within counts", "unsorted or repeated indices")
 
 
 __all__ = ["sparse_decode_attention", "sparse_decode_reference", "paged_to_contiguous"]
