@@ -41,7 +41,8 @@ def decode_inputs(q: Tensor, k: Tensor, ctx) -> tuple[Tensor, Tensor, Tensor]:
         return q, k, torch.full((B,), T, dtype=torch.long, device=k.device)
     memo = _CHECKED.get("entry")
     if (memo is not None and isinstance(src, Tensor) and memo[0]() is src and memo[1] == _version(src)
-            and memo[2].device == k.device and memo[2].shape == (B,) and memo[3] <= T and memo[4] == _version(memo[2])):
+            and memo[2].device == k.device and memo[2].shape == (B,) and memo[3] <= T
+            and memo[4] == _version(memo[2])):
         return q, k, memo[2]  # the same lengths tensor as the last call, already checked: no host sync
     kl = torch.as_tensor(src, device=k.device).long()
     if kl.shape != (B,):
@@ -167,5 +168,5 @@ def full_pattern(B: int, H: int, kv_lens: Tensor, T: int) -> TokenPattern:
     return mask_to_pattern(valid_units(kv_lens, T)[:, None, :].expand(B, H, T), T)
 
 
-__all__ = ["decode_inputs", "lengths_since", "record_lengths", "scale_of", "group_scores", "reduce_group", "valid_units", "topk_mask",
-           "sink_window_mask", "mask_to_pattern", "full_pattern", "topk_pattern"]
+__all__ = ["decode_inputs", "lengths_since", "record_lengths", "scale_of", "group_scores", "reduce_group",
+           "valid_units", "topk_mask", "sink_window_mask", "mask_to_pattern", "full_pattern", "topk_pattern"]

@@ -212,13 +212,14 @@ class DoubleSparsity(Method):
             raise ValueError("double_sparsity: not calibrated; call calibrate(qs, ks) or load(path) first")
         if layer not in self.channels:
             raise ValueError(f"ctx.layer: no calibrated channels for layer {layer} (have {sorted(self.channels)})")
-        # checked on the host list and kept on the device per (channels dict, layer, device): no host
-        # sync and no host-to-device copy per decode step
-        key = (id(self.channels), layer, str(device), Hkv, D)
+        # checked on the host list and kept on the device per (layer, device), valid while the layer's
+        # list is the same object: no host sync and no host-to-device copy per decode step
+        key = (layer, str(device), Hkv, D)
         cache = self.__dict__.setdefault("_ch_dev", {})
-        if key in cache:
-            return cache[key]
         rows = self.channels[layer]
+        hit = cache.get(key)
+        if hit is not None and hit[0] is rows:
+            return hit[1]
         if (not isinstance(rows, (list, tuple)) or len(rows) != Hkv or not rows
                 or len({len(h) for h in rows}) != 1 or not all(0 <= int(c) < D for h in rows for c in h)):
             raise ValueError(f"channels[{layer}]: expected [Hkv={Hkv}, r] ids in [0, {D}), got "
@@ -226,7 +227,7 @@ class DoubleSparsity(Method):
         ch = torch.as_tensor(rows, device=device, dtype=torch.long)
         if len(cache) > 256:
             cache.clear()
-        cache[key] = ch
+        cache[key] = (rows, ch)
         return ch
 
     def _topk(self, q: torch.Tensor, st: dict, ch: torch.Tensor, kl: torch.Tensor, T: int):

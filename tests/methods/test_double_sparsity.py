@@ -288,3 +288,24 @@ def test_offloaded_bad_input():
     c.offload(0)
     with pytest.raises(ValueError, match="cache: layer 0 has different lengths"):
         m.attend_offloaded(q, c, 0)
+
+
+def test_channel_lists_replaced_after_first_use_are_used():
+    """The device copy of the calibrated channels is cached per layer; replacing a layer's list (or the
+    whole dict) must take effect, and a bad replacement is still refused."""
+    gen = torch.Generator().manual_seed(3)
+    B, Hkv, G, T, D = 1, 2, 2, 64, 16
+    q = torch.randn(B, Hkv * G, D, generator=gen)
+    k = torch.randn(B, Hkv, T, D, generator=gen)
+    m = get_method("double_sparsity", token_budget=8, channels={0: [[0, 1, 2, 3], [4, 5, 6, 7]]})
+    m.select(q, k, SelectContext(layer=0))
+    assert m._channels(0, Hkv, D, k.device).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    m.channels[0] = [[8, 9, 10, 11], [12, 13, 14, 15]]
+    assert m._channels(0, Hkv, D, k.device).tolist() == [[8, 9, 10, 11], [12, 13, 14, 15]]
+    b = m.select(q, k, SelectContext(layer=0))
+    want = m._topk(q, m._labels(k, m._channels(0, Hkv, D, k.device), torch.full((B,), T), None),
+                   m._channels(0, Hkv, D, k.device), torch.full((B,), T), T)
+    assert torch.equal(b.to_unit_mask(), want.to_unit_mask())
+    m.channels = {0: [[0, 99, 1, 2], [3, 4, 5, 6]]}
+    with pytest.raises(ValueError, match="channels"):
+        m.select(q, k, SelectContext(layer=0))

@@ -5,11 +5,12 @@ selection (a whole GQA group when the pattern has one row per KV head), so each 
 row is read once. The selection (``count * page_size`` tokens, or ``kv_len`` tokens when dense)
 is cut into ``num_splits`` slices (flash-decoding); every split writes a partial output and
 log-sum-exp, and the merge is fused into the same launch: each split program takes a ticket from a
-per-(batch, row) counter after writing its partial, and the program that takes the last ticket merges
-the partials of that row and resets the counter (one kernel launch per call; the counters live in a
-small cached buffer per device and stream and are zero between calls). ``fused_merge=False`` uses a
-second small merge kernel instead. With one split the kernel writes the final output directly. KV may be contiguous ``[B, Hkv, T, D]`` or paged ``[n_pages, Hkv, P, D]`` with a
-block table ``[B, max_pages]``.
+per-(batch, row) counter after writing its partial, and the program that takes the last ticket
+merges the partials of that row and resets the counter (one kernel launch per call; counters and
+partials live in buffers cached per device and stream, the counters zero between calls).
+``fused_merge=False`` uses a second small merge kernel instead. With one split the kernel writes
+the final output directly. KV may be contiguous ``[B, Hkv, T, D]`` or paged
+``[n_pages, Hkv, P, D]`` with a block table ``[B, max_pages]``.
 
 Only long-standing Triton APIs are used (tested with triton 3.6 and 3.9).
 """
@@ -230,9 +231,10 @@ def sparse_decode_triton(q, k_cache, v_cache, indices, counts, kv_lens, *, scale
     """sparse_decode_triton: launch the decode kernel on validated inputs (see ``sparse_decode_attention``).
 
     ``indices [B', R, max_n]`` / ``counts [B', R]`` (``B'`` = 1 or B; R = pattern rows, 1, Hkv or Hq)
-    or None for dense; ``kv_lens`` int32 ``[B]`` (or ``[B, Hkv]`` per KV head) on the device. ``fused_merge``: merge the split-K
-    partials inside the one launch (default) or in a second kernel. ``num_stages``: Triton's software
-    pipelining depth (None = Triton's default). Returns ``(out [B, Hq, D], lse [B, Hq])``.
+    or None for dense; ``kv_lens`` int32 ``[B]`` (or ``[B, Hkv]`` per KV head) on the device.
+    ``fused_merge``: merge the split-K partials inside the one launch (default) or in a second
+    kernel. ``num_stages``: Triton's software pipelining depth (None = Triton's default).
+    Returns ``(out [B, Hq, D], lse [B, Hq])``.
     """
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
@@ -287,6 +289,7 @@ def sparse_decode_triton(q, k_cache, v_cache, indices, counts, kv_lens, *, scale
     fused = fused_merge and not direct
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, dtype=torch.float32, device=q.device)
+    sem = dummy
     if direct:
         so = (out.stride(0), out.stride(1), 0)
         sl = (lse.stride(0), lse.stride(1))
@@ -298,7 +301,8 @@ def sparse_decode_triton(q, k_cache, v_cache, indices, counts, kv_lens, *, scale
         l_t = part[n_o:n_o + B * Hq * S].view(B, Hq, S)
         so = (S * D * Hq, S * D, D)
         sl = (S * Hq, S)
-    sem = sem if fused else dummy
+    if not fused:
+        sem = dummy
     qk_scale = float(scale) * LOG2E
     grid = (B, R, S)
     extra = {} if num_stages is None else {"num_stages": num_stages}
