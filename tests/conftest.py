@@ -32,3 +32,20 @@ def _seed_and_poison():
     yield
     block_sparse.POISON_OUTPUTS = False
     torch.set_num_threads(n_threads)
+
+
+@pytest.fixture
+def decode_patterns(monkeypatch):
+    """The patterns given to ``sparse_decode_attention`` during the test, in call order (a spy that
+    still runs the real function; ``.clear()`` it to count from a later point)."""
+    import sparsattn.kernels.sparse_decode as sd
+
+    pats = []
+    real = sd.sparse_decode_attention
+
+    def spy(*a, **kw):
+        pats.append(a[3] if len(a) > 3 else kw.get("pattern"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sd, "sparse_decode_attention", spy)
+    return pats

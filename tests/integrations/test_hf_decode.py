@@ -54,19 +54,10 @@ def test_greedy_generate_left_padding_dense_matches_unpatched(family, use_sparse
     assert torch.equal(out, ref)
 
 
-def test_decode_method_through_sparse_decode_kernel(monkeypatch):
+def test_decode_method_through_sparse_decode_kernel(decode_patterns):
     """A decode method's TokenPattern (sinks + recent, left padding) equals eager attention whose last
     row sees exactly those keys; the sparse decode kernel is the one that ran."""
-    import sparsattn.kernels.sparse_decode as sd
-
-    calls = []
-    real = sd.sparse_decode_attention
-
-    def spy(*a, **k):
-        calls.append(a[3])
-        return real(*a, **k)
-
-    monkeypatch.setattr(sd, "sparse_decode_attention", spy)
+    calls = decode_patterns
     model = make_model("llama")
     T = 50
     ids, am, pos = left_padded(2, T, [0, 12])

@@ -279,19 +279,11 @@ def test_bad_inputs_name_the_argument():
 # -- through the HF integration -----------------------------------------------------------------
 
 
-def test_hf_decode_reads_exactly_the_selected_keys(hf_util, monkeypatch):
+def test_hf_decode_reads_exactly_the_selected_keys(hf_util, decode_patterns):
     import sparsattn
-    import sparsattn.kernels.sparse_decode as sd
     from sparsattn.integrations.hf_cache import SparseCache
 
-    pats = []
-    real = sd.sparse_decode_attention
-
-    def spy(*a, **kw):
-        pats.append(a[3])
-        return real(*a, **kw)
-
-    monkeypatch.setattr(sd, "sparse_decode_attention", spy)
+    pats = decode_patterns
     model = hf_util.make_model("llama")
     T, pads = 150, [0, 20]
     ids, am, pos = hf_util.left_padded(2, T, pads)

@@ -220,19 +220,11 @@ def test_hf_full_budget_decode_step_equals_dense(hf_util):
     assert sorted(k for k in cache.state["hip_decode"] if k != "_warned") == [0, 1, 2, 3]
 
 
-def test_hf_sparse_decode_reads_exactly_the_selection_and_refreshes(hf_util, monkeypatch):
+def test_hf_sparse_decode_reads_exactly_the_selection_and_refreshes(hf_util, decode_patterns, monkeypatch):
     import sparsattn
-    import sparsattn.kernels.sparse_decode as sd
     from sparsattn.integrations.hf_cache import SparseCache
 
-    pats = []
-    real = sd.sparse_decode_attention
-
-    def spy(*a, **kw):
-        pats.append(a[3])
-        return real(*a, **kw)
-
-    monkeypatch.setattr(sd, "sparse_decode_attention", spy)
+    pats = decode_patterns
     model = hf_util.make_model("llama")
     T, pads = 120, [0, 20]
     ids, am, pos = hf_util.left_padded(2, T, pads)

@@ -180,8 +180,7 @@ def _step(hf_util, model, ids, am, pos, nxt, method):
         return hf_util.decode_step_logits(model, ids, am, pos, nxt, cache)
 
 
-def test_hf_full_budget_step_equals_dense_and_small_budget_reads_selection(hf_util, monkeypatch):
-    import sparsattn.kernels.sparse_decode as sd
+def test_hf_full_budget_step_equals_dense_and_small_budget_reads_selection(hf_util, decode_patterns):
     from sparsattn.methods.longheads_decode import LongHeadsDecode
 
     model = hf_util.make_model("llama")
@@ -194,14 +193,8 @@ def test_hf_full_budget_step_equals_dense_and_small_budget_reads_selection(hf_ut
         got = _step(hf_util, model, ids, am, pos, nxt, LongHeadsDecode(window_size=8, atten_length=256))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=2e-5)
 
-    pats = []
-    real = sd.sparse_decode_attention
-
-    def spy(*a, **kw):
-        pats.append(a[3])
-        return real(*a, **kw)
-
-    monkeypatch.setattr(sd, "sparse_decode_attention", spy)
+    pats = decode_patterns
+    pats.clear()  # count the small-budget step only
     small = _step(hf_util, model, ids, am, pos, nxt, LongHeadsDecode(window_size=8, atten_length=32))
     assert len(pats) == 4
     am2 = torch.cat([am, torch.ones(3, 1, dtype=am.dtype)], 1)
