@@ -31,7 +31,6 @@ accuracy by depth x length).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+
+from .bench.common import write_csv
 
 __all__ = ["run_eval", "main", "load_model", "ModelPathError", "COLUMNS", "SAMPLE_COLUMNS", "resolve_methods"]
 
@@ -431,8 +432,8 @@ def run_eval(model_path=None, methods: Sequence[str] = ("dense", "a_shape", "ver
     bar.close()
     _add_speedup(rows)
 
-    _write_csv(out / "eval.csv", rows, COLUMNS)
-    _write_csv(out / "eval_samples.csv", srows, SAMPLE_COLUMNS)
+    write_csv(rows, out / "eval.csv", COLUMNS)
+    write_csv(srows, out / "eval_samples.csv", SAMPLE_COLUMNS)
     from .bench.common import print_table
 
     print_table(rows, [c for c in COLUMNS if c not in ("config", "fid_layers", "n_large_error", "decode_density")],
@@ -446,14 +447,6 @@ def run_eval(model_path=None, methods: Sequence[str] = ("dense", "a_shape", "ver
             written.append(plot_needle_heatmap(srows, t, out / f"needle_heatmap_{t}.png"))
     print("wrote " + ", ".join(str(w) for w in written))
     return rows
-
-
-def _write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in cols})
 
 
 def _plt():

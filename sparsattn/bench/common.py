@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -70,20 +71,25 @@ def peak_memory(fn: Callable[[], object]) -> Optional[int]:
     return int(peak)
 
 
-def write_csv(rows: list[dict], path: Path) -> Path:
-    """Write rows (union of keys as columns) to ``path``."""
+def write_csv(rows: list[dict], path: Path, cols: Optional[list[str]] = None) -> Path:
+    """Write rows to ``path``: columns ``cols`` (others ignored) or the union of the rows' keys in
+    first-seen order; None and missing values as empty cells. Written to a temporary file and moved
+    into place, so a reader (or a run killed mid-write) never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    keys: list[str] = []
-    for r in rows:
-        for k in r:
-            if k not in keys:
-                keys.append(k)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
+    keys: list[str] = list(cols) if cols is not None else []
+    if cols is None:
+        for r in rows:
+            for k in r:
+                if k not in keys:
+                    keys.append(k)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow(r)
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
+    os.replace(tmp, path)
     return path
 
 

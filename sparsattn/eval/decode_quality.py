@@ -85,7 +85,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import datetime
 import inspect
 import json
@@ -99,6 +98,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ..bench.common import write_csv
 from ..integrations.hf import _to_bh  # pattern rows (batch 1|B, heads 1|Hkv|Hq) -> [B, Hq, ...]
 from ..methods.base import Method, SelectContext
 from .scoring import get_scorer
@@ -610,14 +610,6 @@ def _aggregate(srows: list[dict], lrows_raw: list[dict]) -> tuple[list[dict], li
     return rows, lrows
 
 
-def _write_csv(path: Path, rows: list[dict], cols: list[str]) -> None:
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in cols})
-
-
 def environment(device, args: Optional[dict] = None) -> dict:
     """environment: versions, device and date of a run (JSON-serialisable)."""
     import transformers
@@ -747,9 +739,9 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
 
     def flush():
         rows, lrows = _aggregate(srows, lraw)
-        _write_csv(out / "decode_quality.csv", rows, MAIN_COLS)
-        _write_csv(out / "decode_quality_samples.csv", srows, SAMPLE_COLS)
-        _write_csv(out / "decode_quality_layers.csv", lrows, LAYER_COLS)
+        write_csv(rows, out / "decode_quality.csv", MAIN_COLS)
+        write_csv(srows, out / "decode_quality_samples.csv", SAMPLE_COLS)
+        write_csv(lrows, out / "decode_quality_layers.csv", LAYER_COLS)
         (out / "configs.json").write_text(json.dumps(configs, indent=1, sort_keys=True))
         env["samples_done"] = n_done
         env["elapsed_s"] = round(time.perf_counter() - t_start, 2)

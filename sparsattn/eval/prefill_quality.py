@@ -63,6 +63,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ..bench.common import write_csv
+
 __all__ = [
     "PREFILL_METHODS", "Family", "Setting", "SearchResult", "search_knob", "knob_family", "teacher_forced_ids",
     "score_teacher_forced", "teacher_forced_predict", "capture_prompt", "measure_density", "fidelity_layers",
@@ -805,22 +807,6 @@ def run_passkey(model, tok, setting: Optional[Setting], samples: list[PromptSamp
 # outputs
 # ----------------------------------------------------------------------------------------------
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    keys: list[str] = []
-    for r in rows:
-        for k in r:
-            if k not in keys:
-                keys.append(k)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in keys})
-    os.replace(tmp, path)
-
-
 def _num(x) -> Optional[float]:
     try:
         v = float(x)
@@ -1119,7 +1105,7 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
         settings[L] = resolve_settings(methods, densities, L, cap, n_layers=n_layers, n_heads=n_heads,
                                        out_dir=out_dir, moa_plans=moa_plans, tol=tol)
         del cap
-        _write_csv(out_dir / "settings.csv", [s.row() for Ls in settings.values() for s in Ls])
+        write_csv([s.row() for Ls in settings.values() for s in Ls], out_dir / "settings.csv")
     env["timings"]["settings_s"] = round(time.time() - t0, 1)
     all_settings = [s for Ls in settings.values() for s in Ls]
 
@@ -1157,7 +1143,7 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
         _log(f"fidelity T={fid_length} {s.method:15s} {s.target_name:>10s} density {fid[s.key]['density']:.4f} "
              f"recall {fid[s.key]['recall']:.4f} top10 {fid[s.key]['topk_recall']:.4f} "
              f"err {fid[s.key]['rel_error']:.4f} ({time.time() - t1:.1f}s)")
-        _write_csv(out_dir / "fidelity_layers.csv", fid_rows)
+        write_csv(fid_rows, out_dir / "fidelity_layers.csv")
     del cap
     env["timings"]["fidelity_s"] = round(time.time() - t0, 1)
 
@@ -1194,14 +1180,14 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
                     _log(f"{task} T={L} {name} {tgt}: ERROR {row['error']}")
                 pk_rows.append(row)
-            _write_csv(out_dir / "passkey.csv", pk_rows)
-            _write_csv(out_dir / "passkey_samples.csv", sample_rows)
+            write_csv(pk_rows, out_dir / "passkey.csv")
+            write_csv(sample_rows, out_dir / "passkey_samples.csv")
     env["timings"]["passkey_s"] = round(time.time() - t0, 1)
 
     # 4. summary, table, plots
-    _write_csv(out_dir / "settings.csv", [s.row() for s in all_settings])
+    write_csv([s.row() for s in all_settings], out_dir / "settings.csv")
     summary = summarize(all_settings, pk_rows, fid, lengths, fid_length, speed)
-    _write_csv(out_dir / "summary.csv", summary)
+    write_csv(summary, out_dir / "summary.csv")
     where = f"{device}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")
     header = (f"Bundled model, {where}, {env['model_dtype']}; passkey: teacher forcing, {n} needles per length "
               f"(depths 0..1), acc = every answer token (space + 7 digits) right, [density] = measured in those forwards; fidelity: "
@@ -1238,7 +1224,7 @@ def replot(out_dir, speed_csv: Optional[str] = None) -> list[dict]:
                 del r[k]
             for T, v in sorted(speed.get(r["method"], {}).items()):
                 r[f"speedup_{T}"] = _f(v, 3)
-        _write_csv(out_dir / "summary.csv", summary)
+        write_csv(summary, out_dir / "summary.csv")
     text = (out_dir / "table.md").read_text() if (out_dir / "table.md").is_file() else ""
     header = text.split("\n|", 1)[0] if text and not text.startswith("|") else ""
     write_table(summary, out_dir / "table.md", lengths, fid_length, header)

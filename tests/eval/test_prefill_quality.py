@@ -181,7 +181,7 @@ def test_summary_table_and_plots_are_written(tmp_path):
     a5 = summary[1]
     assert a5["acc_4096"] == 45.0 and a5["acc_mean"] == 45.0 and a5["speedup_32768"] == 3.5
     assert summary[3]["acc_8192"] == 70.0 and "acc_4096" not in summary[3]
-    pq._write_csv(tmp_path / "summary.csv", summary)
+    pq.write_csv(summary, tmp_path / "summary.csv")
     with open(tmp_path / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and rows[1]["recall"] == "0.85"
