@@ -42,6 +42,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .bench.common import write_csv
+from .methods.base import SelectHook
 
 __all__ = ["run_eval", "main", "load_model", "ModelPathError", "COLUMNS", "SAMPLE_COLUMNS", "resolve_methods"]
 
@@ -158,44 +159,28 @@ def resolve_methods(methods: Sequence[str], method_config: Optional[dict] = None
     return out
 
 
-class _Recorder:
+class _Recorder(SelectHook):
     """Wraps a method instance's ``select`` to record the density of every pattern it returns."""
 
     def __init__(self, method):
-        self.method = method
+        super().__init__(method)
         self.prefill: list[float] = []
         self.decode: list[float] = []
-        self._orig = None
 
-    def __enter__(self):
+    def on_select(self, orig, q, k, ctx=None, *a, **kw):
         from .patterns import BlockPattern, TokenPattern
 
-        m = self.method
-        orig = m.select
-        self._orig = orig
-
-        def select(q, k, ctx=None, *a, **kw):
-            p = orig(q, k, ctx, *a, **kw)
-            try:
-                if isinstance(p, BlockPattern):
-                    self.prefill.append(float(p.density))
-                elif isinstance(p, TokenPattern):
-                    Tk = k.shape[2]
-                    sel = (p.counts.float() * float(p.page_size)).clamp(max=Tk)
-                    self.decode.append(float(sel.mean()) / max(Tk, 1))
-            except Exception:  # noqa: BLE001 - statistics must never break the run
-                pass
-            return p
-
-        object.__setattr__(m, "select", select)
-        return self
-
-    def __exit__(self, *exc):
+        p = orig(q, k, ctx, *a, **kw)
         try:
-            object.__delattr__(self.method, "select")
-        except AttributeError:
+            if isinstance(p, BlockPattern):
+                self.prefill.append(float(p.density))
+            elif isinstance(p, TokenPattern):
+                Tk = k.shape[2]
+                sel = (p.counts.float() * float(p.page_size)).clamp(max=Tk)
+                self.decode.append(float(sel.mean()) / max(Tk, 1))
+        except Exception:  # noqa: BLE001 - statistics must never break the run
             pass
-        return False
+        return p
 
 
 # ----------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ import torch
 
 from ..bench.common import write_csv
 from ..integrations.hf import _to_bh  # pattern rows (batch 1|B, heads 1|Hkv|Hq) -> [B, Hq, ...]
-from ..methods.base import Method, SelectContext
+from ..methods.base import Method, SelectContext, SelectHook
 from .scoring import get_scorer
 from .tasks import QUESTION_TEMPLATE, Sample, encode_ids, passkey
 
@@ -314,38 +314,26 @@ def topk_recall(q: torch.Tensor, k: torch.Tensor, pattern, top: int = TOP_K_RECA
     return torch.where(n_ok > 0, hit.sum(-1).float() / n_ok.clamp(min=1).float(), torch.ones_like(n_ok, dtype=torch.float32))
 
 
-class SelectRecorder:
+class SelectRecorder(SelectHook):
     """SelectRecorder: wraps a method instance's ``select`` (restored on exit); counts every call by
     phase and, while ``active``, accumulates top-k recall and the fraction read per layer (on the
     device, one host sync at ``summary``)."""
 
     def __init__(self, method, top: int = TOP_K_RECALL):
-        self.method = method
+        super().__init__(method)
         self.top = top
         self.active = False
         self.calls: dict[str, int] = {}
         self.active_calls = 0
         self._acc: dict[int, list] = {}  # layer -> [sum recall, sum density, n calls, sum recall sparse, n sparse]
 
-    def __enter__(self):
-        m = self.method
-        orig = m.select
-
-        def select(q, k, ctx=None, *a, **kw):
-            p = orig(q, k, ctx, *a, **kw)
-            phase = (ctx.extras.get("phase") if ctx is not None else None) or "none"
-            self.calls[phase] = self.calls.get(phase, 0) + 1
-            if self.active:
-                self._record(q, k, p, ctx)
-            return p
-
-        object.__setattr__(m, "select", select)
-        return self
-
-    def __exit__(self, *exc):
-        with contextlib.suppress(AttributeError):
-            object.__delattr__(self.method, "select")
-        return False
+    def on_select(self, orig, q, k, ctx=None, *a, **kw):
+        p = orig(q, k, ctx, *a, **kw)
+        phase = (ctx.extras.get("phase") if ctx is not None else None) or "none"
+        self.calls[phase] = self.calls.get(phase, 0) + 1
+        if self.active:
+            self._record(q, k, p, ctx)
+        return p
 
     def _record(self, q, k, p, ctx) -> None:
         from ..patterns import TokenPattern

@@ -64,6 +64,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..bench.common import write_csv
+from ..methods.base import SelectHook
 
 __all__ = [
     "PREFILL_METHODS", "Family", "Setting", "SearchResult", "search_knob", "knob_family", "teacher_forced_ids",
@@ -692,12 +693,12 @@ _STATIC_KEYS = {"a_shape": lambda l, m: (), "s2_attention": lambda l, m: (), "de
                 "masformer": lambda l, m: (l in m.full_layers,)}
 
 
-class _Recorder:
+class _Recorder(SelectHook):
     """Wraps ``method.select``: records every pattern's density and, for methods whose pattern depends only
     on (layer, lengths) (A-shape, S2, dense, RazorAttention, MoA, MASFormer over A-shape), reuses it."""
 
     def __init__(self, method):
-        self.method = method
+        super().__init__(method)
         self.densities: list[float] = []
         name = getattr(method, "name", "")
         keyf = _STATIC_KEYS.get(name)
@@ -706,33 +707,20 @@ class _Recorder:
         self.keyf = keyf
         self.cache: dict = {}
 
-    def __enter__(self):
-        m, orig = self.method, self.method.select
-
-        def select(q, k, ctx=None, *a, **kw):
-            key = None
-            if self.keyf is not None:
-                key = (self.keyf(getattr(ctx, "layer", None), m), tuple(q.shape[:3]), tuple(k.shape[:3]), q.device)
-                if key in self.cache:
-                    p, d = self.cache[key]
-                    self.densities.append(d)
-                    return p
-            p = orig(q, k, ctx, *a, **kw)
-            d = float(p.density)
-            self.densities.append(d)
-            if key is not None:
-                self.cache[key] = (p, d)
-            return p
-
-        object.__setattr__(m, "select", select)
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            object.__delattr__(self.method, "select")
-        except AttributeError:
-            pass
-        return False
+    def on_select(self, orig, q, k, ctx=None, *a, **kw):
+        key = None
+        if self.keyf is not None:
+            key = (self.keyf(getattr(ctx, "layer", None), self.method), tuple(q.shape[:3]), tuple(k.shape[:3]), q.device)
+            if key in self.cache:
+                p, d = self.cache[key]
+                self.densities.append(d)
+                return p
+        p = orig(q, k, ctx, *a, **kw)
+        d = float(p.density)
+        self.densities.append(d)
+        if key is not None:
+            self.cache[key] = (p, d)
+        return p
 
 
 @dataclass

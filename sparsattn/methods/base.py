@@ -75,6 +75,35 @@ class Method:
         return out
 
 
+class SelectHook:
+    """SelectHook: context manager that routes a method *instance's* ``select`` through
+    ``self.on_select(orig, q, k, ctx, *args, **kwargs)`` while active (the class is untouched; the
+    instance attribute is removed on exit). Subclasses override ``on_select`` to record or reuse
+    patterns; the default just calls ``orig``."""
+
+    def __init__(self, method):
+        self.method = method
+
+    def on_select(self, orig, q, k, ctx=None, *args, **kwargs):
+        return orig(q, k, ctx, *args, **kwargs)
+
+    def __enter__(self):
+        orig = self.method.select
+
+        def select(q, k, ctx=None, *args, **kwargs):
+            return self.on_select(orig, q, k, ctx, *args, **kwargs)
+
+        object.__setattr__(self.method, "select", select)
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            object.__delattr__(self.method, "select")
+        except AttributeError:
+            pass
+        return False
+
+
 def register(name: str):
     """register: class decorator adding a Method subclass to the registry under ``name``."""
     if not isinstance(name, str) or not name:
