@@ -202,28 +202,15 @@ def settings(quick: bool) -> list[tuple[str, str, dict]]:
 # ----------------------------------------------------------------------------------------------
 
 def capture(model, ids):
-    """{layer: (q, k, v, q_pre_rope, k_pre_rope)} (pre-RoPE from q_proj/k_proj hooks, for SeerAttention)."""
-    from sparsattn.capture import capture_qkv
-    from sparsattn.integrations.hf import attention_modules
+    """({layer: (q, k, v, q_pre_rope, k_pre_rope)}, {layer: softmax scale}) of one prompt
+    (``sparsattn.eval.prefill_quality.capture_prompt``; pre-RoPE tensors for SeerAttention)."""
+    from sparsattn.eval.prefill_quality import capture_prompt
 
-    mods = attention_modules(model)
-    pre = {l: {} for l in mods}
-    hs = []
-    for l, m in mods.items():
-        def hook(which, l=l, hd=m.head_dim):
-            def fn(mod, args, out):
-                pre[l][which] = out.detach().view(out.shape[0], out.shape[1], -1, hd).transpose(1, 2)
-            return fn
-        hs += [m.q_proj.register_forward_hook(hook("q")), m.k_proj.register_forward_hook(hook("k"))]
-    try:
-        cap = capture_qkv(model, ids)
-    finally:
-        for h in hs:
-            h.remove()
-    return {l: (*cap[l], pre[l]["q"], pre[l]["k"]) for l in cap}, mods
+    c = capture_prompt(model, ids)
+    return c.layers, c.scales
 
 
-def fidelity_one(m, name, caps, mods, layers, rows) -> dict:
+def fidelity_one(m, name, caps, scales, layers, rows) -> dict:
     """Pooled fidelity of method ``m`` (selecting on every layer up to the last chosen one, in order)
     on the chosen layers, over the last ``rows`` query rows (None = all), mean over prompts/layers/heads."""
     from sparsattn.eval.fidelity import attention_fidelity
@@ -239,7 +226,7 @@ def fidelity_one(m, name, caps, mods, layers, rows) -> dict:
             if l > max(layers):
                 break
             q, k, v, qp, kp = cap[l]
-            ctx = SelectContext(layer=l, causal=True, scale=float(getattr(mods[l], "scaling", q.shape[-1] ** -0.5)),
+            ctx = SelectContext(layer=l, causal=True, scale=scales[l],
                                 q_offset=0, state=state,
                                 extras={"phase": "prefill", "q_lens": None, "kv_lens": None,
                                         "padding_side": "right", "sliding_window": None,
@@ -366,10 +353,10 @@ def table(args) -> None:
                 if not r.get("error"):  # settings that failed are run again
                     rows.append(r)
     done = {(r["method"], r["setting"]) for r in rows}
-    caps, mods = [], None
+    caps, scales = [], None
     for i in range(0 if args.no_fidelity else n_prompts):
         ids = heldout_token_stream(tok, args.length, seed=1000 + i)[None]
-        c, mods = capture(model, ids)
+        c, scales = capture(model, ids)
         caps.append(c)
     samples = None if args.no_passkey else passkey_samples(tok, args.length, depths)
     env = {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
@@ -386,7 +373,7 @@ def table(args) -> None:
         try:
             m = None if name == "dense" else get_method(name, **cfg)
             if not args.no_fidelity:
-                r.update(fidelity_one(m, name, caps, mods, layers, args.fid_rows or None))
+                r.update(fidelity_one(m, name, caps, scales, layers, args.fid_rows or None))
         except Exception as e:  # recorded in the CSV, the other settings still run
             r["error"] = f"fidelity: {type(e).__name__}: {e}"[:300]
             print(f"  {name} {label}: {r['error']}", flush=True)

@@ -1182,12 +1182,7 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
               f"1 held-out {'code' if fid_prompt == 'code' else 'passkey'} prompt of {fid_length} tokens, all {n_layers} layers and rows. "
               f"Dense (SDPA) passkey: " + ", ".join(f"{L}: {summary[0].get(f'acc_{L}', '-')}%" for L in lengths)
               + ".\n")
-    write_table(summary, out_dir / "table.md", lengths, fid_length, header)
-    title = (f"bundled model, {where}: teacher-forced passkey at {', '.join(map(str, lengths))} tokens "
-             f"({n} needles each); fidelity at {fid_length} tokens, all layers")
-    plot_pareto(summary, out_dir / "pareto.png", lengths, title)
-    if speed:
-        plot_speedup(summary, speed, out_dir / "speedup.png", title + f"; speed-up from {os.path.basename(speed_csv)}")
+    _table_and_plots(summary, out_dir, lengths, fid_length, header, where, n, speed, speed_csv)
     env["timings"]["total_s"] = round(time.time() - t_start, 1)
     (out_dir / "env.json").write_text(json.dumps(env, indent=1, default=str) + "\n")
     _log(f"done in {time.time() - t_start:.0f}s; wrote {sorted(p.name for p in out_dir.iterdir())}")
@@ -1215,13 +1210,20 @@ def replot(out_dir, speed_csv: Optional[str] = None) -> list[dict]:
         write_csv(summary, out_dir / "summary.csv")
     text = (out_dir / "table.md").read_text() if (out_dir / "table.md").is_file() else ""
     header = text.split("\n|", 1)[0] if text and not text.startswith("|") else ""
+    _table_and_plots(summary, out_dir, lengths, fid_length, header, str(env["args"]["device"]), env["args"]["n"],
+                     speed, speed_csv)
+    return summary
+
+
+def _table_and_plots(summary, out_dir: Path, lengths, fid_length: int, header: str, where: str, n, speed,
+                     speed_csv) -> None:
+    """``table.md``, ``pareto.png`` and (with speed-ups) ``speedup.png`` of a run (``run`` and ``replot``)."""
     write_table(summary, out_dir / "table.md", lengths, fid_length, header)
-    title = (f"bundled model ({env['args']['device']}): teacher-forced passkey at {', '.join(map(str, lengths))} "
-             f"tokens ({env['args']['n']} needles each); fidelity at {fid_length} tokens, all layers")
+    title = (f"bundled model, {where}: teacher-forced passkey at {', '.join(map(str, lengths))} tokens "
+             f"({n} needles each); fidelity at {fid_length} tokens, all layers")
     plot_pareto(summary, out_dir / "pareto.png", lengths, title)
     if speed:
         plot_speedup(summary, speed, out_dir / "speedup.png", title + f"; speed-up from {os.path.basename(speed_csv)}")
-    return summary
 
 
 def _environment() -> dict:
