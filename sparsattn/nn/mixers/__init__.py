@@ -1,0 +1,1 @@
+"""Approximations of attention and recurrent / convolutional mixers (one file per paper)."""
