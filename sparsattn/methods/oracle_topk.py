@@ -21,7 +21,9 @@ class OracleTopK(Method):
     Scores are the block-max (``reduce="max"``) or block-sum (``"sum"``) of the exact softmax
     probabilities, computed one chunk of query blocks at a time (memory O(block_q·N) per head,
     time O(N²): an oracle, not a fast method). The diagonal block(s) of every query block are
-    always kept (counted in the budget). Pattern heads = query heads.
+    always kept and counted in the budget; when ``Tk - Tq`` is not a multiple of the block size a
+    query block's diagonal crosses two key blocks, and both are kept even where the budget is one
+    block (so every row keeps its own key). Pattern heads = query heads.
 
     Args:
         block_size: block size in tokens (query and key), default 64.
@@ -73,9 +75,12 @@ class OracleTopK(Method):
             r1 = torch.clamp(r0 + bs, max=Tq) - 1
             kb = torch.arange(nk, device=dev)
             diag = (kb[None, :] >= ((r0 + off) // bs)[:, None]) & (kb[None, :] <= ((r1 + off) // bs)[:, None])
-            s = s.masked_fill(diag & allowed, float("inf"))
+            diag = diag & allowed
+            s = s.masked_fill(diag, float("inf"))
+            n_diag = diag.sum(-1)  # [nq]: 1 or 2 (2 when Tk - Tq is not a multiple of the block size)
         else:
             allowed = torch.ones(nq, nk, dtype=torch.bool, device=dev)
+            n_diag = torch.zeros(nq, dtype=torch.long, device=dev)
         n_allowed = allowed.sum(-1)  # [nq]
         if self.top_k is not None:
             kk = clamp_budget("oracle_topk", "top_k", self.top_k, nk)
@@ -83,6 +88,10 @@ class OracleTopK(Method):
         else:
             kk = nk
             per_row = torch.clamp(torch.ceil(n_allowed.double() * self.density).long(), min=1)
+        # the diagonal blocks are never cut by the budget (a query block whose rows straddle two key
+        # blocks needs both, or some rows are left without their own key)
+        per_row = torch.maximum(per_row, n_diag)
+        kk = max(int(kk), int(n_diag.max()) if nq else 0)
         idx, ok = estimate.topk_indices(s, int(kk))
         rank = torch.arange(idx.shape[-1], device=dev)
         ok = ok & (rank[None, :] < per_row[:, None])

@@ -68,3 +68,24 @@ def test_budget_clamp_warns_and_bad_values():
                 {"top_k": None, "density": None}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             get_method("oracle_topk", **bad)
+
+
+
+@pytest.mark.parametrize("cfg", [{}, {"top_k": 1}, {"density": 0.01, "block_size": 32}])
+def test_chunked_prefill_keeps_both_diagonal_blocks(cfg):
+    # issue 10: 64 queries at the end of 300 keys straddle key blocks 3 and 4; a budget of one
+    # block kept only one of them and left 80 (head, row) pairs without any key
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 64, 64, generator=g), torch.randn(1, 2, 300, 64, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = get_method("oracle_topk", **cfg).select(q, k)
+    m = p.to_dense_mask()
+    rows = torch.arange(64)
+    assert m[:, :, rows, rows + 236].all()
+    assert int((~m.any(-1)).sum()) == 0
+    if p.block_q == 64:
+        bm = p.block_mask()[0]
+        assert bool(bm[:, 0, 3].all()) and bool(bm[:, 0, 4].all())
