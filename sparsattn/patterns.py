@@ -49,6 +49,7 @@ __all__ = [
     "vertical_slash",
     "neighborhood_1d",
     "neighborhood_2d",
+    "neighborhood_3d",
     "from_block_mask",
     "from_dense_mask",
     "from_flex_block_mask",
@@ -1169,6 +1170,16 @@ def neighborhood_2d(height: int, width: int, kernel_size, *, dilation=1, causal=
         if not isinstance(v, int) or v < 1:
             raise _err(name, "an int >= 1", v)
     return _neighborhood([height, width], kernel_size, dilation, causal, block_size, batch, heads, device)
+
+
+def neighborhood_3d(depth: int, height: int, width: int, kernel_size, *, dilation=1, causal=False,
+                    block_size: int = 64, batch: int = 1, heads: int = 1, device=None) -> BlockPattern:
+    """neighborhood_3d (Neighborhood Attention / NATTEN, arXiv 2403.04690) on a row-major
+    ``depth x height x width`` token grid; ``kernel_size``, ``dilation``, ``causal`` per axis or shared."""
+    for name, v in (("depth", depth), ("height", height), ("width", width)):
+        if not isinstance(v, int) or v < 1:
+            raise _err(name, "an int >= 1", v)
+    return _neighborhood([depth, height, width], kernel_size, dilation, causal, block_size, batch, heads, device)
 
 
 def from_block_mask(block_mask: Tensor, *, block_size, q_len: int, kv_len: Optional[int] = None,
