@@ -101,8 +101,11 @@ class VerticalSlash(Method):
 @dataclass
 class BlockSparse(Method):
     """BlockSparse: per head and query block, the ``top_k`` key blocks with the highest mean-pooled
-    score ``q̄ k̄ᵀ`` (MInference, arXiv 2407.02490), the first block and the diagonal block always
-    kept (counted in ``top_k``). Estimate memory (N/block)² per head; pattern heads = query heads.
+    score ``q̄ k̄ᵀ`` (MInference, arXiv 2407.02490), the first block and the diagonal block(s) always
+    kept (counted in ``top_k``; a row whose forced blocks outnumber ``top_k`` keeps them all: with
+    ``Tq < Tk`` a query block's diagonal can cross two key blocks, so 1 to 3 forced blocks). The
+    authors' ``_build_block_index`` forces nothing (plain top-k of the causal block scores).
+    Estimate memory (N/block)² per head; pattern heads = query heads.
 
     Defaults (``microsoft/MInference``): block 64, top_k = 100.
     """
@@ -137,6 +140,14 @@ class BlockSparse(Method):
         if Tk != Tq:  # the first row's diagonal may sit one block earlier
             forced.append(torch.clamp((rows * bs + Tk - Tq) // bs, min=0))
         allowed = estimate.causal_block_mask(Tq, Tk, bs, bs, dev)
+        # forced blocks are never cut by the budget: a row keeps max(top_k, its forced blocks), so
+        # every query row keeps its own key even at top_k=1 (the forced blocks of a row number 1 to 3)
+        kk = min(len(forced), nk)
+        if top_k < kk:
+            fm = torch.zeros(nq, nk, dtype=torch.bool, device=dev)
+            for f in forced:
+                fm[rows, f] = True
+            per_row = torch.clamp((fm & allowed).sum(-1), min=top_k)
         scale = 1.0 / math.sqrt(q.shape[-1]) if ctx.scale is None else ctx.scale
         B, Hq, Hkv, D = q.shape[0], q.shape[1], k.shape[1], q.shape[3]
         G = Hq // Hkv
@@ -154,7 +165,11 @@ class BlockSparse(Method):
             for f in forced:  # the first and the diagonal block(s) always kept, counted in top_k
                 s[:, :, rows, f] = float("inf")
             s.masked_fill_(~allowed, float("-inf"))
-            val, idx = torch.topk(s, top_k, dim=-1, sorted=False)
+            if top_k >= kk:
+                val, idx = torch.topk(s, top_k, dim=-1, sorted=False)
+            else:  # top_k below the forced blocks of some row: take them all (sorted: forced first), trim the rest
+                val, idx = torch.topk(s, kk, dim=-1, sorted=True)
+                val = val.masked_fill(torch.arange(kk, device=dev) >= per_row[:, None], float("-inf"))
             idx_parts.append(torch.where(val > float("-inf"), idx, -1))
             del s
         idx = torch.cat(idx_parts, 1) if len(idx_parts) > 1 else idx_parts[0]

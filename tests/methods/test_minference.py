@@ -101,6 +101,23 @@ def test_block_sparse_finds_planted_blocks():
         assert int(sel[i].sum()) <= 3
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("Tq,Tk", [(197, 197), (64, 300), (1, 130)])
+def test_block_sparse_small_top_k_keeps_forced_blocks(top_k, Tq, Tk):
+    # issue 10: at top_k=1 the forced blocks were cut by top-k, leaving rows without their own key
+    g = torch.Generator().manual_seed(Tq)
+    q, k = torch.randn(1, 4, Tq, 16, generator=g) * 2, torch.randn(1, 2, Tk, 16, generator=g) * 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = get_method("block_sparse", top_k=top_k, block_size=64).select(q, k)
+    m = p.to_dense_mask()
+    rows = torch.arange(Tq)
+    assert m[:, :, rows, rows + Tk - Tq].all()
+    bm = p.block_mask()[0]
+    assert bm[:, :, 0].all()  # block 0 as well
+    assert int(bm.sum(-1).max()) <= 3
+
+
 def _captured(T=512, bs=32):
     qv, kv = vertical_qk(T, [45, 130, 222, 301, 390, 470], seed=1)
     qb, kb = block_qk(T, bs, seed=2)
