@@ -14,18 +14,25 @@ from .base import Method, SelectContext, register
 class TidalDecode(Method):
     """TidalDecode: position-persistent sparse attention (TidalDecode, arXiv 2410.05076).
 
-    Per decode step: layers ``< sparse_layer_start`` are dense; layer ``sparse_layer_start`` and
-    the re-selection layer ``correction_layer`` score every cached token with the exact ``q·k``
-    and keep the top ``token_budget``; every other layer reuses the positions stored by the last
-    selection layer of the same step. The positions live in ``ctx.state["tidal_decode"]`` only
-    (keyed by the cache length, so a stale selection from an earlier step is refused).
+    Per decode step: layers ``< sparse_layer_start`` are dense. The token-selection layer
+    ``sparse_layer_start`` and the re-selection layer ``correction_layer`` run FULL attention over
+    the cache and only record the top ``token_budget`` positions of the exact ``q·k`` scores; every
+    other layer ``> sparse_layer_start`` attends to the positions recorded by the last selection
+    layer of the same step. (As the paper and the authors' ``src/tidal_build/modify_llama.py``:
+    the selection layers return the full pattern; the top-k is stored, not applied there.) The
+    positions live in ``ctx.state["tidal_decode"]`` only (keyed by the cache length, so a stale
+    selection from an earlier step is refused).
 
     Defaults: ``sparse_layer_start`` 2 and ``correction_layer`` 13 (the repository's Llama-3-8B
     example) [code]; ``token_budget`` 2048 lies in the paper's evaluated range 128..4096 (the
-    exact default is unverified). GQA: the group's scores are combined by max (one token list per
-    KV head); all layers must have the same number of KV heads.
+    exact default is unverified). GQA: ``head_reduce`` combines the scores of a group's query
+    heads (default ``"max"``: one token list per KV head, read once for the group);
+    ``head_reduce="none"`` keeps one top-k list per query head, which is the authors' selection
+    (their code repeats the KV heads and takes the top-k of each query head's scores). All layers
+    must have the same number of KV heads.
 
-    ``select(q [B, Hq, (1,) D], k_cache [B, Hkv, T, D], ctx)`` needs ``ctx.layer``.
+    ``select(q [B, Hq, (1,) D], k_cache [B, Hkv, T, D], ctx) -> TokenPattern`` needs ``ctx.layer``;
+    pattern heads Hkv (Hq for ``head_reduce="none"``).
     """
 
     paper = "TidalDecode: Fast and Accurate LLM Decoding with Position Persistent Sparse Attention (arXiv 2410.05076)"
@@ -33,6 +40,7 @@ class TidalDecode(Method):
     token_budget: int = 2048
     sparse_layer_start: int = 2
     correction_layer: int = 13
+    head_reduce: str = "max"
 
     def __post_init__(self):
         if not isinstance(self.token_budget, int) or self.token_budget < 1:
@@ -42,25 +50,39 @@ class TidalDecode(Method):
         if not isinstance(self.correction_layer, int) or self.correction_layer <= self.sparse_layer_start:
             raise ValueError(f"correction_layer: expected an int > sparse_layer_start ({self.sparse_layer_start}), "
                              f"got {self.correction_layer!r}")
+        if self.head_reduce not in ("max", "mean", "sum", "none"):
+            raise ValueError(f"head_reduce: expected 'max', 'mean', 'sum' or 'none', got {self.head_reduce!r}")
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Exact ``q·k`` of every cached token: float32 ``[B, Hkv, T]`` reduced over each GQA group by
+        ``head_reduce``, or ``[B, Hq, T]`` per query head (``"none"``)."""
+        if self.head_reduce != "none":
+            return group_scores(q, k, self.head_reduce)
+        B, Hq, D = q.shape
+        Hkv = k.shape[1]
+        s = torch.matmul(q.view(B, Hkv, Hq // Hkv, D).to(k.dtype), k.transpose(-1, -2)).float()
+        return s.reshape(B, Hq, k.shape[2])
 
     def select(self, q, k, ctx: SelectContext | None = None):
         q, k, kl = decode_inputs(q, k, ctx)
         if ctx is None or ctx.layer is None:
             raise ValueError("ctx.layer: TidalDecode needs the layer index (and ctx.state shared across layers)")
-        B, Hkv, T = k.shape[0], k.shape[1], k.shape[2]
+        B, Hq, Hkv, T = q.shape[0], q.shape[1], k.shape[1], k.shape[2]
+        rows = Hq if self.head_reduce == "none" else Hkv
         layer = ctx.layer
         if layer < self.sparse_layer_start:
-            return full_pattern(B, Hkv, kl, T)
+            return full_pattern(B, rows, kl, T)
         st = ctx.state.setdefault("tidal_decode", {})
         if layer in (self.sparse_layer_start, self.correction_layer):
-            s = group_scores(q, k, "max")
-            pat = topk_pattern(s, self.token_budget, valid_units(kl, T), T)
+            # a selection layer: full attention here; the top-k is recorded for the layers after it
+            pat = topk_pattern(self.scores(q, k), self.token_budget, valid_units(kl, T), T)
             st.update(pattern=pat, kv_lens=kl.clone(), T=T, layer=layer)
-            return pat
+            return full_pattern(B, rows, kl, T)
         pat = st.get("pattern")
         if pat is None or st["T"] != T or not torch.equal(st["kv_lens"], kl):
             raise ValueError(f"ctx.state['tidal_decode']: no positions for this step at layer {layer}; the token "
                              f"selection layer {self.sparse_layer_start} must run first in every step")
-        if pat.heads != Hkv or pat.batch != B:
-            raise ValueError(f"k: expected {Hkv} kv heads and batch {B} as at the selection layer, got {pat.heads}, {pat.batch}")
+        if pat.heads != rows or pat.batch != B:
+            raise ValueError(f"k: expected {rows} pattern heads and batch {B} as at the selection layer, "
+                             f"got {pat.heads}, {pat.batch}")
         return pat
