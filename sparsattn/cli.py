@@ -21,11 +21,36 @@ def _cmd_list(args) -> int:
     return 0
 
 
+#: lengths the kernel demo's patterns accept: the 2-D neighbourhood grid is 16 tokens wide, the
+#: vertical line at key 200 and the 7-wide window need T >= 256; above 8192 the dense reference
+#: (a [T, T] score matrix per head) no longer fits a small machine
+KERNEL_DEMO_LENGTHS = (256, 8192, 16)
+
+
+def check_kernel_demo_length(T) -> int:
+    """The kernel demo's sequence length, or ValueError saying which lengths work."""
+    lo, hi, mult = KERNEL_DEMO_LENGTHS
+    if isinstance(T, bool) or not isinstance(T, int) or not lo <= T <= hi or T % mult:
+        raise ValueError(f"--length: expected a multiple of {mult} in [{lo}, {hi}] for the kernel demo, got {T!r}")
+    return T
+
+
+def _length_arg(s: str) -> int:
+    """argparse type of ``--length``: an argparse error (one line) naming the lengths that work."""
+    try:
+        return check_kernel_demo_length(int(s))
+    except ValueError:
+        lo, hi, mult = KERNEL_DEMO_LENGTHS
+        raise argparse.ArgumentTypeError(f"expected a multiple of {mult} in [{lo}, {hi}], got {s!r}") from None
+
+
 def kernel_demo(out_dir: Path, *, T: int = 512, heads: int = 2, head_dim: int = 64, seed: int = 0) -> list[dict]:
     """kernel_demo: several patterns through the block-sparse kernel and through dense masked
     attention; prints density and error, writes ``patterns.png``. Runs the Triton kernel on the
-    GPU, or through the Triton interpreter on the CPU."""
+    GPU, or through the Triton interpreter on the CPU. ``T``: a multiple of 16 in [256, 8192]."""
     import torch
+
+    check_kernel_demo_length(T)
 
     from . import attention, patterns as P
     from .bench.common import print_table
@@ -37,7 +62,7 @@ def kernel_demo(out_dir: Path, *, T: int = 512, heads: int = 2, head_dim: int = 
     k = torch.randn(1, heads, T, head_dim, device=dev)
     v = torch.randn(1, heads, T, head_dim, device=dev)
     bs = 64
-    n = T // bs
+    n = -(-T // bs)  # the last block may be partial
     g = torch.Generator().manual_seed(seed)
     rand = (torch.rand(1, heads, n, n, generator=g) < 0.25).to(dev)
     pats = {
@@ -152,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="the main job: dense vs sparse methods (bundled model), or the kernel demo")
     d.add_argument("--out", default="sparsattn_demo", help="output folder for the table and PNGs")
-    d.add_argument("--length", type=int, default=512, help="sequence length of the kernel demo")
+    d.add_argument("--length", type=_length_arg, default=512,
+                   help="sequence length of the kernel demo: a multiple of 16 in [256, 8192] (default 512)")
     d.add_argument("--kernels-only", action="store_true", help="run only the kernel demo")
     d.add_argument("--full", action="store_true",
                    help="passkey at 4K and 8K with 2 samples each (default: 4K, 1 sample; about 3-4 minutes on 2 CPU cores)")
@@ -175,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="method x task x length grid on a model", add_help=False)
     e.add_argument("rest", nargs=argparse.REMAINDER)
     e.set_defaults(fn=_cmd_eval)
+    from .train.layerbench import cli as layerbench_cli  # train any registered layer on MQAR / ListOps / Pathfinder
+
+    layerbench_cli.build_parser(sub.add_parser("train-layer", help="train a registered layer (or a grid): CSV + plots"))
     return p
 
 
@@ -191,6 +220,8 @@ def main(argv=None) -> int:
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.cmd == "demo":
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            parser.error(f"argument --out: expected a folder for the table and PNGs, {args.out!r} is a file")
         import torch
 
         if not torch.cuda.is_available():

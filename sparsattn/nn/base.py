@@ -22,9 +22,20 @@ to the tooling (training command, benchmarks, docs) so that no tool names a laye
 
 ``forward(x)`` returns ``y`` with the shape of ``x``. A layer with an auxiliary training loss
 (distillation, commitment) returns it from ``extra_loss()`` after a forward (None otherwise).
+
+``cost(T)`` reports what one forward over ``T`` tokens computes, for the "accuracy vs compute" axis
+of the training harness: ``density`` (computed query-key pairs / causal pairs, or / all pairs when
+not causal) and ``flops`` (attention-core FLOPs of one sequence, projections excluded). The default
+is dense softmax attention; sparse layers report their pattern (``pattern_cost``), mixers their own.
+
+Attention inside a layer goes through ``attend`` (``sparsattn.attention`` with the backend chosen
+by ``attention_backend(...)`` when set, e.g. ``"reference"`` to train on the CPU without the
+Triton interpreter; on the reference backend a batch-shared pattern runs with the batch folded into
+the heads, the same result several times faster).
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import inspect
@@ -57,6 +68,19 @@ class Layer(nn.Module):
     def config(self) -> dict[str, Any]:
         """The layer's constructor arguments (``dim``, ``heads`` and hyper-parameters) as a dict."""
         return dict(getattr(self, "_config", {}))
+
+    def cost(self, T: int) -> dict[str, float]:
+        """What one forward over ``T`` tokens computes: ``{"density", "flops"}`` (module docstring).
+
+        Default: dense softmax attention (causal when the layer's ``causal`` is True or absent),
+        ``flops = 4 * pairs * dim`` (QK^T and PV, multiply-add = 2 FLOPs).
+        """
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise ValueError(f"T: expected a positive int, got {T!r}")
+        cfg = self.config()
+        causal = bool(cfg.get("causal", True))
+        pairs = T * (T + 1) / 2 if causal else float(T * T)
+        return {"density": 1.0, "flops": 4.0 * pairs * int(cfg.get("dim", 0))}
 
 
 def register_layer(name: str):
@@ -158,3 +182,58 @@ def get_layer(name: str, dim: int, heads: int, **config) -> Layer:
     if bad and not takes_kwargs:
         raise ValueError(f"config: unknown hyper-parameter(s) {bad} for layer {name!r}; valid: {sorted(valid)}")
     return cls(dim, heads, **config)
+
+
+# ------------------------------------------------------------------------------------------------
+# attention inside layers: one entry point, one backend switch, one cost rule
+# ------------------------------------------------------------------------------------------------
+
+_BACKEND: list = [None]
+
+
+@contextlib.contextmanager
+def attention_backend(name: Optional[str]):
+    """attention_backend: context manager choosing the backend of ``attend`` (``"triton"``,
+    ``"flex"``, ``"reference"`` or None = the library's table). The training harness uses
+    ``"reference"`` on the CPU (the Triton interpreter is for tests, far too slow to train)."""
+    if name is not None and name not in ("triton", "flex", "reference"):
+        raise ValueError(f"name: expected 'triton', 'flex', 'reference' or None, got {name!r}")
+    prev = _BACKEND[0]
+    _BACKEND[0] = name
+    try:
+        yield
+    finally:
+        _BACKEND[0] = prev
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern=None, *, causal: bool = False,
+           scale: Optional[float] = None, return_lse: bool = False):
+    """attend: ``sparsattn.attention(q, k, v, pattern, causal=..., scale=..., return_lse=...)`` with
+    the backend of ``attention_backend`` (q ``[B, Hq, T, D]``, k/v ``[B, Hkv, T, D]``).
+
+    On the reference backend, a pattern shared by the batch and the heads (``pattern=None`` or
+    ``batch == heads == 1``) runs with the batch folded into the heads: one chunked loop instead of
+    one per sequence; the result is the same.
+    """
+    from ..api import attention, choose_backend
+
+    backend = _BACKEND[0]
+    shared = pattern is None or (pattern.batch == 1 and pattern.heads == 1)
+    B = q.shape[0]
+    if shared and B > 1 and choose_backend(q, pattern, backend=backend) == "reference":
+        fold = lambda t: t.reshape(1, B * t.shape[1], *t.shape[2:])  # noqa: E731
+        res = attention(fold(q), fold(k), fold(v), pattern, causal=causal, scale=scale, return_lse=return_lse,
+                        backend="reference")
+        if return_lse:
+            out, lse = res
+            return out.reshape(q.shape[:3] + out.shape[3:]), lse.reshape(q.shape[:3])
+        return res.reshape(q.shape[:3] + res.shape[3:])
+    return attention(q, k, v, pattern, causal=causal, scale=scale, return_lse=return_lse, backend=backend)
+
+
+def pattern_cost(pattern, heads: int, head_dim: int) -> dict[str, float]:
+    """pattern_cost: ``{"density", "flops"}`` of a ``BlockPattern`` used by ``heads`` query heads of
+    width ``head_dim`` (flops per sequence: 4 * computed pairs * head_dim, summed over heads)."""
+    comp, _ = pattern.pair_counts()
+    per_head = float(comp.sum()) / (comp.shape[0] * comp.shape[1])
+    return {"density": float(pattern.density), "flops": 4.0 * per_head * heads * head_dim}

@@ -1,0 +1,200 @@
+"""Grids of layer x task x length x width runs into ONE CSV (resumable) and its plots.
+
+``run_grid("reduced", out="layers_grid/results.csv")`` runs every row not already in the CSV
+(same layer, task, seq_len, width, layers, seed and no error), appending as it goes, and stops
+starting new runs after ``max_minutes`` (so a GPU sweep runs in chunks under the device's
+10-minute limit: call again, it resumes). ``plot_grid(csv)`` draws accuracy vs width per layer
+and accuracy vs compute (attention FLOPs), one panel per (task, seq_len).
+"""
+from __future__ import annotations
+
+import csv
+import time
+import traceback
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ...bench.common import write_csv
+from ...nn import layer_class, list_layers
+from .loop import COLUMNS, train_layer
+
+#: the grids. "reduced": the CPU grid of issue 12 (short MQAR with a 512-token vocabulary, small
+#: ListOps); "full": issue 18's GPU sweep (Zoology MQAR at 256 / 512, widths 64..512, V = 8192;
+#: LRA-size ListOps and Pathfinder-32).
+GRIDS = {
+    "reduced": [
+        dict(task="mqar", seq_lens=[64, 128], widths=[64, 128], steps=2000, kw=dict(vocab=512)),
+        dict(task="listops", seq_lens=[128], widths=[64], steps=1500, kw=dict(n_train=20000)),
+    ],
+    "full": [
+        dict(task="mqar", seq_lens=[256, 512], widths=[64, 128, 256, 512], steps=20000,
+             kw=dict(eval_every=500)),
+        dict(task="listops", seq_lens=[2000], widths=[512], steps=5000,
+             kw=dict(n_layers=6, heads=8, n_train=96000, lr=5e-4)),
+        dict(task="pathfinder", seq_lens=[1024], widths=[128], steps=20000,
+             kw=dict(n_layers=4, heads=8, batch_size=64, n_train=160000, eval_every=2000)),
+    ],
+}
+EXTRA_COLUMNS = ["error"]
+KEY = ("layer", "task", "seq_len", "width", "layers", "seed")
+
+
+def default_layers(task: str) -> list[str]:
+    """default_layers: every registered layer that can run ``task``: causal for MQAR, 1-D for MQAR
+    and ListOps (2-D layers run Pathfinder as images)."""
+    out = []
+    for name in list_layers():
+        cls = layer_class(name)
+        if task == "mqar" and True not in tuple(getattr(cls, "causal_modes", (True,))):
+            continue
+        if task in ("mqar", "listops") and getattr(cls, "layout", "1d") == "2d":
+            continue
+        out.append(name)
+    return out
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a result CSV (empty list when it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _key(row: dict) -> tuple:
+    return tuple(str(row.get(k)) for k in KEY)
+
+
+def plan(grid: str, *, layers: Optional[Sequence[str]] = None, tasks: Optional[Sequence[str]] = None,
+         hybrids: Sequence[Sequence[str]] = (), seeds: Sequence[int] = (0,)) -> list[dict]:
+    """plan: the runs of ``grid`` as keyword dicts for ``train_layer`` (``layers``/``tasks`` filter;
+    ``hybrids`` adds models mixing layers per block, e.g. ``[["baseconv", "dense"]]``)."""
+    if grid not in GRIDS:
+        raise ValueError(f"grid: expected one of {sorted(GRIDS)}, got {grid!r}")
+    runs = []
+    for spec in GRIDS[grid]:
+        task = spec["task"]
+        if tasks is not None and task not in tasks:
+            continue
+        names = default_layers(task)
+        if layers is not None:
+            bad = [n for n in layers if n not in list_layers()]
+            if bad:
+                raise ValueError(f"layers: unknown layer(s) {bad}; registered: {list_layers()}")
+            names = [n for n in layers if n in names]
+        models: list = list(names) + [list(h) for h in hybrids]
+        for seq_len in spec["seq_lens"]:
+            for width in spec["widths"]:
+                for m in models:
+                    for seed in seeds:
+                        runs.append(dict(layer=m, task=task, seq_len=seq_len, width=width, steps=spec["steps"],
+                                         seed=seed, **spec.get("kw", {})))
+    return runs
+
+
+def _run_key(run: dict) -> tuple:
+    from .loop import TASK_DEFAULTS, _label
+
+    m = run["layer"]
+    n_layers = run.get("n_layers", TASK_DEFAULTS[run["task"]]["n_layers"]) if isinstance(m, str) else len(m)
+    label = m if isinstance(m, str) else _label(m)
+    return tuple(str(v) for v in (label, run["task"], run["seq_len"], run["width"], n_layers, run["seed"]))
+
+
+def run_grid(grid: str, out: Path, *, layers=None, tasks=None, hybrids=(), seeds=(0,), device: str = "cpu",
+             max_minutes: Optional[float] = None, shard: tuple = (0, 1), progress: bool = True,
+             plot: bool = True) -> list[dict]:
+    """run_grid: run the rows of ``plan(...)`` missing from the CSV ``out``, appending each result.
+
+    ``max_minutes``: no new run starts once the elapsed time plus the longest run so far would
+    pass it (then call again: the CSV is the state). ``shard=(i, n)``: only runs ``i, i+n, ...``
+    (one process per GPU). A run that raises is written with its ``error`` and retried next time.
+    Returns the rows run in this call.
+    """
+    out = Path(out)
+    i, n = shard
+    if not (isinstance(i, int) and isinstance(n, int) and 0 <= i < n):
+        raise ValueError(f"shard: expected (i, n) with 0 <= i < n, got {shard!r}")
+    todo = plan(grid, layers=layers, tasks=tasks, hybrids=hybrids, seeds=seeds)[i::n]
+    rows = read_rows(out)
+    have = {_key(r) for r in rows if not r.get("error")}
+    todo = [r for r in todo if _run_key(r) not in have]
+    print(f"grid {grid}: {len(todo)} run(s) to do -> {out}", flush=True)
+    t0, longest, new = time.perf_counter(), 0.0, []
+    for k, run in enumerate(todo):
+        if max_minutes is not None and (time.perf_counter() - t0 + 1.2 * longest) > 60 * max_minutes:
+            print(f"stopping after {k} run(s): the time budget of {max_minutes} min would be passed; "
+                  f"{len(todo) - k} left (run again to resume)", flush=True)
+            break
+        ts = time.perf_counter()
+        kw = dict(run)
+        try:
+            row = train_layer(kw.pop("layer"), kw.pop("task"), device=device, progress=progress, **kw)
+            row["error"] = ""
+        except Exception as e:  # recorded, retried on the next call
+            traceback.print_exc()
+            m = run["layer"]
+            row = {"layer": m if isinstance(m, str) else "+".join(m), "task": run["task"], "seq_len": run["seq_len"],
+                   "width": run["width"], "seed": run["seed"], "steps": run["steps"],
+                   "layers": _run_key(run)[4], "error": f"{type(e).__name__}: {e}"[:300]}
+        longest = max(longest, time.perf_counter() - ts)
+        rows = [r for r in read_rows(out) if _key(r) != _key(row)] + [row]
+        write_csv(rows, out, COLUMNS + EXTRA_COLUMNS)
+        new.append(row)
+        print(f"  {row['layer']:>14s} {row['task']} T={row['seq_len']} d={row['width']}: "
+              f"acc={row.get('accuracy')} density={row.get('density')} ({row.get('train_s')} s) {row['error']}",
+              flush=True)
+    if plot and read_rows(out):
+        plot_grid(out)
+    return new
+
+
+def _num(v) -> Optional[float]:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def plot_grid(csv_path: Path, out_dir: Optional[Path] = None) -> list[Path]:
+    """plot_grid: ``accuracy_vs_width.png`` (per layer, one panel per task and length) and
+    ``accuracy_vs_compute.png`` (accuracy against attention FLOPs per sequence, log scale) next
+    to the CSV (or in ``out_dir``). Rows with an error are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    csv_path = Path(csv_path)
+    out_dir = Path(out_dir) if out_dir is not None else csv_path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in read_rows(csv_path) if not r.get("error") and _num(r.get("accuracy")) is not None]
+    panels = sorted({(r["task"], int(r["seq_len"])) for r in rows})
+    paths = []
+    for fname, xkey, xlabel, logx in (("accuracy_vs_width.png", "width", "model width", True),
+                                      ("accuracy_vs_compute.png", "flops", "attention FLOPs per sequence", True)):
+        if not panels:
+            break
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+        for ax, (task, T) in zip(axes[0], panels):
+            sub = [r for r in rows if r["task"] == task and int(r["seq_len"]) == T]
+            for name in sorted({r["layer"] for r in sub}):
+                pts = sorted((_num(r[xkey]), _num(r["accuracy"])) for r in sub if r["layer"] == name
+                             and _num(r[xkey]) is not None and _num(r[xkey]) > 0)
+                if pts:
+                    style = dict(lw=2.5, color="black") if name == "dense" else {}
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=name, **style)
+            ax.set_title(f"{task}, T={T}")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("accuracy")
+            if logx:
+                ax.set_xscale("log", base=2 if xkey == "width" else 10)
+            ax.grid(alpha=0.3)
+        axes[0][-1].legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        p = out_dir / fname
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
