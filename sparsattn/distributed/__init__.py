@@ -1,0 +1,15 @@
+"""sparsattn.distributed: sparse context parallelism on torch.distributed (one sequence over many
+ranks, each computing only the key blocks its pattern selects and receiving only those).
+
+``context_parallel_attention(q, k, v, pattern, group=..., layout="zigzag", strategy="auto")`` with
+q/k/v this rank's shard (``shard(x, layout, rank)``); strategies ``ring`` (skipping ring pass),
+``fetch`` (sparse block exchange), ``ulysses`` (all-to-all over heads). See docs/distributed.md.
+"""
+from .attention import STRATEGIES, choose_strategy, context_parallel_attention
+from .comm import CPStats
+from .layout import LAYOUTS, ShardLayout, make_layout, shard, unshard
+from .merge import lse_merge
+from .subpattern import pattern_hash, sub_pattern
+
+__all__ = ["context_parallel_attention", "choose_strategy", "STRATEGIES", "LAYOUTS", "ShardLayout", "make_layout",
+           "shard", "unshard", "lse_merge", "sub_pattern", "pattern_hash", "CPStats"]
