@@ -47,15 +47,15 @@ class ImplicitFilter(nn.Module):
         self.register_buffer("deltas", torch.linspace(target / 1.5, target / 0.3, channels), persistent=False)
 
     def forward(self, T: int) -> torch.Tensor:
-        """The filter ``[channels, T]`` (float32)."""
-        dev = self.deltas.device
-        t = torch.arange(T, device=dev, dtype=torch.float32)[:, None]
-        f = torch.linspace(1e-4, max(self.bands - 1, 0), self.bands, device=dev)[None]
+        """The filter ``[channels, T]`` (in the parameters' dtype)."""
+        dev, dt = self.freq.device, self.freq.dtype
+        t = torch.arange(T, device=dev, dtype=dt)[:, None]
+        f = torch.linspace(1e-4, max(self.bands - 1, 0), self.bands, device=dev, dtype=dt)[None]
         w = 2 * math.pi * t / self.l_max
         z = torch.cat([t / max(self.l_max - 1, 1), torch.cos(f * w), torch.sin(f * w)], dim=-1)
         for lin in self.mlp:
             z = torch.sin(self.freq * lin(z))
-        h = self.head(z) * torch.exp(-(t / max(self.l_max - 1, 1)) * self.deltas.abs())
+        h = self.head(z) * torch.exp(-(t / max(self.l_max - 1, 1)) * self.deltas.abs().to(dt))
         return h.transpose(0, 1)
 
 
