@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections import OrderedDict
 from typing import Optional
@@ -10,6 +9,7 @@ from typing import Optional
 import torch
 
 from . import patterns as _patterns
+from .kernels._checks import check_scale
 from .patterns import BlockPattern
 
 log = logging.getLogger("sparsattn")
@@ -35,8 +35,10 @@ def _check_lens(name: str, t, B: int, T: int, device) -> Optional[torch.Tensor]:
     return t.to(device=device, dtype=torch.int32)
 
 
-def validate_inputs(q, k, v, pattern: Optional[BlockPattern], scale):
-    """Check q/k/v/pattern/scale; raise ValueError naming the argument and what was expected."""
+def validate_inputs(q, k, v, pattern: Optional[BlockPattern], scale) -> Optional[float]:
+    """Check q/k/v/pattern/scale; raise ValueError naming the argument and what was expected.
+    Returns the scale as a Python float (None stays None)."""
+    scale = check_scale(scale)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise _err(name, "a torch.Tensor", type(t).__name__)
@@ -60,29 +62,31 @@ def validate_inputs(q, k, v, pattern: Optional[BlockPattern], scale):
         raise _err("k head_dim", f"{D} (as q)", k.shape[3])
     if D < 1 or D > 256 or v.shape[3] > 256:
         raise _err("head_dim", "1..256", (D, v.shape[3]))
-    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0):
-        raise _err("scale", "None or a positive finite float", scale)
     if pattern is not None:
         if not isinstance(pattern, BlockPattern):
             raise _err("pattern", "a sparsattn.patterns.BlockPattern or None", type(pattern).__name__)
         if pattern.q_len != Tq or pattern.kv_len != k.shape[2]:
             raise _err("pattern", f"q_len={Tq}, kv_len={k.shape[2]} (the inputs' token counts)",
                        f"q_len={pattern.q_len}, kv_len={pattern.kv_len}")
-        if pattern.batch not in (1, B):
-            raise _err("pattern batch", f"1 or {B}", pattern.batch)
-        if pattern.heads not in (1, Hkv, Hq):
-            raise _err("pattern heads", f"1, {Hkv} (kv heads) or {Hq} (query heads)", pattern.heads)
-        if pattern.device != q.device:
-            raise _err("pattern device", f"{q.device} (as q)", pattern.device)
-        if not pattern._cache.get("validated"):  # value checks once per pattern object
-            pattern.validate()
-            pattern._cache["validated"] = True
-        if pattern.columns is not None:
-            c = pattern.columns
-            if c.batch not in (1, B) or c.heads not in (1, Hkv, Hq):
-                raise _err("pattern.columns", f"batch 1 or {B}, heads 1, {Hkv} or {Hq}", (c.batch, c.heads))
-            if c.device != q.device:
-                raise _err("pattern.columns device", f"{q.device}", c.device)
+        _check_pattern(pattern, B, Hq, Hkv, q.device)
+    return scale
+
+
+def _check_pattern(pattern: BlockPattern, B: int, Hq: int, Hkv: int, device) -> None:
+    """Batch, heads, device and (once per state of the pattern) its values."""
+    if pattern.batch not in (1, B):
+        raise _err("pattern batch", f"1 or {B}", pattern.batch)
+    if pattern.heads not in (1, Hkv, Hq):
+        raise _err("pattern heads", f"1, {Hkv} (kv heads) or {Hq} (query heads)", pattern.heads)
+    if pattern.device != device:
+        raise _err("pattern device", f"{device} (as q)", pattern.device)
+    if pattern.columns is not None:
+        c = pattern.columns
+        if c.batch not in (1, B) or c.heads not in (1, Hkv, Hq):
+            raise _err("pattern.columns", f"batch 1 or {B}, heads 1, {Hkv} or {Hq}", (c.batch, c.heads))
+        if c.device != device:
+            raise _err("pattern.columns device", f"{device}", c.device)
+    pattern.ensure_valid()  # value checks once per state (again after any in-place change)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,15 +162,42 @@ def choose_backend(q, pattern, *, backend: Optional[str] = None, **extra) -> str
 _DEFAULT_PATTERNS: "OrderedDict[tuple, BlockPattern]" = OrderedDict()
 
 
-def _default_pattern(Tq, Tk, causal, device, D):
+def _max_offset(ql: Optional[torch.Tensor], kl: Optional[torch.Tensor], Tq: int, Tk: int) -> int:
+    """Largest causal diagonal offset ``kv_len - q_len`` over the sequences (one host sync)."""
+    if ql is None and kl is None:
+        return Tk - Tq
+    qv = ql.long() if ql is not None else torch.full_like(kl, Tq, dtype=torch.long)
+    kv = kl.long() if kl is not None else torch.full_like(ql, Tk, dtype=torch.long)
+    return int((kv - qv).max()) if qv.numel() else Tk - Tq
+
+
+def _causal_cover(Tq: int, Tk: int, bs: int, max_off: int, device) -> BlockPattern:
+    """Causal pattern of shape (Tq, Tk) whose block lists also hold every key block that a sequence
+    with diagonal offset up to ``max_off`` needs (per-sequence lengths with ``q_len < kv_len``
+    relative to ``Tq, Tk``: the plain ``causal(Tq, Tk)`` lists would cut such rows short). Full blocks
+    stay below the pattern's own diagonal; the rest are partial (masked per sequence by the kernels)."""
+    r0, r1, c0, c1 = _patterns._block_grid(Tq, Tk, bs, bs, device)
+    anyb = c0 <= r1 + max_off
+    full = anyb & (c1 <= r0 + (Tk - Tq))
+    fc, fi = _patterns._lists_from_sel(full[None, None])
+    pc, pi = _patterns._lists_from_sel((anyb & ~full)[None, None])
+    return BlockPattern(pc, pi, fc, fi, bs, bs, Tq, Tk, True)
+
+
+def _default_pattern(Tq, Tk, causal, device, D, max_off=None):
     """The dense/causal pattern for ``pattern=None``, cached (LRU, 16 entries) so that repeated
-    calls with the same shapes do not rebuild and re-validate it."""
+    calls with the same shapes do not rebuild and re-validate it. ``max_off``: with per-sequence
+    lengths, the largest ``kv_len - q_len`` of a sequence (causal: the lists must reach its diagonal)."""
     bs = 128 if D <= 128 else 64
-    key = (Tq, Tk, bool(causal), str(device), bs)
+    cover = causal and max_off is not None and max_off > Tk - Tq
+    key = (Tq, Tk, bool(causal), str(device), bs, max_off if cover else None)
     p = _DEFAULT_PATTERNS.get(key)
     if p is None:
-        build = _patterns.causal if causal else _patterns.dense
-        p = build(Tq, Tk, block_q=bs, device=device)
+        if cover:
+            p = _causal_cover(Tq, Tk, bs, max_off, device)
+        else:
+            build = _patterns.causal if causal else _patterns.dense
+            p = build(Tq, Tk, block_q=bs, device=device)
         _DEFAULT_PATTERNS[key] = p
         if len(_DEFAULT_PATTERNS) > 16:
             _DEFAULT_PATTERNS.popitem(last=False)
@@ -199,7 +230,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Option
         ``out [B, Hq, Tq, D]`` in q's dtype, and ``lse`` when ``return_lse``. Query rows with no
         key get zeros (and ``lse = -inf``), never NaN.
     """
-    validate_inputs(q, k, v, pattern, scale)
+    scale = validate_inputs(q, k, v, pattern, scale)
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
     if padding_side not in ("right", "left"):
@@ -207,7 +238,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Option
     ql = _check_lens("q_lens", q_lens, B, Tq, q.device)
     kl = _check_lens("kv_lens", kv_lens, B, Tk, q.device)
     if pattern is None:
-        pattern = _default_pattern(Tq, Tk, causal, q.device, D)
+        mo = _max_offset(ql, kl, Tq, Tk) if causal else None
+        pattern = _default_pattern(Tq, Tk, causal, q.device, D, mo)
     elif causal and not pattern.causal:
         raise _err("causal", "False with a non-causal pattern (build the pattern with causal=True)", True)
     qo = ko = None
@@ -235,6 +267,13 @@ def _run(name, q, k, v, pattern, scale, ql, kl, qo, ko):
     return block_sparse_attention(q, k, v, pattern, scale=scale, q_lens=ql, kv_lens=kl, q_offsets=qo, kv_offsets=ko)
 
 
+def _as_cu(name: str, cu, device) -> torch.Tensor:
+    try:
+        return torch.as_tensor(cu, device=device)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise _err(name, "a 1-D integer tensor [n_sequences + 1]", f"{type(cu).__name__} ({e})") from None
+
+
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q, cu_seqlens_k=None,
                      pattern: Optional[BlockPattern] = None, *, causal: bool = False, scale: Optional[float] = None,
                      return_lse: bool = False, backend: Optional[str] = None):
@@ -252,10 +291,10 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise _err(name, "a 3-D tensor [heads, total_tokens, head_dim]", getattr(t, "shape", type(t)))
-    cu_q = torch.as_tensor(cu_seqlens_q, device=q.device)
-    cu_k = cu_q if cu_seqlens_k is None else torch.as_tensor(cu_seqlens_k, device=q.device)
+    cu_q = _as_cu("cu_seqlens_q", cu_seqlens_q, q.device)
+    cu_k = cu_q if cu_seqlens_k is None else _as_cu("cu_seqlens_k", cu_seqlens_k, q.device)
     for name, cu, total in (("cu_seqlens_q", cu_q, q.shape[1]), ("cu_seqlens_k", cu_k, k.shape[1])):
-        if cu.dim() != 1 or cu.numel() < 2 or cu.dtype.is_floating_point:
+        if cu.dim() != 1 or cu.numel() < 2 or cu.dtype.is_floating_point or cu.dtype.is_complex or cu.dtype == torch.bool:
             raise _err(name, "a 1-D integer tensor [n_sequences + 1]", (cu.dtype, tuple(cu.shape)))
         if int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
             raise _err(name, f"non-decreasing values from 0 to {total}", cu.tolist()[:8])
@@ -266,15 +305,19 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     N = ql.numel()
     Tq, Tk = int(ql.max()), int(kl.max())
     q4, k4, v4 = q[None], k[None], v[None]
-    validate_inputs(q4, k4, v4, None, scale)
+    scale = validate_inputs(q4, k4, v4, None, scale)
     if pattern is None:
-        pattern = _default_pattern(Tq, Tk, causal, q.device, q.shape[-1])
+        mo = _max_offset(ql, kl, Tq, Tk) if causal else None
+        pattern = _default_pattern(Tq, Tk, causal, q.device, q.shape[-1], mo)
+    elif not isinstance(pattern, BlockPattern):
+        raise _err("pattern", "a sparsattn.patterns.BlockPattern or None", type(pattern).__name__)
     elif causal and not pattern.causal:
         raise _err("causal", "False with a non-causal pattern", True)
     if pattern.q_len != Tq or pattern.kv_len != Tk:
         raise _err("pattern", f"q_len={Tq}, kv_len={Tk} (the longest sequences)", (pattern.q_len, pattern.kv_len))
     if pattern.batch not in (1, N):
         raise _err("pattern batch", f"1 or {N} (sequences)", pattern.batch)
+    _check_pattern(pattern, N, q.shape[0], k.shape[0], q.device)
     name = choose_backend(q4, pattern, backend=backend, varlen=True)
     if name == "reference" or name == "flex":
         # reference over the packed layout: each sequence is a batch entry with an offset

@@ -380,6 +380,60 @@ class BlockPattern:
         if self.columns is not None:
             self.columns.validate()
 
+    # -- validated state and derived data -------------------------------------------------------
+    def _tensors(self) -> list:
+        ts = [self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks, self.full_kv_indices,
+              self.mask_ids, self.mask_bank]
+        if self.columns is not None:
+            ts += [self.columns.indices, self.columns.counts]
+        return ts
+
+    def _state(self) -> tuple:
+        """What the validation and every cached derivative depend on: the scalar fields and, per
+        tensor, its identity, storage, shape and in-place version counter.
+
+        Inference-mode tensors keep no version counter, so a pattern holding them would hide an
+        in-place change: on first call they are replaced by ordinary copies (made outside inference
+        mode; their in-place changes, in inference mode too, bump the counter). An in-place change
+        after a call therefore always changes the state."""
+        if any(isinstance(t, Tensor) and t.is_inference() for t in self._tensors()):
+            self._own_inference_tensors()
+        parts = [self.block_q, self.block_k, self.q_len, self.kv_len, bool(self.causal), id(self.columns)]
+        if self.columns is not None:
+            parts += [self.columns.kv_len, self.columns.page_size]
+        for t in self._tensors():
+            parts.append(None if not isinstance(t, Tensor) else
+                         (id(t), t.data_ptr(), tuple(t.shape), tuple(t.stride()), t._version))
+        return tuple(parts)
+
+    def _own_inference_tensors(self) -> None:
+        with torch.inference_mode(False):
+            cp = lambda t: t.clone() if isinstance(t, Tensor) and t.is_inference() else t  # noqa: E731
+            for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "mask_ids",
+                         "mask_bank"):
+                setattr(self, name, cp(getattr(self, name)))
+            if self.columns is not None and (self.columns.indices.is_inference() or self.columns.counts.is_inference()):
+                self.columns = replace(self.columns, indices=cp(self.columns.indices), counts=cp(self.columns.counts))
+        self._cache.clear()
+
+    def derived(self, name: str, build: Callable[[], object]):
+        """derived: data computed from the pattern (transposed lists, kernel copies, a Flex mask...),
+        built once per state: any in-place change of a tensor, or a replaced field, drops every
+        cached item (validation included)."""
+        st = self._state()
+        if self._cache.get("_state") != st:
+            self._cache.clear()
+            self._cache["_state"] = st
+        if name not in self._cache:
+            self._cache[name] = build()
+        return self._cache[name]
+
+    def ensure_valid(self) -> "BlockPattern":
+        """ensure_valid: ``validate()`` once per state of the pattern (the kernels' check before every
+        call): a pattern changed in place after a call is validated again, never read out of range."""
+        self.derived("validated", lambda: self.validate() and True)
+        return self
+
     # -- block-level views ----------------------------------------------------------------------
     def full_sel(self) -> Tensor:
         """bool ``[B, H, n_q_blocks, n_kv_blocks]``: full blocks."""
@@ -406,10 +460,7 @@ class BlockPattern:
         (the position of that key block in the query block's combined list: ``slot < max_full``
         means full list position ``slot``; else partial list position ``slot - max_full``).
         """
-        key = "transposed"
-        if key not in self._cache:
-            self._cache[key] = _transpose_lists(self)
-        return self._cache[key]
+        return self.derived("transposed", lambda: _transpose_lists(self))
 
     # -- dense views ----------------------------------------------------------------------------
     def to_dense_mask(self, q_lens: Optional[Tensor] = None, kv_lens: Optional[Tensor] = None) -> Tensor:
@@ -482,9 +533,9 @@ class BlockPattern:
         The reference is causal pairs when ``causal`` else ``q_len * kv_len``. Computed without
         materialising the dense mask (cost grows with the number of partial blocks).
         """
-        key = "pair_counts"
-        if key in self._cache:
-            return self._cache[key]
+        return self.derived("pair_counts", self._pair_counts)
+
+    def _pair_counts(self) -> tuple[Tensor, Tensor]:
         B, H = self.batch, self.heads
         bq, bk = self.block_q, self.block_k
         dev = self.device
@@ -533,9 +584,7 @@ class BlockPattern:
             ref = torch.clamp(torch.clamp(i + off + 1, min=0), max=self.kv_len).sum()
         else:
             ref = torch.tensor(float(self.q_len) * self.kv_len, dtype=torch.float64, device=dev)
-        out = (total, ref.expand(B, H))
-        self._cache[key] = out
-        return out
+        return total, ref.expand(B, H)
 
     def _column_pairs(self) -> Tensor:
         """Pairs added by the column path: per (b, h, q block) columns whose block is unlisted."""
@@ -1045,10 +1094,16 @@ def vertical_slash(q_len: int, vertical: Tensor, slash: Tensor, kv_len: Optional
         vertical: int ``[B, H, nv]``: key indices of vertical lines (any order; duplicates merged).
         slash: int ``[B, H, ns]``: diagonal offsets ``d = (i + off) - j >= 0`` of slash lines.
         vertical_counts, slash_counts: optional ``[B, H]`` numbers of valid entries (default all).
+            Each of these four may also be a NumPy array or nested Python lists of ints.
         block_size: slash lines are covered by the key blocks they cross (block granularity,
             as MInference's kernel); verticals go through the column path exactly.
     """
     kv_len, _ = _check_lengths(q_len, kv_len, block_size, None)
+    dev0 = next((t.device for t in (vertical, slash) if isinstance(t, Tensor)), None)
+    vertical = _int_tensor("vertical", vertical, dev0)
+    slash = _int_tensor("slash", slash, dev0)
+    vertical_counts = None if vertical_counts is None else _int_tensor("vertical_counts", vertical_counts, dev0)
+    slash_counts = None if slash_counts is None else _int_tensor("slash_counts", slash_counts, dev0)
     if vertical.dim() != 3:
         raise _err("vertical", "an int tensor [B, H, nv]", tuple(vertical.shape))
     if slash.dim() != 3 or slash.shape[:2] != vertical.shape[:2]:
@@ -1089,6 +1144,20 @@ def vertical_slash(q_len: int, vertical: Tensor, slash: Tensor, kv_len: Optional
     columns = TokenPattern.from_mask(vm[..., :kv_len], kv_len=kv_len)
     p = from_block_mask(sel, block_size=block_size, q_len=q_len, kv_len=kv_len, causal=True)
     return replace(p, columns=columns, _cache={})
+
+
+def _int_tensor(name: str, x, device) -> Tensor:
+    """An integer tensor from a tensor, a NumPy array or (nested) Python lists/tuples of ints."""
+    if not isinstance(x, Tensor):
+        try:
+            x = torch.as_tensor(x, device=device)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise _err(name, "an integer tensor (or nested lists of ints)", f"{type(x).__name__} ({e})") from None
+        if x.numel() == 0:  # torch.as_tensor([]) is float
+            x = x.long()
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise _err(name, "an integer tensor (or nested lists of ints)", x.dtype)
+    return x
 
 
 def _neighborhood_window(pos: Tensor, n: int, k: int, dilation: int, is_causal: bool):

@@ -102,6 +102,21 @@ def _offs(x: Optional[torch.Tensor], B: int, device) -> torch.Tensor:
     return x.to(device=device, dtype=torch.int32).contiguous()
 
 
+#: "no causal offset" for the kernels' full-block test (``off < P_OFF`` is then never true)
+_NO_OFFSET = -(1 << 30)
+
+
+def _pattern_offset(p: BlockPattern) -> int:
+    """The pattern's causal diagonal offset ``kv_len - q_len`` (``_NO_OFFSET`` when not causal).
+
+    ``validate()`` guarantees full blocks lie on or below this diagonal. A sequence whose own offset
+    ``kv_lens[b] - q_lens[b]`` is smaller (fewer keys than the pattern's shape relative to its
+    queries) has its diagonal further left, so its full blocks can cross it: the kernels then mask
+    full blocks too (issue 10: rows past the first query block were wrong for q_len > kv_len).
+    """
+    return int(p.kv_len - p.q_len) if p.causal else _NO_OFFSET
+
+
 # ----------------------------------------------------------------------------------------------
 # raw launchers (no autograd)
 # ----------------------------------------------------------------------------------------------
@@ -116,7 +131,7 @@ def _pattern_args(fcnt, fidx, pcnt, pidx):
 
 
 def _fwd(q, k, v, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, q_len, kv_len, q_off, k_off,
-         block_q, block_k, causal, scale, packed, even):
+         block_q, block_k, causal, scale, packed, even, p_off):
     from . import triton as K
 
     B = q_len.shape[0]
@@ -151,7 +166,7 @@ def _fwd(q, k, v, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, q_len, kv_len,
         q_off, q_len, k_off, kv_len,
         fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt,
         *_pattern_args(fcnt, fidx, pcnt, pidx), s_ccb, s_cch, s_cib, s_cih,
-        scale * K.LOG2E, Hq // Hkv, Hq // Hp, Hq // (ccnt.shape[1] if has_cols else 1),
+        scale * K.LOG2E, Hq // Hkv, Hq // Hp, Hq // (ccnt.shape[1] if has_cols else 1), p_off,
         D=D, BLOCK_D=BD, BLOCK_M=block_q, BLOCK_N=cfg["fwd_bn"], BLOCK_KP=block_k, CAUSAL=causal,
         HAS_BANK=has_bank, HAS_COLS=has_cols, EVEN=even,
         LOG_F=_log_len(fidx.shape[-1]), LOG_P=_log_len(pidx.shape[-1]),
@@ -163,7 +178,7 @@ def _fwd(q, k, v, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, q_len, kv_len,
 
 
 def _bwd(do, q, k, v, o, lse, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tcnt, tidx, tslot,
-         q_len, kv_len, q_off, k_off, block_q, block_k, causal, scale, packed, even):
+         q_len, kv_len, q_off, k_off, block_q, block_k, causal, scale, packed, even, p_off):
     from . import triton as K
 
     B = q_len.shape[0]
@@ -205,7 +220,7 @@ def _bwd(do, q, k, v, o, lse, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tc
         q_off, q_len, k_off, kv_len,
         fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt,
         *_pattern_args(fcnt, fidx, pcnt, pidx), s_ccb, s_cch, s_cib, s_cih,
-        scale, scale * K.LOG2E, Hq // Hkv, Hq // Hp, Hq // (ccnt.shape[1] if has_cols else 1),
+        scale, scale * K.LOG2E, Hq // Hkv, Hq // Hp, Hq // (ccnt.shape[1] if has_cols else 1), p_off,
         D=D, BLOCK_D=BD, BLOCK_M=block_q, BLOCK_N=cfg["bwd_bn"], BLOCK_KP=block_k, CAUSAL=causal,
         HAS_BANK=has_bank, HAS_COLS=has_cols, EVEN=even,
         LOG_F=_log_len(fidx.shape[-1]), LOG_P=_log_len(pidx.shape[-1]), PREC=prec, UPCAST=_upcast(q),
@@ -246,14 +261,14 @@ def _op_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fcnt: torch.Tenso
             cidx: Optional[torch.Tensor], ccnt: Optional[torch.Tensor], tcnt: Optional[torch.Tensor],
             tidx: Optional[torch.Tensor], tslot: Optional[torch.Tensor], q_len: torch.Tensor, kv_len: torch.Tensor,
             q_off: torch.Tensor, k_off: torch.Tensor, block_q: int, block_k: int, causal: bool, scale: float,
-            packed: bool, even: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            packed: bool, even: bool, p_off: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _fwd(q, k, v, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, q_len, kv_len, q_off, k_off,
-                block_q, block_k, causal, scale, packed, even)
+                block_q, block_k, causal, scale, packed, even, p_off)
 
 
 @_op_fwd.register_fake
 def _(q, k, v, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tcnt, tidx, tslot, q_len, kv_len, q_off, k_off,
-      block_q, block_k, causal, scale, packed, even):
+      block_q, block_k, causal, scale, packed, even, p_off):
     return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
 
 
@@ -263,10 +278,10 @@ def _op_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             mids: Optional[torch.Tensor], bank: Optional[torch.Tensor], cidx: Optional[torch.Tensor],
             ccnt: Optional[torch.Tensor], tcnt: torch.Tensor, tidx: torch.Tensor, tslot: torch.Tensor,
             q_len: torch.Tensor, kv_len: torch.Tensor, q_off: torch.Tensor, k_off: torch.Tensor, block_q: int,
-            block_k: int, causal: bool, scale: float, packed: bool, even: bool
+            block_k: int, causal: bool, scale: float, packed: bool, even: bool, p_off: int
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _bwd(do, q, k, v, o, lse, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tcnt, tidx, tslot,
-                q_len, kv_len, q_off, k_off, block_q, block_k, causal, scale, packed, even)
+                q_len, kv_len, q_off, k_off, block_q, block_k, causal, scale, packed, even, p_off)
 
 
 @_op_bwd.register_fake
@@ -276,11 +291,11 @@ def _(do, q, k, v, o, lse, *args):
 
 def _setup(ctx, inputs, output):
     (q, k, v, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tcnt, tidx, tslot, q_len, kv_len, q_off, k_off,
-     block_q, block_k, causal, scale, packed, even) = inputs
+     block_q, block_k, causal, scale, packed, even, p_off) = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tcnt, tidx, tslot,
                           q_len, kv_len, q_off, k_off)
-    ctx.meta = (block_q, block_k, causal, scale, packed, even)
+    ctx.meta = (block_q, block_k, causal, scale, packed, even, p_off)
 
 
 def _backward(ctx, do, dlse):
@@ -293,7 +308,7 @@ def _backward(ctx, do, dlse):
         raise RuntimeError("block_sparse_attention: gradients through the returned lse are not supported")
     dq, dk, dv = _op_bwd(do, q, k, v, o, lse, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tcnt, tidx, tslot,
                          q_len, kv_len, q_off, k_off, *ctx.meta)
-    return (dq, dk, dv) + (None,) * 21
+    return (dq, dk, dv) + (None,) * 22
 
 
 _op_fwd.register_autograd(_backward, setup_context=_setup)
@@ -331,12 +346,10 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     tr = p.transposed() if need_grad else None
     bank = None
     if p.mask_bank is not None:  # the kernel reads tiles as bytes
-        bank = p._cache.get("bank_u8")
-        if bank is None:
-            bank = p._cache["bank_u8"] = p.mask_bank.to(torch.uint8).contiguous()
+        bank = p.derived("bank_u8", lambda: p.mask_bank.to(torch.uint8).contiguous())
     out, lse = _op_fwd(q, k, v, p.full_kv_num_blocks, p.full_kv_indices, p.kv_num_blocks, p.kv_indices,
                        p.mask_ids, bank, cidx, ccnt,
                        tr["q_num_blocks"] if tr else None, tr["q_indices"] if tr else None,
                        tr["q_slot"] if tr else None, qL, kL, qO, kO,
-                       p.block_q, p.block_k, bool(p.causal), scale, bool(packed), bool(even))
+                       p.block_q, p.block_k, bool(p.causal), scale, bool(packed), bool(even), _pattern_offset(p))
     return out, lse

@@ -31,10 +31,7 @@ def flex_block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
 
     ``lse`` is the natural log-sum-exp (float32); rows with no key return zeros (Flex semantics).
     """
-    bm = pattern._cache.get("flex_block_mask")
-    if bm is None:
-        bm = pattern.to_flex_block_mask()
-        pattern._cache["flex_block_mask"] = bm
+    bm = pattern.derived("flex_block_mask", pattern.to_flex_block_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     gqa = q.shape[1] != k.shape[1]
     out, lse = compiled_flex()(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa, return_lse=True)

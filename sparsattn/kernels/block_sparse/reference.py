@@ -67,6 +67,11 @@ def block_sparse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
             qc = q[b, :, qo + r0:qo + r1].float()
             mask = pattern.mask_rows(pb, qb0, qb1, ql, kl)  # [Hp, rows, kl]
             used = mask.any(1).any(0).nonzero().flatten()  # columns kept by any head and row
+            if used.numel() == 0:  # no row of the chunk has a key (kl = 0, causal offsets, empty
+                # pattern rows): zeros and lse = -inf, as documented (softmax of nothing)
+                per_batch.setdefault(b, []).append(
+                    (qc.new_zeros(Hq, r1 - r0, v.shape[-1]), qc.new_full((Hq, r1 - r0), float("-inf"))))
+                continue
             if used.numel() < kl:  # drop columns masked everywhere in this chunk (changes nothing)
                 mask = mask.index_select(2, used)
                 kc, vc = kb.index_select(1, used), vb.index_select(1, used)

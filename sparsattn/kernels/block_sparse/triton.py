@@ -114,7 +114,7 @@ def _bs_fwd_kernel(
     Q_OFF, Q_LEN, K_OFF, K_LEN,
     FCNT, FIDX, PCNT, PIDX, MIDS, BANK, CIDX, CCNT,
     s_fcb, s_fch, s_fib, s_fih, s_fiq, s_pcb, s_pch, s_pib, s_pih, s_piq, s_ccb, s_cch, s_cib, s_cih,
-    qk_scale, GROUP, PH_DIV, CH_DIV,
+    qk_scale, GROUP, PH_DIV, CH_DIV, P_OFF,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_KP: tl.constexpr, CAUSAL: tl.constexpr, HAS_BANK: tl.constexpr, HAS_COLS: tl.constexpr,
     EVEN: tl.constexpr, LOG_F: tl.constexpr, LOG_P: tl.constexpr, LIST_F: tl.constexpr, LIST_P: tl.constexpr,
@@ -155,11 +155,21 @@ def _bs_fwd_kernel(
     n_full = tl.load(FCNT + b * s_fcb + ph * s_fch + pid_m)
     # one flat loop over (block, sub-tile): a single K/V load per iteration, so the software
     # pipeline's buffers do not multiply by SUB (key blocks wider than BLOCK_N)
-    for j in range(0, n_full * SUB):
-        kb = tl.load(f_list + j // SUB)
-        cols = kb * BLOCK_KP + (j % SUB) * BLOCK_N + offs_n
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, cols, offs_m, offs_d, kv_len,
-                                  qk_scale, dummy_ok, False, EVEN, D, BLOCK_D, PREC)
+    if off < P_OFF:
+        # causal, and this sequence's diagonal lies left of the pattern's (kv_len - q_len smaller than
+        # the pattern's kv_len - q_len): a full block can cross it, so mask full blocks too
+        for j in range(0, n_full * SUB):
+            kb = tl.load(f_list + j // SUB)
+            cols = kb * BLOCK_KP + (j % SUB) * BLOCK_N + offs_n
+            ok = (cols[None, :] < kv_len) & (cols[None, :] <= offs_m[:, None] + off)
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, cols, offs_m, offs_d, kv_len,
+                                      qk_scale, ok, True, EVEN, D, BLOCK_D, PREC)
+    else:
+        for j in range(0, n_full * SUB):
+            kb = tl.load(f_list + j // SUB)
+            cols = kb * BLOCK_KP + (j % SUB) * BLOCK_N + offs_n
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, cols, offs_m, offs_d, kv_len,
+                                      qk_scale, dummy_ok, False, EVEN, D, BLOCK_D, PREC)
 
     p_list = PIDX + b * s_pib + ph * s_pih + pid_m * s_piq
     m_list = MIDS + b * s_pib + ph * s_pih + pid_m * s_piq
@@ -209,7 +219,7 @@ def _bwd_dq_kernel(
     Q_OFF, Q_LEN, K_OFF, K_LEN,
     FCNT, FIDX, PCNT, PIDX, MIDS, BANK, CIDX, CCNT,
     s_fcb, s_fch, s_fib, s_fih, s_fiq, s_pcb, s_pch, s_pib, s_pih, s_piq, s_ccb, s_cch, s_cib, s_cih,
-    sm_scale, qk_scale, GROUP, PH_DIV, CH_DIV,
+    sm_scale, qk_scale, GROUP, PH_DIV, CH_DIV, P_OFF,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_KP: tl.constexpr, CAUSAL: tl.constexpr, HAS_BANK: tl.constexpr, HAS_COLS: tl.constexpr,
     EVEN: tl.constexpr, LOG_F: tl.constexpr, LOG_P: tl.constexpr, LIST_F: tl.constexpr, LIST_P: tl.constexpr,
@@ -259,6 +269,8 @@ def _bwd_dq_kernel(
         qk = tl.dot(q, kt, input_precision=PREC) * qk_scale
         if not EVEN:
             qk = tl.where(cols[None, :] < kv_len, qk, float("-inf"))
+        if off < P_OFF:  # this sequence's causal diagonal can cross a full block (see the forward)
+            qk = tl.where(cols[None, :] <= offs_m[:, None] + off, qk, float("-inf"))
         p = tl.math.exp2(qk - lse2[:, None])
         dp = tl.dot(do, vt, input_precision=PREC)
         ds = p * (dp - delta[:, None])

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from ...patterns import TokenPattern
+from .._checks import check_scale
 from .reference import paged_to_contiguous, row_lens, sparse_decode_reference
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -127,9 +128,8 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         if k_cache.shape[0] != B:
             raise _err("k_cache batch", f"{B} (as q)", k_cache.shape[0])
         T = k_cache.shape[2]
-    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0):
-        raise _err("scale", "None or a positive finite float", scale)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = check_scale(scale)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
     if kv_lens is None:
         kl = torch.full((B,), T, dtype=torch.int32, device=q.device)
     else:
