@@ -149,7 +149,7 @@ def train_layer(layer: Union[str, Sequence], task: Union[str, TaskData] = "mqar"
         data = make_task(task_name, seq_len, n_train=ntr, n_test=d["n_test"], seed=seed, vocab=vocab)
     model = LayerModel(mixers, width, d["heads"], vocab=data.vocab, max_len=data.seq_len, n_out=data.n_out,
                        causal=data.causal, mlp=d["mlp"], dropout=d["dropout"], grid=data.grid,
-                       layer_config=base_cfg).to(dev)
+                       layer_config=base_cfg, prefix_len=getattr(data, "prefix_len", None)).to(dev)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(("embed", "pos"))]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.startswith(("embed", "pos")))]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": d["weight_decay"]},

@@ -27,11 +27,15 @@ def _spec(m: MixerSpec) -> tuple[str, dict]:
 
 
 def build_mixer(name: str, dim: int, heads: int, config: dict, *, causal: bool, index: int, n_layers: int,
-                grid: Optional[tuple] = None) -> nn.Module:
+                grid: Optional[tuple] = None, max_len: Optional[int] = None,
+                prefix_len: Optional[int] = None) -> nn.Module:
     """build_mixer: ``get_layer(name, dim, heads, **config)`` with the harness's conventions:
     ``causal`` is passed when the layer takes it (non-causal tasks use ``causal=False`` where the
     layer supports it, else its causal form), ``layer_index``/``n_layers`` when the layer takes them
-    (model-building helpers such as MASFormer), ``grid`` for 2-D layers that take it."""
+    (model-building helpers such as MASFormer), ``grid`` for 2-D layers that take it, ``l_max`` (the
+    task's length, Zoology's convention for convolution filters) and ``prefix_len`` (the task's
+    context prefix, e.g. MQAR's key-value region, for prefix / encoder-decoder layers such as JRT-RNN)
+    when the layer takes them and the config does not set them."""
     hp = hyper_parameters(name)
     cls = layer_class(name)
     cfg = dict(config)
@@ -42,6 +46,10 @@ def build_mixer(name: str, dim: int, heads: int, config: dict, *, causal: bool, 
         cfg["layer_index"] = index
     if "n_layers" in hp and "n_layers" not in cfg:
         cfg["n_layers"] = n_layers
+    if "l_max" in hp and "l_max" not in cfg and max_len is not None:
+        cfg["l_max"] = max_len
+    if "prefix_len" in hp and "prefix_len" not in cfg and prefix_len is not None:
+        cfg["prefix_len"] = prefix_len
     return get_layer(name, dim, heads, **cfg)
 
 
@@ -87,11 +95,13 @@ class LayerModel(nn.Module):
         mlp, mlp_ratio, dropout: block options (Zoology's MQAR models have no MLP).
         grid: ``(H, W)`` of image tasks (2-D layers).
         layer_config: hyper-parameters applied to every block whose entry is a bare name.
+        prefix_len: the task's context prefix (``TaskData.prefix_len``), given to layers taking it.
     """
 
     def __init__(self, mixers: Sequence[MixerSpec], dim: int, heads: int, *, vocab: int, max_len: int, n_out: int,
                  causal: bool, mlp: bool = True, mlp_ratio: int = 4, dropout: float = 0.0,
-                 grid: Optional[tuple] = None, layer_config: Optional[dict] = None):
+                 grid: Optional[tuple] = None, layer_config: Optional[dict] = None,
+                 prefix_len: Optional[int] = None):
         super().__init__()
         if not mixers:
             raise ValueError("mixers: expected at least one block")
@@ -102,7 +112,8 @@ class LayerModel(nn.Module):
         blocks = []
         for i, (name, cfg) in enumerate(specs):
             cfg = {**(layer_config or {}), **cfg} if isinstance(mixers[i], str) else cfg
-            m = build_mixer(name, dim, heads, cfg, causal=causal, index=i, n_layers=len(specs), grid=grid)
+            m = build_mixer(name, dim, heads, cfg, causal=causal, index=i, n_layers=len(specs), grid=grid,
+                            max_len=max_len, prefix_len=prefix_len)
             blocks.append(Block(m, dim, mlp=mlp, mlp_ratio=mlp_ratio, dropout=dropout, grid=grid))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(dim)

@@ -27,7 +27,9 @@ class TaskData:
     """TaskData: one task's train and held-out tensors and what the model needs to know of it.
 
     ``x_*`` LongTensor ``[n, T]`` (pixels are levels 0..255); ``y_*`` ``[n, T]`` (lm, -100 unscored)
-    or ``[n]`` (cls). ``grid`` is ``(H, W)`` for images; ``pad_id`` marks padding for pooling.
+    or ``[n]`` (cls). ``grid`` is ``(H, W)`` for images; ``pad_id`` marks padding for pooling;
+    ``prefix_len`` is the context prefix a prefix (encoder-decoder) layer may read non-causally
+    (MQAR: the 2K key-value tokens, which carry no label), None when the task has none.
     """
 
     name: str
@@ -43,6 +45,7 @@ class TaskData:
     grid: Optional[tuple] = None
     pad_id: Optional[int] = None
     info: str = ""
+    prefix_len: Optional[int] = None
 
 
 def mqar_pairs(seq_len: int) -> int:
@@ -57,7 +60,8 @@ def _mqar(seq_len, n_train, n_test, seed, vocab=None):
     V = MQAR_VOCAB if vocab is None else vocab
     xtr, ytr = mqar(n_train, seq_len, K, V, seed=seed)
     xte, yte = mqar(n_test, seq_len, K, V, seed=seed + TEST_SEED_OFFSET)
-    return TaskData("mqar", xtr, ytr, xte, yte, V, V, "lm", True, seq_len, info=f"Zoology MQAR, K={K} pairs, V={V}")
+    return TaskData("mqar", xtr, ytr, xte, yte, V, V, "lm", True, seq_len, info=f"Zoology MQAR, K={K} pairs, V={V}",
+                    prefix_len=2 * K)
 
 
 def _listops(seq_len, n_train, n_test, seed, vocab=None):
