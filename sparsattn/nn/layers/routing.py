@@ -1,0 +1,242 @@
+"""routing: online k-means content routing with local + routed heads (Efficient Content-Based Sparse
+Attention with Routing Transformers, Roy et al., arXiv 2003.05997)."""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...patterns import sliding_window
+from ..base import Layer, attend, register_layer
+from ._util import check_bool, check_dim_heads, check_float, check_input, check_int, next_pow2, routed_pattern
+
+
+@register_layer("routing")
+class RoutingAttention(Layer):
+    """RoutingAttention: routed heads attend within online k-means clusters of their shared
+    query/key vectors, local heads within a sliding window (Routing Transformer, arXiv 2003.05997).
+
+    ``x [B, T, dim] -> [B, T, dim]``, causal (default) or not.
+
+    Routed heads (``heads - local_heads`` of them), per head:
+      1. queries and keys share one projection (the paper's Q = K); routing uses the
+         l2-normalised vectors ``x^ = q / |q|`` (on the unit sphere); attention uses ``q`` as the
+         query and ``x^`` as the key (as lucidrains' shared-QK attention);
+      2. ``num_clusters`` centroids per head (buffers), updated in training by EMA of the mean of
+         the normalised vectors assigned to them (nearest centroid):
+         ``mu <- normalize(decay * mu + (1 - decay) * mean)``; the first training batch
+         initialises them with ``kmeans_init_iters`` Lloyd iterations;
+      3. balanced routing: every centroid takes the ``w = ceil(T / num_clusters)`` tokens closest to
+         it (``window_size`` when given); a token may be in several clusters or in none;
+      4. attention inside each cluster (members in sequence order, causal inside the cluster);
+         a token's own key is masked unless it is the cluster's first member (shared Q = K makes
+         self-attention dominate; Reformer and lucidrains mask it the same way);
+      5. a token in several clusters takes the mean of its outputs (lucidrains' ``scatter_mean``),
+         a token in none gets zero from the routed heads.
+    The clustered tokens are gathered cluster-major, so the attention is one block-sparse kernel
+    call on a block-diagonal pattern (block = ``next_pow2(w)`` slots, an element tile for the
+    causal/self mask and spare slots) shared by the whole batch.
+
+    Local heads (``local_heads``, default ``heads // 2``): sliding-window attention over the last
+    ``local_window`` tokens (non-causal: ``|i - j| < local_window``; ``patterns.sliding_window``),
+    with their own key projection.
+
+    ``extra_loss()``: the commitment loss ``commitment * mean |x^ - mu_assigned|^2`` of the last
+    training forward (pulls vectors toward their centroids; lucidrains' commitment 1e-4).
+
+    Hyper-parameters (paper / lucidrains defaults): ``num_clusters=8`` (the paper's k ~ sqrt(T):
+    8 clusters of 64 at T = 512), ``decay=0.999``, ``commitment=1e-4``, ``local_window=256``,
+    ``kmeans_init_iters=10``.
+
+    Differences from the paper kept: duplicates are averaged, not log-sum-exp merged (the kernels
+    give no gradient through the lse); the balanced top-w selection is a competition over the
+    whole sequence, so whether a token is routed depends on later tokens (as in the paper's and
+    lucidrains' balanced routing; the attention weights themselves are causal); routing is used in
+    every layer of a model built from this layer (the paper routes in some layers only: build
+    hybrids with the harness); local attention is a sliding window, not lucidrains' blocked
+    look-back window.
+    """
+
+    paper = "Efficient Content-Based Sparse Attention with Routing Transformers, arXiv 2003.05997"
+    kind = "sparse"
+    layout = "1d"
+    causal_modes = (True, False)
+    content_based = True
+    presets = {"default": {}, "mqar": {"num_clusters": 8, "local_window": 64}}
+
+    def __init__(self, dim: int, heads: int, num_clusters: int = 8, window_size: Optional[int] = None,
+                 local_heads: Optional[int] = None, local_window: int = 256, decay: float = 0.999,
+                 commitment: float = 1e-4, kmeans_init_iters: int = 10, exclude_self: bool = True,
+                 causal: bool = True):
+        super().__init__()
+        check_dim_heads(dim, heads)
+        check_int("num_clusters", num_clusters)
+        if window_size is not None:
+            check_int("window_size", window_size)
+        local_heads = heads // 2 if local_heads is None else local_heads
+        check_int("local_heads", local_heads, 0)
+        if local_heads > heads:
+            raise ValueError(f"local_heads: expected at most heads={heads}, got {local_heads}")
+        check_int("local_window", local_window)
+        check_float("decay", decay, 0.0, 1.0)
+        check_float("commitment", commitment, 0.0, 1e6)
+        check_int("kmeans_init_iters", kmeans_init_iters, 0)
+        check_bool("exclude_self", exclude_self)
+        check_bool("causal", causal)
+        self.dim, self.heads, self.head_dim = dim, heads, dim // heads
+        self.num_clusters, self.window_size = num_clusters, window_size
+        self.local_heads, self.routed_heads = local_heads, heads - local_heads
+        self.local_window, self.decay, self.commitment = local_window, decay, commitment
+        self.kmeans_init_iters, self.exclude_self, self.causal = kmeans_init_iters, exclude_self, causal
+        d = self.head_dim
+        self.q_proj = nn.Linear(dim, dim, bias=False)       # all heads' queries (= keys of routed heads)
+        self.k_proj = nn.Linear(dim, local_heads * d, bias=False) if local_heads else None
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.out = nn.Linear(dim, dim)
+        hr = max(self.routed_heads, 1)
+        self.register_buffer("means", F.normalize(torch.randn(hr, num_clusters, d), dim=-1))
+        self.register_buffer("initted", torch.tensor(False))
+        self._aux: Optional[torch.Tensor] = None
+        self._patterns: "OrderedDict[tuple, object]" = OrderedDict()
+
+    # -- clustering ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _kmeans_init(self, xn: torch.Tensor) -> None:
+        """Lloyd iterations on the batch's normalised vectors ``xn [B, h, T, d]`` (first training step)."""
+        B, h, T, d = xn.shape
+        pts = xn.transpose(0, 1).reshape(h, B * T, d).float()
+        g = torch.Generator(device="cpu").manual_seed(0)
+        pick = torch.randperm(B * T, generator=g)[: self.num_clusters].to(xn.device)
+        if pick.numel() < self.num_clusters:  # fewer tokens than clusters: repeat
+            pick = pick.repeat(-(-self.num_clusters // max(pick.numel(), 1)))[: self.num_clusters]
+        mu = pts[:, pick]
+        for _ in range(self.kmeans_init_iters):
+            a = (pts @ mu.transpose(1, 2)).argmax(-1)
+            s = torch.zeros_like(mu).scatter_add_(1, a[..., None].expand(-1, -1, d), pts)
+            n = torch.zeros(h, self.num_clusters, device=xn.device).scatter_add_(1, a, torch.ones_like(a, dtype=torch.float))
+            mu = torch.where(n[..., None] > 0, F.normalize(s, dim=-1), mu)
+        self.means.copy_(mu)
+        self.initted.fill_(True)
+
+    @torch.no_grad()
+    def _ema(self, xn: torch.Tensor, assign: torch.Tensor) -> None:
+        B, h, T, d = xn.shape
+        pts = xn.transpose(0, 1).reshape(h, B * T, d).float()
+        a = assign.transpose(0, 1).reshape(h, B * T)
+        s = torch.zeros_like(self.means).scatter_add_(1, a[..., None].expand(-1, -1, d), pts)
+        n = torch.zeros(h, self.num_clusters, device=xn.device).scatter_add_(1, a, torch.ones_like(a, dtype=torch.float))
+        new = s / n.clamp(min=1)[..., None]
+        upd = F.normalize(self.decay * self.means + (1 - self.decay) * new, dim=-1)
+        self.means.copy_(torch.where(n[..., None] > 0, upd, self.means))
+
+    def window(self, T: int) -> int:
+        """Tokens per cluster ``w`` at sequence length ``T``."""
+        return min(T, self.window_size or -(-T // self.num_clusters))
+
+    def route(self, xn: torch.Tensor) -> torch.Tensor:
+        """Balanced routing: ``xn [B, h, T, d]`` (normalised) -> member indices ``[B, h, k, w]``,
+        each cluster's ``w`` closest tokens in ascending position order."""
+        T = xn.shape[2]
+        w = self.window(T)
+        with torch.no_grad():
+            sim = torch.einsum("bhtd,hkd->bhkt", xn.detach().float(), self.means.float())
+            idx = sim.topk(w, dim=-1).indices
+        return idx.sort(-1).values
+
+    # -- attention ----------------------------------------------------------------------------------
+    def _cluster_pattern(self, k: int, w: int, device):
+        key = (k, w, self.causal, self.exclude_self, str(device))
+        p = self._patterns.get(key)
+        if p is None:
+            P = next_pow2(w)
+            i = torch.arange(P, device=device)[:, None]
+            j = torch.arange(P, device=device)[None, :]
+            tile = (j < w) & (i >= 0)  # [P, P]
+            if self.causal:
+                tile = tile & (j <= i)
+            if self.exclude_self:
+                first_only = (i == 0) & (j == 0) if self.causal else (torch.full_like(tile, w == 1) & (i == j))
+                tile = tile & ((i != j) | first_only)
+            sel = torch.arange(k, device=device).view(1, 1, k, 1)
+            p = routed_pattern(sel, P, tile[None], torch.zeros(k, dtype=torch.long, device=device))
+            self._patterns[key] = p
+            if len(self._patterns) > 8:
+                self._patterns.popitem(last=False)
+        return p
+
+    def routed_attention(self, q: torch.Tensor, kn: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Attention inside given clusters: q/kn/v ``[B, h, T, d]``, member indices
+        ``idx [B, h, k, w]`` (ascending within a cluster) -> ``[B, h, T, d]`` (mean over a token's
+        clusters, zero for a token in none)."""
+        B, h, T, d = q.shape
+        k, w = idx.shape[2], idx.shape[3]
+        P = next_pow2(w)
+        pad = torch.full((B, h, k, P - w), T, dtype=idx.dtype, device=idx.device)
+        slots = torch.cat([idx, pad], -1).reshape(B, h, k * P)
+        zrow = lambda t: torch.cat([t, t.new_zeros(B, h, 1, t.shape[-1])], 2)  # noqa: E731
+        gi = slots[..., None].expand(-1, -1, -1, d)
+        qs, ks, vs = (torch.gather(zrow(t), 2, gi) for t in (q, kn, v))
+        o = attend(qs, ks, vs, self._cluster_pattern(k, w, q.device))
+        acc = o.new_zeros(B, h, T + 1, d).scatter_add(2, gi, o)
+        cnt = torch.zeros(B, h, T + 1, device=q.device, dtype=o.dtype).scatter_add(
+            2, slots, torch.ones_like(slots, dtype=o.dtype))
+        return (acc / cnt.clamp(min=1)[..., None])[:, :, :T]
+
+    def _local_pattern(self, T: int, device):
+        key = ("local", T, self.causal, str(device))
+        p = self._patterns.get(key)
+        if p is None:
+            win = min(self.local_window, T)
+            p = sliding_window(T, win, causal=self.causal, block_q=64 if T >= 64 else 16, device=device)
+            self._patterns[key] = p
+        return p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[B, T, dim]`` -> ``[B, T, dim]``."""
+        check_input(x, 3, self.dim, "[B, T, dim]")
+        B, T, _ = x.shape
+        d, hl = self.head_dim, self.local_heads
+        q = self.q_proj(x).view(B, T, self.heads, d).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.heads, d).transpose(1, 2)
+        outs = []
+        if hl:
+            kl = self.k_proj(x).view(B, T, hl, d).transpose(1, 2)
+            outs.append(attend(q[:, :hl], kl, v[:, :hl], self._local_pattern(T, x.device)))
+        self._aux = None
+        if self.routed_heads:
+            qr, vr = q[:, hl:], v[:, hl:]
+            xn = F.normalize(qr.float(), dim=-1)
+            if self.training and not bool(self.initted):
+                self._kmeans_init(xn.detach())
+            idx = self.route(xn)
+            outs.append(self.routed_attention(qr, xn.to(qr.dtype), vr, idx))
+            if self.training:
+                assign = torch.einsum("bhtd,hkd->bhtk", xn.detach(), self.means.float()).argmax(-1)
+                mu = self.means.float()[torch.arange(self.routed_heads, device=x.device)[None, :, None], assign]
+                self._aux = self.commitment * (xn - mu).pow(2).sum(-1).mean()
+                self._ema(xn.detach(), assign)
+        o = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+        return self.out(o.transpose(1, 2).reshape(B, T, self.dim))
+
+    def extra_loss(self) -> Optional[torch.Tensor]:
+        """The commitment loss of the last training forward (None in eval mode)."""
+        return self._aux
+
+    def cost(self, T: int) -> dict:
+        """Attention cost at ``T`` tokens: density (computed pairs / causal or all pairs, averaged
+        over heads) and FLOPs of the attention plus the cluster assignment."""
+        check_int("T", T)
+        total = T * (T + 1) / 2 if self.causal else float(T * T)
+        win = min(self.local_window, T)
+        t = torch.arange(T, dtype=torch.float64)
+        local = float(torch.clamp(t + 1, max=win).sum()) if self.causal else \
+            float((torch.clamp(t + win - 1, max=T - 1) - torch.clamp(t - win + 1, min=0) + 1).sum())
+        w = self.window(T)
+        routed = self.num_clusters * (w * (w + 1) / 2 if self.causal else w * w)
+        pairs = self.local_heads * local + self.routed_heads * routed
+        flops = 4.0 * pairs * self.head_dim + 2.0 * T * self.num_clusters * self.head_dim * self.routed_heads
+        return {"density": min(1.0, pairs / (self.heads * total)), "flops": flops}
