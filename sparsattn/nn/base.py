@@ -36,6 +36,7 @@ the heads, the same result several times faster).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -211,16 +212,28 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern=None, *, c
     """attend: ``sparsattn.attention(q, k, v, pattern, causal=..., scale=..., return_lse=...)`` with
     the backend of ``attention_backend`` (q ``[B, Hq, T, D]``, k/v ``[B, Hkv, T, D]``).
 
-    On the reference backend, a pattern shared by the batch and the heads (``pattern=None`` or
-    ``batch == heads == 1``) runs with the batch folded into the heads: one chunked loop instead of
-    one per sequence; the result is the same.
+    On the reference backend (the CPU training path) the batch is folded into the heads (the
+    pattern's per-sequence / per-head block lists tiled to match; not with GQA per-head patterns or
+    key columns): one chunked loop instead of one per sequence, the same result.
     """
     from ..api import attention, choose_backend
 
     backend = _BACKEND[0]
-    shared = pattern is None or (pattern.batch == 1 and pattern.heads == 1)
-    B = q.shape[0]
-    if shared and B > 1 and choose_backend(q, pattern, backend=backend) == "reference":
+    B, Hq = q.shape[0], q.shape[1]
+    foldable = pattern is None or (pattern.columns is None and pattern.batch in (1, B)
+                                   and (pattern.heads == 1 or pattern.heads == Hq == k.shape[1]))
+    if foldable and B > 1 and choose_backend(q, pattern, backend=backend) == "reference":
+        if pattern is not None and (pattern.batch > 1 or pattern.heads > 1):  # one pattern head per (b, h)
+            def rep(t):
+                if t is None:
+                    return None
+                t = t.expand(B, Hq, *t.shape[2:])
+                return t.reshape(1, B * Hq, *t.shape[2:]).contiguous()
+            pattern = dataclasses.replace(pattern, kv_num_blocks=rep(pattern.kv_num_blocks),
+                                          kv_indices=rep(pattern.kv_indices),
+                                          full_kv_num_blocks=rep(pattern.full_kv_num_blocks),
+                                          full_kv_indices=rep(pattern.full_kv_indices),
+                                          mask_ids=rep(pattern.mask_ids), _cache={})
         fold = lambda t: t.reshape(1, B * t.shape[1], *t.shape[2:])  # noqa: E731
         res = attention(fold(q), fold(k), fold(v), pattern, causal=causal, scale=scale, return_lse=return_lse,
                         backend="reference")
