@@ -223,3 +223,30 @@ def test_tile_dedup_matches_exact_unique():
     u, inv = _unique_tiles(rows)
     assert torch.equal(u[inv], rows)
     assert u.shape[0] == torch.unique(rows, dim=0).shape[0]
+
+
+def test_vertical_slash_accepts_lists_and_numpy():
+    import numpy as np
+
+    want = P.vertical_slash(64, torch.tensor([[[3, 10]]]), torch.tensor([[[0, 5]]]), block_size=32)
+    for vert, sl in (([[[3, 10]]], [[[0, 5]]]), (np.array([[[3, 10]]]), (((0, 5),),))):
+        got = P.vertical_slash(64, vert, sl, block_size=32)
+        assert torch.equal(got.to_dense_mask(), want.to_dense_mask())
+    got = P.vertical_slash(64, [[[3, 10]]], [[[0, 5]]], vertical_counts=[[1]], slash_counts=[[2]], block_size=32)
+    assert got.columns.counts.tolist() == [[1]]
+    with pytest.raises(ValueError, match="vertical: expected an integer tensor"):
+        P.vertical_slash(64, [[[3.5]]], [[[0]]], block_size=32)
+    with pytest.raises(ValueError, match="vertical: expected an integer tensor"):
+        P.vertical_slash(64, [[[3], [1, 2]]], [[[0]]], block_size=32)
+    with pytest.raises(ValueError, match="slash"):
+        P.vertical_slash(64, [[[3]]], "diagonals", block_size=32)
+
+
+def test_derived_data_follows_in_place_changes():
+    """Cached derivatives (transposed lists, pair counts) are rebuilt after an in-place change."""
+    p = P.causal(64, block_q=32)
+    d0, t0 = p.density, p.transposed()["q_num_blocks"].clone()
+    assert p.transposed() is p.transposed()  # cached while unchanged
+    p.kv_num_blocks.zero_()  # drop the diagonal blocks
+    assert p.density < d0
+    assert not torch.equal(p.transposed()["q_num_blocks"], t0)
