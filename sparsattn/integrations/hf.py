@@ -21,7 +21,9 @@ mask); for anything else (packed sequences, block overlays, bidirectional...) it
 boolean 4-D mask transformers' SDPA path would use, and the attention function then falls back
 to dense SDPA for that call (logged at DEBUG): never silently wrong.
 
-Prefill: ``method.select(q, k, SelectContext(...))`` on q/k after RoPE (as HF passes them), then
+Prefill: a method that computes attention itself (``Method.attend``, e.g. HyperAttention) is called
+with q/k/v and its output is the layer's (dense SDPA for padded batches or sliding-window layers);
+otherwise ``method.select(q, k, SelectContext(...))`` on q/k after RoPE (as HF passes them), then
 ``sparsattn.attention`` with the pattern (intersected with the layer's sliding window, if any) and,
 for padded batches, ``q_lens/kv_lens/padding_side``. Decode (one new token with a cache): a
 decode-phase method's ``select(q, k_cache, ctx)`` returns a ``TokenPattern`` and
@@ -219,6 +221,11 @@ class _Choice:
         from ..methods.dense import Dense
 
         return all(type(m) is Dense for m in self.methods)
+
+    @property
+    def computes_output(self) -> bool:
+        """One method for every head that computes attention itself (``Method.attend``)."""
+        return self.head_src is None and self.methods[0].computes_output
 
     @property
     def needs_pre_rope(self) -> bool:
@@ -555,6 +562,14 @@ class _Layer:
         B, Hq, Tq, D = q.shape
         Tk = k.shape[2]
         ctx.extras["phase"] = "prefill"
+        if self.prefill is not None and self.prefill.computes_output:  # not a mask: the method attends
+            if kv_lens is None and window is None:
+                ctx.extras["v"] = v
+                return self.prefill.methods[0].attend(q, k, v, ctx)[0]
+            log.debug("sparsattn layer %d: %s with padding or a sliding window: dense SDPA fallback",
+                      self.index, self.prefill.describe())
+            keep = self._explicit_mask(mask if isinstance(mask, MaskInfo) else None, window, Tq, Tk, q.device)
+            return _dense_masked(q, k, v, keep, scale)
         pattern = None
         if self.prefill is not None and not self.prefill.dense_only:
             if kv_lens is not None and Tq != Tk:

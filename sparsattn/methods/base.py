@@ -10,6 +10,12 @@ paper's defaults) and whose class attributes describe it to the rest of the libr
 
 ``select(q, k, ctx)`` returns the pattern (plain torch, no model access). Model-dependent setup
 happens in an explicit ``fit(...)`` that saves/loads a small JSON or safetensors file.
+
+A method that is not a mask (an approximation such as HyperAttention) defines
+``attend(q, k, v, ctx) -> (out, lse)`` instead of ``select``: it computes the attention output
+itself (q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]``, out ``[B, Hq, Tq, D]``, lse the natural
+log-sum-exp ``[B, Hq, Tq]``); its ``select`` returns None and ``computes_output`` is True.
+Integrations call ``attend`` for such methods.
 """
 from __future__ import annotations
 
@@ -55,8 +61,21 @@ class Method:
     needs: ClassVar[tuple] = ()
 
     def select(self, q: torch.Tensor, k: torch.Tensor, ctx: Optional[SelectContext] = None):
-        """Return the pattern for queries ``q [B, Hq, Tq, D]`` and keys ``k [B, Hkv, Tk, D]``."""
+        """Return the pattern for queries ``q [B, Hq, Tq, D]`` and keys ``k [B, Hkv, Tk, D]``
+        (None for a method that computes its own output with ``attend``)."""
+        if self.computes_output:
+            return None
         raise NotImplementedError
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Optional[SelectContext] = None):
+        """Only for methods that are not masks: ``(out [B, Hq, Tq, D], lse [B, Hq, Tq])`` of
+        q ``[B, Hq, Tq, D]`` on k/v ``[B, Hkv, Tk, D]`` (see the module docstring)."""
+        raise NotImplementedError
+
+    @property
+    def computes_output(self) -> bool:
+        """True when the method defines ``attend`` (it computes attention itself, no pattern)."""
+        return type(self).attend is not Method.attend
 
     @property
     def is_fitted(self) -> bool:

@@ -1,0 +1,210 @@
+"""hyper: HyperAttention: sortLSH block-diagonal attention plus a sampled residual, merged by
+log-sum-exp; causal by the paper's recursion (HyperAttention: Long-context Attention in Near-Linear
+Time, arXiv 2310.05869).
+
+``hyper_attention(q, k, v, proj=...)`` is the core on ``[B, H, T, D]`` tensors returning
+``(out, lse)``; the ``hyper`` layer wraps it with q/k/v projections, and the ``hyper`` prefill method
+(``sparsattn/methods/hyper_attention.py``) calls the same core inside a pretrained model.
+
+Algorithm (non-causal, one head):
+
+1. hash queries and keys with ``lsh_num_projs`` random hyperplanes, order the buckets by their rank
+   in the Gray sequence, stable-sort q and k (v with k) by bucket;
+2. block-diagonal part: the sorted sequences are cut into blocks of ``block_size`` keys (queries
+   into the same number of blocks); exact attention inside each block, with its lse;
+3. residual part: ``sample_size`` key indices drawn uniformly (with replacement) from the sorted
+   keys; every query attends to them, with the pairs already in its own diagonal block masked (no
+   double counting), and ``log(n_keys / sample_size)`` added to the lse (the sum over the rest is
+   estimated by the reweighted sample);
+4. both parts merged by lse (``sparsattn.kernels.merge.merge_lse``), rows un-sorted.
+
+Below ``min_seq_len`` queries the non-causal problem is computed exactly. Causal: a sequence of at
+most ``min_seq_len`` tokens is exact causal attention; a longer one is split in halves: both halves
+are causal sub-problems (recursion), the lower-left quadrant (second-half queries on first-half
+keys) is the non-causal problem above, and the parts are merged by lse. The recursion is unrolled:
+all sub-problems of one level are one batched call, and every level's part is merged once.
+
+Defaults are the authors' (``lsh_num_projs=7, block_size=256, sample_size=256, min_seq_len=4096``).
+With ``min_seq_len >= T`` (causal) or ``block_size >= T`` it is exact attention.
+
+Differences from the paper / the authors' code (``insuhan/hyper-attn``, read, not copied):
+
+* buckets are sorted by the code's *rank* in the Gray sequence (inverse Gray code), as the paper
+  describes; the authors' ``AngularLSH.hash`` indexes the Gray sequence by the code (the forward
+  map), which does not put one-bit neighbours next to each other;
+* block padding: the authors pad the sorted keys with zero vectors (score 0, which adds spurious
+  mass); here padded keys are masked;
+* the authors' CUDA path does not mask the residual's pairs inside the diagonal block (double
+  counting); here they are always masked;
+* the causal recursion pads the sequence once, to ``leaf * 2**levels`` tokens (the authors pad each
+  odd half by one row); padding is at the end, so it never reaches a real query;
+* the lse is differentiable (the authors' Triton path detaches it).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ...kernels.merge import merge_lse
+from ..base import register_layer
+from ..layers._qkv import QKVLayer, check_int
+from ._approx_common import (NEG_INF, add_stat, cdiv, check_generator, check_qkv, check_scale, exact_lse, gather_rows,
+                             pad_tokens, softmax_lse, wide_dtype)
+from ._approx_lsh import lsh_projections, lsh_rank, sort_by_rank, sorted_block_attention
+
+__all__ = ["hyper_attention", "HyperAttention", "check_hyper_config"]
+
+
+def check_hyper_config(lsh_num_projs, block_size, sample_size, min_seq_len) -> None:
+    """ValueError naming the hyper-parameter that is out of range."""
+    check_int("lsh_num_projs", lsh_num_projs, 1)
+    if lsh_num_projs > 30:
+        raise ValueError(f"lsh_num_projs: expected at most 30 hyperplanes, got {lsh_num_projs}")
+    check_int("block_size", block_size, 1)
+    check_int("sample_size", sample_size, 0)
+    check_int("min_seq_len", min_seq_len, 1)
+
+
+def _noncausal(q, k, v, proj, *, scale, block_size, sample_size, min_seq_len, generator, stats):
+    """Non-causal HyperAttention of q ``[..., nq, D]`` on k/v ``[..., nk, D]``: ``(out, lse)`` float32."""
+    nq, nk = q.shape[-2], k.shape[-2]
+    per = math.prod(q.shape[:-2])  # independent problems (batch x heads x segments)
+    if nq < min_seq_len:
+        add_stat(stats, "pairs", per * nq * nk)
+        return exact_lse(q, k, v, scale=scale, causal=False)
+    q_order, q_inv = sort_by_rank(lsh_rank(q, proj))
+    k_order, _ = sort_by_rank(lsh_rank(k, proj))
+    qs, ks, vs = gather_rows(q, q_order), gather_rows(k, k_order), gather_rows(v, k_order)
+    n_blocks = cdiv(nk, block_size)
+    bq, bk = cdiv(nq, n_blocks), cdiv(nk, n_blocks)
+    out_b, lse_b = sorted_block_attention(qs, ks, vs, n_blocks, scale=scale)
+    add_stat(stats, "pairs", per * n_blocks * bq * bk)
+    parts = [(out_b, lse_b)]
+    if sample_size > 0 and nq > bq and nk > bk:
+        idx = torch.randint(nk, (*q.shape[:-2], sample_size), device=q.device, generator=generator)
+        w = wide_dtype(q)
+        s = torch.matmul(qs.to(w), gather_rows(ks, idx).to(w).transpose(-1, -2)) * scale
+        same = (torch.arange(nq, device=q.device) // bq)[:, None] == (idx // bk)[..., None, :]
+        out_r, lse_r = softmax_lse(s, gather_rows(vs, idx).to(w), ~same)
+        parts.append((out_r, lse_r + math.log(nk / sample_size)))
+        add_stat(stats, "pairs", per * nq * sample_size)
+    out, lse = merge_lse(parts)
+    return gather_rows(out, q_inv), lse.gather(-1, q_inv)
+
+
+def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, proj: torch.Tensor, causal: bool = True,
+                    scale: Optional[float] = None, block_size: int = 256, sample_size: int = 256,
+                    min_seq_len: int = 4096, generator: Optional[torch.Generator] = None,
+                    stats: Optional[dict] = None):
+    """hyper_attention: HyperAttention of q ``[B, H, T, D]`` on k, v ``[B, H, T, D]`` (arXiv 2310.05869).
+
+    Args:
+        proj: LSH hyperplanes ``[D, lsh_num_projs]`` (``_approx_lsh.lsh_projections``).
+        causal: causal self-attention (the paper's recursion) or non-causal (``Tq != Tk`` allowed).
+        scale: softmax scale (default ``1/sqrt(D)``).
+        block_size, sample_size, min_seq_len: as in the module docstring.
+        generator: torch.Generator for the residual sample (None: the global RNG).
+        stats: optional dict; ``stats["pairs"]`` is increased by the number of query-key dot products
+            computed (summed over batch and heads).
+    Returns:
+        ``(out [B, H, T, Dv] in q's dtype, lse [B, H, T] float32, float64 for float64 inputs)``: natural-log lse of the estimated
+        softmax normaliser (mergeable with other parts by ``merge_lse``).
+    """
+    check_qkv(q, k, v, same_len=causal)
+    scale = check_scale(scale, q.shape[-1])
+    if not isinstance(proj, torch.Tensor) or proj.dim() != 2 or proj.shape[0] != q.shape[-1]:
+        raise ValueError(f"proj: expected LSH hyperplanes [{q.shape[-1]}, n_projs], got "
+                         f"{tuple(getattr(proj, 'shape', ())) or type(proj).__name__}")
+    check_hyper_config(proj.shape[1], block_size, sample_size, min_seq_len)
+    check_generator(generator, q.device)
+    proj = proj.to(q.device)
+    kw = dict(scale=scale, block_size=block_size, sample_size=sample_size, min_seq_len=min_seq_len,
+              generator=generator, stats=stats)
+    if not causal:
+        out, lse = _noncausal(q, k, v, proj, **kw)
+        return out.to(q.dtype), lse.to(wide_dtype(q))
+    B, H, T, D = q.shape
+    if T <= min_seq_len:
+        add_stat(stats, "pairs", B * H * T * (T + 1) / 2)
+        out, lse = exact_lse(q, k, v, scale=scale, causal=True)
+        return out.to(q.dtype), lse.to(wide_dtype(q))
+    levels, leaf = 0, T
+    while leaf > min_seq_len:
+        leaf = cdiv(leaf, 2)
+        levels += 1
+    Tp = leaf << levels
+    qp, kp, vp = (pad_tokens(t, Tp) for t in (q, k, v))
+    Dv = v.shape[-1]
+    nseg = 1 << levels
+    # leaves: exact causal attention inside each of the 2**levels segments
+    out_l, lse_l = exact_lse(qp.reshape(B, H, nseg, leaf, D), kp.reshape(B, H, nseg, leaf, D),
+                             vp.reshape(B, H, nseg, leaf, Dv), scale=scale, causal=True)
+    add_stat(stats, "pairs", B * H * nseg * leaf * (leaf + 1) / 2)
+    parts = [(out_l.reshape(B, H, Tp, Dv), lse_l.reshape(B, H, Tp))]
+    for lev in range(levels):  # level lev: 2**lev segments, each split into two halves of h tokens
+        ns, h = 1 << lev, Tp >> (lev + 1)
+        qq = qp.reshape(B, H, ns, 2, h, D)[:, :, :, 1]
+        kk = kp.reshape(B, H, ns, 2, h, D)[:, :, :, 0]
+        vv = vp.reshape(B, H, ns, 2, h, Dv)[:, :, :, 0]
+        o, l = _noncausal(qq, kk, vv, proj, **kw)  # [B, H, ns, h, Dv]
+        # rows of the first halves get nothing from this level (out 0, lse -inf)
+        o = torch.stack([torch.zeros_like(o), o], dim=3).reshape(B, H, Tp, Dv)
+        l = torch.stack([torch.full_like(l, NEG_INF), l], dim=3).reshape(B, H, Tp)
+        parts.append((o, l))
+    out, lse = merge_lse(parts)
+    return out[:, :, :T].to(q.dtype), lse[:, :, :T].to(wide_dtype(q))
+
+
+@register_layer("hyper")
+class HyperAttention(QKVLayer):
+    """HyperAttention: sortLSH block-diagonal + sampled residual attention layer (HyperAttention:
+    Long-context Attention in Near-Linear Time, arXiv 2310.05869).
+
+    ``x [B, T, dim] -> [B, T, dim]``: q/k/v projections, ``hyper_attention`` per head, output
+    projection. Hyper-parameters are the authors' defaults; ``seed`` fixes the LSH hyperplanes
+    (a buffer, saved with the layer). The residual sample is redrawn at every forward (the global
+    RNG). At training lengths below ``min_seq_len`` the causal layer is exact attention: the
+    ``mqar`` preset lowers ``min_seq_len``/``block_size``/``sample_size`` so that the
+    approximation is exercised at sequence 256-512.
+    """
+
+    paper = "HyperAttention: Long-context Attention in Near-Linear Time (arXiv 2310.05869)"
+    kind = "approx"
+    content_based = True
+    presets = {"default": {}, "mqar": {"block_size": 32, "sample_size": 32, "min_seq_len": 64}}
+
+    def __init__(self, dim: int, heads: int, causal: bool = True, lsh_num_projs: int = 7, block_size: int = 256,
+                 sample_size: int = 256, min_seq_len: int = 4096, seed: int = 0, bias: bool = False):
+        super().__init__()
+        self._init_qkv(dim, heads, causal, bias)
+        check_hyper_config(lsh_num_projs, block_size, sample_size, min_seq_len)
+        check_int("seed", seed, 0)
+        self.block_size, self.sample_size, self.min_seq_len = block_size, sample_size, min_seq_len
+        self.register_buffer("proj", lsh_projections(self.head_dim, lsh_num_projs, seed))
+        self.last_stats: dict = {}
+
+    def attend(self, q, k, v):
+        """``(out, lse)`` of HyperAttention on q/k/v ``[B, heads, T, head_dim]``."""
+        self.last_stats = {}
+        return hyper_attention(q, k, v, proj=self.proj, causal=self.causal, block_size=self.block_size,
+                               sample_size=self.sample_size, min_seq_len=self.min_seq_len, stats=self.last_stats)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """HyperAttention of ``x [B, T, dim]``."""
+        self.check_x(x)
+        q, k, v = self.split(x)
+        out, _ = self.attend(q, k, v)
+        return self.merge(out)
+
+    def cost(self, T: int) -> dict:
+        """``{"density", "flops"}`` of one forward over ``T`` tokens, counted by running the core's
+        pair counter on a zero input of one head (the counts do not depend on the values)."""
+        check_int("T", T, 1)
+        st: dict = {}
+        z = torch.zeros(1, 1, T, self.head_dim)
+        hyper_attention(z, z, z, proj=self.proj.cpu(), causal=self.causal, block_size=self.block_size,
+                        sample_size=self.sample_size, min_seq_len=self.min_seq_len, stats=st)
+        full = T * (T + 1) / 2 if self.causal else float(T * T)
+        return {"density": st["pairs"] / full, "flops": 4.0 * st["pairs"] * self.dim}

@@ -1,0 +1,202 @@
+"""scatterbrain: Scatterbrain: LSH-clustered exact sparse attention plus a Performer low-rank
+estimate of the rest, merged by log-sum-exp without double counting (Scatterbrain: Unifying Sparse
+and Low-rank Attention Approximation, arXiv 2110.15343).
+
+``scatterbrain_attention(q, k, v, ...)`` is the core on ``[B, H, T, D]`` returning ``(out, lse)``.
+With ``S_i`` the sparse support of query i (the keys in its LSH cluster, causal-masked) and ``phi``
+the FAVOR+ features (``_approx_performer``), the paper's estimator is
+
+    y_i = [phi(q_i)^T sum_j phi(k_j) v_j^T + sum_{j in S_i} (exp(s_ij) - phi(q_i).phi(k_j)) v_j]
+          / [phi(q_i)^T sum_j phi(k_j)       + sum_{j in S_i} (exp(s_ij) - phi(q_i).phi(k_j))]
+
+which is exactly the lse merge of two disjoint parts: exact softmax on ``S_i`` and the low-rank
+estimate on the complement (the low-rank sums minus their terms on ``S_i``). That is how it is
+computed (``merge_lse``), so no entry is counted twice and nothing is re-normalised by hand. A
+complement whose estimated normaliser after the subtraction is below ``64 eps`` of the whole
+low-rank normaliser (what rounding leaves of an empty complement) contributes nothing. ``parts="sparse"`` or ``"lowrank"`` return one part alone (the paper's comparison).
+
+Sparse support (the ``sbsmyrf`` variant): SMYRF's asymmetric transform maps maximum inner product to
+nearest neighbour (``q -> [q, 0, sqrt(M_q^2 - |q|^2)]``, ``k -> [k, sqrt(M_k^2 - |k|^2), 0]``),
+an angular LSH (Gray-ordered buckets, as ``hyper``) sorts queries and keys, and the sorted
+sequences are cut into clusters of ``cluster_size`` (queries into the same number of clusters).
+
+Differences from the paper / authors' code (``HazyResearch/scatterbrain``, read, not copied): one
+hash round (SMYRF uses ``n_hashes`` rounds with E2LSH); the angular LSH of ``hyper`` instead of
+E2LSH buckets; the Performer's key stabiliser is one max over all keys (as Performer), and no
+feature epsilon; causal by prefix sums over chunks for the low-rank part and a position mask on the
+clusters.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ...kernels.merge import merge_lse
+from ..base import register_layer
+from ..layers._qkv import QKVLayer, check_int
+from ._approx_common import (NEG_INF, add_stat, cdiv, check_qkv, check_scale, gather_rows, pad_tokens, softmax_lse,
+                             wide_dtype)
+from ._approx_lsh import lsh_projections, lsh_rank, sort_by_rank
+from ._approx_performer import favor_features, linear_attention, orthogonal_features
+
+__all__ = ["scatterbrain_attention", "Scatterbrain", "xbox_transform"]
+
+_PARTS = ("both", "sparse", "lowrank")
+
+
+def xbox_transform(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SMYRF's asymmetric (XBOX+) transform: ``[..., T, D] -> [..., T, D + 2]`` for q and k, so that
+    the Euclidean distance ordering of (q', k') is the inner-product ordering of (q, k). The maxima
+    of the norms are taken per leading index."""
+    qn2, kn2 = (q * q).sum(-1, keepdim=True), (k * k).sum(-1, keepdim=True)
+    mq2 = qn2.amax(-2, keepdim=True)
+    mk2 = kn2.amax(-2, keepdim=True)
+    z_q, z_k = torch.zeros_like(qn2), torch.zeros_like(kn2)
+    q2 = torch.cat([q, z_q, (mq2 - qn2).clamp_min(0).sqrt()], -1)
+    k2 = torch.cat([k, (mk2 - kn2).clamp_min(0).sqrt(), z_k], -1)
+    return q2, k2
+
+
+def scatterbrain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, features: torch.Tensor,
+                           lsh_proj: torch.Tensor, causal: bool = True, scale: Optional[float] = None,
+                           cluster_size: int = 64, parts: str = "both", chunk: int = 64,
+                           stats: Optional[dict] = None):
+    """scatterbrain_attention: Scatterbrain estimate of softmax attention (arXiv 2110.15343).
+
+    Args:
+        q, k, v: ``[B, H, T, D]`` (self-attention, equal lengths).
+        features: Performer directions ``[m, D]`` (``_approx_performer.orthogonal_features``).
+        lsh_proj: LSH hyperplanes ``[D + 2, r]`` for the XBOX-transformed vectors.
+        causal: causal self-attention.
+        cluster_size: keys per LSH cluster (the sparse support size of a query).
+        parts: "both" (Scatterbrain), "sparse" (the LSH part alone, SMYRF/Reformer-like) or
+            "lowrank" (the Performer estimate alone).
+        chunk: chunk length of the causal prefix sums.
+        stats: optional dict; adds ``pairs`` (exact q-k dot products) and ``features`` (random
+            features per query times queries), summed over batch and heads.
+    Returns:
+        ``(out [B, H, T, Dv] in q's dtype, lse [B, H, T])``.
+    """
+    check_qkv(q, k, v)
+    scale = check_scale(scale, q.shape[-1])
+    if parts not in _PARTS:
+        raise ValueError(f"parts: expected one of {_PARTS}, got {parts!r}")
+    check_int("cluster_size", cluster_size, 1)
+    check_int("chunk", chunk, 1)
+    D = q.shape[-1]
+    if not isinstance(features, torch.Tensor) or features.dim() != 2 or features.shape[1] != D:
+        raise ValueError(f"features: expected Performer directions [m, {D}], got {tuple(getattr(features, 'shape', ()))}")
+    if not isinstance(lsh_proj, torch.Tensor) or lsh_proj.dim() != 2 or lsh_proj.shape[0] != D + 2:
+        raise ValueError(f"lsh_proj: expected LSH hyperplanes [{D + 2}, r], got {tuple(getattr(lsh_proj, 'shape', ()))}")
+    B, H, T, _ = q.shape
+    dt = wide_dtype(q)
+    per = B * H
+    pos = torch.arange(T, device=q.device).expand(B, H, T)
+    use_sparse, use_lr = parts in ("both", "sparse"), parts in ("both", "lowrank")
+    out_parts = []
+    if use_lr:
+        fq, cq = favor_features(q, features.to(q.device), scale, is_query=True)
+        fk, ck = favor_features(k, features.to(q.device), scale, is_query=False)
+        num, den = linear_attention(fq, fk, v.to(dt), causal=causal, chunk=chunk)
+        den_all = den
+        add_stat(stats, "features", per * T * features.shape[0])
+    if use_sparse:
+        q2, k2 = xbox_transform(q.to(dt), k.to(dt))
+        q_order, q_inv = sort_by_rank(lsh_rank(q2, lsh_proj.to(q.device)))
+        k_order, _ = sort_by_rank(lsh_rank(k2, lsh_proj.to(q.device)))
+        n = cdiv(T, cluster_size)
+        b = cdiv(T, n)
+        Tp = n * b
+
+        def blocks(x, order):
+            return pad_tokens(gather_rows(x.to(dt), order), Tp).reshape(B, H, n, b, x.shape[-1])
+
+        qs, ks, vs = blocks(q, q_order), blocks(k, k_order), blocks(v, k_order)
+        big = torch.iinfo(torch.int64).max
+        qp = torch.nn.functional.pad(pos.gather(-1, q_order), (0, Tp - T), value=-1).reshape(B, H, n, b)
+        kp = torch.nn.functional.pad(pos.gather(-1, k_order), (0, Tp - T), value=big).reshape(B, H, n, b)
+        keep = kp[..., None, :] < big
+        keep = keep & (qp[..., :, None] >= 0)
+        if causal:
+            keep = keep & (kp[..., None, :] <= qp[..., :, None])
+        s = torch.matmul(qs, ks.transpose(-1, -2)) * scale  # [B, H, n, b, b]
+        o_s, l_s = softmax_lse(s, vs, keep)
+        add_stat(stats, "pairs", per * n * b * b)
+        unsort = lambda x: gather_rows(x.reshape(B, H, Tp, -1)[:, :, :T], q_inv)  # noqa: E731
+        out_parts.append((unsort(o_s), unsort(l_s[..., None])[..., 0]))
+        if use_lr:
+            # the low-rank terms on the support, removed from the low-rank sums (no double counting)
+            fqs = pad_tokens(gather_rows(fq, q_order), Tp).reshape(B, H, n, b, -1)
+            fks = pad_tokens(gather_rows(fk, k_order), Tp).reshape(B, H, n, b, -1)
+            a = torch.matmul(fqs, fks.transpose(-1, -2)) * keep
+            num = num - unsort(torch.matmul(a, vs))
+            den = den - unsort(a.sum(-1, keepdim=True))[..., 0]
+    if use_lr:
+        ok = den > 64 * torch.finfo(dt).eps * den_all  # what rounding leaves of an empty complement is empty
+        den_safe = torch.where(ok, den, torch.ones_like(den))
+        o_lr = torch.where(ok[..., None], num / den_safe[..., None], torch.zeros_like(num))
+        l_lr = torch.where(ok, torch.log(den_safe) + cq + ck[..., None], torch.full_like(den, NEG_INF))
+        out_parts.append((o_lr, l_lr))
+    out, lse = merge_lse(out_parts)
+    return out.to(q.dtype), lse.to(dt)
+
+
+@register_layer("scatterbrain")
+class Scatterbrain(QKVLayer):
+    """Scatterbrain: LSH sparse + Performer low-rank attention layer (Scatterbrain: Unifying Sparse
+    and Low-rank Attention Approximation, arXiv 2110.15343).
+
+    ``x [B, T, dim] -> [B, T, dim]``; ``nb_features`` random features (default Performer's
+    ``int(head_dim * ln(head_dim))``), ``cluster_size`` keys per LSH cluster, ``lsh_num_projs``
+    hyperplanes, ``parts`` to train one part alone. Random directions are fixed buffers drawn from
+    ``seed`` (the authors redraw the Performer features periodically; not done here).
+    """
+
+    paper = "Scatterbrain: Unifying Sparse and Low-rank Attention Approximation (arXiv 2110.15343)"
+    kind = "approx"
+    content_based = True
+    presets = {"default": {}, "mqar": {"cluster_size": 32, "nb_features": 32}}
+
+    def __init__(self, dim: int, heads: int, causal: bool = True, nb_features: Optional[int] = None,
+                 cluster_size: int = 64, lsh_num_projs: int = 7, parts: str = "both", seed: int = 0,
+                 bias: bool = False):
+        super().__init__()
+        self._init_qkv(dim, heads, causal, bias)
+        d = self.head_dim
+        m = int(d * math.log(d)) if nb_features is None else nb_features
+        check_int("nb_features", max(m, 1) if nb_features is None else m, 1)
+        check_int("cluster_size", cluster_size, 1)
+        check_int("lsh_num_projs", lsh_num_projs, 1)
+        check_int("seed", seed, 0)
+        if parts not in _PARTS:
+            raise ValueError(f"parts: expected one of {_PARTS}, got {parts!r}")
+        self.cluster_size, self.parts = cluster_size, parts
+        self.register_buffer("features", orthogonal_features(max(m, 1), d, seed))
+        self.register_buffer("lsh_proj", lsh_projections(d + 2, lsh_num_projs, seed + 1))
+        self.last_stats: dict = {}
+
+    def attend(self, q, k, v):
+        """``(out, lse)`` of Scatterbrain on q/k/v ``[B, heads, T, head_dim]``."""
+        self.last_stats = {}
+        return scatterbrain_attention(q, k, v, features=self.features, lsh_proj=self.lsh_proj, causal=self.causal,
+                                      cluster_size=self.cluster_size, parts=self.parts, stats=self.last_stats)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scatterbrain attention of ``x [B, T, dim]``."""
+        self.check_x(x)
+        q, k, v = self.split(x)
+        out, _ = self.attend(q, k, v)
+        return self.merge(out)
+
+    def cost(self, T: int) -> dict:
+        """``{"density", "flops"}``: exact pairs of the clusters plus the low-rank part counted as
+        ``nb_features`` keys per query (its cost per query is that of attending to that many keys)."""
+        check_int("T", T, 1)
+        n = cdiv(T, self.cluster_size)
+        pairs = n * cdiv(T, n) ** 2 if self.parts != "lowrank" else 0
+        if self.parts != "sparse":
+            pairs += T * self.features.shape[0]
+        full = T * (T + 1) / 2 if self.causal else float(T * T)
+        return {"density": pairs / full, "flops": 4.0 * pairs * self.dim}
