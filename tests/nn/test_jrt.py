@@ -7,7 +7,7 @@ import torch
 from sparsattn.eval.mqar import mqar
 from sparsattn.nn import get_layer, layer_class
 from sparsattn.nn.mixers._mixer_util import merge_lse
-from sparsattn.nn.mixers.jrt import jrt_prompt, prefix_linear_attention, taylor_features
+from sparsattn.nn.mixers.jrt import choose_form, jrt_prompt, prefix_linear_attention, taylor_features
 
 from .mixer_helpers import train_smoke
 
@@ -19,18 +19,27 @@ def test_taylor_features_kernel():
     assert taylor_features(q).shape == (5, 1 + 16 + 256)
 
 
+@pytest.mark.parametrize("form", ["quadratic", "chunked"])
 @pytest.mark.parametrize("T,M", [(23, 9), (30, 0), (12, 40), (70, 64)])
-def test_prefix_linear_attention_definition(T, M):
+def test_prefix_linear_attention_definition(T, M, form):
     g = torch.Generator().manual_seed(T)
-    fq, fk, fke = (taylor_features(torch.randn(2, 2, T, 4, generator=g, dtype=torch.float64)) for _ in range(3))
+    q, k, ke = (torch.randn(2, 2, T, 4, generator=g, dtype=torch.float64) for _ in range(3))
     v, ve = (torch.randn(2, 2, T, 5, generator=g, dtype=torch.float64) for _ in range(2))
-    out, lse = prefix_linear_attention(fq, fk, v, fke, ve, M)
+    out, lse = prefix_linear_attention(q, k, v, ke, ve, M, form=form)
+    fq, fk, fke = taylor_features(q), taylor_features(k), taylor_features(ke)
     Me = min(M, T)
     A = (fq @ fk.transpose(-1, -2)) * torch.ones(T, T, dtype=torch.float64).tril()
     Ae = fq @ fke[:, :, :Me].transpose(-1, -2)
     num, den = A @ v + Ae @ ve[:, :, :Me], A.sum(-1) + Ae.sum(-1)
     torch.testing.assert_close(out, num / den[..., None], atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(lse, den.log(), atol=1e-10, rtol=1e-10)
+
+
+def test_form_choice_and_errors():
+    assert choose_form(256, 32, 16, 32) == "quadratic" and choose_form(8192, 32, 16, 32) == "chunked"
+    x = torch.randn(1, 1, 4, 2)
+    with pytest.raises(ValueError, match="form"):
+        prefix_linear_attention(x, x, x, x, x, 2, form="fast")
 
 
 def test_prefix_is_bidirectional_rest_is_causal():
@@ -70,11 +79,11 @@ def test_lse_merges_with_exact_attention():
     part and the causal part (each normalised alone) gives the joint output."""
     g = torch.Generator().manual_seed(0)
     T, M = 20, 6
-    fq, fk, fke = (taylor_features(torch.randn(1, 1, T, 4, generator=g, dtype=torch.float64)) for _ in range(3))
+    q, k, ke = (torch.randn(1, 1, T, 4, generator=g, dtype=torch.float64) for _ in range(3))
     v, ve = (torch.randn(1, 1, T, 3, generator=g, dtype=torch.float64) for _ in range(2))
-    joint = prefix_linear_attention(fq, fk, v, fke, ve, M, eps=1e-300)
-    causal = prefix_linear_attention(fq, fk, v, fke, ve, 0, eps=1e-300)
-    Ae = fq @ fke[:, :, :M].transpose(-1, -2)
+    joint = prefix_linear_attention(q, k, v, ke, ve, M, eps=1e-300)
+    causal = prefix_linear_attention(q, k, v, ke, ve, 0, eps=1e-300)
+    Ae = taylor_features(q) @ taylor_features(ke[:, :, :M]).transpose(-1, -2)
     enc = (Ae @ ve[:, :, :M] / Ae.sum(-1, keepdim=True), Ae.sum(-1).log())
     out, lse = merge_lse([causal, enc])
     torch.testing.assert_close(out, joint[0], atol=1e-12, rtol=1e-12)
@@ -103,8 +112,9 @@ def test_training_smoke():
 
 def test_bf16_long_no_nan():
     m = get_layer("jrt", 32, 2, prefix_len=512).bfloat16()
-    y = m(torch.randn(1, 2048, 32).bfloat16() * 4)
-    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    for T in (2048, 3000):  # the quadratic form, then the chunked one
+        y = m(torch.randn(1, T, 32).bfloat16() * 4)
+        assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
 
 
 @pytest.mark.parametrize("cfg,arg", [({"feature_dim": 0}, "feature_dim"), ({"prefix_len": -1}, "prefix_len"),

@@ -25,35 +25,73 @@ def taylor_features(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.ones_like(x[..., :1]), x / d ** 0.25, x2], dim=-1)
 
 
-def prefix_linear_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, fk_enc: torch.Tensor,
-                            v_enc: torch.Tensor, prefix_len: int, eps: float = 1e-12
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """prefix_linear_attention: JRT-RNN's encoder-decoder linear attention (arXiv 2407.05483).
+def _flops(T: int, M: int, f: int, E: int, form: str) -> float:
+    """Per-head FLOPs of one sequence in ``form`` (``"quadratic"``: kernel values ``1 + z + z^2/2``
+    of raw q.k over causal pairs and the prefix; ``"chunked"``: Taylor features ``F = 1 + f + f^2``
+    through the chunked linear form, 64-token chunks)."""
+    if form == "quadratic":
+        return 2.0 * (T * (T + 1) / 2 + T * M) * (f + E + 1)
+    Fd, c = 1 + f + f * f, min(64, T)
+    return 2.0 * T * c * (Fd + E + 1) + 4.0 * T * Fd * (E + 1) + 2.0 * M * Fd * (E + 1) + 2.0 * T * Fd * (E + 1)
 
-    Feature-mapped ``fq, fk [B, H, T, F]``, values ``v [B, H, T, E]``, encoder keys/values
-    ``fk_enc [B, H, T, F]``, ``v_enc [B, H, T, E]`` (only the first ``M = min(prefix_len, T)``
-    positions are read). For every position t:
+
+def choose_form(T: int, M: int, f: int, E: int) -> str:
+    """The cheaper exact form for these sizes (the quadratic one only up to 2048 tokens, for memory)."""
+    if T <= 2048 and _flops(T, M, f, E, "quadratic") <= _flops(T, M, f, E, "chunked"):
+        return "quadratic"
+    return "chunked"
+
+
+def prefix_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_enc: torch.Tensor,
+                            v_enc: torch.Tensor, prefix_len: int, eps: float = 1e-12, form: Optional[str] = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """prefix_linear_attention: JRT-RNN's encoder-decoder linear attention with Based's Taylor
+    kernel (arXiv 2407.05483).
+
+    Raw (pre-feature-map) ``q, k, k_enc [B, H, T, f]``, values ``v, v_enc [B, H, T, E]`` (only the
+    first ``M = min(prefix_len, T)`` encoder positions are read). With ``phi = taylor_features``,
+    for every position t:
     ``num_t = phi(q_t)^T (sum_{j<M} phi(k^enc_j) v^enc_j^T + sum_{s<=t} phi(k_s) v_s^T)``,
     ``den_t`` the same with ``v = 1``; returns ``(num / (den + eps), lse = log(den + eps))``: the
     encoder term is non-causal over the prefix, the decoder term causal over the whole sequence
     (as the authors' ``parallel_forward``). ``lse`` is the log normaliser of these positive kernel
-    weights, so the output merges with exact softmax attention parts by log-sum-exp. Computed in
-    float32 (float64 for float64 inputs); the causal part runs through the chunked Lightning form
-    with no decay (a ones column appended to v gives the denominator in the same pass).
+    weights (``phi(q).phi(k) >= 1/2``), so the output merges with exact softmax attention parts
+    by log-sum-exp.
+
+    ``form``: ``"chunked"`` (features through the chunked Lightning form with no decay, a ones
+    column appended to v giving the denominator in the same pass: linear in T),
+    ``"quadratic"`` (the kernel values ``1 + z + z^2/2`` of ``z = q.k / sqrt(f)`` over causal
+    pairs and the prefix, never building features: cheaper for short sequences, Based's
+    parallel training form) or None (the cheaper, ``choose_form``). Both are exact; computed in
+    float32 (float64 for float64 inputs).
     """
+    if form not in (None, "chunked", "quadratic"):
+        raise ValueError(f"form: expected None, 'chunked' or 'quadratic', got {form!r}")
     acc = torch.float64 if v.dtype == torch.float64 else torch.float32
-    B, H, T, Fd = fq.shape
+    B, H, T, f = q.shape
+    E = v.shape[-1]
     M = min(int(prefix_len), T)
-    fq, fk, v = fq.to(acc), fk.to(acc), v.to(acc)
-    ones = torch.ones_like(v[..., :1])
-    va = torch.cat([v, ones], dim=-1)
-    zero = torch.zeros(H, dtype=torch.float32, device=v.device)
-    causal = lightning_attention(fq, fk, va, zero, scale=1.0, backend="torch")
-    if M > 0:
-        ke, ve = fk_enc[:, :, :M].to(acc), v_enc[:, :, :M].to(acc)
-        state = ke.transpose(-1, -2) @ torch.cat([ve, torch.ones_like(ve[..., :1])], dim=-1)  # [B, H, F, E+1]
-        causal = causal + fq @ state
-    num, den = causal[..., :-1], causal[..., -1]
+    form = form or choose_form(T, M, f, E)
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    ke, ve = k_enc[:, :, :M].to(acc), v_enc[:, :, :M].to(acc)
+    if form == "quadratic":
+        def kern(a, b):
+            z = (a @ b.transpose(-1, -2)) / math.sqrt(f)
+            return 1.0 + z + 0.5 * z * z
+        A = kern(q, k).tril()
+        num, den = A @ v, A.sum(-1)
+        if M > 0:
+            Ae = kern(q, ke)
+            num, den = num + Ae @ ve, den + Ae.sum(-1)
+    else:
+        fq, fk = taylor_features(q), taylor_features(k)
+        va = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+        zero = torch.zeros(H, dtype=torch.float32, device=v.device)
+        res = lightning_attention(fq, fk, va, zero, scale=1.0, backend="torch")
+        if M > 0:
+            state = taylor_features(ke).transpose(-1, -2) @ torch.cat([ve, torch.ones_like(ve[..., :1])], dim=-1)
+            res = res + fq @ state
+        num, den = res[..., :-1], res[..., -1]
     den = den + eps
     return num / den[..., None], torch.log(den)
 
@@ -66,7 +104,8 @@ class JRTRNN(Layer):
 
     ``x [B, T, dim] -> [B, T, dim]``; per head, ``q, k`` are projected to ``feature_dim`` and mapped
     by Based's Taylor features (``1 + feature_dim + feature_dim^2`` dims), ``v`` keeps ``dim/heads``;
-    output ``W_o prefix_linear_attention(...)``. ``forward(x, prefix_len=None)`` overrides the
+    output ``W_o prefix_linear_attention(...)`` (exact; the quadratic kernel form for short
+    sequences, the chunked feature form for long ones). ``forward(x, prefix_len=None)`` overrides the
     prefix length per call; ``forward_with_lse`` also returns the log normaliser ``[B, H, T]``
     (merge with exact attention by log-sum-exp). Decode (``step``): after the prefix the state is
     ``[B, H, F, d+1]`` whatever the length.
@@ -80,7 +119,7 @@ class JRTRNN(Layer):
     built with the harness's per-block mixer list. Training uses the ordinary next-token loss with
     whatever labels the task gives (the paper's prefix-LM objective scores only the decoder
     region; MQAR's labels already score only queries after the prefix). No fused kernel: the
-    causal part is the chunked torch Lightning form (the feature dimension 273 is over the Triton
+    linear form is the chunked torch Lightning form (the feature dimension 273 is over the Triton
     kernel's 256 limit).
 
     JRT-Prompt (the other half of the paper) is a data transform usable with any causal mixer:
@@ -109,7 +148,7 @@ class JRTRNN(Layer):
         f = self.feature_dim * self.heads
         q, k, ke, v, ve = self.proj(x).split([f, f, f, self.dim, self.dim], dim=-1)
         sp = lambda t: heads_split(t, self.heads)  # noqa: E731
-        return (taylor_features(sp(q)), taylor_features(sp(k)), taylor_features(sp(ke)), sp(v), sp(ve))
+        return sp(q), sp(k), sp(ke), sp(v), sp(ve)
 
     def _prefix(self, prefix_len: Optional[int]) -> int:
         if prefix_len is None:
@@ -119,8 +158,8 @@ class JRTRNN(Layer):
     def forward_with_lse(self, x: torch.Tensor, prefix_len: Optional[int] = None):
         """``(out [B, H, T, d], lse [B, H, T])`` of the heads before the output projection."""
         check_x(x, self.dim)
-        fq, fk, fke, v, ve = self._project(x)
-        return prefix_linear_attention(fq, fk, v, fke, ve, self._prefix(prefix_len), self.eps)
+        q, k, ke, v, ve = self._project(x)
+        return prefix_linear_attention(q, k, v, ke, ve, self._prefix(prefix_len), self.eps)
 
     def forward(self, x: torch.Tensor, prefix_len: Optional[int] = None) -> torch.Tensor:
         """Parallel form over ``x [B, T, dim]`` with the first ``prefix_len`` tokens as the encoder
@@ -132,7 +171,8 @@ class JRTRNN(Layer):
         """Parallel form over a prompt, and the decode state after it: ``(y [B, T, dim],
         state = (kv [B, H, F, d], k_sum [B, H, F]))``."""
         y = self.forward(x, prefix_len)
-        fq, fk, fke, v, ve = self._project(x)
+        q, k, ke, v, ve = self._project(x)
+        fk, fke = taylor_features(k), taylor_features(ke)
         M = min(self._prefix(prefix_len), x.shape[1])
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         kv = fk.to(acc).transpose(-1, -2) @ v.to(acc) + fke[:, :, :M].to(acc).transpose(-1, -2) @ ve[:, :, :M].to(acc)
@@ -145,7 +185,8 @@ class JRTRNN(Layer):
         check_x(x3, self.dim)
         if x3.shape[1] != 1:
             raise ValueError(f"x_t: expected one token [B, dim] or [B, 1, dim], got {tuple(x_t.shape)}")
-        fq, fk, _, v, _ = self._project(x3)
+        q, k, _, v, _ = self._project(x3)
+        fq, fk = taylor_features(q), taylor_features(k)
         kv, ks = state
         kv = kv + fk[:, :, 0, :, None].to(kv.dtype) * v[:, :, 0, None, :].to(kv.dtype)
         ks = ks + fk[:, :, 0].to(ks.dtype)
@@ -154,15 +195,12 @@ class JRTRNN(Layer):
         return self.out_proj(heads_merge(o[:, :, None].to(x3.dtype)))[:, 0], (kv, ks)
 
     def cost(self, T: int) -> dict[str, float]:
-        """FLOPs of the chunked form with ``F = 1 + f + f^2`` features: per head ``4 T C (F + d)``
-        intra-chunk plus ``4 T F d`` state reads/updates, plus ``2 M F d`` for the encoder state."""
+        """FLOPs of the form ``forward`` uses at ``T`` (``choose_form``: the quadratic kernel form for
+        short sequences, the chunked feature form beyond), summed over heads."""
         check_int("T", T)
-        Fd = 1 + self.feature_dim + self.feature_dim ** 2
-        d = self.head_dim + 1
-        c = min(64, T)
         M = min(self.prefix_len, T)
-        per_head = 2.0 * T * c * (Fd + d) + 4.0 * T * Fd * d + 2.0 * M * Fd * d
-        return cost_vs_dense(per_head * self.heads, T, self.dim)
+        form = choose_form(T, M, self.feature_dim, self.head_dim)
+        return cost_vs_dense(self.heads * _flops(T, M, self.feature_dim, self.head_dim, form), T, self.dim)
 
 
 def jrt_prompt(inputs: torch.Tensor, labels: torch.Tensor, context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
