@@ -11,6 +11,7 @@ Registered names:
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -18,8 +19,9 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .. import patterns
-from ..calibration import ModelShape, load_calibration, save_calibration
+from ..calibration import Field, ModelShape, read_calibration, save_calibration
 from ..kernels import estimate
+from ._vs_cover import vertical_slash_cover
 from ._common import calibrated_layer, check_inputs, check_int, check_pow2, clamp_budget, kv_heads_for, merge_heads
 from .base import Method, SelectContext, register
 
@@ -34,10 +36,16 @@ class VerticalSlash(Method):
 
     Estimate (O(last_q·N)): ``Â = softmax(Q[-last_q:] Kᵀ·scale)`` with the causal mask; vertical
     score = column sums of Â, slash score = sums along each diagonal. The first ``n_sink`` columns
-    and the ``n_local`` nearest diagonals are forced in (as the official kernel: 30 and 100).
-    Verticals go through the pattern's exact column path; slashes are covered by the key blocks
-    they cross (block granularity, as MInference's PIT kernel). Query heads are scored against
-    their GQA key head; pattern heads = query heads.
+    and the ``n_local`` nearest diagonals are forced in (as the official kernel: 30 and 100),
+    counted in ``v_size`` / ``s_size``; a budget smaller than its forced entries keeps the nearest
+    ones (columns ``0..v_size-1``, diagonals ``0..s_size-1``: a contiguous local band), where the
+    official code's single top-k over inf scores keeps an arbitrary subset in tie order.
+    Coverage as MInference's PIT kernel (``_vs_cover.vertical_slash_cover``): a slash is read, in
+    each query block, through one unaligned window of ``block_size`` keys; verticals outside the
+    windows go through the pattern's exact column path (a key block covered in part by the
+    windows that also holds a vertical is computed whole; merged windows are not widened to a
+    whole window as the authors' index conversion does). Query heads are scored against their GQA
+    key head; pattern heads = query heads.
 
     Defaults (checked against ``microsoft/MInference`` ``minference_forward.py``): last_q=64,
     v_size=1000, s_size=6096 (the default head config), 30 sink columns, 100 local diagonals,
@@ -84,17 +92,25 @@ class VerticalSlash(Method):
         v_size = clamp_budget("vertical_slash", "v_size", self.v_size, Tk)
         s_size = clamp_budget("vertical_slash", "s_size", self.s_size, Tk)
         vert, slash = estimate.vertical_slash_scores(q, k, self.last_q, scale=ctx.scale)
-        inf = float("inf")
-        if self.n_sink:
-            vert[..., : self.n_sink] = inf
-        slash[..., : self.n_local] = inf
-        B, H = vert.shape[:2]
-        if v_size > 0:
-            vi = torch.topk(vert, v_size, dim=-1).indices
-        else:
-            vi = torch.zeros(B, H, 0, dtype=torch.long, device=q.device)
-        si = torch.topk(slash, s_size, dim=-1).indices
-        return patterns.vertical_slash(Tq, vi.to(torch.int32), si.to(torch.int32), kv_len=Tk, block_size=self.block_size)
+        vi = _forced_then_topk(vert, self.n_sink, v_size)
+        si = _forced_then_topk(slash, self.n_local, s_size)
+        return vertical_slash_cover(Tq, Tk, vi.to(torch.int32), si.to(torch.int32), block_size=self.block_size)
+
+
+def _forced_then_topk(score: torch.Tensor, n_forced: int, size: int) -> torch.Tensor:
+    """The first ``min(n_forced, size)`` entries (nearest first: columns 0, 1, ... or diagonals 0, 1,
+    ...), then the top ``size - n_forced`` of the others by ``score [B, H, n]`` -> long ``[B, H, size]``.
+    (MInference sets the forced entries to inf before one top-k, so a budget below them keeps an
+    arbitrary subset in top-k tie order; here the nearest ones, a contiguous band.)"""
+    B, H, n = score.shape
+    n_f = min(n_forced, size, n)
+    forced = torch.arange(n_f, device=score.device).expand(B, H, n_f)
+    rest = size - n_f
+    if rest <= 0:
+        return forced
+    others = score.clone()
+    others[..., :n_forced] = float("-inf")
+    return torch.cat([forced, torch.topk(others, min(rest, n), dim=-1).indices], -1)
 
 
 @register("block_sparse")
@@ -349,21 +365,28 @@ class MInference(Method):
         if self.path is not None:
             if not isinstance(self.path, str):
                 raise ValueError(f"path: expected a str path to a calibration JSON, got {self.path!r}")
-            shape, data, _ = load_calibration(self.path, method="minference")
-            self._set(shape, data)
+            cal = read_calibration(self.path, method="minference")
+            self._set(cal.shape, cal.data)
 
-    def _set(self, shape: ModelShape, data: dict) -> None:
+    def _set(self, shape: ModelShape, data) -> None:
+        """Install a plan ``{layer: {head: entry}}`` read through ``sparsattn.calibration.Field``
+        (a file's ``data``, or a fitted dict): every error names the file and the field."""
+        if not isinstance(data, Field):
+            data = Field(data, "minference plan", "data")
         plan = {}
-        for layer, heads in data.items():
-            if not isinstance(heads, dict):
-                raise ValueError(f"data[{layer}]: expected {{head: entry}}, got {type(heads).__name__}")
-            plan[int(layer)] = {int(h): {**_check_candidate(e, f"data[{layer}][{h}]"),
-                                         "score": float(e.get("score", float("nan"))),
-                                         "density": float(e.get("density", float("nan")))}
-                                for h, e in heads.items()}
-            if sorted(plan[int(layer)]) != list(range(shape.num_heads)):
-                raise ValueError(f"data[{layer}]: expected entries for heads 0..{shape.num_heads - 1}, "
-                                 f"got {sorted(plan[int(layer)])}")
+        for layer, heads in data.int_keys(0, shape.num_layers).items():
+            entries = heads.int_keys(0, shape.num_heads)
+            if sorted(entries) != list(range(shape.num_heads)):
+                raise heads.error(f"entries for heads 0..{shape.num_heads - 1}", f"heads {sorted(entries)}")
+            plan[layer] = {}
+            for h, e in entries.items():
+                typ = e["type"].as_str(sorted(_TYPES))
+                entry = {"type": typ}
+                for f in _TYPES[typ]:
+                    entry[f] = e[f].as_int(0 if f in ("n_init", "v_size") else 1)
+                for f in ("score", "density"):
+                    entry[f] = e.get(f).as_float(finite=False) if e.get(f) is not None else float("nan")
+                plan[layer][h] = entry
         self._plan, self._shape = plan, shape
 
     @property
@@ -400,8 +423,9 @@ class MInference(Method):
     def load(cls, path, *, block_size: int = 64, last_q: int = 64, expect_shape=None) -> "MInference":
         """load: a fitted instance from calibration JSON (``expect_shape`` checked when given)."""
         if expect_shape is not None:
-            load_calibration(path, method="minference", expect_shape=expect_shape)
-        return cls(path=str(path), block_size=block_size, last_q=last_q)
+            read_calibration(path, method="minference", expect_shape=expect_shape)
+        return cls(path=os.fspath(path) if isinstance(path, os.PathLike) else path, block_size=block_size,
+                   last_q=last_q)
 
     def _require_fit(self):
         if self._plan is None:
