@@ -44,7 +44,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import patterns
-from ..calibration import ModelShape, load_calibration, save_calibration
+from ..calibration import ModelShape, read_calibration, save_calibration
 from .base import Method, SelectContext, register
 
 Tensor = torch.Tensor
@@ -212,19 +212,25 @@ class MoA(Method):
         return self
 
     def save_plan(self, path) -> str:
+        """Write the plan as calibration JSON (``alpha``/``beta`` ``[num_layers][num_heads]``, ``sink``,
+        ``min_span``, ``info``) with the model shape; returns the path."""
         p = self.plan
         data = {"alpha": p["alpha"].tolist(), "beta": p["beta"].tolist(), "sink": p["sink"],
                 "min_span": p["min_span"], "info": p["info"]}
         return save_calibration(path, "moa", p["shape"], data, config={"block_size": self.block_size})
 
     def load_plan(self, path, *, expect_shape=None) -> "MoA":
-        shape, data, _ = load_calibration(path, method="moa", expect_shape=expect_shape)
-        for key in ("alpha", "beta", "sink", "min_span"):
-            if key not in data:
-                raise ValueError(f"path: {str(path)!r} has no '{key}' in its MoA plan")
-        self.set_plan(shape, data["alpha"], data["beta"], sink=int(data["sink"]), min_span=int(data["min_span"]),
-                      info=data.get("info"))
-        self.plan_path = str(path)
+        """Load a plan written by ``save_plan`` / ``fit_moa``; every field is checked through
+        ``sparsattn.calibration`` (ValueError naming the file and the field, e.g. ``data.alpha[3][1]``)."""
+        cal = read_calibration(path, method="moa", expect_shape=expect_shape)
+        d, L, H = cal.data, cal.shape.num_layers, cal.shape.num_heads
+        alpha = d["alpha"].float_matrix(L, H)
+        beta = d["beta"].float_matrix(L, H)
+        sink, min_span = d["sink"].as_int(0), d["min_span"].as_int(1)
+        info = d.get("info")
+        self.set_plan(cal.shape, alpha, beta, sink=sink, min_span=min_span,
+                      info=None if info is None else {k: f.plain() for k, f in info.as_dict().items()})
+        self.plan_path = cal.path
         return self
 
     @classmethod

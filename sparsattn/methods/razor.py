@@ -7,6 +7,7 @@ attention; every other head keeps ``n_sink`` sink tokens and a local window of
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -14,7 +15,7 @@ from typing import Optional
 import torch
 
 from .. import patterns
-from ..calibration import ModelShape, load_calibration, save_calibration
+from ..calibration import Field, ModelShape, read_calibration, save_calibration
 from ._common import calibrated_layer, check_inputs, check_int, check_pow2, merge_heads
 from .base import Method, SelectContext, register
 
@@ -120,19 +121,22 @@ class RazorAttention(Method):
         if self.path is not None:
             if not isinstance(self.path, str):
                 raise ValueError(f"path: expected a str path to a calibration JSON, got {self.path!r}")
-            shape, data, _ = load_calibration(self.path, method="razor")
-            self._set(shape, data)
+            cal = read_calibration(self.path, method="razor")
+            self._set(cal.shape, cal.data)
 
-    def _set(self, shape: ModelShape, data: dict) -> None:
+    def _set(self, shape: ModelShape, data) -> None:
+        """Install ``{layer: {"retrieval_heads": [...], "echo": [...], "induction": [...]}}`` read
+        through ``sparsattn.calibration.Field`` (errors name the file and the field)."""
+        if not isinstance(data, Field):
+            data = Field(data, "razor calibration", "data")
         heads, scores = {}, {}
-        for layer, d in data.items():
-            if not isinstance(d, dict) or "retrieval_heads" not in d:
-                raise ValueError(f"data[{layer}]: expected {{'retrieval_heads': [...], 'echo': [...], 'induction': [...]}}")
-            hs = sorted(int(h) for h in d["retrieval_heads"])
-            if any(not 0 <= h < shape.num_heads for h in hs):
-                raise ValueError(f"data[{layer}].retrieval_heads: expected heads in [0, {shape.num_heads}), got {hs}")
-            heads[int(layer)] = hs
-            scores[int(layer)] = {"echo": list(d.get("echo", [])), "induction": list(d.get("induction", []))}
+        for layer, d in data.int_keys(0, shape.num_layers).items():
+            hs = d["retrieval_heads"].int_list(0, shape.num_heads - 1)
+            if len(set(hs)) != len(hs):
+                raise d["retrieval_heads"].error("distinct head indices")
+            heads[layer] = sorted(hs)
+            scores[layer] = {name: (d.get(name).float_list(shape.num_heads) if d.get(name) is not None else [])
+                             for name in ("echo", "induction")}
         self._heads, self._scores, self._shape = heads, scores, shape
 
     @property
@@ -193,7 +197,7 @@ class RazorAttention(Method):
     @classmethod
     def load(cls, path, **config) -> "RazorAttention":
         """load: a fitted instance from calibration JSON."""
-        return cls(path=str(path), **config)
+        return cls(path=os.fspath(path) if isinstance(path, os.PathLike) else path, **config)
 
     def _require_fit(self):
         if self._heads is None:

@@ -29,7 +29,6 @@ mismatch with the model's shape is refused naming the field. Training: ``sparsat
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from .. import patterns
+from ..calibration import read_json, read_safetensors, tensor_field, write_json
 from .base import Method, SelectContext, register
 
 Tensor = torch.Tensor
@@ -173,39 +173,65 @@ class SeerGate(nn.Module):
         tensors.update({f"wk.{k}": v.detach().to(dtype).cpu().contiguous() for k, v in self.wk.items()})
         tensors["head_inv_freq"] = self.head_inv_freq.detach().float().cpu().contiguous()
         save_file(tensors, str(path / "gate.safetensors"))
-        (path / "config.json").write_text(json.dumps(self.config(), indent=2))
+        write_json(path / "config.json", self.config(), indent=2)
         return path
 
     @classmethod
     def load(cls, path, *, expect: Optional[dict] = None) -> "SeerGate":
         """Load a gate directory; ``expect`` (e.g. ``{"num_q_heads": 32, "head_dim": 128}``) must match
-        the saved config, else ValueError naming the field."""
-        from safetensors.torch import load_file
-
+        the saved config, else ValueError naming the field. Both files go through
+        ``sparsattn.calibration``'s checked readers: a missing, truncated or binary ``config.json``, a
+        missing or mistyped field, a corrupt ``gate.safetensors`` or a missing / misshapen / non-finite
+        tensor raise ValueError naming the file and the field."""
         path = Path(path)
         cfg_file, w_file = path / "config.json", path / "gate.safetensors"
-        if not cfg_file.is_file() or not w_file.is_file():
-            raise ValueError(f"gate_path: expected a directory with config.json and gate.safetensors, got {str(path)!r}")
-        cfg = json.loads(cfg_file.read_text())
-        if cfg.get("format") != GATE_FORMAT or cfg.get("version") != GATE_VERSION:
+        if not path.is_dir():
+            raise ValueError(f"gate_path: gate directory {str(path)!r} does not exist (expected a directory with "
+                             "config.json and gate.safetensors)" if not path.exists() else
+                             f"gate_path: expected a directory with config.json and gate.safetensors, got the file "
+                             f"{str(path)!r}")
+        missing = [f.name for f in (cfg_file, w_file) if not f.is_file()]
+        if missing:
+            raise ValueError(f"gate_path: {' and '.join(str(path / m) for m in missing)} does not exist (a gate "
+                             "directory holds config.json and gate.safetensors)")
+        cfg = read_json(cfg_file, arg="gate_path", kind="gate config.json")
+        fmt, ver = cfg.get("format"), cfg.get("version")
+        if fmt is None or fmt.value != GATE_FORMAT or ver is None or ver.value != GATE_VERSION:
             raise ValueError(f"gate_path: {cfg_file} is not a {GATE_FORMAT} v{GATE_VERSION} file "
-                             f"(format={cfg.get('format')!r}, version={cfg.get('version')!r})")
+                             f"(format={None if fmt is None else fmt.value!r}, "
+                             f"version={None if ver is None else ver.value!r})")
+        cfg["gate_type"].as_str(["Qavg_Kmaxminavg"])
+        ints = {name: cfg[name].as_int(1) for name in ("num_q_heads", "num_kv_heads", "head_dim", "hidden_size")}
+        if ints["num_q_heads"] % ints["num_kv_heads"]:
+            raise cfg["num_kv_heads"].error(f"a divisor of num_q_heads={ints['num_q_heads']}")
+        for name in ("head_dim", "hidden_size"):
+            if ints[name] % 2:
+                raise cfg[name].error("an even integer (RoPE)")
+        block_size = cfg["block_size"].as_int(16)
+        if block_size & (block_size - 1):
+            raise cfg["block_size"].error("a power of two >= 16")
+        layers = cfg["layers"].int_list(0)
+        if not layers or len(set(layers)) != len(layers):
+            raise cfg["layers"].error("a non-empty list of distinct layer indices >= 0")
+        rope_theta = cfg["rope_theta"].as_float(0.0, lo_open=True)
+        rope_input = cfg["rope_input"].as_str(["pre", "post"])
+        info = cfg.get("model_info")
+        model_info = None if info is None else {k: f.plain() for k, f in info.as_dict().items()}
         for key, want in (expect or {}).items():
-            if key in cfg and cfg[key] != want:
-                raise ValueError(f"{key}: the gate in {str(path)!r} was trained for {key}={cfg[key]!r}, "
+            if key in cfg and cfg[key].value != want:
+                raise ValueError(f"{key}: the gate in {str(path)!r} was trained for {key}={cfg[key].value!r}, "
                                  f"the model has {want!r}")
-        t = load_file(str(w_file))
-        gate = cls(cfg["num_q_heads"], cfg["num_kv_heads"], cfg["head_dim"], cfg["layers"],
-                   hidden_size=cfg["hidden_size"], block_size=cfg["block_size"], rope_theta=cfg["rope_theta"],
-                   rope_input=cfg["rope_input"], head_inv_freq=t["head_inv_freq"], model_info=cfg.get("model_info"))
+        t = read_safetensors(w_file, arg="gate_path")
+        wf = str(w_file)
+        inv = tensor_field(t, "head_inv_freq", wf, (ints["head_dim"] // 2,))
+        gate = cls(ints["num_q_heads"], ints["num_kv_heads"], ints["head_dim"], layers,
+                   hidden_size=ints["hidden_size"], block_size=block_size, rope_theta=rope_theta,
+                   rope_input=rope_input, head_inv_freq=inv, model_info=model_info)
         with torch.no_grad():
             for layer in gate.layers:
                 for name, store in (("wq", gate.wq), ("wk", gate.wk)):
                     key = f"{name}.{layer}"
-                    if key not in t or t[key].shape != store[str(layer)].shape:
-                        raise ValueError(f"{key}: expected a tensor of shape {tuple(store[str(layer)].shape)} in "
-                                         f"{w_file}, got {None if key not in t else tuple(t[key].shape)}")
-                    store[str(layer)].copy_(t[key])
+                    store[str(layer)].copy_(tensor_field(t, key, wf, tuple(store[str(layer)].shape)))
         return gate
 
     def check_shape(self, q: Tensor, k: Tensor) -> None:
