@@ -3,11 +3,17 @@
 Passkey retrieval (RULER niah_single, Hsieh et al., arXiv 2404.06654) at 4K tokens (and 8K unless
 ``quick``) on the bundled long-context model, dense attention against five registered prefill
 methods that need no fitting, plus fidelity against dense attention on q/k/v captured from one
-prompt per length. Runs ``sparsattn.evaluate.run_eval`` underneath; prints a table and writes
-``demo.png`` (accuracy vs density and attention recall vs density), ``eval.csv`` and the eval PNGs.
-The table also has the passkey *decided by the sparse prefill* (teacher forcing: prompt + gold
-answer in one sparse forward, every answer token must be the argmax), because a generated answer
-reads the needle through dense decode attention after its first token.
+prompt per length. Runs ``sparsattn.evaluate.run_eval`` underneath; prints ONE table (a line of
+explanation per column under it) and writes ``demo.png`` (answer tokens right vs density, attention
+recall vs density), ``eval.csv`` and the eval PNGs. The table also has the passkey *decided by the
+sparse prefill* (teacher forcing: prompt + gold answer in one sparse forward, every answer token
+must be the argmax), because a generated answer reads the needle through dense decode attention
+after its first token.
+
+Passkeys are scored exactly (``sparsattn.eval.scoring.exact_match_all``: the number as a whole
+token; RULER's substring match would also count ``72894720`` for ``7289472``; ``eval.csv`` keeps
+RULER's score for comparability, and the table notes any row where the two differ). Counts are
+printed as ``right/samples`` so that one or two samples are not read as a percentage.
 
 Method configurations are the papers' defaults scaled from 32K-128K contexts down to 4K-8K so
 that every method computes roughly 10-25 % of the causal pairs (measured densities are in the
@@ -42,41 +48,84 @@ DEMO_METHODS: dict[str, dict] = {
 # the demo's CPU budget at 4K-8K; run it with ``sparsattn eval --methods dense,oracle_topk``.)
 
 
-def _plot(rows: list[dict], path: Path) -> Path:
+COLUMN_NOTES: dict[str, str] = {
+    "method": "registered method (sparsattn list); dense = the unpatched model",
+    "tokens": "prompt length in tokens (RULER niah_single passkey; the needle at a depth swept over the samples)",
+    "passkey generated": "samples whose greedy answer holds the passkey as a whole token; sparse prefill, "
+                         "then dense decode attention",
+    "passkey sparse-decided": "samples whose every answer token is the argmax of ONE sparse forward over "
+                              "prompt + answer (teacher forcing)",
+    "answer tokens": "answer tokens predicted right in that forward, over all samples (a graded view of "
+                     "the previous column)",
+    "density": "computed / causal query-key pairs of the prefill, mean over layers and prompts (1 = dense)",
+    "recall": "share of dense attention mass inside the pattern (fidelity prompt, first/middle/last layer, "
+              "last 512 query rows)",
+    "top10 recall": "share of each row's 10 largest dense attention weights kept by the pattern (same rows)",
+    "rel error": "||sparse - dense|| / ||dense|| of the attention output (same rows)",
+}
+
+
+def _plot(table: list[dict], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    lengths = sorted({r["length"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in table))
+    lengths = sorted({r["tokens"] for r in table})
     markers = "osD^"
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "accuracy", "passkey accuracy (%)"),
-                           (axes[1], "recall", "attention recall (dense mass kept)")):
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4))
+    panels = (
+        (axes[0], "_tok_pct", "_density_pct", "prefill density (% of causal query-key pairs computed)",
+         "answer tokens right, sparse-decided (% of answer tokens)",
+         "passkey decided by the sparse prefill (teacher forcing)"),
+        (axes[1], "_recall_pct", "_fid_density_pct", "density on the fidelity rows (% of causal pairs)",
+         "attention recall (% of dense attention mass kept)", "fidelity: first / middle / last layer, last 512 rows"),
+    )
+    for ax, ykey, xkey, xlabel, ylabel, title in panels:
         for mi, m in enumerate(methods):
             for li, L in enumerate(lengths):
-                r = next((r for r in rows if r["method"] == m and r["length"] == L), None)
-                if r is None or r.get(key) is None:
+                r = next((r for r in table if r["method"] == m and r["tokens"] == L), None)
+                if r is None or r.get(ykey) is None or r.get(xkey) is None:
                     continue
-                y = r[key] if key == "accuracy" else 100.0 * r[key]
-                x = r["density"] if key == "accuracy" else r.get("fid_density", r["density"])
-                ax.scatter(x, y, color=colors[mi % len(colors)], marker=markers[li % len(markers)], s=60,
+                ax.scatter(r[xkey], r[ykey], color=colors[mi % len(colors)], marker=markers[li % len(markers)], s=60,
                            edgecolors="k", linewidths=0.4, label=m if li == 0 else None)
-        ax.set_xlim(0, 1.05)
+        ax.set_xlim(0, 105)
         ax.set_ylim(-5, 105)
-        ax.set_xlabel("density (computed / causal pairs)")
-        ax.set_ylabel(label if key == "accuracy" else "attention recall (%)")
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=9)
         ax.grid(alpha=0.3)
-        ax.set_title(label + "; " + ", ".join(f"{markers[i % len(markers)]} = {L}" for i, L in enumerate(lengths)),
-                     fontsize=9)
+        ax.set_title(title + "\nmarker = prompt length: " + ", ".join(
+            f"{markers[i % len(markers)]} {L} tokens" for i, L in enumerate(lengths)), fontsize=9)
     axes[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle("bundled model: sparse prefill methods vs dense (passkey)", fontsize=10)
+    fig.suptitle("bundled model: sparse prefill methods vs dense attention (passkey retrieval)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _generated_counts(samples_csv: Path) -> dict:
+    """``{(method, length): (exact right, RULER right, samples)}`` from run_eval's ``eval_samples.csv``:
+    each generated answer re-scored with the exact (token-boundary) passkey match."""
+    import csv
+
+    from .eval.scoring import exact_match_all, string_match_all
+
+    out: dict = {}
+    with open(samples_csv, newline="") as fh:
+        for r in csv.DictReader(fh):
+            answers = [a for a in r["answers"].split(" | ") if a]
+            key = (r["method"], int(r["length"]))
+            ex, ru, n = out.get(key, (0, 0, 0))
+            out[key] = (ex + int(exact_match_all(r["prediction"], answers) == 1.0),
+                        ru + int(string_match_all(r["prediction"], answers) == 1.0), n + 1)
+    return out
+
+
+def _pct(x) -> float | None:
+    return None if x is None else 100.0 * float(x)
 
 
 def model_demo(out_dir: Path, quick: bool = False, *, model_path=None, lengths=None, n_samples=None,
@@ -114,8 +163,7 @@ def model_demo(out_dir: Path, quick: bool = False, *, model_path=None, lengths=N
         rows = run_eval(model_path, methods=list(methods), tasks=["passkey"], lengths=list(lengths),
                         n_samples=n_samples, method_config={k: v for k, v in methods.items() if v},
                         out_dir=out_dir, device=device, batch_size=n_samples, progress=progress, fidelity=True,
-                        fidelity_rows=512,
-                        title="sparsattn eval grid (passkey)")
+                        fidelity_rows=512, show=False)
         forced = _teacher_forced_passkey(model_path, methods, lengths, n_samples, device)
     finally:
         if saved is None:
@@ -123,21 +171,42 @@ def model_demo(out_dir: Path, quick: bool = False, *, model_path=None, lengths=N
         else:
             os.environ["TRITON_INTERPRET"] = saved
     secs = time.perf_counter() - t0
-    table = [{"method": r["method"], "length": r["length"], "passkey %": r["accuracy"],
-              "passkey % (sparse-decided)": forced.get((r["method"], int(r["length"]))),
-              "density": r["density"], "recall": r["recall"], "top10 recall": r["topk_recall"],
-              "rel error": r["rel_error"]} for r in rows]
-    print_table(table, list(table[0]), title=f"sparsattn demo: passkey, {n_samples} samples per length "
-                                             f"({device}, {secs:.0f} s)")
-    png = _plot(rows, out_dir / "demo.png")
-    print(f"wrote {png}")
+    gen = _generated_counts(out_dir / "eval_samples.csv")
+    table, ruler_differs = [], []
+    for r in rows:
+        key = (r["method"], int(r["length"]))
+        ex, ru, n = gen.get(key, (None, None, None))
+        f = forced.get(key)
+        if ex is not None and ex != ru:
+            ruler_differs.append(f"{key[0]} at {key[1]}: {ru}/{n} by RULER's substring match, {ex}/{n} exact")
+        table.append({
+            "method": r["method"], "tokens": int(r["length"]),
+            "passkey generated": None if ex is None else f"{ex}/{n}",
+            "passkey sparse-decided": None if f is None else f"{f['correct']}/{f['n']}",
+            "answer tokens": None if f is None else f"{f['tokens_right']}/{f['tokens']}",
+            "density": r["density"], "recall": r["recall"], "top10 recall": r["topk_recall"],
+            "rel error": r["rel_error"],
+            "_tok_pct": None if f is None else 100.0 * f["tokens_right"] / f["tokens"],
+            "_density_pct": _pct(r["density"]), "_recall_pct": _pct(r["recall"]),
+            "_fid_density_pct": _pct(r.get("fid_density")),
+        })
+    cols = [c for c in table[0] if not c.startswith("_")]
+    print_table(table, cols, title=f"sparsattn demo: passkey retrieval, {n_samples} sample(s) per length "
+                                   f"({device}, {secs:.0f} s)")
+    for c in cols:
+        print(f"  {c}: {COLUMN_NOTES[c]}")
+    for line in ruler_differs:
+        print(f"  note: {line}")
+    png = _plot(table, out_dir / "demo.png")
+    print(f"wrote {png}, {out_dir / 'eval.csv'} (RULER scores), {out_dir / 'eval_samples.csv'} (answers)")
     return 0
 
 
 def _teacher_forced_passkey(model_path, methods: dict, lengths, n_samples: int, device: str) -> dict:
-    """``{(method, length): accuracy %}`` of the passkey decided by the sparse prefill: prompt and
-    gold answer in one forward of the patched model, correct iff every answer token is the argmax
-    (``sparsattn.eval.prefill_quality``). The generated passkey of ``run_eval`` reads the needle
+    """``{(method, length): {"correct", "n", "tokens_right", "tokens"}}`` of the passkey decided by the
+    sparse prefill: prompt and gold answer in one forward of the patched model; a sample is correct
+    iff every answer token is the argmax (``sparsattn.eval.prefill_quality``), ``tokens_right``
+    counts the answer tokens that are. The generated passkey of ``run_eval`` reads the needle
     through dense decode attention after its first token, so it hardly depends on the method."""
     import contextlib
 
@@ -161,10 +230,11 @@ def _teacher_forced_passkey(model_path, methods: dict, lengths, n_samples: int, 
             dense = name == "dense" and not cfg
             ctx = contextlib.nullcontext() if dense else patched(model, method=get_method(name, **cfg))
             with ctx:
-                hits = [score_teacher_forced(teacher_forced_predict(model, p, a, device), a)["correct"]
-                        for p, a in pairs]
-            out[(name, int(L))] = round(100.0 * sum(hits) / len(hits), 1)
+                res = [score_teacher_forced(teacher_forced_predict(model, p, a, device), a) for p, a in pairs]
+            out[(name, int(L))] = {"correct": sum(r["correct"] for r in res), "n": len(res),
+                                   "tokens_right": sum(sum(r["hits"]) for r in res),
+                                   "tokens": sum(len(r["hits"]) for r in res)}
     return out
 
 
-__all__ = ["model_demo", "DEMO_METHODS"]
+__all__ = ["model_demo", "DEMO_METHODS", "COLUMN_NOTES"]

@@ -300,7 +300,7 @@ def run_eval(model_path=None, methods: Sequence[str] = ("dense", "a_shape", "ver
              depths: Optional[Sequence[float]] = None, method_config: Optional[dict] = None,
              out_dir="sparsattn_eval", device: str = "cpu", batch_size: int = 4, progress: bool = True,
              fidelity: bool = True, seed: int = 0, max_new_tokens: int = 12, fidelity_layers=None,
-             fidelity_rows: Optional[int] = 1024, dtype=None, title: str = "") -> list[dict]:
+             fidelity_rows: Optional[int] = 1024, dtype=None, title: str = "", show: bool = True) -> list[dict]:
     """run_eval: accuracy, pattern density and fidelity of methods x tasks x lengths on a model.
 
     Args:
@@ -319,6 +319,7 @@ def run_eval(model_path=None, methods: Sequence[str] = ("dense", "a_shape", "ver
         fidelity_rows: fidelity on the last this many query rows of the prompt (those that read the
             longest contexts; the question sits there), None = all rows. ``fid_density`` is over these rows.
         dtype: weight dtype (default float32 on the CPU).
+        show: print the table and the list of written files (False: a caller prints its own).
     Returns:
         one dict per (method, task, length) with the keys of ``COLUMNS``.
     Raises:
@@ -421,8 +422,9 @@ def run_eval(model_path=None, methods: Sequence[str] = ("dense", "a_shape", "ver
     write_csv(srows, out / "eval_samples.csv", SAMPLE_COLUMNS)
     from .bench.common import print_table
 
-    print_table(rows, [c for c in COLUMNS if c not in ("config", "fid_layers", "n_large_error", "decode_density")],
-                title=title or f"sparsattn eval: {path.name} ({device})")
+    if show:
+        print_table(rows, [c for c in COLUMNS if c not in ("config", "fid_layers", "n_large_error", "decode_density")],
+                    title=title or f"sparsattn eval: {path.name} ({device})")
     written = [out / "eval.csv", out / "eval_samples.csv"]
     written.append(plot_accuracy_vs_density(rows, out / "accuracy_vs_density.png"))
     if any(r.get("speedup_vs_dense") for r in rows):
@@ -430,7 +432,8 @@ def run_eval(model_path=None, methods: Sequence[str] = ("dense", "a_shape", "ver
     for t in tasks:
         if t in DEPTH_TASKS:
             written.append(plot_needle_heatmap(srows, t, out / f"needle_heatmap_{t}.png"))
-    print("wrote " + ", ".join(str(w) for w in written))
+    if show:
+        print("wrote " + ", ".join(str(w) for w in written))
     return rows
 
 
@@ -569,15 +572,31 @@ def parse_method_config(src: Optional[str]) -> Optional[dict]:
         ValueError: not valid JSON, or not a JSON object."""
     if not src:
         return None
-    if not src.lstrip().startswith("{") and Path(src).is_file():
-        src = Path(src).read_text()
-    try:
-        cfg = json.loads(src)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--method-config: not valid JSON ({e})") from None
+    if not src.lstrip().startswith(("{", "[")):  # a path: read through the checked reader (file named)
+        from .calibration import read_json
+
+        cfg = read_json(src, arg="--method-config", kind="JSON file").value
+    else:
+        try:
+            cfg = json.loads(src)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--method-config: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise ValueError("--method-config: expected a JSON object {method: {...}}")
     return cfg
+
+
+def _check_cli_paths(out: str, device: str) -> None:
+    """Refuse (ValueError naming the option) an ``--out`` that is a file and a ``--device`` that is not
+    a torch device or not available here, before the model is loaded."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out: expected a folder for eval.csv and the PNGs, {out!r} is a file")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device: expected a torch device such as 'cpu' or 'cuda:0', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {device!r} asked for, but CUDA is not available here (use --device cpu)")
 
 
 def main(argv=None) -> int:
@@ -591,6 +610,7 @@ def main(argv=None) -> int:
         except ValueError as e:
             raise ValueError(f"--lengths/--depths: expected comma-separated numbers ({e})") from None
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        _check_cli_paths(args.out, device)
         run_eval(args.model, methods=_csv_list(args.methods), tasks=_csv_list(args.tasks), lengths=lengths,
                  n_samples=args.samples, depths=depths, method_config=cfg, out_dir=args.out, device=device,
                  batch_size=args.batch_size, progress=not args.no_progress, fidelity=not args.no_fidelity,

@@ -17,3 +17,44 @@ def test_unknown_option_elsewhere_is_an_error(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["list", "--bogus"])
     assert e.value.code == 2 and "--bogus" in capsys.readouterr().err
+
+
+def test_demo_length_error_says_which_lengths_work(capsys):
+    for bad in ("500", "128", "100000", "abc"):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["demo", "--kernels-only", "--length", bad])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "argument --length: expected a multiple of 16 in [256, 8192]" in err
+        assert "Traceback" not in err and len(err.strip().splitlines()[-1]) < 120
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cli.kernel_demo(None, T=500)
+
+
+def test_demo_out_must_be_a_folder(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--kernels-only", "--out", str(f)])
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+def test_eval_method_config_and_paths_errors(tmp_path, capsys):
+    missing = tmp_path / "nonexistent.json"
+    assert cli.main(["eval", "--method-config", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and str(missing) in err and "not valid JSON" not in err
+    binary = tmp_path / "bin.json"
+    binary.write_bytes(b"\x80\xff\x00" * 10)
+    assert cli.main(["eval", "--method-config", str(binary)]) == 2
+    assert str(binary) in capsys.readouterr().err
+    trunc = tmp_path / "t.json"
+    trunc.write_text('{"a_shape": {"n_init": 4')
+    assert cli.main(["eval", "--method-config", str(trunc)]) == 2
+    err = capsys.readouterr().err
+    assert "not valid JSON" in err and str(trunc) in err
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert cli.main(["eval", "--out", str(f)]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert cli.main(["eval", "--device", "bogus"]) == 2
+    assert "--device" in capsys.readouterr().err

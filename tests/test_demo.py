@@ -34,11 +34,16 @@ def test_quick_demo_on_tiny_model(tmp_path, monkeypatch, capsys):
     import os
     assert os.environ["TRITON_INTERPRET"] == "1"  # restored
     text = capsys.readouterr().out
-    assert "sparsattn demo: passkey" in text
+    assert text.count("sparsattn demo: passkey") == 1
+    assert "sparsattn eval grid" not in text  # one table: run_eval's own table is not printed
     assert "sparse-decided" in text  # the teacher-forced column
+    for col, note in demo.COLUMN_NOTES.items():  # one line of explanation per column under the table
+        assert f"  {col}: {note}" in text
+    assert "1/1" in text or "0/1" in text  # counts, not a 0/100 percentage of one sample
     forced = demo._teacher_forced_passkey(path, demo.DEMO_METHODS, [1024], 1, "cpu")
     assert set(forced) == {(m, 1024) for m in demo.DEMO_METHODS}
-    assert all(0.0 <= v <= 100.0 for v in forced.values())
+    for v in forced.values():
+        assert v["n"] == 1 and 0 <= v["correct"] <= 1 and 0 <= v["tokens_right"] <= v["tokens"] and v["tokens"] >= 1
     for m in demo.DEMO_METHODS:
         assert m in text
     assert (out / "demo.png").stat().st_size > 1000
@@ -55,3 +60,16 @@ def test_quick_demo_on_tiny_model(tmp_path, monkeypatch, capsys):
     assert 0.5 < dens["a_shape"] < 0.9
     assert 0.3 < dens["s2_attention"] < 0.8
     assert all(d < 1.0 for m, d in dens.items() if m != "dense")
+
+
+def test_demo_scores_generated_passkeys_exactly(tmp_path):
+    """A generated 72894720 is not the passkey 7289472 (RULER's substring match counts it)."""
+    p = tmp_path / "eval_samples.csv"
+    with open(p, "w", newline="") as fh:
+        w = csv.DictWriter(fh, ["method", "task", "length", "sample", "depth", "n_tokens", "score", "answers",
+                                "prediction"])
+        w.writeheader()
+        for i, pred in enumerate(["72894720", " 7289472.", "the key is 7289472", "1234"]):
+            w.writerow({"method": "a_shape", "task": "passkey", "length": 4096, "sample": i, "depth": 0.5,
+                        "n_tokens": 4090, "score": 0, "answers": "7289472", "prediction": pred})
+    assert demo._generated_counts(p) == {("a_shape", 4096): (2, 3, 4)}
