@@ -114,3 +114,38 @@ def kv_heads_for(q_heads: Sequence[int], n_q_heads: int, n_kv_heads: int) -> lis
     """The KV head that serves each query head (GQA)."""
     g = n_q_heads // n_kv_heads
     return [int(h) // g for h in q_heads]
+
+
+def compact_sorted(key: Tensor, keep: Tensor, fill: int = 0) -> tuple[Tensor, Tensor]:
+    """The ``keep`` entries of ``key [..., n]`` moved to the front, order kept -> (counts int32
+    ``[...]``, int32 ``[..., max(count, 1)]`` padded with ``fill``): BlockPattern lists from
+    per-slot key blocks (sorted input gives sorted lists)."""
+    counts = keep.sum(-1, dtype=torch.int32)
+    n_max = max(int(counts.max()) if counts.numel() else 0, 1)
+    out = torch.full((*key.shape[:-1], n_max + 1), fill, dtype=torch.int32, device=key.device)
+    if key.shape[-1]:
+        slot = torch.where(keep, keep.cumsum(-1) - 1, n_max)
+        out.scatter_(-1, slot, key.to(torch.int32))
+    return counts.contiguous(), out[..., :n_max].contiguous()
+
+
+def column_mask_bank(cols: Tensor, block_q: int) -> tuple[Tensor, Tensor]:
+    """Distinct key-column masks ``cols`` bool ``[P, block_k]`` -> (bank bool ``[U, block_q, block_k]``
+    with each mask repeated over the rows, inverse long ``[P]``). Masks are packed into 64-bit
+    words (exact two's complement) before ``torch.unique``."""
+    P, bk = cols.shape
+    dev = cols.device
+    if P == 0:
+        return torch.zeros(0, block_q, bk, dtype=torch.bool, device=dev), torch.zeros(0, dtype=torch.long, device=dev)
+    w = min(bk, 64)
+    W = -(-bk // 64)
+    shift = torch.arange(w, device=dev)
+    words = (cols.reshape(P, W, w).long() << shift).sum(-1)  # [P, W]
+    if W == 1:
+        uw, inv = torch.unique(words[:, 0], return_inverse=True)
+        uw = uw[:, None]
+    else:
+        uw, inv = torch.unique(words, dim=0, return_inverse=True)
+    rows = ((uw[..., None] >> shift) & 1).bool().reshape(-1, bk)
+    return rows[:, None, :].expand(-1, block_q, bk).contiguous(), inv
+

@@ -41,24 +41,14 @@ from typing import Optional
 import torch
 
 from ..patterns import BlockPattern, TokenPattern
+from ._common import column_mask_bank
+from ._common import compact_sorted as _compact
 
 Tensor = torch.Tensor
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _compact(key: Tensor, keep: Tensor, fill: int = 0) -> tuple[Tensor, Tensor]:
-    """The ``keep`` entries of ``key [..., n]`` moved to the front (order kept) ->
-    (counts int32 ``[...]``, int32 ``[..., max(count, 1)]`` padded with ``fill``)."""
-    counts = keep.sum(-1, dtype=torch.int32)
-    n_max = max(int(counts.max()) if counts.numel() else 0, 1)
-    out = torch.full((*key.shape[:-1], n_max + 1), fill, dtype=torch.int32, device=key.device)
-    if key.shape[-1]:
-        slot = torch.where(keep, keep.cumsum(-1) - 1, n_max)
-        out.scatter_(-1, slot, key.to(torch.int32))
-    return counts.contiguous(), out[..., :n_max].contiguous()
 
 
 def vertical_slash_cover(q_len: int, kv_len: int, vertical: Tensor, slash: Tensor, *, block_size: int = 64,
@@ -171,21 +161,8 @@ def vertical_slash_cover(q_len: int, kv_len: int, vertical: Tensor, slash: Tenso
     part_m = any_m & ~full_m
     tid_m = torch.full((B, H, n_m), -1, dtype=torch.int32, device=dev)
     mb, mh, mm = part_m.nonzero(as_tuple=True)
-    if mb.numel():
-        cols = cov[mb, mh, mm]  # [P, bs]
-        W = _cdiv(bs, 64)  # column masks packed into 64-bit words (exact two's complement), made unique
-        shift = torch.arange(min(bs, 64), device=dev)
-        words = (cols.view(-1, W, min(bs, 64)).long() << shift).sum(-1)  # [P, W]
-        if W == 1:
-            uw, inv = torch.unique(words[:, 0], return_inverse=True)
-            uw = uw[:, None]
-        else:
-            uw, inv = torch.unique(words, dim=0, return_inverse=True)
-        tid_m[mb, mh, mm] = inv.to(torch.int32)
-        bank_rows = ((uw[..., None] >> shift) & 1).bool().view(-1, bs)
-        mask_bank = bank_rows[:, None, :].expand(-1, bs, bs).contiguous()
-    else:
-        mask_bank = torch.zeros(0, bs, bs, dtype=torch.bool, device=dev)
+    mask_bank, inv = column_mask_bank(cov[mb, mh, mm], bs)  # [P, bs] partial column masks
+    tid_m[mb, mh, mm] = inv.to(torch.int32)
     tile_id = torch.where(slot_full, -1, torch.gather(tid_m[:, :, None, :].expand(B, H, nq, n_m), 3, mi))
 
     # full blocks: fully covered and on or below the diagonal for every row of the query block

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from .. import patterns
-from ._common import check_inputs, check_int, check_pow2, clamp_budget
+from ._common import check_inputs, check_int, check_pow2, clamp_budget, column_mask_bank, compact_sorted
 from .base import Method, SelectContext, register
 
 
@@ -76,24 +76,29 @@ class HiP(Method):
     query heads (GQA queries scored against their KV head).
 
     Defaults: HiP v1.1 ``HiPAttentionArgs`` (METHODS.md A2 [code]): mask_k=512, block_size_q=64,
-    sliding_window_size=256, sink_token_size=16. Difference: HiP's final node width is
-    ``block_size_k = 2`` keys; our kernel works on key blocks of >= 16 tokens, so the search stops
-    at ``block_k = 16`` (the pattern's block_k) and keeps ``mask_k / block_k`` blocks. HiP's query
-    block stride (2) is not used; the decode-time mask refresh is ``hip_decode`` (hip_decode.py), which
-    reuses ``tree_search``.
+    block_k=2 (``block_size_k``: the search ends on nodes of 2 keys), sliding_window_size=256,
+    sink_token_size=16. The kernels work on key blocks of >= 16 tokens, so with ``block_k < 16``
+    the surviving nodes are grouped by 16-token key block: a block whose nodes all survived is a
+    full block, the others are partial blocks whose bank tile holds the surviving key columns
+    (token-exact; at most 2**(16 / block_k) distinct tiles). ``block_k >= 16`` (a power of two)
+    makes the nodes whole kernel blocks (the earlier simplification: ``block_k=16`` keeps
+    ``mask_k / 16`` blocks of 16 keys). HiP's query block stride (2) is not used; the decode-time
+    mask refresh is ``hip_decode`` (hip_decode.py), which reuses ``tree_search``.
     """
 
     paper = "HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical Attention Pruning (arXiv 2406.09827)"
     phase = "prefill"
     mask_k: int = 512
     block_size_q: int = 64
-    block_k: int = 16
+    block_k: int = 2
     sink_token_size: int = 16
     sliding_window_size: int = 256
 
     def __post_init__(self):
         check_pow2("block_size_q", self.block_size_q)
-        check_pow2("block_k", self.block_k)
+        if isinstance(self.block_k, bool) or not isinstance(self.block_k, int) or self.block_k < 1 or \
+                self.block_k & (self.block_k - 1):
+            raise ValueError(f"block_k: expected a power of two >= 1 (HiP: 2), got {self.block_k!r}")
         check_int("mask_k", self.mask_k, self.block_k if isinstance(self.block_k, int) else 1)
         if self.mask_k % self.block_k:
             raise ValueError(f"mask_k: expected a multiple of block_k={self.block_k}, got {self.mask_k}")
@@ -102,7 +107,7 @@ class HiP(Method):
 
     @classmethod
     def conformance_config(cls) -> dict:
-        return {"mask_k": 64, "block_size_q": 32, "block_k": 16, "sink_token_size": 4, "sliding_window_size": 32}
+        return {"mask_k": 64, "block_size_q": 32, "block_k": 2, "sink_token_size": 4, "sliding_window_size": 32}
 
     @classmethod
     def conformance_full_config(cls, q_len: int) -> dict:
@@ -137,13 +142,73 @@ class HiP(Method):
         kv_head = torch.arange(Hq, device=dev) // G
         return tree_search(qb, k, kv_head, lo, hi, K, bk, row_ok)
 
+    @property
+    def kernel_block_k(self) -> int:
+        """Key block of the returned pattern: ``max(16, block_k)``."""
+        return max(16, self.block_k)
+
     def select(self, q, k, ctx: Optional[SelectContext] = None):
         ctx = ctx or SelectContext()
         check_inputs("hip", q, k, ctx)
         Tq, Tk = q.shape[2], k.shape[2]
         idx, ok = self.search(q, k)
-        idx = torch.where(ok, idx, torch.full_like(idx, -1))
-        found = patterns.from_topk_blocks(idx, q_len=Tq, kv_len=Tk, block_size=(self.block_size_q, self.block_k))
+        bq, bk = self.block_size_q, self.kernel_block_k
+        if self.block_k >= 16:
+            idx = torch.where(ok, idx, torch.full_like(idx, -1))
+            found = patterns.from_topk_blocks(idx, q_len=Tq, kv_len=Tk, block_size=(bq, bk))
+        else:
+            found = nodes_to_pattern(idx, ok, self.block_k, Tq, Tk, bq, bk)
         local = patterns.sink_local(Tq, min(self.sink_token_size, Tk), self.sliding_window_size, kv_len=Tk,
-                                    block_q=self.block_size_q, block_k=self.block_k, device=q.device)
+                                    block_q=bq, block_k=bk, device=q.device)
         return found.union(local)
+
+
+def nodes_to_pattern(idx: torch.Tensor, ok: torch.Tensor, unit: int, q_len: int, kv_len: int, block_q: int,
+                     block_k: int) -> patterns.BlockPattern:
+    """nodes_to_pattern: token-exact causal BlockPattern of key nodes of ``unit`` tokens (HiP's
+    ``block_size_k``, smaller than the kernel's ``block_k``).
+
+    ``idx [B, H, nq, K]`` long node indices (node ``u`` = keys ``[u * unit, (u + 1) * unit)``, distinct
+    per query block where ``ok``). Nodes are grouped by ``block_k``-key block: all nodes of a block
+    present -> a full block (a causal partial one on the diagonal), else a partial block whose bank
+    tile holds the present columns.
+    """
+    if block_k % unit:
+        raise ValueError(f"unit: expected a divisor of block_k={block_k}, got {unit}")
+    B, H, nq, K = idx.shape
+    dev = idx.device
+    r = block_k // unit  # nodes per kernel block
+    big = torch.iinfo(torch.long).max
+    key = torch.where(ok, idx.long(), big).sort(-1).values
+    valid = key != big
+    kb = torch.where(valid, key // r, -1)
+    nxt = torch.cat([kb[..., 1:], torch.full_like(kb[..., :1], -2)], -1)
+    seg_end = valid & (nxt != kb)  # the last node of each key block
+    # per key block, which of its r nodes are present: bit i = node i of the block (nodes are distinct,
+    # so a sum over the block's nodes is their OR), summed by a cumulative sum over the sorted nodes
+    w = torch.where(valid, torch.ones_like(key) << (key % r).clamp(min=0), 0)
+    cum = w.cumsum(-1)
+    ends = torch.where(seg_end, cum, torch.zeros_like(cum))
+    prev = torch.cat([torch.zeros_like(ends[..., :1]), ends[..., :-1].cummax(-1).values], -1)
+    code = cum - prev  # at a segment end: the nodes of its key block
+    kbc = kb.clamp(min=0)
+    c0, c1 = kbc * block_k, torch.clamp((kbc + 1) * block_k, max=kv_len) - 1
+    n_in = torch.clamp(-(-(kv_len - c0) // unit), max=r)  # nodes of the block inside the sequence
+    full_code = (torch.ones_like(n_in) << n_in) - 1
+    whole = (code & full_code) == full_code
+    off = kv_len - q_len
+    qb = torch.arange(nq, device=dev)
+    r0 = (qb * block_q)[None, None, :, None]
+    r1 = (torch.clamp((qb + 1) * block_q, max=q_len) - 1)[None, None, :, None]
+    keep = seg_end & (c0 <= r1 + off)
+    is_full = keep & whole & (c1 <= r0 + off)
+    is_part = keep & ~is_full
+    pb, ph, pq, ps = (is_part & ~whole).nonzero(as_tuple=True)
+    bits = (code[pb, ph, pq, ps][:, None] >> torch.arange(r, device=dev)) & 1  # [P, r]
+    bank, inv = column_mask_bank(bits.bool().repeat_interleave(unit, -1), block_q)
+    tile = torch.full((B, H, nq, K), -1, dtype=torch.int32, device=dev)
+    tile[pb, ph, pq, ps] = inv.to(torch.int32)
+    fc, fi = compact_sorted(kbc, is_full)
+    pc, pi = compact_sorted(kbc, is_part)
+    _, ids = compact_sorted(tile, is_part, fill=-1)
+    return patterns.BlockPattern(pc, pi, fc, fi, block_q, block_k, q_len, kv_len, True, mask_ids=ids, mask_bank=bank)

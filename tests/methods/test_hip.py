@@ -65,8 +65,55 @@ def test_gqa_heads_and_errors():
     p = get_method("hip", mask_k=64, block_size_q=32, sliding_window_size=32).select(q, k)
     assert p.heads == 4 and p.block_k == 16 and p.block_q == 32
     with pytest.raises(ValueError, match="mask_k"):
-        get_method("hip", mask_k=100)
+        get_method("hip", mask_k=100, block_k=16)
     with pytest.raises(ValueError, match="block_k"):
-        get_method("hip", block_k=2)
+        get_method("hip", block_k=3)
+    assert get_method("hip").block_k == 2  # the paper's block_size_k
     with pytest.warns(UserWarning, match="mask_k"):
         get_method("hip").select(q, k)
+
+
+def _node_reference(idx, ok, unit, Tq, Tk, bq):
+    """Element mask of HiP's nodes (``unit`` keys each) per query block, causal: plain loops."""
+    B, H, nq, K = idx.shape
+    nu = -(-Tk // unit)
+    ref = torch.zeros(B, H, Tq, Tk, dtype=torch.bool)
+    for b in range(B):
+        for h in range(H):
+            for qb in range(nq):
+                keys = torch.zeros(nu * unit, dtype=torch.bool)
+                for u, o in zip(idx[b, h, qb].tolist(), ok[b, h, qb].tolist()):
+                    if o:
+                        keys[u * unit:(u + 1) * unit] = True
+                for i in range(qb * bq, min(Tq, qb * bq + bq)):
+                    ref[b, h, i] = keys[:Tk] & (torch.arange(Tk) <= i + Tk - Tq)
+    return ref
+
+
+@pytest.mark.parametrize("Tq,Tk,unit,bq", [(100, 333, 2, 32), (130, 130, 1, 64), (5, 77, 8, 16)])
+def test_nodes_to_pattern_is_token_exact(Tq, Tk, unit, bq):
+    from sparsattn.methods.hip import nodes_to_pattern
+
+    g = torch.Generator().manual_seed(Tq)
+    nu, nq, K = -(-Tk // unit), -(-Tq // bq), 7
+    idx = torch.stack([torch.randperm(nu, generator=g)[:K] for _ in range(2 * 3 * nq)]).view(2, 3, nq, K)
+    ok = torch.rand(2, 3, nq, K, generator=g) > 0.2
+    p = nodes_to_pattern(idx, ok, unit, Tq, Tk, bq, 16)
+    p.validate()
+    assert torch.equal(p.to_dense_mask(), _node_reference(idx, ok, unit, Tq, Tk, bq))
+
+
+def test_paper_block_size_keeps_mask_k_tokens():
+    # issue 10: block_k = 2 (HiP's block_size_k) works: the pattern keeps exactly the searched
+    # 2-key nodes (mask_k keys per query block) plus sinks and window, token-exact
+    q, k = _planted()
+    m = get_method("hip", mask_k=64, block_size_q=64, block_k=2, sink_token_size=0, sliding_window_size=1)
+    idx, ok = m.search(q, k)
+    assert int(ok.sum(-1).min()) == 32  # mask_k / block_k nodes per query block
+    p = m.select(q, k)
+    assert p.block_k == 16 and p.mask_bank is not None
+    want = _node_reference(idx, ok, 2, 1024, 1024, 64)
+    rows = torch.arange(1024)
+    want[:, :, rows, rows] = True  # the window of 1 (the diagonal)
+    assert torch.equal(p.to_dense_mask(), want)
+    assert 300 // 2 in set(idx[0, 0, 700 // 64][ok[0, 0, 700 // 64]].tolist())
