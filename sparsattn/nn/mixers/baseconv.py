@@ -137,14 +137,15 @@ class BaseConv(Layer):
         return c * p + x
 
     def cost(self, T: int) -> dict[str, float]:
-        """FLOPs: projection ``2 T dim^2`` plus the convolution (``2 T k dim`` short; long by FFT
-        about ``3 * 5 (2T) log2(2T) dim``: two forward and one inverse transform)."""
+        """Mixer-core FLOPs (projections excluded, as for attention): the convolution (``2 T k dim``
+        short; long by FFT about ``3 * 5 (2T) log2(2T) dim`` for two forward and one inverse
+        transform, plus the spectral product) and the gate product ``T dim``."""
         check_int("T", T)
         if self.kernel_size == -1:
-            conv = 15.0 * 2 * T * math.log2(2 * T) * self.dim
+            conv = 15.0 * 2 * T * math.log2(2 * T) * self.dim + 6.0 * (T + 1) * self.dim
         else:
             conv = 2.0 * T * self.kernel_size * self.dim
-        return cost_vs_dense(2.0 * T * self.dim * self.dim + conv, T, self.dim)
+        return cost_vs_dense(conv + T * self.dim, T, self.dim)
 
 
 __all__ = ["BaseConv", "ImplicitFilter", "causal_fft_conv"]
