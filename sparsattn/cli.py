@@ -73,7 +73,7 @@ def kernel_demo(out_dir: Path, *, T: int = 512, heads: int = 2, head_dim: int = 
         "S2 strided shards": P.strided_shards(T, heads, vert_stride=4, local_blocks=2, block_size=bs, device=dev),
         "vertical + slash": P.vertical_slash(T, torch.tensor([[[0, 1, 2, 200]] * heads], device=dev),
                                              torch.tensor([[[0, 1, 64]] * heads], device=dev), block_size=bs),
-        "neighborhood 2D 16x32, 5x7": P.neighborhood_2d(16, T // 16, (5, 7), block_size=bs, device=dev),
+        f"neighborhood 2D 16x{T // 16}, 5x7": P.neighborhood_2d(16, T // 16, (5, 7), block_size=bs, device=dev),
         "random blocks 25% (causal)": P.from_block_mask(rand | torch.eye(n, dtype=torch.bool, device=dev), block_size=bs,
                                                         q_len=T, causal=True),
     }

@@ -19,10 +19,26 @@ class S2Attention(Method):
     ``vert_stride``-th block with a head-specific offset, so the heads together cover the whole
     context (S2-Attention / DKernel, arXiv 2407.17678).
 
-    Key block j is visible to query block i of head h when ``0 <= i - j < local_blocks`` or
-    ``(j + h * head_sliding_step) % vert_stride == 0`` with ``head_sliding_step =
-    max(1, vert_stride // H)`` (DKernel's rotation). GQA groups share a pattern, so H = KV heads
-    and the pattern has KV heads; ``homo_head=True`` gives every head offset 0 (one pattern).
+    Key block j is visible to query block i of KV head h when ``0 <= i - j < local_blocks`` or
+    ``(j + h * head_sliding_step) % vert_stride == 0``. GQA groups share a pattern (the pattern has
+    KV heads). ``head_rotation`` chooses the step:
+
+    * ``"query_heads"`` (default, DKernel): ``head_sliding_step = max(1, vert_stride // Hq)`` with
+      Hq the number of *query* heads, as ``dkernel/utils.py::get_sparse_attn_mask`` computes it
+      (its mask is built per KV head and repeated over the group). For MHA, and whenever
+      ``vert_stride <= Hkv``, this equals the rotation over KV heads.
+    * ``"kv_heads"``: ``max(1, vert_stride // Hkv)``: the KV heads' shards spread evenly over the
+      stride. When ``Hkv < vert_stride`` the heads cannot cover every remote block either way, but
+      the largest gap between remote blocks visible to some head becomes ``vert_stride / Hkv``
+      instead of ``vert_stride - Hkv + 1`` (8 query / 2 KV heads, stride 8: offsets {0, 4}, gap 4,
+      against DKernel's {0, 1}, gap 7). Not the authors' pattern.
+
+    ``homo_head=True`` gives every head offset 0 (one pattern).
+
+    Chunked prefill (``Tq < Tk``): with ``Tk - Tq`` a multiple of ``block_size`` the mask equals
+    DKernel's rows for ``past_len = Tk - Tq``; otherwise the query blocks start at the first query
+    (DKernel aligns them to absolute positions) and each query block gets the local windows of its
+    first and last row, a superset of DKernel's mask by at most one key block per row.
 
     Defaults: Phi-3-small production config (METHODS.md C4 [code]): block 64, local_blocks=16
     (1024 tokens), vert_stride=8. The architecture's dense layers
@@ -37,6 +53,7 @@ class S2Attention(Method):
     local_blocks: int = 16
     vert_stride: int = 8
     homo_head: bool = False
+    head_rotation: str = "query_heads"
 
     def __post_init__(self):
         check_pow2("block_size", self.block_size)
@@ -44,6 +61,17 @@ class S2Attention(Method):
         check_int("vert_stride", self.vert_stride, 1)
         if not isinstance(self.homo_head, bool):
             raise ValueError(f"homo_head: expected a bool, got {self.homo_head!r}")
+        if self.head_rotation not in ("query_heads", "kv_heads"):
+            raise ValueError(f"head_rotation: expected 'query_heads' (DKernel) or 'kv_heads', got {self.head_rotation!r}")
+
+    def head_offsets(self, n_query_heads: int, n_kv_heads: int) -> list:
+        """Stride offset of each pattern head: ``(h * head_sliding_step) % vert_stride`` per KV head h
+        (one head with offset 0 for ``homo_head``); the step follows ``head_rotation``."""
+        if self.homo_head:
+            return [0]
+        n = n_query_heads if self.head_rotation == "query_heads" else n_kv_heads
+        step = max(1, self.vert_stride // n)
+        return [(h * step) % self.vert_stride for h in range(n_kv_heads)]
 
     @classmethod
     def conformance_config(cls) -> dict:
@@ -60,10 +88,10 @@ class S2Attention(Method):
         if self.local_blocks * self.block_size >= Tk and self.vert_stride > 1:
             warnings.warn(f"s2_attention: local_blocks * block_size = {self.local_blocks * self.block_size} covers the "
                           f"whole context ({Tk} tokens); the pattern is dense", stacklevel=2)
-        H = 1 if self.homo_head else k.shape[1]
+        offsets = self.head_offsets(q.shape[1], k.shape[1])
         bs = self.block_size
-        p = patterns.strided_shards(Tq, H, vert_stride=self.vert_stride, local_blocks=self.local_blocks, kv_len=Tk,
-                                    block_size=bs, causal=True, device=q.device)
+        p = patterns.strided_shards(Tq, len(offsets), vert_stride=self.vert_stride, local_blocks=self.local_blocks,
+                                    kv_len=Tk, head_offsets=offsets, block_size=bs, causal=True, device=q.device)
         if (Tk - Tq) % bs:
             # strided_shards counts the local window from the diagonal of a query block's first row;
             # when Tk - Tq is not block-aligned the later rows' diagonal lies one block further, so add
