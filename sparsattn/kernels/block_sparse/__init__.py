@@ -188,6 +188,9 @@ def _bwd(do, q, k, v, o, lse, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tc
     cfg = kernel_config(D, block_q, block_k, q.dtype, q.device)
     BD = max(16, _next_pow2(D))
     do = do.contiguous() if do.stride(-1) != 1 else do
+    # dq/dk/dv are written with q/k/v's strides: views (e.g. slices of a fused qkv projection) are
+    # copied, since zeros_like gives a non-dense view contiguous strides (out-of-bounds writes)
+    q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))
     delta = (do.float() * o.float()).sum(-1)  # [B, Hq, Tq]
     lse = lse.contiguous()
     delta = delta.contiguous()
