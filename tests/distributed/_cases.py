@@ -14,11 +14,9 @@ def _patterns(T: int, heads: int):
     g = torch.Generator().manual_seed(7)
     rand = P.from_dense_mask(torch.rand(1, heads, T, T, generator=g) < 0.08, block_size=16, causal=True)
     return {
-        "causal": P.causal(T, block_q=16, block_k=32),
-        "window": P.sliding_window(T, 40, block_q=32, block_k=16),
+        "causal": P.causal(T, block_q=16, block_k=32),  # block_q != block_k
         "random_heads": rand,  # per-head random blocks with element tiles, some rows empty
         "noncausal_window": P.sliding_window(T, 50, causal=False, block_q=16),
-        "dense": P.dense(T, block_q=16),
     }
 
 
@@ -76,9 +74,13 @@ def main_cases(rank, world):
     T, B, D = 300, 2, 16  # 300: not a multiple of the shard unit -> uneven shards
     Hq, Hkv = (4, 2) if world == 2 else (8, 4)  # GQA; heads divide the ranks for Ulysses
     pats = _patterns(T, Hkv)
-    strategies = ("ring", "fetch", "ulysses", "auto")
-    for name in (("causal", "window", "random_heads", "noncausal_window") if world == 2 else ("causal", "random_heads")):
-        fails += compare(rank, world, T, B, Hq, Hkv, D, name, pats[name], ("zigzag", "contiguous"), strategies)
+    both = ("zigzag", "contiguous")
+    grid = [("causal", both, ("ring", "fetch", "ulysses", "auto")),
+            ("random_heads", both, ("ring", "fetch", "ulysses"))]
+    if world == 2:
+        grid.append(("noncausal_window", both, ("ring", "fetch", "ulysses")))
+    for name, layouts, strategies in grid:
+        fails += compare(rank, world, T, B, Hq, Hkv, D, name, pats[name], layouts, strategies)
     # empty shards: 80 tokens in units of 32 -> 3 units over 4 ranks (and 8 zigzag chunks)
     if world == 4:
         Te = 80
@@ -86,6 +88,15 @@ def main_cases(rank, world):
         for name, p in pe.items():
             fails += compare(rank, world, Te, 1, 4, 4, 8, f"empty_{name}", p, ("zigzag", "contiguous"),
                              ("ring", "fetch", "ulysses"))
+    if world == 2:  # one small case through the Triton kernels (interpreter on the CPU)
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+            fails += triton_case(rank, world)["fails"]
+        else:
+            fails.append("triton case not run: TRITON_INTERPRET=1 is not set")
+    if world == 2:
+        fails += bench_smoke(rank)
     # a pattern that differs on one rank: every rank raises ValueError (no hang)
     L = make_layout("zigzag", T, world, 32)
     q = torch.randn(1, Hq, L.rank_len(rank), D)
@@ -98,6 +109,25 @@ def main_cases(rank, world):
         if "differs across ranks" not in str(e):
             fails.append(f"r{rank}: mismatched pattern raised {e}")
     return {"fails": fails, "seconds": time.perf_counter() - t0}
+
+
+def bench_smoke(rank):
+    """The benchmark's rows on this process group: every configuration runs, outputs equal the
+    single-device result, and the sparse fetch of a local pattern moves less than the dense ring."""
+    from sparsattn.distributed import bench
+
+    args = bench.parser().parse_args(["--seq-lens", "512", "--densities", "0.1,1.0", "--patterns", "local,dense",
+                                      "--strategies", "ring,fetch", "--modes", "fwd", "--q-heads", "2",
+                                      "--kv-heads", "1", "--head-dim", "16", "--block", "32", "--dtype", "fp32",
+                                      "--reps", "1", "--kernel-backend", "reference", "--check", "--device", "cpu"])
+    rows = bench.run(args)
+    bench.relative_to_dense_ring(rows)
+    fails = [f"bench r{rank}: {r['pattern']}/{r['strategy']}/{r['mode']}: {r['status']}" for r in rows if r["status"] != "ok"]
+    fails += [f"bench r{rank}: max_err {r['max_err']}" for r in rows if r.get("max_err") is not None and r["max_err"] > 1e-5]
+    local_fetch = [r for r in rows if r["pattern"] == "local" and r["strategy"] == "fetch"]
+    if len(local_fetch) != 1 or not all(r["bytes_vs_dense_ring"] < 0.5 for r in local_fetch):
+        fails.append(f"bench r{rank}: local fetch bytes vs dense ring: {[r.get('bytes_vs_dense_ring') for r in local_fetch]}")
+    return fails
 
 
 def triton_case(rank, world):
