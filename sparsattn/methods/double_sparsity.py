@@ -1,18 +1,48 @@
 """double_sparsity: calibrated outlier channels -> (4-bit) label cache -> approximate top-k tokens."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
+from ..calibration import Field, read_json, write_json
 from ..kv.quant import quantize_minmax, unpack4
 from ..kernels.unit_scores import label_scores
 from ..kv.select import decode_inputs, lengths_since, record_lengths, reduce_group, topk_pattern, valid_units
 from ..patterns import TokenPattern
 from .base import Method, SelectContext, register
+
+
+def _channel_table(f: Field) -> dict:
+    """``{layer: [[channel ids] per KV head]}`` from a field (a file's ``channels`` or the argument),
+    every layer a non-empty list of equally long lists of distinct ids >= 0 (ValueError naming the field)."""
+    out = {}
+    for layer, rows in f.int_keys(0).items():
+        heads = rows.as_list(min_len=1)
+        ids = [h.int_list(0) for h in heads]
+        for h, row in zip(heads, ids):
+            if not row or len(row) != len(ids[0]):
+                raise h.error(f"a non-empty list of {len(ids[0]) or 'r >= 1'} channel ids (as head 0)",
+                              f"{len(row)} ids")
+            if len(set(row)) != len(row):
+                raise h.error("distinct channel ids", row)
+        out[layer] = ids
+    return out
+
+
+def pseudo_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """pseudo_quantize: per-row (last dim) min-max quantisation to ``bits`` and back, in float32, as
+    Double Sparsity's evaluation code does to the query's and the keys' label channels (arXiv
+    2408.07092): ``scale = (2**bits - 1) / (max - min)`` (1 when ``max == min``), codes
+    ``round((x - min) * scale)`` clamped to ``[0, 2**bits - 1]``, result ``codes / scale + min``."""
+    qmax = 2 ** bits - 1
+    xf = x.float()
+    lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
+    rng = hi - lo
+    scale = qmax / torch.where(rng > 0, rng, torch.ones_like(rng))
+    return torch.clamp(torch.round((xf - lo) * scale), 0, qmax) / scale + lo
 
 
 @register("double_sparsity")
@@ -33,9 +63,18 @@ class DoubleSparsity(Method):
     ``ceil(ratio * T)``, the paper's "1/16" setting). ``label_nbytes(state)`` reports the bytes the
     label cache holds (also ``ctx.extras["label_bytes"]`` after each ``select``).
 
+    The query's label channels are quantised the same way before scoring (``quantize_query=True``,
+    the default): per query head min-max to ``label_bits`` and dequantised, as the authors'
+    evaluation code (``evaluation/modify_llama.py``: ``pseudo_quantize`` of the query's and the
+    keys' outlier channels) and the paper's 4-bit label setting; ``quantize_query=False`` scores
+    the full-precision query against the quantised labels (slightly more exact approximate scores,
+    not the paper's). No effect at ``label_bits=16``.
+
     Defaults from the repository's converter (``token_budget`` (heavy_const) 256, group_factor 8,
     label_bits 4) [code, per METHODS.md B2]. GQA: scores of the query heads of a group are
-    combined by ``head_reduce`` (``"max"``), giving one token list per KV head.
+    combined by ``head_reduce`` (``"max"``), giving one token list per KV head; ``"none"`` keeps
+    one token list per query head (pattern heads Hq), the authors' selection (their code repeats
+    K/V per query head). Channels are calibrated per KV head (mean over the group).
 
     ``select(q [B, Hq, (1,) D], k_cache [B, Hkv, T, D], ctx)`` needs ``ctx.layer`` and a
     calibration (``needs = ("calibration",)``).
@@ -54,6 +93,7 @@ class DoubleSparsity(Method):
     group_factor: int = 8
     label_bits: int = 4
     head_reduce: str = "max"
+    quantize_query: bool = True
     channels: Optional[dict] = None  # {layer: [[channel ids] per kv head]}
 
     def __post_init__(self):
@@ -65,10 +105,12 @@ class DoubleSparsity(Method):
             raise ValueError(f"group_factor: expected an int >= 1, got {self.group_factor!r}")
         if self.label_bits not in (4, 8, 16):
             raise ValueError(f"label_bits: expected 4, 8 or 16, got {self.label_bits!r}")
-        if self.head_reduce not in ("max", "mean", "sum"):
-            raise ValueError(f"head_reduce: expected 'max', 'mean' or 'sum', got {self.head_reduce!r}")
+        if self.head_reduce not in ("max", "mean", "sum", "none"):
+            raise ValueError(f"head_reduce: expected 'max', 'mean', 'sum' or 'none', got {self.head_reduce!r}")
+        if not isinstance(self.quantize_query, bool):
+            raise ValueError(f"quantize_query: expected a bool, got {self.quantize_query!r}")
         if self.channels is not None:
-            self.channels = {int(l): [list(map(int, h)) for h in c] for l, c in self.channels.items()}
+            self.channels = _channel_table(Field(self.channels, "double_sparsity(channels=...)", "channels"))
 
     @property
     def is_fitted(self) -> bool:
@@ -96,18 +138,23 @@ class DoubleSparsity(Method):
         return out
 
     def save(self, path: str) -> None:
+        """save: write the channels as JSON ``{"method": "double_sparsity", "group_factor": g,
+        "channels": {layer: [[channel ids] per KV head]}}`` (atomically)."""
         if self.channels is None:
             raise ValueError("channels: nothing to save; run calibrate() first")
-        with open(path, "w") as f:
-            json.dump({"method": "double_sparsity", "group_factor": self.group_factor,
-                       "channels": {str(l): c for l, c in self.channels.items()}}, f)
+        write_json(path, {"method": "double_sparsity", "group_factor": self.group_factor,
+                          "channels": {str(l): [list(map(int, h)) for h in c] for l, c in self.channels.items()}})
 
     def load(self, path: str) -> "DoubleSparsity":
-        with open(path) as f:
-            data = json.load(f)
-        if data.get("method") != "double_sparsity" or "channels" not in data:
-            raise ValueError(f"path: expected a double_sparsity calibration JSON, got keys {sorted(data)}")
-        self.channels = {int(l): c for l, c in data["channels"].items()}
+        """load: channels from a file written by ``save``, read through ``sparsattn.calibration``:
+        a missing, binary or truncated file, a file that is not a JSON object, another method, or
+        a mistyped channel list raise ValueError naming the file and the field."""
+        root = read_json(path, kind="double_sparsity calibration JSON file")
+        root.as_dict()
+        root["method"].as_str(["double_sparsity"])
+        if root.get("group_factor") is not None:
+            root["group_factor"].as_int(1)
+        self.channels = _channel_table(root["channels"])
         self.__dict__.pop("_ch_dev", None)
         return self
 
@@ -202,7 +249,7 @@ class DoubleSparsity(Method):
         if self.label_bits == 16:
             lab = st["labels"][:, :, :T]
             s = torch.matmul(qc.to(lab.dtype), lab.transpose(-1, -2)).float() / math.sqrt(r)
-            return reduce_group(s, self.head_reduce)
+            return s.reshape(B, Hkv * G, T) if self.head_reduce == "none" else reduce_group(s, self.head_reduce)
         return label_scores(qc.reshape(B, Hkv * G, r), st["codes"][:, :, :T], st["scale"][:, :, :T, 0],
                             st["zero"][:, :, :T, 0], r=st["r"], bits=self.label_bits, reduce=self.head_reduce,
                             mult=1.0 / math.sqrt(r))
@@ -236,7 +283,9 @@ class DoubleSparsity(Method):
         Hkv, r = ch.shape
         qg = q.view(B, Hkv, Hq // Hkv, D)
         qc = torch.gather(qg, 3, ch[None, :, None, :].expand(B, -1, Hq // Hkv, -1))
-        s = self._approx_scores(qc, st, T)  # [B, Hkv, T]
+        if self.quantize_query and self.label_bits < 16:  # the query's labels quantised as the keys' (authors)
+            qc = pseudo_quantize(qc, self.label_bits)
+        s = self._approx_scores(qc, st, T)  # [B, Hkv, T] ([B, Hq, T] for head_reduce="none")
         budget = self.token_budget if self.budget_ratio is None else math.ceil(self.budget_ratio * T)
         return topk_pattern(s, budget, valid_units(kl, T), T)
 
@@ -295,6 +344,9 @@ class DoubleSparsity(Method):
 
     def _offload_select(self, q: torch.Tensor, cache, layer: int, ctx):
         """Update the layer's label cache from host keys and return ``(pattern, label bytes moved)``."""
+        if self.head_reduce == "none":
+            raise ValueError("head_reduce: the offload variant fetches one token list per KV head; use 'max', "
+                             "'mean' or 'sum' with attend_offloaded (got 'none')")
         L = self._offloaded_layer(cache, layer)
         D = cache.head_dim
         if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.shape[0] != cache.batch or q.shape[2] != D \

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -309,3 +311,96 @@ def test_channel_lists_replaced_after_first_use_are_used():
     m.channels = {0: [[0, 99, 1, 2], [3, 4, 5, 6]]}
     with pytest.raises(ValueError, match="channels"):
         m.select(q, k, SelectContext(layer=0))
+
+
+def _authors_scores(q, k, ch, bits):
+    """Double Sparsity's approximate scores re-implemented from its evaluation code's description
+    (andy-yang-1/DoubleSparse evaluation/modify_llama.py): K repeated per query head, the query's and
+    the keys' outlier channels each min-max "pseudo-quantised" per row to ``bits`` (scale =
+    (2^bits - 1) / (max - min), 1 when max == min; round, clamp, dequantise), then q_label ·
+    k_label / sqrt(r). q [B, Hq, D], k [B, Hkv, T, D], ch [Hkv, r] -> [B, Hq, T]."""
+    B, Hq, D = q.shape
+    G = Hq // k.shape[1]
+    kr = k.repeat_interleave(G, 1).double()
+    chq = ch.repeat_interleave(G, 0)
+    ql = torch.stack([q[:, h, chq[h]] for h in range(Hq)], 1).double()  # [B, Hq, r]
+    kl = torch.stack([kr[:, h][..., chq[h]] for h in range(Hq)], 1)  # [B, Hq, T, r]
+
+    def pq(x):
+        m = 2 ** bits - 1
+        lo, hi = x.min(-1, keepdim=True).values, x.max(-1, keepdim=True).values
+        rng = hi - lo
+        rng[rng == 0] = 1
+        s = m / rng
+        return torch.round((x - lo) * s).clamp(0, m) / s + lo
+
+    return (pq(kl) @ pq(ql)[..., None])[..., 0] / math.sqrt(ch.shape[1])
+
+
+def _exact_label_case(B=2, Hq=4, Hkv=4, T=96, D=32, r=8, seed=0):
+    """Keys whose label channels hold integers 0..15 with min 0 and max 15 per token (4-bit labels are
+    then exact in both implementations); the query's label channels are arbitrary floats."""
+    g = torch.Generator().manual_seed(seed)
+    ch = torch.stack([torch.randperm(D, generator=g)[:r].sort().values for _ in range(Hkv)])
+    k = torch.randn(B, Hkv, T, D, generator=g)
+    lab = torch.randint(0, 16, (B, Hkv, T, r), generator=g).float()
+    lab[..., 0], lab[..., 1] = 0.0, 15.0
+    for h in range(Hkv):
+        k[:, h][..., ch[h]] = lab[:, h]
+    q = torch.randn(B, Hq, D, generator=g) * 3
+    return q, k, ch
+
+
+def _is_a_top_k(scores, idx, counts, k):
+    """The picked set is a valid top-k of ``scores [T]`` (ties at the boundary allowed)."""
+    picked = scores[idx[: int(counts)].long()]
+    best = scores.topk(k).values
+    return int(counts) == k and torch.allclose(picked.sort().values, best.sort().values, rtol=0, atol=1e-9)
+
+
+def test_4bit_selection_equals_the_authors_with_the_query_quantised():
+    q, k, ch = _exact_label_case()
+    kb = 12
+    ref = _authors_scores(q, k, ch, 4)  # [B, Hq, T]
+    m = get_method("double_sparsity", token_budget=kb, label_bits=4, channels={0: ch.tolist()})
+    assert m.quantize_query  # the paper's / authors' default
+    p = m.select(q, k, SelectContext(layer=0))
+    for b in range(2):
+        for h in range(4):
+            assert _is_a_top_k(ref[b, h], p.indices[b, h], p.counts[b, h], kb), (b, h)
+    # the full-precision query (the option) is not the authors' selection on these inputs
+    m16 = get_method("double_sparsity", token_budget=kb, label_bits=4, channels={0: ch.tolist()}, quantize_query=False)
+    p16 = m16.select(q, k, SelectContext(layer=0))
+    assert not all(_is_a_top_k(ref[b, h], p16.indices[b, h], p16.counts[b, h], kb) for b in range(2) for h in range(4))
+    # 16-bit labels: nothing is quantised in either
+    p = get_method("double_sparsity", token_budget=kb, label_bits=16, channels={0: ch.tolist()}).select(
+        q, k, SelectContext(layer=0))
+    ref16 = _authors_scores(q, k, ch, 16)
+    assert all(_is_a_top_k(ref16[b, h], p.indices[b, h], p.counts[b, h], kb) for b in range(2) for h in range(4))
+
+
+def test_gqa_per_query_head_option_equals_the_authors_selection():
+    q, k, ch = _exact_label_case(Hq=8, Hkv=2, seed=3)
+    ref = _authors_scores(q, k, ch, 4)
+    p = get_method("double_sparsity", token_budget=10, label_bits=4, head_reduce="none",
+                   channels={0: ch.tolist()}).select(q, k, SelectContext(layer=0))
+    assert p.indices.shape[1] == 8  # one token list per query head
+    assert all(_is_a_top_k(ref[b, h], p.indices[b, h], p.counts[b, h], 10) for b in range(2) for h in range(8))
+    pmax = get_method("double_sparsity", token_budget=10, label_bits=4, channels={0: ch.tolist()}).select(
+        q, k, SelectContext(layer=0))
+    assert pmax.indices.shape[1] == 2  # the default: one list per KV head (group max)
+
+
+def test_pseudo_quantize_and_channel_argument_errors():
+    from sparsattn.methods.double_sparsity import pseudo_quantize
+
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0, 15.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
+    assert torch.equal(pseudo_quantize(x, 4), x)  # integers 0..15 with max - min = 15, and a constant row
+    y = torch.randn(3, 7)
+    assert (pseudo_quantize(y, 4) - y).abs().max() <= ((y.amax(-1) - y.amin(-1)) / 15 / 2).max() + 1e-6
+    with pytest.raises(ValueError, match=r"channels\.0\[0\]\[1\]"):
+        get_method("double_sparsity", channels={0: [[1, "x"]]})
+    with pytest.raises(ValueError, match=r"channels\.1\[1\]"):
+        get_method("double_sparsity", channels={1: [[1, 2], [3]]})
+    with pytest.raises(ValueError, match="quantize_query"):
+        get_method("double_sparsity", quantize_query="yes")
