@@ -226,7 +226,14 @@ def main(argv=None) -> int:
 
         if not torch.cuda.is_available():
             os.environ.setdefault("TRITON_INTERPRET", "1")  # run the real Triton kernel on the CPU
-    return int(args.fn(args) or 0)
+    try:
+        return int(args.fn(args) or 0)
+    except ValueError as e:  # bad input (the library's convention: a ValueError naming the argument)
+        if os.environ.get("SPARSATTN_TRACEBACK"):
+            raise
+        name = " ".join(x for x in (args.cmd, getattr(args, "which", None)) if x)
+        print(f"sparsattn {name}: error: {e}  (SPARSATTN_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -58,3 +58,13 @@ def test_eval_method_config_and_paths_errors(tmp_path, capsys):
     assert "--out" in capsys.readouterr().err
     assert cli.main(["eval", "--device", "bogus"]) == 2
     assert "--device" in capsys.readouterr().err
+
+
+def test_value_errors_of_subcommands_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SPARSATTN_TRACEBACK", raising=False)
+    assert cli.main(["bench", "kv-memory", "--lengths", "abc", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparsattn bench kv-memory: error:") and "Traceback" not in err
+    monkeypatch.setenv("SPARSATTN_TRACEBACK", "1")
+    with pytest.raises(ValueError):
+        cli.main(["bench", "kv-memory", "--lengths", "abc", "--out", str(tmp_path)])
