@@ -27,6 +27,8 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="*", help="grid: only these tasks")
     p.add_argument("--hybrids", nargs="*", default=[], help="grid: extra hybrid models, each comma-separated")
     p.add_argument("--seeds", type=int, nargs="*", default=[0])
+    p.add_argument("--seq-lens", type=int, nargs="*", help="grid: only these sequence lengths")
+    p.add_argument("--widths", type=int, nargs="*", help="grid: only these widths")
     p.add_argument("--max-minutes", type=float, help="grid: start no run that would end past this budget")
     p.add_argument("--shard", default="0/1", help="grid: i/n, run every n-th row from i (one process per GPU)")
     p.add_argument("--out", default="layers_grid/results.csv", help="CSV (rows are appended / resumed)")
@@ -55,7 +57,7 @@ def run(args) -> int:
         i, n = (int(v) for v in args.shard.split("/"))
         run_grid(args.grid, out, layers=args.layers, tasks=args.tasks, hybrids=[h.split(",") for h in args.hybrids],
                  seeds=args.seeds, device=args.device, max_minutes=args.max_minutes, shard=(i, n),
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, seq_lens=args.seq_lens, widths=args.widths)
         return 0
     if bool(args.layer) == bool(args.mixers):
         raise SystemExit("train-layer: give exactly one of --layer NAME, --mixers A,B,... or --grid")

@@ -67,9 +67,10 @@ def _key(row: dict) -> tuple:
 
 
 def plan(grid: str, *, layers: Optional[Sequence[str]] = None, tasks: Optional[Sequence[str]] = None,
-         hybrids: Sequence[Sequence[str]] = (), seeds: Sequence[int] = (0,)) -> list[dict]:
-    """plan: the runs of ``grid`` as keyword dicts for ``train_layer`` (``layers``/``tasks`` filter;
-    ``hybrids`` adds models mixing layers per block, e.g. ``[["baseconv", "dense"]]``)."""
+         hybrids: Sequence[Sequence[str]] = (), seeds: Sequence[int] = (0,), seq_lens: Optional[Sequence[int]] = None,
+         widths: Optional[Sequence[int]] = None) -> list[dict]:
+    """plan: the runs of ``grid`` as keyword dicts for ``train_layer`` (``layers``/``tasks``/``seq_lens``/
+    ``widths`` filter; ``hybrids`` adds models mixing layers per block, e.g. ``[["baseconv", "dense"]]``)."""
     if grid not in GRIDS:
         raise ValueError(f"grid: expected one of {sorted(GRIDS)}, got {grid!r}")
     runs = []
@@ -84,8 +85,8 @@ def plan(grid: str, *, layers: Optional[Sequence[str]] = None, tasks: Optional[S
                 raise ValueError(f"layers: unknown layer(s) {bad}; registered: {list_layers()}")
             names = [n for n in layers if n in names]
         models: list = list(names) + [list(h) for h in hybrids]
-        for seq_len in spec["seq_lens"]:
-            for width in spec["widths"]:
+        for seq_len in [t for t in spec["seq_lens"] if seq_lens is None or t in seq_lens]:
+            for width in [w for w in spec["widths"] if widths is None or w in widths]:
                 for m in models:
                     for seed in seeds:
                         runs.append(dict(layer=m, task=task, seq_len=seq_len, width=width, steps=spec["steps"],
@@ -104,7 +105,7 @@ def _run_key(run: dict) -> tuple:
 
 def run_grid(grid: str, out: Path, *, layers=None, tasks=None, hybrids=(), seeds=(0,), device: str = "cpu",
              max_minutes: Optional[float] = None, shard: tuple = (0, 1), progress: bool = True,
-             plot: bool = True) -> list[dict]:
+             plot: bool = True, seq_lens=None, widths=None) -> list[dict]:
     """run_grid: run the rows of ``plan(...)`` missing from the CSV ``out``, appending each result.
 
     ``max_minutes``: no new run starts once the elapsed time plus the longest run so far would
@@ -116,7 +117,8 @@ def run_grid(grid: str, out: Path, *, layers=None, tasks=None, hybrids=(), seeds
     i, n = shard
     if not (isinstance(i, int) and isinstance(n, int) and 0 <= i < n):
         raise ValueError(f"shard: expected (i, n) with 0 <= i < n, got {shard!r}")
-    todo = plan(grid, layers=layers, tasks=tasks, hybrids=hybrids, seeds=seeds)[i::n]
+    todo = plan(grid, layers=layers, tasks=tasks, hybrids=hybrids, seeds=seeds, seq_lens=seq_lens,
+                widths=widths)[i::n]
     rows = read_rows(out)
     have = {_key(r) for r in rows if not r.get("error")}
     todo = [r for r in todo if _run_key(r) not in have]

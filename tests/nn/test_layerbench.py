@@ -1,0 +1,68 @@
+"""The layer harness (sparsattn.train.layerbench): one run, resumable grid, plots, CLI, errors."""
+import pytest
+import torch
+
+from sparsattn.train.layerbench import COLUMNS, GRIDS, LayerModel, make_task, plan, run_grid, train_layer
+from sparsattn.train.layerbench.grid import read_rows
+
+
+def test_train_layer_row_and_hybrid():
+    row = train_layer("dense", "mqar", seq_len=32, width=16, steps=6, vocab=64, n_test=20, n_train=64,
+                      progress=False)
+    assert set(COLUMNS) <= set(row)
+    assert 0.0 <= row["accuracy"] <= 1.0 and row["density"] == 1.0 and row["flops"] > 0
+    assert row["steps_done"] == 6 and row["layers"] == 2 and row["task"] == "mqar"
+    row = train_layer(["s2", "dense"], "listops", seq_len=32, width=16, steps=3, n_test=8, n_train=16,
+                      layer_config=None, progress=False)
+    assert row["layer"] == "s2+dense" and row["layers"] == 2 and 0 < row["density"] <= 1
+
+
+def test_layer_model_two_d_adapter_and_errors():
+    model = LayerModel(["dense"], 16, 2, vocab=256, max_len=64, n_out=2, causal=False, grid=(8, 8))
+    assert model.hidden(torch.randint(0, 256, (2, 64))).shape == (2, 64, 16)
+    with pytest.raises(ValueError, match="mixers"):
+        LayerModel([], 16, 2, vocab=4, max_len=8, n_out=2, causal=True)
+    with pytest.raises(ValueError, match="ids"):
+        model.hidden(torch.randint(0, 256, (1, 65)))
+
+
+@pytest.mark.parametrize("kw,arg", [
+    (dict(layer="nope", task="mqar"), "layer"),
+    (dict(layer="dense", task="copy"), "task"),
+    (dict(layer="dense", task="mqar", width=0), "width"),
+    (dict(layer="dense", task="listops", vocab=8), "vocab"),
+])
+def test_train_layer_bad_arguments(kw, arg):
+    with pytest.raises(ValueError, match=arg):
+        train_layer(steps=1, n_train=8, n_test=4, progress=False, **kw)
+
+
+def test_make_task_splits_are_seeded_and_distinct():
+    a = make_task("mqar", 64, n_train=8, n_test=8, seed=3, vocab=128)
+    b = make_task("mqar", 64, n_train=8, n_test=8, seed=3, vocab=128)
+    assert torch.equal(a.x_train, b.x_train) and not torch.equal(a.x_train, a.x_test)
+    lo = make_task("listops", 64, n_train=4, n_test=4, seed=0)
+    assert lo.kind == "cls" and lo.x_train.shape == (4, 64) and lo.n_out == 10
+
+
+def test_grid_is_resumable_and_plots(tmp_path, monkeypatch):
+    monkeypatch.setitem(GRIDS, "reduced", [dict(task="mqar", seq_lens=[32], widths=[16], steps=3,
+                                                kw=dict(vocab=32, n_train=32, n_test=8))])
+    out = tmp_path / "grid.csv"
+    runs = plan("reduced", layers=["dense", "s2"])
+    assert [r["layer"] for r in runs] == ["dense", "s2"]
+    first = run_grid("reduced", out, layers=["dense", "s2"], progress=False)
+    assert len(first) == 2 and all(not r["error"] for r in first)
+    assert run_grid("reduced", out, layers=["dense", "s2"], progress=False) == []   # resumed: nothing left
+    assert len(read_rows(out)) == 2
+    assert (tmp_path / "accuracy_vs_width.png").exists() and (tmp_path / "accuracy_vs_compute.png").exists()
+
+
+def test_cli_single_run(tmp_path):
+    from sparsattn.cli import main
+
+    out = tmp_path / "r.csv"
+    assert main(["train-layer", "--layer", "selective", "--task", "mqar", "--seq-len", "32", "--width", "16",
+                 "--steps", "2", "--vocab", "32", "--out", str(out), "--no-progress"]) == 0
+    rows = read_rows(out)
+    assert len(rows) == 1 and rows[0]["layer"] == "selective" and rows[0]["error"] == ""
