@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence, Union
@@ -323,7 +324,14 @@ class ModelShape:
         missing = [n for n in _SHAPE_FIELDS if n not in d]
         if missing:
             raise ValueError(f"model_shape: missing field(s) {missing}")
-        return cls(*(d[n] for n in _SHAPE_FIELDS))
+        vals = []
+        for n in _SHAPE_FIELDS:
+            v = d[n]
+            try:  # ints and integer scalars (numpy, 0-d tensors); not floats, strings or bools
+                vals.append(v if isinstance(v, bool) else operator.index(v))
+            except TypeError:
+                vals.append(v)  # refused by __post_init__ with the field named
+        return cls(*vals)
 
     @classmethod
     def from_captured(cls, captured: dict, num_layers: Optional[int] = None) -> "ModelShape":

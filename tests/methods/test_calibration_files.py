@@ -274,3 +274,14 @@ def test_read_json_messages(tmp_path):
     with pytest.raises(ValueError, match="nested too deeply"):
         p.write_text("[" * 100000 + "]" * 100000)
         read_json(p)
+
+
+def test_model_shape_from_dict_takes_integer_scalars_and_refuses_other_types():
+    import numpy as np
+
+    s = ModelShape.from_dict({"num_layers": np.int64(2), "num_heads": torch.tensor(4), "num_kv_heads": 2,
+                              "head_dim": 16})
+    assert s == ModelShape(2, 4, 2, 16)
+    for bad in ("4", 4.5, True, None):
+        with pytest.raises(ValueError, match="model_shape.num_layers"):  # was int('x') / silent int(4.5) == 4
+            ModelShape.from_dict({"num_layers": bad, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16})
