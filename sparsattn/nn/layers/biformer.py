@@ -61,7 +61,8 @@ class BiLevelRoutingAttention(Layer):
     content_based = True
     presets = {"default": {},
                "pathfinder": {"n_win": 8, "topk": 16},
-               "mqar": {"spatial_dims": 1, "region_size": 16, "topk": 8, "causal": True}}
+               "mqar": {"spatial_dims": 1, "region_size": 16, "topk": 2, "causal": True},
+               "listops": {"spatial_dims": 1, "region_size": 16, "topk": 2}}
 
     def __init__(self, dim: int, heads: int, n_win: int = 7, topk: int = 4, region_size: Optional[int] = None,
                  qk_dim: Optional[int] = None, qk_scale: Optional[float] = None, side_dwconv: int = 5,

@@ -6,9 +6,8 @@ from collections import OrderedDict
 
 import torch
 
-from ... import attention
 from ...patterns import from_dense_mask
-from ..base import Layer, register_layer
+from ..base import Layer, attend, register_layer
 from ._util import QKVOut, check_dim_heads, check_input, check_int, gather_slots, next_pow2, region_order, scatter_slots
 
 
@@ -95,6 +94,15 @@ class HaloAttention(Layer):
         src, pat = self._layout(H, W, x.device)
         xs = gather_slots(x.reshape(B, H * W, self.dim), src, self.slot, self.tile)
         q, k, v = self.proj.split(xs)
-        o = attention(q, k, v, pat)
+        o = attend(q, k, v, pat)
         y = self.proj.merge(o)
         return scatter_slots(y, src, self.slot, self.tile, H * W).view(B, H, W, self.dim)
+
+    def cost(self, T: int) -> dict:
+        """Density (computed pairs / all pairs of real tokens) and FLOPs at ``T`` pixels of a square map."""
+        check_int("T", T)
+        side = int(round(T ** 0.5))
+        if side * side != T:
+            raise ValueError(f"T: expected a square number of pixels, got {T}")
+        pairs = float(self.mask(side, side, "cpu").sum())
+        return {"density": pairs / (T * T), "flops": 4.0 * pairs * self.dim}

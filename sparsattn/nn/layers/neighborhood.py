@@ -7,9 +7,8 @@ from collections import OrderedDict
 
 import torch
 
-from ... import attention
 from ...patterns import neighborhood_1d, neighborhood_2d, neighborhood_3d
-from ..base import Layer, register_layer
+from ..base import Layer, attend, register_layer
 from ._util import QKVOut, check_bool, check_dim_heads, check_int
 
 
@@ -30,9 +29,11 @@ class NeighborhoodAttention(Layer):
     """NeighborhoodAttention: each query attends to its ``kernel_size`` nearest (dilated) neighbours
     per axis, run as one block-sparse kernel call (Faster Neighborhood Attention, arXiv 2403.04690).
 
-    Input: ``x [B, T, dim]`` (1-D), ``[B, H, W, dim]`` (2-D, row-major tokens) or
-    ``[B, D, H, W, dim]`` (3-D); output has the shape of ``x``. ``kernel_size``, ``dilation`` and
-    ``causal`` are one value or one per axis of the input's rank.
+    Input: ``x [B, T, dim]`` (``spatial_dims=1``), ``[B, H, W, dim]`` (``spatial_dims=2``, the
+    default; row-major tokens) or ``[B, D, H, W, dim]`` (``spatial_dims=3``); output has the shape
+    of ``x``. ``kernel_size``, ``dilation`` and ``causal`` are one value or one per axis. The
+    instance's ``layout`` is ``"1d"`` for ``spatial_dims=1`` (sequences: the harness feeds
+    ``[B, T, dim]``), else ``"2d"``.
 
     Semantics (NATTEN's): per axis a window of ``kernel_size`` positions spaced by ``dilation``
     centred on the query and clamped inward at the borders (every query sees exactly
@@ -59,9 +60,11 @@ class NeighborhoodAttention(Layer):
     layout = "2d"
     causal_modes = (False, True)
     content_based = False
-    presets = {"default": {}, "mqar": {"kernel_size": 63, "causal": True}, "pathfinder": {"kernel_size": 7}}
+    presets = {"default": {}, "mqar": {"spatial_dims": 1, "kernel_size": 15, "causal": True},
+               "listops": {"spatial_dims": 1, "kernel_size": 31}, "pathfinder": {"kernel_size": 7}}
 
-    def __init__(self, dim: int, heads: int, kernel_size=7, dilation=1, causal=False, block_size: int = 64):
+    def __init__(self, dim: int, heads: int, kernel_size=7, dilation=1, causal=False, spatial_dims: int = 2,
+                 block_size: int = 64):
         super().__init__()
         check_dim_heads(dim, heads)
         for name, v in (("kernel_size", kernel_size), ("dilation", dilation)):
@@ -71,10 +74,16 @@ class NeighborhoodAttention(Layer):
         cv = causal if isinstance(causal, (list, tuple)) else [causal]
         if not cv or len(cv) > 3 or any(not isinstance(x, bool) for x in cv):
             raise ValueError(f"causal: expected True/False or 1..3 of them (per axis), got {causal!r}")
+        if spatial_dims not in (1, 2, 3) or isinstance(spatial_dims, bool):
+            raise ValueError(f"spatial_dims: expected 1, 2 or 3, got {spatial_dims!r}")
+        for name, v in (("kernel_size", kernel_size), ("dilation", dilation), ("causal", causal)):
+            if isinstance(v, (list, tuple)) and len(v) != spatial_dims:
+                raise ValueError(f"{name}: expected one value or {spatial_dims} (spatial_dims), got {v!r}")
         check_int("block_size", block_size, 16)
         if block_size & (block_size - 1):
             raise ValueError(f"block_size: expected a power of two >= 16, got {block_size}")
-        self.dim, self.heads = dim, heads
+        self.dim, self.heads, self.spatial_dims = dim, heads, spatial_dims
+        self.layout = "1d" if spatial_dims == 1 else "2d"
         self.kernel_size, self.dilation, self.causal, self.block_size = kernel_size, dilation, causal, block_size
         self.proj = QKVOut(dim, heads)
         self._patterns: "OrderedDict[tuple, object]" = OrderedDict()
@@ -106,13 +115,28 @@ class NeighborhoodAttention(Layer):
         return p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x ``[B, T, dim]``, ``[B, H, W, dim]`` or ``[B, D, H, W, dim]`` -> same shape."""
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() not in (3, 4, 5) \
+        """x ``[B, T, dim]``, ``[B, H, W, dim]`` or ``[B, D, H, W, dim]`` (by ``spatial_dims``) -> same shape."""
+        nd = self.spatial_dims
+        what = ("[B, T, dim]", "[B, H, W, dim]", "[B, D, H, W, dim]")[nd - 1]
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != nd + 2 \
                 or x.shape[-1] != self.dim:
-            raise ValueError(f"x: expected a floating tensor [B, T, {self.dim}], [B, H, W, {self.dim}] or "
-                             f"[B, D, H, W, {self.dim}], got {getattr(x, 'shape', type(x))}")
+            raise ValueError(f"x: expected a floating tensor {what} with dim={self.dim} (spatial_dims={nd}), "
+                             f"got {getattr(x, 'shape', type(x))}")
         shape = tuple(x.shape[1:-1])
         B = x.shape[0]
         q, k, v = self.proj.split(x.reshape(B, -1, self.dim))
-        o = attention(q, k, v, self.pattern(shape, x.device))
+        o = attend(q, k, v, self.pattern(shape, x.device))
         return self.proj.merge(o).view(x.shape)
+
+    def cost(self, T: int) -> dict:
+        """Density (computed pairs / causal pairs when every axis is causal, else / all pairs) and
+        FLOPs of the neighbourhood pattern at ``T`` tokens (2-D/3-D: a square/cubic grid)."""
+        check_int("T", T)
+        side = round(T ** (1.0 / self.spatial_dims))
+        if side ** self.spatial_dims != T:
+            raise ValueError(f"T: expected a {self.spatial_dims}-th power (a square/cubic grid), got {T}")
+        p = self.pattern((side,) * self.spatial_dims, "cpu")
+        pairs = float(p.to_dense_mask().sum())
+        all_causal = all(_per_axis("causal", self.causal, self.spatial_dims, bool))
+        total = T * (T + 1) / 2 if all_causal else float(T * T)
+        return {"density": pairs / total, "flops": 4.0 * pairs * self.dim}

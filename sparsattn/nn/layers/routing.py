@@ -66,7 +66,7 @@ class RoutingAttention(Layer):
     layout = "1d"
     causal_modes = (True, False)
     content_based = True
-    presets = {"default": {}, "mqar": {"num_clusters": 8, "local_window": 64}}
+    presets = {"default": {}, "mqar": {"num_clusters": 4, "local_window": 32}}
 
     def __init__(self, dim: int, heads: int, num_clusters: int = 8, window_size: Optional[int] = None,
                  local_heads: Optional[int] = None, local_window: int = 256, decay: float = 0.999,

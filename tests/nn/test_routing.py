@@ -1,0 +1,147 @@
+"""routing layer: attention inside given clusters against a float64 loop reference (outputs and
+gradients, odd lengths), one cluster equals dense attention, balanced routing, k-means state
+(initialisation, EMA, commitment loss), local heads, training, and bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsattn.nn import get_layer
+from sparsattn.nn.base import attention_backend
+from tests.nn._i12_checks import compare_with_reference, future_leak, masked_ref, train_falls
+
+
+def _cluster_reference(q, kn, v, idx, causal, exclude_self):
+    """Loops over clusters: attention among members (in position order), causal by position, own
+    key masked except for the cluster's first member; the mean over a token's clusters."""
+    B, h, T, d = q.shape
+    acc = torch.zeros(B, h, T, d, dtype=torch.float64)
+    cnt = torch.zeros(B, h, T, dtype=torch.float64)
+    for b in range(B):
+        for hh in range(h):
+            for members in idx[b, hh]:
+                m = members.tolist()
+                w = len(m)
+                mask = torch.ones(w, w, dtype=torch.bool)
+                if causal:
+                    mask = mask.tril()
+                if exclude_self:
+                    mask &= ~torch.eye(w, dtype=torch.bool)
+                    mask[0, 0] = mask[0, 0] or causal or w == 1
+                o = masked_ref(q[b, hh, m][None], kn[b, hh, m][None], v[b, hh, m][None], mask)[0]
+                acc[b, hh, m] += o
+                cnt[b, hh, m] += 1
+    return acc / cnt.clamp(min=1)[..., None]
+
+
+@pytest.mark.parametrize("causal,exclude_self,T,k,w", [(True, True, 37, 4, 10), (False, True, 29, 3, 12),
+                                                        (True, False, 20, 2, 20), (False, False, 18, 5, 3)])
+def test_given_clusters_match_reference_with_grads(causal, exclude_self, T, k, w):
+    layer = get_layer("routing", 24, 3, num_clusters=k, causal=causal, exclude_self=exclude_self)
+    B, h, d = 2, 2, 8
+    q = torch.randn(B, h, T, d, dtype=torch.float64)
+    kn = F.normalize(torch.randn(B, h, T, d, dtype=torch.float64), dim=-1)
+    v = torch.randn(B, h, T, d, dtype=torch.float64)
+    idx = torch.stack([torch.stack([torch.randperm(T)[:w].sort().values for _ in range(k)]) for _ in range(B * h)])
+    idx = idx.view(B, h, k, w)
+    ins32 = [t.float().requires_grad_(True) for t in (q, kn, v)]
+    ins64 = [t.clone().requires_grad_(True) for t in (q, kn, v)]
+    with attention_backend("reference"):
+        y32 = layer.routed_attention(*ins32, idx)
+    y64 = _cluster_reference(*ins64, idx, causal, exclude_self)
+    assert float((y32.detach().double() - y64.detach()).abs().max()) < 1e-5
+    g = torch.randn_like(y64)
+    (y32 * g.float()).sum().backward()
+    (y64 * g).sum().backward()
+    for a, b in zip(ins32, ins64):
+        assert float((a.grad.double() - b.grad).abs().max()) < 1e-4
+
+
+def test_triton_interpreter_path_matches_reference():
+    layer = get_layer("routing", 16, 2, num_clusters=2, causal=True)
+    q = torch.randn(1, 1, 20, 8)
+    kn = F.normalize(torch.randn(1, 1, 20, 8), dim=-1)
+    v = torch.randn(1, 1, 20, 8)
+    idx = torch.stack([torch.randperm(20)[:10].sort().values for _ in range(2)]).view(1, 1, 2, 10)
+    with attention_backend("triton"):
+        y = layer.routed_attention(q, kn, v, idx)
+    ref = _cluster_reference(q.double(), kn.double(), v.double(), idx, True, True)
+    assert float((y.double() - ref).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_one_cluster_is_dense(causal):
+    layer = get_layer("routing", 16, 2, num_clusters=1, local_heads=0, exclude_self=False, causal=causal)
+
+    def dense(layer64, x64):
+        B, T, C = x64.shape
+        q = layer64.q_proj(x64).view(B, T, 2, 8).transpose(1, 2)
+        v = layer64.v_proj(x64).view(B, T, 2, 8).transpose(1, 2)
+        m = torch.ones(T, T, dtype=torch.bool)
+        o = masked_ref(q, F.normalize(q, dim=-1), v, m.tril() if causal else m)
+        return layer64.out(o.transpose(1, 2).reshape(B, T, C))
+
+    layer.eval()
+    compare_with_reference(layer, torch.randn(2, 23, 16), dense)
+
+
+def test_balanced_routing_and_kmeans_state():
+    layer = get_layer("routing", 32, 4, num_clusters=3, local_window=4)
+    x = torch.randn(2, 25, 32)
+    assert not bool(layer.initted)
+    m0 = layer.means.clone()
+    layer.train()
+    with attention_backend("reference"):
+        y = layer(x)
+    assert bool(layer.initted) and not torch.equal(layer.means, m0)
+    assert torch.allclose(layer.means.norm(dim=-1), torch.ones(2, 3), atol=1e-5)
+    aux = layer.extra_loss()
+    assert aux is not None and float(aux) > 0 and aux.requires_grad
+    (y.sum() + aux).backward()
+    # routing: each cluster takes its w = ceil(25 / 3) = 9 closest tokens, in position order
+    xn = F.normalize(torch.randn(2, 2, 25, 8), dim=-1)
+    idx = layer.route(xn)
+    assert idx.shape == (2, 2, 3, 9)
+    assert bool((idx[..., 1:] > idx[..., :-1]).all())
+    sim = torch.einsum("bhtd,hkd->bhkt", xn, layer.means)
+    kth = sim.topk(9, -1).values[..., -1:]
+    assert bool((sim.gather(-1, idx) >= kth - 1e-6).all())
+    m1 = layer.means.clone()
+    layer.eval()
+    with attention_backend("reference"):
+        layer(x)
+    assert torch.equal(layer.means, m1) and layer.extra_loss() is None
+
+
+def test_local_heads_are_causal_and_training_falls():
+    layer = get_layer("routing", 16, 2, local_heads=2, local_window=4)
+    assert future_leak(layer, torch.randn(2, 20, 16), 11) == 0.0
+    first, last = train_falls("routing", (24,), num_clusters=2, local_window=4)
+    assert last < 0.7 * first
+    c = get_layer("routing", 16, 2, num_clusters=4, local_window=32).cost(128)
+    assert 0 < c["density"] < 1 and c["flops"] > 0
+
+
+@pytest.mark.parametrize("kwargs,arg", [
+    (dict(dim=30, heads=4), "dim"),
+    (dict(num_clusters=0), "num_clusters"),
+    (dict(window_size=0), "window_size"),
+    (dict(local_heads=3), "local_heads"),
+    (dict(local_window=0), "local_window"),
+    (dict(decay=1.5), "decay"),
+    (dict(commitment=-1.0), "commitment"),
+    (dict(exclude_self=1), "exclude_self"),
+    (dict(causal=None), "causal"),
+])
+def test_invalid_config(kwargs, arg):
+    kw = dict(dim=16, heads=2)
+    kw.update(kwargs)
+    with pytest.raises(ValueError, match=arg):
+        get_layer("routing", kw.pop("dim"), kw.pop("heads"), **kw)
+
+
+def test_invalid_input():
+    layer = get_layer("routing", 16, 2)
+    with pytest.raises(ValueError, match="x"):
+        layer(torch.randn(1, 4, 4, 16))
+    with pytest.raises(ValueError, match="x"):
+        layer(torch.randn(1, 8, 12))
