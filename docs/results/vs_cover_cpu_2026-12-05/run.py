@@ -64,6 +64,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--plans", default=str(BUNDLED_DIR / "calibration" / "minference.json"),
+                    help="comma list of MInference calibration files whose vertical-slash heads are checked")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -96,26 +98,28 @@ def main():
         s["heads_new_above_authors"] = sum(x["pairs_new"] > x["pairs_authors"] for x in r)
         s["heads_new_below_authors"] = sum(x["pairs_new"] < x["pairs_authors"] for x in r)
         summary[f"VS({vs},{ss})"] = s
-    # the shipped calibration's vertical-slash heads: contiguous local band?
-    minf = get_method("minference", path=str(BUNDLED_DIR / "calibration" / "minference.json"))
-    band = []
-    for layer, heads in minf.plan.items():
-        for h, e in heads.items():
-            if e["type"] != "vertical_slash":
-                continue
-            q, k = cap.layers[layer][0], cap.layers[layer][1]
-            m = get_method("vertical_slash", v_size=e["v_size"], s_size=e["s_size"], last_q=64, block_size=64)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                p = m.select(q[:, h:h + 1], k[:, h // (q.shape[1] // k.shape[1]):][:, :1])
-            mask = p.to_dense_mask()[0, 0]
-            T = mask.shape[0]
-            i = torch.arange(T)
-            width = min(m.n_local, e["s_size"])
-            ok = all(bool(mask[i[dd:], i[dd:] - dd].all()) for dd in range(width))
-            band.append({"layer": layer, "head": h, "v_size": e["v_size"], "s_size": e["s_size"],
-                         "band_width": width, "band_contiguous": ok})
-    summary["shipped_vs_heads"] = band
+    # the vertical-slash heads of the calibration(s): contiguous local band with the current code?
+    for plan_path in a.plans.split(","):
+        minf = get_method("minference", path=plan_path)
+        band = []
+        for layer, heads in minf.plan.items():
+            for h, e in heads.items():
+                if e["type"] != "vertical_slash":
+                    continue
+                q, k = cap.layers[layer][0], cap.layers[layer][1]
+                g = q.shape[1] // k.shape[1]
+                m = get_method("vertical_slash", v_size=e["v_size"], s_size=e["s_size"], last_q=64, block_size=64)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    p = m.select(q[:, h:h + 1], k[:, h // g:h // g + 1])
+                mask = p.to_dense_mask()[0, 0]
+                T = mask.shape[0]
+                i = torch.arange(T)
+                width = min(m.n_local, e["s_size"])
+                ok = all(bool(mask[i[dd:], i[dd:] - dd].all()) for dd in range(width))
+                band.append({"layer": layer, "head": h, "v_size": e["v_size"], "s_size": e["s_size"],
+                             "band_width": width, "band_contiguous": ok})
+        summary[f"vs_heads_of {Path(plan_path).name}"] = band
     summary["seconds"] = round(time.time() - t0, 1)
     summary["machine"] = "CPU x86_64, 2 cores shared with other jobs, 1 thread; " + time.strftime("%Y-%m-%d", time.gmtime())
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
