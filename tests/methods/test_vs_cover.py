@@ -146,3 +146,16 @@ def test_vertical_slash_chunked_prefill_matches_window_reference():
     assert p.columns is not None and p.mask_bank is not None
     rows = torch.arange(Tq)
     assert p.to_dense_mask()[:, :, rows, rows + Tk - Tq].all()
+
+
+def test_forced_entries_nearest_first():
+    # MInference's inf-then-top-k keeps an arbitrary subset of the forced entries when the budget is
+    # smaller (here: 64 of the 100 local diagonals, up to offset 99); the nearest are kept instead
+    from sparsattn.methods.minference import _forced_then_topk
+
+    g = torch.Generator().manual_seed(0)
+    score = torch.rand(1, 2, 900, generator=g)
+    assert sorted(_forced_then_topk(score, 100, 64)[0, 1].tolist()) == list(range(64))
+    got = _forced_then_topk(score, 30, 40)[0, 0].tolist()
+    rest = score[0, 0, 30:].topk(10).indices + 30
+    assert got[:30] == list(range(30)) and sorted(got[30:]) == sorted(rest.tolist())
