@@ -33,6 +33,7 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--shard", default="0/1", help="grid: i/n, run every n-th row from i (one process per GPU)")
     p.add_argument("--out", default="layers_grid/results.csv", help="CSV (rows are appended / resumed)")
     p.add_argument("--plot-only", action="store_true", help="only redraw the plots of --out")
+    p.add_argument("--table", nargs="*", help="print markdown tables of these result CSVs and exit")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=run)
     return p
@@ -47,6 +48,11 @@ def run(args) -> int:
     from .loop import COLUMNS, train_layer
 
     out = Path(args.out)
+    if args.table is not None:
+        from .grid import markdown_tables
+
+        print(markdown_tables([Path(p) for p in (args.table or [args.out])]))
+        return 0
     if args.plot_only:
         for p in plot_grid(out):
             print(f"wrote {p}")

@@ -200,3 +200,26 @@ def plot_grid(csv_path: Path, out_dir: Optional[Path] = None) -> list[Path]:
         plt.close(fig)
         paths.append(p)
     return paths
+
+
+def markdown_tables(csv_paths: Sequence[Path]) -> str:
+    """markdown_tables: one table per (task, seq_len) of the result CSVs: per layer and width the
+    accuracy, the difference to dense at the same width, density, train density, steps run and train
+    seconds (rows with an error show it)."""
+    rows = [r for p in csv_paths for r in read_rows(p)]
+    out = []
+    for task, T in sorted({(r["task"], int(r["seq_len"])) for r in rows}):
+        sub = [r for r in rows if r["task"] == task and int(r["seq_len"]) == T]
+        dense = {r["width"]: _num(r["accuracy"]) for r in sub if r["layer"] == "dense" and not r.get("error")}
+        out.append(f"\n**{task}, T = {T}**\n")
+        out.append("| layer | width | accuracy | vs dense | density | train density | steps run | train s |")
+        out.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in sorted(sub, key=lambda r: (r["layer"] != "dense", r["layer"], int(r["width"]))):
+            if r.get("error"):
+                out.append(f"| {r['layer']} | {r['width']} | error: {r['error'][:80]} | | | | | |")
+                continue
+            acc, ref = _num(r["accuracy"]), dense.get(r["width"])
+            diff = "" if ref is None or r["layer"] == "dense" else f"{acc - ref:+.4f}"
+            out.append(f"| {r['layer']} | {r['width']} | {acc:.4f} | {diff} | {r['density']} | {r['train_density']} | "
+                       f"{r['steps_done']} / {r['steps']} | {r['train_s']} |")
+    return "\n".join(out) + "\n"
