@@ -106,6 +106,9 @@ def _inputs(T, B, Hq, Hkv, D, dtype, device, layout, rank, seed=1):
     return full, [shard(t, layout, rank) for t in full]
 
 
+_MESHES: dict = {}
+
+
 def _torch_cp(T, B, Hq, D, dtype, device, reps, mode) -> tuple[Optional[float], Optional[float], str]:
     """torch.distributed's context-parallel SDPA (dense causal; KV heads expanded to Hq)."""
     try:
@@ -113,7 +116,10 @@ def _torch_cp(T, B, Hq, D, dtype, device, reps, mode) -> tuple[Optional[float], 
         from torch.distributed.tensor.experimental import context_parallel
         import torch.nn.functional as F
 
-        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        key = (device.type, dist.get_world_size())
+        if key not in _MESHES:
+            _MESHES[key] = init_device_mesh(device.type, (dist.get_world_size(),))
+        mesh = _MESHES[key]
         g = torch.Generator(device=device).manual_seed(1)
         q, k, v = (torch.randn(B, Hq, T, D, generator=g, device=device, dtype=dtype) for _ in range(3))
         bufs = [q, k, v]
@@ -173,6 +179,8 @@ def run(args) -> list[dict]:
             methods = [("sparsattn", s) for s in args.strategies]
             if kind == "dense" and args.torch_cp:
                 methods.append(("torch_cp", "ring"))
+            if W == 1:  # the one-device baseline: sparsattn.attention on the global pattern
+                methods.append(("single_device", "none"))
             for method, strat in methods:
                 for mode in args.modes:
                     row = dict(date=env["date"], device=env["device"], dist_backend=dist.get_backend(), world=W,
@@ -180,6 +188,11 @@ def run(args) -> list[dict]:
                                pattern=kind, target_density=dens, density=round(pat.density, 4), method=method,
                                strategy=strat, layout=args.layout, mode=mode, link_gbps=round(gbps, 2),
                                dense_ring_bytes_recv_max=dense_ring)
+                    if method == "single_device":
+                        ms, ms_min = _time_single(q, k, v, pat, mode, args, device)
+                        row.update(ms=ms, ms_min=ms_min, bytes_recv_max=0, status="ok")
+                        rows.append(row)
+                        continue
                     if method == "torch_cp":
                         ms, ms_min, status = _torch_cp(T, B, Hq, D, dtype, device, args.reps, mode)
                         row.update(ms=ms, ms_min=ms_min, status=status)
@@ -203,6 +216,23 @@ def run(args) -> list[dict]:
                                                         "ms", "bytes_recv_max", "compute_ms", "wait_ms", "status")},
                               flush=True)
     return rows
+
+
+def _time_single(q, k, v, pat, mode, args, device) -> tuple[float, float]:
+    """(median, min) ms of ``sparsattn.attention`` on the whole sequence (one device)."""
+    from .. import api
+
+    train = mode == "fwd+bwd"
+    qq, kk, vv = (t.detach().requires_grad_(train) for t in (q, k, v))
+    do = torch.randn_like(q) if train else None
+
+    def call():
+        out = api.attention(qq, kk, vv, pat, backend=args.kernel_backend)
+        if train:
+            out.backward(do)
+
+    ms, ms_min = _time(call, args.reps, device)
+    return round(ms, 3), round(ms_min, 3)
 
 
 def _measure(q, k, v, pat, layout, strat, mode, args, device) -> dict:

@@ -69,21 +69,18 @@ class Plan:
             if W > 1 else 0
 
 
-def build_plan(pattern: BlockPattern, layout: ShardLayout, rank: int, strategy: str) -> Plan:
-    """build_plan: the schedule of ``rank`` for ``strategy`` ("ring" or "fetch"; "ulysses" and
-    "auto" build the shared part only), cached on the pattern."""
-    key = ("cp_plan", layout, rank, strategy)
-    cached = pattern._cache.get(key)
-    if cached is not None:
-        return cached
+def _shared(pattern: BlockPattern, layout: ShardLayout):
+    """The part of the plan every rank shares (lens, need, travel, fetch lists), cached."""
+    key = ("cp_shared", layout)
+    if key in pattern._cache:
+        return pattern._cache[key]
     W, T = layout.world, layout.seq_len
     bq, bk = pattern.block_q, pattern.block_k
     dev = pattern.device
     lens = [layout.rank_len(r) for r in range(W)]
-    kblocks = [layout.blocks(r, bk, dev) for r in range(W)]
     owner = torch.full((pattern.n_kv_blocks + 1,), -1, dtype=torch.long, device=dev)
     for r in range(W):
-        owner[kblocks[r]] = r
+        owner[layout.blocks(r, bk, dev)] = r
     need, fetch_blocks, fetch_tokens = [], [], []
     for r in range(W):
         nb = needed_key_blocks(pattern, layout.blocks(r, bq, dev)) if lens[r] else \
@@ -95,6 +92,23 @@ def build_plan(pattern: BlockPattern, layout: ShardLayout, rank: int, strategy: 
         fetch_tokens.append([_tokens_of_blocks(b, bk, T) for b in fb])
         need.append([bool(b.numel()) for b in fb])
     travel = [[any(need[(s + u) % W][s] for u in range(t, W)) for t in range(W)] for s in range(W)]
+    out = (lens, need, travel, fetch_blocks, fetch_tokens)
+    pattern._cache[key] = out
+    return out
+
+
+def build_plan(pattern: BlockPattern, layout: ShardLayout, rank: int, strategy: str) -> Plan:
+    """build_plan: the schedule of ``rank`` for ``strategy`` ("ring" or "fetch"; "ulysses" and
+    "auto" build the shared part only), cached on the pattern."""
+    key = ("cp_plan", layout, rank, strategy)
+    cached = pattern._cache.get(key)
+    if cached is not None:
+        return cached
+    W = layout.world
+    bq, bk = pattern.block_q, pattern.block_k
+    dev = pattern.device
+    lens, need, travel, fetch_blocks, fetch_tokens = _shared(pattern, layout)
+    kblocks = [layout.blocks(r, bk, dev) for r in range(W)]
     plan = Plan(rank, W, layout, lens, need, travel, fetch_blocks, fetch_tokens)
     qb = layout.blocks(rank, bq, dev)
     if strategy == "ring":
