@@ -164,7 +164,6 @@ class BiLevelRoutingAttention(Layer):
             aff = (qr * self.scale) @ kr.transpose(1, 2)
             idx = aff.topk(min(self.topk, nR), dim=-1).indices
         pat = routed_pattern(idx[:, None], block, bank, key_tile)
-        self._last = (pat, nR, slot)
         g = lambda t: gather_slots(t.reshape(B * h, N, t.shape[-1]), src, slot, block)  # noqa: E731
         qs, ks, vs = (g(t).view(B, h, nR * block, -1) for t in (q, k, v))
         o = attend(qs, ks, vs, pat, scale=self.scale)
@@ -199,7 +198,6 @@ class BiLevelRoutingAttention(Layer):
         mask = self.token_mask(q, k)
         T = q.shape[2]
         pat = mask_pattern(mask, 64 if T >= 64 else 16)
-        self._last = (pat, None, None)
         return attend(q, k, v, pat, scale=self.scale)
 
     def cost(self, T: int) -> dict:

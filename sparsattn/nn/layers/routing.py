@@ -181,10 +181,10 @@ class RoutingAttention(Layer):
         gi = slots[..., None].expand(-1, -1, -1, d)
         qs, ks, vs = (torch.gather(zrow(t), 2, gi) for t in (q, kn, v))
         o = attend(qs, ks, vs, self._cluster_pattern(k, w, q.device))
-        acc = o.new_zeros(B, h, T + 1, d).scatter_add(2, gi, o)
-        cnt = torch.zeros(B, h, T + 1, device=q.device, dtype=o.dtype).scatter_add(
-            2, slots, torch.ones_like(slots, dtype=o.dtype))
-        return (acc / cnt.clamp(min=1)[..., None])[:, :, :T]
+        acc = torch.zeros(B, h, T + 1, d, device=q.device, dtype=torch.float32).scatter_add(2, gi, o.float())
+        cnt = torch.zeros(B, h, T + 1, device=q.device, dtype=torch.float32).scatter_add(
+            2, slots, torch.ones_like(slots, dtype=torch.float32))
+        return (acc / cnt.clamp(min=1)[..., None])[:, :, :T].to(o.dtype)
 
     def _local_pattern(self, T: int, device):
         key = ("local", T, self.causal, str(device))

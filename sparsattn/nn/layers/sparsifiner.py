@@ -97,7 +97,6 @@ class SparsifinerAttention(Layer):
         self.proj_n = nn.Parameter(torch.randn(max_len, n_down) * 0.02)
         self.proj_back_n = nn.Parameter(torch.randn(max_len, n_down) * 0.02)
         self._aux: Optional[torch.Tensor] = None
-        self._density: Optional[float] = None
 
     def budget(self, T: int) -> int:
         """Keys kept per query row at length ``T``."""
@@ -147,7 +146,6 @@ class SparsifinerAttention(Layer):
             raise ValueError(f"x: {T} tokens exceed max_len={self.max_len} (the predictor's P_n rows)")
         q, k, v = self.proj.split(xf)
         mask, approx = self.predict(q, k)
-        self._density = float(mask.sum()) / (mask.numel() if not self.causal else B * self.heads * T * (T + 1) / 2)
         o = attend(q, k, v, mask_pattern(mask, 64 if T >= 64 else 16), scale=self.scale)
         self._aux = self._distill(q, k, approx) if self.training and self.distill_weight > 0 else None
         return self.proj.merge(o).view(x.shape)
