@@ -8,6 +8,7 @@ exact attention of the i-th block of sorted queries on the i-th block of sorted 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -85,4 +86,36 @@ def sorted_block_attention(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor,
     return out, lse
 
 
-__all__ = ["lsh_projections", "gray_rank", "lsh_rank", "sort_by_rank", "sorted_block_attention", "NEG_INF"]
+__all__ = ["lsh_projections", "gray_rank", "lsh_rank", "sort_by_rank", "sorted_block_attention", "window_attention", "NEG_INF"]
+
+
+def window_attention(q: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, start: torch.Tensor, width: int, *,
+                     scale: float, same: Optional[tuple] = None):
+    """Exact attention of every query row ``i`` of ``q [..., nq, D]`` on the ``width`` sorted keys
+    ``ks, vs [..., nk, D]`` at positions ``[start_i, start_i + width)`` (positions outside
+    ``[0, nk)`` are masked). ``same = (q_rank [..., nq], ks_rank [..., nk])`` keeps only the keys of
+    the query's own bucket. Returns ``(out [..., nq, Dv], lse [..., nq], idx [..., nq, width],
+    keep [..., nq, width])`` (idx clamped into range; keep marks the pairs computed). Rows are
+    processed in chunks of at most ``2**24`` gathered key elements (bounded memory)."""
+    nq = q.shape[-2]
+    per_row = math.prod(q.shape[:-2]) * width * ks.shape[-1]
+    step = max(1, (1 << 24) // max(per_row, 1))
+    if nq > step:
+        res = [window_attention(q[..., a:a + step, :], ks, vs, start[..., a:a + step], width, scale=scale,
+                                same=None if same is None else (same[0][..., a:a + step], same[1]))
+               for a in range(0, nq, step)]
+        return tuple(torch.cat([r[i] for r in res], dim=q.dim() - 2) for i in range(4))
+    nk = ks.shape[-2]
+    w = wide_dtype(q)
+    idx = start[..., None] + torch.arange(width, device=q.device)
+    keep = (idx >= 0) & (idx < nk)
+    idx = idx.clamp(0, max(nk - 1, 0))
+    flat = idx.reshape(*idx.shape[:-2], -1)
+    kg = ks.to(w).gather(-2, flat[..., None].expand(*flat.shape, ks.shape[-1])).reshape(*idx.shape, ks.shape[-1])
+    vg = vs.to(w).gather(-2, flat[..., None].expand(*flat.shape, vs.shape[-1])).reshape(*idx.shape, vs.shape[-1])
+    if same is not None:
+        q_rank, k_rank = same
+        keep = keep & (k_rank.gather(-1, flat).reshape(idx.shape) == q_rank[..., None])
+    s = torch.einsum("...id,...iwd->...iw", q.to(w), kg) * scale
+    out, lse = softmax_lse(s[..., None, :], vg, keep[..., None, :])
+    return out[..., 0, :], lse[..., 0], idx, keep

@@ -38,7 +38,13 @@ Differences from the paper / the authors' code (``insuhan/hyper-attn``, read, no
   counting); here they are always masked;
 * the causal recursion pads the sequence once, to ``leaf * 2**levels`` tokens (the authors pad each
   odd half by one row); padding is at the end, so it never reaches a real query;
-* the lse is differentiable (the authors' Triton path detaches it).
+* the lse is differentiable (the authors' Triton path detaches it);
+* ``assign="window"`` (the default of the *causal layer*; the core and the prefill method default
+  to the paper's ``"rank"``): in the paper, which keys a query reads depends on where the *other*
+  queries of its quadrant fall in the sorted order, i.e. on later tokens, so a causal layer trained
+  with it could read the future through the selection. With ``"window"`` each query reads the
+  ``block_size`` sorted keys centred where its own bucket falls among them (``searchsorted``), so
+  its output depends only on itself and earlier tokens; the cost is the same per query.
 """
 from __future__ import annotations
 
@@ -52,9 +58,11 @@ from ..base import register_layer
 from ..layers._qkv import QKVLayer, check_int
 from ._approx_common import (NEG_INF, add_stat, cdiv, check_generator, check_qkv, check_scale, exact_lse, gather_rows,
                              pad_tokens, softmax_lse, wide_dtype)
-from ._approx_lsh import lsh_projections, lsh_rank, sort_by_rank, sorted_block_attention
+from ._approx_lsh import lsh_projections, lsh_rank, sort_by_rank, sorted_block_attention, window_attention
 
-__all__ = ["hyper_attention", "HyperAttention", "check_hyper_config"]
+__all__ = ["hyper_attention", "HyperAttention", "check_hyper_config", "ASSIGN"]
+
+ASSIGN = ("rank", "window")
 
 
 def check_hyper_config(lsh_num_projs, block_size, sample_size, min_seq_len) -> None:
@@ -67,37 +75,52 @@ def check_hyper_config(lsh_num_projs, block_size, sample_size, min_seq_len) -> N
     check_int("min_seq_len", min_seq_len, 1)
 
 
-def _noncausal(q, k, v, proj, *, scale, block_size, sample_size, min_seq_len, generator, stats):
+def _noncausal(q, k, v, proj, *, scale, block_size, sample_size, min_seq_len, generator, stats, assign="rank"):
     """Non-causal HyperAttention of q ``[..., nq, D]`` on k/v ``[..., nk, D]``: ``(out, lse)`` float32."""
     nq, nk = q.shape[-2], k.shape[-2]
     per = math.prod(q.shape[:-2])  # independent problems (batch x heads x segments)
     if nq < min_seq_len:
         add_stat(stats, "pairs", per * nq * nk)
         return exact_lse(q, k, v, scale=scale, causal=False)
-    q_order, q_inv = sort_by_rank(lsh_rank(q, proj))
-    k_order, _ = sort_by_rank(lsh_rank(k, proj))
-    qs, ks, vs = gather_rows(q, q_order), gather_rows(k, k_order), gather_rows(v, k_order)
-    n_blocks = cdiv(nk, block_size)
-    bq, bk = cdiv(nq, n_blocks), cdiv(nk, n_blocks)
-    out_b, lse_b = sorted_block_attention(qs, ks, vs, n_blocks, scale=scale)
-    add_stat(stats, "pairs", per * n_blocks * bq * bk)
+    q_rank, k_rank = lsh_rank(q, proj), lsh_rank(k, proj)
+    k_order, _ = sort_by_rank(k_rank)
+    ks, vs = gather_rows(k, k_order), gather_rows(v, k_order)
+    w = wide_dtype(q)
+    if assign == "rank":  # the paper: the i-th block of sorted queries with the i-th block of sorted keys
+        q_order, q_inv = sort_by_rank(q_rank)
+        qs = gather_rows(q, q_order)
+        n_blocks = cdiv(nk, block_size)
+        bq, bk = cdiv(nq, n_blocks), cdiv(nk, n_blocks)
+        out_b, lse_b = sorted_block_attention(qs, ks, vs, n_blocks, scale=scale)
+        add_stat(stats, "pairs", per * n_blocks * bq * bk)
+        lo = (torch.arange(nq, device=q.device) // bq * bk).expand(*q.shape[:-2], nq)
+        width, multi_block = bk, nq > bq and nk > bk
+    else:  # "window": each query reads the block_size sorted keys centred on its own bucket's place
+        qs, q_inv = q, None
+        width = min(block_size, nk)
+        pos = torch.searchsorted(k_rank.gather(-1, k_order).contiguous(), q_rank.contiguous())
+        lo = (pos - width // 2).clamp(0, nk - width)
+        out_b, lse_b, _, _ = window_attention(q, ks, vs, lo, width, scale=scale)
+        add_stat(stats, "pairs", per * nq * width)
+        multi_block = nk > width
     parts = [(out_b, lse_b)]
-    if sample_size > 0 and nq > bq and nk > bk:
+    if sample_size > 0 and multi_block:
         idx = torch.randint(nk, (*q.shape[:-2], sample_size), device=q.device, generator=generator)
-        w = wide_dtype(q)
         s = torch.matmul(qs.to(w), gather_rows(ks, idx).to(w).transpose(-1, -2)) * scale
-        same = (torch.arange(nq, device=q.device) // bq)[:, None] == (idx // bk)[..., None, :]
-        out_r, lse_r = softmax_lse(s, gather_rows(vs, idx).to(w), ~same)
+        inside = (idx[..., None, :] >= lo[..., None]) & (idx[..., None, :] < lo[..., None] + width)
+        out_r, lse_r = softmax_lse(s, gather_rows(vs, idx).to(w), ~inside)
         parts.append((out_r, lse_r + math.log(nk / sample_size)))
         add_stat(stats, "pairs", per * nq * sample_size)
     out, lse = merge_lse(parts)
+    if q_inv is None:
+        return out, lse
     return gather_rows(out, q_inv), lse.gather(-1, q_inv)
 
 
 def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, proj: torch.Tensor, causal: bool = True,
                     scale: Optional[float] = None, block_size: int = 256, sample_size: int = 256,
                     min_seq_len: int = 4096, generator: Optional[torch.Generator] = None,
-                    stats: Optional[dict] = None):
+                    stats: Optional[dict] = None, assign: str = "rank"):
     """hyper_attention: HyperAttention of q ``[B, H, T, D]`` on k, v ``[B, H, T, D]`` (arXiv 2310.05869).
 
     Args:
@@ -108,6 +131,8 @@ def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, proj: 
         generator: torch.Generator for the residual sample (None: the global RNG).
         stats: optional dict; ``stats["pairs"]`` is increased by the number of query-key dot products
             computed (summed over batch and heads).
+        assign: "rank" (the paper: equal blocks of the sorted queries and keys) or "window" (each
+            query reads the ``block_size`` sorted keys centred where its bucket falls among them).
     Returns:
         ``(out [B, H, T, Dv] in q's dtype, lse [B, H, T] float32, float64 for float64 inputs)``: natural-log lse of the estimated
         softmax normaliser (mergeable with other parts by ``merge_lse``).
@@ -119,9 +144,11 @@ def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, proj: 
                          f"{tuple(getattr(proj, 'shape', ())) or type(proj).__name__}")
     check_hyper_config(proj.shape[1], block_size, sample_size, min_seq_len)
     check_generator(generator, q.device)
+    if assign not in ASSIGN:
+        raise ValueError(f"assign: expected one of {ASSIGN}, got {assign!r}")
     proj = proj.to(q.device)
     kw = dict(scale=scale, block_size=block_size, sample_size=sample_size, min_seq_len=min_seq_len,
-              generator=generator, stats=stats)
+              generator=generator, stats=stats, assign=assign)
     if not causal:
         out, lse = _noncausal(q, k, v, proj, **kw)
         return out.to(q.dtype), lse.to(wide_dtype(q))
@@ -163,7 +190,9 @@ class HyperAttention(QKVLayer):
     Long-context Attention in Near-Linear Time, arXiv 2310.05869).
 
     ``x [B, T, dim] -> [B, T, dim]``: q/k/v projections, ``hyper_attention`` per head, output
-    projection. Hyper-parameters are the authors' defaults; ``seed`` fixes the LSH hyperplanes
+    projection. Hyper-parameters are the authors' defaults except ``assign`` (None: ``"window"``
+    when causal, so the layer never reads later tokens; ``"rank"`` is the paper's block assignment,
+    see the module docstring); ``seed`` fixes the LSH hyperplanes
     (a buffer, saved with the layer). The residual sample is redrawn at every forward (the global
     RNG). At training lengths below ``min_seq_len`` the causal layer is exact attention: the
     ``mqar`` preset lowers ``min_seq_len``/``block_size``/``sample_size`` so that the
@@ -176,11 +205,15 @@ class HyperAttention(QKVLayer):
     presets = {"default": {}, "mqar": {"block_size": 32, "sample_size": 32, "min_seq_len": 64}}
 
     def __init__(self, dim: int, heads: int, causal: bool = True, lsh_num_projs: int = 7, block_size: int = 256,
-                 sample_size: int = 256, min_seq_len: int = 4096, seed: int = 0, bias: bool = False):
+                 sample_size: int = 256, min_seq_len: int = 4096, assign: Optional[str] = None, seed: int = 0,
+                 bias: bool = False):
         super().__init__()
         self._init_qkv(dim, heads, causal, bias)
         check_hyper_config(lsh_num_projs, block_size, sample_size, min_seq_len)
         check_int("seed", seed, 0)
+        if assign is not None and assign not in ASSIGN:
+            raise ValueError(f"assign: expected one of {ASSIGN} or None, got {assign!r}")
+        self.assign = assign if assign is not None else ("window" if causal else "rank")
         self.block_size, self.sample_size, self.min_seq_len = block_size, sample_size, min_seq_len
         self.register_buffer("proj", lsh_projections(self.head_dim, lsh_num_projs, seed))
         self.last_stats: dict = {}
@@ -189,7 +222,8 @@ class HyperAttention(QKVLayer):
         """``(out, lse)`` of HyperAttention on q/k/v ``[B, heads, T, head_dim]``."""
         self.last_stats = {}
         return hyper_attention(q, k, v, proj=self.proj, causal=self.causal, block_size=self.block_size,
-                               sample_size=self.sample_size, min_seq_len=self.min_seq_len, stats=self.last_stats)
+                               sample_size=self.sample_size, min_seq_len=self.min_seq_len, stats=self.last_stats,
+                               assign=self.assign)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """HyperAttention of ``x [B, T, dim]``."""
@@ -205,6 +239,6 @@ class HyperAttention(QKVLayer):
         st: dict = {}
         z = torch.zeros(1, 1, T, self.head_dim)
         hyper_attention(z, z, z, proj=self.proj.cpu(), causal=self.causal, block_size=self.block_size,
-                        sample_size=self.sample_size, min_seq_len=self.min_seq_len, stats=st)
+                        sample_size=self.sample_size, min_seq_len=self.min_seq_len, stats=st, assign=self.assign)
         full = T * (T + 1) / 2 if self.causal else float(T * T)
         return {"density": st["pairs"] / full, "flops": 4.0 * st["pairs"] * self.dim}

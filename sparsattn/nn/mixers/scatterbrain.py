@@ -13,12 +13,19 @@ which is exactly the lse merge of two disjoint parts: exact softmax on ``S_i`` a
 estimate on the complement (the low-rank sums minus their terms on ``S_i``). That is how it is
 computed (``merge_lse``), so no entry is counted twice and nothing is re-normalised by hand. A
 complement whose estimated normaliser after the subtraction is below ``64 eps`` of the whole
-low-rank normaliser (what rounding leaves of an empty complement) contributes nothing. ``parts="sparse"`` or ``"lowrank"`` return one part alone (the paper's comparison).
+low-rank normaliser (what rounding leaves of an empty complement) contributes nothing.
+``parts="sparse"`` or ``"lowrank"`` return one part alone (the paper's comparison).
 
 Sparse support (the ``sbsmyrf`` variant): SMYRF's asymmetric transform maps maximum inner product to
 nearest neighbour (``q -> [q, 0, sqrt(M_q^2 - |q|^2)]``, ``k -> [k, sqrt(M_k^2 - |k|^2), 0]``),
 an angular LSH (Gray-ordered buckets, as ``hyper``) sorts queries and keys, and the sorted
 sequences are cut into clusters of ``cluster_size`` (queries into the same number of clusters).
+
+``assign="window"`` (the default of the *causal layer*; the core defaults to SMYRF's ``"rank"``):
+with equal chunks of the sorted order, a query's cluster depends on where later tokens hash (and
+SMYRF's norm maxima include later tokens), so a causal layer could read the future through the
+selection. With ``"window"`` the support of query ``i`` is the ``cluster_size`` most recent keys
+``j <= i`` of its own bucket (XBOX maxima as running maxima): it depends on earlier tokens only.
 
 Differences from the paper / authors' code (``HazyResearch/scatterbrain``, read, not copied): one
 hash round (SMYRF uses ``n_hashes`` rounds with E2LSH); the angular LSH of ``hyper`` instead of
@@ -36,9 +43,9 @@ import torch
 from ...kernels.merge import merge_lse
 from ..base import register_layer
 from ..layers._qkv import QKVLayer, check_int
-from ._approx_common import (NEG_INF, add_stat, cdiv, check_qkv, check_scale, gather_rows, pad_tokens, softmax_lse,
-                             wide_dtype)
-from ._approx_lsh import lsh_projections, lsh_rank, sort_by_rank
+from ._approx_common import (NEG_INF, add_stat, cdiv, check_qkv, check_scale, exact_lse, gather_rows, pad_tokens,
+                             softmax_lse, wide_dtype)
+from ._approx_lsh import lsh_projections, lsh_rank, sort_by_rank, window_attention
 from ._approx_performer import favor_features, linear_attention, orthogonal_features
 
 __all__ = ["scatterbrain_attention", "Scatterbrain", "xbox_transform"]
@@ -46,23 +53,43 @@ __all__ = ["scatterbrain_attention", "Scatterbrain", "xbox_transform"]
 _PARTS = ("both", "sparse", "lowrank")
 
 
-def xbox_transform(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def xbox_transform(q: torch.Tensor, k: torch.Tensor, running: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """SMYRF's asymmetric (XBOX+) transform: ``[..., T, D] -> [..., T, D + 2]`` for q and k, so that
     the Euclidean distance ordering of (q', k') is the inner-product ordering of (q, k). The maxima
-    of the norms are taken per leading index."""
+    of the norms are taken per leading index, or as running maxima over the tokens so far
+    (``running``: token ``t``'s transform then depends on tokens ``<= t`` only)."""
     qn2, kn2 = (q * q).sum(-1, keepdim=True), (k * k).sum(-1, keepdim=True)
-    mq2 = qn2.amax(-2, keepdim=True)
-    mk2 = kn2.amax(-2, keepdim=True)
+    if running:
+        mq2, mk2 = torch.cummax(qn2, -2).values, torch.cummax(kn2, -2).values
+    else:
+        mq2, mk2 = qn2.amax(-2, keepdim=True), kn2.amax(-2, keepdim=True)
     z_q, z_k = torch.zeros_like(qn2), torch.zeros_like(kn2)
     q2 = torch.cat([q, z_q, (mq2 - qn2).clamp_min(0).sqrt()], -1)
     k2 = torch.cat([k, (mk2 - kn2).clamp_min(0).sqrt(), z_k], -1)
     return q2, k2
 
 
+def _window_lowrank(fq, fks, vs, idx, keep):
+    """The low-rank terms ``sum_{j in window} phi(q_i).phi(k_j) [v_j]`` of each row's window support
+    (``idx``/``keep`` from ``window_attention``), in row chunks of bounded memory."""
+    B, H, T, w = idx.shape
+    step = max(1, (1 << 24) // max(B * H * w * (fks.shape[-1] + vs.shape[-1]), 1))
+    nums, dens = [], []
+    for a in range(0, T, step):
+        ix, kp = idx[:, :, a:a + step], keep[:, :, a:a + step]
+        flat = ix.reshape(B, H, -1)
+        fkg = fks.gather(-2, flat[..., None].expand(*flat.shape, fks.shape[-1])).reshape(*ix.shape, -1)
+        vg = vs.gather(-2, flat[..., None].expand(*flat.shape, vs.shape[-1])).reshape(*ix.shape, -1)
+        s = torch.einsum("bhim,bhiwm->bhiw", fq[:, :, a:a + step], fkg) * kp
+        nums.append(torch.einsum("bhiw,bhiwd->bhid", s, vg))
+        dens.append(s.sum(-1))
+    return torch.cat(nums, 2), torch.cat(dens, 2)
+
+
 def scatterbrain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, features: torch.Tensor,
                            lsh_proj: torch.Tensor, causal: bool = True, scale: Optional[float] = None,
                            cluster_size: int = 64, parts: str = "both", chunk: int = 64,
-                           stats: Optional[dict] = None):
+                           stats: Optional[dict] = None, assign: str = "rank"):
     """scatterbrain_attention: Scatterbrain estimate of softmax attention (arXiv 2110.15343).
 
     Args:
@@ -74,8 +101,12 @@ def scatterbrain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         parts: "both" (Scatterbrain), "sparse" (the LSH part alone, SMYRF/Reformer-like) or
             "lowrank" (the Performer estimate alone).
         chunk: chunk length of the causal prefix sums.
-        stats: optional dict; adds ``pairs`` (exact q-k dot products) and ``features`` (random
-            features per query times queries), summed over batch and heads.
+        assign: "rank" (SMYRF: clusters = equal chunks of the sorted queries and keys) or "window"
+            (causal: each query's support is the ``cluster_size`` most recent keys of its own bucket;
+            non-causal: the ``cluster_size`` sorted keys centred where its bucket falls).
+        stats: optional dict; adds ``pairs`` (exact q-k dot products) and ``lowrank`` (the low-rank
+            part in key-pair equivalents: ``m`` random features per query cost what ``m`` keys cost),
+            summed over batch and heads.
     Returns:
         ``(out [B, H, T, Dv] in q's dtype, lse [B, H, T])``.
     """
@@ -83,6 +114,8 @@ def scatterbrain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     scale = check_scale(scale, q.shape[-1])
     if parts not in _PARTS:
         raise ValueError(f"parts: expected one of {_PARTS}, got {parts!r}")
+    if assign not in ("rank", "window"):
+        raise ValueError(f"assign: expected 'rank' or 'window', got {assign!r}")
     check_int("cluster_size", cluster_size, 1)
     check_int("chunk", chunk, 1)
     D = q.shape[-1]
@@ -101,8 +134,36 @@ def scatterbrain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         fk, ck = favor_features(k, features.to(q.device), scale, is_query=False)
         num, den = linear_attention(fq, fk, v.to(dt), causal=causal, chunk=chunk)
         den_all = den
-        add_stat(stats, "features", per * T * features.shape[0])
-    if use_sparse:
+        add_stat(stats, "lowrank", per * T * features.shape[0])
+    if use_sparse and assign == "window" and cluster_size >= T:  # every key is in the support: exact
+        o_s, l_s = exact_lse(q, k, v, scale=scale, causal=causal)
+        add_stat(stats, "pairs", per * T * T)
+        out_parts.append((o_s, l_s))
+        if use_lr:  # nothing is left for the low-rank part
+            den = torch.zeros_like(den)
+    elif use_sparse and assign == "window":
+        q2, k2 = xbox_transform(q.to(dt), k.to(dt), running=causal)
+        q_rank, k_rank = lsh_rank(q2, lsh_proj.to(q.device)), lsh_rank(k2, lsh_proj.to(q.device))
+        c = min(cluster_size, T)
+        if causal:  # the c most recent keys of the query's own bucket: sort keys by (bucket, position)
+            comp = k_rank * T + pos
+            k_order, _ = sort_by_rank(comp)
+            start = torch.searchsorted(comp.gather(-1, k_order).contiguous(), (q_rank * T + pos).contiguous(),
+                                       right=True) - c
+            same = (q_rank, k_rank.gather(-1, k_order))
+        else:  # the c keys centred where the query's bucket falls
+            k_order, _ = sort_by_rank(k_rank)
+            start = (torch.searchsorted(k_rank.gather(-1, k_order).contiguous(), q_rank.contiguous()) - c // 2
+                     ).clamp(0, T - c)
+            same = None
+        ks, vs = gather_rows(k.to(dt), k_order), gather_rows(v.to(dt), k_order)
+        o_s, l_s, idx, keep = window_attention(q.to(dt), ks, vs, start, c, scale=scale, same=same)
+        add_stat(stats, "pairs", per * T * c)
+        out_parts.append((o_s, l_s))
+        if use_lr:
+            n_sub, d_sub = _window_lowrank(fq, gather_rows(fk, k_order), vs, idx, keep)
+            num, den = num - n_sub, den - d_sub
+    elif use_sparse:
         q2, k2 = xbox_transform(q.to(dt), k.to(dt))
         q_order, q_inv = sort_by_rank(lsh_rank(q2, lsh_proj.to(q.device)))
         k_order, _ = sort_by_rank(lsh_rank(k2, lsh_proj.to(q.device)))
@@ -150,7 +211,8 @@ class Scatterbrain(QKVLayer):
 
     ``x [B, T, dim] -> [B, T, dim]``; ``nb_features`` random features (default Performer's
     ``int(head_dim * ln(head_dim))``), ``cluster_size`` keys per LSH cluster, ``lsh_num_projs``
-    hyperplanes, ``parts`` to train one part alone. Random directions are fixed buffers drawn from
+    hyperplanes, ``parts`` to train one part alone, ``assign`` (None: ``"window"`` when causal, see
+    the module docstring). Random directions are fixed buffers drawn from
     ``seed`` (the authors redraw the Performer features periodically; not done here).
     """
 
@@ -160,8 +222,8 @@ class Scatterbrain(QKVLayer):
     presets = {"default": {}, "mqar": {"cluster_size": 32, "nb_features": 32}}
 
     def __init__(self, dim: int, heads: int, causal: bool = True, nb_features: Optional[int] = None,
-                 cluster_size: int = 64, lsh_num_projs: int = 7, parts: str = "both", seed: int = 0,
-                 bias: bool = False):
+                 cluster_size: int = 64, lsh_num_projs: int = 7, parts: str = "both", assign: Optional[str] = None,
+                 seed: int = 0, bias: bool = False):
         super().__init__()
         self._init_qkv(dim, heads, causal, bias)
         d = self.head_dim
@@ -172,6 +234,9 @@ class Scatterbrain(QKVLayer):
         check_int("seed", seed, 0)
         if parts not in _PARTS:
             raise ValueError(f"parts: expected one of {_PARTS}, got {parts!r}")
+        if assign is not None and assign not in ("rank", "window"):
+            raise ValueError(f"assign: expected 'rank', 'window' or None, got {assign!r}")
+        self.assign = assign if assign is not None else ("window" if causal else "rank")
         self.cluster_size, self.parts = cluster_size, parts
         self.register_buffer("features", orthogonal_features(max(m, 1), d, seed))
         self.register_buffer("lsh_proj", lsh_projections(d + 2, lsh_num_projs, seed + 1))
@@ -181,7 +246,8 @@ class Scatterbrain(QKVLayer):
         """``(out, lse)`` of Scatterbrain on q/k/v ``[B, heads, T, head_dim]``."""
         self.last_stats = {}
         return scatterbrain_attention(q, k, v, features=self.features, lsh_proj=self.lsh_proj, causal=self.causal,
-                                      cluster_size=self.cluster_size, parts=self.parts, stats=self.last_stats)
+                                      cluster_size=self.cluster_size, parts=self.parts, stats=self.last_stats,
+                                      assign=self.assign)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Scatterbrain attention of ``x [B, T, dim]``."""
@@ -195,7 +261,10 @@ class Scatterbrain(QKVLayer):
         ``nb_features`` keys per query (its cost per query is that of attending to that many keys)."""
         check_int("T", T, 1)
         n = cdiv(T, self.cluster_size)
-        pairs = n * cdiv(T, n) ** 2 if self.parts != "lowrank" else 0
+        if self.parts == "lowrank":
+            pairs = 0
+        else:
+            pairs = n * cdiv(T, n) ** 2 if self.assign == "rank" else T * min(self.cluster_size, T)
         if self.parts != "sparse":
             pairs += T * self.features.shape[0]
         full = T * (T + 1) / 2 if self.causal else float(T * T)

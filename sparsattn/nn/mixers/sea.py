@@ -31,7 +31,10 @@ Defaults: ``top_k=7, predictor_length=128`` (the authors' config defaults), Perf
 ``top_k >= predictor_length`` every block is kept: exact attention.
 
 Differences from the paper / authors' code (``gmlwns2000/sea-attention``, read, not copied): the
-selection is per query block (the kernel's unit), not per query row, and the mask is a union of
+selection is per query block (the kernel's unit), not per query row (the causal *layer* selects a
+block's keys with the estimates of the previous query block's rows, ``pool="previous"``: a block's own
+rows include later tokens, so a causal layer would read the future through the selection; the core
+and the measurements default to the block's own rows, ``pool="block"``), and the mask is a union of
 key blocks, not a per-row CSR mask of exactly ``k`` resized columns; the decoder is a small MLP on
 the log-estimate (no CNN); the estimator reads detached q/k (distillation trains only the
 decoder); the teacher is the layer's own dense attention (the paper distils from a pretrained
@@ -51,7 +54,9 @@ from ..layers._qkv import QKVLayer, check_int, check_pow2
 from ._approx_common import add_stat, cdiv, check_qkv, check_scale, wide_dtype
 from ._approx_performer import favor_features, linear_attention, orthogonal_features
 
-__all__ = ["sea_attention", "SEA", "column_of_key"]
+__all__ = ["sea_attention", "SEA", "column_of_key", "POOLS"]
+
+POOLS = ("block", "previous")
 
 
 def column_of_key(T: int, width: int, device=None) -> torch.Tensor:
@@ -76,7 +81,7 @@ def _estimate(q, k, features, scale, width, causal, chunk):
 def sea_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, features: torch.Tensor, causal: bool = True,
                   scale: Optional[float] = None, top_k: int = 7, predictor_length: int = 128, block_size: int = 64,
                   decoder: Optional[nn.Module] = None, chunk: int = 64, stats: Optional[dict] = None,
-                  return_estimate: bool = False):
+                  return_estimate: bool = False, pool: str = "block"):
     """sea_attention: SEA sparse attention on an estimated mask (arXiv 2310.01777).
 
     Args:
@@ -88,6 +93,8 @@ def sea_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, features
         stats: optional dict; adds ``pairs`` (exact q-k pairs of the pattern) and ``lowrank``
             (estimator work in key-pair equivalents: ``m * K_p / D`` per query).
         return_estimate: also return the logits of the compressed estimate ``[B, H, T, K_p]``.
+        pool: "block" (a query block selects with the estimates of its own rows) or "previous" (with
+            those of the previous query block: the selection then never depends on later tokens).
     Returns:
         ``(out [B, H, T, Dv], lse [B, H, T] float32)`` (+ logits).
     """
@@ -97,6 +104,8 @@ def sea_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, features
     check_int("predictor_length", predictor_length, 1)
     check_pow2("block_size", block_size, 16)
     check_int("chunk", chunk, 1)
+    if pool not in POOLS:
+        raise ValueError(f"pool: expected one of {POOLS}, got {pool!r}")
     B, H, T, D = q.shape
     if not isinstance(features, torch.Tensor) or features.dim() != 2 or features.shape[1] != D:
         raise ValueError(f"features: expected Performer directions [m, {D}], got {tuple(getattr(features, 'shape', ()))}")
@@ -111,6 +120,8 @@ def sea_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, features
     probs = torch.softmax(logits.detach(), -1)
     pad = nq * block_size - T
     pooled = torch.nn.functional.pad(probs, (0, 0, 0, pad)).reshape(B, H, nq, block_size, W).sum(3)
+    if pool == "previous":  # block r selects with the rows of block r - 1 (all earlier than its own rows)
+        pooled = torch.nn.functional.pad(pooled, (0, 0, 1, 0))[:, :, :nq]
     kk = min(top_k, W)
     cols = torch.zeros_like(pooled, dtype=torch.bool).scatter_(-1, pooled.topk(kk, dim=-1).indices, True)
     key_block = torch.arange(T, device=q.device) // block_size
@@ -146,7 +157,8 @@ class SEA(QKVLayer):
     """SEA: estimated-mask sparse attention layer with distillation (SEA: Sparse Linear Attention
     with Estimated Attention Mask, arXiv 2310.01777).
 
-    ``x [B, T, dim] -> [B, T, dim]``; see the module docstring. ``extra_loss()`` returns the
+    ``x [B, T, dim] -> [B, T, dim]``; see the module docstring (``pool`` None: ``"previous"`` when
+    causal). ``extra_loss()`` returns the
     distillation loss of the last forward (``distill_weight`` times it; None when
     ``distill_weight == 0`` or in eval mode).
     """
@@ -159,7 +171,7 @@ class SEA(QKVLayer):
 
     def __init__(self, dim: int, heads: int, causal: bool = True, top_k: int = 7, predictor_length: int = 128,
                  block_size: int = 64, performer_nb_factor: float = 1.0, mix: bool = True, distill_rows: int = 128,
-                 distill_weight: float = 1.0, seed: int = 0, bias: bool = False):
+                 distill_weight: float = 1.0, pool: Optional[str] = None, seed: int = 0, bias: bool = False):
         super().__init__()
         self._init_qkv(dim, heads, causal, bias)
         check_int("top_k", top_k, 1)
@@ -172,6 +184,9 @@ class SEA(QKVLayer):
             raise ValueError(f"performer_nb_factor: expected a positive number, got {performer_nb_factor!r}")
         if isinstance(distill_weight, bool) or not isinstance(distill_weight, (int, float)) or not distill_weight >= 0:
             raise ValueError(f"distill_weight: expected a number >= 0, got {distill_weight!r}")
+        if pool is not None and pool not in POOLS:
+            raise ValueError(f"pool: expected one of {POOLS} or None, got {pool!r}")
+        self.pool = pool if pool is not None else ("previous" if causal else "block")
         if not isinstance(mix, bool):
             raise ValueError(f"mix: expected a bool, got {mix!r}")
         d = self.head_dim
@@ -192,7 +207,8 @@ class SEA(QKVLayer):
         self.last_stats = {}
         return sea_attention(q, k, v, features=self.features, causal=self.causal, top_k=self.top_k,
                              predictor_length=self.predictor_length, block_size=self.block_size,
-                             decoder=self.decoder, stats=self.last_stats, return_estimate=return_estimate)
+                             decoder=self.decoder, stats=self.last_stats, return_estimate=return_estimate,
+                             pool=self.pool)
 
     def _distill(self, q, k, logits):
         """0.1 KL(teacher || estimate) + MSE on ``distill_rows`` random rows (teacher: dense attention

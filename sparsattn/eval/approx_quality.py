@@ -1,0 +1,302 @@
+"""approx_quality: attention approximations (HyperAttention, Scatterbrain and each of its parts, SEA)
+on the bundled model's own q/k/v, and HyperAttention swapped into the model's last layers.
+
+Two measurements (``run``; CLI ``scripts/approx_quality.py --out DIR --length 4096 --device cpu``):
+
+1. **fidelity** (``fidelity_rows``): q/k/v of every layer captured on a held-out source-code prompt
+   of ``length`` tokens (``capture_qkv``; GQA heads repeated). Per layer, method and configuration:
+   relative output error ``||o - o_exact||_F / ||o_exact||_F`` over all heads and rows, the mean
+   absolute lse error, and the **attention recall**: the share of the exact softmax mass that falls
+   on the pairs the method computes exactly, ``exp(lse_exact_part - lse_exact)`` averaged over rows
+   and heads (HyperAttention: leaves + sorted diagonal blocks, without the sampled residual;
+   Scatterbrain / LSH: the clusters; SEA: the selected blocks; Performer alone: none, empty).
+   The ``-window`` (Hyper, Scatterbrain) and ``-previous`` (SEA) rows are the causal-safe
+   selections the causal layers use (their module docstrings); the others are the papers' rules.
+   Compute is counted per query: ``pairs`` = exact q-k dot products, ``lowrank`` = the low-rank /
+   estimator work in key-pair equivalents (``m`` features with value width ``w`` cost ``m * w / D``
+   keys); methods are compared at matched ``pairs + lowrank`` (a grid of budgets per method).
+2. **swap** (``swap_rows``): ``hyper`` patched into the last 2 and last 4 layers of the model
+   (``sparsattn.patch``): passkey accuracy decided by one prefill forward (teacher forcing,
+   ``prefill_quality.teacher_forced_predict``; ``x/N``), held-out perplexity at ``length`` and the
+   prefill time of one forward, all against the same model patched with ``dense`` everywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ["method_grid", "fidelity_rows", "swap_rows", "plot", "run", "main", "HYPER_SWAP"]
+
+#: HyperAttention configurations swapped into the model (min_seq_len, block_size, sample_size).
+HYPER_SWAP = {"hyper-1024/256/256": (1024, 256, 256), "hyper-512/128/128": (512, 128, 128)}
+
+
+#: the budgets of the grid: the papers' selection rules at four budgets, the causal-safe rules (slower
+#: gathers on the CPU) at two
+HYPER_GRID = {"rank": ((256, 64, 64), (512, 128, 128), (1024, 256, 256), (2048, 512, 512)),
+              "window": ((512, 128, 128), (1024, 256, 256))}
+SCATTER_GRID = {"rank": ((64, 64), (128, 128), (256, 256), (512, 512)), "window": ((64, 64), (128, 128))}
+SEA_GRID = {"block": (2, 4, 8, 16), "previous": (4, 16)}
+
+
+def _log(msg: str) -> None:
+    print(f"[approx_quality {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def method_grid(D: int, seed: int = 0) -> list[dict]:
+    """The (method, config) grid: each entry has ``method``, ``config`` (str), ``run(q, k, v, stats)``
+    -> ``(out, lse)`` and ``exact_part(q, k, v)`` -> lse of the exactly computed pairs (or None)."""
+    from ..nn.mixers._approx_lsh import lsh_projections
+    from ..nn.mixers._approx_performer import orthogonal_features
+    from ..nn.mixers.hyper import hyper_attention
+    from ..nn.mixers.scatterbrain import scatterbrain_attention
+    from ..nn.mixers.sea import sea_attention
+
+    grid: list[dict] = []
+    hp = lsh_projections(D, 7, seed)
+    sp = lsh_projections(D + 2, 7, seed + 1)
+
+    def add(method, config, run, exact_part=None):
+        grid.append({"method": method, "config": config, "run": run, "exact_part": exact_part})
+
+    for assign, suffix in (("rank", ""), ("window", "-window")):
+        for M, b, m in HYPER_GRID[assign]:
+            def h(q, k, v, st, M=M, b=b, m=m, sample=None, assign=assign):
+                g = torch.Generator(device=q.device).manual_seed(seed)
+                return hyper_attention(q, k, v, proj=hp, causal=True, block_size=b, min_seq_len=M, assign=assign,
+                                       sample_size=m if sample is None else sample, generator=g, stats=st)
+            add("hyper" + suffix, f"min_seq_len={M},block={b},sample={m}", h,
+                lambda q, k, v, h=h: h(q, k, v, None, sample=0)[1])
+    for assign, suffix in (("rank", ""), ("window", "-window")):
+        for c, m in SCATTER_GRID[assign]:
+            feats = orthogonal_features(m, D, seed)
+
+            def sb(q, k, v, st, c=c, f=feats, parts="both", assign=assign):
+                return scatterbrain_attention(q, k, v, features=f, lsh_proj=sp, causal=True, cluster_size=c,
+                                              parts=parts, stats=st, assign=assign)
+            add("scatterbrain" + suffix, f"cluster={c},features={m}", sb,
+                lambda q, k, v, sb=sb: sb(q, k, v, None, parts="sparse")[1])
+    for c in (128, 256, 512, 1024):
+        def ls(q, k, v, st, c=c):
+            return scatterbrain_attention(q, k, v, features=orthogonal_features(1, D, seed), lsh_proj=sp, causal=True,
+                                          cluster_size=c, parts="sparse", stats=st)
+        add("scatterbrain-sparse", f"cluster={c}", ls, lambda q, k, v, ls=ls: ls(q, k, v, None)[1])
+    for m in (128, 256, 512, 1024):
+        f = orthogonal_features(m, D, seed)
+        add("scatterbrain-lowrank", f"features={m}",
+            lambda q, k, v, st, f=f: scatterbrain_attention(q, k, v, features=f, lsh_proj=sp, causal=True,
+                                                            parts="lowrank", stats=st))
+    sea_f = orthogonal_features(int(D * math.log(D)), D, seed)
+    for pool, suffix in (("block", ""), ("previous", "-previous")):
+        for kk in SEA_GRID[pool]:
+            def se(q, k, v, st, kk=kk, pool=pool):
+                return sea_attention(q, k, v, features=sea_f, causal=True, top_k=kk, predictor_length=128,
+                                     block_size=64, stats=st, pool=pool)
+            add("sea" + suffix, f"top_k={kk},K_p=128,block=64", se, lambda q, k, v, se=se: se(q, k, v, None)[1])
+    return grid
+
+
+def _exact(q, k, v, scale):
+    from ..nn.mixers._approx_common import exact_lse
+
+    outs, lses = [], []
+    for h in range(q.shape[1]):  # one head at a time: O(T^2) memory per head
+        o, l = exact_lse(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], scale=scale, causal=True)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs, 1), torch.cat(lses, 1)
+
+
+def fidelity_rows(layers: dict, scales: dict, grid: list[dict], *, log: Callable = _log) -> list[dict]:
+    """One row per (layer, method, config): ``rel_err``, ``lse_err``, ``recall``, ``pairs_per_query``,
+    ``lowrank_per_query``, ``compute_per_query`` (their sum), ``compute_frac`` (over the mean causal
+    pairs per query, ``(T + 1) / 2``), ``seconds``. ``layers``: ``{layer: (q, k, v)}``
+    (k/v may have fewer heads: repeated)."""
+    from ..nn.base import attention_backend
+    from ..nn.mixers._approx_common import repeat_kv
+
+    rows = []
+    for layer in sorted(layers):
+        q, k, v = layers[layer][:3]
+        q = q.float()
+        k, v = repeat_kv(k.float(), q.shape[1]), repeat_kv(v.float(), q.shape[1])
+        scale = scales.get(layer, q.shape[-1] ** -0.5)
+        B, H, T, D = q.shape
+        o_ex, l_ex = _exact(q, k, v, scale)
+        for g in grid:
+            t0 = time.perf_counter()
+            st: dict = {}
+            with torch.no_grad(), attention_backend("reference" if q.device.type == "cpu" else None):
+                o, l = g["run"](q, k, v, st)
+                part = g["exact_part"](q, k, v) if g["exact_part"] is not None else None
+            dt = time.perf_counter() - t0
+            n = B * H * T
+            recall = float(torch.exp((part - l_ex).clamp(max=0)).mean()) if part is not None else float("nan")
+            comp = (st.get("pairs", 0.0) + st.get("lowrank", 0.0)) / n
+            rows.append({
+                "layer": layer, "method": g["method"], "config": g["config"], "T": T,
+                "rel_err": float((o.float() - o_ex).norm() / o_ex.norm()),
+                "lse_err": float((l.float() - l_ex).abs().mean()), "recall": recall,
+                "pairs_per_query": st.get("pairs", 0.0) / n, "lowrank_per_query": st.get("lowrank", 0.0) / n,
+                "compute_per_query": comp, "compute_frac": comp / ((T + 1) / 2), "seconds": dt,
+            })
+            log(f"layer {layer} {g['method']:<22} {g['config']:<34} rel_err {rows[-1]['rel_err']:.3f} "
+                f"recall {recall:.3f} compute/query {comp:7.1f} ({dt:.1f}s)")
+    return rows
+
+
+def _passkey(model, tok, length: int, n: int, device) -> tuple[int, int]:
+    from .prefill_quality import ANSWER_MARGIN, score_teacher_forced, teacher_forced_ids, teacher_forced_predict
+    from .tasks import make_samples
+
+    ok = 0
+    samples = make_samples("passkey", tok, length - ANSWER_MARGIN, n, seed=0, progress=False, haystack="noise")
+    for s in samples:
+        p, a = teacher_forced_ids(tok, s.prompt, s.answers[0])
+        ok += int(score_teacher_forced(teacher_forced_predict(model, p, a, device), a)["correct"])
+    return ok, len(samples)
+
+
+def _prefill_seconds(model, ids, repeats: int = 3) -> float:
+    ts = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            if ids.is_cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            if ids.is_cuda:
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def swap_rows(model, tok, length: int, *, n_passkey: int = 10, layer_counts=(2, 4), configs: Optional[dict] = None,
+              ppl_windows: int = 2, backend: Optional[str] = None, log: Callable = _log) -> list[dict]:
+    """HyperAttention in the last ``layer_counts`` layers vs ``dense`` everywhere (same patched
+    path): one row per setting with ``passkey`` (x), ``n`` (N), ``ppl``, ``ppl_change`` (relative to
+    dense), ``prefill_s`` and ``speedup`` (dense time / time)."""
+    from ..integrations import hf
+    from ..integrations.hf import attention_modules
+    from ..methods import get_method
+    from .perplexity import heldout_token_stream, perplexity
+
+    dev = next(model.parameters()).device
+    configs = HYPER_SWAP if configs is None else configs
+    layers = sorted(attention_modules(model))
+    stream = heldout_token_stream(tok, length * ppl_windows, seed=1000)
+    ids = stream[:length][None].to(dev)
+    settings = [("dense", 0, "dense")]
+    for name, (M, b, m) in configs.items():
+        for c in layer_counts:
+            settings.append((name, c, {l: get_method("hyper", min_seq_len=M, block_size=b, sample_size=m)
+                                       for l in layers[-c:]}))
+    rows = []
+    for name, c, spec in settings:
+        t0 = time.perf_counter()
+        with hf.patched(model, method=spec, backend=backend):
+            ok, n = _passkey(model, tok, length, n_passkey, dev)
+            ppl = perplexity(model, stream, lengths=(length,), progress=False)[length].ppl
+            secs = _prefill_seconds(model, ids)
+        rows.append({"setting": name, "hyper_layers": c, "layers": ",".join(map(str, layers[-c:])) if c else "",
+                     "passkey": ok, "n": n, "passkey_acc": ok / max(n, 1), "ppl": ppl, "prefill_s": secs,
+                     "length": length})
+        log(f"{name:<20} last {c} layers: passkey {ok}/{n}, ppl {ppl:.3f}, prefill {secs:.2f}s "
+            f"({time.perf_counter() - t0:.0f}s)")
+    base = rows[0]
+    for r in rows:
+        r["ppl_change"] = r["ppl"] / base["ppl"] - 1.0
+        r["speedup"] = base["prefill_s"] / r["prefill_s"]
+    return rows
+
+
+def plot(fid: list[dict], path: Path) -> None:
+    """Relative output error and attention recall vs compute per query (median over layers), one
+    line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    methods = sorted({r["method"] for r in fid})
+    for m in methods:
+        cfgs = []
+        for c in dict.fromkeys(r["config"] for r in fid if r["method"] == m):
+            rs = [r for r in fid if r["method"] == m and r["config"] == c]
+            cfgs.append((statistics.median(r["compute_frac"] for r in rs), statistics.median(r["rel_err"] for r in rs),
+                         statistics.median(r["recall"] for r in rs)))
+        cfgs.sort()
+        x = [c[0] for c in cfgs]
+        axes[0].plot(x, [c[1] for c in cfgs], "o-", label=m)
+        if not all(math.isnan(c[2]) for c in cfgs):
+            axes[1].plot(x, [c[2] for c in cfgs], "o-", label=m)
+    T = fid[0]["T"] if fid else 0
+    for ax, yl in zip(axes, ("relative output error (median over layers)", "attention recall (median over layers)")):
+        ax.set_xscale("log")
+        ax.set_xlabel(f"compute per query / mean causal pairs per query (T={T})")
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Approximations on the bundled model's q/k/v (every layer)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(out_dir, *, length: int = 4096, device: str = "cpu", n_passkey: int = 10, parts=("fidelity", "swap"),
+        layers: Optional[list] = None) -> dict:
+    """Both measurements on the bundled model; CSVs (``approx_fidelity.csv``, ``approx_swap.csv``) and
+    ``approx_fidelity.png`` under ``out_dir``. Returns ``{"fidelity": rows, "swap": rows}``."""
+    from ..bench.common import write_csv
+    from ..capture import capture_qkv
+    from ..integrations.hf import attention_modules
+    from ..models import load_bundled
+    from .perplexity import heldout_token_stream
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model, tok = load_bundled(device, dtype=dtype)
+    res: dict = {}
+    if "fidelity" in parts:
+        ids = heldout_token_stream(tok, length, seed=1000)[None].to(device)
+        cap = capture_qkv(model, ids, layers)
+        mods = attention_modules(model)
+        scales = {l: float(mods[l].scaling) for l in cap}
+        D = next(iter(cap.values()))[0].shape[-1]
+        res["fidelity"] = fidelity_rows(cap, scales, method_grid(D))
+        write_csv(res["fidelity"], out / "approx_fidelity.csv")
+        plot(res["fidelity"], out / "approx_fidelity.png")
+    if "swap" in parts:
+        res["swap"] = swap_rows(model, tok, length, n_passkey=n_passkey,
+                                backend="reference" if device == "cpu" else None)
+        write_csv(res["swap"], out / "approx_swap.csv")
+    return res
+
+
+def main(argv=None) -> int:
+    """CLI: ``--out DIR --length N --device cpu|cuda --n-passkey N --parts fidelity,swap``."""
+    ap = argparse.ArgumentParser(prog="scripts/approx_quality.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="output folder (CSV + PNG)")
+    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--n-passkey", type=int, default=10)
+    ap.add_argument("--parts", default="fidelity,swap", help="comma list of fidelity, swap")
+    ap.add_argument("--layers", default=None, help="comma list of layers for the fidelity part (default all)")
+    a = ap.parse_args(argv)
+    parts = tuple(p for p in a.parts.split(",") if p)
+    bad = [p for p in parts if p not in ("fidelity", "swap")]
+    if bad or a.length < 2 or a.n_passkey < 1:
+        raise ValueError(f"--parts/--length/--n-passkey: expected parts in fidelity,swap, length >= 2, n >= 1; "
+                         f"got {a.parts!r}, {a.length}, {a.n_passkey}")
+    layers = [int(x) for x in a.layers.split(",")] if a.layers else None
+    run(a.out, length=a.length, device=a.device, n_passkey=a.n_passkey, parts=parts, layers=layers)
+    return 0

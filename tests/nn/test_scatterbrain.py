@@ -1,0 +1,115 @@
+"""scatterbrain mixer: the estimator against a dense float64 reference of the paper's formula on a
+known support, exact at full budget, no double counting, lse mergeable, each part alone, causal
+layer never reads the future, training smoke, bad configs, bf16 on a long sequence."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sparsattn.kernels.block_sparse.reference import dense_reference
+from sparsattn.nn import get_layer
+from sparsattn.nn.mixers._approx_lsh import lsh_projections
+from sparsattn.nn.mixers._approx_performer import favor_features, orthogonal_features
+from sparsattn.nn.mixers.scatterbrain import scatterbrain_attention
+
+from ._approx_checks import assert_lse_merges_with_extra_keys, bf16_long_finite, future_change, qkv
+from .mixer_helpers import train_smoke
+
+D = 16
+F = orthogonal_features(64, D, 0)
+ONE_BUCKET = torch.zeros(D + 2, 3)  # every hash bit 0: one bucket, the sort keeps token order
+
+
+def _reference(q, k, v, support, causal):
+    """The paper's estimator, densely in float64: low-rank everywhere, corrected to exact on S."""
+    T = q.shape[2]
+    scale = D ** -0.5
+    fq, cq = favor_features(q, F, scale, is_query=True)
+    fk, ck = favor_features(k, F, scale, is_query=False)
+    a = torch.matmul(fq, fk.transpose(-1, -2)) * torch.exp(cq[..., None] + ck[..., None, None])
+    e = torch.exp(torch.matmul(q, k.transpose(-1, -2)) * scale)
+    allowed = torch.ones(T, T, dtype=torch.bool).tril() if causal else torch.ones(T, T, dtype=torch.bool)
+    w = torch.where(support & allowed, e, a) * allowed
+    return torch.matmul(w, v) / w.sum(-1, keepdim=True), torch.log(w.sum(-1))
+
+
+@pytest.mark.parametrize("assign", ["rank", "window"])
+def test_estimator_matches_dense_float64_formula(assign):
+    q, k, v = qkv(T=40, D=D, scale=0.5)
+    c = 8
+    i = torch.arange(40)
+    if assign == "window":  # the c most recent keys of the one bucket: a sliding window
+        support = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < c)
+    else:  # equal chunks of the (unchanged) order
+        support = (i[:, None] // c) == (i[None, :] // c)
+    out, lse = scatterbrain_attention(q, k, v, features=F, lsh_proj=ONE_BUCKET, cluster_size=c, assign=assign)
+    ref, lref = _reference(q, k, v, support, causal=True)
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(lse, lref, atol=1e-9, rtol=1e-9)
+    sparse, lsp = scatterbrain_attention(q, k, v, features=F, lsh_proj=ONE_BUCKET, cluster_size=c, assign=assign,
+                                         parts="sparse")
+    ref_s, lref_s = dense_reference(q, k, v, mask=(support & (i[None, :] <= i[:, None]))[None, None])
+    torch.testing.assert_close(sparse, ref_s, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(lsp, lref_s, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("assign", ["rank", "window"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_full_support_is_exact_no_double_counting(assign, causal):
+    q, k, v = qkv(T=75, D=D)
+    ref, lref = dense_reference(q, k, v, causal=causal)
+    out, lse = scatterbrain_attention(q, k, v, features=F, lsh_proj=lsh_projections(D + 2, 4, 1), causal=causal,
+                                      cluster_size=75, assign=assign)
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(lse, lref, atol=1e-9, rtol=1e-9)
+
+
+def test_lse_merges_with_exact_attention():
+    assert_lse_merges_with_extra_keys(
+        lambda q, k, v: scatterbrain_attention(q, k, v, features=F, lsh_proj=ONE_BUCKET, cluster_size=100),
+        *qkv(T=60, D=D))
+
+
+def test_combination_beats_each_part_on_smooth_attention():
+    # small logits: the low-rank part estimates the far keys well, the clusters are exact
+    q, k, v = qkv(T=256, D=D, scale=0.4, seed=2)
+    ref, _ = dense_reference(q, k, v, causal=True)
+    feats = orthogonal_features(256, D, 0)
+    err = {}
+    for parts in ("both", "sparse", "lowrank"):
+        out, _ = scatterbrain_attention(q, k, v, features=feats, lsh_proj=lsh_projections(D + 2, 3, 1),
+                                        cluster_size=32, parts=parts)
+        err[parts] = float((out - ref).norm() / ref.norm())
+    assert err["both"] < err["sparse"] and err["both"] < err["lowrank"], err
+
+
+def test_causal_layer_does_not_read_the_future_but_the_paper_rule_does():
+    cfg = dict(cluster_size=8, nb_features=8)
+    assert future_change(get_layer("scatterbrain", 32, 2, **cfg)) < 1e-5  # performer stabiliser rounding only
+    assert future_change(get_layer("scatterbrain", 32, 2, assign="rank", **cfg)) > 1e-3
+
+
+def test_training_smoke_loss_falls():
+    first, last = train_smoke("scatterbrain", cluster_size=8, nb_features=16)
+    assert last < 0.8 * first, (first, last)
+
+
+def test_bad_configs_name_the_argument():
+    for name, bad in (("cluster_size", 0), ("nb_features", 0), ("lsh_num_projs", 0), ("parts", "all"),
+                      ("assign", "x"), ("seed", -2)):
+        with pytest.raises(ValueError, match=name):
+            get_layer("scatterbrain", 32, 2, **{name: bad})
+    q, k, v = qkv(T=20, D=D)
+    with pytest.raises(ValueError, match="features"):
+        scatterbrain_attention(q, k, v, features=torch.zeros(4, 3), lsh_proj=ONE_BUCKET)
+    with pytest.raises(ValueError, match="lsh_proj"):
+        scatterbrain_attention(q, k, v, features=F, lsh_proj=torch.zeros(D, 3))
+
+
+def test_bf16_long_sequence_no_nan():
+    feats, proj = orthogonal_features(int(32 * math.log(32)), 32, 0), lsh_projections(34, 7, 1)
+    for assign in ("rank", "window"):
+        bf16_long_finite(lambda q, k, v: scatterbrain_attention(q, k, v, features=feats, lsh_proj=proj,
+                                                                cluster_size=64, assign=assign), T=1024)
