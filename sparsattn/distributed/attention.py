@@ -42,7 +42,8 @@ def choose_strategy(strategy: str, plan_any, Hq: int, Hkv: int, D: int, elem: in
     if strategy != "auto":
         return strategy, "requested"
     kv_row, q_row = 2 * B * Hkv * D * elem, 2 * B * Hq * D * elem
-    est = {s: max(p.bytes_estimate(s, kv_row, q_row) for p in plan_any) for s in ("ring", "fetch", "ulysses")}
+    est = {s: max(p.bytes_estimate(s, kv_row, q_row, 4 * B * Hq) for p in plan_any)
+           for s in ("ring", "fetch", "ulysses")}
     best = "fetch" if est["fetch"] < 0.9 * est["ring"] else "ring"
     if ok and est["ulysses"] < est[best]:
         best = "ulysses"

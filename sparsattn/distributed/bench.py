@@ -289,6 +289,38 @@ def hidden_share(rows: list[dict]) -> None:
             r["hidden_share"] = round(max(0.0, min(1.0, 1 - w / comm_ms)), 3) if comm_ms > 0 else None
 
 
+def plan_bytes(args) -> list[dict]:
+    """Forward bytes received by the busiest rank, per strategy, from the plans alone (no process
+    group, no tensors): for worlds ``args.worlds`` and the lengths / patterns / densities of ``args``."""
+    from ..bench.common import environment
+
+    rows = []
+    date = environment()["date"]
+    B, Hq, Hkv, D = args.batch, args.q_heads, args.kv_heads, args.head_dim
+    elem = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype]
+    kv_row, q_row = 2 * B * Hkv * D * elem, 2 * B * Hq * D * elem
+    for T in args.seq_lens:
+        for kind, dens in [(pk, d) for pk in args.patterns for d in args.densities]:
+            if (kind == "dense") != (dens >= 1.0):
+                continue
+            pat = make_pattern(kind, T, dens, args.block, Hkv, "cpu")
+            for W in args.worlds:
+                lay = make_layout(args.layout, T, W, args.block)
+                dense = make_pattern("dense", T, 1.0, args.block, Hkv, "cpu")
+                ref = max(build_plan(dense, lay, r, "shared").bytes_estimate("ring", kv_row, q_row) for r in range(W))
+                plans = [build_plan(pat, lay, r, "shared") for r in range(W)]
+                for strat in ("ring", "fetch", "ulysses"):
+                    b = max(p.bytes_estimate(strat, kv_row, q_row, 4 * B * Hq) for p in plans)
+                    rows.append(dict(date=date, world=W, seq_len=T, batch=B, q_heads=Hq, kv_heads=Hkv, head_dim=D,
+                                     dtype=args.dtype, pattern=kind, target_density=dens,
+                                     density=round(pat.density, 4), strategy=strat, layout=args.layout, mode="fwd",
+                                     bytes_recv_max=b, dense_ring_bytes_recv_max=ref,
+                                     bytes_vs_dense_ring=round(b / ref, 4) if ref else None, status="plan"))
+                    if args.verbose:
+                        print(rows[-1], flush=True)
+    return rows
+
+
 def parser() -> argparse.ArgumentParser:
     """Command-line options of scripts/cp_bench.py."""
     ap = argparse.ArgumentParser(description="sparse context-parallel attention benchmark (CSV)")
@@ -313,6 +345,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="cp_bench.csv")
     ap.add_argument("--timeout", type=float, default=600.0)
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="no run: forward bytes per strategy from the plans, for --worlds")
+    ap.add_argument("--worlds", type=lambda s: [int(x) for x in s.split(",")], default=[2, 4, 8])
     return ap
 
 
@@ -342,6 +377,13 @@ def main(argv=None) -> None:
     import tempfile
 
     args = parser().parse_args(argv)
+    if args.plan_only:
+        from ..bench.common import write_csv
+
+        rows = plan_bytes(args)
+        write_csv(rows, args.out, COLUMNS)
+        print(f"wrote {len(rows)} rows to {args.out}")
+        return
     if args.spawn:
         args.device = args.device or "cpu"
         fd, path = tempfile.mkstemp(prefix="cp_bench_")

@@ -55,18 +55,19 @@ class Plan:
         s = (self.rank + 1 - t) % self.world
         return s if self.travel[s][t] else None
 
-    def bytes_estimate(self, strategy: str, row_bytes: int, q_row_bytes: int) -> int:
+    def bytes_estimate(self, strategy: str, row_bytes: int, q_row_bytes: int, lse_row_bytes: int = 0) -> int:
         """Bytes this rank receives in forward for ``strategy`` (``row_bytes``: K+V bytes of one
-        token; ``q_row_bytes``: Q+O bytes of one token, for ulysses)."""
+        token; ``q_row_bytes``: Q+O bytes of one token and ``lse_row_bytes`` its lse, for ulysses)."""
         r, W = self.rank, self.world
         if strategy == "fetch":
             return sum(self.fetch_tokens[r][s] for s in range(W) if s != r) * row_bytes
         if strategy == "ring":
             return sum(self.lens[(r - t) % W] for t in range(1, W) if self.travel[(r - t) % W][t]) * row_bytes
-        # ulysses: receive q, k, v of the other ranks' tokens for my heads, and my output back
+        # ulysses: q, k, v of the other ranks' tokens for my 1/W of the heads, then the output
+        # (and lse) of my tokens for the other (W-1)/W of the heads
         other = sum(self.lens) - self.lens[r]
-        return int((other * (row_bytes + q_row_bytes / 2) + self.lens[r] * q_row_bytes / 2) * (W - 1) / W) \
-            if W > 1 else 0
+        return int(other * (row_bytes + q_row_bytes // 2) // W
+                   + self.lens[r] * (q_row_bytes // 2 + lse_row_bytes) * (W - 1) // W)
 
 
 def _shared(pattern: BlockPattern, layout: ShardLayout):

@@ -124,6 +124,15 @@ def bench_smoke(rank):
     bench.relative_to_dense_ring(rows)
     fails = [f"bench r{rank}: {r['pattern']}/{r['strategy']}/{r['mode']}: {r['status']}" for r in rows if r["status"] != "ok"]
     fails += [f"bench r{rank}: max_err {r['max_err']}" for r in rows if r.get("max_err") is not None and r["max_err"] > 1e-5]
+    from sparsattn.distributed.plan import build_plan
+
+    for r in rows:  # measured forward bytes = the plan's estimate (the busiest rank)
+        pat = bench.make_pattern(r["pattern"], 512, r["target_density"], 32, 1, "cpu")
+        lay = bench.make_layout("zigzag", 512, 2, 32)
+        est = max(build_plan(pat, lay, j, "shared").bytes_estimate(r["strategy"], 2 * 16 * 4, 2 * 2 * 16 * 4)
+                  for j in range(2))
+        if r["bytes_recv_max"] != est:
+            fails.append(f"bench r{rank}: {r['pattern']}/{r['strategy']}: measured {r['bytes_recv_max']} != plan {est}")
     local_fetch = [r for r in rows if r["pattern"] == "local" and r["strategy"] == "fetch"]
     if len(local_fetch) != 1 or not all(r["bytes_vs_dense_ring"] < 0.5 for r in local_fetch):
         fails.append(f"bench r{rank}: local fetch bytes vs dense ring: {[r.get('bytes_vs_dense_ring') for r in local_fetch]}")
