@@ -95,7 +95,7 @@ def test_balanced_routing_and_kmeans_state():
     assert bool(layer.initted) and not torch.equal(layer.means, m0)
     assert torch.allclose(layer.means.norm(dim=-1), torch.ones(2, 3), atol=1e-5)
     aux = layer.extra_loss()
-    assert aux is not None and float(aux) > 0 and aux.requires_grad
+    assert aux is not None and float(aux.detach()) > 0 and aux.requires_grad
     (y.sum() + aux).backward()
     # routing: each cluster takes its w = ceil(25 / 3) = 9 closest tokens, in position order
     xn = F.normalize(torch.randn(2, 2, 25, 8), dim=-1)
