@@ -69,8 +69,9 @@ def block_sparse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
             used = mask.any(1).any(0).nonzero().flatten()  # columns kept by any head and row
             if used.numel() == 0:  # no row of the chunk has a key (kl = 0, causal offsets, empty
                 # pattern rows): zeros and lse = -inf, as documented (softmax of nothing)
-                per_batch.setdefault(b, []).append(
-                    (qc.new_zeros(Hq, r1 - r0, v.shape[-1]), qc.new_full((Hq, r1 - r0), float("-inf"))))
+                # (an empty contraction: exact zeros that stay connected to q and v for autograd)
+                zero = torch.matmul(torch.matmul(qc, kb[:, :0].transpose(-1, -2)), vb[:, :0])
+                per_batch.setdefault(b, []).append((zero, qc.new_full((Hq, r1 - r0), float("-inf"))))
                 continue
             if used.numel() < kl:  # drop columns masked everywhere in this chunk (changes nothing)
                 mask = mask.index_select(2, used)
@@ -96,6 +97,10 @@ def block_sparse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
         lb = torch.cat([lc for _, lc in parts], 1)
         out = _write(out, ob, b, qo, qo + ql)
         lse = _write(lse, lb, b, qo, qo + ql)
+    if not out.requires_grad and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        # no row has a key (Tk = 0, all lengths 0...): the output is a constant 0, still differentiable
+        # (zero gradients) like the Triton op; sums over empty slices add exactly 0, never NaN
+        out = out + sum(t[..., :0].float().sum() for t in (q, k, v))
     return out.to(q.dtype), lse
 
 
