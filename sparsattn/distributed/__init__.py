@@ -9,7 +9,7 @@ from .attention import STRATEGIES, choose_strategy, context_parallel_attention
 from .comm import CPStats
 from .layout import LAYOUTS, ShardLayout, make_layout, shard, unshard
 from .merge import lse_merge
-from .subpattern import pattern_hash, sub_pattern
+from .subpattern import pattern_hash, rank_rows, sub_pattern
 
 __all__ = ["context_parallel_attention", "choose_strategy", "STRATEGIES", "LAYOUTS", "ShardLayout", "make_layout",
-           "shard", "unshard", "lse_merge", "sub_pattern", "pattern_hash", "CPStats"]
+           "shard", "unshard", "lse_merge", "sub_pattern", "rank_rows", "pattern_hash", "CPStats"]

@@ -22,7 +22,7 @@ from .attention import context_parallel_attention
 from .comm import CPStats
 from .layout import make_layout, shard
 from .plan import build_plan
-from .subpattern import sub_pattern
+from .subpattern import rank_rows
 
 COLUMNS = ["date", "device", "dist_backend", "world", "seq_len", "batch", "q_heads", "kv_heads", "head_dim", "dtype",
            "pattern", "target_density", "density", "method", "strategy", "layout", "mode", "ms", "ms_min",
@@ -143,9 +143,7 @@ def _check_err(out_local, full, pattern, layout, rank, backend) -> float:
     from .. import api
 
     q, k, v = full
-    bq = pattern.block_q
-    sub = sub_pattern(pattern, layout.blocks(rank, bq, q.device), layout.rank_len(rank),
-                      torch.arange(pattern.n_kv_blocks, device=q.device), pattern.kv_len)
+    sub = rank_rows(pattern, layout, rank)
     ql = shard(q, layout, rank)
     if sub is None or ql.shape[2] == 0:
         return float(out_local.abs().max()) if out_local.numel() else 0.0

@@ -154,3 +154,12 @@ def sub_pattern(pattern: BlockPattern, q_blocks: torch.Tensor, q_len: int, k_blo
     else:
         bank = mids = None
     return BlockPattern(pcnt, pidx, fcnt, fidx, bq, bk, int(q_len), int(kv_len), False, mids, bank)
+
+
+def rank_rows(pattern: BlockPattern, layout, rank: int) -> Optional[BlockPattern]:
+    """rank_rows: the global pattern's rows held by ``rank`` (a ``ShardLayout``) over all keys in
+    global order: ``attention(shard(q), k, v, rank_rows(...))`` is that rank's output computed on
+    one device (None when the rank's rows compute nothing)."""
+    bq = pattern.block_q
+    return sub_pattern(pattern, layout.blocks(rank, bq, pattern.device), layout.rank_len(rank),
+                       torch.arange(pattern.n_kv_blocks, device=pattern.device), pattern.kv_len)

@@ -105,3 +105,17 @@ def test_skip_saves_bytes():
     win = P.sliding_window(T, 128, block_q=64)
     fetch = [build_plan(win, lay, r, "fetch").bytes_estimate("fetch", 1, 1) for r in range(W)]
     assert fetch == [0, 128, 128, 128]
+
+
+def test_rank_rows_gives_the_single_device_shard():
+    from sparsattn.distributed import rank_rows
+
+    T = 200
+    p = P.sliding_window(T, 48, block_q=16, block_k=32)
+    q, k, v = torch.randn(1, 2, T, 8), torch.randn(1, 1, T, 8), torch.randn(1, 1, T, 8)
+    full = attention(q, k, v, p, backend="reference")
+    lay = ShardLayout(T, 3, "zigzag", 32)
+    for r in range(3):
+        sub = rank_rows(p, lay, r)
+        got = attention(shard(q, lay, r), k, v, sub, backend="reference")
+        torch.testing.assert_close(got, shard(full, lay, r), atol=1e-5, rtol=1e-5)
