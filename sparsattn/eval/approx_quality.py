@@ -38,11 +38,11 @@ HYPER_SWAP = {"hyper-1024/256/256": (1024, 256, 256), "hyper-512/128/128": (512,
 
 
 #: the budgets of the grid: the papers' selection rules at four budgets, the causal-safe rules (slower
-#: gathers on the CPU) at two
+#: gathers on the CPU) at one
 HYPER_GRID = {"rank": ((256, 64, 64), (512, 128, 128), (1024, 256, 256), (2048, 512, 512)),
-              "window": ((512, 128, 128), (1024, 256, 256))}
-SCATTER_GRID = {"rank": ((64, 64), (128, 128), (256, 256), (512, 512)), "window": ((64, 64), (128, 128))}
-SEA_GRID = {"block": (2, 4, 8, 16), "previous": (4, 16)}
+              "window": ((512, 128, 128),)}
+SCATTER_GRID = {"rank": ((64, 64), (128, 128), (256, 256), (512, 512)), "window": ((64, 64),)}
+SEA_GRID = {"block": (2, 4, 8, 16), "previous": (4,)}
 
 
 def _log(msg: str) -> None:
@@ -82,12 +82,12 @@ def method_grid(D: int, seed: int = 0) -> list[dict]:
                                               parts=parts, stats=st, assign=assign)
             add("scatterbrain" + suffix, f"cluster={c},features={m}", sb,
                 lambda q, k, v, sb=sb: sb(q, k, v, None, parts="sparse")[1])
-    for c in (128, 256, 512, 1024):
+    for c in (128, 256, 512):
         def ls(q, k, v, st, c=c):
             return scatterbrain_attention(q, k, v, features=orthogonal_features(1, D, seed), lsh_proj=sp, causal=True,
                                           cluster_size=c, parts="sparse", stats=st)
         add("scatterbrain-sparse", f"cluster={c}", ls, lambda q, k, v, ls=ls: ls(q, k, v, None)[1])
-    for m in (128, 256, 512, 1024):
+    for m in (128, 256, 512):
         f = orthogonal_features(m, D, seed)
         add("scatterbrain-lowrank", f"features={m}",
             lambda q, k, v, st, f=f: scatterbrain_attention(q, k, v, features=f, lsh_proj=sp, causal=True,
@@ -113,11 +113,12 @@ def _exact(q, k, v, scale):
     return torch.cat(outs, 1), torch.cat(lses, 1)
 
 
-def fidelity_rows(layers: dict, scales: dict, grid: list[dict], *, log: Callable = _log) -> list[dict]:
+def fidelity_rows(layers: dict, scales: dict, grid: list[dict], *, heads: Optional[list] = None,
+                  log: Callable = _log) -> list[dict]:
     """One row per (layer, method, config): ``rel_err``, ``lse_err``, ``recall``, ``pairs_per_query``,
     ``lowrank_per_query``, ``compute_per_query`` (their sum), ``compute_frac`` (over the mean causal
     pairs per query, ``(T + 1) / 2``), ``seconds``. ``layers``: ``{layer: (q, k, v)}``
-    (k/v may have fewer heads: repeated)."""
+    (k/v may have fewer heads: repeated); ``heads``: the query heads evaluated (default all)."""
     from ..nn.base import attention_backend
     from ..nn.mixers._approx_common import repeat_kv
 
@@ -126,6 +127,8 @@ def fidelity_rows(layers: dict, scales: dict, grid: list[dict], *, log: Callable
         q, k, v = layers[layer][:3]
         q = q.float()
         k, v = repeat_kv(k.float(), q.shape[1]), repeat_kv(v.float(), q.shape[1])
+        if heads is not None:
+            q, k, v = q[:, heads], k[:, heads], v[:, heads]
         scale = scales.get(layer, q.shape[-1] ** -0.5)
         B, H, T, D = q.shape
         o_ex, l_ex = _exact(q, k, v, scale)
@@ -140,7 +143,7 @@ def fidelity_rows(layers: dict, scales: dict, grid: list[dict], *, log: Callable
             recall = float(torch.exp((part - l_ex).clamp(max=0)).mean()) if part is not None else float("nan")
             comp = (st.get("pairs", 0.0) + st.get("lowrank", 0.0)) / n
             rows.append({
-                "layer": layer, "method": g["method"], "config": g["config"], "T": T,
+                "layer": layer, "heads": "all" if heads is None else ",".join(map(str, heads)), "method": g["method"], "config": g["config"], "T": T,
                 "rel_err": float((o.float() - o_ex).norm() / o_ex.norm()),
                 "lse_err": float((l.float() - l_ex).abs().mean()), "recall": recall,
                 "pairs_per_query": st.get("pairs", 0.0) / n, "lowrank_per_query": st.get("lowrank", 0.0) / n,
@@ -178,7 +181,8 @@ def _prefill_seconds(model, ids, repeats: int = 3) -> float:
 
 
 def swap_rows(model, tok, length: int, *, n_passkey: int = 10, layer_counts=(2, 4), configs: Optional[dict] = None,
-              ppl_windows: int = 2, backend: Optional[str] = None, log: Callable = _log) -> list[dict]:
+              ppl_windows: int = 2, repeats: int = 3, backend: Optional[str] = None,
+              log: Callable = _log) -> list[dict]:
     """HyperAttention in the last ``layer_counts`` layers vs ``dense`` everywhere (same patched
     path): one row per setting with ``passkey`` (x), ``n`` (N), ``ppl``, ``ppl_change`` (relative to
     dense), ``prefill_s`` and ``speedup`` (dense time / time)."""
@@ -203,7 +207,7 @@ def swap_rows(model, tok, length: int, *, n_passkey: int = 10, layer_counts=(2, 
         with hf.patched(model, method=spec, backend=backend):
             ok, n = _passkey(model, tok, length, n_passkey, dev)
             ppl = perplexity(model, stream, lengths=(length,), progress=False)[length].ppl
-            secs = _prefill_seconds(model, ids)
+            secs = _prefill_seconds(model, ids, repeats)
         rows.append({"setting": name, "hyper_layers": c, "layers": ",".join(map(str, layers[-c:])) if c else "",
                      "passkey": ok, "n": n, "passkey_acc": ok / max(n, 1), "ppl": ppl, "prefill_s": secs,
                      "length": length})
@@ -252,7 +256,8 @@ def plot(fid: list[dict], path: Path) -> None:
 
 
 def run(out_dir, *, length: int = 4096, device: str = "cpu", n_passkey: int = 10, parts=("fidelity", "swap"),
-        layers: Optional[list] = None) -> dict:
+        layers: Optional[list] = None, heads: Optional[list] = None, layer_counts=(2, 4),
+        swap_configs: Optional[list] = None, ppl_windows: int = 2, repeats: int = 3) -> dict:
     """Both measurements on the bundled model; CSVs (``approx_fidelity.csv``, ``approx_swap.csv``) and
     ``approx_fidelity.png`` under ``out_dir``. Returns ``{"fidelity": rows, "swap": rows}``."""
     from ..bench.common import write_csv
@@ -272,18 +277,21 @@ def run(out_dir, *, length: int = 4096, device: str = "cpu", n_passkey: int = 10
         mods = attention_modules(model)
         scales = {l: float(mods[l].scaling) for l in cap}
         D = next(iter(cap.values()))[0].shape[-1]
-        res["fidelity"] = fidelity_rows(cap, scales, method_grid(D))
+        res["fidelity"] = fidelity_rows(cap, scales, method_grid(D), heads=heads)
         write_csv(res["fidelity"], out / "approx_fidelity.csv")
         plot(res["fidelity"], out / "approx_fidelity.png")
     if "swap" in parts:
-        res["swap"] = swap_rows(model, tok, length, n_passkey=n_passkey,
+        cfgs = None if swap_configs is None else {k: HYPER_SWAP[k] for k in swap_configs}
+        res["swap"] = swap_rows(model, tok, length, n_passkey=n_passkey, layer_counts=layer_counts, configs=cfgs,
+                                ppl_windows=ppl_windows, repeats=repeats,
                                 backend="reference" if device == "cpu" else None)
         write_csv(res["swap"], out / "approx_swap.csv")
     return res
 
 
 def main(argv=None) -> int:
-    """CLI: ``--out DIR --length N --device cpu|cuda --n-passkey N --parts fidelity,swap``."""
+    """CLI: ``--out DIR --length N --device cpu|cuda --n-passkey N --parts fidelity,swap`` (and
+    ``--layers``, ``--heads``, ``--swap-layers``, ``--swap-configs``, ``--ppl-windows``, ``--repeats``)."""
     ap = argparse.ArgumentParser(prog="scripts/approx_quality.py", description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="output folder (CSV + PNG)")
     ap.add_argument("--length", type=int, default=4096)
@@ -291,12 +299,20 @@ def main(argv=None) -> int:
     ap.add_argument("--n-passkey", type=int, default=10)
     ap.add_argument("--parts", default="fidelity,swap", help="comma list of fidelity, swap")
     ap.add_argument("--layers", default=None, help="comma list of layers for the fidelity part (default all)")
+    ap.add_argument("--heads", default=None, help="comma list of query heads for the fidelity part (default all)")
+    ap.add_argument("--swap-layers", default="2,4", help="comma list: hyper in the last N layers")
+    ap.add_argument("--swap-configs", default=None, help=f"comma list of {sorted(HYPER_SWAP)} (default all)")
+    ap.add_argument("--ppl-windows", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="timed prefill forwards (median)")
     a = ap.parse_args(argv)
     parts = tuple(p for p in a.parts.split(",") if p)
     bad = [p for p in parts if p not in ("fidelity", "swap")]
     if bad or a.length < 2 or a.n_passkey < 1:
         raise ValueError(f"--parts/--length/--n-passkey: expected parts in fidelity,swap, length >= 2, n >= 1; "
                          f"got {a.parts!r}, {a.length}, {a.n_passkey}")
-    layers = [int(x) for x in a.layers.split(",")] if a.layers else None
-    run(a.out, length=a.length, device=a.device, n_passkey=a.n_passkey, parts=parts, layers=layers)
+    ints = lambda t: [int(x) for x in t.split(",")] if t else None  # noqa: E731
+    run(a.out, length=a.length, device=a.device, n_passkey=a.n_passkey, parts=parts, layers=ints(a.layers),
+        heads=ints(a.heads), layer_counts=tuple(ints(a.swap_layers)),
+        swap_configs=a.swap_configs.split(",") if a.swap_configs else None, ppl_windows=a.ppl_windows,
+        repeats=a.repeats)
     return 0
