@@ -57,6 +57,7 @@ def attention_cases(draw):
     Tk = draw(st.integers(0, MAX_T))
     lens = draw(st.sampled_from(["none", "q", "kv", "both"]))
     c.update(B=B, Tq=Tq, Tk=Tk, padding=draw(st.sampled_from(["right", "left"])),
+             layout=draw(st.sampled_from(["bhtd", "bthd"])),  # bthd: [B, T, H, D] storage seen transposed
              q_lens=[draw(st.integers(0, Tq)) for _ in range(B)] if lens in ("q", "both") else None,
              kv_lens=[draw(st.integers(0, Tk)) for _ in range(B)] if lens in ("kv", "both") else None)
     return c
