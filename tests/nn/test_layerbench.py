@@ -38,9 +38,13 @@ def test_train_layer_bad_arguments(kw, arg):
 
 
 def test_make_task_splits_are_seeded_and_distinct():
+    from sparsattn.train.layerbench import tasks
+
     a = make_task("mqar", 64, n_train=8, n_test=8, seed=3, vocab=128)
+    assert make_task("mqar", 64, n_train=8, n_test=8, seed=3, vocab=128) is a   # cached per process
+    tasks._CACHE.clear()
     b = make_task("mqar", 64, n_train=8, n_test=8, seed=3, vocab=128)
-    assert torch.equal(a.x_train, b.x_train) and not torch.equal(a.x_train, a.x_test)
+    assert b is not a and torch.equal(a.x_train, b.x_train) and not torch.equal(a.x_train, a.x_test)
     lo = make_task("listops", 64, n_train=4, n_test=4, seed=0)
     assert lo.kind == "cls" and lo.x_train.shape == (4, 64) and lo.n_out == 10
 

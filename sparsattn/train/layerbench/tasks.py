@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
@@ -119,6 +120,8 @@ def make_task(name: str, seq_len: int, *, n_train: int, n_test: int, seed: int, 
             padded; Pathfinder: a square number of pixels, 1024 = 32x32).
         n_train, n_test: example counts; seed: data seed (test uses seed + 7919).
         vocab: MQAR only, the vocabulary (default Zoology's 8192).
+    The last two data sets are kept in memory (same arguments, same object: treat it as read-only).
+
     Raises:
         ValueError: unknown task, bad sizes, or a missing Pathfinder generator.
     """
@@ -129,4 +132,15 @@ def make_task(name: str, seq_len: int, *, n_train: int, n_test: int, seed: int, 
             raise ValueError(f"{arg}: expected a positive int, got {v!r}")
     if vocab is not None and name != "mqar":
         raise ValueError(f"vocab: only the MQAR task takes a vocabulary size, got vocab={vocab} for {name!r}")
-    return {"mqar": _mqar, "listops": _listops, "pathfinder": _pathfinder}[name](seq_len, n_train, n_test, seed, vocab)
+    key = (name, seq_len, n_train, n_test, seed, vocab)
+    if key in _CACHE:  # a grid trains many layers on the same data: generate it once per process
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    data = {"mqar": _mqar, "listops": _listops, "pathfinder": _pathfinder}[name](seq_len, n_train, n_test, seed, vocab)
+    _CACHE[key] = data
+    while len(_CACHE) > 2:
+        _CACHE.popitem(last=False)
+    return data
+
+
+_CACHE: "OrderedDict[tuple, TaskData]" = OrderedDict()
