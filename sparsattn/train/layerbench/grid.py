@@ -109,7 +109,8 @@ def run_grid(grid: str, out: Path, *, layers=None, tasks=None, hybrids=(), seeds
     """run_grid: run the rows of ``plan(...)`` missing from the CSV ``out``, appending each result.
 
     ``max_minutes``: no new run starts once the elapsed time plus the longest run so far would
-    pass it (then call again: the CSV is the state). ``shard=(i, n)``: only runs ``i, i+n, ...``
+    pass it (then call again: the CSV is the state), and a run's training stops at 85% of the time
+    left (its row then has ``steps_done < steps``; it is not run again). ``shard=(i, n)``: only runs ``i, i+n, ...``
     (one process per GPU). A run that raises is written with its ``error`` and retried next time.
     Returns the rows run in this call.
     """
@@ -131,6 +132,8 @@ def run_grid(grid: str, out: Path, *, layers=None, tasks=None, hybrids=(), seeds
             break
         ts = time.perf_counter()
         kw = dict(run)
+        if max_minutes is not None:  # training stops in time to evaluate inside the budget
+            kw["time_limit_s"] = max(10.0, 0.85 * (60 * max_minutes - (ts - t0)))
         try:
             row = train_layer(kw.pop("layer"), kw.pop("task"), device=device, progress=progress, **kw)
             row["error"] = ""

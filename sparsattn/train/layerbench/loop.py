@@ -102,7 +102,8 @@ def train_layer(layer: Union[str, Sequence], task: Union[str, TaskData] = "mqar"
                 batch_size: Optional[int] = None, lr: Optional[float] = None, weight_decay: Optional[float] = None,
                 warmup: float = 0.1, clip: float = 1.0, mlp: Optional[bool] = None, dropout: Optional[float] = None,
                 n_train: Optional[int] = None, n_test: Optional[int] = None, eval_every: Optional[int] = None,
-                vocab: Optional[int] = None, stop_at: float = 0.99, backend: Optional[str] = None, progress: bool = True) -> dict:
+                vocab: Optional[int] = None, stop_at: float = 0.99, backend: Optional[str] = None, progress: bool = True,
+                time_limit_s: Optional[float] = None) -> dict:
     """train_layer: train one model around ``layer`` on ``task`` and return its result row (``COLUMNS``).
 
     Args:
@@ -120,6 +121,8 @@ def train_layer(layer: Union[str, Sequence], task: Union[str, TaskData] = "mqar"
         backend: attention backend for the layers (default ``"reference"`` on the CPU, the
             library's table on CUDA).
         progress: tqdm bar.
+        time_limit_s: stop training after this many seconds (then evaluate); the row's
+            ``steps_done < steps`` shows it (the grid uses it to stay inside a device time limit).
     """
     task_name = task.name if isinstance(task, TaskData) else task
     if task_name not in TASK_DEFAULTS:
@@ -192,6 +195,8 @@ def train_layer(layer: Union[str, Sequence], task: Union[str, TaskData] = "mqar"
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_ema:.3f}", acc=acc_mid)
+            if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s:
+                break
             if d["eval_every"] and done % d["eval_every"] == 0 and done < steps:
                 acc_mid = round(evaluate(model, data, device=dev, batch_size=d["batch_size"], limit=1000,
                                          autocast=autocast), 4)
