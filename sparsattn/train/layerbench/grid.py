@@ -41,13 +41,14 @@ KEY = ("layer", "task", "seq_len", "width", "layers", "seed")
 
 def default_layers(task: str) -> list[str]:
     """default_layers: every registered layer that can run ``task``: causal for MQAR, 1-D for MQAR
-    and ListOps (2-D layers run Pathfinder as images)."""
+    and ListOps (a 2-D layer runs them only through its ``presets[task]``, e.g. its 1-D form;
+    2-D layers run Pathfinder as images)."""
     out = []
     for name in list_layers():
         cls = layer_class(name)
         if task == "mqar" and True not in tuple(getattr(cls, "causal_modes", (True,))):
             continue
-        if task in ("mqar", "listops") and getattr(cls, "layout", "1d") == "2d":
+        if task in ("mqar", "listops") and getattr(cls, "layout", "1d") == "2d" and task not in getattr(cls, "presets", {}):
             continue
         out.append(name)
     return out
