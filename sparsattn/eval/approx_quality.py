@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["method_grid", "fidelity_rows", "swap_rows", "plot", "run", "main", "HYPER_SWAP"]
+__all__ = ["method_grid", "fidelity_rows", "swap_rows", "summarize", "plot", "replot", "run", "main", "HYPER_SWAP"]
 
 #: HyperAttention configurations swapped into the model (min_seq_len, block_size, sample_size).
 HYPER_SWAP = {"hyper-1024/256/256": (1024, 256, 256), "hyper-512/128/128": (512, 128, 128)}
@@ -220,6 +220,34 @@ def swap_rows(model, tok, length: int, *, n_passkey: int = 10, layer_counts=(2, 
     return rows
 
 
+def summarize(fid: list[dict]) -> list[dict]:
+    """Per (method, config): medians over layers of every metric, and the worst layer's rel_err."""
+    out = []
+    for key in dict.fromkeys((r["method"], r["config"]) for r in fid):
+        rs = [r for r in fid if (r["method"], r["config"]) == key]
+        row = {"method": key[0], "config": key[1], "layers": len(rs), "T": rs[0]["T"]}
+        for m in ("rel_err", "lse_err", "recall", "pairs_per_query", "lowrank_per_query", "compute_per_query",
+                  "compute_frac"):
+            row[m] = statistics.median(float(r[m]) for r in rs)
+        row["rel_err_max"] = max(float(r["rel_err"]) for r in rs)
+        out.append(row)
+    return out
+
+
+def _read_csv(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k, v in r.items():
+            try:
+                r[k] = float(v) if k not in ("method", "config", "heads") else v
+            except ValueError:
+                pass
+    return rows
+
+
 def plot(fid: list[dict], path: Path) -> None:
     """Relative output error and attention recall vs compute per query (median over layers), one
     line per method."""
@@ -230,6 +258,7 @@ def plot(fid: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     methods = sorted({r["method"] for r in fid})
+    colors = dict(zip(methods, plt.get_cmap("tab10").colors))
     for m in methods:
         cfgs = []
         for c in dict.fromkeys(r["config"] for r in fid if r["method"] == m):
@@ -238,10 +267,10 @@ def plot(fid: list[dict], path: Path) -> None:
                          statistics.median(r["recall"] for r in rs)))
         cfgs.sort()
         x = [c[0] for c in cfgs]
-        axes[0].plot(x, [c[1] for c in cfgs], "o-", label=m)
+        axes[0].plot(x, [c[1] for c in cfgs], "o-", label=m, color=colors[m])
         if not all(math.isnan(c[2]) for c in cfgs):
-            axes[1].plot(x, [c[2] for c in cfgs], "o-", label=m)
-    T = fid[0]["T"] if fid else 0
+            axes[1].plot(x, [c[2] for c in cfgs], "o-", label=m, color=colors[m])
+    T = int(fid[0]["T"]) if fid else 0
     for ax, yl in zip(axes, ("relative output error (median over layers)", "attention recall (median over layers)")):
         ax.set_xscale("log")
         ax.set_xlabel(f"compute per query / mean causal pairs per query (T={T})")
@@ -249,7 +278,8 @@ def plot(fid: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=8)
-    fig.suptitle("Approximations on the bundled model's q/k/v (every layer)")
+    heads = fid[0].get("heads", "all") if fid else "all"
+    fig.suptitle(f"Approximations on the bundled model's q/k/v (every layer, query heads {heads})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -279,7 +309,7 @@ def run(out_dir, *, length: int = 4096, device: str = "cpu", n_passkey: int = 10
         D = next(iter(cap.values()))[0].shape[-1]
         res["fidelity"] = fidelity_rows(cap, scales, method_grid(D), heads=heads)
         write_csv(res["fidelity"], out / "approx_fidelity.csv")
-        plot(res["fidelity"], out / "approx_fidelity.png")
+        replot(out)
     if "swap" in parts:
         cfgs = None if swap_configs is None else {k: HYPER_SWAP[k] for k in swap_configs}
         res["swap"] = swap_rows(model, tok, length, n_passkey=n_passkey, layer_counts=layer_counts, configs=cfgs,
@@ -287,6 +317,18 @@ def run(out_dir, *, length: int = 4096, device: str = "cpu", n_passkey: int = 10
                                 backend="reference" if device == "cpu" else None)
         write_csv(res["swap"], out / "approx_swap.csv")
     return res
+
+
+def replot(out_dir) -> list[dict]:
+    """From ``approx_fidelity.csv`` in ``out_dir``: the summary CSV and the PNG (no recomputation)."""
+    from ..bench.common import write_csv
+
+    out = Path(out_dir)
+    fid = _read_csv(out / "approx_fidelity.csv")
+    summary = summarize(fid)
+    write_csv(summary, out / "approx_fidelity_summary.csv")
+    plot(fid, out / "approx_fidelity.png")
+    return summary
 
 
 def main(argv=None) -> int:
@@ -304,7 +346,11 @@ def main(argv=None) -> int:
     ap.add_argument("--swap-configs", default=None, help=f"comma list of {sorted(HYPER_SWAP)} (default all)")
     ap.add_argument("--ppl-windows", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="timed prefill forwards (median)")
+    ap.add_argument("--replot", action="store_true", help="only redo the summary and plot from the CSV in --out")
     a = ap.parse_args(argv)
+    if a.replot:
+        replot(a.out)
+        return 0
     parts = tuple(p for p in a.parts.split(",") if p)
     bad = [p for p in parts if p not in ("fidelity", "swap")]
     if bad or a.length < 2 or a.n_passkey < 1:

@@ -63,7 +63,7 @@ def test_causal_layer_does_not_read_the_future_but_the_paper_rule_does():
 
 
 def test_training_smoke_loss_falls():
-    first, last = train_smoke("hyper", min_seq_len=8, block_size=4, sample_size=4)
+    first, last = train_smoke("hyper", min_seq_len=12, block_size=6, sample_size=4)
     assert last < 0.8 * first, (first, last)
 
 

@@ -81,7 +81,18 @@ def exact_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     """Exact softmax attention with its lse, float32 (float64 stays float64): q ``[..., n, D]``,
     k/v ``[..., m, D]``; ``causal`` aligns the diagonal top-left (query i sees keys ``<= i``),
     ``keep`` an extra bool mask. Returns ``(out, lse)`` as ``softmax_lse``. Memory ``O(n * m)`` per
-    leading index: callers use it on blocks."""
+    leading index: callers use it on blocks. On CUDA without gradients (inference) it runs through
+    ``sparsattn.attention`` instead (flash-style kernel, same result)."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if q.is_cuda and keep is None and not needs_grad and q.dtype != torch.float64 and q.shape[-1] <= 256:
+        # inference on the GPU: the block-sparse kernel (dense pattern), no O(n * m) scores in memory
+        from ...api import attention
+
+        lead = q.shape[:-2]
+        flat = lambda t: t.reshape(1, -1, *t.shape[-2:])  # noqa: E731
+        out, lse = attention(flat(q), flat(k.to(q.dtype)), flat(v.to(q.dtype)), causal=causal, scale=scale,
+                             return_lse=True)
+        return out.float().reshape(*lead, *out.shape[-2:]), lse.reshape(*lead, lse.shape[-1])
     wide = wide_dtype(q)
     s = torch.matmul(q.to(wide), k.to(wide).transpose(-1, -2)) * scale
     if causal:
