@@ -36,6 +36,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n-test", type=int, default=None)
     ap.add_argument("--vocab", type=int, default=None, help="MQAR vocabulary (the reduced grid uses 512)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--config", default=None, help="JSON hyper-parameters over the layer's task preset")
     a = ap.parse_args(argv)
     if a.task == "mqar" and a.vocab is None:
         a.vocab = 512
@@ -52,6 +53,8 @@ def main(argv=None) -> None:
                 kw = {k: v for k, v in (("batch_size", a.batch_size), ("n_train", a.n_train), ("n_test", a.n_test),
                                         ("vocab", a.vocab)) if v is not None}
                 t0 = time.time()
+                if a.config:
+                    kw["layer_config"] = json.loads(a.config)
                 row = train_layer(name, a.task, seq_len=T, width=w, steps=a.steps, seed=a.seed, progress=False, **kw)
                 row["wall_s"] = round(time.time() - t0, 1)
                 new = not os.path.exists(a.out)
