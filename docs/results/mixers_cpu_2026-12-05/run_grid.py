@@ -1,0 +1,142 @@
+"""Reduced CPU grid of Zoology's recall comparison for the recurrent mixers (issue 13).
+
+MQAR (our generator, ``sparsattn.eval.mqar``; K = 4 at T = 64, K = 8 at T = 128; vocabulary 512)
+for dense attention, baseconv (long implicit filter), lightning, aaren, jrt (JRT-RNN, prefix =
+the 2K key-value tokens) and the Zoology hybrid baseconv (short) + dense attention, at widths 64
+and 128, 2 blocks without MLP (the harness's MQAR defaults), through the shared harness
+(``sparsattn.train.layerbench.train_layer``). Two JRT-Prompt runs (the context read twice) follow
+for lightning and baseconv. Resumable: rows already in results.csv are skipped.
+
+    OMP_NUM_THREADS=1 python docs/results/mixers_cpu_2026-12-05/run_grid.py [--lr 6e-3] [--lengths 64 128]
+    python docs/results/mixers_cpu_2026-12-05/run_grid.py --combine   # best rate per model -> best.csv + plots
+
+Each learning rate has its own CSV (results_lr{lr}.csv); ``--combine`` keeps, per (model, length,
+width), the row of the best accuracy (Zoology reports the best of its learning-rate sweep).
+
+The full GPU grid (T = 256 / 512, widths 64..512, V = 8192) is the harness's ``full`` grid:
+``sparsattn train-layer --grid full --tasks mqar --layers dense baseconv lightning aaren jrt
+--hybrids baseconv,dense --device cuda --max-minutes 9``.
+"""
+import argparse
+import traceback
+from pathlib import Path
+
+import torch
+
+from sparsattn.bench.common import write_csv
+from sparsattn.nn.mixers.jrt import jrt_prompt
+from sparsattn.train.layerbench import COLUMNS, TaskData, make_task, plot_grid, train_layer
+from sparsattn.train.layerbench.grid import read_rows
+
+HERE = Path(__file__).resolve().parent
+VOCAB = 512
+STEPS = {64: 1000, 128: 800}
+BATCH = 32
+LR = 6e-3  # default rate (Zoology sweeps 1e-4..1e-2 per model; we run at most two rates on the CPU)
+MODELS = ["dense", "baseconv", "lightning", "aaren", "jrt", ["baseconv", "dense"]]
+
+
+def label(m):
+    return m if isinstance(m, str) else "+".join(m)
+
+
+def runs(lengths=(64, 128), plain: bool = True):
+    out = []
+    for T in (lengths if plain else ()):
+        for W in (64, 128):
+            for m in MODELS:
+                out.append(dict(model=m, T=T, W=W, prompt=False))
+    for m in ("lightning", "baseconv"):
+        for W in (64, 128):
+            if 64 in lengths:
+                out.append(dict(model=m, T=64, W=W, prompt=True))
+    return out
+
+
+def prompted(T: int) -> TaskData:
+    """MQAR of length T with its 2K context tokens read twice (JRT-Prompt): length T + 2K."""
+    d = make_task("mqar", T, n_train=STEPS[T] * BATCH, n_test=1000, seed=0, vocab=VOCAB)
+    ctx = d.prefix_len
+    xtr, ytr = jrt_prompt(d.x_train, d.y_train, ctx)
+    xte, yte = jrt_prompt(d.x_test, d.y_test, ctx)
+    return TaskData("mqar", xtr, ytr, xte, yte, d.vocab, d.n_out, "lm", True, T + ctx,
+                    info=d.info + ", JRT-Prompt (context twice)", prefix_len=None)
+
+
+def csv_for(lr: float) -> Path:
+    """The result CSV of one learning rate (the first grid, at 6e-3, wrote results.csv)."""
+    return HERE / ("results.csv" if lr == 6e-3 else f"results_lr{lr:g}.csv")
+
+
+def combine() -> Path:
+    """best.csv: per (model, length, width) the error-free row of the highest accuracy over the
+    rates' CSVs; then the harness's plots of it."""
+    best = {}
+    for p in sorted(HERE.glob("results*.csv")):
+        for r in read_rows(p):
+            if r.get("error") or r.get("accuracy") in (None, ""):
+                continue
+            k = (r["layer"], r["seq_len"], r["width"])
+            if k not in best or float(r["accuracy"]) > float(best[k]["accuracy"]):
+                best[k] = r
+    out = HERE / "best.csv"
+    write_csv(sorted(best.values(), key=lambda r: (int(r["seq_len"]), r["layer"], int(r["width"]))), out,
+              COLUMNS + ["error"])
+    plot_grid(out, HERE)
+    return out
+
+
+def table(path: Path) -> str:
+    """Markdown table of a result CSV: one row per model, one column per (length, width)."""
+    rows = [r for r in read_rows(path) if not r.get("error")]
+    cols = sorted({(int(r["seq_len"]), int(r["width"])) for r in rows})
+    models = sorted({r["layer"] for r in rows}, key=lambda m: (m != "dense", m))
+    acc = {(r["layer"], int(r["seq_len"]), int(r["width"])): r for r in rows}
+    head = "| model | " + " | ".join(f"T={t}, d={w}" for t, w in cols) + " |"
+    lines = [head, "|" + " --- |" * (len(cols) + 1)]
+    for m in models:
+        cells = []
+        for c in cols:
+            r = acc.get((m, *c))
+            cells.append("" if r is None else f"{float(r['accuracy']):.3f} (lr {float(r['lr']):g}, {r['steps_done']} st)")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(lr: float = LR, lengths=(64, 128), plain: bool = True):
+    torch.set_num_threads(1)
+    CSV = csv_for(lr)
+    rows = read_rows(CSV)
+    done = {(r["layer"], r["seq_len"], r["width"]) for r in rows if not r.get("error")}
+    for r in runs(lengths, plain):
+        name = label(r["model"]) + (" (JRT-Prompt)" if r["prompt"] else "")
+        key = (name, str(r["T"]), str(r["W"]))
+        if key in done:
+            continue
+        try:
+            task = prompted(r["T"]) if r["prompt"] else "mqar"
+            row = train_layer(r["model"], task, seq_len=r["T"], width=r["W"], steps=STEPS[r["T"]], seed=0,
+                              device="cpu", batch_size=BATCH, lr=lr, vocab=None if r["prompt"] else VOCAB, n_test=1000,
+                              progress=False)
+            row["error"] = ""
+        except Exception as e:  # recorded, retried next time
+            traceback.print_exc()
+            row = {"error": f"{type(e).__name__}: {e}"[:300], "steps": STEPS[r["T"]]}
+        row.update(layer=name, seq_len=r["T"], width=r["W"])
+        rows = [x for x in read_rows(CSV) if (x["layer"], x["seq_len"], x["width"]) != key] + [row]
+        write_csv(rows, CSV, COLUMNS + ["error"])
+        print(f"{name:>24s} T={r['T']} d={r['W']} lr={lr:g}: acc={row.get('accuracy')} "
+              f"steps={row.get('steps_done')} ({row.get('train_s')} s) {row['error']}", flush=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lr", type=float, default=LR)
+    ap.add_argument("--lengths", type=int, nargs="*", default=[64, 128])
+    ap.add_argument("--combine", action="store_true")
+    ap.add_argument("--prompts-only", action="store_true", help="only the JRT-Prompt runs (T=64)")
+    a = ap.parse_args()
+    if a.combine:
+        print(table(combine()))
+    else:
+        main(a.lr, tuple(a.lengths), plain=not a.prompts_only)
