@@ -216,9 +216,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Option
             K/V are never repeated in memory). float16, bfloat16 or float32; D up to 256.
         pattern: a ``BlockPattern`` with ``q_len == Tq`` and ``kv_len == Tk``; None = dense
             (causal if ``causal``).
-        causal: for ``pattern=None``, use the causal mask (bottom-right aligned when Tq != Tk);
-            with a pattern, ``causal=True`` requires a causal pattern.
-        scale: softmax scale, default ``1/sqrt(D)``.
+        causal: for ``pattern=None``, use the causal mask (bottom-right aligned when Tq != Tk, and per
+            sequence with ``q_lens`` / ``kv_lens``); with a pattern, ``causal=True`` requires a causal pattern.
+        scale: softmax scale, default ``1/sqrt(D)``: a positive number up to 1e6 (Python or NumPy
+            scalar, or a 0-d tensor).
         return_lse: also return the natural log-sum-exp per row, float32 ``[B, Hq, Tq]``.
         backend: "triton", "flex" or "reference"; None picks the first that can run (set the
             ``sparsattn`` logger to DEBUG to see why others were refused).

@@ -16,7 +16,7 @@ import sparsattn as sa
 
 from . import _oracle as O
 from ._cases import DTYPES, allowed_for, attention_cases, build_pattern, heads_of, varlen_cases
-from ._settings import examples
+from ._settings import budgeted, examples
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -97,6 +97,7 @@ DEFAULT_LISTS = dict(REPRO_11, D=160, kind="none", grads=False, Tq=80, Tk=80, q_
 @example(c=dict(DEFAULT_LISTS, backend="reference"))
 @example(c=dict(REPRO_11, backend="reference", grads=True, kind="none", Tk=20, Tq=300, kv_lens=None))  # IndexError
 @example(c=dict(REPRO_11, backend="reference", kind="none", Tq=5, Tk=0, kv_lens=None))  # output had no grad_fn
+@budgeted("attention")
 def test_attention_matches_dense_formula(c):
     Hq, Hkv, _ = heads_of(c)
     B, Tq, Tk, D = c["B"], c["Tq"], c["Tk"], c["D"]
@@ -155,6 +156,7 @@ VARLEN_REPRO = dict(DEFAULT_LISTS, B=2, q_seq=[80, 12], k_seq=[10, 12])
 @example(c=VARLEN_REPRO)  # issue 10 §1.1 (packed): sequence 2 lost its keys (pattern=None)
 @example(c=dict(REPRO_11, B=2, q_seq=[40, 12], k_seq=[30, 40]))  # full blocks across sequence 1's diagonal
 @example(c=dict(VARLEN_REPRO, backend="reference", q_seq=[300], k_seq=[30], B=1))  # empty chunks
+@budgeted("varlen")
 def test_attention_varlen_matches_dense_formula(c):
     Hq, Hkv, _ = heads_of(c)
     D = c["D"]

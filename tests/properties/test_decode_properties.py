@@ -14,7 +14,7 @@ from sparsattn.patterns import TokenPattern
 
 from . import _oracle as O
 from ._cases import DTYPES, decode_cases
-from ._settings import examples
+from ._settings import budgeted, examples
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -92,6 +92,7 @@ REPRO = dict(B=2, Hkv=2, G=2, T=70, D=24, dtype="fp32", backend="reference", pag
 @examples("decode")
 @given(c=decode_cases())
 @example(c=REPRO)  # one shared row with per-KV-head lengths
+@budgeted("decode")
 def test_sparse_decode_matches_dense_formula(c):
     dt = DTYPES[c["dtype"]]
     q, k, v, kv_lens, pattern, lw, sel, wt = _build(c)
