@@ -201,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="method x task x length grid on a model", add_help=False)
     e.add_argument("rest", nargs=argparse.REMAINDER)
     e.set_defaults(fn=_cmd_eval)
+    an = sub.add_parser("analyze", help="analysis tools: retrieval-heads | sinks | activations | core-neurons | patterns",
+                        add_help=False)
+    an.add_argument("rest", nargs=argparse.REMAINDER)
+    an.set_defaults(fn=lambda a: __import__("sparsattn.analysis.cli", fromlist=["main"]).main(a.rest))
     from .train.layerbench import cli as layerbench_cli  # train any registered layer on MQAR / ListOps / Pathfinder
 
     layerbench_cli.build_parser(sub.add_parser("train-layer", help="train a registered layer (or a grid): CSV + plots"))
@@ -209,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: sub-commands that hand their arguments to another parser (argparse's REMAINDER does not take
 #: arguments that start with "-" right after the sub-command, so those arrive as "unknown")
-_PASS_THROUGH = {("train-lm", None), ("eval", None), ("bench", "decode"), ("bench", "kv-memory")}
+_PASS_THROUGH = {("train-lm", None), ("eval", None), ("analyze", None), ("bench", "decode"), ("bench", "kv-memory")}
 
 
 def main(argv=None) -> int:
