@@ -50,7 +50,7 @@ def choose_strategy(strategy: str, plan_any, Hq: int, Hkv: int, D: int, elem: in
     return best, "bytes received by the busiest rank: " + ", ".join(f"{k} {v}" for k, v in est.items())
 
 
-def _check_local(q, k, v, layout: ShardLayout, rank: int) -> None:
+def _check_local(q, k, v, layout: ShardLayout, rank: int, scale) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name}: expected a 4-D tensor [batch, heads, local tokens, head_dim], got "
@@ -62,7 +62,7 @@ def _check_local(q, k, v, layout: ShardLayout, rank: int) -> None:
                              f"seq_len {layout.seq_len}, world {layout.world}), got {t.shape[2]}")
     if v.shape[-1] != q.shape[-1]:
         raise ValueError(f"v: expected head_dim {q.shape[-1]} (as q), got {v.shape[-1]}")
-    _api.validate_inputs(q, k, v, None, None)
+    _api.validate_inputs(q, k, v, None, scale)
 
 
 def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPattern, *,
@@ -105,7 +105,7 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if pattern.heads not in (1, k.shape[1], q.shape[1]):
         raise ValueError(f"pattern heads: expected 1, {k.shape[1]} or {q.shape[1]}, got {pattern.heads}")
     lay = make_layout(layout, T, comm.world, max(pattern.block_q, pattern.block_k))
-    _check_local(q, k, v, lay, comm.rank)
+    _check_local(q, k, v, lay, comm.rank, scale)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
     if check:

@@ -12,10 +12,11 @@ def _patterns(T: int, heads: int):
     from sparsattn import patterns as P
 
     g = torch.Generator().manual_seed(7)
-    rand = P.from_dense_mask(torch.rand(1, heads, T, T, generator=g) < 0.08, block_size=16, causal=True)
+    # per batch entry and per KV head: random blocks with element tiles, some rows empty
+    rand = P.from_dense_mask(torch.rand(2, heads, T, T, generator=g) < 0.08, block_size=16, causal=True)
     return {
         "causal": P.causal(T, block_q=16, block_k=32),  # block_q != block_k
-        "random_heads": rand,  # per-head random blocks with element tiles, some rows empty
+        "random_heads": rand,
         "noncausal_window": P.sliding_window(T, 50, causal=False, block_q=16),
     }
 
