@@ -119,3 +119,25 @@ def test_rank_rows_gives_the_single_device_shard():
         sub = rank_rows(p, lay, r)
         got = attention(shard(q, lay, r), k, v, sub, backend="reference")
         torch.testing.assert_close(got, shard(full, lay, r), atol=1e-5, rtol=1e-5)
+
+
+def test_auto_strategy_by_bytes():
+    from sparsattn.distributed import choose_strategy
+    from sparsattn.distributed.bench import make_pattern
+
+    T = 8192
+
+    def pick(kind, dens, W, Hq=32, Hkv=8):
+        p = make_pattern(kind, T, dens, 64, Hkv, "cpu")
+        lay = make_layout("zigzag", T, W, 64)
+        plans = [build_plan(p, lay, r, "shared") for r in range(W)]
+        return choose_strategy("auto", plans, Hq, Hkv, 128, 2, 1, W, p.heads)[0]
+
+    assert pick("local", 0.05, 4) == "fetch"      # moves ~6% of the dense ring
+    assert pick("dense", 1.0, 2) == "ring"        # nothing to skip; Ulysses moves 2.5x
+    assert pick("dense", 1.0, 8) == "ulysses"     # (1 + 32/8) / 8 of the dense ring
+    assert pick("dense", 1.0, 8, Hq=12, Hkv=3) == "ring"  # heads do not divide the ranks
+    with pytest.raises(ValueError, match="ulysses"):
+        choose_strategy("ulysses", None, 12, 3, 64, 2, 1, 8, 1)
+    with pytest.raises(ValueError, match="strategy"):
+        choose_strategy("star", None, 12, 3, 64, 2, 1, 8, 1)
