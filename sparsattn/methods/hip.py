@@ -82,7 +82,8 @@ class HiP(Method):
     full block, the others are partial blocks whose bank tile holds the surviving key columns
     (token-exact; at most 2**(16 / block_k) distinct tiles). ``block_k >= 16`` (a power of two)
     makes the nodes whole kernel blocks (the earlier simplification: ``block_k=16`` keeps
-    ``mask_k / 16`` blocks of 16 keys). HiP's query block stride (2) is not used; the decode-time
+    ``mask_k / 16`` blocks of 16 keys; on the bundled model at 4K and 10% density it found the
+    teacher-forced passkey in 3/10 prompts against 8/10 with ``block_k=2``: docs/methods.md). HiP's query block stride (2) is not used; the decode-time
     mask refresh is ``hip_decode`` (hip_decode.py), which reuses ``tree_search``.
     """
 
