@@ -35,6 +35,20 @@ def head_slice(pattern: BlockPattern, group: int, n_groups: int, Hq: int, Hkv: i
     return p
 
 
+_ORDERS: dict = {}
+
+
+def _orders(layout: ShardLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, inverse) of the concatenated shards vs global positions, cached per layout/device."""
+    key = (layout, str(device))
+    if key not in _ORDERS:
+        if len(_ORDERS) > 16:
+            _ORDERS.clear()
+        order = layout.order(device)
+        _ORDERS[key] = (order, torch.argsort(order))
+    return _ORDERS[key]
+
+
 def _to_heads(comm: Comm, layout: ShardLayout, parts: list[torch.Tensor]) -> list[torch.Tensor]:
     """Sequence shards ``[B, H_i, L_r, D]`` -> full sequences (global order) of my head group
     ``[B, H_i / W, T, D]``, all tensors in one all_to_all."""
@@ -47,7 +61,7 @@ def _to_heads(comm: Comm, layout: ShardLayout, parts: list[torch.Tensor]) -> lis
     per_tok = B * sum(hg) * D
     recv = send.new_empty(per_tok * sum(lens))
     comm.all_to_all(recv, send.reshape(-1), [per_tok * n for n in lens], [per_tok * lens[r]] * W)
-    inv = torch.argsort(layout.order(send.device))
+    inv = _orders(layout, send.device)[1]
     outs, off = [[] for _ in parts], 0
     for j in range(W):
         chunk = recv[off:off + per_tok * lens[j]]
@@ -65,7 +79,7 @@ def _to_seq(comm: Comm, layout: ShardLayout, parts: list[torch.Tensor]) -> list[
     shard of all heads ``[B, h * W, L_r, D]`` (lse-like ``[B, h, T]`` tensors take ``D = 1``)."""
     W, r = comm.world, comm.rank
     lens = [layout.rank_len(j) for j in range(W)]
-    order = layout.order(parts[0].device)
+    order = _orders(layout, parts[0].device)[0]
     parts = [p.index_select(2, order) for p in parts]  # layout order: rank 0's tokens first
     B, D = parts[0].shape[0], parts[0].shape[-1]
     hs = [p.shape[1] for p in parts]
