@@ -231,7 +231,7 @@ class Report:
             self.plot(out / f"{self.name}.png")
             paths.append(out / f"{self.name}.png")
         if show:
-            print_table(self.rows[:40], self.columns, title=self.title)
+            print_table(self.rows[:16], self.columns, title=self.title)
             print("wrote " + ", ".join(str(p) for p in paths))
         return paths
 
