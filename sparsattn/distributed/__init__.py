@@ -8,7 +8,7 @@ q/k/v this rank's shard (``shard(x, layout, rank)``); strategies ``ring`` (skipp
 from .attention import STRATEGIES, choose_strategy, context_parallel_attention
 from .comm import CPStats
 from .layout import LAYOUTS, ShardLayout, make_layout, shard, unshard
-from .merge import lse_merge
+from ..kernels.merge import merge_running as lse_merge
 from .subpattern import pattern_hash, rank_rows, sub_pattern
 
 __all__ = ["context_parallel_attention", "choose_strategy", "STRATEGIES", "LAYOUTS", "ShardLayout", "make_layout",

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .comm import Comm
-from .merge import lse_merge
+from ..kernels.merge import merge_running as lse_merge
 from .plan import Plan
 from .shard_ops import shard_backward, shard_forward
 

@@ -17,7 +17,7 @@ import torch
 
 from .. import api as _api
 from ..patterns import BlockPattern
-from .merge import part_weight
+from ..kernels.merge import part_weight
 
 BACKENDS = ("triton", "reference")
 

@@ -9,15 +9,17 @@ the natural log of its softmax normaliser. The whole is
 The sparse decode kernel's split-K merge (``kernels/sparse_decode/triton.py``, ``_merge_kernel``) is
 the fused Triton form of this for decode partials; this is the differentiable torch form used by
 approximations (HyperAttention, Scatterbrain, Combiner...) that merge exact sparse parts with
-estimated parts. Nobody re-normalises attention by hand elsewhere.
+estimated parts (``merge_lse``), and by context parallelism, which folds parts in as they arrive
+(``merge_running``, the online-softmax merge of Ring Attention, arXiv 2310.01889) and weights a
+part's gradient by its share (``part_weight``). Nobody re-normalises attention by hand elsewhere.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["merge_lse"]
+__all__ = ["merge_lse", "merge_running", "part_weight"]
 
 
 def merge_lse(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,3 +56,35 @@ def merge_lse(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch
     out = sum((w[i] / tot_safe)[..., None] * o.to(wide) for i, (o, _) in enumerate(parts))
     lse_out = torch.where(ok, m_safe + torch.log(tot_safe), torch.full_like(tot, float("-inf")))
     return out.to(out_dtype), lse_out
+
+
+def _finite_or_zero(lse: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+
+
+def merge_running(out_a: Optional[torch.Tensor], lse_a: Optional[torch.Tensor], out_b: torch.Tensor,
+                  lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """merge_running: fold one more part into a running result (softmax attention over keys A and B
+    from the parts over A and over B).
+
+    Args:
+        out_a, lse_a: the running result (float32 ``[..., T, D]`` and ``[..., T]``) or None (empty).
+        out_b, lse_b: a new part (any float dtype); rows without keys have ``lse = -inf``.
+    Returns:
+        ``(out float32, lse float32)``; rows with no key in either part stay ``0`` / ``-inf``.
+    """
+    out_b = out_b.float()
+    lse_b = lse_b.float()
+    if out_a is None:
+        return out_b, lse_b
+    lse = torch.logaddexp(lse_a, lse_b)
+    ref = _finite_or_zero(lse)
+    wa = torch.exp(lse_a - ref)[..., None]
+    wb = torch.exp(lse_b - ref)[..., None]
+    return out_a * wa + out_b * wb, lse
+
+
+def part_weight(lse_part: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """part_weight: the weight ``exp(lse_part - lse)`` of a part in the merged result (0 where either
+    is ``-inf``)."""
+    return torch.exp(lse_part.float() - _finite_or_zero(lse.float()))
