@@ -18,6 +18,7 @@ The full GPU grid (T = 256 / 512, widths 64..512, V = 8192) is the harness's ``f
 --hybrids baseconv,dense --device cuda --max-minutes 9``.
 """
 import argparse
+import json
 import traceback
 from pathlib import Path
 
@@ -68,9 +69,30 @@ def csv_for(lr: float) -> Path:
     return HERE / ("results.csv" if lr == 6e-3 else f"results_lr{lr:g}.csv")
 
 
+def recost(r: dict) -> dict:
+    """density / flops of a row recomputed from its block configs with the layers' current
+    ``cost`` (the first grid process ran with an older baseconv cost that counted its projection),
+    at the length the model really saw (T + 2K with JRT-Prompt)."""
+    from sparsattn.nn import get_layer
+    from sparsattn.train.layerbench.tasks import mqar_pairs
+
+    prompt = r["layer"].endswith(" (JRT-Prompt)")
+    names = r["layer"].replace(" (JRT-Prompt)", "").split("+")
+    cfgs = json.loads(r["config"])
+    names = names * len(cfgs) if len(names) == 1 else names
+    T = int(r["seq_len"]) + (2 * mqar_pairs(int(r["seq_len"])) if prompt else 0)
+    costs = []
+    for n, c in zip(names, cfgs):
+        c = dict(c)
+        costs.append(get_layer(n, c.pop("dim"), c.pop("heads"), **c).cost(T))
+    return {"density": round(sum(c["density"] for c in costs) / len(costs), 4),
+            "train_density": round(sum(c["density"] for c in costs) / len(costs), 4),
+            "flops": sum(c["flops"] for c in costs)}
+
+
 def combine() -> Path:
     """best.csv: per (model, length, width) the error-free row of the highest accuracy over the
-    rates' CSVs; then the harness's plots of it."""
+    rates' CSVs (lengths with a single model left out); then the harness's plots of it."""
     best = {}
     for p in sorted(HERE.glob("results*.csv")):
         for r in read_rows(p):
@@ -79,6 +101,14 @@ def combine() -> Path:
             k = (r["layer"], r["seq_len"], r["width"])
             if k not in best or float(r["accuracy"]) > float(best[k]["accuracy"]):
                 best[k] = r
+    # a length where only one model finished (T=128: dense alone, the CPU time ran out) stays in
+    # the per-rate CSVs but not in the comparison
+    models_at = {}
+    for (m, T, _w) in best:
+        models_at.setdefault(T, set()).add(m)
+    best = {k: r for k, r in best.items() if len(models_at[k[1]]) > 1}
+    for r in best.values():
+        r.update(recost(r))
     out = HERE / "best.csv"
     write_csv(sorted(best.values(), key=lambda r: (int(r["seq_len"]), r["layer"], int(r["width"]))), out,
               COLUMNS + ["error"])
@@ -129,14 +159,30 @@ def main(lr: float = LR, lengths=(64, 128), plain: bool = True):
               f"steps={row.get('steps_done')} ({row.get('train_s')} s) {row['error']}", flush=True)
 
 
+def long_run(model: str, steps: int = 3000) -> None:
+    """One longer run (T = 64, width 64, 6e-3) into long_runs.csv: does the mixer leave the 1/K
+    plateau with 3x the budget?"""
+    torch.set_num_threads(1)
+    path = HERE / "long_runs.csv"
+    row = train_layer(model, "mqar", seq_len=64, width=64, steps=steps, seed=0, device="cpu", batch_size=BATCH,
+                      lr=LR, vocab=VOCAB, n_test=1000, progress=False)
+    row["error"] = ""
+    rows = [x for x in read_rows(path) if x["layer"] != row["layer"]] + [row]
+    write_csv(rows, path, COLUMNS + ["error"])
+    print(f"{model} T=64 d=64 steps={steps}: acc={row['accuracy']} ({row['train_s']} s)", flush=True)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lr", type=float, default=LR)
     ap.add_argument("--lengths", type=int, nargs="*", default=[64, 128])
     ap.add_argument("--combine", action="store_true")
     ap.add_argument("--prompts-only", action="store_true", help="only the JRT-Prompt runs (T=64)")
+    ap.add_argument("--long", help="one 3000-step run of this model at T=64, width 64 (long_runs.csv)")
     a = ap.parse_args()
     if a.combine:
         print(table(combine()))
+    elif a.long:
+        long_run(a.long)
     else:
         main(a.lr, tuple(a.lengths), plain=not a.prompts_only)
