@@ -69,6 +69,10 @@ def run(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')}: expected an int >= 1, got {v}")
     prog = not args.no_progress
     if args.what == "patterns":
+        import os
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")  # the real Triton kernel on the CPU
         from .patterns import analyze
 
         analyze(show_progress=prog, device=args.device).write(out)
