@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit", action="store_true", help="retrieval-heads: write razor / masformer files fitted from the scores")
     p.add_argument("--compare", action="store_true", help="retrieval-heads: with --fit, passkey of razor (ours vs "
                                                           "its echo/induction calibration) and masformer at one KV budget")
+    p.add_argument("--scores", default=None, help="retrieval-heads: reuse the scores of a previous retrieval_heads.json "
+                                                  "(skips scoring and the masking test; use with --fit)")
+    p.add_argument("--budgets", type=_ints, default=[2, 4], help="retrieval-heads --compare: retrieval-head counts "
+                                                                 "compared besides razor's own count")
     p.add_argument("--tasks", default="passkey,multikey_needle,variable_tracking", help="sinks: tasks for ACT")
     p.add_argument("--alpha", type=float, default=0.1, help="sinks: sink threshold on mean column attention")
     p.add_argument("--beta", type=float, default=0.4, help="sinks: ACT scale of sink attention")
@@ -79,7 +83,13 @@ def run(args) -> int:
         return 0
     torch.set_grad_enabled(False)
     model, tok, path = _common.load(args.model, device=args.device)
-    if args.what == "retrieval-heads":
+    if args.what == "retrieval-heads" and args.scores:
+        from . import fit_methods
+
+        scores = fit_methods.read_scores(args.scores, fit_methods.model_shape(model))
+        fit_methods.fit_and_compare(model, tok, scores, out, compare=args.compare, length=args.length, n=args.samples,
+                                    seed=args.seed, device=args.device, head_budgets=args.budgets, show_progress=prog)
+    elif args.what == "retrieval-heads":
         from . import retrieval_heads as rh
 
         rep = rh.analyze(model, tok, lengths=args.lengths, n_depths=args.depths, k=args.k, test_length=args.length,
@@ -95,7 +105,7 @@ def run(args) -> int:
 
             fit_methods.fit_and_compare(model, tok, rep.summary["scores"], out, compare=args.compare,
                                         length=args.length, n=args.samples, seed=args.seed, device=args.device,
-                                        show_progress=prog)
+                                        head_budgets=args.budgets, show_progress=prog)
     elif args.what == "sinks":
         from .sinks import analyze
 

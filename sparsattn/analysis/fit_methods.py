@@ -79,6 +79,25 @@ def read_masformer_plan(path) -> dict:
             "inner_config": root["inner_config"].plain()}
 
 
+def read_scores(path, shape: ModelShape) -> torch.Tensor:
+    """read_scores: the ``[layers, heads]`` retrieval scores of a ``retrieval_heads.json`` written by
+    ``sparsattn analyze retrieval-heads`` (checked; errors name the file and field)."""
+    root = read_json(path, arg="--scores", kind="retrieval_heads.json")
+    rows = root["summary"]["scores"].as_list(shape.num_layers)
+    return _check_scores([r.float_list(shape.num_heads) for r in rows], shape)
+
+
+def razor_own_subset(reference: str, shape: ModelShape, n_heads: int, path) -> str:
+    """razor_own_subset: razor's own (echo/induction) calibration cut to its ``n_heads`` best heads by
+    induction score (the score that picks most of its retrieval heads) -> the written path."""
+    from ..calibration import read_calibration
+
+    cal = read_calibration(reference, "razor", shape)
+    ind = torch.tensor([d["induction"].float_list(shape.num_heads)
+                        for _, d in sorted(cal.data.int_keys(0, shape.num_layers).items())], dtype=torch.float64)
+    return fit_razor(ind, shape, n_heads, path)
+
+
 def _patched_count(model, method, samples, device):
     from ..integrations.hf import patched
     from ._common import exact_count
@@ -91,7 +110,7 @@ def _patched_count(model, method, samples, device):
 
 def fit_and_compare(model, tok, scores, out_dir, *, compare: bool = True, length: int = 1024, n: int = 8,
                     seed: int = 0, device: str = "cpu", window: int = 64, n_sink: int = 4,
-                    razor_reference: Optional[str] = None, show_progress: bool = True) -> Optional[Report]:
+                    razor_reference: Optional[str] = None, head_budgets=(2, 4), show_progress: bool = True) -> Optional[Report]:
     """fit_and_compare: write ``razor_from_retrieval.json`` (as many heads as razor's own calibration
     ``razor_reference``, default the bundled model's) and ``masformer_plan.json`` (as many dense layers as
     layers holding a razor retrieval head... at least 1) into ``out_dir``; with ``compare``, exact passkey
@@ -116,19 +135,21 @@ def fit_and_compare(model, tok, scores, out_dir, *, compare: bool = True, length
     if not compare:
         return None
     rz = dict(n_sink=n_sink, min_window=window, compression=1e9, block_size=32)
-    settings = [("dense", None, "all heads full", 1.0),
-                ("razor (echo/induction)", get_method("razor", path=razor_reference, **rz), f"{n_ret} heads full", None),
-                ("razor (retrieval scores)", get_method("razor", path=ours, **rz), f"{n_ret} heads full", None),
-                ("masformer (retrieval layers)", get_method("masformer", block_size=32, **read_masformer_plan(plan)),
-                 f"{n_full} layers full", None)]
+    settings = [("dense", None, "all heads full", shape.num_layers * shape.num_heads)]
+    for b in sorted(set(int(x) for x in (head_budgets or ()) if 0 < int(x) < n_ret)) + [n_ret]:
+        own = razor_reference if b == n_ret else razor_own_subset(razor_reference, shape, b, out / f"razor_own_top{b}.json")
+        mine = ours if b == n_ret else fit_razor(scores, shape, b, out / f"razor_from_retrieval_top{b}.json")
+        settings += [("razor (echo/induction)", get_method("razor", path=own, **rz), f"{b} heads full", b),
+                     ("razor (retrieval scores)", get_method("razor", path=mine, **rz), f"{b} heads full", b)]
+    settings.append(("masformer (retrieval layers)", get_method("masformer", block_size=32, **read_masformer_plan(plan)),
+                     f"{n_full} layers full", n_full * shape.num_heads))
     samples = task_prompts(tok, "passkey", length, n, seed + 2)
     T = len(samples[0].prompt_ids) + len(samples[0].answer_ids)
     kept_other = min(T, n_sink + window) / T
     rows = []
-    for name, m, full, _ in progress(settings, "razor/masformer compare", show_progress):
+    for name, m, full, n_full_heads in progress(settings, "razor/masformer compare", show_progress):
         c, N, hits = _patched_count(model, m, samples, device)
-        frac_full = 1.0 if m is None else (n_ret / shape.num_heads / shape.num_layers if "razor" in name
-                                          else n_full / shape.num_layers)
+        frac_full = n_full_heads / (shape.num_heads * shape.num_layers)
         kv = frac_full + (1 - frac_full) * kept_other
         rows.append({"setting": name, "full": full, "kv_fraction": round(kv, 4), "correct": c, "n": N,
                      "accuracy": round(100.0 * c / N, 1), "per_sample": "".join(map(str, hits))})
@@ -136,9 +157,11 @@ def fit_and_compare(model, tok, scores, out_dir, *, compare: bool = True, length
     def plot(path):
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.bar(range(len(rows)), [r["accuracy"] for r in rows], color=["grey", "C0", "C3", "C2"])
-        ax.set_xticks(range(len(rows)), [f"{r['setting']}\nKV {r['kv_fraction']:.2f}" for r in rows], fontsize=7)
+        fig, ax = plt.subplots(figsize=(11, 4))
+        col = {"dense": "grey", "razor (echo/induction)": "C0", "razor (retrieval scores)": "C3"}
+        ax.bar(range(len(rows)), [r["accuracy"] for r in rows], color=[col.get(r["setting"], "C2") for r in rows])
+        ax.set_xticks(range(len(rows)), [f"{r['setting'].replace(' (', chr(10) + '(')}\n{r['full']}\nKV {r['kv_fraction']:.2f}"
+                                         for r in rows], fontsize=5)
         for i, r in enumerate(rows):
             ax.text(i, r["accuracy"] + 1, f"{r['correct']}/{r['n']}", ha="center", fontsize=8)
         ax.set_ylim(0, 110)
