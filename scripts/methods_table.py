@@ -80,7 +80,7 @@ def _prov_update(entry: str, rec: dict) -> None:
 def calibrate(which: list[str], seer_minutes: float, seer_steps: int, moa_samples: int = 2, moa_answer_len: int = 32) -> None:
     from sparsattn.capture import capture_qkv
     from sparsattn.methods.minference import MInference
-    from sparsattn.methods.moa import fit_moa
+    from sparsattn.calibrate.moa import fit_moa
     from sparsattn.methods.razor import RazorAttention, repeated_random_tokens
     from sparsattn.train.seer_gate import token_windows
 

@@ -1,9 +1,8 @@
 """capture: q/k/v as seen by a Hugging Face model's attention layers, on real inputs.
 
-``capture_qkv`` temporarily registers a capture attention function with transformers'
-``AttentionInterface`` (and transformers' own SDPA mask function under the same name), points the
-attention modules' configs at it for one forward, and restores the previous implementation in
-all cases. The forward computes exact dense attention (transformers' SDPA path), so the model's
+``capture_qkv`` runs one forward with the attention swapped for a capture function
+(``sparsattn.integrations.hf.attention_swapped``, with transformers' own SDPA mask function) and
+restores the previous implementation in all cases. The forward computes exact dense attention (transformers' SDPA path), so the model's
 outputs are unchanged. Used for fidelity metrics and method calibration.
 """
 from __future__ import annotations
@@ -37,10 +36,7 @@ def capture_qkv(model, input_ids: torch.Tensor, layers: Optional[Iterable[int]] 
         per layer ``q [B, Hq, T, D]`` and ``k, v [B, Hkv, T, D]`` (after RoPE and any q/k norm,
         exactly what the attention function receives; detached, model dtype). No cache is used.
     """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    from .integrations.hf import _set_impl, attention_modules
+    from .integrations.hf import attention_modules, attention_swapped
 
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
         raise ValueError(f"input_ids: expected an integer tensor [batch, tokens], got "
@@ -54,25 +50,13 @@ def capture_qkv(model, input_ids: torch.Tensor, layers: Optional[Iterable[int]] 
     bad = [l for l in want if l not in mods]
     if bad:
         raise ValueError(f"layers: unknown layer index(es) {bad}; the model's attention layers are {sorted(mods)}")
-    AttentionInterface.register(_CAPTURE, _capture_forward)
-    AttentionMaskInterface.register(_CAPTURE, sdpa_mask)
-    configs, saved = [], []
-    for m in mods.values():
-        if all(m.config is not c for c in configs):
-            configs.append(m.config)
-            saved.append(m.config.__dict__.get("_attn_implementation_internal",
-                                               getattr(m.config, "_attn_implementation", None)))
     stores = {l: [] for l in want}
     try:
         for l in want:
             mods[l].__dict__["_sparsattn_capture"] = stores[l]
-        for c in configs:
-            _set_impl(c, _CAPTURE)
-        with torch.no_grad():
+        with attention_swapped(model, _CAPTURE, _capture_forward, modules=mods), torch.no_grad():
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
-        for c, s in zip(configs, saved):
-            _set_impl(c, s)
         for l in want:
             mods[l].__dict__.pop("_sparsattn_capture", None)
     out = {}

@@ -120,32 +120,18 @@ def edit_attention(model, edits: dict):
     """edit_attention: run ``model`` with ``{layer: Edit}`` applied (registered through transformers'
     ``AttentionInterface``; layers without an edit run SDPA unchanged); the previous implementation is
     restored on exit in all cases."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    from ..integrations.hf import _set_impl
+    from ..integrations.hf import attention_swapped
 
     mods = attention_layers(model)
     bad = sorted(set(edits) - set(mods))
     if bad:
         raise ValueError(f"edits: unknown layer(s) {bad}; the model's attention layers are {sorted(mods)}")
-    AttentionInterface.register(_IMPL, _edited_forward)
-    AttentionMaskInterface.register(_IMPL, sdpa_mask)
-    configs, saved = [], []
-    for m in mods.values():
-        if all(m.config is not c for c in configs):
-            configs.append(m.config)
-            saved.append(m.config.__dict__.get("_attn_implementation_internal",
-                                               getattr(m.config, "_attn_implementation", None)))
     try:
         for l, e in edits.items():
             mods[l].__dict__["_sparsattn_edit"] = e
-        for c in configs:
-            _set_impl(c, _IMPL)
-        yield
+        with attention_swapped(model, _IMPL, _edited_forward, modules=mods):
+            yield
     finally:
-        for c, s in zip(configs, saved):
-            _set_impl(c, s)
         for m in mods.values():
             m.__dict__.pop("_sparsattn_edit", None)
 

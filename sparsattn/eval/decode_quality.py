@@ -99,7 +99,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..bench.common import write_csv
-from ..integrations.hf import _to_bh  # pattern rows (batch 1|B, heads 1|Hkv|Hq) -> [B, Hq, ...]
+from ..integrations.hf.heads import _to_bh  # pattern rows (batch 1|B, heads 1|Hkv|Hq) -> [B, Hq, ...]
 from ..methods.base import Method, SelectContext, SelectHook
 from .scoring import get_scorer
 from .tasks import QUESTION_TEMPLATE, Sample, encode_ids, passkey
@@ -451,7 +451,7 @@ def decode_run(model, prefix_kv, tail: torch.Tensor, *, max_new_tokens: int, met
         keep_logits: return the float32 logits of every step.
     """
     from ..integrations import hf
-    from ..integrations.hf_cache import SparseCache
+    from ..integrations.hf import SparseCache
 
     if tail.dim() != 2 or tail.shape[0] != 1 or tail.shape[1] < 1:
         raise ValueError(f"tail: expected [1, n >= 1] token ids, got {tuple(tail.shape)}")
@@ -515,7 +515,7 @@ class AllTokens(Method):
     phase = "decode"
 
     def select(self, q, k, ctx: Optional[SelectContext] = None):
-        from ..kv.select import decode_inputs, full_pattern
+        from ..methods._select import decode_inputs, full_pattern
 
         q, k, kl = decode_inputs(q, k, ctx)
         return full_pattern(k.shape[0], k.shape[1], kl, k.shape[2])

@@ -657,7 +657,7 @@ def fit_moa_plans(model, tok, densities: Sequence[float], out_dir: Path, lengths
     ``{density: (plan path or None, note)}``. ``sink``/``min_span`` are 32 rather than ``fit_moa``'s 64
     so that a 5% budget is feasible at the profiled lengths (64 + 64 keys are 6.3% of a 4K context)."""
     from ..data import source_files
-    from ..methods.moa import fit_moa
+    from ..calibrate.moa import fit_moa
 
     plans = {}
     files = list(source_files("train"))  # scanned once for every budget

@@ -2,7 +2,7 @@
 
 ``KVCache`` (contiguous or paged, per-(batch, head) lengths, offload + prefetch), and policies
 ``StreamingLLMPolicy``, ``RazorAttentionPolicy``, ``MoAPolicy``, ``ZipVLPolicy``; ``as_cache_policy`` runs
-a policy inside a transformers cache (``sparsattn.integrations.hf_cache.SparseCache``).
+a policy inside a transformers cache (``sparsattn.integrations.hf.SparseCache``).
 """
 from .adapter import CachePolicy, as_cache_policy
 from .cache import KVCache, Prefetched

@@ -2,7 +2,7 @@
 
 ``as_cache_policy(policy)`` wraps a ``KVPolicy`` (StreamingLLM, RazorAttention, MoA...) in the
 ``compress(layer_idx, keys, values, ctx)`` interface of
-``sparsattn.integrations.hf_cache.SparseCache``; ``SparseCache(policy=StreamingLLMPolicy(...))``
+``sparsattn.integrations.hf.SparseCache``; ``SparseCache(policy=StreamingLLMPolicy(...))``
 does the wrapping itself. No transformers import here: the adapter only sees tensors and the
 ``PolicyContext`` that SparseCache passes.
 

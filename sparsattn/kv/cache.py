@@ -43,6 +43,7 @@ import torch
 from ..kernels.sparse_decode import sparse_decode_attention
 from ..kernels.sparse_decode.reference import paged_to_contiguous
 from ..patterns import TokenPattern
+from .groups import head_groups
 
 Tensor = torch.Tensor
 
@@ -779,32 +780,6 @@ class KVCache:
             n = int(L.lengths.sum()) * (self.kv_heads if self.layout == "paged" else 1)
             total += 2 * n * self.head_dim * item
         return total
-
-
-def head_groups(longest, waste: float) -> list:
-    """head_groups: partition KV heads by their longest row into groups of similar length.
-
-    ``longest``: per-head slot counts (e.g. the longest row over the batch). Heads are taken longest
-    first (ties by head id); a head joins the current group unless the group's padding (its capacity,
-    the first head's length, times its heads, minus their lengths) would exceed ``waste`` of the
-    group's storage. Returns lists of head ids (each ascending), ordered by their first head id.
-    """
-    order = sorted(range(len(longest)), key=lambda h: (-int(longest[h]), h))
-    parts, cur, cap, tot = [], [], 0, 0
-    for h in order:
-        n = int(longest[h])
-        if cur:
-            alloc = cap * (len(cur) + 1)
-            if alloc and (alloc - tot - n) / alloc > waste:
-                parts.append(cur)
-                cur = []
-        if not cur:
-            cap, tot = n, 0
-        cur.append(h)
-        tot += n
-    if cur:
-        parts.append(cur)
-    return sorted((sorted(p) for p in parts), key=lambda p: p[0])
 
 
 def _pattern_rows(pattern: TokenPattern, kv_lens: Tensor, B: int, H: int):

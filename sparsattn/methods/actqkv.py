@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kv.select import decode_inputs, mask_to_pattern
+from ._select import decode_inputs, mask_to_pattern
 from ._common import check_int
 from .base import Method, SelectContext, register
 

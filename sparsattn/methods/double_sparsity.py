@@ -10,7 +10,7 @@ import torch
 from ..calibration import Field, read_json, write_json
 from ..kv.quant import quantize_minmax, unpack4
 from ..kernels.unit_scores import label_scores
-from ..kv.select import decode_inputs, lengths_since, record_lengths, reduce_group, topk_pattern, valid_units
+from ._select import decode_inputs, lengths_since, record_lengths, reduce_group, topk_pattern, valid_units
 from ..patterns import TokenPattern
 from .base import Method, SelectContext, register
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kv.select import decode_inputs, mask_to_pattern, sink_window_mask
+from ._select import decode_inputs, mask_to_pattern, sink_window_mask
 from ..patterns import TokenPattern
 from ._common import check_int
 from .base import Method, SelectContext, register

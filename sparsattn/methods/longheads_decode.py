@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..kv.select import decode_inputs, mask_to_pattern, reduce_group
+from ._select import decode_inputs, mask_to_pattern, reduce_group
 from .base import Method, SelectContext, register
 from .longheads import mean_chunk_keys
 

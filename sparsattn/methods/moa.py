@@ -7,9 +7,10 @@ Each head ``h`` of each layer keeps the first ``sink`` keys plus a causal window
 the sink boundary are element-masked tiles of the BlockPattern (``patterns._from_predicate``), so
 ``select`` computes exactly ``sink | (0 <= i - j < span_h)``.
 
-Fitting (``fit_moa``) has two steps:
+Fitting (``sparsattn.calibrate.moa.fit_moa``, above ``methods/``: it drives a whole HF model) has
+two steps:
 
-1. **Profiling** (``profile_moa``): calibration sequences whose answers the dense model itself
+1. **Profiling** (``sparsattn.calibrate.moa.profile_moa``): calibration sequences whose answers the dense model itself
    generated (a retrieval-style prompt built from training-split text: a long context, then a
    snippet of it; the model greedily continues), loss on the answer tokens only. An explicit
    (quadratic) attention function records every attention matrix ``A`` of every layer and, from
@@ -48,7 +49,7 @@ from ..calibration import ModelShape, read_calibration, save_calibration
 from .base import Method, SelectContext, register
 
 Tensor = torch.Tensor
-_FIT_HINT = ("fit a plan with sparsattn.methods.moa.fit_moa(model, tokenizer, lengths=(2048, 4096), budget=0.5, "
+_FIT_HINT = ("fit a plan with sparsattn.calibrate.moa.fit_moa(model, tokenizer, lengths=(2048, 4096), budget=0.5, "
              "out_path=PLAN.json) and pass plan_path=PLAN.json (or call .load_plan(PLAN.json))")
 
 
@@ -233,19 +234,6 @@ class MoA(Method):
         self.plan_path = cal.path
         return self
 
-    @classmethod
-    def conformance_fit(cls, q: Tensor, k: Tensor, v: Tensor, full: bool = False) -> "MoA":
-        """A plan for one layer with varied per-head spans (``full``: spans covering every key)."""
-        Hq, N = q.shape[1], k.shape[2]
-        shape = ModelShape(1, Hq, k.shape[1], q.shape[3])
-        if full:
-            alpha, beta = [[float(N)] * Hq], [[0.0] * Hq]
-        else:
-            g = torch.Generator().manual_seed(0)
-            alpha = [(torch.randint(0, 96, (Hq,), generator=g).double()).tolist()]
-            beta = [(torch.rand(Hq, generator=g).double() * 0.5).tolist()]
-        return cls().set_plan(shape, alpha, beta, sink=16, min_span=8)
-
     # -- selection --------------------------------------------------------------------------------
     def spans(self, layer: int, n: int) -> Tensor:
         p = self.plan
@@ -303,209 +291,3 @@ def sink_window_pattern(q_len: int, kv_len: int, span: Tensor, sink: int, *, blo
 
     return patterns._from_predicate(pred, fullp, anyp, q_len, kv_len, block_size, block_size, causal, device,
                                     heads=H)
-
-
-# ------------------------------------------------------------------------------------------------
-# Profiling on a Hugging Face model
-# ------------------------------------------------------------------------------------------------
-
-_PROFILE = "sparsattn_moa_profile"
-
-
-def diagonal_sums(e: Tensor) -> Tensor:
-    """``e [..., T, T]`` -> ``[..., T]``: ``out[..., d] = sum_i e[..., i, i - d]`` (d >= 0, lower part)."""
-    T = e.shape[-1]
-    r = torch.flip(e, dims=[-1])  # r[i, m] = e[i, T-1-m]
-    r = torch.nn.functional.pad(r, (0, T))  # [..., T, 2T]
-    flat = r.reshape(*r.shape[:-2], 2 * T * T)[..., : T * (2 * T - 1)]
-    sheared = flat.reshape(*r.shape[:-2], T, 2 * T - 1)  # sheared[i, c] = r[i, c - i]
-    return sheared[..., T - 1:].sum(-2)
-
-
-def masking_effect(A: Tensor, G: Tensor, *, take_abs: bool = True) -> Tensor:
-    """MoA's first-order loss increase of masking each attention entry (softmax renormalisation
-    included): ``-A (G - sum_j' G A) / (1 - A)``, first row ``-G A``; ``|.|`` with ``take_abs``."""
-    GA = G * A
-    eps = torch.finfo(A.dtype).eps
-    e = A * (G - GA.sum(-1, keepdim=True)) / (1 - A + eps)
-    e[..., 0, :] = GA[..., 0, :]
-    e = -e
-    return e.abs() if take_abs else e
-
-
-class _Profiler:
-    def __init__(self, n_layers: int, sink: int, take_abs: bool):
-        self.sink, self.take_abs = sink, take_abs
-        self.acc: dict[int, Tensor] = {}
-
-    def forward(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        layer = int(getattr(module, "layer_idx", 0))
-        B, Hq, T, D = query.shape
-        rep = Hq // key.shape[1]
-        scaling = D ** -0.5 if scaling is None else scaling
-        kf = key.float().repeat_interleave(rep, 1)
-        vf = value.float().repeat_interleave(rep, 1)
-        s = torch.matmul(query.float(), kf.transpose(-1, -2)) * scaling
-        causal = torch.ones(T, key.shape[2], dtype=torch.bool, device=query.device).tril(key.shape[2] - T)
-        A = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
-        if not A.requires_grad:
-            A.requires_grad_(True)
-        sink, take_abs = self.sink, self.take_abs
-
-        def hook(G, A=A, layer=layer):
-            with torch.no_grad():
-                e = masking_effect(A.detach(), G.float(), take_abs=take_abs)
-                if sink:
-                    e[..., :sink] = 0
-                d = diagonal_sums(e).sum(0).double().cpu()  # [Hq, T]
-                self.acc[layer] = self.acc.get(layer, 0) + d
-            return G
-
-        A.register_hook(hook)
-        out = torch.matmul(A, vf).to(query.dtype)
-        return out.transpose(1, 2).contiguous(), None
-
-
-def profile_moa(model, samples: Sequence[tuple[Tensor, Tensor]], *, sink: int = 64, take_abs: bool = True) -> Tensor:
-    """profile_moa: ``[L, Hq, N]`` diagonal profile of the masking effect, averaged over ``samples``.
-
-    ``samples``: ``(input_ids [1, N], loss_mask [1, N] bool)`` pairs of one length ``N``; the loss is
-    the mean next-token cross-entropy at the positions where ``loss_mask`` is true (the answer).
-    """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    from ..integrations.hf import _set_impl, attention_modules
-
-    mods = attention_modules(model)
-    L = max(mods) + 1
-    prof = _Profiler(L, sink, take_abs)
-    AttentionInterface.register(_PROFILE, prof.forward)
-    AttentionMaskInterface.register(_PROFILE, sdpa_mask)
-    configs, saved = [], []
-    for m in mods.values():
-        if all(m.config is not c for c in configs):
-            configs.append(m.config)
-            saved.append(m.config.__dict__.get("_attn_implementation_internal", getattr(m.config, "_attn_implementation", None)))
-    n = None
-    try:
-        for c in configs:
-            _set_impl(c, _PROFILE)
-        for ids, mask in samples:
-            if n is not None and ids.shape[1] != n:
-                raise ValueError(f"samples: expected one length per call, got {n} and {ids.shape[1]}")
-            n = ids.shape[1]
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            tgt = ids[:, 1:]
-            m = mask[:, 1:].to(logits.device)
-            if not m.any():
-                raise ValueError("samples: a loss_mask selects no answer token")
-            loss = torch.nn.functional.cross_entropy(logits[m], tgt[m])
-            loss.backward()
-    finally:
-        for c, s in zip(configs, saved):
-            _set_impl(c, s)
-    if not prof.acc:
-        raise RuntimeError("profile_moa: no attention call went through the profiling function")
-    Hq = next(iter(prof.acc.values())).shape[0]
-    out = torch.zeros(L, Hq, n, dtype=torch.float64)
-    for l, d in prof.acc.items():
-        out[l] = d / len(samples)
-    return out
-
-
-def calibration_samples(model, tokenizer, length: int, n: int, *, answer_len: int = 64, query_len: int = 16,
-                        seed: int = 0, files: Optional[list] = None) -> list[tuple[Tensor, Tensor]]:
-    """Retrieval-style calibration samples of ``length`` tokens answered by the dense model itself:
-    a context of training-split source text, then a ``query_len``-token snippet copied from the
-    context's first half, then ``answer_len`` tokens greedily generated by ``model`` (the loss mask)."""
-    from ..train.seer_gate import token_windows
-
-    dev = next(model.parameters()).device
-    ctx_len = length - query_len - answer_len
-    if ctx_len < 2 * query_len:
-        raise ValueError(f"length: expected > {3 * query_len + answer_len} tokens, got {length}")
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    win = token_windows(tokenizer, ctx_len, files=files, seed=seed)
-    for _ in range(n):
-        ctx = next(win)
-        p = int(torch.randint(0, max(1, ctx_len // 2 - query_len), (1,), generator=g))
-        prompt = torch.cat([ctx, ctx[:, p:p + query_len]], dim=1).to(dev)
-        with torch.no_grad():
-            ids = prompt
-            for _ in range(answer_len):  # greedy, no cache: exact and model-agnostic
-                nxt = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-                ids = torch.cat([ids, nxt], dim=1)
-        mask = torch.zeros_like(ids, dtype=torch.bool)
-        mask[:, prompt.shape[1]:] = True
-        out.append((ids, mask))
-    return out
-
-
-def fit_moa(model_or_path, tokenizer=None, *, lengths: Sequence[int] = (2048, 4096), budget: float = 0.5,
-            samples_per_length: int = 4, answer_len: int = 64, sink: int = 64, min_span: int = 64,
-            alpha_step: int = 1024, n_beta: int = 9, take_abs: bool = True, device: Optional[str] = None,
-            out_path=None, seed: int = 0, files: Optional[list] = None, log=print) -> MoA:
-    """fit_moa: profile an HF causal LM at ``lengths``, search per-head spans under ``budget``.
-
-    ``model_or_path``: a loaded model or a local path (then ``tokenizer`` may be None). Returns a
-    fitted ``MoA``; with ``out_path`` the plan JSON is written too. The samples' answer tokens are
-    generated by the model itself; profiling is quadratic in length (explicit attention matrices).
-    ``files``: calibration text files (default ``sparsattn.data.source_files("train")``).
-    """
-    from ..data import source_files
-    from ..integrations.hf import attention_modules
-
-    files = list(source_files("train") if files is None else files)
-
-    if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = AutoModelForCausalLM.from_pretrained(str(model_or_path), dtype=torch.float32).to(device).eval()
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model_or_path))
-    else:
-        model = model_or_path.eval()
-        if device is not None:
-            model = model.to(device)
-    if tokenizer is None:
-        raise ValueError("tokenizer: expected a tokenizer when a model object is given")
-    lengths = sorted(int(x) for x in lengths)
-    if not lengths or lengths[0] < 4 * (answer_len + 16):
-        raise ValueError(f"lengths: expected lengths >= {4 * (answer_len + 16)}, got {lengths}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    mods = attention_modules(model)
-    m0 = mods[min(mods)]
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    hq = cfg.num_attention_heads
-    hkv = getattr(cfg, "num_key_value_heads", None) or hq
-    hd = getattr(m0, "head_dim", None) or cfg.hidden_size // hq
-    shape = ModelShape(max(mods) + 1, int(hq), int(hkv), int(hd))
-    alphas, betas = candidate_grid(lengths, alpha_step, n_beta)
-    losses, dens = [], []
-    for n in lengths:
-        samples = calibration_samples(model, tokenizer, n, samples_per_length, answer_len=answer_len, seed=seed + n,
-                                      files=files)
-        prof = profile_moa(model, samples, sink=sink, take_abs=take_abs)  # [L, H, n]
-        suffix = torch.flip(torch.cumsum(torch.flip(prof, [-1]), -1), [-1])  # loss of span s = suffix[s]
-        suffix = torch.cat([suffix, torch.zeros(*suffix.shape[:-1], 1, dtype=suffix.dtype)], -1)
-        sp = spans_for(alphas, betas, n, min_span)  # [C]
-        losses.append(suffix[..., sp].reshape(-1, sp.numel()))  # [L*H, C]
-        dens.append(span_density(sp, sink, n)[None].expand(shape.num_layers * shape.num_heads, -1))
-        if log:
-            log(f"profiled length {n}: {samples_per_length} samples, total effect {float(prof.sum()):.4g}")
-    choice, info = search_plan(torch.stack(losses), torch.stack(dens), budget)
-    a = alphas[choice].view(shape.num_layers, shape.num_heads)
-    b = betas[choice].view(shape.num_layers, shape.num_heads)
-    info.update({"lengths": lengths, "budget": budget, "samples_per_length": samples_per_length,
-                 "take_abs": take_abs, "answer_len": answer_len})
-    moa = MoA().set_plan(shape, a.tolist(), b.tolist(), sink=sink, min_span=min_span, info=info)
-    if out_path is not None:
-        moa.save_plan(out_path)
-        moa.plan_path = str(out_path)
-    if log:
-        log(f"MoA plan: density per length {['%.3f' % d for d in info['density']]} (budget {budget}), "
-            f"predicted loss {info['loss']:.4g}")
-    return moa

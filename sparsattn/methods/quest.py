@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ..kernels.unit_scores import bound_scores
-from ..kv.select import decode_inputs, full_pattern, lengths_since, record_lengths, topk_pattern, valid_units
+from ._select import decode_inputs, full_pattern, lengths_since, record_lengths, topk_pattern, valid_units
 from .base import Method, SelectContext, register
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..kv.select import decode_inputs, full_pattern, mask_to_pattern, scale_of, valid_units
+from ._select import decode_inputs, full_pattern, mask_to_pattern, scale_of, valid_units
 from .base import Method, SelectContext, register
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..kv.select import decode_inputs, mask_to_pattern, sink_window_mask
+from ._select import decode_inputs, mask_to_pattern, sink_window_mask
 from .base import Method, SelectContext, register
 
 
@@ -29,7 +29,7 @@ class RetrievalAttention(Method):
 
     ``index``: ``"hnsw"`` (default: a plain key-key HNSW, the baseline the paper improves on) or
     ``"attention_aware"``: the paper's idea, a key graph built from the prefill queries' exact
-    top-``knn`` keys projected onto key-key edges (``sparsattn.kv.ann.AttentionAwareIndex``, degree
+    top-``knn`` keys projected onto key-key edges (``sparsattn.methods._ann.AttentionAwareIndex``, degree
     ``2 * M``); it needs ``ctx.extras["prefill_q"]`` ``[B, Hq, Tp, D]`` on the first decode step
     (at most ``max_build_queries`` per KV head are used). It is a numpy implementation (slower
     than hnswlib per query) that recovers the OOD recall a key-only index loses.
@@ -113,7 +113,7 @@ class RetrievalAttention(Method):
                     if self.index == "hnsw":
                         st["index"][b][h] = self._index(kh, ids, ix)
                     elif ix is None:
-                        from ..kv.ann import AttentionAwareIndex
+                        from ._ann import AttentionAwareIndex
 
                         st["index"][b][h] = AttentionAwareIndex(D, degree=2 * self.M, knn=self.knn).build(
                             kh, ids, self._build_queries(ctx, b, h, G))

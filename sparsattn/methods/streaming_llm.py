@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..kv.select import decode_inputs, mask_to_pattern, sink_window_mask
+from ._select import decode_inputs, mask_to_pattern, sink_window_mask
 from .base import Method, SelectContext, register
 
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kv.select import decode_inputs, full_pattern, group_scores, topk_pattern, valid_units
+from ._select import decode_inputs, full_pattern, group_scores, topk_pattern, valid_units
 from .base import Method, SelectContext, register
 
 

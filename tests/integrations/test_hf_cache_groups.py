@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hf_testutil import cache_kwarg, greedy_steps, left_padded, make_model
 
 from sparsattn.integrations import hf
-from sparsattn.integrations.hf_cache import GroupedKV, GroupedLayer, SparseCache
+from sparsattn.integrations.hf import GroupedKV, GroupedLayer, SparseCache
 from sparsattn.kv import MoAPolicy, RazorAttentionPolicy, StreamingLLMPolicy, as_cache_policy
 
 N_LAYERS = 4

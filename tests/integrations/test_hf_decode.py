@@ -10,7 +10,7 @@ import torch
 from hf_testutil import cache_kwarg, causal_keep, decode_step_logits, eager_logits, left_padded, make_model
 
 from sparsattn.integrations import hf
-from sparsattn.integrations.hf_cache import SparseCache
+from sparsattn.integrations.hf import SparseCache
 from sparsattn.methods import Method
 from sparsattn.patterns import TokenPattern
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparsattn.kv import KVCache, MoAPolicy, RazorAttentionPolicy, StreamingLLMPolicy, ZipVLPolicy
-from sparsattn.kv.cache import head_groups
+from sparsattn.kv.groups import head_groups
 from sparsattn.patterns import TokenPattern
 
 

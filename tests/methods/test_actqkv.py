@@ -281,7 +281,7 @@ def test_bad_inputs_name_the_argument():
 
 def test_hf_decode_reads_exactly_the_selected_keys(hf_util, decode_patterns):
     import sparsattn
-    from sparsattn.integrations.hf_cache import SparseCache
+    from sparsattn.integrations.hf import SparseCache
 
     pats = decode_patterns
     model = hf_util.make_model("llama")
@@ -314,7 +314,7 @@ def test_hf_decode_reads_exactly_the_selected_keys(hf_util, decode_patterns):
 
 def test_hf_generate_dynamic_budget_and_full_budget_is_dense(hf_util):
     import sparsattn
-    from sparsattn.integrations.hf_cache import SparseCache
+    from sparsattn.integrations.hf import SparseCache
 
     model = hf_util.make_model("llama", attn_implementation="sdpa")
     ids, am, _ = hf_util.left_padded(2, 150, [0, 20])

@@ -4,7 +4,7 @@ import pytest
 
 hnswlib = pytest.importorskip("hnswlib")  # the optional 'ann' extra
 
-from sparsattn.kv.ann import AttentionAwareIndex
+from sparsattn.methods._ann import AttentionAwareIndex
 
 
 def _ood(N=2000, D=32, seed=0):

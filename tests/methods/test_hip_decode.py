@@ -203,7 +203,7 @@ def test_short_cache_reads_everything_and_empty_search_range():
 
 def test_hf_full_budget_decode_step_equals_dense(hf_util):
     import sparsattn
-    from sparsattn.integrations.hf_cache import SparseCache
+    from sparsattn.integrations.hf import SparseCache
 
     model = hf_util.make_model("llama")
     ids, am, pos = hf_util.left_padded(2, 60, [0, 12])
@@ -222,7 +222,7 @@ def test_hf_full_budget_decode_step_equals_dense(hf_util):
 
 def test_hf_sparse_decode_reads_exactly_the_selection_and_refreshes(hf_util, decode_patterns, monkeypatch):
     import sparsattn
-    from sparsattn.integrations.hf_cache import SparseCache
+    from sparsattn.integrations.hf import SparseCache
 
     pats = decode_patterns
     model = hf_util.make_model("llama")

@@ -171,7 +171,7 @@ def test_bad_inputs_raise():
 
 def _step(hf_util, model, ids, am, pos, nxt, method):
     import sparsattn
-    from sparsattn.integrations.hf_cache import SparseCache
+    from sparsattn.integrations.hf import SparseCache
 
     cache = SparseCache(config=model.config)
     if method is None:
@@ -217,7 +217,7 @@ def test_hf_full_budget_step_equals_dense_and_small_budget_reads_selection(hf_ut
 
 def test_hf_generate_full_budget_with_refresh_equals_dense(hf_util):
     import sparsattn
-    from sparsattn.integrations.hf_cache import SparseCache
+    from sparsattn.integrations.hf import SparseCache
     from sparsattn.methods.longheads_decode import LongHeadsDecode
 
     model = hf_util.make_model("llama", attn_implementation="sdpa")

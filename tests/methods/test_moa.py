@@ -8,8 +8,8 @@ import torch
 from sparsattn.calibration import ModelShape
 from sparsattn.methods import get_method
 from sparsattn.methods.base import SelectContext
-from sparsattn.methods.moa import (MoA, candidate_grid, diagonal_sums, fit_moa, masking_effect, profile_moa,
-                                   search_plan, span_density, spans_for)
+from sparsattn.calibrate.moa import diagonal_sums, fit_moa, masking_effect, profile_moa
+from sparsattn.methods.moa import MoA, candidate_grid, search_plan, span_density, spans_for
 
 
 def _plan(L=2, H=4, Hkv=2, D=16, sink=16, min_span=8):

@@ -1,8 +1,8 @@
-"""kv.select: the lengths memo of decode_inputs and the incremental-state helpers."""
+"""methods._select: the lengths memo of decode_inputs and the incremental-state helpers."""
 import pytest
 import torch
 
-from sparsattn.kv.select import decode_inputs, lengths_since, record_lengths
+from sparsattn.methods._select import decode_inputs, lengths_since, record_lengths
 from sparsattn.methods.base import SelectContext
 
 

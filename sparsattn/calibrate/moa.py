@@ -1,0 +1,207 @@
+"""MoA calibration: gradient profiling of a whole HF model and the per-head span plan search
+(MoA: Mixture of Sparse Attention for Automatic Large Language Model Compression, arXiv 2406.14909).
+
+Model-level fitting of ``sparsattn.methods.moa.MoA`` (the method file holds the plan, the span rule,
+``search_plan`` and selection; see its docstring for the two fitting steps). ``fit_moa`` builds
+calibration samples answered by the model itself (``calibration_samples``), profiles the masking
+effect with an explicit attention function swapped in through
+``sparsattn.integrations.hf.attention_swapped`` (``profile_moa``), and searches the plan.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..calibration import ModelShape
+from ..integrations.hf import attention_modules, attention_swapped
+from ..methods.moa import MoA, candidate_grid, search_plan, span_density, spans_for
+
+Tensor = torch.Tensor
+
+__all__ = ["fit_moa", "profile_moa", "calibration_samples", "diagonal_sums", "masking_effect"]
+
+# ------------------------------------------------------------------------------------------------
+
+_PROFILE = "sparsattn_moa_profile"
+
+
+def diagonal_sums(e: Tensor) -> Tensor:
+    """``e [..., T, T]`` -> ``[..., T]``: ``out[..., d] = sum_i e[..., i, i - d]`` (d >= 0, lower part)."""
+    T = e.shape[-1]
+    r = torch.flip(e, dims=[-1])  # r[i, m] = e[i, T-1-m]
+    r = torch.nn.functional.pad(r, (0, T))  # [..., T, 2T]
+    flat = r.reshape(*r.shape[:-2], 2 * T * T)[..., : T * (2 * T - 1)]
+    sheared = flat.reshape(*r.shape[:-2], T, 2 * T - 1)  # sheared[i, c] = r[i, c - i]
+    return sheared[..., T - 1:].sum(-2)
+
+
+def masking_effect(A: Tensor, G: Tensor, *, take_abs: bool = True) -> Tensor:
+    """MoA's first-order loss increase of masking each attention entry (softmax renormalisation
+    included): ``-A (G - sum_j' G A) / (1 - A)``, first row ``-G A``; ``|.|`` with ``take_abs``."""
+    GA = G * A
+    eps = torch.finfo(A.dtype).eps
+    e = A * (G - GA.sum(-1, keepdim=True)) / (1 - A + eps)
+    e[..., 0, :] = GA[..., 0, :]
+    e = -e
+    return e.abs() if take_abs else e
+
+
+class _Profiler:
+    def __init__(self, n_layers: int, sink: int, take_abs: bool):
+        self.sink, self.take_abs = sink, take_abs
+        self.acc: dict[int, Tensor] = {}
+
+    def forward(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        layer = int(getattr(module, "layer_idx", 0))
+        B, Hq, T, D = query.shape
+        rep = Hq // key.shape[1]
+        scaling = D ** -0.5 if scaling is None else scaling
+        kf = key.float().repeat_interleave(rep, 1)
+        vf = value.float().repeat_interleave(rep, 1)
+        s = torch.matmul(query.float(), kf.transpose(-1, -2)) * scaling
+        causal = torch.ones(T, key.shape[2], dtype=torch.bool, device=query.device).tril(key.shape[2] - T)
+        A = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
+        if not A.requires_grad:
+            A.requires_grad_(True)
+        sink, take_abs = self.sink, self.take_abs
+
+        def hook(G, A=A, layer=layer):
+            with torch.no_grad():
+                e = masking_effect(A.detach(), G.float(), take_abs=take_abs)
+                if sink:
+                    e[..., :sink] = 0
+                d = diagonal_sums(e).sum(0).double().cpu()  # [Hq, T]
+                self.acc[layer] = self.acc.get(layer, 0) + d
+            return G
+
+        A.register_hook(hook)
+        out = torch.matmul(A, vf).to(query.dtype)
+        return out.transpose(1, 2).contiguous(), None
+
+
+def profile_moa(model, samples: Sequence[tuple[Tensor, Tensor]], *, sink: int = 64, take_abs: bool = True) -> Tensor:
+    """profile_moa: ``[L, Hq, N]`` diagonal profile of the masking effect, averaged over ``samples``.
+
+    ``samples``: ``(input_ids [1, N], loss_mask [1, N] bool)`` pairs of one length ``N``; the loss is
+    the mean next-token cross-entropy at the positions where ``loss_mask`` is true (the answer).
+    """
+    mods = attention_modules(model)
+    L = max(mods) + 1
+    prof = _Profiler(L, sink, take_abs)
+    n = None
+    with attention_swapped(model, _PROFILE, prof.forward, modules=mods):
+        for ids, mask in samples:
+            if n is not None and ids.shape[1] != n:
+                raise ValueError(f"samples: expected one length per call, got {n} and {ids.shape[1]}")
+            n = ids.shape[1]
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            tgt = ids[:, 1:]
+            m = mask[:, 1:].to(logits.device)
+            if not m.any():
+                raise ValueError("samples: a loss_mask selects no answer token")
+            loss = torch.nn.functional.cross_entropy(logits[m], tgt[m])
+            loss.backward()
+    if not prof.acc:
+        raise RuntimeError("profile_moa: no attention call went through the profiling function")
+    Hq = next(iter(prof.acc.values())).shape[0]
+    out = torch.zeros(L, Hq, n, dtype=torch.float64)
+    for l, d in prof.acc.items():
+        out[l] = d / len(samples)
+    return out
+
+
+def calibration_samples(model, tokenizer, length: int, n: int, *, answer_len: int = 64, query_len: int = 16,
+                        seed: int = 0, files: Optional[list] = None) -> list[tuple[Tensor, Tensor]]:
+    """Retrieval-style calibration samples of ``length`` tokens answered by the dense model itself:
+    a context of training-split source text, then a ``query_len``-token snippet copied from the
+    context's first half, then ``answer_len`` tokens greedily generated by ``model`` (the loss mask)."""
+    from ..train.seer_gate import token_windows
+
+    dev = next(model.parameters()).device
+    ctx_len = length - query_len - answer_len
+    if ctx_len < 2 * query_len:
+        raise ValueError(f"length: expected > {3 * query_len + answer_len} tokens, got {length}")
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    win = token_windows(tokenizer, ctx_len, files=files, seed=seed)
+    for _ in range(n):
+        ctx = next(win)
+        p = int(torch.randint(0, max(1, ctx_len // 2 - query_len), (1,), generator=g))
+        prompt = torch.cat([ctx, ctx[:, p:p + query_len]], dim=1).to(dev)
+        with torch.no_grad():
+            ids = prompt
+            for _ in range(answer_len):  # greedy, no cache: exact and model-agnostic
+                nxt = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+                ids = torch.cat([ids, nxt], dim=1)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        mask[:, prompt.shape[1]:] = True
+        out.append((ids, mask))
+    return out
+
+
+def fit_moa(model_or_path, tokenizer=None, *, lengths: Sequence[int] = (2048, 4096), budget: float = 0.5,
+            samples_per_length: int = 4, answer_len: int = 64, sink: int = 64, min_span: int = 64,
+            alpha_step: int = 1024, n_beta: int = 9, take_abs: bool = True, device: Optional[str] = None,
+            out_path=None, seed: int = 0, files: Optional[list] = None, log=print) -> MoA:
+    """fit_moa: profile an HF causal LM at ``lengths``, search per-head spans under ``budget``.
+
+    ``model_or_path``: a loaded model or a local path (then ``tokenizer`` may be None). Returns a
+    fitted ``MoA``; with ``out_path`` the plan JSON is written too. The samples' answer tokens are
+    generated by the model itself; profiling is quadratic in length (explicit attention matrices).
+    ``files``: calibration text files (default ``sparsattn.data.source_files("train")``).
+    """
+    from ..data import source_files
+
+    files = list(source_files("train") if files is None else files)
+
+    if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = AutoModelForCausalLM.from_pretrained(str(model_or_path), dtype=torch.float32).to(device).eval()
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model_or_path))
+    else:
+        model = model_or_path.eval()
+        if device is not None:
+            model = model.to(device)
+    if tokenizer is None:
+        raise ValueError("tokenizer: expected a tokenizer when a model object is given")
+    lengths = sorted(int(x) for x in lengths)
+    if not lengths or lengths[0] < 4 * (answer_len + 16):
+        raise ValueError(f"lengths: expected lengths >= {4 * (answer_len + 16)}, got {lengths}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    mods = attention_modules(model)
+    m0 = mods[min(mods)]
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hq = cfg.num_attention_heads
+    hkv = getattr(cfg, "num_key_value_heads", None) or hq
+    hd = getattr(m0, "head_dim", None) or cfg.hidden_size // hq
+    shape = ModelShape(max(mods) + 1, int(hq), int(hkv), int(hd))
+    alphas, betas = candidate_grid(lengths, alpha_step, n_beta)
+    losses, dens = [], []
+    for n in lengths:
+        samples = calibration_samples(model, tokenizer, n, samples_per_length, answer_len=answer_len, seed=seed + n,
+                                      files=files)
+        prof = profile_moa(model, samples, sink=sink, take_abs=take_abs)  # [L, H, n]
+        suffix = torch.flip(torch.cumsum(torch.flip(prof, [-1]), -1), [-1])  # loss of span s = suffix[s]
+        suffix = torch.cat([suffix, torch.zeros(*suffix.shape[:-1], 1, dtype=suffix.dtype)], -1)
+        sp = spans_for(alphas, betas, n, min_span)  # [C]
+        losses.append(suffix[..., sp].reshape(-1, sp.numel()))  # [L*H, C]
+        dens.append(span_density(sp, sink, n)[None].expand(shape.num_layers * shape.num_heads, -1))
+        if log:
+            log(f"profiled length {n}: {samples_per_length} samples, total effect {float(prof.sum()):.4g}")
+    choice, info = search_plan(torch.stack(losses), torch.stack(dens), budget)
+    a = alphas[choice].view(shape.num_layers, shape.num_heads)
+    b = betas[choice].view(shape.num_layers, shape.num_heads)
+    info.update({"lengths": lengths, "budget": budget, "samples_per_length": samples_per_length,
+                 "take_abs": take_abs, "answer_len": answer_len})
+    moa = MoA().set_plan(shape, a.tolist(), b.tolist(), sink=sink, min_span=min_span, info=info)
+    if out_path is not None:
+        moa.save_plan(out_path)
+        moa.plan_path = str(out_path)
+    if log:
+        log(f"MoA plan: density per length {['%.3f' % d for d in info['density']]} (budget {budget}), "
+            f"predicted loss {info['loss']:.4g}")
+    return moa

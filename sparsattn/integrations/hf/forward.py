@@ -1,0 +1,238 @@
+"""hf.forward: the attention function registered under ``"sparsattn"`` and the per-layer binding.
+
+See the package docstring (``sparsattn.integrations.hf``) for what a method receives in
+``SelectContext.extras`` at prefill and decode.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Optional
+
+import torch
+
+from ... import patterns as _patterns
+from ...api import attention as _attention
+from ...methods.base import SelectContext
+from .cache import SparseCache
+from .heads import _Choice
+from .mask import MaskInfo
+from .padding import _clip_tokens, _dense_masked, _left_to_right, _shift_left, _unshift_tokens
+
+log = logging.getLogger(__package__)
+
+NAME = "sparsattn"
+_ATTR = "_sparsattn_layer"
+_DEFAULT_BLOCK = 64
+
+
+def default_backend() -> Optional[str]:
+    """default_backend: ``sparsattn.integrations.hf.DEFAULT_BACKEND`` (read at call time, so setting the
+    package attribute takes effect)."""
+    return getattr(sys.modules[__package__], "DEFAULT_BACKEND", None)
+
+
+def sparse_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: Optional[float] = None, **kwargs):
+    """sparse_attention_forward: the attention function registered under ``"sparsattn"``.
+
+    HF calling convention: q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]`` (after RoPE and the cache
+    update); returns ``(out [B, Tq, Hq, D], None)``.
+    """
+    binding = getattr(module, _ATTR, None)
+    if binding is None:
+        raise RuntimeError(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) uses "
+                           f"attn_implementation {NAME!r} but was not patched by sparsattn.integrations.hf.patch")
+    return binding.forward(module, query, key, value, attention_mask, dropout, scaling, kwargs)
+
+
+class _Layer:
+    """Binding of one attention module: methods for prefill and decode, and the owning patch."""
+
+    def __init__(self, patch_ref, index: int, prefill: Optional[_Choice], decode: Optional[_Choice], hkv: int,
+                 backend: Optional[str] = None):
+        self.patch_ref = patch_ref
+        self.backend = backend
+        self.index = index
+        self.prefill = prefill
+        self.decode = decode
+        self.hkv = hkv
+        self.pre_rope: dict = {}
+
+    def _be(self) -> Optional[str]:
+        return self.backend if self.backend is not None else default_backend()
+
+    # -- padding ---------------------------------------------------------------------------------
+    def _lengths(self, frame, mask: Optional[MaskInfo], Tq: int, Tk: int, device):
+        """None (no padding) | (q_lens, kv_lens, side) | ("fallback", reason)."""
+        cache = frame.get("cache")
+        if isinstance(cache, SparseCache) and cache.is_compressed(self.index):
+            pad = cache.attention_pad(self.index)
+            if pad is None or pad.shape[0] == 0:
+                return None
+            kl = (Tk - pad.to(device)).clamp(min=0)
+            if bool((kl == Tk).all()):
+                return None
+            return torch.clamp(kl, max=Tq).to(torch.int32), kl.to(torch.int32), "left"
+        pm = None if mask is None else mask.padding_mask
+        if pm is None:
+            return None
+        key = (id(pm), Tq, Tk)
+        memo = frame.setdefault("lens", {})
+        if key in memo:
+            return memo[key]
+        if pm.shape[1] < Tk:
+            res = ("fallback", f"2-D padding mask has {pm.shape[1]} columns for {Tk} keys")
+        else:
+            sl = pm[:, pm.shape[1] - Tk:].to(device)
+            lens = sl.sum(-1)
+            ar = torch.arange(Tk, device=device)[None, :]
+            if bool((lens == Tk).all()):
+                res = None
+            elif bool((sl == (ar >= Tk - lens[:, None])).all()):
+                kl = lens.to(torch.int32)
+                res = (torch.clamp(kl, max=Tq), kl, "left")
+            elif Tq == Tk and bool((sl == (ar < lens[:, None])).all()):
+                kl = lens.to(torch.int32)
+                res = (kl, kl, "right")
+            else:
+                res = ("fallback", "padding mask has holes (neither left nor right padding)")
+        memo[key] = res
+        return res
+
+    def _explicit_mask(self, mask: Optional[MaskInfo], window, Tq, Tk, device) -> torch.Tensor:
+        i = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)
+        j = torch.arange(Tk, device=device)[None, :]
+        keep = j <= i
+        if window is not None:
+            keep = keep & (i - j < window)
+        keep = keep[None, None]
+        if mask is not None and mask.padding_mask is not None and mask.padding_mask.shape[1] >= Tk:
+            pm = mask.padding_mask
+            keep = keep & pm[:, pm.shape[1] - Tk:].to(device)[:, None, None, :]
+        return keep
+
+    # -- main --------------------------------------------------------------------------------------
+    def forward(self, module, q, k, v, mask, dropout, scaling, kw):
+        if kw.get("softcap") is not None:
+            raise ValueError(f"attention logit softcapping (softcap={kw['softcap']}) is not supported by the "
+                             "sparsattn kernels; unpatch the model or disable attn_logit_softcapping")
+        for name in ("s_aux", "sinks"):
+            if kw.get(name) is not None:
+                raise ValueError(f"learned attention sinks ({name}) are not supported by the sparsattn kernels")
+        if dropout and module.training:
+            raise ValueError(f"dropout: attention dropout ({dropout}) is not supported by sparsattn; "
+                             "call model.eval() or set attention_dropout=0")
+        patch = self.patch_ref()
+        frame = patch.frame() if patch is not None else {"state": {}}
+        B, Hq, Tq, D = q.shape
+        Tk = k.shape[2]
+        scale = float(scaling) if scaling is not None else getattr(module, "scaling", None)
+        cache = frame.get("cache")
+        if isinstance(cache, SparseCache):  # a KV policy left per-head lengths or merged-slot weights
+            out = cache.attend(self.index, q, k, v, scale=scale, backend=self._be())
+            if out is not None:
+                return out.transpose(1, 2).contiguous(), None
+        if isinstance(mask, torch.Tensor):
+            log.debug("sparsattn layer %d: 4-D mask from transformers: dense SDPA fallback", self.index)
+            return _dense_masked(q, k, v, mask, scale).transpose(1, 2).contiguous(), None
+        if not getattr(module, "is_causal", True):
+            log.debug("sparsattn layer %d: non-causal attention: dense fallback", self.index)
+            out = _attention(q, k, v, None, causal=False, scale=scale)
+            return out.transpose(1, 2).contiguous(), None
+        if isinstance(mask, MaskInfo):
+            window = mask.window if mask.kind == "sliding" else None
+        else:
+            window = kw.get("sliding_window")
+        lens = self._lengths(frame, mask if isinstance(mask, MaskInfo) else None, Tq, Tk, q.device)
+        if isinstance(lens, tuple) and isinstance(lens[0], str):
+            log.debug("sparsattn layer %d: %s: dense SDPA fallback", self.index, lens[1])
+            keep = self._explicit_mask(mask, window, Tq, Tk, q.device)
+            return _dense_masked(q, k, v, keep, scale).transpose(1, 2).contiguous(), None
+        q_lens, kv_lens, side = lens if lens is not None else (None, None, "right")
+        extras = {"q_lens": q_lens, "kv_lens": kv_lens, "padding_side": side, "sliding_window": window,
+                  "num_kv_groups": Hq // k.shape[1]}
+        if kw.get("position_ids") is not None:
+            extras["position_ids"] = kw["position_ids"]
+        if self.pre_rope:
+            extras["q_pre_rope"] = self.pre_rope.pop("q", None)
+            extras["k_pre_rope"] = self.pre_rope.pop("k", None)
+        ctx = SelectContext(layer=self.index, causal=True, scale=scale, q_offset=Tk - Tq,
+                            state=frame["state"], extras=extras)
+        if Tq == 1 and Tk > 1:
+            out = self._decode(q, k, v, scale, kv_lens, window, ctx)
+        else:
+            out = self._prefill(q, k, v, scale, q_lens, kv_lens, side, window, mask, ctx)
+        return out.transpose(1, 2).contiguous(), None
+
+    def _prefill(self, q, k, v, scale, q_lens, kv_lens, side, window, mask, ctx):
+        B, Hq, Tq, D = q.shape
+        Tk = k.shape[2]
+        ctx.extras["phase"] = "prefill"
+        if self.prefill is not None and self.prefill.computes_output:  # not a mask: the method attends
+            if kv_lens is None and window is None:
+                ctx.extras["v"] = v
+                return self.prefill.methods[0].attend(q, k, v, ctx)[0]
+            log.debug("sparsattn layer %d: %s with padding or a sliding window: dense SDPA fallback",
+                      self.index, self.prefill.describe())
+            keep = self._explicit_mask(mask if isinstance(mask, MaskInfo) else None, window, Tq, Tk, q.device)
+            return _dense_masked(q, k, v, keep, scale)
+        pattern = None
+        if self.prefill is not None and not self.prefill.dense_only:
+            if kv_lens is not None and Tq != Tk:
+                # chunked prefill of a padded batch: per-sequence offsets differ, a pattern built
+                # for the padded tensors would be misaligned -> exact dense attention instead
+                log.debug("sparsattn layer %d: chunked prefill with padding: dense SDPA fallback", self.index)
+                keep = self._explicit_mask(mask if isinstance(mask, MaskInfo) else None, window, Tq, Tk, q.device)
+                return _dense_masked(q, k, v, keep, scale)
+            qs, ks, vs = q, k, v
+            if kv_lens is not None and side == "left":
+                qs, ks, vs = _left_to_right(q, q_lens), _left_to_right(k, kv_lens), _left_to_right(v, kv_lens)
+            ctx.extras["v"] = vs  # values aligned with ks (LongHeads builds chunk keys from them)
+            pattern = self.prefill.select_block(qs, ks, ctx)
+        if window is not None:
+            bq = pattern.block_q if pattern is not None else _DEFAULT_BLOCK
+            bk = pattern.block_k if pattern is not None else _DEFAULT_BLOCK
+            win = _patterns.sliding_window(Tq, int(window), Tk, block_q=bq, block_k=bk, device=q.device)
+            if pattern is None:
+                pattern = win
+            else:
+                if pattern.columns is not None:
+                    raise ValueError(f"layer {self.index}: method {self.prefill.describe()} returned a pattern with "
+                                     f"columns on a sliding-window layer (window {window}); columns cannot be "
+                                     "intersected with the window")
+                pattern = pattern & win
+        return _attention(q, k, v, pattern, causal=True, scale=scale, q_lens=q_lens, kv_lens=kv_lens,
+                          padding_side=side, backend=self._be())
+
+    def _decode(self, q, k, v, scale, kv_lens, window, ctx):
+        B, Hq, _, D = q.shape
+        Tk = k.shape[2]
+        ctx.extras["phase"] = "decode"
+        lo = None
+        if kv_lens is not None:
+            lo = (Tk - kv_lens.long())
+        if window is not None:
+            wlo = torch.full((B,), max(Tk - int(window), 0), dtype=torch.long, device=q.device)
+            lo = wlo if lo is None else torch.maximum(lo, wlo)
+        if self.decode is not None:
+            try:
+                from ...kernels.sparse_decode import sparse_decode_attention
+            except ImportError as e:
+                log.debug("sparsattn layer %d: sparse decode kernel unavailable (%s): dense decode", self.index, e)
+            else:
+                pad = None if kv_lens is None else (Tk - kv_lens.long()).clamp(min=0)
+                if pad is not None and bool((pad > 0).any()):
+                    # decode methods read kv_lens as "the first n slots hold the sequence": give them
+                    # the left-padded rows right-aligned, and map their picks back to cache slots
+                    ctx.extras["padding_side"] = "right"
+                    tp = _unshift_tokens(self.decode.select_token(q, _shift_left(k, pad), ctx), pad, Tk)
+                else:
+                    tp = self.decode.select_token(q, k, ctx)
+                if lo is not None and bool((lo > 0).any()):
+                    tp = _clip_tokens(tp, lo, B, Tk)
+                be = self._be() if self._be() in ("triton", "reference") else None
+                return sparse_decode_attention(q, k, v, tp, scale=scale, backend=be)[:, :, None]
+        kl = None if lo is None or not bool((lo > 0).any()) else (Tk - lo).to(torch.int32)
+        return _attention(q, k, v, None, causal=True, scale=scale, kv_lens=kl, padding_side="left",
+                          backend=self._be())

@@ -1,0 +1,185 @@
+"""hf.heads: the method(s) chosen for one layer and phase, and per-head composition of their patterns.
+
+``_Choice`` holds one method, or one method per query head; per-head patterns are built by each
+method and stacked (head h takes its blocks or tokens from the pattern of its method).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ... import patterns as _patterns
+from ...methods.base import Method
+from ...patterns import BlockPattern, TokenPattern
+
+
+def _mname(m) -> str:
+    return getattr(m, "name", "") or type(m).__name__
+
+
+class _Choice:
+    """The method(s) of one layer and phase: one method, or one method per query head."""
+
+    def __init__(self, methods: list[Method], head_src: Optional[list[int]]):
+        self.methods = methods
+        self.head_src = head_src  # None = methods[0] for every head
+        self._src_t: dict = {}
+
+    def src(self, device) -> torch.Tensor:
+        if device not in self._src_t:
+            self._src_t[device] = torch.tensor(self.head_src, dtype=torch.long, device=device)
+        return self._src_t[device]
+
+    @property
+    def dense_only(self) -> bool:
+        """Only the registered "dense" method: the kernel's default causal pattern is used directly."""
+        from ...methods.dense import Dense
+
+        return all(type(m) is Dense for m in self.methods)
+
+    @property
+    def computes_output(self) -> bool:
+        """One method for every head that computes attention itself (``Method.attend``)."""
+        return self.head_src is None and self.methods[0].computes_output
+
+    @property
+    def needs_pre_rope(self) -> bool:
+        return any(getattr(m, "needs_pre_rope", False) for m in self.methods)
+
+    def describe(self) -> str:
+        if self.head_src is None:
+            return _mname(self.methods[0])
+        return "heads[" + ",".join(_mname(self.methods[i]) for i in self.head_src) + "]"
+
+    def select_block(self, q, k, ctx) -> Optional[BlockPattern]:
+        pats = []
+        for m in self.methods:
+            if m.phase == "decode":
+                pats.append(None)  # dense (causal) for this method's heads at prefill
+                continue
+            p = m.select(q, k, ctx)
+            if not isinstance(p, BlockPattern):
+                raise ValueError(f"method {_mname(m)!r}: select() returned {type(p).__name__} at prefill; "
+                                 "expected a sparsattn.patterns.BlockPattern")
+            if not p.causal:
+                raise ValueError(f"method {_mname(m)!r}: returned a non-causal pattern for a causal decoder; "
+                                 "build the pattern with causal=True")
+            pats.append(p)
+        if self.head_src is None:
+            return pats[0]
+        ref = next((p for p in pats if p is not None), None)
+        if ref is None:
+            return None
+        pats = [p if p is not None else _patterns.causal(ref.q_len, ref.kv_len, block_q=ref.block_q,
+                                                          block_k=ref.block_k, device=q.device) for p in pats]
+        return _stack_block_heads(pats, [self.methods[i] for i in range(len(self.methods))], self.src(q.device),
+                                  q.shape[0], q.shape[1])
+
+    def select_token(self, q, k, ctx) -> TokenPattern:
+        pats = []
+        for m in self.methods:
+            if m.phase != "decode":
+                pats.append(None)  # every cached token for this method's heads
+                continue
+            p = m.select(q, k, ctx)
+            if not isinstance(p, TokenPattern):
+                raise ValueError(f"method {_mname(m)!r}: select() returned {type(p).__name__} at decode; "
+                                 "expected a sparsattn.patterns.TokenPattern")
+            pats.append(p)
+        if self.head_src is None:
+            return pats[0]
+        Tk = k.shape[2]
+        ps = next((p.page_size for p in pats if p is not None), 1)
+        full = torch.ones(1, 1, -(-Tk // ps), dtype=torch.bool, device=q.device)
+        pats = [p if p is not None else TokenPattern.from_mask(full, page_size=ps, kv_len=Tk) for p in pats]
+        return _stack_token_heads(pats, self.methods, self.src(q.device), q.shape[0], q.shape[1])
+
+
+def _to_bh(t: torch.Tensor, B: int, H: int, what: str) -> torch.Tensor:
+    """Broadcast dims 0 (batch) and 1 (heads: 1, a divisor of H (GQA groups) or H) to (B, H)."""
+    Hp = t.shape[1]
+    if Hp != H:
+        if Hp == 1:
+            t = t.expand(t.shape[0], H, *t.shape[2:])
+        elif H % Hp == 0:
+            t = t.repeat_interleave(H // Hp, dim=1)
+        else:
+            raise ValueError(f"{what}: expected 1, a divisor of {H} or {H} heads, got {Hp}")
+    if t.shape[0] != B:
+        if t.shape[0] != 1:
+            raise ValueError(f"{what}: expected batch 1 or {B}, got {t.shape[0]}")
+        t = t.expand(B, *t.shape[1:])
+    return t
+
+
+def _pad_last(t: torch.Tensor, n: int, value=0) -> torch.Tensor:
+    return F.pad(t, (0, n - t.shape[-1]), value=value) if t.shape[-1] < n else t
+
+
+def _pick_heads(stacked: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """stacked [M, B, H, ...] -> [B, H, ...] taking method src[h] for head h."""
+    h = torch.arange(src.numel(), device=src.device)
+    return stacked[src, :, h].transpose(0, 1).contiguous()
+
+
+def _stack_token_heads(pats: list[TokenPattern], methods, src, B, H) -> TokenPattern:
+    ps = {p.page_size for p in pats}
+    if len(ps) != 1:
+        raise ValueError("heads: the methods produce token patterns of different page sizes "
+                         + ", ".join(f"{_mname(m)}={p.page_size}" for m, p in zip(methods, pats)))
+    w = max(p.indices.shape[-1] for p in pats)
+    idx = torch.stack([_pad_last(_to_bh(p.indices, B, H, f"{_mname(m)} pattern"), w) for m, p in zip(methods, pats)])
+    cnt = torch.stack([_to_bh(p.counts[..., None], B, H, f"{_mname(m)} pattern")[..., 0] for m, p in zip(methods, pats)])
+    return TokenPattern(_pick_heads(idx, src), _pick_heads(cnt, src), pats[0].kv_len, pats[0].page_size)
+
+
+def _stack_block_heads(pats: list[BlockPattern], methods, src, B, H) -> BlockPattern:
+    """Compose per-head patterns: head h takes its blocks from ``pats[src[h]]``."""
+    p0 = pats[0]
+    for m, p in zip(methods, pats):
+        if (p.block_q, p.block_k) != (p0.block_q, p0.block_k):
+            raise ValueError("heads: the methods produce patterns of different block sizes ("
+                             + ", ".join(f"{_mname(mm)}: {pp.block_q}x{pp.block_k}" for mm, pp in zip(methods, pats))
+                             + "); give them the same block size")
+        if (p.q_len, p.kv_len, p.causal) != (p0.q_len, p0.kv_len, p0.causal):
+            raise ValueError(f"heads: method {_mname(m)!r} returned q_len/kv_len/causal "
+                             f"{(p.q_len, p.kv_len, p.causal)}, expected {(p0.q_len, p0.kv_len, p0.causal)}")
+    wp = max(p.kv_indices.shape[-1] for p in pats)
+    wf = max(p.full_kv_indices.shape[-1] for p in pats)
+
+    def field(get, w=None, value=0):
+        ts = []
+        for m, p in zip(methods, pats):
+            t = _to_bh(get(p), B, H, f"{_mname(m)} pattern")
+            ts.append(_pad_last(t, w, value) if w is not None else t)
+        return _pick_heads(torch.stack(ts), src)
+
+    kvn = field(lambda p: p.kv_num_blocks)
+    kvi = field(lambda p: p.kv_indices, wp)
+    fkn = field(lambda p: p.full_kv_num_blocks)
+    fki = field(lambda p: p.full_kv_indices, wf)
+    mask_ids = mask_bank = None
+    if any(p.mask_bank is not None for p in pats):
+        banks, offs, o = [], [], 0
+        for p in pats:
+            offs.append(o)
+            if p.mask_bank is not None:
+                banks.append(p.mask_bank)
+                o += p.mask_bank.shape[0]
+        mask_bank = torch.cat(banks)
+        ids = []
+        for p, off in zip(pats, offs):
+            if p.mask_ids is None:
+                ids.append(torch.full_like(p.kv_indices, -1))
+            else:
+                ids.append(torch.where(p.mask_ids >= 0, p.mask_ids + off, p.mask_ids))
+        mask_ids = _pick_heads(torch.stack([_pad_last(_to_bh(t, B, H, "mask_ids"), wp, -1) for t in ids]), src)
+    columns = None
+    if any(p.columns is not None for p in pats):
+        empty = TokenPattern(torch.zeros(1, 1, 1, dtype=torch.int32, device=src.device),
+                             torch.zeros(1, 1, dtype=torch.int32, device=src.device), p0.kv_len)
+        columns = _stack_token_heads([p.columns if p.columns is not None else empty for p in pats], methods, src, B, H)
+    return BlockPattern(kvn, kvi, fkn, fki, p0.block_q, p0.block_k, p0.q_len, p0.kv_len, p0.causal,
+                        mask_ids=mask_ids, mask_bank=mask_bank, columns=columns)
