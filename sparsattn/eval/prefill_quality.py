@@ -64,7 +64,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..bench.common import write_csv
-from ..methods.base import SelectHook
+from ..methods.base import DensityKnob, PresetContext, SelectHook, method_class
 
 __all__ = [
     "PREFILL_METHODS", "Family", "Setting", "SearchResult", "search_knob", "knob_family", "teacher_forced_ids",
@@ -243,108 +243,21 @@ def search_knob(measure: Callable[[float], float], target: float, *, lo: float, 
     return done()
 
 
-@dataclass
-class Family:
-    """Family: one method's settings as a function of one knob ``x`` (others fixed by rules), for length ``T``.
-
-    Attributes:
-        method: registered name. knob: the searched hyper-parameter.
-        lo, hi, integer, increasing: the knob's range, type and direction of the density.
-        guess: first value tried.
-        config: x -> ``get_method`` keyword arguments (JSON-serialisable).
-        label: x -> short human-readable description.
-    """
-    method: str
-    knob: str
-    lo: float
-    hi: float
-    integer: bool
-    increasing: bool
-    guess: float
-    config: Callable[[Any], dict]
-    label: Callable[[Any], str]
-
-
-def _pow2_floor(x: float) -> int:
-    return 1 << max(0, int(math.floor(math.log2(max(1.0, x)))))
+Family = DensityKnob  # the public name of a method's searched family (methods.base.DensityKnob)
 
 
 def knob_family(method: str, T: int, target: float, *, n_layers: int = 8, n_heads: int = 8,
                 seer_gate: Optional[str] = None, razor_path: Optional[str] = None) -> Optional[Family]:
     """knob_family: the searched family of ``method`` at length ``T`` and density ``target``; None for
-    methods that are not searched (dense, minference, moa, masformer: handled by ``resolve_settings``).
+    methods that are not searched (their ``density_knob`` preset is None: dense, minference, moa,
+    masformer are handled by ``resolve_settings``).
 
-    Rules (b = target x (T + 1) / 2 is the mean kept keys per causal row):
-      - a_shape: sink = min(64, max(4, b / 4)); knob n_local.
-      - vertical_slash: n_local = min(64, max(8, b / 8)) forced diagonals plus round(b / 400) estimated
-        slashes (slashes are block-granular, hence few); knob v_size (exact columns), n_sink = min(30, v).
-      - block_sparse: knob top_k (block 64).
-      - oracle_topk: knob density (block 64, block-max scores).
-      - hip: sink 16, sliding window max(16, b / 4), block_k 16; knob mask_k (multiple of 16).
-      - longheads: chunk w = power of two <= b / 4 in [32, 256], block min(64, w); knob atten_length / w.
-      - s2_attention: local_blocks = max(1, round(target x n_blocks / 4)); knob vert_stride (density falls).
-      - seer_attention: shipped gate, top-k mode, last_block_dense=False; knob nz_ratio.
-      - razor: the retrieval heads of ``razor_path``; others sink 4 + window; knob the window.
+    The rules live on each method (``Method.density_knob``, b = target x (T + 1) / 2 is the mean kept
+    keys per causal row); ``seer_gate``/``razor_path`` are the calibrations handed to them.
     """
-    b = target * (T + 1) / 2
-    nk = -(-T // BLOCK)
-    if method == "a_shape":
-        n_init = int(min(64, max(4, b // 4)))
-        return Family(method, "n_local", 1, T, True, True, max(1.0, b - n_init),
-                      lambda x: dict(n_init=n_init, n_local=int(x), block_size=BLOCK),
-                      lambda x: f"sink{n_init}+local{int(x)}")
-    if method == "vertical_slash":
-        # slashes are kept at block granularity (one distant slash costs one to two key blocks per row),
-        # so their number is set by rule and the exact vertical columns take the rest of the budget
-        n_local = int(min(64, max(8, round(b / 8))))
-        s_size = n_local + int(round(b / 400))
-
-        def cfg(x):
-            v = int(x)
-            return dict(v_size=v, s_size=s_size, last_q=64, n_sink=min(30, v), n_local=n_local, block_size=BLOCK)
-        return Family(method, "v_size", 1, T, True, True, max(1.0, b - 1.5 * n_local - 96 * (s_size - n_local)), cfg,
-                      lambda x: f"v{int(x)}/s{s_size}(local{n_local})")
-    if method == "block_sparse":
-        return Family(method, "top_k", 2, max(2, nk), True, True, max(2.0, target * nk / 2),
-                      lambda x: dict(top_k=int(x), block_size=BLOCK), lambda x: f"top{int(x)}")
-    if method == "oracle_topk":
-        return Family(method, "density", 1e-3, 1.0, False, True, target,
-                      lambda x: dict(block_size=BLOCK, top_k=None, density=round(float(x), 5), reduce="max"),
-                      lambda x: f"d{float(x):.3f}")
-    if method == "hip":
-        window = int(max(16, b // 4))
-        return Family(method, "mask_k/16", 1, max(1, -(-T // 16)), True, True, max(1.0, (b - window - 16) / 16),
-                      lambda x: dict(mask_k=16 * int(x), block_size_q=64, block_k=16, sink_token_size=16,
-                                     sliding_window_size=window),
-                      lambda x: f"k{16 * int(x)}/sw{window}")
-    if method == "longheads":
-        w = min(256, max(32, _pow2_floor(b / 4)))
-        blk = min(64, w)
-        return Family(method, "atten_length/window", 3, max(3, -(-T // w)), True, True, max(3.0, b / w),
-                      lambda x: dict(window_size=w, atten_length=int(x) * w, block_size=blk, chunk_key="attention"),
-                      lambda x: f"w{w}/len{int(x) * w}")
-    if method == "s2_attention":
-        local = max(1, int(round(target * nk / 4)))
-        return Family(method, "vert_stride", 2, max(2, nk), True, False, max(2.0, 2.0 / target),
-                      lambda x: dict(block_size=BLOCK, local_blocks=local, vert_stride=int(x), homo_head=False),
-                      lambda x: f"local{local}/stride{int(x)}")
-    if method == "seer_attention":
-        if seer_gate is None:
-            raise ValueError("seer_gate: expected the SeerAttention gate directory, got None")
-        return Family(method, "nz_ratio", 1e-3, 1.0, False, True, 1.0 - (1.0 - target / 2) ** 2,
-                      lambda x: dict(gate_path=str(seer_gate), nz_ratio=round(float(x), 5), last_block_dense=False),
-                      lambda x: f"nz{float(x):.3f}")
-    if method == "razor":
-        if razor_path is None:
-            raise ValueError("razor_path: expected a razor calibration JSON, got None")
-        n_ret = _razor_count(razor_path)
-        frac = n_ret / (n_layers * n_heads)
-        guess = max(1.0, (target - frac) / max(1e-6, 1 - frac) * (T + 1) / 2 - 4)
-        return Family(method, "window", 1, T, True, True, guess,
-                      lambda x: dict(path=str(razor_path), n_sink=4, min_window=int(x), compression=float(T),
-                                     block_size=BLOCK),
-                      lambda x: f"{n_ret} ret. heads, sink4+win{int(x)}")
-    return None
+    ctx = PresetContext(n_layers=n_layers, n_heads=n_heads, block_size=BLOCK,
+                        calibrations={"seer_attention": seer_gate, "razor": razor_path})
+    return method_class(method).density_knob(T, target, ctx)
 
 
 def _razor_count(path: str) -> int:

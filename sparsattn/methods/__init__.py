@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import Method, SelectContext, get_method, list_methods, method_class, register
+from .base import DensityKnob, Method, PresetContext, SelectContext, get_method, list_methods, method_class, register
 
 _LOADED = False
 
@@ -23,4 +23,4 @@ def _load_all() -> None:
             importlib.import_module(f"{__name__}.{mod.name}")
 
 
-__all__ = ["Method", "SelectContext", "register", "get_method", "list_methods", "method_class"]
+__all__ = ["Method", "SelectContext", "PresetContext", "DensityKnob", "register", "get_method", "list_methods", "method_class"]

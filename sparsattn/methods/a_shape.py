@@ -6,7 +6,7 @@ from typing import Optional
 
 from .. import patterns
 from ._common import check_inputs, check_int, check_pow2, clamp_budget
-from .base import Method, SelectContext, register
+from .base import DensityKnob, Method, PresetContext, SelectContext, register
 
 
 @register("a_shape")
@@ -29,6 +29,15 @@ class AShape(Method):
     n_init: int = 128
     n_local: int = 3968
     block_size: int = 64
+    @classmethod
+    def density_knob(cls, T: int, target: float, ctx: PresetContext) -> DensityKnob:
+        """Preset: sink = min(64, max(4, b / 4)) with b = target x (T + 1) / 2 kept keys per row; knob n_local."""
+        b = target * (T + 1) / 2
+        n_init, blk = int(min(64, max(4, b // 4))), ctx.block_size
+        return DensityKnob(cls.name, "n_local", 1, T, True, True, max(1.0, b - n_init),
+                           lambda x: dict(n_init=n_init, n_local=int(x), block_size=blk),
+                           lambda x: f"sink{n_init}+local{int(x)}")
+
 
     def __post_init__(self):
         check_int("n_init", self.n_init, 0)
@@ -36,11 +45,11 @@ class AShape(Method):
         check_pow2("block_size", self.block_size)
 
     @classmethod
-    def conformance_config(cls) -> dict:
+    def small_config(cls) -> dict:
         return {"n_init": 20, "n_local": 70, "block_size": 32}
 
     @classmethod
-    def conformance_full_config(cls, q_len: int) -> dict:
+    def full_config(cls, q_len: int) -> dict:
         return {"n_init": 0, "n_local": q_len, "block_size": 32}
 
     def select(self, q, k, ctx: Optional[SelectContext] = None):

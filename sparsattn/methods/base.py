@@ -16,13 +16,26 @@ A method that is not a mask (an approximation such as HyperAttention) defines
 itself (q ``[B, Hq, Tq, D]``, k/v ``[B, Hkv, Tk, D]``, out ``[B, Hq, Tq, D]``, lse the natural
 log-sum-exp ``[B, Hq, Tq]``); its ``select`` returns None and ``computes_output`` is True.
 Integrations call ``attend`` for such methods.
+
+Presets (what tooling needs, declared on the method so no tool names it):
+
+* ``example_config()``: a representative configuration (docs, demo, benchmarks);
+* ``small_config()``: a configuration for small test shapes (the conformance tests);
+* ``full_config(q_len)``: a configuration that keeps every causal pair (None: not expressible);
+* ``density_knob(T, target, ctx)`` (prefill): a ``DensityKnob``, the method's settings as a
+  function of one searched knob, aimed at ``target`` density at length ``T`` (None: not searched);
+* ``budget_config(budget_tokens, ctx)`` (decode): the hyper-parameters for a token budget per KV
+  head (None: no budget mapping).
+
+``ctx`` is a ``PresetContext``: the model's shape and the paths of shipped calibrations, so a
+calibrated method takes its file from the caller, never from a tool that knows its name.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
 import torch
 
@@ -49,6 +62,58 @@ class SelectContext:
     q_offset: int = 0
     state: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PresetContext:
+    """PresetContext: what aiming a method at a density or a budget may need besides the length.
+
+    Attributes:
+        n_layers, n_heads: the model's attention layers and query heads (defaults: 8, 8).
+        group_size: query heads per KV head (decode budgets split per head group).
+        block_size: the key block used by block-granular presets (64).
+        calibrations: method name -> path of its calibration file/directory (e.g. a shipped one).
+    """
+
+    n_layers: int = 8
+    n_heads: int = 8
+    group_size: int = 1
+    block_size: int = 64
+    calibrations: Mapping[str, Optional[str]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("n_layers", "n_heads", "group_size", "block_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+
+    def calibration(self, method: str) -> Optional[str]:
+        """The calibration path given for ``method`` (None when absent)."""
+        v = self.calibrations.get(method)
+        return None if v is None else str(v)
+
+
+@dataclass
+class DensityKnob:
+    """DensityKnob: one method's settings as a function of one knob ``x`` (others fixed by rules).
+
+    Attributes:
+        method: registered name. knob: the searched hyper-parameter (a label such as ``mask_k/16``).
+        lo, hi, integer, increasing: the knob's range, type and direction of the density.
+        guess: first value tried.
+        config: x -> ``get_method`` keyword arguments (JSON-serialisable).
+        label: x -> short human-readable description.
+    """
+
+    method: str
+    knob: str
+    lo: float
+    hi: float
+    integer: bool
+    increasing: bool
+    guess: float
+    config: Callable[[Any], dict]
+    label: Callable[[Any], str]
 
 
 class Method:
@@ -81,6 +146,31 @@ class Method:
     def is_fitted(self) -> bool:
         """True when every requirement in ``needs`` is satisfied (overridden by calibrated methods)."""
         return not self.needs
+
+    @classmethod
+    def example_config(cls) -> dict:
+        """Preset: a representative configuration (``get_method`` keyword arguments; {} = defaults)."""
+        return {}
+
+    @classmethod
+    def small_config(cls) -> dict:
+        """Preset: a configuration for small shapes (tens to hundreds of tokens; {} = defaults)."""
+        return {}
+
+    @classmethod
+    def full_config(cls, q_len: int) -> Optional[dict]:
+        """Preset: a configuration keeping every causal pair of ``q_len`` queries (None: none exists)."""
+        return None
+
+    @classmethod
+    def density_knob(cls, T: int, target: float, ctx: PresetContext) -> Optional[DensityKnob]:
+        """Preset (prefill): the searched family aimed at density ``target`` at length ``T`` (None: not searched)."""
+        return None
+
+    @classmethod
+    def budget_config(cls, budget_tokens: int, ctx: PresetContext) -> Optional[dict]:
+        """Preset (decode): the configuration for ``budget_tokens`` tokens per KV head (None: no mapping)."""
+        return None
 
     def config(self) -> dict[str, Any]:
         """The method's hyper-parameters as a JSON-serialisable dict."""

@@ -8,7 +8,7 @@ import torch
 
 from .. import patterns
 from ._common import check_inputs, check_int, check_pow2, clamp_budget, column_mask_bank, compact_sorted
-from .base import Method, SelectContext, register
+from .base import DensityKnob, Method, PresetContext, SelectContext, register
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -94,6 +94,17 @@ class HiP(Method):
     block_k: int = 2
     sink_token_size: int = 16
     sliding_window_size: int = 256
+    @classmethod
+    def density_knob(cls, T: int, target: float, ctx: PresetContext) -> DensityKnob:
+        """Preset: sink 16, sliding window max(16, b / 4) (b = target x (T + 1) / 2), block_k 16;
+        knob mask_k / 16 (mask_k a multiple of 16): density ~ (16 + window + mask_k) / b."""
+        b = target * (T + 1) / 2
+        window = int(max(16, b // 4))
+        return DensityKnob(cls.name, "mask_k/16", 1, max(1, -(-T // 16)), True, True, max(1.0, (b - window - 16) / 16),
+                           lambda x: dict(mask_k=16 * int(x), block_size_q=64, block_k=16, sink_token_size=16,
+                                          sliding_window_size=window),
+                           lambda x: f"k{16 * int(x)}/sw{window}")
+
 
     def __post_init__(self):
         check_pow2("block_size_q", self.block_size_q)
@@ -107,11 +118,11 @@ class HiP(Method):
         check_int("sliding_window_size", self.sliding_window_size, 1)
 
     @classmethod
-    def conformance_config(cls) -> dict:
+    def small_config(cls) -> dict:
         return {"mask_k": 64, "block_size_q": 32, "block_k": 2, "sink_token_size": 4, "sliding_window_size": 32}
 
     @classmethod
-    def conformance_full_config(cls, q_len: int) -> dict:
+    def full_config(cls, q_len: int) -> dict:
         return {"mask_k": _cdiv(q_len, 16) * 16, "block_size_q": 32, "block_k": 16, "sink_token_size": 0,
                 "sliding_window_size": 16}
 

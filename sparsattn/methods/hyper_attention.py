@@ -73,11 +73,11 @@ class HyperAttentionMethod(Method):
                                min_seq_len=self.min_seq_len, generator=gen, stats=stats)
 
     @classmethod
-    def conformance_config(cls) -> dict:
+    def small_config(cls) -> dict:
         """Small sizes for the registry-wide tests (T = 200..600)."""
         return {"block_size": 32, "sample_size": 16, "min_seq_len": 64}
 
     @classmethod
-    def conformance_full_config(cls, q_len: int) -> dict:
+    def full_config(cls, q_len: int) -> dict:
         """Every causal pair kept: the whole sequence is one exact leaf."""
         return {"min_seq_len": max(int(q_len), 1)}

@@ -10,7 +10,7 @@ import torch
 from .. import patterns
 from ..kernels import estimate
 from ._common import check_inputs, check_int, check_pow2, clamp_budget
-from .base import Method, SelectContext, register
+from .base import DensityKnob, Method, PresetContext, SelectContext, register
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -65,6 +65,17 @@ class LongHeads(Method):
     atten_length: int = 4096
     block_size: int = 64
     chunk_key: str = "attention"
+    @classmethod
+    def density_knob(cls, T: int, target: float, ctx: PresetContext) -> DensityKnob:
+        """Preset: chunk w = power of two <= b / 4 in [32, 256] (b = target x (T + 1) / 2), block
+        min(64, w); knob atten_length / w."""
+        b = target * (T + 1) / 2
+        w = min(256, max(32, 1 << max(0, int(math.floor(math.log2(max(1.0, b / 4)))))))
+        blk = min(64, w)
+        return DensityKnob(cls.name, "atten_length/window", 3, max(3, -(-T // w)), True, True, max(3.0, b / w),
+                           lambda x: dict(window_size=w, atten_length=int(x) * w, block_size=blk, chunk_key="attention"),
+                           lambda x: f"w{w}/len{int(x) * w}")
+
 
     def __post_init__(self):
         check_pow2("window_size", self.window_size)
@@ -78,11 +89,11 @@ class LongHeads(Method):
             raise ValueError(f"chunk_key: expected 'attention' or 'mean', got {self.chunk_key!r}")
 
     @classmethod
-    def conformance_config(cls) -> dict:
+    def small_config(cls) -> dict:
         return {"window_size": 32, "atten_length": 128, "block_size": 32}
 
     @classmethod
-    def conformance_full_config(cls, q_len: int) -> dict:
+    def full_config(cls, q_len: int) -> dict:
         return {"window_size": 32, "atten_length": max(96, _cdiv(q_len, 32) * 32), "block_size": 32}
 
     def chunk_keys(self, q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], scale: Optional[float]) -> torch.Tensor:

@@ -74,12 +74,12 @@ class MASFormer(Method):
         return out
 
     @classmethod
-    def conformance_config(cls) -> dict:
+    def small_config(cls) -> dict:
         return {"full_layers": (1, 3), "inner": "a_shape",
                 "inner_config": {"n_init": 8, "n_local": 48, "block_size": 32}, "block_size": 32}
 
     @classmethod
-    def conformance_full_config(cls, q_len: int) -> dict:
+    def full_config(cls, q_len: int) -> dict:
         return {"full_layers": (0,), "inner": "a_shape", "inner_config": {"n_init": 8, "n_local": 48}, "block_size": 32}
 
     def select(self, q, k, ctx: Optional[SelectContext] = None):

@@ -23,7 +23,7 @@ from ..calibration import Field, ModelShape, read_calibration, save_calibration
 from ..kernels import estimate
 from ._vs_cover import vertical_slash_cover
 from ._common import calibrated_layer, check_inputs, check_int, check_pow2, clamp_budget, kv_heads_for, merge_heads
-from .base import Method, SelectContext, register
+from .base import DensityKnob, Method, PresetContext, SelectContext, register
 
 PAPER = "MInference 1.0: Accelerating Pre-filling for Long-Context LLMs via Dynamic Sparse Attention (arXiv 2407.02490)"
 
@@ -68,6 +68,21 @@ class VerticalSlash(Method):
     n_sink: int = 30
     n_local: int = 100
     block_size: int = 64
+    @classmethod
+    def density_knob(cls, T: int, target: float, ctx: PresetContext) -> DensityKnob:
+        """Preset: n_local = min(64, max(8, b / 8)) forced diagonals plus round(b / 400) estimated slashes
+        (slashes are block-granular: one distant slash costs one to two key blocks per row, hence few);
+        knob v_size (exact columns, which take the rest of the budget), n_sink = min(30, v)."""
+        b = target * (T + 1) / 2
+        n_local = int(min(64, max(8, round(b / 8))))
+        s_size, blk = n_local + int(round(b / 400)), ctx.block_size
+
+        def cfg(x):
+            v = int(x)
+            return dict(v_size=v, s_size=s_size, last_q=64, n_sink=min(30, v), n_local=n_local, block_size=blk)
+        return DensityKnob(cls.name, "v_size", 1, T, True, True, max(1.0, b - 1.5 * n_local - 96 * (s_size - n_local)),
+                           cfg, lambda x: f"v{int(x)}/s{s_size}(local{n_local})")
+
 
     def __post_init__(self):
         check_int("v_size", self.v_size, 0)
@@ -78,11 +93,11 @@ class VerticalSlash(Method):
         check_pow2("block_size", self.block_size)
 
     @classmethod
-    def conformance_config(cls) -> dict:
+    def small_config(cls) -> dict:
         return {"v_size": 40, "s_size": 24, "last_q": 16, "n_sink": 4, "n_local": 8, "block_size": 32}
 
     @classmethod
-    def conformance_full_config(cls, q_len: int) -> dict:
+    def full_config(cls, q_len: int) -> dict:
         return {"v_size": 0, "s_size": q_len, "last_q": 16, "n_sink": 0, "n_local": q_len, "block_size": 32}
 
     def select(self, q, k, ctx: Optional[SelectContext] = None):
@@ -130,17 +145,25 @@ class BlockSparse(Method):
     phase = "prefill"
     top_k: int = 100
     block_size: int = 64
+    @classmethod
+    def density_knob(cls, T: int, target: float, ctx: PresetContext) -> DensityKnob:
+        """Preset: knob top_k key blocks (block ``ctx.block_size``)."""
+        blk = ctx.block_size
+        nk = -(-T // blk)
+        return DensityKnob(cls.name, "top_k", 2, max(2, nk), True, True, max(2.0, target * nk / 2),
+                           lambda x: dict(top_k=int(x), block_size=blk), lambda x: f"top{int(x)}")
+
 
     def __post_init__(self):
         check_int("top_k", self.top_k, 1)
         check_pow2("block_size", self.block_size)
 
     @classmethod
-    def conformance_config(cls) -> dict:
+    def small_config(cls) -> dict:
         return {"top_k": 4, "block_size": 32}
 
     @classmethod
-    def conformance_full_config(cls, q_len: int) -> dict:
+    def full_config(cls, q_len: int) -> dict:
         return {"top_k": -(-q_len // 32), "block_size": 32}
 
     def select(self, q, k, ctx: Optional[SelectContext] = None):
@@ -432,19 +455,6 @@ class MInference(Method):
             raise RuntimeError("minference: not fitted; run MInference.fit(captured={layer: (q, k, v)}, "
                                "candidates=..., budget=..., path='minference.json') on calibration q/k/v, or "
                                "load a calibration with get_method('minference', path='minference.json')")
-
-    @classmethod
-    def conformance_fit(cls, q, k, v, full: bool = False) -> "MInference":
-        T = q.shape[2]
-        if full:
-            cands = [{"type": "a_shape", "n_init": 0, "n_local": T}]
-        else:
-            cands = [{"type": "a_shape", "n_init": 16, "n_local": 64},
-                     {"type": "vertical_slash", "v_size": 40, "s_size": 50},
-                     {"type": "block_sparse", "top_k": 3}]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return cls.fit({0: (q, k, v)}, cands, block_size=32, last_q=16)
 
     def select(self, q, k, ctx: Optional[SelectContext] = None):
         ctx = ctx or SelectContext()

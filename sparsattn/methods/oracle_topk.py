@@ -9,7 +9,7 @@ import torch
 from .. import patterns
 from ..kernels import estimate
 from ._common import check_inputs, check_int, check_pow2, clamp_budget
-from .base import Method, SelectContext, register
+from .base import DensityKnob, Method, PresetContext, SelectContext, register
 
 
 @register("oracle_topk")
@@ -38,6 +38,14 @@ class OracleTopK(Method):
     top_k: Optional[int] = None
     density: Optional[float] = 0.1
     reduce: str = "max"
+    @classmethod
+    def density_knob(cls, T: int, target: float, ctx: PresetContext) -> DensityKnob:
+        """Preset: knob density (block ``ctx.block_size``, block-max scores)."""
+        blk = ctx.block_size
+        return DensityKnob(cls.name, "density", 1e-3, 1.0, False, True, target,
+                           lambda x: dict(block_size=blk, top_k=None, density=round(float(x), 5), reduce="max"),
+                           lambda x: f"d{float(x):.3f}")
+
 
     def __post_init__(self):
         check_pow2("block_size", self.block_size)
@@ -52,11 +60,11 @@ class OracleTopK(Method):
             raise ValueError(f"reduce: expected 'max' or 'sum', got {self.reduce!r}")
 
     @classmethod
-    def conformance_config(cls) -> dict:
+    def small_config(cls) -> dict:
         return {"block_size": 32, "density": 0.3}
 
     @classmethod
-    def conformance_full_config(cls, q_len: int) -> dict:
+    def full_config(cls, q_len: int) -> dict:
         return {"block_size": 32, "top_k": None, "density": 1.0}
 
     def select(self, q, k, ctx: Optional[SelectContext] = None):

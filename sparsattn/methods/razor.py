@@ -6,6 +6,7 @@ attention; every other head keeps ``n_sink`` sink tokens and a local window of
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -17,7 +18,7 @@ import torch
 from .. import patterns
 from ..calibration import Field, ModelShape, read_calibration, save_calibration
 from ._common import calibrated_layer, check_inputs, check_int, check_pow2, merge_heads
-from .base import Method, SelectContext, register
+from .base import DensityKnob, Method, PresetContext, SelectContext, register
 
 PAPER = "RazorAttention: Efficient KV Cache Compression Through Retrieval Heads (arXiv 2407.15891)"
 
@@ -106,6 +107,22 @@ class RazorAttention(Method):
     _heads: Optional[dict] = field(default=None, repr=False, compare=False)
     _scores: Optional[dict] = field(default=None, repr=False, compare=False)
     _shape: Optional[ModelShape] = field(default=None, repr=False, compare=False)
+    @classmethod
+    def density_knob(cls, T: int, target: float, ctx: PresetContext) -> DensityKnob:
+        """Preset: the retrieval heads of ``ctx.calibration("razor")`` keep every key, the others sink 4
+        + a window: the knob (guess from the retrieval-head fraction of ``ctx.n_layers x ctx.n_heads``)."""
+        path = ctx.calibration(cls.name)
+        if path is None:
+            raise ValueError("razor_path: expected a razor calibration JSON, got None")
+        with open(path) as f:
+            n_ret = sum(len(d["retrieval_heads"]) for d in json.load(f)["data"].values())
+        frac = n_ret / (ctx.n_layers * ctx.n_heads)
+        guess = max(1.0, (target - frac) / max(1e-6, 1 - frac) * (T + 1) / 2 - 4)
+        blk = ctx.block_size
+        return DensityKnob(cls.name, "window", 1, T, True, True, guess,
+                           lambda x: dict(path=path, n_sink=4, min_window=int(x), compression=float(T), block_size=blk),
+                           lambda x: f"{n_ret} ret. heads, sink4+win{int(x)}")
+
 
     def __post_init__(self):
         check_int("n_sink", self.n_sink, 0)
@@ -204,12 +221,6 @@ class RazorAttention(Method):
             raise RuntimeError("razor: not fitted; capture q/k per layer on repeated_random_tokens(vocab, n, repeats) "
                                "and run RazorAttention.fit({layer: (q, k)}, period=n, path='razor.json'), or load "
                                "one with get_method('razor', path='razor.json')")
-
-    @classmethod
-    def conformance_fit(cls, q, k, v, full: bool = False) -> "RazorAttention":
-        frac = 1.0 if full else 0.25
-        return cls.fit({0: (q, k)}, q.shape[2] // 3, echo_fraction=frac, induction_fraction=frac, min_window=32,
-                       compression=16.0, n_sink=4, block_size=32)
 
     def window(self, kv_len: int) -> int:
         """Local window of non-retrieval heads for ``kv_len`` keys: ``max(min_window, ceil(kv_len / C))``."""

@@ -9,7 +9,7 @@ import torch
 
 from .. import patterns
 from ._common import check_inputs, check_int, check_pow2
-from .base import Method, SelectContext, register
+from .base import DensityKnob, Method, PresetContext, SelectContext, register
 
 
 @register("s2_attention")
@@ -54,6 +54,16 @@ class S2Attention(Method):
     vert_stride: int = 8
     homo_head: bool = False
     head_rotation: str = "query_heads"
+    @classmethod
+    def density_knob(cls, T: int, target: float, ctx: PresetContext) -> DensityKnob:
+        """Preset: local_blocks = max(1, round(target x n_blocks / 4)); knob vert_stride (density falls)."""
+        blk = ctx.block_size
+        nk = -(-T // blk)
+        local = max(1, int(round(target * nk / 4)))
+        return DensityKnob(cls.name, "vert_stride", 2, max(2, nk), True, False, max(2.0, 2.0 / target),
+                           lambda x: dict(block_size=blk, local_blocks=local, vert_stride=int(x), homo_head=False),
+                           lambda x: f"local{local}/stride{int(x)}")
+
 
     def __post_init__(self):
         check_pow2("block_size", self.block_size)
@@ -74,11 +84,11 @@ class S2Attention(Method):
         return [(h * step) % self.vert_stride for h in range(n_kv_heads)]
 
     @classmethod
-    def conformance_config(cls) -> dict:
+    def small_config(cls) -> dict:
         return {"block_size": 32, "local_blocks": 2, "vert_stride": 3}
 
     @classmethod
-    def conformance_full_config(cls, q_len: int) -> dict:
+    def full_config(cls, q_len: int) -> dict:
         return {"block_size": 32, "local_blocks": 2, "vert_stride": 1}
 
     def select(self, q, k, ctx: Optional[SelectContext] = None):

@@ -39,7 +39,7 @@ from torch import nn
 
 from .. import patterns
 from ..calibration import read_json, read_safetensors, tensor_field, write_json
-from .base import Method, SelectContext, register
+from .base import DensityKnob, Method, PresetContext, SelectContext, register
 
 Tensor = torch.Tensor
 
@@ -331,6 +331,17 @@ class SeerAttention(Method):
     last_block_dense: bool = True
     gate_path: Optional[str] = None
     _gate: Optional[SeerGate] = field(default=None, repr=False, compare=False)
+    @classmethod
+    def density_knob(cls, T: int, target: float, ctx: PresetContext) -> DensityKnob:
+        """Preset: the gate ``ctx.calibration("seer_attention")``, top-k mode, last_block_dense=False;
+        knob nz_ratio (guess 1 - (1 - target / 2)^2)."""
+        gate = ctx.calibration(cls.name)
+        if gate is None:
+            raise ValueError("seer_gate: expected the SeerAttention gate directory, got None")
+        return DensityKnob(cls.name, "nz_ratio", 1e-3, 1.0, False, True, 1.0 - (1.0 - target / 2) ** 2,
+                           lambda x: dict(gate_path=gate, nz_ratio=round(float(x), 5), last_block_dense=False),
+                           lambda x: f"nz{float(x):.3f}")
+
 
     def __post_init__(self):
         if not isinstance(self.threshold, (int, float)) or not (0.0 <= self.threshold < 1.0):
@@ -368,12 +379,6 @@ class SeerAttention(Method):
     def needs_pre_rope(self) -> bool:
         """Asks the HF integration for pre-RoPE q/k in ``ctx.extras`` (gates trained on pre-RoPE inputs)."""
         return self._gate is None or self._gate.rope_input == "pre"
-
-    @classmethod
-    def conformance_fit(cls, q: Tensor, k: Tensor, v: Tensor, full: bool = False) -> "SeerAttention":
-        """A randomly initialised gate (layer 0) for q/k's shape; ``full=True`` keeps every causal block."""
-        gate = SeerGate(q.shape[1], k.shape[1], q.shape[3], [0], seed=0).to(q.device)
-        return (cls(nz_ratio=1.0) if full else cls()).set_gate(gate)
 
     # -- selection --------------------------------------------------------------------------------
     def block_probs(self, q: Tensor, k: Tensor, ctx: Optional[SelectContext] = None) -> Tensor:

@@ -1,14 +1,15 @@
 """Conformance of every registered prefill method (parametrized over the registry).
 
-Protocol for method classes (all optional class methods):
+The tests read the presets each method declares (``sparsattn.methods.base``):
 
-* ``conformance_config(cls) -> dict``: small-size hyper-parameter overrides for these tests
-  (inputs have T = 200..600 tokens, 4 query heads, 2 or 4 KV heads, head_dim 16..32).
-* ``conformance_full_config(cls, q_len) -> dict``: overrides that keep every causal pair; the
-  "full budget equals exact attention" test is skipped for methods without it.
-* ``conformance_fit(cls, q, k, v, full=False) -> instance``: for methods whose ``needs`` is
-  non-empty (calibration): fit on the given tensors (as layer 0); with ``full=True`` a fit that
-  keeps every causal pair, or None. Calibrated methods without it are skipped (with the reason).
+* ``small_config()``: the configuration for these small shapes (inputs have T = 200..600 tokens,
+  4 query heads, 2 or 4 KV heads, head_dim 16..32);
+* ``full_config(q_len)``: a configuration that keeps every causal pair; the "full budget equals
+  exact attention" test is skipped for methods whose preset is None.
+
+Methods whose ``needs`` is non-empty (calibration) are fitted on the given tensors (as layer 0) by
+the test-only ``tests/methods/_fits.py``; with ``full=True`` a fit that keeps every causal pair, or
+None. Calibrated methods without a test fit are skipped (with the reason).
 
 ``select`` is called with ``SelectContext(layer=0, causal=True, extras={"v": v})``.
 """
@@ -24,6 +25,8 @@ from sparsattn.kernels.block_sparse.reference import dense_reference
 from sparsattn.methods import get_method, list_methods, method_class
 from sparsattn.methods.base import SelectContext
 from sparsattn.patterns import BlockPattern
+
+from _fits import example_fit  # tests/methods is on sys.path (pytest rootdir-relative import)
 
 METHODS = list_methods("prefill")
 MINE = {"oracle_topk", "a_shape", "vertical_slash", "block_sparse", "minference", "hip", "longheads",
@@ -47,18 +50,19 @@ def _instance(name, q, k, v, full=False):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if cls.needs:
-            if not hasattr(cls, "conformance_fit"):
-                pytest.skip(f"{name} needs {cls.needs} but has no conformance_fit(cls, q, k, v, full) hook")
-            inst = cls.conformance_fit(q, k, v, full=full)
+            try:
+                inst = example_fit(cls, q, k, v, full=full)
+            except LookupError as e:
+                pytest.skip(str(e))
             if inst is None:
-                pytest.skip(f"{name}.conformance_fit gives no full-budget fit")
+                pytest.skip(f"{name}: the test fit gives no full-budget fit")
             return inst
         if full:
-            if not hasattr(cls, "conformance_full_config"):
-                pytest.skip(f"{name} has no conformance_full_config(cls, q_len) hook")
-            return get_method(name, **cls.conformance_full_config(q.shape[2]))
-        cfg = cls.conformance_config() if hasattr(cls, "conformance_config") else {}
-        return get_method(name, **cfg)
+            cfg = cls.full_config(q.shape[2])
+            if cfg is None:
+                pytest.skip(f"{name} declares no full_config(q_len) preset")
+            return get_method(name, **cfg)
+        return get_method(name, **cls.small_config())
 
 
 def _select(inst, q, k, v):

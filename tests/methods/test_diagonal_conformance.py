@@ -3,9 +3,9 @@ bottom-right aligned), so no row is left without a key: same-length prefill, chu
 (``Tq < Tk``: the queries are the last ``Tq`` tokens of the keys), lengths that are not multiples
 of the block size, a chunk shorter than a block.
 
-The loop is over ``sparsattn.list_methods("prefill")``; method names appear only through the
-conformance hooks of ``test_conformance.py`` (``conformance_config``, ``conformance_fit``). Each
-method runs with its conformance configuration and with its paper defaults (the defaults of a
+The loop is over ``sparsattn.list_methods("prefill")``; methods appear only through their declared
+presets (``small_config``) and, for calibrated methods, the test-only fits of ``_fits.py``. Each
+method runs with its small configuration and with its paper defaults (the defaults of a
 calibrated method are its fitted file, so it runs once). Calibrated methods are fitted on the whole
 sequence (all ``Tk`` queries) and then select for the chunk, as a chunked prefill would. A method
 may refuse chunked prefill with a ``ValueError`` naming ``q tokens`` (LongHeads' attention chunk
@@ -21,6 +21,8 @@ import torch
 from sparsattn.methods import get_method, list_methods, method_class
 from sparsattn.methods.base import SelectContext
 from sparsattn.patterns import BlockPattern
+
+from _fits import example_fit  # tests/methods is on sys.path (pytest rootdir-relative import)
 
 METHODS = list_methods("prefill")
 SHAPES = [  # (B, Hq, Hkv, Tq, Tk, D)
@@ -46,12 +48,13 @@ def _instances(name, q_full, k, v):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if cls.needs:
-            if not hasattr(cls, "conformance_fit"):
-                pytest.skip(f"{name} needs {cls.needs} but has no conformance_fit hook")
-            return [("fit", cls.conformance_fit(q_full, k, v))]
+            try:
+                return [("fit", example_fit(cls, q_full, k, v))]
+            except LookupError as e:
+                pytest.skip(str(e))
         out = [("defaults", get_method(name))]
-        if hasattr(cls, "conformance_config"):
-            out.append(("conformance", get_method(name, **cls.conformance_config())))
+        if cls.small_config():
+            out.append(("conformance", get_method(name, **cls.small_config())))
         return out
 
 
