@@ -184,6 +184,15 @@ def analyze(model, tok, *, n_tokens: int = 2048, calib_tokens: int = 512, p_targ
                       "activation_ratio": 1 - best[2]})
     for r in rows:
         r["mean_abs"] = float(acts[r["layer"]].abs().mean())
+    if ppl_p:  # where the sparsity sits at the first PPL-p% point: per layer and position, on the dense activations
+        t = cett_thresholds(calib, mlps, ppl_p[0]["cett"])
+        thr = {l: (a.abs() * mlps[l].down_proj.weight.detach().float().norm(dim=0)[None] < t[l]) for l, a in acts.items()}
+        _, pos_t = zero_fraction({l: (~z).float() for l, z in thr.items()})
+        key = f"ppl{ppl_p[0]['p']:g}_zero_frac"
+        for r in rows:
+            r[key] = float(thr[r["layer"]].float().mean())
+        for r, rt in zip(pos_rows, pos_t):
+            r[key] = rt["zero_frac"]
     summary = {"ppl_dense": base, "eval_tokens": ids.numel(), "calib_tokens": calib_tokens, "ppl_p": ppl_p,
                "curve": curve, "layers": rows}
 
@@ -192,12 +201,14 @@ def analyze(model, tok, *, n_tokens: int = 2048, calib_tokens: int = 512, p_targ
 
         fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
         L = len(rows)
+        key = next((k for k in pos_rows[0] if k.startswith("ppl")), "zero_frac") if pos_rows else "zero_frac"
         for l in range(L):
             pr = [r for r in pos_rows if r["layer"] == l]
-            a.plot([r["pos_from"] for r in pr], [r["zero_frac"] for r in pr], marker="o", ms=3, label=f"L{l}")
+            a.plot([r["pos_from"] for r in pr], [r[key] for r in pr], marker="o", ms=3, label=f"L{l}")
         a.set_xlabel("position (bucket start)")
-        a.set_ylabel("fraction of zero activations")
-        a.set_title("MLP activation sparsity per layer and position", fontsize=9)
+        a.set_ylabel("fraction of zero activations" if key == "zero_frac" else f"fraction inactive ({key[:-10]} thresholds)")
+        a.set_title(f"MLP activation sparsity per layer and position ({'exact zeros' if key == 'zero_frac' else key[:-10]})",
+                    fontsize=9)
         a.legend(fontsize=6, ncol=2)
         for kind, col in (("topk", "C0"), ("cett", "C3")):
             pts = sorted((r["sparsity"], r["ppl_ratio"]) for r in curve if r["kind"] == kind)
