@@ -35,7 +35,7 @@ offloaded layer writes the new rows to host memory. Round trips are exact (plain
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -43,7 +43,8 @@ import torch
 from ..kernels.sparse_decode import sparse_decode_attention
 from ..kernels.sparse_decode.reference import paged_to_contiguous
 from ..patterns import TokenPattern
-from .groups import head_groups
+from .groups import GroupedLayerMixin, materialise
+from .offload import OffloadMixin, Prefetched, _pattern_rows
 
 Tensor = torch.Tensor
 
@@ -69,42 +70,8 @@ class _Layer:
     head_local: Optional[Tensor] = None  # [H] index of each kv head inside its group
 
 
-@dataclass
-class _Group:
-    """One head group of a grouped contiguous layer: kv heads ``heads`` (ascending) stored together."""
 
-    heads: Tensor  # [H_g] int64
-    k: Tensor  # [B, H_g, cap_g, D]
-    v: Tensor
-    positions: Tensor  # [B, H_g, cap_g] int64
-    log_weight: Optional[Tensor] = None  # [B, H_g, cap_g] float32 or None
-
-
-@dataclass
-class Prefetched:
-    """Prefetched: selected rows copied to the device; call ``wait()`` before use (CUDA streams).
-
-    ``k, v``: ``[B, Hkv, n, D]``; ``pattern``: a TokenPattern over those ``n`` rows (page_size 1)
-    that selects exactly the rows that were requested and valid; ``log_weight`` aligned with it.
-    """
-
-    k: Tensor
-    v: Tensor
-    pattern: TokenPattern
-    log_weight: Optional[Tensor] = None
-    event: Optional[object] = field(default=None, repr=False)
-
-    def wait(self) -> "Prefetched":
-        if self.event is not None:
-            cur = torch.cuda.current_stream(self.k.device)
-            cur.wait_event(self.event)
-            for t in (self.k, self.v):  # allocated on the side stream, used on this one
-                t.record_stream(cur)
-            self.event = None
-        return self
-
-
-class KVCache:
+class KVCache(GroupedLayerMixin, OffloadMixin):
     """KVCache: K/V cache of ``n_layers`` layers, batch ``B`` with per-sequence (and per-head) lengths.
 
     Args:
@@ -181,16 +148,8 @@ class KVCache:
 
     def _materialise(self, L: _Layer, name: str, fill):
         """Padded ``[B, Hkv, T, ...]`` copy of a per-group attribute of a grouped layer (None if no group has it)."""
-        parts = [(g.heads, getattr(g, name)) for g in L.groups]
-        ref = next((x for _, x in parts if x is not None), None)
-        if ref is None:
-            return None
-        out = torch.full((self.batch, self.kv_heads, self._cap(L), *ref.shape[3:]), fill, dtype=ref.dtype,
-                         device=ref.device)
-        for hs, x in parts:
-            if x is not None:
-                out[:, hs.to(out.device), : x.shape[2]] = x
-        return out
+        return materialise([(g.heads, getattr(g, name)) for g in L.groups], self.batch, self.kv_heads, self._cap(L),
+                           fill, left=False)
 
     def seq_lens(self, layer: int) -> Tensor:
         """Tokens appended so far per sequence ``[B]`` (the next absolute position)."""
@@ -360,93 +319,6 @@ class KVCache:
         vv = torch.gather(v, 2, t[..., None].expand(-1, -1, -1, v.shape[-1]))
         return kk * valid[..., None], vv * valid[..., None]
 
-    def _gather_groups(self, L: _Layer, tok: Tensor, valid: Tensor, out=None):
-        """Rows ``tok [B, Hkv, n]`` of a grouped layer, zeros where not ``valid`` or past a group's
-        storage (as the zero padding of the single-tensor layout); written into ``out`` when given."""
-        B, H, n = tok.shape
-        dev = L.groups[0].k.device
-        tok, valid = tok.to(dev), valid.to(dev)
-        if out is None:
-            out = tuple(torch.empty(B, H, n, self.head_dim, dtype=self.dtype, device=dev) for _ in range(2))
-        for g in L.groups:
-            hs = g.heads.to(dev)
-            cap = g.k.shape[2]
-            t = tok[:, hs]
-            ok = valid[:, hs] & (t < cap)
-            idx = torch.where(ok, t, torch.zeros_like(t))[..., None].expand(-1, -1, -1, self.head_dim)
-            for src, dst in ((g.k, out[0]), (g.v, out[1])):
-                rows = torch.gather(src, 2, idx) if cap else src.new_zeros(idx.shape)
-                dst[:, hs] = rows.masked_fill(~ok[..., None], 0)
-        return out
-
-    def _attend_groups(self, L: _Layer, q: Tensor, pattern: Optional[TokenPattern], kw: dict):
-        """Decode attention on a grouped layer: one kernel call per head group on its query heads."""
-        B, H = self.batch, self.kv_heads
-        if q.dim() == 4 and q.shape[2] == 1:
-            q = q[:, :, 0]
-        if not isinstance(q, Tensor) or q.dim() != 3 or q.shape[0] != B or q.shape[1] % H or q.shape[1] == 0:
-            raise _err("q", f"a tensor [B={B}, Hq (a multiple of {H}), D]", getattr(q, "shape", type(q).__name__))
-        Hq, G = q.shape[1], q.shape[1] // H
-        dev = q.device
-        kl = L.lengths.amax(1).to(torch.int32)
-        T = self._cap(L)
-        tok = valid = None
-        if pattern is not None:
-            from ..kernels.sparse_decode import _deep_check
-            from ..kernels.sparse_decode.reference import selected_tokens
-
-            if not isinstance(pattern, TokenPattern):
-                raise _err("pattern", "a sparsattn.patterns.TokenPattern or None", type(pattern).__name__)
-            if pattern.kv_len != T:
-                raise _err("pattern.kv_len", f"{T} (the cache's slot count)", pattern.kv_len)
-            if pattern.batch not in (1, B):
-                raise _err("pattern batch", f"1 or {B}", pattern.batch)
-            if pattern.heads not in (1, H, Hq):
-                raise _err("pattern heads", f"1, {H} (kv heads) or {Hq} (query heads)", pattern.heads)
-            if kw.get("validate", True):
-                _deep_check(pattern, kl.to(pattern.device))
-            tok, valid, _ = selected_tokens(pattern, kl.to(pattern.device), T, pattern.heads)
-            tok, valid = tok.to(dev), valid.to(dev)
-        out = torch.zeros(B, Hq, q.shape[2], dtype=q.dtype, device=dev)
-        lse = torch.full((B, Hq), float("-inf"), dtype=torch.float32, device=dev)
-        garange = torch.arange(G, device=dev)
-        for g in L.groups:
-            hs = g.heads.to(dev)
-            qi = (hs[:, None] * G + garange).reshape(-1)
-            ln = L.lengths[:, hs].to(dev)  # [B, H_g]
-            cap = g.k.shape[2]
-            if pattern is None and g.log_weight is None:  # every kept slot: dense over each row's length
-                o, s = sparse_decode_attention(q[:, qi], g.k, g.v, None, kv_lens=ln.to(torch.int32),
-                                               **dict(kw, return_lse=True))
-                out[:, qi] = o
-                lse[:, qi] = s
-                continue
-            if pattern is None:
-                t = torch.arange(max(cap, 1), device=dev).expand(B, hs.numel(), -1)
-                ok = t < ln[..., None]
-            else:
-                R = tok.shape[1]
-                rows = hs if R == H else (qi if R == Hq else torch.zeros(hs.numel(), dtype=torch.long, device=dev))
-                lim = ln if R != Hq else L.lengths[:, qi // G].to(dev)
-                t, ok = tok[:, rows], valid[:, rows]
-                ok = ok & (t < lim[..., None])  # a slot past its row's length holds nothing: skipped
-                order = torch.sort((~ok).to(torch.int8), dim=-1, stable=True).indices  # selected first, in order
-                t, ok = torch.gather(t, 2, order), torch.gather(ok, 2, order)
-                n = max(int(ok.sum(-1).max()) if ok.numel() else 0, 1)
-                t, ok = t[..., :n], ok[..., :n]
-                if t.shape[-1] < n:  # empty selection
-                    t = torch.zeros(*t.shape[:2], n, dtype=torch.long, device=dev)
-                    ok = torch.zeros(t.shape, dtype=torch.bool, device=dev)
-            t = torch.where(ok, t, torch.zeros_like(t))
-            pat = TokenPattern(t.to(torch.int32).contiguous(), ok.sum(-1).to(torch.int32).contiguous(), cap)
-            lw = None
-            if g.log_weight is not None and cap:
-                lw = torch.gather(g.log_weight.to(dev), 2, t.clamp_max(cap - 1))
-            o, s = sparse_decode_attention(q[:, qi], g.k, g.v, pat, kv_lens=ln.amax(1).to(torch.int32),
-                                           log_weight=lw, **dict(kw, return_lse=True))
-            out[:, qi] = o
-            lse[:, qi] = s
-        return (out, lse) if kw.get("return_lse") else out
 
     def attend(self, layer: int, q: Tensor, pattern: Optional[TokenPattern] = None, *, scale=None,
                return_lse: bool = False, backend=None, validate: bool = True):
@@ -573,53 +445,6 @@ class KVCache:
             S.log_weight[bb, loc, s] = log_weight[m].float().to(self.device)
         L.lengths[b, h] += 1
 
-    def shrink(self, layer: Optional[int] = None) -> None:
-        """Give back capacity beyond each head group's longest row (after eviction), regrouping the
-        KV heads by length (contiguous layout; see ``group_waste`` and the module docstring)."""
-        for i in ([layer] if layer is not None else range(self.n_layers)):
-            L = self._layer(i)
-            if self.layout != "contiguous" or L.on_host or L.quant is not None:
-                continue
-            longest = L.lengths.amax(0).tolist() if self.batch else [0] * self.kv_heads  # [H]
-            parts = head_groups(longest, self.group_waste)
-            H = self.kv_heads
-            if L.groups is None:
-                old_gid, old_loc = [0] * H, list(range(H))
-            else:
-                old_gid, old_loc = L.head_group.tolist(), L.head_local.tolist()
-            old = self._stores(L)
-            new = []
-            for heads in parts:
-                cap = max(longest[h] for h in heads)
-                d = {}
-                for name, fill in (("k", 0), ("v", 0), ("positions", -1), ("log_weight", 0.0)):
-                    srcs = [getattr(old[old_gid[h]][0], name) for h in heads]
-                    ref = next((x for x in srcs if x is not None), None)
-                    if ref is None:
-                        d[name] = None
-                        continue
-                    x = torch.full((self.batch, len(heads), cap, *ref.shape[3:]), fill, dtype=ref.dtype,
-                                   device=ref.device)
-                    for j, h in enumerate(heads):
-                        src = getattr(old[old_gid[h]][0], name)
-                        if src is not None:
-                            x[:, j] = src[:, old_loc[h], :cap]
-                    d[name] = x
-                hs = torch.tensor(heads, dtype=torch.long, device=self.device)
-                new.append(_Group(hs, d["k"], d["v"], d["positions"], d["log_weight"]))
-            if len(new) == 1:
-                g = new[0]
-                L.k, L.v, L.positions, L.log_weight = g.k, g.v, g.positions, g.log_weight
-                L.groups = L.head_group = L.head_local = None
-            else:
-                gid, loc = [0] * H, [0] * H
-                for gi, heads in enumerate(parts):
-                    for j, h in enumerate(heads):
-                        gid[h], loc[h] = gi, j
-                L.groups = new
-                L.head_group = torch.tensor(gid, dtype=torch.long, device=self.device)
-                L.head_local = torch.tensor(loc, dtype=torch.long, device=self.device)
-                L.k = L.v = L.positions = L.log_weight = None
 
     def load_layer(self, layer: int, k: Tensor, v: Tensor, lengths: Tensor, positions: Tensor, seen: Tensor,
                    log_weight: Optional[Tensor] = None) -> None:
@@ -668,85 +493,6 @@ class KVCache:
         L.positions = mpkv.positions
         L.lengths = mpkv.lengths.clone()
 
-    # ------------------------------------------------------------------ offload
-    def offload(self, layer: int) -> None:
-        """Move the layer's K/V to host memory (pinned when CUDA is available)."""
-        L = self._layer(layer)
-        if L.on_host:
-            return
-        if L.quant is not None:
-            raise ValueError("layer: quantised layers are kept on the device")
-        pin = torch.cuda.is_available()
-        for S, _ in self._stores(L):
-            hk = torch.empty(S.k.shape, dtype=S.k.dtype, device="cpu", pin_memory=pin)
-            hv = torch.empty(S.v.shape, dtype=S.v.dtype, device="cpu", pin_memory=pin)
-            hk.copy_(S.k)
-            hv.copy_(S.v)
-            S.k, S.v = hk, hv
-        L.on_host = True
-
-    def fetch(self, layer: int) -> None:
-        """Bring an offloaded layer's K/V back to the device."""
-        L = self._layer(layer)
-        if not L.on_host:
-            return
-        for S, _ in self._stores(L):
-            S.k = S.k.to(self.device)
-            S.v = S.v.to(self.device)
-        L.on_host = False
-
-    def prefetch(self, layer: int, pattern: TokenPattern) -> Prefetched:
-        """Copy the rows selected by a slot-indexed ``pattern`` (heads 1 or Hkv) of an offloaded layer
-        to the device, asynchronously (on a side stream on CUDA; call ``.wait()`` before use)."""
-        L = self._layer(layer)
-        if not L.on_host:
-            raise ValueError("layer: is not offloaded (call offload() first, or use gather())")
-        kl = self.kv_lens(layer).cpu()
-        tok, valid = _pattern_rows(pattern.to("cpu"), kl, self.batch, self.kv_heads)
-        if self.layout == "paged":
-            T = L.block_table.shape[1] * self.page_size
-            kc = paged_to_contiguous(L.k, L.block_table.cpu().clamp_min(0), T)
-            vc = paged_to_contiguous(L.v, L.block_table.cpu().clamp_min(0), T)
-        elif L.groups is None:
-            kc, vc = L.k, L.v
-        else:
-            kc = vc = None  # gathered group by group below
-        t = torch.where(valid, tok, torch.zeros_like(tok))
-        # compact: valid rows first so that the device pattern is a prefix of each row
-        order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices
-        t = torch.gather(t, 2, order)
-        cnt = valid.sum(-1)
-        pin = torch.cuda.is_available()
-        g = t[..., None].expand(-1, -1, -1, self.head_dim)
-        sk = torch.empty(g.shape, dtype=self.dtype, pin_memory=pin)  # gathered straight into pinned memory
-        sv = torch.empty(g.shape, dtype=self.dtype, pin_memory=pin)
-        if kc is not None:
-            torch.gather(kc, 2, g, out=sk)
-            torch.gather(vc, 2, g, out=sv)
-        else:
-            self._gather_groups(L, t, torch.gather(valid, 2, order), out=(sk, sv))
-        lw = None
-        lw_all = self.log_weights(layer) if self.layout == "contiguous" else None
-        if lw_all is not None:
-            lw = torch.gather(lw_all.cpu(), 2, t)
-        n = max(t.shape[-1], 1)
-        idx = torch.arange(n, dtype=torch.int32).expand(self.batch, tok.shape[1], n).contiguous()
-        event = None
-        if self.device.type == "cuda":
-            if self._stream is None:
-                self._stream = torch.cuda.Stream(self.device)
-            with torch.cuda.stream(self._stream):
-                dk = sk.to(self.device, non_blocking=True)
-                dv = sv.to(self.device, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(self._stream)
-        else:
-            dk, dv = sk.clone(), sv.clone()
-        pat = TokenPattern(idx.to(self.device), cnt.to(torch.int32).to(self.device), t.shape[-1])
-        if lw is not None:
-            lw = lw.to(self.device)
-        return Prefetched(dk, dv, pat, lw, event)
-
     # ------------------------------------------------------------------ memory
     def nbytes(self, layer: Optional[int] = None) -> int:
         """Bytes kept (device and host): K/V storage (or quantised codes) plus slot metadata (per head
@@ -780,20 +526,6 @@ class KVCache:
             n = int(L.lengths.sum()) * (self.kv_heads if self.layout == "paged" else 1)
             total += 2 * n * self.head_dim * item
         return total
-
-
-def _pattern_rows(pattern: TokenPattern, kv_lens: Tensor, B: int, H: int):
-    """Slot positions ``[B, H, n]`` and validity of a pattern (pages expanded; heads 1 or H)."""
-    if pattern.heads not in (1, H):
-        raise _err("pattern heads", f"1 or {H} (kv heads)", pattern.heads)
-    if pattern.batch not in (1, B):
-        raise _err("pattern batch", f"1 or {B}", pattern.batch)
-    from ..kernels.sparse_decode.reference import selected_tokens
-
-    tok, valid, _ = selected_tokens(pattern, kv_lens.to(pattern.device), pattern.kv_len, pattern.heads)
-    if tok.shape[0] != B or tok.shape[1] != H:  # broadcast a shared selection to every sequence / kv head
-        tok, valid = tok.expand(B, H, -1), valid.expand(B, H, -1)
-    return tok, valid
 
 
 __all__ = ["KVCache", "Prefetched"]

@@ -27,7 +27,7 @@
   (the patched attention reads the compressed layout; transformers' own masks cannot).
 * Head groups (``group_waste``, default 0.1): when a policy leaves rows of different lengths per
   KV head (RazorAttention's retrieval heads keep everything, MoA's spans differ per head) the layer
-  is stored as head groups, the rule of ``sparsattn.kv.KVCache`` (``sparsattn.kv.cache.head_groups``
+  is stored as head groups, the rule of ``sparsattn.kv.KVCache`` (``sparsattn.kv.groups.head_groups``
   on each head's longest row over the batch): each group is its own left-padded
   ``[B, H_g, cap_g, D]`` tensor, ``cap_g`` its longest row, so memory follows the per-head lengths.
   ``group_waste=1`` never splits (the single padded tensor). Such a layer (``self.layers[i]`` is a
@@ -63,7 +63,7 @@ import torch
 from transformers import DynamicCache
 
 from ...kv.adapter import as_cache_policy
-from ...kv.groups import head_groups
+from ...kv.groups import group_query_heads, head_groups
 from .cache_groups import GroupedKV, GroupedLayer, HeadGroup, _attend_rows, _materialise
 
 
@@ -121,7 +121,7 @@ class SparseCache(DynamicCache):
         group_waste: the largest fraction of a head group's storage that may be padding when a
             layer whose heads keep different lengths is stored as head groups (default 0.1; 1 =
             never split, the single padded tensor; 0 = a group per distinct length). The rule of
-            ``sparsattn.kv.KVCache`` (``sparsattn.kv.cache.head_groups``).
+            ``sparsattn.kv.KVCache`` (``sparsattn.kv.groups.head_groups``).
     Use: ``model.generate(..., past_key_values=SparseCache(config=model.config, policy=...))`` on a
     model patched with ``sparsattn.integrations.hf.patch``.
     """
@@ -276,9 +276,8 @@ class SparseCache(DynamicCache):
         # one dtype for the dense path of every group (float32 as soon as the layer has log-weights)
         dt = torch.float32 if any(g.log_weight is not None for g in groups) else q.dtype
         out = torch.empty_like(q)
-        ar = torch.arange(G, device=dev)
         for g in groups:
-            qi = (g.heads.to(dev)[:, None] * G + ar).reshape(-1)  # query heads of the group's kv heads
+            qi = group_query_heads(g.heads, G, dev)
             out[:, qi] = _attend_rows(q[:, qi], g.keys, g.values, g.pad.to(dev), g.log_weight, scale, backend, dt)
         return out
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
+from ...kv.groups import materialise
 from ...patterns import TokenPattern
 
 
@@ -93,13 +94,8 @@ def _materialise(groups: list, H: int, name: str, fill=0):
     ref = next((getattr(g, name) for g in groups if getattr(g, name) is not None), None)
     if ref is None:
         return None
-    T = max(g.cap for g in groups)
-    out = ref.new_full((ref.shape[0], H, T, *ref.shape[3:]), fill)
-    for g in groups:
-        x = getattr(g, name)
-        if x is not None:
-            out[:, g.heads.to(out.device), T - g.cap:] = x
-    return out
+    return materialise([(g.heads, getattr(g, name)) for g in groups], ref.shape[0], H, max(g.cap for g in groups),
+                       fill, left=True)
 
 
 class GroupedLayer(DynamicLayer):
