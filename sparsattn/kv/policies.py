@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from ..patterns import sink_or_recent
 from .cache import KVCache
 from .quant import QuantizedRows, quantize_rows
 
@@ -49,8 +50,7 @@ def _sink_window_keep(pos: Tensor, seen: Tensor, n_sink: int, window: Tensor) ->
     w = window if isinstance(window, Tensor) else torch.as_tensor(window, device=pos.device)
     if w.dim() == 0:
         w = w.expand(pos.shape[:2])
-    recent = pos >= (seen[:, None] - w)[..., None]
-    return (pos >= 0) & ((pos < n_sink) | recent)
+    return (pos >= 0) & sink_or_recent(pos, seen[:, None, None], n_sink, w[..., None])  # the one rule
 
 
 class KVPolicy:

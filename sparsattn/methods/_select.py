@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from ..kernels.unit_scores.reference import reduce_heads
-from ..patterns import TokenPattern
+from ..patterns import TokenPattern, sink_or_recent
 
 Tensor = torch.Tensor
 
@@ -154,7 +154,7 @@ def sink_window_mask(B: int, H: int, T: int, kv_lens: Tensor, n_sink: int, windo
     """bool ``[B, H, T]``: the first ``n_sink`` and the last ``window`` valid tokens of each sequence."""
     t = torch.arange(T, device=kv_lens.device)[None, :]
     L = kv_lens[:, None]
-    m = ((t < n_sink) | (t >= L - window)) & (t < L)
+    m = sink_or_recent(t, L, n_sink, window) & (t < L)  # the one sink + recent-window rule
     return m[:, None, :].expand(B, H, T)
 
 
