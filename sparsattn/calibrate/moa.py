@@ -15,7 +15,7 @@ import torch
 
 from ..calibration import ModelShape
 from ..integrations.hf import attention_modules, attention_swapped
-from ..methods.moa import MoA, candidate_grid, search_plan, span_density, spans_for
+from ..methods.moa import MoA
 
 Tensor = torch.Tensor
 
@@ -179,28 +179,17 @@ def fit_moa(model_or_path, tokenizer=None, *, lengths: Sequence[int] = (2048, 40
     hkv = getattr(cfg, "num_key_value_heads", None) or hq
     hd = getattr(m0, "head_dim", None) or cfg.hidden_size // hq
     shape = ModelShape(max(mods) + 1, int(hq), int(hkv), int(hd))
-    alphas, betas = candidate_grid(lengths, alpha_step, n_beta)
-    losses, dens = [], []
+    profiles = {}
     for n in lengths:
         samples = calibration_samples(model, tokenizer, n, samples_per_length, answer_len=answer_len, seed=seed + n,
                                       files=files)
-        prof = profile_moa(model, samples, sink=sink, take_abs=take_abs)  # [L, H, n]
-        suffix = torch.flip(torch.cumsum(torch.flip(prof, [-1]), -1), [-1])  # loss of span s = suffix[s]
-        suffix = torch.cat([suffix, torch.zeros(*suffix.shape[:-1], 1, dtype=suffix.dtype)], -1)
-        sp = spans_for(alphas, betas, n, min_span)  # [C]
-        losses.append(suffix[..., sp].reshape(-1, sp.numel()))  # [L*H, C]
-        dens.append(span_density(sp, sink, n)[None].expand(shape.num_layers * shape.num_heads, -1))
+        profiles[n] = profile_moa(model, samples, sink=sink, take_abs=take_abs)  # [L, H, n]
         if log:
-            log(f"profiled length {n}: {samples_per_length} samples, total effect {float(prof.sum()):.4g}")
-    choice, info = search_plan(torch.stack(losses), torch.stack(dens), budget)
-    a = alphas[choice].view(shape.num_layers, shape.num_heads)
-    b = betas[choice].view(shape.num_layers, shape.num_heads)
-    info.update({"lengths": lengths, "budget": budget, "samples_per_length": samples_per_length,
-                 "take_abs": take_abs, "answer_len": answer_len})
-    moa = MoA().set_plan(shape, a.tolist(), b.tolist(), sink=sink, min_span=min_span, info=info)
-    if out_path is not None:
-        moa.save_plan(out_path)
-        moa.plan_path = str(out_path)
+            log(f"profiled length {n}: {samples_per_length} samples, total effect {float(profiles[n].sum()):.4g}")
+    moa = MoA.fit({"shape": shape, "profiles": profiles}, budget=budget, path=out_path, sink=sink,
+                  min_span=min_span, alpha_step=alpha_step, n_beta=n_beta,
+                  info={"samples_per_length": samples_per_length, "take_abs": take_abs, "answer_len": answer_len})
+    info = moa.plan["info"]
     if log:
         log(f"MoA plan: density per length {['%.3f' % d for d in info['density']]} (budget {budget}), "
             f"predicted loss {info['loss']:.4g}")

@@ -23,7 +23,7 @@ def _err(name: str, expected: str, got) -> ValueError:
 
 def decode_inputs(q: Tensor, k: Tensor, ctx) -> tuple[Tensor, Tensor, Tensor]:
     """Check and normalise decode inputs: ``q [B, Hq, D]`` (from ``[B, Hq, 1, D]`` too),
-    ``k [B, Hkv, T, D]`` and the valid lengths ``kv_lens [B]`` (``ctx.extras["kv_lens"]``, default T)."""
+    ``k [B, Hkv, T, D]`` and the valid lengths ``kv_lens [B]`` (``ctx.kv_lens``, default T)."""
     if not isinstance(q, Tensor) or q.dim() not in (3, 4) or (q.dim() == 4 and q.shape[2] != 1):
         raise _err("q", "[B, Hq, D] or [B, Hq, 1, D] (one decode query)", getattr(q, "shape", type(q).__name__))
     if q.dim() == 4:
@@ -36,7 +36,7 @@ def decode_inputs(q: Tensor, k: Tensor, ctx) -> tuple[Tensor, Tensor, Tensor]:
     if k.shape[1] == 0 or Hq % k.shape[1]:
         raise _err("k heads", f"a divisor of q's {Hq} heads", k.shape[1])
     T = k.shape[2]
-    src = None if ctx is None else ctx.extras.get("kv_lens")
+    src = None if ctx is None else ctx.kv_lens
     if src is None:
         return q, k, torch.full((B,), T, dtype=torch.long, device=k.device)
     memo = _CHECKED.get("entry")
@@ -46,10 +46,10 @@ def decode_inputs(q: Tensor, k: Tensor, ctx) -> tuple[Tensor, Tensor, Tensor]:
         return q, k, memo[2]  # the same lengths tensor as the last call, already checked: no host sync
     kl = torch.as_tensor(src, device=k.device).long()
     if kl.shape != (B,):
-        raise _err("ctx.extras['kv_lens']", f"[B={B}] lengths in [0, {T}]", tuple(kl.shape))
+        raise _err("ctx.kv_lens", f"[B={B}] lengths in [0, {T}]", tuple(kl.shape))
     lo, hi = torch.stack([kl.min(), kl.max()]).tolist() if B else (0, 0)  # one host sync
     if lo < 0 or hi > T:
-        raise _err("ctx.extras['kv_lens']", f"[B={B}] lengths in [0, {T}]", kl.tolist())
+        raise _err("ctx.kv_lens", f"[B={B}] lengths in [0, {T}]", kl.tolist())
     if isinstance(src, Tensor) and _version(src) is not None and _version(kl) is not None:
         _CHECKED["entry"] = (weakref.ref(src), _version(src), kl, hi, _version(kl))
     return q, k, kl

@@ -106,7 +106,7 @@ class ActQKV(Method):
     across steps (no ``SparseCache``) the cut-off is the uniform ``avg`` blocks per layer.
 
     ``select(q [B, Hq, (1,) D], k_cache [B, Hkv, T, D], ctx) -> TokenPattern`` (heads 1 for
-    ``"shared"``, Hkv for ``"kv_head"``). ``ctx.extras``: ``kv_lens`` [B] valid lengths and
+    ``"shared"``, Hkv for ``"kv_head"``). ``ctx.kv_lens`` [B] valid lengths and ``ctx.padding_side``
     ``padding_side`` ("left": the valid tokens are the last ``kv_lens[b]``; default right).
     State in ``ctx.state["actqkv"]``; ``ctx.state["actqkv"]["alloc"][layer]`` holds the blocks
     each sequence read at that layer in the last step.
@@ -272,9 +272,9 @@ class ActQKV(Method):
         Hkv, T = k.shape[1], k.shape[2]
         G = Hq // Hkv
         dev = k.device
-        side = ctx.extras.get("padding_side") or "right"
+        side = ctx.padding_side or "right"
         if side not in ("left", "right"):
-            raise ValueError(f"ctx.extras['padding_side']: expected 'left' or 'right', got {side!r}")
+            raise ValueError(f"ctx.padding_side: expected 'left' or 'right', got {side!r}")
         lo = (T - kl) if side == "left" else torch.zeros_like(kl)
         L = kl
         nb_t = ((L - self.n_init - self.n_local) // self.block_size).clamp_min(0)

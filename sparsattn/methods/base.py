@@ -38,22 +38,93 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Optional
 
 import torch
+from collections.abc import MutableMapping
 
 _REGISTRY: dict[str, type] = {}
 
 
-@dataclass
-class SelectContext:
-    """SelectContext: what the integration passes to ``Method.select`` besides q and k.
+#: SelectContext's typed fields that the old string keys of ``extras`` read and write (compatibility)
+_TYPED_EXTRAS = ("phase", "v", "q_lens", "kv_lens", "padding_side", "position_ids", "sliding_window",
+                 "num_kv_groups", "q_pre_rope", "k_pre_rope", "prefill_q",
+                 "label_bytes", "h2d_bytes", "mask_refresh", "full_step")
 
-    Attributes:
+
+class _Extras(MutableMapping):
+    """The ``SelectContext.extras`` mapping: free-form keys stored here, and the names of typed
+    fields (``_TYPED_EXTRAS``) forwarded to the context's attributes, so code written against the
+    old string keys (``ctx.extras["kv_lens"]``) keeps working. A typed field that is None counts
+    as absent."""
+
+    __slots__ = ("_ctx", "_free")
+
+    def __init__(self, ctx: "SelectContext", free: Optional[Mapping] = None):
+        self._ctx, self._free = ctx, {}
+        for key, val in (free or {}).items():
+            self[key] = val
+
+    def __getitem__(self, key):
+        if key in _TYPED_EXTRAS:
+            val = getattr(self._ctx, key)
+            if val is None:
+                raise KeyError(key)
+            return val
+        return self._free[key]
+
+    def __setitem__(self, key, val):
+        if key in _TYPED_EXTRAS:
+            setattr(self._ctx, key, val)
+        else:
+            self._free[key] = val
+
+    def __delitem__(self, key):
+        if key in _TYPED_EXTRAS:
+            if getattr(self._ctx, key) is None:
+                raise KeyError(key)
+            setattr(self._ctx, key, None)
+        else:
+            del self._free[key]
+
+    def __iter__(self):
+        yield from (k for k in _TYPED_EXTRAS if getattr(self._ctx, k) is not None)
+        yield from self._free
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+@dataclass(eq=False)
+class SelectContext:
+    """SelectContext: what the integration passes to ``Method.select`` besides q and k, and what
+    the method reports back; typed fields, None = not given.
+
+    Attributes (in, set by the caller):
         layer: index of the attention layer (or None outside a model).
         causal: whether the attention is causal.
         scale: softmax scale (None = 1/sqrt(head_dim)).
         q_offset: absolute position of the first query (chunked prefill / decode).
         state: a dict shared across layers and steps of one forward/generation, owned by the
             integration (cross-layer state such as TidalDecode's positions lives here).
-        extras: free-form inputs (e.g. ``positions``, pre-RoPE q/k) an integration may supply.
+        phase: ``"prefill"`` or ``"decode"`` (None outside an integration).
+        v: the values ``[B, Hkv, Tk, D]`` aligned like k (prefill; LongHeads' chunk keys).
+        q_lens, kv_lens: ``[B]`` valid query / key lengths of a padded batch (None: all valid).
+        padding_side: ``"right"`` or ``"left"``: where the padding of q/k given to ``select`` is.
+        position_ids: the model's position ids, when it passes them.
+        sliding_window: the layer's sliding window (None: none).
+        num_kv_groups: query heads per KV head.
+        q_pre_rope, k_pre_rope: q/k before RoPE ``[B, H, T, D]`` (methods with ``needs_pre_rope``).
+        prefill_q: the prefill queries ``[B, Hq, Tp, D]`` (RetrievalAttention's attention-aware index).
+
+    Attributes (out, set by the method during ``select``):
+        label_bytes: bytes of Double Sparsity's label cache after this call.
+        h2d_bytes: ``{kind: bytes}`` moved host -> device by an offloaded method this call.
+        mask_refresh: whether HiP decode recomputed its mask this step.
+        full_step: whether Recycled Attention ran a full-attention step.
+
+    ``extras``: free-form keys for third-party use. The old string keys of the typed fields
+    (``extras["kv_lens"]``, ...) read and write those fields, so older code keeps working.
     """
 
     layer: Optional[int] = None
@@ -61,7 +132,35 @@ class SelectContext:
     scale: Optional[float] = None
     q_offset: int = 0
     state: dict = field(default_factory=dict)
-    extras: dict = field(default_factory=dict)
+    extras: MutableMapping = field(default_factory=dict)
+    phase: Optional[str] = None
+    v: Optional[torch.Tensor] = None
+    q_lens: Optional[torch.Tensor] = None
+    kv_lens: Optional[torch.Tensor] = None
+    padding_side: Optional[str] = None
+    position_ids: Optional[torch.Tensor] = None
+    sliding_window: Optional[int] = None
+    num_kv_groups: Optional[int] = None
+    q_pre_rope: Optional[torch.Tensor] = None
+    k_pre_rope: Optional[torch.Tensor] = None
+    prefill_q: Optional[torch.Tensor] = None
+    label_bytes: Optional[int] = None
+    h2d_bytes: Optional[dict] = None
+    mask_refresh: Optional[bool] = None
+    full_step: Optional[bool] = None
+
+    def __post_init__(self):
+        free = self.extras
+        if free is not None and not isinstance(free, Mapping):
+            raise ValueError(f"extras: expected a dict, got {type(free).__name__}")
+        if isinstance(free, _Extras):  # dataclasses.replace / copy: keep only the free-form keys
+            free = free._free
+        given = dict(free or {})
+        self.extras = _Extras(self)
+        for key, val in given.items():
+            if key in _TYPED_EXTRAS and getattr(self, key) is not None:
+                continue  # the typed field given explicitly wins over the old string key
+            self.extras[key] = val
 
 
 @dataclass(frozen=True)
@@ -195,6 +294,91 @@ class SelectHook:
 
     def on_select(self, orig, q, k, ctx=None, *args, **kwargs):
         return orig(q, k, ctx, *args, **kwargs)
+class _ClassOrInstance:
+    """Descriptor: the wrapped function receives ``(cls, instance_or_None, *args, **kwargs)``, so one
+    name works on the class (build a new instance) and on an instance (fill it in)."""
+
+    def __init__(self, func):
+        self.func = func
+        self.__doc__ = func.__doc__
+
+    def __get__(self, obj, cls=None):
+        cls = cls if cls is not None else type(obj)
+
+        def bound(*args, **kwargs):
+            return self.func(cls, obj, *args, **kwargs)
+
+        bound.__doc__, bound.__name__ = self.func.__doc__, self.func.__name__
+        return bound
+
+
+def _load(cls, self, path, *, expect_shape=None, **config):
+    """load(path, *, expect_shape=None, **config): read a calibration written by ``save`` through
+    ``sparsattn.calibration``'s checked loader. On the class: a new fitted instance with
+    hyper-parameters ``config``; on an instance: fills that instance in (keeping its
+    hyper-parameters) and returns it. ``expect_shape``: the model shape the file must record
+    (refused otherwise, the mismatching field named)."""
+    if self is None:
+        self = cls(**config)
+    elif config:
+        raise ValueError(f"config: {sorted(config)} can only be given when loading on the class "
+                         f"({cls.__name__}.load(path, ...)), not on an instance")
+    path = _fspath(path, cls)
+    self._read_calibration(path, expect_shape=expect_shape)
+    self.path = path
+    return self
+
+
+def _fspath(path, cls) -> str:
+    import os
+
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"path: expected a path to a {cls.__name__} calibration {cls.calibration_kind}, got {path!r}")
+    return path
+
+
+class Calibrated:
+    """Calibrated: the one calibration contract of a method fitted offline (mixin before ``Method``).
+
+    * ``path``: the one dataclass field naming the calibration the method reads (a JSON file, or a
+      directory for ``calibration_kind = "directory"``); None = fitted in memory or not yet.
+      Given at construction, it is read at once (``_load_path`` in ``__post_init__``).
+    * ``fit(data, *, path=None, **options)`` (classmethod): fit from captured tensors (no model);
+      returns a fitted instance, saved to ``path`` when given.
+    * ``save(path) -> str``: write the calibration (through ``sparsattn.calibration``); returns the path.
+    * ``load(path, **config)``: on the class a new fitted instance, on an instance fills it in.
+
+    Model-level fitting (running a whole model to capture or profile) lives above ``methods/`` in
+    ``sparsattn.calibrate.<method>``, behind ``sparsattn calibrate <method>``. A subclass implements
+    ``fit``, ``save``, ``_read_calibration(path, expect_shape=None)`` and ``is_fitted``.
+    """
+
+    calibration_kind: ClassVar[str] = "JSON file"
+    path: Optional[str] = None
+
+    load = _ClassOrInstance(_load)
+
+    @classmethod
+    def fit(cls, data, *, path=None, **options):
+        """fit: a fitted instance from captured tensors ``data`` (saved to ``path`` when given)."""
+        raise NotImplementedError(f"{cls.__name__}.fit")
+
+    def save(self, path) -> str:
+        """save: write the calibration to ``path``; returns the path written."""
+        raise NotImplementedError(f"{type(self).__name__}.save")
+
+    def _read_calibration(self, path: str, *, expect_shape=None) -> None:
+        raise NotImplementedError(f"{type(self).__name__}._read_calibration")
+
+    def _load_path(self) -> None:
+        """Read ``self.path`` when given (call from ``__post_init__``); a PathLike becomes a str."""
+        if self.path is not None:
+            self.path = _fspath(self.path, type(self))
+            self._read_calibration(self.path)
+
+
 
     def __enter__(self):
         orig = self.method.select

@@ -7,12 +7,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..calibration import Field, read_json, write_json
+from ..calibration import Field, ModelShape, read_json, write_json
 from ..kv.quant import quantize_minmax, unpack4
 from ..kernels.unit_scores import label_scores
 from ._select import decode_inputs, lengths_since, record_lengths, reduce_group, topk_pattern, valid_units
 from ..patterns import TokenPattern
-from .base import Method, SelectContext, register
+from .base import Calibrated, Method, SelectContext, register
 
 
 def _channel_table(f: Field) -> dict:
@@ -47,12 +47,13 @@ def pseudo_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 @register("double_sparsity")
 @dataclass
-class DoubleSparsity(Method):
+class DoubleSparsity(Calibrated, Method):
     """DoubleSparsity: top-k tokens from a label cache of calibrated outlier channels (Double Sparsity, arXiv 2408.07092).
 
     Offline: ``calibrate(qs, ks)`` ranks, per layer and KV head, the channels by mean ``|q_c * k_c|``
     over captured (post-RoPE) queries and keys and keeps the top ``r = D / group_factor``; the
-    result is saved/loaded as JSON (``save`` / ``load``). Runtime: the label cache
+    result is saved/loaded as JSON (``save`` / ``load`` / ``path=``; ``fit(captured, path=...)`` does both;
+    from a model: ``sparsattn calibrate double_sparsity``). Runtime: the label cache
     ``K[..., channels]`` is kept incrementally in ``ctx.state["double_sparsity"][layer]``, stored
     low-bit: ``label_bits`` 4 (default) = per-token min-max codes packed two per uint8 byte with a
     float16 scale and zero point per token (``codes [B, Hkv, cap, ceil(r / 2)]``, ``scale`` /
@@ -61,7 +62,7 @@ class DoubleSparsity(Method):
     the fly from the codes: ``q[ch] · label = scale * (q[ch] · codes) + zero * sum(q[ch])``, divided
     by ``sqrt(r)``; they pick the top ``token_budget`` tokens (``budget_ratio`` instead gives
     ``ceil(ratio * T)``, the paper's "1/16" setting). ``label_nbytes(state)`` reports the bytes the
-    label cache holds (also ``ctx.extras["label_bytes"]`` after each ``select``).
+    label cache holds (also ``ctx.label_bytes`` after each ``select``).
 
     The query's label channels are quantised the same way before scoring (``quantize_query=True``,
     the default): per query head min-max to ``label_bits`` and dequantised, as the authors'
@@ -82,7 +83,7 @@ class DoubleSparsity(Method):
     Offload variant (the paper's Double Sparsity-Offload): ``attend_offloaded(q, cache, layer, ctx)``
     runs one decode step on a ``KVCache`` layer kept in host memory; only the label cache is on the
     device and only the selected K/V rows are copied over (optionally the next layer's rows are
-    prefetched with a predicted query, ``next_q``); bytes moved in ``ctx.extras["h2d_bytes"]``.
+    prefetched with a predicted query, ``next_q``); bytes moved in ``ctx.h2d_bytes``.
     """
 
     paper = "Post-Training Sparse Attention with Double Sparsity (arXiv 2408.07092)"
@@ -94,6 +95,7 @@ class DoubleSparsity(Method):
     label_bits: int = 4
     head_reduce: str = "max"
     quantize_query: bool = True
+    path: Optional[str] = None  # channels JSON written by ``save`` (read at construction)
     channels: Optional[dict] = None  # {layer: [[channel ids] per kv head]}
 
     def __post_init__(self):
@@ -121,7 +123,10 @@ class DoubleSparsity(Method):
         """Rank channels per layer and KV head from captured ``q [N, Hq, T, D]`` and ``k [N, Hkv, T, D]``
         (one pair per layer, post-RoPE): importance = mean over tokens and the group of ``|q_c * k_c|``."""
         if len(qs) != len(ks) or not qs:
+            if self.path is not None:
+                raise ValueError("channels/path: give the channels or a file to read them from, not both")
             raise ValueError(f"qs/ks: expected equal-length non-empty lists (one per layer), got {len(qs)}, {len(ks)}")
+        self._load_path()
         out = {}
         for layer, (q, k) in enumerate(zip(qs, ks)):
             if q.dim() != 4 or k.dim() != 4 or q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
@@ -137,26 +142,56 @@ class DoubleSparsity(Method):
         self.__dict__.pop("_ch_dev", None)
         return out
 
-    def save(self, path: str) -> None:
+    @classmethod
+    def fit(cls, data, *, path: Optional[str] = None, **config) -> "DoubleSparsity":
+        """fit: a calibrated instance (hyper-parameters ``config``) from captured q/k: ``data`` is
+        ``{layer: (q, k[, v])}`` (layers 0..L-1) or a pair of per-layer lists ``(qs, ks)``; ranks the
+        channels with ``calibrate`` and saves them to ``path`` when given."""
+        if isinstance(data, dict):
+            layers = sorted(data, key=int)
+            if [int(l) for l in layers] != list(range(len(layers))):
+                raise ValueError(f"data: expected layers 0..{len(layers) - 1}, got {layers}")
+            qs, ks = [data[l][0] for l in layers], [data[l][1] for l in layers]
+        elif isinstance(data, (tuple, list)) and len(data) == 2:
+            qs, ks = data
+        else:
+            raise ValueError(f"data: expected {{layer: (q, k)}} or (qs, ks), got {type(data).__name__}")
+        inst = cls(**config)
+        inst.calibrate(list(qs), list(ks))
+        if path is not None:
+            inst.path = inst.save(path)
+        return inst
+
+    def save(self, path: str) -> str:
         """save: write the channels as JSON ``{"method": "double_sparsity", "group_factor": g,
-        "channels": {layer: [[channel ids] per KV head]}}`` (atomically)."""
+        "channels": {layer: [[channel ids] per KV head]}}`` (atomically); returns the path."""
         if self.channels is None:
             raise ValueError("channels: nothing to save; run calibrate() first")
-        write_json(path, {"method": "double_sparsity", "group_factor": self.group_factor,
+        return write_json(path, {"method": "double_sparsity", "group_factor": self.group_factor,
                           "channels": {str(l): [list(map(int, h)) for h in c] for l, c in self.channels.items()}})
 
-    def load(self, path: str) -> "DoubleSparsity":
-        """load: channels from a file written by ``save``, read through ``sparsattn.calibration``:
-        a missing, binary or truncated file, a file that is not a JSON object, another method, or
-        a mistyped channel list raise ValueError naming the file and the field."""
+    def _read_calibration(self, path: str, *, expect_shape=None) -> None:
+        """Channels from a file written by ``save`` (``load(path)`` on the class or an instance), read
+        through ``sparsattn.calibration``: a missing, binary or truncated file, a file that is not a
+        JSON object, another method, or a mistyped channel list raise ValueError naming the file and
+        the field; ``expect_shape`` (a ModelShape) checks layers, KV heads and channel ids < head_dim."""
         root = read_json(path, kind="double_sparsity calibration JSON file")
         root.as_dict()
         root["method"].as_str(["double_sparsity"])
         if root.get("group_factor") is not None:
             root["group_factor"].as_int(1)
-        self.channels = _channel_table(root["channels"])
+        table = _channel_table(root["channels"])
+        if expect_shape is not None:
+            shp = expect_shape if isinstance(expect_shape, ModelShape) else ModelShape.from_dict(expect_shape)
+            f = root["channels"]
+            if sorted(table) != list(range(shp.num_layers)):
+                raise f.error(f"layers 0..{shp.num_layers - 1} (expect_shape)", f"layers {sorted(table)}")
+            for layer, rows in table.items():
+                if len(rows) != shp.num_kv_heads or max(max(r) for r in rows) >= shp.head_dim:
+                    raise f[str(layer)].error(f"{shp.num_kv_heads} KV heads of channel ids < {shp.head_dim} "
+                                              "(expect_shape)")
+        self.channels = table
         self.__dict__.pop("_ch_dev", None)
-        return self
 
     # ------------------------------------------------------------------ runtime
     @staticmethod
@@ -297,7 +332,7 @@ class DoubleSparsity(Method):
         ch = self._channels(layer, k.shape[1], q.shape[-1], k.device)
         st = self._labels(k, ch, kl, ctx)
         if ctx is not None:
-            ctx.extras["label_bytes"] = self.label_nbytes(ctx.state, ctx.layer)
+            ctx.label_bytes = self.label_nbytes(ctx.state, ctx.layer)
         return self._topk(q, st, ch, kl, k.shape[2])
 
     # ------------------------------------------------------------------ offload (Double Sparsity-Offload)
@@ -391,7 +426,7 @@ class DoubleSparsity(Method):
         the result stays exact. Not overlapped: the host-side gather of the rows (CPU, synchronous),
         the label-row copy (small), and the on-demand fetch of misses. On the CPU nothing overlaps.
 
-        Bytes moved host -> device this call are in ``ctx.extras["h2d_bytes"]``: ``labels`` (new label
+        Bytes moved host -> device this call are in ``ctx.h2d_bytes``: ``labels`` (new label
         rows), ``kv`` (K/V rows fetched on demand, padding rows included), ``kv_prefetched`` (rows
         copied by the previous layer's speculative prefetch for this layer), ``next_prefetch`` (rows
         copied now for the next layer), ``hits`` / ``misses`` (selected tokens found / not found in the
@@ -484,8 +519,8 @@ class DoubleSparsity(Method):
         sc = scale if scale is not None else ctx.scale
         out = sparse_decode_attention(q.to(k_all.dtype), k_all, v_all, fpat, scale=sc, log_weight=lw, backend=backend)
         stats["total"] = stats["labels"] + stats["kv"] + stats["next_prefetch"]
-        ctx.extras["h2d_bytes"] = stats
-        ctx.extras["label_bytes"] = self.label_nbytes(ctx.state, layer)
+        ctx.h2d_bytes = stats
+        ctx.label_bytes = self.label_nbytes(ctx.state, layer)
         return out
 
     @staticmethod

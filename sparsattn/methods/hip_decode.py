@@ -41,7 +41,7 @@ class HiPDecode(Method):
     (its ``EXCLUDE_SLIDING_WINDOW`` option) so that they are not counted twice in the budget.
 
     State per layer in ``ctx.state["hip_decode"][layer]`` (a different batch/head shape or a
-    shorter cache starts over with a refresh); ``ctx.extras["mask_refresh"]`` tells whether this
+    shorter cache starts over with a refresh); ``ctx.mask_refresh`` tells whether this
     step refreshed. ``select(q [B, Hq, (1,) D], k_cache [B, Hkv, T, D], ctx) -> TokenPattern``
     (heads Hkv, token indices in ``[0, kv_lens[b])``). ``mask_k`` larger than the cache is clamped
     with a warning (the whole cache is then read).
@@ -117,7 +117,7 @@ class HiPDecode(Method):
         if st is not None and (st["pattern"].indices.shape[:2] != (B, Hkv) or bool((kl < st["kv_lens"]).any())):
             st = None  # a different batch or a new sequence: start over with a refresh
         refresh = st is None or st["since"] + 1 >= self.refresh_interval
-        ctx.extras["mask_refresh"] = refresh
+        ctx.mask_refresh = refresh
         if refresh:
             L = int(kl.max()) if B else 0
             if self.mask_k > L and not states.get("_warned"):

@@ -41,9 +41,9 @@ class LongHeads(Method):
     Chunk representation (``chunk_key="attention"``, as the official code): full attention inside
     each chunk, chunk value = mean of the chunk's attention outputs, chunk key = attention-weighted
     mean of the chunk's keys with the chunk value as the query. This needs the values: pass
-    ``ctx.extras["v"]`` (``[B, Hkv, T, D]``) and full-prefix queries (``Tq == Tk``).
+    ``ctx.v`` (``[B, Hkv, T, D]``) and full-prefix queries (``Tq == Tk``).
     ``chunk_key="mean"`` uses the mean key of the chunk instead (no values needed). If
-    ``ctx.extras["q_pre_rope"]`` / ``["k_pre_rope"]`` are given they are used for scoring, as the
+    ``ctx.q_pre_rope`` / ``ctx.k_pre_rope`` are given they are used for scoring, as the
     paper scores with pre-RoPE queries.
 
     Differences from the paper, by design of a mask: (1) selection is per query block (the block's
@@ -131,13 +131,13 @@ class LongHeads(Method):
         check_inputs("longheads", q, k, ctx)
         B, Hq, Tq, D = q.shape
         Tk = k.shape[2]
-        qs = ctx.extras.get("q_pre_rope", q)
-        ks = ctx.extras.get("k_pre_rope", k)
+        qs = q if ctx.q_pre_rope is None else ctx.q_pre_rope
+        ks = k if ctx.k_pre_rope is None else ctx.k_pre_rope
         v = None
         if self.chunk_key == "attention":
-            v = ctx.extras.get("v")
+            v = ctx.v
             if not isinstance(v, torch.Tensor) or v.shape[:3] != k.shape[:3] or v.shape[3] != D:
-                raise ValueError("ctx.extras['v']: longheads with chunk_key='attention' needs the values "
+                raise ValueError("ctx.v (extras['v']): longheads with chunk_key='attention' needs the values "
                                  f"[B, Hkv, Tk, {D}] to build chunk keys (or use chunk_key='mean'), got "
                                  f"{getattr(v, 'shape', None)}")
             if Tq != Tk:

@@ -33,7 +33,7 @@ class LongHeadsDecode(Method):
     pre-RoPE ones, and re-assigns positions inside the selected window; neither is possible from a
     selection, see ``longheads``).
 
-    Cache of representatives: valid while the lengths ``ctx.extras["kv_lens"]`` only grow, batch /
+    Cache of representatives: valid while the lengths ``ctx.kv_lens`` only grow, batch /
     heads / head_dim are unchanged and a probe of two keys per row (slot 0 and the last slot of the
     last cached chunk) is bit-identical; otherwise everything is recomputed (a new sequence, an
     evicting KV policy). Chunk scores ``q · representative`` per query head, combined over a GQA

@@ -11,7 +11,6 @@ Registered names:
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -23,7 +22,7 @@ from ..calibration import Field, ModelShape, read_calibration, save_calibration
 from ..kernels import estimate
 from ._vs_cover import vertical_slash_cover
 from ._common import calibrated_layer, check_inputs, check_int, check_pow2, clamp_budget, kv_heads_for, merge_heads
-from .base import DensityKnob, Method, PresetContext, SelectContext, register
+from .base import Calibrated, DensityKnob, Method, PresetContext, SelectContext, register
 
 PAPER = "MInference 1.0: Accelerating Pre-filling for Long-Context LLMs via Dynamic Sparse Attention (arXiv 2407.02490)"
 
@@ -357,7 +356,7 @@ def search_patterns(captured: dict, candidates: Optional[Sequence[dict]] = None,
 
 @register("minference")
 @dataclass
-class MInference(Method):
+class MInference(Calibrated, Method):
     """MInference: per-head pattern types (A-shape / vertical-slash / block-sparse) fixed offline by
     a kernel-aware search, sparse indices estimated online per head (arXiv 2407.02490).
 
@@ -385,11 +384,11 @@ class MInference(Method):
     def __post_init__(self):
         check_pow2("block_size", self.block_size)
         check_int("last_q", self.last_q, 1)
-        if self.path is not None:
-            if not isinstance(self.path, str):
-                raise ValueError(f"path: expected a str path to a calibration JSON, got {self.path!r}")
-            cal = read_calibration(self.path, method="minference")
-            self._set(cal.shape, cal.data)
+        self._load_path()
+
+    def _read_calibration(self, path: str, *, expect_shape=None) -> None:
+        cal = read_calibration(path, method="minference", expect_shape=expect_shape)
+        self._set(cal.shape, cal.data)
 
     def _set(self, shape: ModelShape, data) -> None:
         """Install a plan ``{layer: {head: entry}}`` read through ``sparsattn.calibration.Field``
@@ -431,8 +430,7 @@ class MInference(Method):
                                rows_from=rows_from, scale=scale)
         inst._set(ModelShape.from_captured(captured, num_layers), plan)
         if path is not None:
-            inst.save(path)
-            inst.path = str(path)
+            inst.path = inst.save(path)
         return inst
 
     def save(self, path) -> str:
@@ -441,14 +439,6 @@ class MInference(Method):
         data = {str(l): {str(h): e for h, e in hs.items()} for l, hs in self._plan.items()}
         return save_calibration(path, "minference", self._shape, data,
                                 {"block_size": self.block_size, "last_q": self.last_q})
-
-    @classmethod
-    def load(cls, path, *, block_size: int = 64, last_q: int = 64, expect_shape=None) -> "MInference":
-        """load: a fitted instance from calibration JSON (``expect_shape`` checked when given)."""
-        if expect_shape is not None:
-            read_calibration(path, method="minference", expect_shape=expect_shape)
-        return cls(path=os.fspath(path) if isinstance(path, os.PathLike) else path, block_size=block_size,
-                   last_q=last_q)
 
     def _require_fit(self):
         if self._plan is None:

@@ -46,11 +46,12 @@ import torch
 
 from .. import patterns
 from ..calibration import ModelShape, read_calibration, save_calibration
-from .base import Method, SelectContext, register
+from .base import Calibrated, Method, SelectContext, register
 
 Tensor = torch.Tensor
-_FIT_HINT = ("fit a plan with sparsattn.calibrate.moa.fit_moa(model, tokenizer, lengths=(2048, 4096), budget=0.5, "
-             "out_path=PLAN.json) and pass plan_path=PLAN.json (or call .load_plan(PLAN.json))")
+_FIT_HINT = ("fit a plan with `sparsattn calibrate moa --model PATH --out PLAN.json` (or "
+             "sparsattn.calibrate.moa.fit_moa(model, tokenizer, budget=0.5, out_path=PLAN.json)) and pass "
+             "path=PLAN.json (or call MoA.load(PLAN.json))")
 
 
 def spans_for(alpha: Tensor, beta: Tensor, n: int, min_span: int = 1) -> Tensor:
@@ -158,13 +159,15 @@ def search_plan(loss: Tensor, density: Tensor, budget: float, *, iters: int = 60
 
 @register("moa")
 @dataclass
-class MoA(Method):
+class MoA(Calibrated, Method):
     """MoA: per-head elastic sink + sliding window, span = alpha_h + beta_h * N (arXiv 2406.14909).
 
     Args:
-        plan_path: calibration JSON from ``fit_moa`` (None = load or fit later).
+        plan_path: deprecated alias of ``path`` (kept for older code; mirrors ``path``).
         block_size: block size of the returned patterns (64).
-    The plan records ``sink`` (default 64 tokens when fitting) and ``min_span``.
+        path: calibration JSON (``save`` / ``fit`` / ``sparsattn calibrate moa``); None = fit or load later.
+    The plan records ``sink`` (default 64 tokens when fitting) and ``min_span``. ``fit`` searches
+    the plan from per-length profiles; ``sparsattn.calibrate.moa.fit_moa`` profiles a model first.
     """
 
     paper = "MoA: Mixture of Sparse Attention for Automatic Large Language Model Compression (arXiv 2406.14909)"
@@ -174,6 +177,7 @@ class MoA(Method):
 
     plan_path: Optional[str] = None
     block_size: int = 64
+    path: Optional[str] = None
     _plan: Optional[dict] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -181,7 +185,11 @@ class MoA(Method):
         if not isinstance(bs, int) or bs < 16 or bs & (bs - 1):
             raise ValueError(f"block_size: expected a power of two >= 16, got {bs!r}")
         if self.plan_path is not None:
-            self.load_plan(self.plan_path)
+            if self.path is not None and self.path != self.plan_path:
+                raise ValueError(f"plan_path/path: plan_path is a deprecated alias of path; got both "
+                                 f"({self.plan_path!r} and {self.path!r})")
+            self.path = self.plan_path
+        self._load_path()
 
     # -- plan -------------------------------------------------------------------------------------
     @property
@@ -212,8 +220,55 @@ class MoA(Method):
         self._plan = {"shape": shape, "alpha": a, "beta": b, "sink": sink, "min_span": min_span, "info": dict(info or {})}
         return self
 
+    @classmethod
+    def fit(cls, data, *, budget: float, path: Optional[str] = None, sink: int = 64, min_span: int = 64,
+            alpha_step: int = 1024, n_beta: int = 9, info: Optional[dict] = None, **config) -> "MoA":
+        """fit: search the span plan from profiles and return a fitted instance (saved to ``path`` if given).
+
+        ``data``: ``{"shape": ModelShape (or its dict), "profiles": {n: Tensor [L, Hq, n]}}``: per
+        profiled length ``n``, the masking effect summed per query-key distance (what
+        ``sparsattn.calibrate.moa.profile_moa`` measures on a model). Candidates: ``candidate_grid``
+        over the lengths; each head's loss of span ``s`` = the effect beyond ``s``; ``search_plan``
+        under mean density ``budget``. ``info`` is stored with the plan.
+        """
+        if not isinstance(data, dict) or "shape" not in data or "profiles" not in data:
+            raise ValueError("data: expected {'shape': ModelShape, 'profiles': {length: Tensor [L, H, n]}}")
+        shape = data["shape"] if isinstance(data["shape"], ModelShape) else ModelShape.from_dict(data["shape"])
+        profiles = data["profiles"]
+        if not isinstance(profiles, dict) or not profiles:
+            raise ValueError("data['profiles']: expected a non-empty {length: Tensor [L, H, length]}")
+        lengths = sorted(int(n) for n in profiles)
+        alphas, betas = candidate_grid(lengths, alpha_step, n_beta)
+        losses, dens = [], []
+        LH = shape.num_layers * shape.num_heads
+        for n in lengths:
+            prof = profiles[n]
+            if not isinstance(prof, Tensor) or tuple(prof.shape) != (shape.num_layers, shape.num_heads, n):
+                got = tuple(prof.shape) if isinstance(prof, Tensor) else type(prof).__name__
+                raise ValueError(f"data['profiles'][{n}]: expected a tensor [L={shape.num_layers}, "
+                                 f"H={shape.num_heads}, {n}], got {got}")
+            suffix = torch.flip(torch.cumsum(torch.flip(prof, [-1]), -1), [-1])  # loss of span s = suffix[s]
+            suffix = torch.cat([suffix, torch.zeros(*suffix.shape[:-1], 1, dtype=suffix.dtype)], -1)
+            sp = spans_for(alphas, betas, n, min_span)  # [C]
+            losses.append(suffix[..., sp].reshape(-1, sp.numel()))  # [L*H, C]
+            dens.append(span_density(sp, sink, n)[None].expand(LH, -1))
+        choice, found = search_plan(torch.stack(losses), torch.stack(dens), budget)
+        a = alphas[choice].view(shape.num_layers, shape.num_heads)
+        b = betas[choice].view(shape.num_layers, shape.num_heads)
+        found.update({"lengths": lengths, "budget": budget})
+        found.update(info or {})
+        inst = cls(**config).set_plan(shape, a.tolist(), b.tolist(), sink=sink, min_span=min_span, info=found)
+        if path is not None:
+            inst.path = inst.plan_path = inst.save(path)
+        return inst
+
+    def save(self, path) -> str:
+        """save: write the plan as calibration JSON (``alpha``/``beta`` ``[num_layers][num_heads]``,
+        ``sink``, ``min_span``, ``info``) with the model shape; returns the path."""
+        return self.save_plan(path)
+
     def save_plan(self, path) -> str:
-        """Write the plan as calibration JSON (``alpha``/``beta`` ``[num_layers][num_heads]``, ``sink``,
+        """Deprecated alias of ``save``: write the plan as calibration JSON (``alpha``/``beta`` ``[num_layers][num_heads]``, ``sink``,
         ``min_span``, ``info``) with the model shape; returns the path."""
         p = self.plan
         data = {"alpha": p["alpha"].tolist(), "beta": p["beta"].tolist(), "sink": p["sink"],
@@ -221,8 +276,12 @@ class MoA(Method):
         return save_calibration(path, "moa", p["shape"], data, config={"block_size": self.block_size})
 
     def load_plan(self, path, *, expect_shape=None) -> "MoA":
-        """Load a plan written by ``save_plan`` / ``fit_moa``; every field is checked through
-        ``sparsattn.calibration`` (ValueError naming the file and the field, e.g. ``data.alpha[3][1]``)."""
+        """Deprecated alias of ``load`` on an instance: read a plan written by ``save`` / ``fit``."""
+        return self.load(path, expect_shape=expect_shape)
+
+    def _read_calibration(self, path: str, *, expect_shape=None) -> None:
+        """Read a plan written by ``save``; every field is checked through ``sparsattn.calibration``
+        (ValueError naming the file and the field, e.g. ``data.alpha[3][1]``)."""
         cal = read_calibration(path, method="moa", expect_shape=expect_shape)
         d, L, H = cal.data, cal.shape.num_layers, cal.shape.num_heads
         alpha = d["alpha"].float_matrix(L, H)
@@ -232,7 +291,6 @@ class MoA(Method):
         self.set_plan(cal.shape, alpha, beta, sink=sink, min_span=min_span,
                       info=None if info is None else {k: f.plain() for k, f in info.as_dict().items()})
         self.plan_path = cal.path
-        return self
 
     # -- selection --------------------------------------------------------------------------------
     def spans(self, layer: int, n: int) -> Tensor:

@@ -6,9 +6,7 @@ attention; every other head keeps ``n_sink`` sink tokens and a local window of
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -18,7 +16,7 @@ import torch
 from .. import patterns
 from ..calibration import Field, ModelShape, read_calibration, save_calibration
 from ._common import calibrated_layer, check_inputs, check_int, check_pow2, merge_heads
-from .base import DensityKnob, Method, PresetContext, SelectContext, register
+from .base import Calibrated, DensityKnob, Method, PresetContext, SelectContext, register
 
 PAPER = "RazorAttention: Efficient KV Cache Compression Through Retrieval Heads (arXiv 2407.15891)"
 
@@ -73,7 +71,7 @@ def echo_induction_scores(q: torch.Tensor, k: torch.Tensor, period: int, *, scal
 
 @register("razor")
 @dataclass
-class RazorAttention(Method):
+class RazorAttention(Calibrated, Method):
     """RazorAttention: retrieval heads (top echo + top induction heads) dense, other heads
     ``n_sink`` sink tokens + a local window of ``max(min_window, ceil(N / compression))`` keys
     (RazorAttention, arXiv 2407.15891), applied to prefill attention.
@@ -114,8 +112,7 @@ class RazorAttention(Method):
         path = ctx.calibration(cls.name)
         if path is None:
             raise ValueError("razor_path: expected a razor calibration JSON, got None")
-        with open(path) as f:
-            n_ret = sum(len(d["retrieval_heads"]) for d in json.load(f)["data"].values())
+        n_ret = sum(len(h) for h in cls(path=path).retrieval_heads.values())  # the checked loader
         frac = n_ret / (ctx.n_layers * ctx.n_heads)
         guess = max(1.0, (target - frac) / max(1e-6, 1 - frac) * (T + 1) / 2 - 4)
         blk = ctx.block_size
@@ -135,11 +132,11 @@ class RazorAttention(Method):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise ValueError(f"{name}: expected a number in [0, 1], got {v!r}")
         check_pow2("block_size", self.block_size)
-        if self.path is not None:
-            if not isinstance(self.path, str):
-                raise ValueError(f"path: expected a str path to a calibration JSON, got {self.path!r}")
-            cal = read_calibration(self.path, method="razor")
-            self._set(cal.shape, cal.data)
+        self._load_path()
+
+    def _read_calibration(self, path: str, *, expect_shape=None) -> None:
+        cal = read_calibration(path, method="razor", expect_shape=expect_shape)
+        self._set(cal.shape, cal.data)
 
     def _set(self, shape: ModelShape, data) -> None:
         """Install ``{layer: {"retrieval_heads": [...], "echo": [...], "induction": [...]}}`` read
@@ -200,8 +197,7 @@ class RazorAttention(Method):
                          "echo": E[a].tolist(), "induction": I[a].tolist()} for a, l in enumerate(layers)}
         inst._set(shape, data)
         if path is not None:
-            inst.save(path)
-            inst.path = str(path)
+            inst.path = inst.save(path)
         return inst
 
     def save(self, path) -> str:
@@ -210,11 +206,6 @@ class RazorAttention(Method):
         data = {str(l): {"retrieval_heads": self._heads[l], **self._scores[l]} for l in self._heads}
         return save_calibration(path, "razor", self._shape, data,
                                 {"echo_fraction": self.echo_fraction, "induction_fraction": self.induction_fraction})
-
-    @classmethod
-    def load(cls, path, **config) -> "RazorAttention":
-        """load: a fitted instance from calibration JSON."""
-        return cls(path=os.fspath(path) if isinstance(path, os.PathLike) else path, **config)
 
     def _require_fit(self):
         if self._heads is None:

@@ -35,7 +35,7 @@ class RecycledAttention(Method):
     tokens when set (K = 2048 / 4096 in the paper). ``pool_kernel`` 7 is SnapKV's (unverified).
 
     State per layer in ``ctx.state["recycled_attention"][layer]``. ``select(q, k_cache, ctx)``
-    returns a TokenPattern (heads Hkv); ``ctx.extras["full_step"]`` tells whether it was a full step.
+    returns a TokenPattern (heads Hkv); ``ctx.full_step`` tells whether it was a full step.
     """
 
     paper = "Recycled Attention: Efficient inference for long-context language models (arXiv 2411.05787)"
@@ -108,7 +108,7 @@ class RecycledAttention(Method):
         if st is not None and (st["order"].shape[:2] != (B, Hkv) or bool((kl < st["kv_lens"]).any())):
             st = None  # a different batch or a new sequence: start over with a full step
         full = self._is_full(st, q)
-        ctx.extras["full_step"] = full
+        ctx.full_step = full
         if full:
             order, n_rec, K = self._rank(q, k, kl, ctx)
             states[ctx.layer] = {"order": order, "n_rec": n_rec, "K": K, "kv_lens": kl.clone(), "since": 0,

@@ -30,7 +30,7 @@ class RetrievalAttention(Method):
     ``index``: ``"hnsw"`` (default: a plain key-key HNSW, the baseline the paper improves on) or
     ``"attention_aware"``: the paper's idea, a key graph built from the prefill queries' exact
     top-``knn`` keys projected onto key-key edges (``sparsattn.methods._ann.AttentionAwareIndex``, degree
-    ``2 * M``); it needs ``ctx.extras["prefill_q"]`` ``[B, Hq, Tp, D]`` on the first decode step
+    ``2 * M``); it needs ``ctx.prefill_q`` ``[B, Hq, Tp, D]`` on the first decode step
     (at most ``max_build_queries`` per KV head are used). It is a numpy implementation (slower
     than hnswlib per query) that recovers the OOD recall a key-only index loses.
 
@@ -60,9 +60,9 @@ class RetrievalAttention(Method):
             raise ValueError(f"index: expected 'hnsw' or 'attention_aware', got {self.index!r}")
 
     def _build_queries(self, ctx, b: int, h: int, G: int) -> np.ndarray:
-        pq = ctx.extras.get("prefill_q")
+        pq = ctx.prefill_q
         if pq is None:
-            raise ValueError("ctx.extras['prefill_q']: index='attention_aware' needs the prefill queries "
+            raise ValueError("ctx.prefill_q: index='attention_aware' needs the prefill queries "
                              "[B, Hq, Tp, D] of this layer when the index is built (first decode step)")
         qq = pq[b, h * G:(h + 1) * G].detach().float().reshape(-1, pq.shape[-1])
         if qq.shape[0] > self.max_build_queries:  # evenly spaced subsample, the last queries included

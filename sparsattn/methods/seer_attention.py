@@ -17,8 +17,8 @@ not force it) so that no query row can end up with no key.
 ``prefill_sparse/llama/modeling_llama_seerattn.py``) takes the *pre-RoPE* projections
 ``q_proj(x)``/``k_proj(x)`` and adds its own RoPE at block positions; that is the default here
 (``SeerGate.rope_input == "pre"``). The library's integration passes *post-RoPE* q/k to
-``select``, so the method takes pre-RoPE tensors from ``ctx.extras["q_pre_rope"]`` /
-``ctx.extras["k_pre_rope"]`` when an integration supplies them, and otherwise undoes the model's
+``select``, so the method takes pre-RoPE tensors from ``ctx.q_pre_rope`` /
+``ctx.k_pre_rope`` when an integration supplies them, and otherwise undoes the model's
 rotate-half RoPE exactly with the inverse frequencies stored in the gate file (recorded from the
 model at training time; queries at positions ``Tk - Tq + i``, keys at ``j``). A gate trained
 with ``rope_input="post"`` pools the given q/k directly.
@@ -39,7 +39,7 @@ from torch import nn
 
 from .. import patterns
 from ..calibration import read_json, read_safetensors, tensor_field, write_json
-from .base import DensityKnob, Method, PresetContext, SelectContext, register
+from .base import Calibrated, DensityKnob, Method, PresetContext, SelectContext, register
 
 Tensor = torch.Tensor
 
@@ -310,14 +310,16 @@ def diagonal_block_mask(Tq: int, Tk: int, bs: int, device=None) -> Tensor:
 
 @register("seer_attention")
 @dataclass
-class SeerAttention(Method):
+class SeerAttention(Calibrated, Method):
     """SeerAttention: learned AttnGate -> block-sparse prefill (arXiv 2410.13276).
 
     Args:
         threshold: keep blocks whose gate probability exceeds it (default 2e-3, ``seerattn_threshold``).
         nz_ratio: if set (0 < r <= 1), top-k mode instead: ``int((1 - sqrt(1 - r)) * nk)`` blocks per row.
         last_block_dense: the last two query-block rows keep every causal block (True).
-        gate_path: directory of a trained gate (``SeerGate.save``); None = load later.
+        gate_path: deprecated alias of ``path`` (kept for older code; mirrors ``path``).
+        path: directory of a trained gate (``save`` / ``SeerGate.save``; trained by
+            ``sparsattn calibrate seer_attention``); None = load later.
     Needs a trained gate (``needs = ("gate",)``); ``select`` raises ValueError until it has one.
     """
 
@@ -330,7 +332,9 @@ class SeerAttention(Method):
     nz_ratio: Optional[float] = None
     last_block_dense: bool = True
     gate_path: Optional[str] = None
+    path: Optional[str] = None
     _gate: Optional[SeerGate] = field(default=None, repr=False, compare=False)
+    calibration_kind = "directory"
     @classmethod
     def density_knob(cls, T: int, target: float, ctx: PresetContext) -> DensityKnob:
         """Preset: the gate ``ctx.calibration("seer_attention")``, top-k mode, last_block_dense=False;
@@ -351,7 +355,11 @@ class SeerAttention(Method):
         if not isinstance(self.last_block_dense, bool):
             raise ValueError(f"last_block_dense: expected a bool, got {self.last_block_dense!r}")
         if self.gate_path is not None:
-            self.load_gate(self.gate_path)
+            if self.path is not None and self.path != self.gate_path:
+                raise ValueError(f"gate_path/path: gate_path is a deprecated alias of path; got both "
+                                 f"({self.gate_path!r} and {self.path!r})")
+            self.path = self.gate_path
+        self._load_path()
 
     # -- fitting ----------------------------------------------------------------------------------
     @property
@@ -365,9 +373,30 @@ class SeerAttention(Method):
         return self._gate
 
     def load_gate(self, path, *, expect: Optional[dict] = None) -> "SeerAttention":
-        self._gate = SeerGate.load(path, expect=expect)
-        self.gate_path = str(path)
-        return self
+        """Deprecated alias of ``load`` on an instance (``expect``: gate config values to check)."""
+        return self.load(path, expect_shape=expect)
+
+    def _read_calibration(self, path: str, *, expect_shape=None) -> None:
+        """Read a gate directory (``config.json`` + ``gate.safetensors``) through ``SeerGate.load``;
+        ``expect_shape``: a dict of gate config values it must record (``SeerGate.load``'s ``expect``)."""
+        self._gate = SeerGate.load(path, expect=expect_shape)
+        self.gate_path = path
+
+    @classmethod
+    def fit(cls, data, *, path: Optional[str] = None, **config) -> "SeerAttention":
+        """fit: an instance using the trained gate ``data`` (a ``SeerGate``), saved to ``path`` when given.
+        Training the gate on a model's q/k is model-level: ``sparsattn.calibrate.seer_attention``."""
+        if not isinstance(data, SeerGate):
+            raise ValueError(f"data: expected a trained SeerGate (train one with `sparsattn calibrate "
+                             f"seer_attention`), got {type(data).__name__}")
+        inst = cls(**config).set_gate(data)
+        if path is not None:
+            inst.path = inst.gate_path = inst.save(path)
+        return inst
+
+    def save(self, path) -> str:
+        """save: write the gate directory (``config.json`` + ``gate.safetensors``); returns its path."""
+        return str(self.gate.save(path))
 
     def set_gate(self, gate: SeerGate) -> "SeerAttention":
         if not isinstance(gate, SeerGate):
@@ -377,7 +406,7 @@ class SeerAttention(Method):
 
     @property
     def needs_pre_rope(self) -> bool:
-        """Asks the HF integration for pre-RoPE q/k in ``ctx.extras`` (gates trained on pre-RoPE inputs)."""
+        """Asks the HF integration for pre-RoPE q/k in ``ctx.q_pre_rope`` / ``ctx.k_pre_rope`` (gates trained on pre-RoPE inputs)."""
         return self._gate is None or self._gate.rope_input == "pre"
 
     # -- selection --------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ class StreamingLLM(Method):
     Language Models with Attention Sinks, arXiv 2309.17453).
 
     ``select(q [B, Hq, (1,) D], k_cache [B, Hkv, T, D], ctx) -> TokenPattern [B, Hkv]`` (positions
-    only; q is not read). ``ctx.extras["kv_lens"]`` gives per-sequence valid lengths. Defaults: 4
+    only; q is not read). ``ctx.kv_lens`` gives per-sequence valid lengths. Defaults: 4
     sinks (the paper), a 2000-token window (the repository's example ``recent_size``, unverified).
     """
 

@@ -30,7 +30,7 @@ decode-phase method's ``select(q, k_cache, ctx)`` returns a ``TokenPattern`` and
 ``sparsattn.kernels.sparse_decode.sparse_decode_attention`` computes it; prefill-phase methods run
 dense at decode (as MInference does).
 
-Hooks for methods, in ``SelectContext.extras``: ``phase`` ("prefill"|"decode"), ``v`` (prefill: the
+Hooks for methods, in ``SelectContext``'s typed fields: ``phase`` ("prefill"|"decode"), ``v`` (prefill: the
 values ``[B, Hkv, Tk, D]``, aligned like k), ``q_lens``,
 ``kv_lens``, ``padding_side`` (q/k given to ``select`` at prefill are always right-aligned, i.e.
 sequence b occupies rows ``[0, q_lens[b])``), ``position_ids`` (when the model passes them),

@@ -1,7 +1,7 @@
 """hf.forward: the attention function registered under ``"sparsattn"`` and the per-layer binding.
 
 See the package docstring (``sparsattn.integrations.hf``) for what a method receives in
-``SelectContext.extras`` at prefill and decode.
+``SelectContext`` (its typed fields) at prefill and decode.
 """
 from __future__ import annotations
 
@@ -150,15 +150,11 @@ class _Layer:
             keep = self._explicit_mask(mask, window, Tq, Tk, q.device)
             return _dense_masked(q, k, v, keep, scale).transpose(1, 2).contiguous(), None
         q_lens, kv_lens, side = lens if lens is not None else (None, None, "right")
-        extras = {"q_lens": q_lens, "kv_lens": kv_lens, "padding_side": side, "sliding_window": window,
-                  "num_kv_groups": Hq // k.shape[1]}
-        if kw.get("position_ids") is not None:
-            extras["position_ids"] = kw["position_ids"]
-        if self.pre_rope:
-            extras["q_pre_rope"] = self.pre_rope.pop("q", None)
-            extras["k_pre_rope"] = self.pre_rope.pop("k", None)
-        ctx = SelectContext(layer=self.index, causal=True, scale=scale, q_offset=Tk - Tq,
-                            state=frame["state"], extras=extras)
+        pre = self.pre_rope or {}
+        ctx = SelectContext(layer=self.index, causal=True, scale=scale, q_offset=Tk - Tq, state=frame["state"],
+                            q_lens=q_lens, kv_lens=kv_lens, padding_side=side, sliding_window=window,
+                            num_kv_groups=Hq // k.shape[1], position_ids=kw.get("position_ids"),
+                            q_pre_rope=pre.pop("q", None), k_pre_rope=pre.pop("k", None))
         if Tq == 1 and Tk > 1:
             out = self._decode(q, k, v, scale, kv_lens, window, ctx)
         else:
@@ -168,10 +164,10 @@ class _Layer:
     def _prefill(self, q, k, v, scale, q_lens, kv_lens, side, window, mask, ctx):
         B, Hq, Tq, D = q.shape
         Tk = k.shape[2]
-        ctx.extras["phase"] = "prefill"
+        ctx.phase = "prefill"
         if self.prefill is not None and self.prefill.computes_output:  # not a mask: the method attends
             if kv_lens is None and window is None:
-                ctx.extras["v"] = v
+                ctx.v = v
                 return self.prefill.methods[0].attend(q, k, v, ctx)[0]
             log.debug("sparsattn layer %d: %s with padding or a sliding window: dense SDPA fallback",
                       self.index, self.prefill.describe())
@@ -188,7 +184,7 @@ class _Layer:
             qs, ks, vs = q, k, v
             if kv_lens is not None and side == "left":
                 qs, ks, vs = _left_to_right(q, q_lens), _left_to_right(k, kv_lens), _left_to_right(v, kv_lens)
-            ctx.extras["v"] = vs  # values aligned with ks (LongHeads builds chunk keys from them)
+            ctx.v = vs  # values aligned with ks (LongHeads builds chunk keys from them)
             pattern = self.prefill.select_block(qs, ks, ctx)
         if window is not None:
             bq = pattern.block_q if pattern is not None else _DEFAULT_BLOCK
@@ -208,7 +204,7 @@ class _Layer:
     def _decode(self, q, k, v, scale, kv_lens, window, ctx):
         B, Hq, _, D = q.shape
         Tk = k.shape[2]
-        ctx.extras["phase"] = "decode"
+        ctx.phase = "decode"
         lo = None
         if kv_lens is not None:
             lo = (Tk - kv_lens.long())
@@ -225,7 +221,7 @@ class _Layer:
                 if pad is not None and bool((pad > 0).any()):
                     # decode methods read kv_lens as "the first n slots hold the sequence": give them
                     # the left-padded rows right-aligned, and map their picks back to cache slots
-                    ctx.extras["padding_side"] = "right"
+                    ctx.padding_side = "right"
                     tp = _unshift_tokens(self.decode.select_token(q, _shift_left(k, pad), ctx), pad, Tk)
                 else:
                     tp = self.decode.select_token(q, k, ctx)
