@@ -92,9 +92,11 @@ def recost(r: dict) -> dict:
 
 def combine() -> Path:
     """best.csv: per (model, length, width) the error-free row of the highest accuracy over the
-    rates' CSVs (lengths with a single model left out); then the harness's plots of it."""
+    rates' CSVs and extra_runs.csv (lengths with a single model left out); then the harness's
+    plots of it."""
     best = {}
-    for p in sorted(HERE.glob("results*.csv")):
+    # extra_runs.csv (the conv + mixer pairs) has the grid's protocol; long_runs.csv (3000 steps) not
+    for p in sorted(HERE.glob("results*.csv")) + [HERE / "extra_runs.csv"]:
         for r in read_rows(p):
             if r.get("error") or r.get("accuracy") in (None, ""):
                 continue
@@ -159,17 +161,20 @@ def main(lr: float = LR, lengths=(64, 128), plain: bool = True):
               f"steps={row.get('steps_done')} ({row.get('train_s')} s) {row['error']}", flush=True)
 
 
-def long_run(model: str, steps: int = 3000) -> None:
-    """One longer run (T = 64, width 64, 6e-3) into long_runs.csv: does the mixer leave the 1/K
-    plateau with 3x the budget?"""
+def extra_run(model: str, steps: int = 1000, width: int = 64, path: str = "extra_runs.csv") -> None:
+    """One extra run at T = 64, 6e-3 (``model``: a layer name, or comma-separated names per block, e.g.
+    ``baseconv,lightning``: Zoology's MQAR models put a short BaseConv before each mixer) into
+    ``path`` (``long_runs.csv``: the 3000-step runs; ``extra_runs.csv``: the conv + mixer pairs)."""
     torch.set_num_threads(1)
-    path = HERE / "long_runs.csv"
-    row = train_layer(model, "mqar", seq_len=64, width=64, steps=steps, seed=0, device="cpu", batch_size=BATCH,
+    path = HERE / path
+    layer = model.split(",") if "," in model else model
+    row = train_layer(layer, "mqar", seq_len=64, width=width, steps=steps, seed=0, device="cpu", batch_size=BATCH,
                       lr=LR, vocab=VOCAB, n_test=1000, progress=False)
     row["error"] = ""
-    rows = [x for x in read_rows(path) if x["layer"] != row["layer"]] + [row]
+    key = (row["layer"], str(row["width"]), str(row["steps"]))
+    rows = [x for x in read_rows(path) if (x["layer"], x["width"], x["steps"]) != key] + [row]
     write_csv(rows, path, COLUMNS + ["error"])
-    print(f"{model} T=64 d=64 steps={steps}: acc={row['accuracy']} ({row['train_s']} s)", flush=True)
+    print(f"{row['layer']} T=64 d={width} steps={steps}: acc={row['accuracy']} ({row['train_s']} s)", flush=True)
 
 
 if __name__ == "__main__":
@@ -179,10 +184,14 @@ if __name__ == "__main__":
     ap.add_argument("--combine", action="store_true")
     ap.add_argument("--prompts-only", action="store_true", help="only the JRT-Prompt runs (T=64)")
     ap.add_argument("--long", help="one 3000-step run of this model at T=64, width 64 (long_runs.csv)")
+    ap.add_argument("--extra", help="one 1000-step run at T=64 of NAME or NAME,NAME per block (extra_runs.csv)")
+    ap.add_argument("--width", type=int, default=64)
     a = ap.parse_args()
     if a.combine:
         print(table(combine()))
     elif a.long:
-        long_run(a.long)
+        extra_run(a.long, steps=3000, path="long_runs.csv")
+    elif a.extra:
+        extra_run(a.extra, width=a.width)
     else:
         main(a.lr, tuple(a.lengths), plain=not a.prompts_only)
