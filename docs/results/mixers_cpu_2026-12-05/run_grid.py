@@ -15,7 +15,7 @@ width), the row of the best accuracy (Zoology reports the best of its learning-r
 
 The full GPU grid (T = 256 / 512, widths 64..512, V = 8192) is the harness's ``full`` grid:
 ``sparsattn train-layer --grid full --tasks mqar --layers dense baseconv lightning aaren jrt
---hybrids baseconv,dense --device cuda --max-minutes 9``.
+--hybrids baseconv,dense baseconv,lightning baseconv,jrt baseconv,aaren --device cuda --max-minutes 9``.
 """
 import argparse
 import json
