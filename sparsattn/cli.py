@@ -1,4 +1,4 @@
-"""Command line: ``sparsattn demo | list | bench | eval | train-lm``."""
+"""Command line: ``sparsattn demo | list | bench | eval | calibrate | train-lm``."""
 from __future__ import annotations
 
 import argparse
@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
                         add_help=False)
     an.add_argument("rest", nargs=argparse.REMAINDER)
     an.set_defaults(fn=lambda a: __import__("sparsattn.analysis.cli", fromlist=["main"]).main(a.rest))
+    from .calibrate import cli as calibrate_cli  # fit a calibrated method on a model (regenerates shipped files)
+
+    calibrate_cli.build_parser(sub.add_parser("calibrate", help="fit a calibrated method on a local model: "
+                                              "sparsattn calibrate <method> [--model PATH] [--out PATH]"))
     from .train.layerbench import cli as layerbench_cli  # train any registered layer on MQAR / ListOps / Pathfinder
 
     layerbench_cli.build_parser(sub.add_parser("train-layer", help="train a registered layer (or a grid): CSV + plots"))

@@ -14,7 +14,6 @@ from typing import Optional, Sequence
 import torch
 
 from ..calibration import ModelShape
-from ..integrations.hf import attention_modules, attention_swapped
 from ..methods.moa import MoA
 
 Tensor = torch.Tensor
@@ -86,6 +85,8 @@ def profile_moa(model, samples: Sequence[tuple[Tensor, Tensor]], *, sink: int = 
     ``samples``: ``(input_ids [1, N], loss_mask [1, N] bool)`` pairs of one length ``N``; the loss is
     the mean next-token cross-entropy at the positions where ``loss_mask`` is true (the answer).
     """
+    from ..integrations.hf import attention_modules, attention_swapped  # lazy: transformers
+
     mods = attention_modules(model)
     L = max(mods) + 1
     prof = _Profiler(L, sink, take_abs)
@@ -172,6 +173,8 @@ def fit_moa(model_or_path, tokenizer=None, *, lengths: Sequence[int] = (2048, 40
         raise ValueError(f"lengths: expected lengths >= {4 * (answer_len + 16)}, got {lengths}")
     for p in model.parameters():
         p.requires_grad_(False)
+    from ..integrations.hf import attention_modules, attention_swapped  # lazy: transformers
+
     mods = attention_modules(model)
     m0 = mods[min(mods)]
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -194,3 +197,42 @@ def fit_moa(model_or_path, tokenizer=None, *, lengths: Sequence[int] = (2048, 40
         log(f"MoA plan: density per length {['%.3f' % d for d in info['density']]} (budget {budget}), "
             f"predicted loss {info['loss']:.4g}")
     return moa
+
+
+# ------------------------------------------------------------------------------------------------
+# sparsattn calibrate moa
+
+OUT = "moa.json"
+PROVENANCE_KEY = "moa"
+#: the options of the shipped plan (2 lengths, 1 sample each, short answers: a 2-core CPU budget)
+DEFAULTS = {"lengths": (1024, 2048), "budget": 0.5, "samples_per_length": 1, "answer_len": 16, "alpha_step": 256,
+            "seed": 0}
+
+
+def add_arguments(p) -> None:
+    """The method options of ``sparsattn calibrate moa``."""
+    p.add_argument("--lengths", type=lambda s: tuple(int(x) for x in s.split(",")), default=DEFAULTS["lengths"],
+                   help="comma list of profiled lengths (1024,2048)")
+    p.add_argument("--budget", type=float, default=DEFAULTS["budget"], help="mean density of the plan (0.5)")
+    p.add_argument("--samples-per-length", type=int, default=DEFAULTS["samples_per_length"])
+    p.add_argument("--answer-len", type=int, default=DEFAULTS["answer_len"], help="greedy answer tokens per sample")
+    p.add_argument("--alpha-step", type=int, default=DEFAULTS["alpha_step"])
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+
+
+def run(model_path: Optional[str], out: str, *, device: str = "cpu", lengths=(1024, 2048), budget: float = 0.5,
+        samples_per_length: int = 1, answer_len: int = 16, alpha_step: int = 256, seed: int = 0) -> tuple:
+    """run: ``(fitted MoA, provenance record)`` of the model at ``model_path`` (None: bundled)."""
+    import time
+
+    from ._common import call_text, load_model
+
+    t0 = time.time()
+    model, tok, _ = load_model(model_path, device=device)
+    kw = dict(lengths=tuple(lengths), budget=budget, samples_per_length=samples_per_length, answer_len=answer_len,
+              alpha_step=alpha_step, seed=seed)
+    m = fit_moa(model, tok, out_path=out, device=device, **kw)
+    rec = {"call": call_text("moa", kw), "seconds": round(time.time() - t0, 1),
+           "data": f"{samples_per_length} sample(s) per length {tuple(lengths)} from sparsattn.data.source_files('train') "
+                   f"(calibration_samples: context + copied query + {answer_len} greedy answer tokens of the dense model)"}
+    return m, rec

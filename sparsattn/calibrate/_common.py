@@ -1,0 +1,61 @@
+"""calibrate._common: what every model-level calibration shares: the shipped folder, loading a
+local model, the provenance record written next to the shipped files."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..calibration import read_json, write_json
+
+
+def shipped_dir() -> Path:
+    """shipped_dir: the folder of the bundled model's shipped calibrations
+    (``sparsattn/models/bundled/calibration``)."""
+    from ..models import BUNDLED_DIR
+
+    return Path(BUNDLED_DIR) / "calibration"
+
+
+def load_model(model_path=None, *, device: str = "cpu", dtype=torch.float32):
+    """load_model: ``(model, tokenizer, path)`` of a local HF causal LM (default: the bundled model),
+    offline (``local_files_only``), in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..models import bundled_path
+
+    p = str(bundled_path() if model_path is None else model_path)
+    if not os.path.isdir(p):
+        raise ValueError(f"--model: expected a local model directory, got {p!r}")
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
+    return model, tok, p
+
+
+def update_provenance(path, entry: str, record: dict) -> str:
+    """update_provenance: set ``entry`` of the provenance JSON at ``path`` (created if absent; read
+    through the checked loader) to ``record``, with the environment under ``_env``; returns the path."""
+    data = read_json(path, kind="provenance JSON").plain() if Path(path).is_file() else {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    data[entry] = record
+    data["_env"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                    "machine": f"CPU ({platform.machine()}), {torch.get_num_threads()} threads"
+                    if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+                    "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    return write_json(path, data, indent=1)
+
+
+def call_text(name: str, opts: dict, extra: Optional[str] = None) -> str:
+    """The reproducing command line of a calibration: ``sparsattn calibrate NAME --opt value ...``."""
+    parts = [f"sparsattn calibrate {name}"]
+    for k, v in opts.items():
+        if isinstance(v, (list, tuple)):
+            v = ",".join(map(str, v))
+        parts.append(f"--{k.replace('_', '-')} {v}")
+    return " ".join(parts) + (f" ({extra})" if extra else "")
