@@ -124,7 +124,7 @@ class CachePolicy:
         kvc = KVCache(layer_idx + 1, B, H, D, dtype=keys.dtype, device=dev)
         lw = ctx.log_weight
         kvc.load_layer(layer_idx, left_to_slots(keys, n), left_to_slots(values, n), n, left_to_slots(pos, n, -1),
-                       seen, None if lw is None else left_to_slots(lw, n))
+                       seen, None if lw is None else left_to_slots(lw, n), adopt=True)
         extra = self.signals(layer_idx, keys, values, ctx) if self.signals is not None else {}
         rep = self.policy.apply(kvc, layer_idx, **extra)
         k2, v2 = kvc.get(layer_idx)

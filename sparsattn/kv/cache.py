@@ -447,12 +447,14 @@ class KVCache(GroupedLayerMixin, OffloadMixin):
 
 
     def load_layer(self, layer: int, k: Tensor, v: Tensor, lengths: Tensor, positions: Tensor, seen: Tensor,
-                   log_weight: Optional[Tensor] = None) -> None:
+                   log_weight: Optional[Tensor] = None, *, adopt: bool = False) -> None:
         """Adopt external slot-major rows as layer ``layer`` (contiguous layout), e.g. to run a policy on
         another cache's tensors: ``k, v [B, Hkv, T, D]`` with row (b, h) holding ``lengths[b, h]``
         slots first; ``positions [B, Hkv, T]`` (original token positions, -1 for merged slots);
         ``seen [B]`` tokens appended so far; optional ``log_weight [B, Hkv, T]``. Slots beyond
-        ``lengths`` are cleared (in a copy)."""
+        ``lengths`` are cleared (in a copy); ``adopt=True``: the caller guarantees they already hold 0 (positions
+        -1), and the tensors are adopted as the storage without a copy (``as_cache_policy`` passes fresh
+        tensors from ``left_to_slots``)."""
         L = self._layer(layer)
         if self.layout != "contiguous":
             raise _err("layout", "'contiguous' to load external rows", self.layout)
@@ -473,11 +475,17 @@ class KVCache(GroupedLayerMixin, OffloadMixin):
             raise _err("seen", f"a [{B}] tensor", tuple(seen.shape))
         if log_weight is not None and (not isinstance(log_weight, Tensor) or tuple(log_weight.shape) != (B, H, T)):
             raise _err("log_weight", f"None or a tensor [{B}, {H}, {T}]", getattr(log_weight, "shape", None))
-        dead = torch.arange(T, device=self.device) >= lengths[..., None]
-        L.k = k.to(device=self.device, dtype=self.dtype).masked_fill(dead[..., None], 0)
-        L.v = v.to(device=self.device, dtype=self.dtype).masked_fill(dead[..., None], 0)
-        L.positions = positions.to(self.device).long().masked_fill(dead, -1)
-        L.log_weight = None if log_weight is None else log_weight.to(self.device).float().masked_fill(dead, 0.0)
+        if adopt:  # the caller guarantees cleared slots beyond lengths: the tensors become the storage
+            L.k = k.to(device=self.device, dtype=self.dtype)
+            L.v = v.to(device=self.device, dtype=self.dtype)
+            L.positions = positions.to(self.device).long()
+            L.log_weight = None if log_weight is None else log_weight.to(self.device).float()
+        else:
+            dead = torch.arange(T, device=self.device) >= lengths[..., None]
+            L.k = k.to(device=self.device, dtype=self.dtype).masked_fill(dead[..., None], 0)
+            L.v = v.to(device=self.device, dtype=self.dtype).masked_fill(dead[..., None], 0)
+            L.positions = positions.to(self.device).long().masked_fill(dead, -1)
+            L.log_weight = None if log_weight is None else log_weight.to(self.device).float().masked_fill(dead, 0.0)
         L.lengths = lengths.clone()
         L.seen = seen.clone()
         L.on_host, L.quant = False, None

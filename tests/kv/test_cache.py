@@ -168,3 +168,27 @@ def test_attend_skips_selected_slots_past_a_heads_own_length():
     every = TokenPattern(torch.arange(T, dtype=torch.int32).expand(2, 2, T).contiguous(),
                          torch.full((2, 2), T, dtype=torch.int32), T)
     torch.testing.assert_close(c.attend(0, q, every, backend="reference"), c.attend(0, q, backend="reference"))
+
+
+def test_load_layer_adopt_keeps_the_tensors_and_equals_the_copying_load():
+    """load_layer(adopt=True) (the as_cache_policy path) stores the given cleared rows without a copy and
+    reads back exactly like the default load, which clears slots beyond lengths in a copy."""
+    g = torch.Generator().manual_seed(3)
+    B, H, T, D = 2, 3, 7, 4
+    lengths = torch.tensor([[7, 3, 0], [5, 5, 1]])
+    dead = torch.arange(T) >= lengths[..., None]
+    k = torch.randn(B, H, T, D, generator=g).masked_fill(dead[..., None], 0)
+    v = torch.randn(B, H, T, D, generator=g).masked_fill(dead[..., None], 0)
+    pos = torch.arange(T).expand(B, H, T).masked_fill(dead, -1).contiguous()
+    seen = torch.tensor([7, 5])
+    a = KVCache(1, B, H, D, dtype=torch.float32)
+    b = KVCache(1, B, H, D, dtype=torch.float32)
+    a.load_layer(0, k, v, lengths, pos, seen, adopt=True)
+    b.load_layer(0, k + 0, v + 0, lengths, pos.clone(), seen)
+    assert a.get(0)[0] is k and a.get(0)[1] is v
+    assert b.get(0)[0] is not k
+    for x, y in zip(a.get(0), b.get(0)):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    torch.testing.assert_close(a.positions(0), b.positions(0), rtol=0, atol=0)
+    q = torch.randn(B, 6, D, generator=g)
+    torch.testing.assert_close(a.attend(0, q, backend="reference"), b.attend(0, q, backend="reference"))
