@@ -90,7 +90,8 @@ def test_bf16_long_sequence_no_nan():
 
 def test_dispatch_and_errors():
     q, k, v, g = _inputs(1, 2, 9, 8, 8, dtype=torch.float32)
-    torch.testing.assert_close(lightning_attention(q, k, v, g), lightning_quadratic(q, k, v, g))
+    torch.testing.assert_close(lightning_attention(q, k, v, g), lightning_quadratic(q, k, v, g), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lightning_attention(q, k, v, g, backend="torch"), lightning_quadratic(q, k, v, g))
     torch.testing.assert_close(lightning_attention(q, k, v, g, backend="triton", block=16),
                                lightning_quadratic(q, k, v, g), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="log_decay"):

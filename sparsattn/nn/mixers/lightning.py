@@ -102,7 +102,10 @@ class Lightning(Layer):
         """Parallel (chunked) form over ``x [B, T, dim]``."""
         check_x(x, self.dim)
         q, k, v, u = self._qkvu(x)
-        o = lightning_attention(q, k, v, self.log_decay.to(x.device), block=self.block)
+        # the Triton kernel on CUDA; on the CPU the chunked torch form (the Triton interpreter is
+        # for testing the kernel, far too slow to train with)
+        o = lightning_attention(q, k, v, self.log_decay.to(x.device), block=self.block,
+                                backend=None if x.is_cuda else "torch")
         return self._finish(o, u)
 
     def step(self, x_t: torch.Tensor, state: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
