@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sparsattn.nn import get_layer, layer_class
-from sparsattn.nn.mixers._mixer_util import merge_lse
+from sparsattn.kernels.merge import merge_lse
 from sparsattn.nn.mixers.aaren import aaren_scan, aaren_step
 
 from .mixer_helpers import future_leak, train_smoke

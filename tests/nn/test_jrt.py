@@ -6,7 +6,7 @@ import torch
 
 from sparsattn.eval.mqar import mqar
 from sparsattn.nn import get_layer, layer_class
-from sparsattn.nn.mixers._mixer_util import merge_lse
+from sparsattn.kernels.merge import merge_lse
 from sparsattn.nn.mixers.jrt import choose_form, jrt_prompt, prefix_linear_attention, taylor_features
 
 from .mixer_helpers import train_smoke

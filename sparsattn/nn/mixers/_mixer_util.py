@@ -1,6 +1,7 @@
 """Shared pieces of the recurrent / convolutional mixers in this folder (not a layer;
 ``_``-prefixed modules are not scanned by the registry): argument checks, the input check, the
-head split/merge, merging (out, lse) parts, and the cost rule relative to dense attention."""
+head split/merge and the cost rule (parts with an lse merge through
+``sparsattn.kernels.merge.merge_lse``) relative to dense attention."""
 from __future__ import annotations
 
 import math
@@ -59,20 +60,6 @@ def heads_merge(o: torch.Tensor) -> torch.Tensor:
     """``[B, heads, T, d]`` -> ``[B, T, heads * d]``."""
     B, H, T, d = o.shape
     return o.transpose(1, 2).reshape(B, T, H * d)
-
-
-def merge_lse(parts) -> tuple[torch.Tensor, torch.Tensor]:
-    """merge_lse: combine normalised attention parts ``[(out_i, lse_i), ...]`` over disjoint key
-    sets into one ``(out, lse)`` by log-sum-exp weights (``out = sum_i exp(lse_i - lse) out_i``,
-    ``lse = logsumexp_i lse_i``); a part with ``lse = -inf`` (no key) contributes nothing.
-    out ``[..., T, E]``, lse ``[..., T]`` (float32 or float64)."""
-    outs, lses = zip(*parts)
-    lse_all = torch.stack([l.to(torch.float64 if l.dtype == torch.float64 else torch.float32) for l in lses])
-    lse = torch.logsumexp(lse_all, dim=0)
-    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
-    w = torch.exp(lse_all - safe)  # exp(-inf) = 0 for empty parts
-    out = sum(w_i[..., None] * o.to(w.dtype) for w_i, o in zip(w, outs))
-    return out.to(outs[0].dtype), lse
 
 
 def cost_vs_dense(flops: float, T: int, dim: int) -> dict[str, float]:
