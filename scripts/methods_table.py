@@ -6,8 +6,8 @@ Subcommands:
 * ``calibrate``: fit MInference (per-head pattern search, arXiv 2407.02490), RazorAttention
   (echo/induction heads on repeated random tokens, arXiv 2407.15891), MoA (profiled elastic
   spans, arXiv 2406.14909) and, with ``--seer-minutes > 0``, SeerAttention gates (arXiv
-  2410.13276) on the bundled model; writes the files into
-  ``sparsattn/models/bundled/calibration/`` plus ``provenance.json`` (call, seconds, data).
+  2410.13276) on the bundled model through ``sparsattn calibrate <method>`` (``sparsattn.calibrate``);
+  writes the files into ``sparsattn/models/bundled/calibration/`` plus ``provenance.json``.
 * ``table`` (default): for every registered prefill method (two or three settings each, the
   calibrated ones from the shipped files), fidelity against dense attention on q/k/v captured
   from held-out prompts (attention recall, top-10 recall, relative output error, density; mean
@@ -43,17 +43,6 @@ OUT_CSV = ROOT / "docs" / "results" / "methods_bundled_cpu_2026-11-28.csv"
 SEER_GATE = CAL_DIR / "seer_gate"
 OUT_PNG = ROOT / "docs" / "results" / "methods_bundled_cpu_2026-11-28.png"
 
-#: MInference search grid scaled to a 4K calibration prompt (the paper's grid is for >= 8K prompts)
-MINF_CANDIDATES = (
-    {"type": "a_shape", "n_init": 64, "n_local": 512},
-    {"type": "vertical_slash", "v_size": 30, "s_size": 400},
-    {"type": "vertical_slash", "v_size": 100, "s_size": 350},
-    {"type": "vertical_slash", "v_size": 250, "s_size": 300},
-    {"type": "vertical_slash", "v_size": 800, "s_size": 64},
-    {"type": "block_sparse", "top_k": 8},
-)
-
-
 def load(dtype=torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -67,88 +56,19 @@ def load(dtype=torch.float32):
 # calibration
 # ----------------------------------------------------------------------------------------------
 
-def _prov_update(entry: str, rec: dict) -> None:
-    path = CAL_DIR / "provenance.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data[entry] = rec
-    data["_env"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                    "machine": f"CPU ({platform.machine()}), {torch.get_num_threads()} threads",
-                    "date": time.strftime("%Y-%m-%d", time.gmtime())}
-    path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+def calibrate(which: list[str], seer_minutes: float, seer_steps: int, moa_samples: int = 1, moa_answer_len: int = 16) -> None:
+    """Regenerate the shipped calibrations: one ``sparsattn calibrate <method>`` per entry of ``which``
+    (``seer`` = ``seer_attention``, only with ``seer_minutes > 0``); each updates provenance.json."""
+    from sparsattn.calibrate import calibrate as run_calibration
 
-
-def calibrate(which: list[str], seer_minutes: float, seer_steps: int, moa_samples: int = 2, moa_answer_len: int = 32) -> None:
-    from sparsattn.capture import capture_qkv
-    from sparsattn.methods.minference import MInference
-    from sparsattn.calibrate.moa import fit_moa
-    from sparsattn.methods.razor import RazorAttention, repeated_random_tokens
-    from sparsattn.train.seer_gate import token_windows
-
-    CAL_DIR.mkdir(parents=True, exist_ok=True)
-    model, tok = load()
-    n_layers = model.config.num_hidden_layers
-    if "minference" in which:
-        t0 = time.time()
-        win = token_windows(tok, 4096, seed=0)  # training-split source files, shuffled with seed 0
-        ids = next(win)
-        cap = capture_qkv(model, ids)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            m = MInference.fit(cap, list(MINF_CANDIDATES), budget=0.3, path=str(CAL_DIR / "minference.json"),
-                               num_layers=n_layers, rows_from=1024)
-        types = {}
-        for hs in m.plan.values():
-            for e in hs.values():
-                types[e["type"]] = types.get(e["type"], 0) + 1
-        _prov_update("minference", {
-            "call": "MInference.fit(capture_qkv(model, ids), MINF_CANDIDATES, budget=0.3, rows_from=1024, "
-                    "path='minference.json')",
-            "candidates": list(MINF_CANDIDATES), "seconds": round(time.time() - t0, 1),
-            "data": "1 prompt x 4096 tokens: first window of sparsattn.train.seer_gate.token_windows(tok, 4096, seed=0) "
-                    "over sparsattn.data.source_files('train')",
-            "head_types": types})
-        print("minference:", types, f"{time.time() - t0:.1f}s")
-    if "razor" in which:
-        t0 = time.time()
-        period, repeats = 512, 4
-        ids = repeated_random_tokens(tok.vocab_size if hasattr(tok, "vocab_size") else len(tok), period, repeats,
-                                     seed=0, low=16)[None]
-        cap = capture_qkv(model, ids)
-        r = RazorAttention.fit({l: (q, k) for l, (q, k, v) in cap.items()}, period, path=str(CAL_DIR / "razor.json"),
-                               num_layers=n_layers)
-        _prov_update("razor", {
-            "call": "RazorAttention.fit({layer: (q, k)}, period=512, path='razor.json') on "
-                    "capture_qkv(model, repeated_random_tokens(vocab, 512, 4, seed=0, low=16))",
-            "seconds": round(time.time() - t0, 1),
-            "data": "data-free: 512 random token ids repeated 4 times (2048 tokens)",
-            "retrieval_heads": {str(l): h for l, h in r.retrieval_heads.items()}})
-        print("razor:", r.retrieval_heads, f"{time.time() - t0:.1f}s")
-    if "moa" in which:
-        t0 = time.time()
-        kw = dict(lengths=(1024, 2048), budget=0.5, samples_per_length=moa_samples, answer_len=moa_answer_len,
-                  alpha_step=256,
-                  device="cpu", seed=0)
-        fit_moa(model, tok, out_path=str(CAL_DIR / "moa.json"), **kw)
-        _prov_update("moa", {
-            "call": "fit_moa(model, tok, out_path='moa.json', " + ", ".join(f"{k}={v!r}" for k, v in kw.items()) + ")",
-            "seconds": round(time.time() - t0, 1),
-            "data": f"{moa_samples} sample(s) per length (1024, 2048) from sparsattn.data.source_files('train') "
-                    f"(calibration_samples: context + copied query + {moa_answer_len} greedy answer tokens of the "
-                    "dense model)"})
-        print(f"moa: {time.time() - t0:.1f}s")
-    if "seer" in which and seer_minutes > 0:
-        from sparsattn.train.seer_gate import train_gates
-
-        t0 = time.time()
-        out = train_gates(str(bundled_path()), str(CAL_DIR / "seer_gate"), steps=seer_steps, seq_len=2048,
-                          device="cpu", minutes=seer_minutes, seed=0)
-        info = json.loads((Path(out) / "config.json").read_text()).get("model_info", {})
-        _prov_update("seer_gate", {
-            "call": f"train_gates(bundled_path(), 'seer_gate', steps={seer_steps}, seq_len=2048, device='cpu', "
-                    f"minutes={seer_minutes}, seed=0)",
-            "seconds": round(time.time() - t0, 1), "data": "sparsattn.data.source_files('train'), 2048-token windows",
-            "steps_done": info.get("steps_done"), "first_loss": info.get("first_loss"),
-            "final_loss": info.get("final_loss")})
+    options = {"moa": {"samples_per_length": moa_samples, "answer_len": moa_answer_len},
+               "seer_attention": {"minutes": seer_minutes, "steps": seer_steps}}
+    for name in which:
+        name = {"seer": "seer_attention"}.get(name.strip(), name.strip())
+        if name == "seer_attention" and seer_minutes <= 0:
+            continue
+        m, rec = run_calibration(name, **options.get(name, {}))
+        print(f"{name}: {m.path} ({rec['seconds']} s)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,8 +102,8 @@ def settings(quick: bool) -> list[tuple[str, str, dict]]:
         ("minference", "calibrated", {"path": str(c / "minference.json")}),
         ("razor", "win256 (C=16)", {"path": str(c / "razor.json"), "min_window": 256, "compression": 16.0}),
         ("razor", "win512 (C=8)", {"path": str(c / "razor.json"), "min_window": 512, "compression": 8.0}),
-        ("moa", "calibrated b0.5", {"plan_path": str(c / "moa.json")}),
-        ("seer_attention", "nz0.10", {"gate_path": str(SEER_GATE), "nz_ratio": 0.10}),
+        ("moa", "calibrated b0.5", {"path": str(c / "moa.json")}),
+        ("seer_attention", "nz0.10", {"path": str(SEER_GATE), "nz_ratio": 0.10}),
     ]
     missing = [(m, lab) for m, lab, cfg in s
                if any(k in ("path", "plan_path", "gate_path") and not Path(v).exists() for k, v in cfg.items())]
@@ -447,8 +367,8 @@ def main(argv=None) -> int:
     c.add_argument("--which", default="minference,razor,moa", help="comma list of minference,razor,moa,seer")
     c.add_argument("--seer-minutes", type=float, default=4.0)
     c.add_argument("--seer-steps", type=int, default=80)
-    c.add_argument("--moa-samples", type=int, default=2)
-    c.add_argument("--moa-answer-len", type=int, default=32)
+    c.add_argument("--moa-samples", type=int, default=1)
+    c.add_argument("--moa-answer-len", type=int, default=16)
     mg = sub.add_parser("merge", help="join a --no-passkey and a --no-fidelity run into one CSV + plot")
     mg.add_argument("fid_csv")
     mg.add_argument("pk_csv")
