@@ -14,8 +14,9 @@ linear warm-up (20 steps) then cosine decay. Only the gates train; the model sta
 * ``train_gates(model_path, out_path, ...)``: loads a local HF causal LM and its tokenizer, streams
   training-split text (``sparsattn.data.source_files("train")``), captures q/k of every layer with
   ``sparsattn.capture.capture_qkv`` (+ q_proj/k_proj hooks for pre-RoPE), trains, saves the gate
-  directory (``SeerGate.save``). CLI: ``python -m sparsattn.train.seer_gate --model PATH --out PATH
-  --minutes M``.
+  directory (``SeerGate.save``). The entry point is ``sparsattn calibrate seer_attention [--model PATH]
+  [--out DIR] [--minutes M]`` (``sparsattn.calibrate.seer_attention``); ``python -m
+  sparsattn.train.seer_gate --model PATH --out PATH --minutes M`` is kept for older scripts.
 """
 from __future__ import annotations
 
@@ -260,8 +261,10 @@ def train_gates(model_path, out_path, *, steps: int = 1000, seq_len: int = 8192,
 
 
 def main(argv=None) -> int:
+    """main: the older command line (``sparsattn calibrate seer_attention`` is the entry point)."""
     ap = argparse.ArgumentParser(prog="python -m sparsattn.train.seer_gate",
-                                 description="Train SeerAttention AttnGates (arXiv 2410.13276) on a local HF model.")
+                                 description="Train SeerAttention AttnGates (arXiv 2410.13276) on a local HF model "
+                                             "(the entry point is now `sparsattn calibrate seer_attention`).")
     ap.add_argument("--model", required=True, help="local HF model directory (with its tokenizer)")
     ap.add_argument("--out", required=True, help="output gate directory")
     ap.add_argument("--minutes", type=float, default=None, help="wall-time cap")
