@@ -100,7 +100,7 @@ import torch
 
 from ..bench.common import write_csv
 from ..integrations.hf.heads import _to_bh  # pattern rows (batch 1|B, heads 1|Hkv|Hq) -> [B, Hq, ...]
-from ..methods.base import Method, SelectContext, SelectHook
+from ..methods.base import Method, PresetContext, SelectContext, SelectHook, list_methods, method_class
 from .scoring import get_scorer
 from .tasks import QUESTION_TEMPLATE, Sample, encode_ids, passkey
 
@@ -108,17 +108,10 @@ from .tasks import QUESTION_TEMPLATE, Sample, encode_ids, passkey
 TOP_K_RECALL = 10
 DEFAULT_LENGTHS = (4096, 8192, 16384)
 DEFAULT_BUDGETS = ("64", "256", "1024")
-#: decode methods left out of the default grid (their CPU-side index build dominates the time budget)
-SLOW_METHODS = ("retrieval_attention",)
 #: --tiny: a CPU smoke run (< 1 minute)
 TINY = dict(lengths=(384,), budgets=("64",), n=1, full_n=0, max_new_tokens=8)
-#: the decode methods budget_config knows
-BUDGET_MAPPED = ("streaming_llm", "quest", "double_sparsity", "tidal_decode", "recycled_attention",
-                 "retrieval_attention", "actqkv", "longheads_decode", "hip_decode")
 #: the seed of the calibration prompt (double_sparsity); evaluated samples use seed + i < this
 CALIBRATION_SEED = 1_000_003
-#: TidalDecode's re-selection layer in the paper's Llama-3-8B example (of 32 layers)
-_TIDAL_REF = (13, 32)
 
 MAIN_COLS = ["method", "budget", "length", "accuracy", "top10_recall", "n", "budget_tokens",
              "top10_recall_sparse", "density", "match_dense", "match_kernel_dense", "max_logit_diff", "seconds"]
@@ -186,41 +179,31 @@ def budget_config(name: str, budget_tokens: int, *, n_layers: int, group_size: i
         raise ValueError(f"budget_tokens: expected an int >= 1, got {budget_tokens!r}")
     if n_layers < 1 or group_size < 1:
         raise ValueError(f"n_layers/group_size: expected ints >= 1, got {n_layers}, {group_size}")
-    if name == "streaming_llm":
-        n_sink = min(4, B // 2)
-        return {"n_sink": n_sink, "window": max(1, B - n_sink)}
-    if name == "quest":
-        return {"token_budget": B}
-    if name == "double_sparsity":
-        return {"token_budget": B}
-    if name == "tidal_decode":
-        start = 2
-        corr = max(start + 1, round(_TIDAL_REF[0] * n_layers / _TIDAL_REF[1]))
-        return {"token_budget": B, "sparse_layer_start": start, "correction_layer": corr}
-    if name == "recycled_attention":
-        return {"budget": B}
-    if name == "retrieval_attention":
-        n_sink = max(1, B // 8)
-        # the HNSW index needs hnswlib (the optional 'ann' extra); the attention-aware index needs the
-        # prefill queries, which this harness does not hand to decode methods
-        return {"n_sink": n_sink, "window": max(1, B // 2 - n_sink), "top_k": max(1, B // (2 * group_size)),
-                "index": "hnsw"}
-    if name == "actqkv":
-        n_init, n_local, bs = max(1, B // 32), B // 4, min(32, max(4, B // 8))
-        return {"token_budget": B, "n_init": n_init, "n_local": n_local, "block_size": bs}
-    if name == "longheads_decode":
-        # the paper's ~16 chunks per budget: chunks of a power of two <= B/16 (1..256 tokens)
-        w = 1 << max(0, min(8, (B // 16).bit_length() - 1))
-        return {"window_size": w, "atten_length": max(3 * w, B)}
-    if name == "hip_decode":
-        # refresh every 8 steps (fewer below 64 tokens); sinks, window and the tokens appended between
-        # refreshes come out of B, the rest is HiP's mask_k (a multiple of block_k = 2)
-        R = 8 if B >= 64 else max(1, B // 8)
-        n_sink, window, bk = min(16, B // 16), max(1, B // 4), 2
-        return {"mask_k": max(bk, (B - n_sink - window - (R - 1)) // bk * bk), "block_k": bk,
-                "n_sink": n_sink, "window": window, "refresh_interval": R}
-    raise ValueError(f"method: no budget mapping for decode method {name!r} in sparsattn.eval.decode_quality "
-                     f"(known: {', '.join(BUDGET_MAPPED)}); add one to budget_config")
+    cfg = method_class(name).budget_config(B, PresetContext(n_layers=n_layers, group_size=group_size))
+    if cfg is None:
+        raise ValueError(f"method: no budget mapping for decode method {name!r} (known: {', '.join(budget_mapped())}); "
+                         f"declare a budget_config preset on its class (sparsattn.methods.base.Method.budget_config)")
+    return cfg
+
+
+def __getattr__(attr: str):
+    """The registry-derived constants ``BUDGET_MAPPED`` and ``SLOW_METHODS`` (computed on access)."""
+    if attr == "BUDGET_MAPPED":
+        return budget_mapped()
+    if attr == "SLOW_METHODS":
+        return slow_methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+def slow_methods() -> tuple:
+    """slow_methods: the registered decode methods with a ``slow`` note (left out of the default grid)."""
+    return tuple(n for n in list_methods("decode") if method_class(n).slow)
+
+
+def budget_mapped() -> tuple:
+    """budget_mapped: the registered decode methods that declare a ``budget_config`` preset."""
+    return tuple(n for n in list_methods("decode")
+                 if method_class(n).budget_config.__func__ is not Method.budget_config.__func__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,22 +508,40 @@ class AllTokens(Method):
 # calibration (double_sparsity)
 # ----------------------------------------------------------------------------------------------
 
-def calibrate_double_sparsity(model, tokenizer, *, length: int, seed: int = CALIBRATION_SEED,
-                              device=None, group_factor: int = 8) -> dict:
-    """calibrate_double_sparsity: Double Sparsity's outlier channels (Post-Training Sparse Attention with
-    Double Sparsity, arXiv 2408.07092) from one held-out passkey prompt of ``length`` tokens (seed
-    ``seed``, never an evaluated sample's): ``{layer: [[channel] per KV head]}``, ``D / group_factor``
-    channels per KV head."""
-    from ..capture import capture_qkv
-    from ..methods import get_method
+def calibrate_from_prompt(name: str, model, tokenizer, *, length: int, seed: int = CALIBRATION_SEED,
+                          device=None, **config) -> dict:
+    """calibrate_from_prompt: the configuration entries that decode method ``name`` fits from q/k
+    (its ``calibrate_from_qk`` preset), captured on one held-out passkey prompt of ``length`` tokens
+    (seed ``seed``, never an evaluated sample's); ``config`` = its hyper-parameters.
 
+    Raises:
+        ValueError: ``name`` declares no ``calibrate_from_qk`` preset.
+    """
+    from ..capture import capture_qkv
+
+    cls = method_class(name)
+    if not _calibrates_from_qk(cls):
+        raise ValueError(f"name: {name!r} declares no calibrate_from_qk preset")
     s = passkey(tokenizer, length, 0.5, seed=seed)
     dev = device or next(model.parameters()).device
     ids = torch.tensor([encode_ids(tokenizer, s.prompt)], device=dev)
     cap = capture_qkv(model, ids)
     layers = sorted(cap)
-    m = get_method("double_sparsity", group_factor=group_factor)
-    return m.calibrate([cap[l][0] for l in layers], [cap[l][1] for l in layers])
+    return cls.calibrate_from_qk([cap[l][0] for l in layers], [cap[l][1] for l in layers], config)
+
+
+def _calibrates_from_qk(cls) -> bool:
+    return cls.calibrate_from_qk.__func__ is not Method.calibrate_from_qk.__func__
+
+
+def calibrate_double_sparsity(model, tokenizer, *, length: int, seed: int = CALIBRATION_SEED,
+                              device=None, group_factor: int = 8) -> dict:
+    """calibrate_double_sparsity: Double Sparsity's outlier channels (Post-Training Sparse Attention with
+    Double Sparsity, arXiv 2408.07092) from one held-out passkey prompt of ``length`` tokens (seed
+    ``seed``, never an evaluated sample's): ``{layer: [[channel] per KV head]}``, ``D / group_factor``
+    channels per KV head (``calibrate_from_prompt`` of its preset)."""
+    return calibrate_from_prompt("double_sparsity", model, tokenizer, length=length, seed=seed, device=device,
+                                 group_factor=group_factor)["channels"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -666,7 +667,7 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
         raise ValueError(f"time_limit: expected seconds > 0 or None, got {time_limit!r}")
     dec = list_methods("decode")
     if methods is None:
-        methods = [m for m in dec if m not in SLOW_METHODS]
+        methods = [m for m in dec if not method_class(m).slow]
     methods = list(dict.fromkeys(methods))
     bad = [m for m in methods if m not in dec]
     if bad or not methods:
@@ -677,8 +678,7 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
             raise ValueError(f"method_config: {name!r} is not among the evaluated methods {methods}")
         if not isinstance(cfg, dict) or "channels" in cfg:
             raise ValueError(f"method_config[{name!r}]: expected a dict of hyper-parameters (not channels), got {cfg!r}")
-        get_method(name, **{**budget_config(name, 256, n_layers=8, group_size=4), **cfg,
-                            **({"channels": {0: [[0]]}} if name == "double_sparsity" else {})})  # valid names/values
+        get_method(name, **{**budget_config(name, 256, n_layers=8, group_size=4), **cfg})  # valid names/values
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if model is None or tokenizer is None:
@@ -698,24 +698,23 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
     log(f"decode_quality: {n_layers} layers, GQA group {G}, device {dev}, dtype {args['dtype']}; "
         f"lengths {lengths}, budgets {[b.label for b in bl]}, methods {methods}, n {n} (full-budget check on {full_n})")
 
-    if "retrieval_attention" in methods and max(lengths) > 4096:
-        log("note: retrieval_attention builds its HNSW index on the CPU (one thread) at the first decode step of "
-            "every run: several seconds per 4K keys x layers x KV heads")
-    channels = None
-    if "double_sparsity" in methods:
-        t0 = time.perf_counter()
-        gf = method_config.get("double_sparsity", {}).get("group_factor", 8)
-        channels = calibrate_double_sparsity(model, tokenizer, length=min(2048, max(lengths)),
-                                             seed=CALIBRATION_SEED + seed, group_factor=gf)
-        log(f"double_sparsity: channels calibrated on a held-out passkey prompt (seed {CALIBRATION_SEED + seed}) "
-            f"in {time.perf_counter() - t0:.1f}s")
+    for name in methods:
+        if method_class(name).slow and max(lengths) > 4096:
+            log(f"note: {name} {method_class(name).slow}")
+    fitted: dict = {}  # method -> configuration entries fitted from q/k (e.g. Double Sparsity's channels)
+    for name in methods:
+        if _calibrates_from_qk(method_class(name)):
+            t0 = time.perf_counter()
+            fitted[name] = calibrate_from_prompt(name, model, tokenizer, length=min(2048, max(lengths)),
+                                                 seed=CALIBRATION_SEED + seed, **method_config.get(name, {}))
+            log(f"{name}: {', '.join(fitted[name])} calibrated on a held-out passkey prompt "
+                f"(seed {CALIBRATION_SEED + seed}) in {time.perf_counter() - t0:.1f}s")
 
     def make(name: str, btok: int):
         cfg = budget_config(name, btok, n_layers=n_layers, group_size=G)
         cfg.update(method_config.get(name, {}))
-        if name == "double_sparsity":
-            cfg["channels"] = channels
-        return get_method(name, **cfg), {k: v for k, v in cfg.items() if k != "channels"}
+        cfg.update(fitted.get(name, {}))
+        return get_method(name, **cfg), {k: v for k, v in cfg.items() if k not in fitted.get(name, {})}
 
     configs: dict = {}
     srows: list[dict] = []
@@ -927,7 +926,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    f"(default {','.join(DEFAULT_BUDGETS)})")
     p.add_argument("--n", type=int, default=None, help="samples per length, needle depths spread (default 10)")
     p.add_argument("--methods", default=None, help="comma-separated decode methods (default: all registered except "
-                                                   + ", ".join(SLOW_METHODS) + ")")
+                                                   + ", ".join(slow_methods()) + ")")
     p.add_argument("--full-n", type=int, default=None, help="samples per length with the full-budget check (default 2)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="greedy answer tokens (default 10)")
     p.add_argument("--seed", type=int, default=0)

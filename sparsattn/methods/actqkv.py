@@ -8,7 +8,7 @@ import torch
 
 from ._select import decode_inputs, mask_to_pattern
 from ._common import check_int
-from .base import Method, SelectContext, register
+from .base import Method, PresetContext, SelectContext, register
 
 Tensor = torch.Tensor
 
@@ -125,6 +125,14 @@ class ActQKV(Method):
     max_frac: float = 2.0
     temperature: float = 1.0
     head_granularity: str = "shared"
+    @classmethod
+    def budget_config(cls, budget_tokens: int, ctx: PresetContext) -> dict:
+        """Preset: ``token_budget = B`` with the authors' proportions scaled down: ``n_init = max(1, B // 32)``,
+        ``n_local = B // 4``, ``block_size = min(32, max(4, B // 8))`` (the rest is retrieved blocks)."""
+        B = int(budget_tokens)
+        n_init, n_local, bs = max(1, B // 32), B // 4, min(32, max(4, B // 8))
+        return {"token_budget": B, "n_init": n_init, "n_local": n_local, "block_size": bs}
+
 
     def __post_init__(self):
         check_int("token_budget", self.token_budget, 1)

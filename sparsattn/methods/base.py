@@ -25,7 +25,11 @@ Presets (what tooling needs, declared on the method so no tool names it):
 * ``density_knob(T, target, ctx)`` (prefill): a ``DensityKnob``, the method's settings as a
   function of one searched knob, aimed at ``target`` density at length ``T`` (None: not searched);
 * ``budget_config(budget_tokens, ctx)`` (decode): the hyper-parameters for a token budget per KV
-  head (None: no budget mapping).
+  head (None: no budget mapping);
+* ``calibrate_from_qk(qs, ks, config)``: for a method calibrated on captured per-layer q/k alone,
+  the configuration entries it fits (e.g. Double Sparsity's channels; None: not calibrated so);
+* ``slow``: a non-empty note when running the method is slow enough to leave it out of default
+  evaluation grids (the note is shown to the user).
 
 ``ctx`` is a ``PresetContext``: the model's shape and the paths of shipped calibrations, so a
 calibrated method takes its file from the caller, never from a tool that knows its name.
@@ -223,6 +227,7 @@ class Method:
     phase: ClassVar[str] = "prefill"
     trainable: ClassVar[bool] = False
     needs: ClassVar[tuple] = ()
+    slow: ClassVar[str] = ""
 
     def select(self, q: torch.Tensor, k: torch.Tensor, ctx: Optional[SelectContext] = None):
         """Return the pattern for queries ``q [B, Hq, Tq, D]`` and keys ``k [B, Hkv, Tk, D]``
@@ -269,6 +274,12 @@ class Method:
     @classmethod
     def budget_config(cls, budget_tokens: int, ctx: PresetContext) -> Optional[dict]:
         """Preset (decode): the configuration for ``budget_tokens`` tokens per KV head (None: no mapping)."""
+        return None
+
+    @classmethod
+    def calibrate_from_qk(cls, qs: list, ks: list, config: dict) -> Optional[dict]:
+        """Preset: configuration entries fitted from captured q/k (one pair per layer) for a method
+        with hyper-parameters ``config`` (None: the method is not calibrated from q/k alone)."""
         return None
 
     def config(self) -> dict[str, Any]:

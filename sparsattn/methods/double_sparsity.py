@@ -12,7 +12,7 @@ from ..kv.quant import quantize_minmax, unpack4
 from ..kernels.unit_scores import label_scores
 from ._select import decode_inputs, lengths_since, record_lengths, reduce_group, topk_pattern, valid_units
 from ..patterns import TokenPattern
-from .base import Calibrated, Method, SelectContext, register
+from .base import Calibrated, Method, PresetContext, SelectContext, register
 
 
 def _channel_table(f: Field) -> dict:
@@ -97,6 +97,17 @@ class DoubleSparsity(Calibrated, Method):
     quantize_query: bool = True
     path: Optional[str] = None  # channels JSON written by ``save`` (read at construction)
     channels: Optional[dict] = None  # {layer: [[channel ids] per kv head]}
+
+    @classmethod
+    def calibrate_from_qk(cls, qs: Sequence[torch.Tensor], ks: Sequence[torch.Tensor], config: dict) -> dict:
+        """Preset: ``{"channels": ...}`` ranked by ``calibrate`` on captured per-layer q/k with ``config``'s
+        ``group_factor`` (channels per KV head = D / group_factor)."""
+        return {"channels": cls(**{k: v for k, v in config.items() if k != "channels"}).calibrate(qs, ks)}
+
+    @classmethod
+    def budget_config(cls, budget_tokens: int, ctx: PresetContext) -> dict:
+        """Preset: ``token_budget = B`` (the channels come from a calibration)."""
+        return {"token_budget": int(budget_tokens)}
 
     def __post_init__(self):
         if not isinstance(self.token_budget, int) or self.token_budget < 1:

@@ -9,7 +9,7 @@ import torch
 from ._select import decode_inputs, mask_to_pattern, sink_window_mask
 from ..patterns import TokenPattern
 from ._common import check_int
-from .base import Method, SelectContext, register
+from .base import Method, PresetContext, SelectContext, register
 from .hip import tree_search
 
 
@@ -54,6 +54,17 @@ class HiPDecode(Method):
     n_sink: int = 16
     window: int = 256
     refresh_interval: int = 8
+    @classmethod
+    def budget_config(cls, budget_tokens: int, ctx: PresetContext) -> dict:
+        """Preset: refresh every 8 steps (``B // 8`` below 64 tokens); sinks ``min(16, B // 16)``, window
+        ``B // 4`` and the tokens appended between refreshes come out of B, the rest is HiP's ``mask_k``
+        (a multiple of ``block_k = 2``)."""
+        B = int(budget_tokens)
+        R = 8 if B >= 64 else max(1, B // 8)
+        n_sink, window, bk = min(16, B // 16), max(1, B // 4), 2
+        return {"mask_k": max(bk, (B - n_sink - window - (R - 1)) // bk * bk), "block_k": bk,
+                "n_sink": n_sink, "window": window, "refresh_interval": R}
+
 
     def __post_init__(self):
         check_int("block_k", self.block_k, 1)

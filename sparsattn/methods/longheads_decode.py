@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ._select import decode_inputs, mask_to_pattern, reduce_group
-from .base import Method, SelectContext, register
+from .base import Method, PresetContext, SelectContext, register
 from .longheads import mean_chunk_keys
 
 _KEY = "longheads_decode"
@@ -58,6 +58,14 @@ class LongHeadsDecode(Method):
     atten_length: int = 4096
     refresh_interval: int = 1
     head_reduce: str = "max"
+    @classmethod
+    def budget_config(cls, budget_tokens: int, ctx: PresetContext) -> dict:
+        """Preset: the paper's ~16 chunks per budget: chunks of a power of two <= B / 16 (1..256 tokens),
+        ``atten_length = max(3 * window_size, B)``."""
+        B = int(budget_tokens)
+        w = 1 << max(0, min(8, (B // 16).bit_length() - 1))
+        return {"window_size": w, "atten_length": max(3 * w, B)}
+
 
     def __post_init__(self):
         for name in ("window_size", "atten_length", "refresh_interval"):

@@ -8,7 +8,7 @@ import torch
 
 from ..kernels.unit_scores import bound_scores
 from ._select import decode_inputs, full_pattern, lengths_since, record_lengths, topk_pattern, valid_units
-from .base import Method, SelectContext, register
+from .base import Method, PresetContext, SelectContext, register
 
 
 @register("quest")
@@ -42,6 +42,11 @@ class Quest(Method):
     dense_layers: int = 2
     head_reduce: str = "max"
     backend: Optional[str] = None
+    @classmethod
+    def budget_config(cls, budget_tokens: int, ctx: PresetContext) -> dict:
+        """Preset: ``token_budget = B`` (pages of 16; layers 0-1 dense, the paper's)."""
+        return {"token_budget": int(budget_tokens)}
+
 
     def __post_init__(self):
         if not isinstance(self.token_budget, int) or self.token_budget < 1:

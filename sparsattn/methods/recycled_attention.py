@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ._select import decode_inputs, full_pattern, mask_to_pattern, scale_of, valid_units
-from .base import Method, SelectContext, register
+from .base import Method, PresetContext, SelectContext, register
 
 
 @register("recycled_attention")
@@ -47,6 +47,11 @@ class RecycledAttention(Method):
     check_every: int = 5
     similarity: float = 0.85
     pool_kernel: int = 7
+    @classmethod
+    def budget_config(cls, budget_tokens: int, ctx: PresetContext) -> dict:
+        """Preset: ``budget = B`` (the recycled set read by partial steps)."""
+        return {"budget": int(budget_tokens)}
+
 
     def __post_init__(self):
         if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ._select import decode_inputs, mask_to_pattern, sink_window_mask
-from .base import Method, SelectContext, register
+from .base import Method, PresetContext, SelectContext, register
 
 
 @register("retrieval_attention")
@@ -39,6 +39,8 @@ class RetrievalAttention(Method):
     """
 
     paper = "RetrievalAttention: Accelerating Long-Context LLM Inference via Vector Retrieval (arXiv 2409.10516)"
+    slow = ("builds its HNSW index on the CPU (one thread) at the first decode step of every run: several "
+            "seconds per 4K keys x layers x KV heads")
     phase = "decode"
     n_sink: int = 128
     window: int = 512
@@ -49,6 +51,16 @@ class RetrievalAttention(Method):
     ef_search: int = 100
     knn: int = 32
     max_build_queries: int = 4096
+    @classmethod
+    def budget_config(cls, budget_tokens: int, ctx: PresetContext) -> dict:
+        """Preset: ``n_sink = max(1, B // 8)``, ``window = max(1, B // 2 - n_sink)``, ``top_k = max(1,
+        B // (2 G))`` per query head (G = ``ctx.group_size``: the union per KV head stays within B);
+        the HNSW index (needs hnswlib; the attention-aware index needs the prefill queries)."""
+        B = int(budget_tokens)
+        n_sink = max(1, B // 8)
+        return {"n_sink": n_sink, "window": max(1, B // 2 - n_sink), "top_k": max(1, B // (2 * ctx.group_size)),
+                "index": "hnsw"}
+
 
     def __post_init__(self):
         for name, lo in (("n_sink", 0), ("window", 0), ("top_k", 0), ("M", 2), ("ef_construction", 1), ("ef_search", 1),

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._select import decode_inputs, mask_to_pattern, sink_window_mask
-from .base import Method, SelectContext, register
+from .base import Method, PresetContext, SelectContext, register
 
 
 @register("streaming_llm")
@@ -22,6 +22,13 @@ class StreamingLLM(Method):
     phase = "decode"
     n_sink: int = 4
     window: int = 2000
+    @classmethod
+    def budget_config(cls, budget_tokens: int, ctx: PresetContext) -> dict:
+        """Preset: B tokens = ``n_sink = min(4, B // 2)`` sinks + a window of the rest."""
+        B = int(budget_tokens)
+        n_sink = min(4, B // 2)
+        return {"n_sink": n_sink, "window": max(1, B - n_sink)}
+
 
     def __post_init__(self):
         if not isinstance(self.n_sink, int) or self.n_sink < 0:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ._select import decode_inputs, full_pattern, group_scores, topk_pattern, valid_units
-from .base import Method, SelectContext, register
+from .base import Method, PresetContext, SelectContext, register
 
 
 @register("tidal_decode")
@@ -41,6 +41,14 @@ class TidalDecode(Method):
     sparse_layer_start: int = 2
     correction_layer: int = 13
     head_reduce: str = "max"
+    @classmethod
+    def budget_config(cls, budget_tokens: int, ctx: PresetContext) -> dict:
+        """Preset: ``token_budget = B``, selection from layer 2, the re-selection layer scaled from the
+        paper's 13 of 32 layers (Llama-3-8B) to ``ctx.n_layers`` (layer 3 of 8)."""
+        start = 2
+        corr = max(start + 1, round(13 * ctx.n_layers / 32))
+        return {"token_budget": int(budget_tokens), "sparse_layer_start": start, "correction_layer": corr}
+
 
     def __post_init__(self):
         if not isinstance(self.token_budget, int) or self.token_budget < 1:
