@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 from typing import Optional
 
 import torch
 
 from . import patterns as _patterns
+from .kernels import backends as _backends
 from .kernels._checks import check_scale
 from .patterns import BlockPattern
 
@@ -90,73 +90,29 @@ def _check_pattern(pattern: BlockPattern, B: int, Hq: int, Hkv: int, device) -> 
 
 
 # ----------------------------------------------------------------------------------------------
-# backend table (NATTEN-style: each backend says whether it can run and why not)
+# backend choice: the block_sparse row of the one table in ``sparsattn.kernels.backends``
 # ----------------------------------------------------------------------------------------------
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _row(pred):
+    return lambda q, pattern, extra: pred(q, pattern=pattern, **extra)
 
 
-def _can_triton(q, pattern, extra) -> tuple[bool, str]:
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # pragma: no cover - triton is a dependency
-        return False, f"triton is not importable ({e})"
-    if q.is_cuda:
-        if torch.cuda.get_device_capability(q.device)[0] < 8:
-            return False, "needs a GPU of compute capability >= 8.0"
-        return True, "cuda device"
-    if q.device.type == "cpu" and _interpret():
-        return True, "TRITON_INTERPRET=1 on the CPU"
-    return False, f"device {q.device.type} (triton needs CUDA, or TRITON_INTERPRET=1 on the CPU)"
-
-
-def _can_flex(q, pattern, extra) -> tuple[bool, str]:
-    if not q.is_cuda:
-        return False, "flex backend is used on CUDA only"
-    if pattern is not None and pattern.columns is not None:
-        return False, "pattern has columns (no column path in FlexAttention)"
-    if extra.get("varlen"):
-        return False, "per-sequence lengths are not supported by the flex backend"
-    try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
-    except Exception as e:
-        return False, f"FlexAttention is not available ({e})"
-    return True, "cuda device, no columns"
-
-
-def _can_reference(q, pattern, extra) -> tuple[bool, str]:
-    return True, "always available"
-
-
-BACKENDS = {
-    "triton": _can_triton,
-    "flex": _can_flex,
-    "reference": _can_reference,
-}
-_ORDER = ("triton", "flex", "reference")
+#: name -> ``can_run(q, pattern, extra) -> (ok, reason)`` (kept for callers; the table lives in kernels.backends)
+BACKENDS = {name: _row(pred) for name, pred in _backends.TABLE["block_sparse"].items()}
+_ORDER = tuple(_backends.TABLE["block_sparse"])
 
 
 def choose_backend(q, pattern, *, backend: Optional[str] = None, **extra) -> str:
     """choose_backend: the backend that will run, by the table's order; logs every refusal (DEBUG).
 
-    With ``backend`` given, that backend is used or a ValueError says why it cannot run.
+    With ``backend`` given, that backend is used or a ValueError says why it cannot run. The rule
+    (Triton on CUDA, or on the CPU with ``TRITON_INTERPRET=1``; then flex; then the reference) is
+    ``sparsattn.kernels.backends``'s, shared by every kernel family.
     """
-    if backend is not None:
-        if backend not in BACKENDS:
-            raise _err("backend", f"one of {sorted(BACKENDS)} or None", repr(backend))
-        ok, why = BACKENDS[backend](q, pattern, extra)
-        if not ok:
-            raise ValueError(f"backend: {backend!r} cannot run these inputs: {why}")
-        return backend
-    for name in _ORDER:
-        ok, why = BACKENDS[name](q, pattern, extra)
-        if ok:
-            log.debug("sparsattn backend %s chosen: %s", name, why)
-            return name
-        log.debug("sparsattn backend %s refused: %s", name, why)
-    raise RuntimeError("no backend can run")  # pragma: no cover (reference always can)
+    if backend is not None and backend not in BACKENDS:
+        raise _err("backend", f"one of {sorted(BACKENDS)} or None", repr(backend))
+    return _backends.choose("block_sparse", q, backend, pattern=pattern, **extra)
 
 
 _DEFAULT_PATTERNS: "OrderedDict[tuple, BlockPattern]" = OrderedDict()

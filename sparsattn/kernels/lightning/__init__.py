@@ -2,9 +2,8 @@
 (TransNormerLLM, arXiv 2307.14995; Lightning Attention-2, arXiv 2401.04658).
 
 ``lightning_attention(q, k, v, log_decay, scale=None, backend=None)`` runs the Triton kernel
-(forward + chunked backward) on CUDA and the vectorised chunked torch form on the CPU (the
-Triton interpreter, ``TRITON_INTERPRET=1``, is for testing the kernel: ask for it with
-``backend="triton"``). ``reference.py`` holds the quadratic masked-decay form and the step
+(forward + chunked backward) where the shared rule of ``sparsattn.kernels.backends`` allows it
+(CUDA, or the CPU with ``TRITON_INTERPRET=1``) and the vectorised chunked torch form elsewhere. ``reference.py`` holds the quadratic masked-decay form and the step
 recurrence the kernel is tested against.
 
 The fla-core package (0.6.0) offers the same operator as ``chunk_simple_gla(q, k, v,
@@ -20,6 +19,7 @@ from typing import Optional
 import torch
 
 from .reference import check_inputs, lightning_chunked, lightning_quadratic, lightning_recurrent
+from .. import backends as _backends
 from .triton import can_run, lightning_attention_triton
 
 __all__ = ["lightning_attention", "lightning_attention_triton", "lightning_chunked", "lightning_quadratic",
@@ -32,14 +32,13 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_d
     """lightning_attention: ``o_t = sum_{s<=t} lambda^(t-s) (scale q_t.k_s) v_s`` (Lightning
     Attention-2, arXiv 2401.04658), ``[B, H, T, E]`` in q's dtype.
 
-    ``backend``: None (Triton on CUDA, else the chunked torch form), ``"triton"`` (CUDA or the CPU
+    ``backend``: None (Triton where it can run, see ``kernels.backends``, else the chunked torch form), ``"triton"`` (CUDA or the CPU
     interpreter) or ``"torch"`` (chunked torch, autograd). ``block``: tokens per tile (64 as in
     the paper's kernel).
     """
     if backend not in (None, "triton", "torch"):
         raise ValueError(f"backend: expected None, 'triton' or 'torch', got {backend!r}")
-    if backend is None:
-        backend = "triton" if q.device.type == "cuda" and can_run(q)[0] else "torch"
+    backend = _backends.choose("lightning", q, backend)
     if backend == "triton":
         return lightning_attention_triton(q, k, v, log_decay, scale=scale, block=block)
     return lightning_chunked(q, k, v, log_decay, scale=scale, chunk=block)

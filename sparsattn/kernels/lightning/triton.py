@@ -43,14 +43,9 @@ def _interpret() -> bool:
 
 def can_run(q: torch.Tensor) -> tuple[bool, str]:
     """can_run: (ok, reason) for the Lightning Triton kernel on ``q``'s device."""
-    if q.device.type == "cuda":
-        return True, "CUDA device"
-    if q.device.type == "cpu" and _interpret():
-        if type(tl.sum).__name__ != "InterpretedFunction":
-            return False, ("TRITON_INTERPRET=1 was set after triton was imported (Triton decides when "
-                           "its library functions are decorated): set it before importing triton")
-        return True, "TRITON_INTERPRET=1 on the CPU"
-    return False, f"device {q.device.type} (the kernel needs CUDA, or TRITON_INTERPRET=1 on the CPU)"
+    from ..backends import triton_can_run
+
+    return triton_can_run(q)
 
 
 def _lightning_fwd_kernel(Q, K, V, O, G, H, T, DK, DV, scale,

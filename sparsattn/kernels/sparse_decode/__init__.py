@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from ...patterns import TokenPattern
+from .. import backends as _backends
 from .._checks import check_scale
 from .reference import paged_to_contiguous, row_lens, sparse_decode_reference
 
@@ -23,7 +24,6 @@ def _err(name: str, expected: str, got) -> ValueError:
     return ValueError(f"{name}: expected {expected}, got {got}")
 
 
-_CAP: dict = {}
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _TRI = None
 if _HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"):
@@ -41,17 +41,8 @@ def _impl():
 
 
 def _triton_ok(q) -> tuple[bool, str]:
-    if not _HAS_TRITON:  # pragma: no cover
-        return False, "triton is not installed"
-    if q.is_cuda:
-        if q.device not in _CAP:
-            _CAP[q.device] = torch.cuda.get_device_capability(q.device)[0]
-        if _CAP[q.device] < 8:
-            return False, "needs a GPU of compute capability >= 8.0"
-        return True, "cuda"
-    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return True, "TRITON_INTERPRET=1"
-    return False, f"device {q.device.type} (triton needs CUDA, or TRITON_INTERPRET=1 on the CPU)"
+    """(ok, reason) for the Triton kernel on ``q`` (the shared rule of ``kernels.backends``)."""
+    return _backends.triton_can_run(q)
 
 
 def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -166,10 +157,7 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             raise _err("log_weight", "finite values or -inf", "NaN or +inf")
     if backend not in (None, "triton", "reference"):
         raise _err("backend", "'triton', 'reference' or None", repr(backend))
-    ok, why = _triton_ok(q)
-    if backend == "triton" and not ok:
-        raise ValueError(f"backend: 'triton' cannot run these inputs: {why}")
-    use_triton = ok if backend is None else backend == "triton"
+    use_triton = _backends.choose("sparse_decode", q, backend) == "triton"
     if use_triton:
         idx = cnt = None
         P = 1

@@ -10,7 +10,8 @@ head), all query heads of a GQA group at once, reducing over the group in regist
 * ``label_scores(qc, codes, scale, zero, r=...)``: ``qc · (codes * scale + zero)`` per token from
   ``r`` key channels quantised per row to 4 bits (two codes per byte, low nibble first) or 8 bits.
 
-``backend``: None = the Triton kernel on CUDA, the torch reference elsewhere; ``"triton"`` (CUDA,
+``backend``: None = the Triton kernel where ``sparsattn.kernels.backends`` allows it (CUDA, or the CPU
+with ``TRITON_INTERPRET=1``), the torch reference elsewhere; ``"triton"`` (CUDA,
 or the CPU with ``TRITON_INTERPRET=1``) or ``"reference"``. Outputs are float32 ``[B, Hkv, n]``
 (``reduce`` over each group: ``"max"``, ``"mean"``, ``"sum"``) or ``[B, Hq, n]`` (``"none"``),
 times ``mult``.
@@ -24,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from .. import backends as _backends
 from .reference import REDUCES, bound_scores_reference, label_scores_reference, unpack_codes
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -36,15 +38,7 @@ def _err(name: str, expected: str, got) -> ValueError:
 def _use_triton(x: torch.Tensor, backend: Optional[str]) -> bool:
     if backend not in (None, "triton", "reference"):
         raise _err("backend", "None, 'triton' or 'reference'", repr(backend))
-    if backend == "reference":
-        return False
-    ok = _HAS_TRITON and (
-        (x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 8)
-        or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"))
-    if backend == "triton" and not ok:
-        raise ValueError("backend: 'triton' needs triton and a CUDA GPU of compute capability >= 8 "
-                         "(or TRITON_INTERPRET=1 on the CPU)")
-    return ok if backend == "triton" else (ok and x.is_cuda)
+    return _backends.choose("unit_scores", x, backend) == "triton"
 
 
 def _check_common(q: torch.Tensor, name: str, Hkv: int, reduce: str, mult) -> None:
