@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..patterns import BlockPattern, TokenPattern
+from ..patterns import merge_heads as _merge_heads
 
 Tensor = torch.Tensor
 
@@ -101,13 +102,7 @@ def restrict_heads(p: BlockPattern, heads: Sequence[int], n_heads: int) -> Block
 def merge_heads(parts: Sequence[tuple[Sequence[int], BlockPattern]], n_heads: int) -> BlockPattern:
     """One pattern with ``n_heads`` heads from ``(heads, pattern)`` parts covering disjoint heads
     (same block sizes and lengths); heads not covered by any part are empty."""
-    if not parts:
-        raise ValueError("parts: expected at least one (heads, pattern) pair")
-    out = None
-    for heads, p in parts:
-        r = restrict_heads(p, heads, n_heads)
-        out = r if out is None else out.union(r)
-    return out
+    return _merge_heads(parts, n_heads)  # the one per-head merging rule (patterns.merge_heads)
 
 
 def kv_heads_for(q_heads: Sequence[int], n_q_heads: int, n_kv_heads: int) -> list[int]:

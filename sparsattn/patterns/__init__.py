@@ -36,7 +36,7 @@ sink + recent-window rule ``sink_or_recent``), ``constructors`` (static patterns
 from __future__ import annotations
 
 from ._util import _cdiv, _err
-from .algebra import _HASH_P, _assemble, _unique_tiles, combine
+from .algebra import _HASH_P, _assemble, _unique_tiles, combine, merge_heads
 from .block import (BlockPattern, _broadcast_heads, _causal_mask_mod, _lists_from_sel, _sel_from_lists,
                     _transpose_lists)
 from .constructors import (_int_tensor, _neighborhood, _neighborhood_pred, _neighborhood_window, a_shape, causal,
@@ -80,4 +80,5 @@ __all__ = [
     "sink_or_recent",
     "from_predicate",
     "combine",
+    "merge_heads",
 ]

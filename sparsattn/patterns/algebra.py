@@ -145,3 +145,100 @@ def combine(self: BlockPattern, other: BlockPattern, op: str) -> BlockPattern:
         cm = cols[0] if len(cols) == 1 else cols[0] | cols[1]
         columns = TokenPattern.from_mask(cm, kv_len=self.kv_len)
     return _assemble(full, part, (b, h, q, k), tiles, bq, bk, self.q_len, self.kv_len, self.causal, columns)
+
+
+def merge_heads(parts, n_heads: int) -> BlockPattern:
+    """merge_heads: one pattern of ``n_heads`` heads from per-head parts -- the one per-head merging rule.
+
+    ``parts``: ``(heads, pattern)`` or ``(heads, pattern, source_heads)`` tuples. Head ``heads[i]`` of
+    the result is head ``source_heads[i]`` of the part's pattern; without ``source_heads`` it is head
+    ``i`` (a pattern with ``len(heads)`` heads) or head 0 (a pattern with one head). Rule: every result
+    head comes from at most one part (a head named twice is a ValueError); heads no part names are
+    empty; all parts share block sizes, lengths and causal flag (ValueError naming the part); batch
+    broadcasts from 1; each part's blocks, element tiles (its mask bank, ids offset) and columns are
+    taken as they are (nothing re-deduplicated), so the element mask of every head is exactly its
+    source head's.
+    """
+    parts = list(parts)
+    if not parts:
+        raise ValueError("parts: expected at least one (heads, pattern) pair")
+    if not isinstance(n_heads, int) or n_heads < 1:
+        raise _err("n_heads", "an int >= 1", n_heads)
+    pats = [pt[1] for pt in parts]
+    p0 = pats[0]
+    for j, p in enumerate(pats):
+        if not isinstance(p, BlockPattern):
+            raise _err(f"parts[{j}] pattern", "a BlockPattern", type(p).__name__)
+        for name in ("block_q", "block_k", "q_len", "kv_len", "causal"):
+            if getattr(p, name) != getattr(p0, name):
+                raise _err(f"parts[{j}] pattern.{name}", repr(getattr(p0, name)), repr(getattr(p, name)))
+    B = max(p.batch for p in pats)
+    dev = p0.device
+    src_pat = [-1] * n_heads
+    src_head = [0] * n_heads
+    for j, pt in enumerate(parts):
+        heads, p = [int(h) for h in pt[0]], pt[1]
+        if p.batch not in (1, B) or p.device != dev:
+            raise _err(f"parts[{j}] pattern", f"batch 1 or {B} on {dev}", (p.batch, p.device))
+        if len(pt) > 2:
+            srcs = [int(s) for s in pt[2]]
+            if len(srcs) != len(heads) or any(not 0 <= s < p.heads for s in srcs):
+                raise _err(f"parts[{j}] source_heads", f"{len(heads)} heads in [0, {p.heads})", srcs)
+        elif p.heads in (1, len(heads)):
+            srcs = [i if p.heads > 1 else 0 for i in range(len(heads))]
+        else:
+            raise _err(f"parts[{j}] pattern heads", f"1 or {len(heads)}", p.heads)
+        for h, s in zip(heads, srcs):
+            if not 0 <= h < n_heads:
+                raise _err(f"parts[{j}] heads", f"indices in [0, {n_heads})", h)
+            if src_pat[h] >= 0:
+                raise _err(f"parts[{j}] heads", "each head in one part only", f"head {h} again")
+            src_pat[h], src_head[h] = j, s
+    wp = max(p.kv_indices.shape[-1] for p in pats)
+    wf = max(p.full_kv_indices.shape[-1] for p in pats)
+    offs, o = [], 0
+    for p in pats:
+        offs.append(o)
+        o += 0 if p.mask_bank is None else p.mask_bank.shape[0]
+
+    def gather(get, w, fill, dtype=torch.int32):
+        out = None
+        for j, p in enumerate(pats):
+            hs = [h for h in range(n_heads) if src_pat[h] == j]
+            t = get(j, p)
+            if out is None:
+                out = torch.full((B, n_heads, *t.shape[2:-1], w) if w else (B, n_heads, *t.shape[2:]), fill,
+                                 dtype=dtype, device=dev)
+            if not hs:
+                continue
+            if w:
+                t = torch.nn.functional.pad(t, (0, w - t.shape[-1]), value=fill)
+            sh = torch.tensor([src_head[h] for h in hs], device=dev)
+            out[:, torch.tensor(hs, device=dev)] = t.expand(B, *t.shape[1:])[:, sh].to(dtype)
+        return out.contiguous()
+
+    kvn = gather(lambda j, p: p.kv_num_blocks, 0, 0)
+    kvi = gather(lambda j, p: p.kv_indices, wp, 0)
+    fkn = gather(lambda j, p: p.full_kv_num_blocks, 0, 0)
+    fki = gather(lambda j, p: p.full_kv_indices, wf, 0)
+    mask_ids = mask_bank = None
+    if o:
+        mask_bank = torch.cat([p.mask_bank for p in pats if p.mask_bank is not None]).contiguous()
+        mask_ids = gather(lambda j, p: torch.full_like(p.kv_indices, -1) if p.mask_ids is None
+                          else torch.where(p.mask_ids >= 0, p.mask_ids + offs[j], p.mask_ids), wp, -1)
+    columns = None
+    if any(p.columns is not None for p in pats):
+        sizes = {p.columns.page_size for p in pats if p.columns is not None}
+        if len(sizes) != 1:
+            raise _err("parts columns page_size", "one page size", sorted(sizes))
+        wc = max(p.columns.indices.shape[-1] for p in pats if p.columns is not None)
+        z = torch.zeros(1, 1, 1, dtype=torch.int32, device=dev)
+        cols = [None if p.columns is None else  # column lists per head of the part's pattern
+                (_broadcast_heads(p.columns.indices, p.heads, f"parts[{j}] columns"),
+                 _broadcast_heads(p.columns.counts[..., None], p.heads, f"parts[{j}] columns")[..., 0])
+                for j, p in enumerate(pats)]
+        cidx = gather(lambda j, p: z if cols[j] is None else cols[j][0], wc, 0)
+        ccnt = gather(lambda j, p: z[..., 0] if cols[j] is None else cols[j][1], 0, 0)
+        columns = TokenPattern(cidx, ccnt, p0.kv_len, sizes.pop())
+    return BlockPattern(kvn, kvi, fkn, fki, p0.block_q, p0.block_k, p0.q_len, p0.kv_len, p0.causal,
+                        mask_ids=mask_ids, mask_bank=mask_bank, columns=columns)

@@ -50,3 +50,18 @@ def test_one_sink_window_rule_for_decode_and_kv_policies():
     t = torch.arange(48)[None, :]
     ref = P.sink_or_recent(t, lens[:, None], 4, 7) & (t < lens[:, None])
     assert torch.equal(got, ref[:, None, :].expand(3, 2, 48))
+
+
+def test_merge_heads_one_rule():
+    T = 90
+    a = P.sink_local(T, 3, 20, block_q=16, heads=2)
+    b = P.sliding_window(T, 11, block_q=16).union(
+        P.from_dense_mask(torch.rand(1, 1, T, T, generator=torch.Generator().manual_seed(1)) < 0.1, block_size=16, causal=True))
+    m = P.merge_heads([([4, 0], a), ([2], b, [0])], 5).validate()
+    dm, da, db = m.to_dense_mask()[0], a.to_dense_mask()[0], b.to_dense_mask()[0]
+    assert torch.equal(dm[4], da[0]) and torch.equal(dm[0], da[1]) and torch.equal(dm[2], db[0])
+    assert not dm[1].any() and not dm[3].any()  # heads no part names are empty
+    with pytest.raises(ValueError, match="each head in one part only"):
+        P.merge_heads([([0], b), ([0], b)], 2)
+    with pytest.raises(ValueError, match="block_q"):
+        P.merge_heads([([0], b), ([1], P.causal(T, block_q=32))], 2)

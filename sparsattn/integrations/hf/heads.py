@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ... import patterns as _patterns
 from ...methods.base import Method
-from ...patterns import BlockPattern, TokenPattern
+from ...patterns import BlockPattern, TokenPattern, merge_heads
 
 
 def _mname(m) -> str:
@@ -146,40 +146,11 @@ def _stack_block_heads(pats: list[BlockPattern], methods, src, B, H) -> BlockPat
         if (p.q_len, p.kv_len, p.causal) != (p0.q_len, p0.kv_len, p0.causal):
             raise ValueError(f"heads: method {_mname(m)!r} returned q_len/kv_len/causal "
                              f"{(p.q_len, p.kv_len, p.causal)}, expected {(p0.q_len, p0.kv_len, p0.causal)}")
-    wp = max(p.kv_indices.shape[-1] for p in pats)
-    wf = max(p.full_kv_indices.shape[-1] for p in pats)
-
-    def field(get, w=None, value=0):
-        ts = []
-        for m, p in zip(methods, pats):
-            t = _to_bh(get(p), B, H, f"{_mname(m)} pattern")
-            ts.append(_pad_last(t, w, value) if w is not None else t)
-        return _pick_heads(torch.stack(ts), src)
-
-    kvn = field(lambda p: p.kv_num_blocks)
-    kvi = field(lambda p: p.kv_indices, wp)
-    fkn = field(lambda p: p.full_kv_num_blocks)
-    fki = field(lambda p: p.full_kv_indices, wf)
-    mask_ids = mask_bank = None
-    if any(p.mask_bank is not None for p in pats):
-        banks, offs, o = [], [], 0
-        for p in pats:
-            offs.append(o)
-            if p.mask_bank is not None:
-                banks.append(p.mask_bank)
-                o += p.mask_bank.shape[0]
-        mask_bank = torch.cat(banks)
-        ids = []
-        for p, off in zip(pats, offs):
-            if p.mask_ids is None:
-                ids.append(torch.full_like(p.kv_indices, -1))
-            else:
-                ids.append(torch.where(p.mask_ids >= 0, p.mask_ids + off, p.mask_ids))
-        mask_ids = _pick_heads(torch.stack([_pad_last(_to_bh(t, B, H, "mask_ids"), wp, -1) for t in ids]), src)
-    columns = None
-    if any(p.columns is not None for p in pats):
-        empty = TokenPattern(torch.zeros(1, 1, 1, dtype=torch.int32, device=src.device),
-                             torch.zeros(1, 1, dtype=torch.int32, device=src.device), p0.kv_len)
-        columns = _stack_token_heads([p.columns if p.columns is not None else empty for p in pats], methods, src, B, H)
-    return BlockPattern(kvn, kvi, fkn, fki, p0.block_q, p0.block_k, p0.q_len, p0.kv_len, p0.causal,
-                        mask_ids=mask_ids, mask_bank=mask_bank, columns=columns)
+    owner = src.tolist()  # head h takes head h (its GQA group's, or the only one) of pats[owner[h]]
+    parts = []
+    for j, p in enumerate(pats):
+        if H % p.heads:
+            raise ValueError(f"{_mname(methods[j])} pattern: expected 1, a divisor of {H} or {H} heads, got {p.heads}")
+        hs = [h for h in range(H) if owner[h] == j]
+        parts.append((hs, p, [h // (H // p.heads) for h in hs]))
+    return merge_heads(parts, H)  # the one per-head merging rule (sparsattn.patterns.merge_heads)
