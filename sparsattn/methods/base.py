@@ -38,11 +38,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Optional
 
 import torch
-from collections.abc import MutableMapping
 
 _REGISTRY: dict[str, type] = {}
 
@@ -294,17 +294,6 @@ class Method:
         return out
 
 
-class SelectHook:
-    """SelectHook: context manager that routes a method *instance's* ``select`` through
-    ``self.on_select(orig, q, k, ctx, *args, **kwargs)`` while active (the class is untouched; the
-    instance attribute is removed on exit). Subclasses override ``on_select`` to record or reuse
-    patterns; the default just calls ``orig``."""
-
-    def __init__(self, method):
-        self.method = method
-
-    def on_select(self, orig, q, k, ctx=None, *args, **kwargs):
-        return orig(q, k, ctx, *args, **kwargs)
 class _ClassOrInstance:
     """Descriptor: the wrapped function receives ``(cls, instance_or_None, *args, **kwargs)``, so one
     name works on the class (build a new instance) and on an instance (fill it in)."""
@@ -390,6 +379,17 @@ class Calibrated:
             self._read_calibration(self.path)
 
 
+class SelectHook:
+    """SelectHook: context manager that routes a method *instance's* ``select`` through
+    ``self.on_select(orig, q, k, ctx, *args, **kwargs)`` while active (the class is untouched; the
+    instance attribute is removed on exit). Subclasses override ``on_select`` to record or reuse
+    patterns; the default just calls ``orig``."""
+
+    def __init__(self, method):
+        self.method = method
+
+    def on_select(self, orig, q, k, ctx=None, *args, **kwargs):
+        return orig(q, k, ctx, *args, **kwargs)
 
     def __enter__(self):
         orig = self.method.select

@@ -45,8 +45,9 @@ Tensor = torch.Tensor
 
 GATE_FORMAT = "sparsattn.seer_gate"
 GATE_VERSION = 1
-_TRAIN_HINT = ("train a gate with `python -m sparsattn.train.seer_gate --model PATH --out GATE_DIR --minutes M` "
-               "(or sparsattn.train.seer_gate.train_gates) and pass gate_path=GATE_DIR or call .load_gate(GATE_DIR)")
+_TRAIN_HINT = ("train a gate with `sparsattn calibrate seer_attention --model PATH --out seer_gate --minutes M` "
+               "(older: python -m sparsattn.train.seer_gate) and pass path='seer_gate' or call "
+               "SeerAttention.load('seer_gate')")
 
 
 def _rotate_half(x: Tensor) -> Tensor:
