@@ -95,9 +95,8 @@ class DoubleSparsity(Calibrated, Method):
     label_bits: int = 4
     head_reduce: str = "max"
     quantize_query: bool = True
-    path: Optional[str] = None  # channels JSON written by ``save`` (read at construction)
     channels: Optional[dict] = None  # {layer: [[channel ids] per kv head]}
-
+    path: Optional[str] = None  # channels JSON written by ``save`` (read at construction)
     @classmethod
     def calibrate_from_qk(cls, qs: Sequence[torch.Tensor], ks: Sequence[torch.Tensor], config: dict) -> dict:
         """Preset: ``{"channels": ...}`` ranked by ``calibrate`` on captured per-layer q/k with ``config``'s
@@ -108,6 +107,7 @@ class DoubleSparsity(Calibrated, Method):
     def budget_config(cls, budget_tokens: int, ctx: PresetContext) -> dict:
         """Preset: ``token_budget = B`` (the channels come from a calibration)."""
         return {"token_budget": int(budget_tokens)}
+
 
     def __post_init__(self):
         if not isinstance(self.token_budget, int) or self.token_budget < 1:
@@ -123,7 +123,10 @@ class DoubleSparsity(Calibrated, Method):
         if not isinstance(self.quantize_query, bool):
             raise ValueError(f"quantize_query: expected a bool, got {self.quantize_query!r}")
         if self.channels is not None:
+            if self.path is not None:
+                raise ValueError("channels/path: give the channels or a file to read them from, not both")
             self.channels = _channel_table(Field(self.channels, "double_sparsity(channels=...)", "channels"))
+        self._load_path()
 
     @property
     def is_fitted(self) -> bool:
@@ -134,10 +137,7 @@ class DoubleSparsity(Calibrated, Method):
         """Rank channels per layer and KV head from captured ``q [N, Hq, T, D]`` and ``k [N, Hkv, T, D]``
         (one pair per layer, post-RoPE): importance = mean over tokens and the group of ``|q_c * k_c|``."""
         if len(qs) != len(ks) or not qs:
-            if self.path is not None:
-                raise ValueError("channels/path: give the channels or a file to read them from, not both")
             raise ValueError(f"qs/ks: expected equal-length non-empty lists (one per layer), got {len(qs)}, {len(ks)}")
-        self._load_path()
         out = {}
         for layer, (q, k) in enumerate(zip(qs, ks)):
             if q.dim() != 4 or k.dim() != 4 or q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
