@@ -44,9 +44,11 @@ class TidalDecode(Method):
     @classmethod
     def budget_config(cls, budget_tokens: int, ctx: PresetContext) -> dict:
         """Preset: ``token_budget = B``, selection from layer 2, the re-selection layer scaled from the
-        paper's 13 of 32 layers (Llama-3-8B) to ``ctx.n_layers`` (layer 3 of 8)."""
-        start = 2
-        corr = max(start + 1, round(13 * ctx.n_layers / 32))
+        paper's 13 of 32 layers (Llama-3-8B) to ``ctx.n_layers`` (layer 3 of 8). Models with fewer than
+        5 layers select earlier so that at least one layer attends sparsely (both selection layers run
+        full attention)."""
+        start = max(0, min(2, ctx.n_layers - 3))
+        corr = max(start + 1, min(round(13 * ctx.n_layers / 32), ctx.n_layers - 2))
         return {"token_budget": int(budget_tokens), "sparse_layer_start": start, "correction_layer": corr}
 
 

@@ -17,6 +17,8 @@ to the tooling (training command, benchmarks, docs) so that no tool names a laye
 * ``causal_modes``: the values of the ``causal`` argument the layer supports;
 * ``content_based``: whether the sparsity depends on the input (routing, top-k...) rather than a
   fixed structure;
+* ``causal_caveat``: non-empty when the causal form lets later tokens influence earlier outputs
+  through the paper's own algorithm (a warning is given once when such a layer is built causal);
 * ``presets``: named example configurations, e.g. ``{"mqar": {...}}``, that the training command
   and the benchmarks use (``"default"`` is the empty dict).
 
@@ -41,12 +43,14 @@ import difflib
 import importlib
 import inspect
 import pkgutil
+import warnings
 from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
 
 _REGISTRY: dict[str, type] = {}
+_WARNED: set = set()
 _LOADED = False
 _KINDS = ("sparse", "approx", "mixer", "helper")
 
@@ -61,6 +65,9 @@ class Layer(nn.Module):
     causal_modes: ClassVar[tuple] = (True, False)
     content_based: ClassVar[bool] = False
     presets: ClassVar[dict] = {}
+    #: non-empty when the causal form is known to let later tokens influence earlier outputs (a
+    #: property of the paper's algorithm kept on purpose, e.g. balanced routing); said at construction
+    causal_caveat: ClassVar[str] = ""
 
     def extra_loss(self) -> Optional[torch.Tensor]:
         """The auxiliary loss of the last forward (distillation, commitment), or None."""
@@ -109,6 +116,9 @@ def register_layer(name: str):
             bound = sig.bind(self, *args, **kwargs)
             bound.apply_defaults()
             init(self, *args, **kwargs)
+            if cls.causal_caveat and bound.arguments.get("causal", True) and name not in _WARNED:
+                _WARNED.add(name)
+                warnings.warn(f"{name}: {cls.causal_caveat}", stacklevel=2)
             cfg = dict(bound.arguments)
             cfg.pop("self", None)
             for k, p in sig.parameters.items():

@@ -83,7 +83,20 @@ def test_shape_finite_and_backward(name):
     assert ye.shape == x.shape and torch.isfinite(ye).all()
 
 
-@pytest.mark.parametrize("name", [n for n in list_layers() if True in layer_class(n).causal_modes])
+def _causal_params():
+    """Causal layers; one that declares a ``causal_caveat`` is expected to fail (strictly: the test
+    says so when it stops leaking, so the caveat can be removed)."""
+    out = []
+    for n in list_layers():
+        cls = layer_class(n)
+        if True not in cls.causal_modes:
+            continue
+        marks = [pytest.mark.xfail(strict=True, reason=cls.causal_caveat)] if cls.causal_caveat else []
+        out.append(pytest.param(n, marks=marks, id=n))
+    return out
+
+
+@pytest.mark.parametrize("name", _causal_params())
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_causal_layers_do_not_read_the_future(name, mode):
     layer = _causal(name)

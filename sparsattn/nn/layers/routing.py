@@ -68,6 +68,11 @@ class RoutingAttention(Layer):
     content_based = True
     presets = {"default": {}, "mqar": {"num_clusters": 4, "local_window": 32}}
 
+    causal_caveat = ("the causal form is not strictly causal: balanced top-w routing (the paper's) picks the w "
+                     "tokens nearest each centroid from the whole sequence, so later tokens decide whether an "
+                     "earlier token is routed (attention weights inside a cluster stay causal); outputs before t "
+                     "can change when tokens after t change")
+
     def __init__(self, dim: int, heads: int, num_clusters: int = 8, window_size: Optional[int] = None,
                  local_heads: Optional[int] = None, local_window: int = 256, decay: float = 0.999,
                  commitment: float = 1e-4, kmeans_init_iters: int = 10, exclude_self: bool = True,
