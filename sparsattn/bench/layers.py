@@ -8,7 +8,8 @@ cuDNN (the fastest dense attention on the H200) timed in the same process. ``spe
 ``dense_ms / layer_ms``; the crossover of a layer is the first measured length from which it is
 faster than dense at every longer length measured.
 
-Layers use their paper defaults (``causal=True`` where they support it); a length where the dense
+Layers use their paper defaults (``causal=True`` where a 1-D layer supports it; 2-D layers run their
+image, non-causal form); a length where the dense
 baseline runs out of memory keeps the layer's row with an empty baseline. A layer whose time at one
 length passes ``max_ms`` is not run at longer lengths (recorded as skipped), so a sweep of many
 layers fits one device call.
@@ -67,8 +68,8 @@ def build(name: str, dim: int, heads: int, T: int) -> nn.Module:
     hp = hyper_parameters(name)
     cls = layer_class(name)
     cfg = {}
-    if "causal" in hp:
-        cfg["causal"] = True if True in tuple(getattr(cls, "causal_modes", (True,))) else False
+    if "causal" in hp:  # causal where supported; 2-D layers (images) run their non-causal form
+        cfg["causal"] = cls.layout == "1d" and True in tuple(getattr(cls, "causal_modes", (True,)))
     if "l_max" in hp:
         cfg["l_max"] = T
     if "max_len" in hp and hp["max_len"] is not None and hp["max_len"] < T:
