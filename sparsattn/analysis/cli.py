@@ -62,8 +62,6 @@ def run(args) -> int:
     """run: one analysis from parsed arguments; returns the exit status."""
     import torch
 
-    from . import _common
-
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: expected a folder, {args.out!r} is a file")
@@ -81,7 +79,14 @@ def run(args) -> int:
 
         analyze(show_progress=prog, device=args.device).write(out)
         return 0
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # grad mode restored on return (the tests call this in-process)
+        return _run_model_analysis(args, out, prog)
+
+
+def _run_model_analysis(args, out, prog) -> int:
+    """The analyses that run a model (all but ``patterns``), under ``torch.no_grad``."""
+    from . import _common
+
     model, tok, path = _common.load(args.model, device=args.device)
     if args.what == "retrieval-heads" and args.scores:
         from . import fit_methods
