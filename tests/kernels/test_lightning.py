@@ -10,13 +10,17 @@ from sparsattn.kernels.lightning import (can_run, lightning_attention, lightning
 from .conftest_helpers import rel
 
 
-def _inputs(B, H, T, D, E, dtype=torch.float64, seed=0):
+#: where the Triton kernel runs in these tests: CUDA when present, else the CPU interpreter
+KDEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(B, H, T, D, E, dtype=torch.float64, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, T, D, generator=g, dtype=dtype)
     k = torch.randn(B, H, T, D, generator=g, dtype=dtype)
     v = torch.randn(B, H, T, E, generator=g, dtype=dtype)
     log_decay = -torch.tensor([0.0, 0.05, 0.7, 3.0][:H], dtype=torch.float32)
-    return q, k, v, log_decay
+    return tuple(t.to(device) for t in (q, k, v, log_decay))
 
 
 def _naive_loops(q, k, v, log_decay, scale):
@@ -59,8 +63,8 @@ def test_recurrence_carries_state():
 def test_triton_forward_backward(dtype, T, D, E, block):
     """Kernel output and its chunked backward (three reversed/forward launches) vs the quadratic
     form in float64 (the kernel accumulates in float32: tolerance 1e-5 relative)."""
-    assert can_run(torch.empty(1))[0], "tests run with TRITON_INTERPRET=1 on the CPU"
-    q, k, v, g = _inputs(2, 3, T, D, E)
+    assert can_run(torch.empty(1, device=KDEV))[0], "tests run on CUDA, or with TRITON_INTERPRET=1 on the CPU"
+    q, k, v, g = _inputs(2, 3, T, D, E, device=KDEV)
     ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = lightning_quadratic(*ref_in, g, scale=0.3)
     do = torch.randn_like(ref)
@@ -78,10 +82,10 @@ def test_bf16_long_sequence_no_nan():
     """bf16, 4096 tokens, a decay close to 1 and one far below: finite, and within bf16 error of the
     float32 chunked form (every decay factor is exp of a non-positive number)."""
     g = torch.Generator().manual_seed(3)
-    q = (torch.randn(1, 2, 4096, 32, generator=g) * 3).bfloat16()
-    k = (torch.randn(1, 2, 4096, 32, generator=g) * 3).bfloat16()
-    v = torch.randn(1, 2, 4096, 32, generator=g).bfloat16()
-    log_decay = torch.tensor([-1e-4, -5.0])
+    q = (torch.randn(1, 2, 4096, 32, generator=g) * 3).bfloat16().to(KDEV)
+    k = (torch.randn(1, 2, 4096, 32, generator=g) * 3).bfloat16().to(KDEV)
+    v = torch.randn(1, 2, 4096, 32, generator=g).bfloat16().to(KDEV)
+    log_decay = torch.tensor([-1e-4, -5.0], device=KDEV)
     ref = lightning_chunked(q.float(), k.float(), v.float(), log_decay)
     for out in (lightning_attention_triton(q, k, v, log_decay), lightning_chunked(q, k, v, log_decay)):
         assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
@@ -89,7 +93,7 @@ def test_bf16_long_sequence_no_nan():
 
 
 def test_dispatch_and_errors():
-    q, k, v, g = _inputs(1, 2, 9, 8, 8, dtype=torch.float32)
+    q, k, v, g = _inputs(1, 2, 9, 8, 8, dtype=torch.float32, device=KDEV)
     torch.testing.assert_close(lightning_attention(q, k, v, g), lightning_quadratic(q, k, v, g), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lightning_attention(q, k, v, g, backend="torch"), lightning_quadratic(q, k, v, g))
     torch.testing.assert_close(lightning_attention(q, k, v, g, backend="triton", block=16),
