@@ -62,3 +62,15 @@ class QKVLayer(Layer):
         """``out_proj`` of the heads' outputs ``o [B, heads, T, head_dim]`` -> ``[B, T, dim]``."""
         B, H, T, D = o.shape
         return self.out_proj(o.transpose(1, 2).reshape(B, T, H * D))
+
+    def attend(self, q, k, v):
+        """``(out, lse)`` of the layer's attention core on q/k/v ``[B, heads, T, head_dim]``
+        (layers whose ``forward`` is the default below define it)."""
+        raise NotImplementedError(f"{type(self).__name__}.attend")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer on ``x [B, T, dim]``: projections, ``attend``, output projection."""
+        self.check_x(x)
+        q, k, v = self.split(x)
+        out, _ = self.attend(q, k, v)
+        return self.merge(out)

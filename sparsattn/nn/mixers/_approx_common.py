@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ...kernels._checks import check_scale as _check_scale
+
 NEG_INF = float("-inf")
 
 
@@ -38,12 +40,10 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, same_len: bo
 
 
 def check_scale(scale, D: int) -> float:
-    """The softmax scale: ``1/sqrt(D)`` for None, else a positive finite float (ValueError)."""
-    if scale is None:
-        return 1.0 / math.sqrt(D)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale: expected None or a positive finite float, got {scale!r}")
-    return float(scale)
+    """The softmax scale: ``1/sqrt(D)`` for None, else the library's one scale check
+    (``kernels._checks.check_scale``: a positive finite number, NumPy and 0-d tensors accepted)."""
+    scale = _check_scale(scale)
+    return 1.0 / math.sqrt(D) if scale is None else scale
 
 
 def softmax_lse(s: torch.Tensor, v: torch.Tensor, keep: Optional[torch.Tensor] = None):

@@ -137,13 +137,6 @@ class Combiner(QKVLayer):
         return combiner_attention(q, k, v, variant=self.variant, causal=self.causal, segment=self.segment,
                                   stats=self.last_stats)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Combiner attention of ``x [B, T, dim]``."""
-        self.check_x(x)
-        q, k, v = self.split(x)
-        out, _ = self.attend(q, k, v)
-        return self.merge(out)
-
     def cost(self, T: int) -> dict:
         """``{"density", "flops"}`` of one forward over ``T`` tokens (pairs counted as computed)."""
         check_int("T", T, 1)

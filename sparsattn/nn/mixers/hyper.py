@@ -225,13 +225,6 @@ class HyperAttention(QKVLayer):
                                sample_size=self.sample_size, min_seq_len=self.min_seq_len, stats=self.last_stats,
                                assign=self.assign)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """HyperAttention of ``x [B, T, dim]``."""
-        self.check_x(x)
-        q, k, v = self.split(x)
-        out, _ = self.attend(q, k, v)
-        return self.merge(out)
-
     def cost(self, T: int) -> dict:
         """``{"density", "flops"}`` of one forward over ``T`` tokens, counted by running the core's
         pair counter on a zero input of one head (the counts do not depend on the values)."""

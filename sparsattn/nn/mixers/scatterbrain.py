@@ -249,13 +249,6 @@ class Scatterbrain(QKVLayer):
                                       cluster_size=self.cluster_size, parts=self.parts, stats=self.last_stats,
                                       assign=self.assign)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Scatterbrain attention of ``x [B, T, dim]``."""
-        self.check_x(x)
-        q, k, v = self.split(x)
-        out, _ = self.attend(q, k, v)
-        return self.merge(out)
-
     def cost(self, T: int) -> dict:
         """``{"density", "flops"}``: exact pairs of the clusters plus the low-rank part counted as
         ``nb_features`` keys per query (its cost per query is that of attending to that many keys)."""
