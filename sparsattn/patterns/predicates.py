@@ -141,44 +141,31 @@ def _call_elem(m: Mask, q, k, h):
     return m.elem(q, k, h) if _takes_head(m.elem) else m.elem(q, k)
 
 
-def and_(*masks) -> Mask:
-    """and_: the pairs kept by every mask (block bounds: any = all anys, full = all fulls)."""
+def _combine(masks, op: str) -> Mask:
+    """The mask keeping pairs kept by every (``op="and"``) or some (``"or"``) mask; block bounds
+    combine the same way (any with any, full with full)."""
     ms = [_as_mask(m, f"masks[{i}]") for i, m in enumerate(masks)]
     if not ms:
         raise _err("masks", "at least one mask", 0)
 
     def elem(q, k, h=None):
-        out = _call_elem(ms[0], q, k, h)
-        for m in ms[1:]:
-            out = out & _call_elem(m, q, k, h)
-        return out
+        return _reduce([_call_elem(m, q, k, h) for m in ms], op)
 
     elem = _head_arity(elem, ms)
-
     bounded = all(m.any is not None and m.full is not None for m in ms)
     return Mask(elem,
-                (lambda *b: _reduce([m.any(*b) for m in ms], "and")) if bounded else None,
-                (lambda *b: _reduce([m.full(*b) for m in ms], "and")) if bounded else None)
+                (lambda *b: _reduce([m.any(*b) for m in ms], op)) if bounded else None,
+                (lambda *b: _reduce([m.full(*b) for m in ms], op)) if bounded else None)
+
+
+def and_(*masks) -> Mask:
+    """and_: the pairs kept by every mask (block bounds: any = all anys, full = all fulls)."""
+    return _combine(masks, "and")
 
 
 def or_(*masks) -> Mask:
     """or_: the pairs kept by any mask (block bounds: any = some any, full = some full)."""
-    ms = [_as_mask(m, f"masks[{i}]") for i, m in enumerate(masks)]
-    if not ms:
-        raise _err("masks", "at least one mask", 0)
-
-    def elem(q, k, h=None):
-        out = _call_elem(ms[0], q, k, h)
-        for m in ms[1:]:
-            out = out | _call_elem(m, q, k, h)
-        return out
-
-    elem = _head_arity(elem, ms)
-
-    bounded = all(m.any is not None and m.full is not None for m in ms)
-    return Mask(elem,
-                (lambda *b: _reduce([m.any(*b) for m in ms], "or")) if bounded else None,
-                (lambda *b: _reduce([m.full(*b) for m in ms], "or")) if bounded else None)
+    return _combine(masks, "or")
 
 
 def not_(mask) -> Mask:
