@@ -222,6 +222,16 @@ class Report:
         return paths
 
 
+def accuracy_bars(ax, rows: Sequence[dict], labels: Sequence[str], colors, *, fontsize: int = 8) -> None:
+    """Bars of ``rows[i]["accuracy"]`` (%) with the ``correct/n`` count above each, on ``ax``."""
+    ax.bar(range(len(rows)), [r["accuracy"] for r in rows], color=colors)
+    ax.set_xticks(range(len(rows)), labels, fontsize=fontsize)
+    for i, r in enumerate(rows):
+        ax.text(i, r["accuracy"] + 1, f"{r['correct']}/{r['n']}", ha="center", fontsize=8)
+    ax.set_ylim(0, 110)
+    ax.set_ylabel("passkey exact accuracy (%)")
+
+
 def _jsonable(x):
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ..calibration import ModelShape, read_json, save_calibration, write_json
-from ._common import Report, attention_layers, progress, task_prompts
+from ._common import Report, accuracy_bars, attention_layers, progress, task_prompts
 
 
 def model_shape(model) -> ModelShape:
@@ -159,13 +159,8 @@ def fit_and_compare(model, tok, scores, out_dir, *, compare: bool = True, length
 
         fig, ax = plt.subplots(figsize=(11, 4))
         col = {"dense": "grey", "razor (echo/induction)": "C0", "razor (retrieval scores)": "C3"}
-        ax.bar(range(len(rows)), [r["accuracy"] for r in rows], color=[col.get(r["setting"], "C2") for r in rows])
-        ax.set_xticks(range(len(rows)), [f"{r['setting'].replace(' (', chr(10) + '(')}\n{r['full']}\nKV {r['kv_fraction']:.2f}"
-                                         for r in rows], fontsize=5)
-        for i, r in enumerate(rows):
-            ax.text(i, r["accuracy"] + 1, f"{r['correct']}/{r['n']}", ha="center", fontsize=8)
-        ax.set_ylim(0, 110)
-        ax.set_ylabel("passkey exact accuracy (%)")
+        accuracy_bars(ax, rows, [f"{r['setting'].replace(' (', chr(10) + '(')}\n{r['full']}\nKV {r['kv_fraction']:.2f}"
+                                 for r in rows], [col.get(r["setting"], "C2") for r in rows], fontsize=5)
         ax.set_title(f"passkey @ {length}: sink {n_sink} + window {window} outside the full heads/layers", fontsize=9)
         fig.tight_layout()
         fig.savefig(path, dpi=110)

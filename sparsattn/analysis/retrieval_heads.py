@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._common import Report, attention_layers, attention_rows, exact_count, heads_to_edits, progress, task_prompts
+from ._common import Report, accuracy_bars, attention_layers, attention_rows, exact_count, heads_to_edits, progress, task_prompts
 
 THRESHOLD = 0.1
 
@@ -148,12 +148,7 @@ def analyze(model, tok, *, lengths: Sequence[int] = (512, 1024, 2048), n_depths:
         a.set_ylabel("layer")
         a.set_title(f"retrieval score ({len(trials)} trials; > {THRESHOLD}: {n_ret} heads)", fontsize=9)
         fig.colorbar(im, ax=a)
-        b.bar(range(len(mask_rows)), [r["accuracy"] for r in mask_rows], color=["grey", "C3"] + ["C0"] * n_random)
-        b.set_xticks(range(len(mask_rows)), [r["masked"] for r in mask_rows], fontsize=8)
-        for i, r in enumerate(mask_rows):
-            b.text(i, r["accuracy"] + 1, f"{r['correct']}/{r['n']}", ha="center", fontsize=8)
-        b.set_ylim(0, 110)
-        b.set_ylabel("passkey exact accuracy (%)")
+        accuracy_bars(b, mask_rows, [r["masked"] for r in mask_rows], ["grey", "C3"] + ["C0"] * n_random)
         b.set_title(f"masking heads, passkey @ {test_length}", fontsize=9)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
