@@ -99,7 +99,7 @@ def test_errors(tiny_llama):
 def test_heldout_token_stream(monkeypatch, bpe_tok, hf_tok):
     import json
     files = tuple(sorted(pathlib.Path(json.__file__).parent.glob("*.py")))
-    monkeypatch.setattr(T, "_heldout_files", lambda: files)
+    monkeypatch.setattr(T._base, "_heldout_files", lambda: files)
     a = P.heldout_token_stream(bpe_tok, 3000, seed=0)
     b = P.heldout_token_stream(bpe_tok, 3000, seed=0)
     assert a.shape == (3000,) and a.dtype == torch.long and torch.equal(a, b)

@@ -84,7 +84,7 @@ def small_corpus(monkeypatch):
     import pathlib
     files = tuple(sorted(pathlib.Path(json.__file__).parent.glob("*.py"))) + \
         tuple(sorted(pathlib.Path(T.__file__).parent.glob("*.py")))
-    monkeypatch.setattr(T, "_heldout_files", lambda: files)
+    monkeypatch.setattr(T._base, "_heldout_files", lambda: files)
     return files
 
 
