@@ -210,7 +210,7 @@ def _teacher_forced_passkey(model_path, methods: dict, lengths, n_samples: int, 
     through dense decode attention after its first token, so it hardly depends on the method."""
     import contextlib
 
-    from .eval.prefill_quality import score_teacher_forced, teacher_forced_ids, teacher_forced_predict
+    from .eval.teacher_forced import score_teacher_forced, teacher_forced_ids, teacher_forced_predict
     from .eval.tasks import make_samples
     from .evaluate import load_model
     from .integrations.hf import patched

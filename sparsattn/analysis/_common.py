@@ -159,7 +159,7 @@ def task_prompts(tok, task: str, length: int, n: int, seed: int = 0) -> list:
 def exact_count(model, samples: list, edits: Optional[dict] = None, device: str = "cpu") -> tuple[int, int, list]:
     """exact_count: ``(correct, n, per-sample 0/1)``: a sample is correct when every gold answer token is
     the model's argmax in one forward over prompt + answer (``teacher_forced_predict``), with ``edits``."""
-    from ..eval.prefill_quality import score_teacher_forced, teacher_forced_predict
+    from ..eval.teacher_forced import score_teacher_forced, teacher_forced_predict
 
     ctx = edit_attention(model, edits) if edits else contextlib.nullcontext()
     hits = []
