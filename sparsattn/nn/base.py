@@ -19,6 +19,8 @@ to the tooling (training command, benchmarks, docs) so that no tool names a laye
   fixed structure;
 * ``causal_caveat``: non-empty when the causal form lets later tokens influence earlier outputs
   through the paper's own algorithm (a warning is given once when such a layer is built causal);
+  an instance's ``caveat()`` says whether it applies to that configuration (default: when built
+  causal);
 * ``presets``: named example configurations, e.g. ``{"mqar": {...}}``, that the training command
   and the benchmarks use (``"default"`` is the empty dict).
 
@@ -69,6 +71,11 @@ class Layer(nn.Module):
     #: property of the paper's algorithm kept on purpose, e.g. balanced routing); said at construction
     causal_caveat: ClassVar[str] = ""
 
+    def caveat(self) -> str:
+        """The causal caveat that applies to this instance (``causal_caveat`` when built causal, else
+        ""); a layer whose caveat depends on more of its configuration overrides this."""
+        return self.causal_caveat if getattr(self, "causal", True) else ""
+
     def extra_loss(self) -> Optional[torch.Tensor]:
         """The auxiliary loss of the last forward (distillation, commitment), or None."""
         return None
@@ -116,9 +123,10 @@ def register_layer(name: str):
             bound = sig.bind(self, *args, **kwargs)
             bound.apply_defaults()
             init(self, *args, **kwargs)
-            if cls.causal_caveat and bound.arguments.get("causal", True) and name not in _WARNED:
+            msg = self.caveat() if cls.causal_caveat else ""
+            if msg and name not in _WARNED:
                 _WARNED.add(name)
-                warnings.warn(f"{name}: {cls.causal_caveat}", stacklevel=2)
+                warnings.warn(f"{name}: {msg}", stacklevel=2)
             cfg = dict(bound.arguments)
             cfg.pop("self", None)
             for k, p in sig.parameters.items():

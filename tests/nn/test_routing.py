@@ -1,6 +1,8 @@
 """routing layer: attention inside given clusters against a float64 loop reference (outputs and
 gradients, odd lengths), one cluster equals dense attention, balanced routing, k-means state
 (initialisation, EMA, commitment loss), local heads, training, and bad input."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -85,7 +87,7 @@ def test_one_cluster_is_dense(causal):
 
 
 def test_balanced_routing_and_kmeans_state():
-    layer = get_layer("routing", 32, 4, num_clusters=3, local_window=4)
+    layer = get_layer("routing", 32, 4, num_clusters=3, local_window=4, routing="balanced")
     x = torch.randn(2, 25, 32)
     assert not bool(layer.initted)
     m0 = layer.means.clone()
@@ -121,7 +123,83 @@ def test_local_heads_are_causal_and_training_falls():
     assert 0 < c["density"] < 1 and c["flops"] > 0
 
 
+def _assign_reference(q, kn, v, assign, causal, exclude_self):
+    """Nearest-centroid clusters by loops: attention among a cluster's members in position order."""
+    B, h, T, d = q.shape
+    out = torch.zeros(B, h, T, d, dtype=torch.float64)
+    for b in range(B):
+        for hh in range(h):
+            for c in assign[b, hh].unique().tolist():
+                m = (assign[b, hh] == c).nonzero().flatten().tolist()
+                w = len(m)
+                mask = torch.ones(w, w, dtype=torch.bool)
+                if causal:
+                    mask = mask.tril()
+                if exclude_self:
+                    mask &= ~torch.eye(w, dtype=torch.bool)
+                    mask[0, 0] = mask[0, 0] or causal or w == 1
+                out[b, hh, m] = masked_ref(q[b, hh, m][None], kn[b, hh, m][None], v[b, hh, m][None], mask)[0]
+    return out
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("causal,exclude_self,T,k", [(True, True, 37, 4), (False, True, 29, 3), (True, False, 70, 2),
+                                                      (False, False, 18, 5)])
+def test_assigned_clusters_match_reference_with_grads(backend, causal, exclude_self, T, k):
+    """routing='assign': attention inside nearest-centroid clusters of very unequal sizes (one
+    cluster of one token included) equals the float64 loop reference, outputs and gradients."""
+    layer = get_layer("routing", 24, 3, num_clusters=k, causal=causal, exclude_self=exclude_self, routing="assign")
+    B, h, d = 2, 2, 8
+    g = torch.Generator().manual_seed(T)
+    q, v = (torch.randn(B, h, T, d, dtype=torch.float64, generator=g) for _ in range(2))
+    kn = F.normalize(torch.randn(B, h, T, d, dtype=torch.float64, generator=g), dim=-1)
+    probs = torch.tensor([0.6] + [0.4 / (k - 1)] * (k - 1))
+    assign = torch.multinomial(probs, B * h * T, replacement=True, generator=g).view(B, h, T)
+    assign[0, 0] = 0
+    assign[0, 0, T // 2] = 1  # a cluster of one token
+    ins32 = [t.float().requires_grad_(True) for t in (q, kn, v)]
+    ins64 = [t.clone().requires_grad_(True) for t in (q, kn, v)]
+    with attention_backend(backend):
+        y32 = layer.assigned_attention(*ins32, assign)
+    y64 = _assign_reference(*ins64, assign, causal, exclude_self)
+    assert float((y32.detach().double() - y64.detach()).abs().max()) < 1e-4
+    if backend == "reference":
+        gr = torch.randn_like(y64)
+        (y32 * gr.float()).sum().backward()
+        (y64 * gr).sum().backward()
+        for a, b in zip(ins32, ins64):
+            assert float((a.grad.double() - b.grad).abs().max()) < 1e-4
+
+
+def test_assign_is_the_causal_default_and_strictly_causal_in_training():
+    layer = get_layer("routing", 16, 2, num_clusters=3, local_window=4)
+    assert layer.routing == "assign" and layer.caveat() == ""
+    assert get_layer("routing", 16, 2, causal=False).routing == "balanced"
+    x = torch.randn(2, 30, 16)
+
+    def leak(layer):  # twins: a training forward updates the centroids
+        x2 = x.clone()
+        x2[:, 12:] += torch.randn(2, 18, 16)
+        a, b = copy.deepcopy(layer), copy.deepcopy(layer)
+        with torch.no_grad(), attention_backend("reference"):
+            return float((a(x)[:, :12] - b(x2)[:, :12]).abs().max())
+
+    layer.train()
+    assert leak(layer) < 1e-6  # the first batch (k-means init after routing) included; float rounding only
+    with torch.no_grad(), attention_backend("reference"):
+        layer(x)
+    assert bool(layer.initted)
+    assert leak(layer) < 1e-6
+    layer.eval()
+    assert leak(layer) < 1e-6
+    assert future_leak(layer, x, 12) < 1e-6
+    first, last = train_falls("routing", (24,), num_clusters=2, local_window=4, routing="assign")
+    assert last < 0.7 * first
+
+
 @pytest.mark.parametrize("kwargs,arg", [
+    (dict(routing="topk"), "routing"),
+    (dict(routing="assign", window_size=4), "window_size"),
     (dict(dim=30, heads=4), "dim"),
     (dict(num_clusters=0), "num_clusters"),
     (dict(window_size=0), "window_size"),

@@ -30,16 +30,25 @@ class RoutingAttention(Layer):
          the normalised vectors assigned to them (nearest centroid):
          ``mu <- normalize(decay * mu + (1 - decay) * mean)``; the first training batch
          initialises them with ``kmeans_init_iters`` Lloyd iterations;
-      3. balanced routing: every centroid takes the ``w = ceil(T / num_clusters)`` tokens closest to
-         it (``window_size`` when given); a token may be in several clusters or in none;
+      3. routing, two forms (``routing``):
+         * ``"balanced"`` (the paper's; default when not causal): every centroid takes the
+           ``w = ceil(T / num_clusters)`` tokens closest to it (``window_size`` when given); a token
+           may be in several clusters or in none;
+         * ``"assign"`` (default when causal): every token joins its nearest centroid only, so a
+           token's cluster depends on that token alone and the layer is strictly causal; clusters
+           have the sizes the data gives them (attention inside a cluster costs its size squared);
       4. attention inside each cluster (members in sequence order, causal inside the cluster);
          a token's own key is masked unless it is the cluster's first member (shared Q = K makes
          self-attention dominate; Reformer and lucidrains mask it the same way);
-      5. a token in several clusters takes the mean of its outputs (lucidrains' ``scatter_mean``),
-         a token in none gets zero from the routed heads.
-    The clustered tokens are gathered cluster-major, so the attention is one block-sparse kernel
-    call on a block-diagonal pattern (block = ``next_pow2(w)`` slots, an element tile for the
-    causal/self mask and spare slots) shared by the whole batch.
+      5. balanced: a token in several clusters takes the mean of its outputs (lucidrains'
+         ``scatter_mean``), a token in none gets zero from the routed heads; assign: every token
+         has exactly one cluster.
+    Balanced: the clustered tokens are gathered cluster-major, so the attention is one block-sparse
+    kernel call on a block-diagonal pattern (block = ``next_pow2(w)`` slots, an element tile for
+    the causal/self mask and spare slots) shared by the whole batch. Assign: the tokens are sorted
+    by (cluster, position) per sequence and head, and one block-sparse call per forward runs on the
+    per-(sequence, head) pattern of that order (``patterns.from_predicate`` with exact block bounds:
+    a block is computed only where two clusters' ranges meet).
 
     Local heads (``local_heads``, default ``heads // 2``): sliding-window attention over the last
     ``local_window`` tokens (non-causal: ``|i - j| < local_window``; ``patterns.sliding_window``),
@@ -55,7 +64,11 @@ class RoutingAttention(Layer):
     Differences from the paper kept: duplicates are averaged, not log-sum-exp merged (the kernels
     give no gradient through the lse); the balanced top-w selection is a competition over the
     whole sequence, so whether a token is routed depends on later tokens (as in the paper's and
-    lucidrains' balanced routing; the attention weights themselves are causal); routing is used in
+    lucidrains' balanced routing; the attention weights themselves are causal): the causal form
+    therefore routes by nearest centroid (``routing="assign"``) unless ``routing="balanced"`` is
+    asked for, and in that form the first training batch is routed with the initial centroids
+    before k-means initialises them from it (so no batch statistic of later tokens reaches an
+    earlier output); routing is used in
     every layer of a model built from this layer (the paper routes in some layers only: build
     hybrids with the harness); local attention is a sliding window, not lucidrains' blocked
     look-back window.
@@ -68,15 +81,20 @@ class RoutingAttention(Layer):
     content_based = True
     presets = {"default": {}, "mqar": {"num_clusters": 4, "local_window": 32}}
 
-    causal_caveat = ("the causal form is not strictly causal: balanced top-w routing (the paper's) picks the w "
-                     "tokens nearest each centroid from the whole sequence, so later tokens decide whether an "
-                     "earlier token is routed (attention weights inside a cluster stay causal); outputs before t "
-                     "can change when tokens after t change")
+    causal_caveat = ("the causal form with routing='balanced' is not strictly causal: balanced top-w routing (the "
+                     "paper's) picks the w tokens nearest each centroid from the whole sequence, so later tokens "
+                     "decide whether an earlier token is routed (attention weights inside a cluster stay causal); "
+                     "outputs before t can change when tokens after t change; routing='assign' (the causal "
+                     "default) is strictly causal")
+
+    def caveat(self) -> str:
+        """The causal caveat of this instance: only the causal balanced form leaks."""
+        return self.causal_caveat if (self.causal and self.routing == "balanced") else ""
 
     def __init__(self, dim: int, heads: int, num_clusters: int = 8, window_size: Optional[int] = None,
                  local_heads: Optional[int] = None, local_window: int = 256, decay: float = 0.999,
                  commitment: float = 1e-4, kmeans_init_iters: int = 10, exclude_self: bool = True,
-                 causal: bool = True):
+                 causal: bool = True, routing: Optional[str] = None):
         super().__init__()
         check_dim_heads(dim, heads)
         check_int("num_clusters", num_clusters)
@@ -92,6 +110,14 @@ class RoutingAttention(Layer):
         check_int("kmeans_init_iters", kmeans_init_iters, 0)
         check_bool("exclude_self", exclude_self)
         check_bool("causal", causal)
+        if routing is None:
+            routing = "assign" if causal else "balanced"
+        if routing not in ("balanced", "assign"):
+            raise ValueError(f"routing: expected 'balanced', 'assign' or None, got {routing!r}")
+        if routing == "assign" and window_size is not None:
+            raise ValueError("window_size: only used by routing='balanced' (assign gives every token its nearest "
+                             f"centroid), got {window_size}")
+        self.routing = routing
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.num_clusters, self.window_size = num_clusters, window_size
         self.local_heads, self.routed_heads = local_heads, heads - local_heads
@@ -191,6 +217,55 @@ class RoutingAttention(Layer):
             2, slots, torch.ones_like(slots, dtype=torch.float32))
         return (acc / cnt.clamp(min=1)[..., None])[:, :, :T].to(o.dtype)
 
+    def _assign_pattern(self, seg: torch.Tensor):
+        """Pattern of the (cluster, position)-sorted order: ``seg [N, T]`` (non-decreasing cluster id
+        per row) -> BlockPattern with ``N`` heads: same cluster, causal by sorted index (= by position
+        inside a cluster), own key masked except for a cluster's first member (causal) or a cluster
+        of one (not causal)."""
+        from ...patterns import from_predicate, mask_mod
+
+        N, T = seg.shape
+        first = torch.ones_like(seg, dtype=torch.bool)
+        first[:, 1:] = seg[:, 1:] != seg[:, :-1]
+        single = first.clone()
+        single[:, :-1] &= seg[:, 1:] != seg[:, :-1]
+        keep_self = first if self.causal else single
+        hs = torch.arange(N, device=seg.device)[:, None, None]
+        excl = self.exclude_self
+
+        def elem(qi, kj, h):
+            qi, kj = qi.clamp(max=T - 1), kj.clamp(max=T - 1)  # tile rows / columns past T are cut later
+            same = seg[h, qi] == seg[h, kj]
+            if excl:
+                same = same & ((qi != kj) | keep_self[h, qi])
+            return same
+
+        def any_(r0, r1, c0, c1):  # cluster ranges of the row block and the column block meet
+            return (seg[hs, r1] >= seg[hs, c0]) & (seg[hs, r0] <= seg[hs, c1])
+
+        def full(r0, r1, c0, c1):  # one cluster over both blocks, and no own key inside
+            one = (seg[hs, r0] == seg[hs, r1]) & (seg[hs, c0] == seg[hs, c1]) & (seg[hs, r0] == seg[hs, c0])
+            if excl:
+                one = one & ((c1 < r0) | (c0 > r1))
+            return one
+
+        bq = 64 if T >= 64 else 16
+        return from_predicate(mask_mod(elem, any=any_, full=full), T, causal=self.causal, block_q=bq,
+                              heads=N, device=seg.device)
+
+    def assigned_attention(self, q: torch.Tensor, kn: torch.Tensor, v: torch.Tensor,
+                           assign: torch.Tensor) -> torch.Tensor:
+        """Attention inside nearest-centroid clusters: q/kn/v ``[B, h, T, d]``, cluster of every
+        token ``assign [B, h, T]`` -> ``[B, h, T, d]``."""
+        B, h, T, d = q.shape
+        pos = torch.arange(T, device=q.device)
+        order = (assign.long() * T + pos).argsort(-1)                  # [B, h, T]: cluster-major, position order
+        seg = assign.gather(-1, order).reshape(B * h, T)
+        gi = order[..., None].expand(-1, -1, -1, d)
+        fold = lambda t: torch.gather(t, 2, gi).reshape(1, B * h, T, d)  # noqa: E731
+        o = attend(fold(q), fold(kn), fold(v), self._assign_pattern(seg)).reshape(B, h, T, d)
+        return torch.empty_like(o).scatter(2, gi, o)
+
     def _local_pattern(self, T: int, device):
         key = ("local", T, self.causal, str(device))
         p = self._patterns.get(key)
@@ -215,12 +290,18 @@ class RoutingAttention(Layer):
         if self.routed_heads:
             qr, vr = q[:, hl:], v[:, hl:]
             xn = F.normalize(qr.float(), dim=-1)
-            if self.training and not bool(self.initted):
+            first_batch = self.training and not bool(self.initted)
+            if first_batch and self.routing == "balanced":
                 self._kmeans_init(xn.detach())
-            idx = self.route(xn)
-            outs.append(self.routed_attention(qr, xn.to(qr.dtype), vr, idx))
+            assign = torch.einsum("bhtd,hkd->bhtk", xn.detach(), self.means.float()).argmax(-1)
+            if self.routing == "assign":
+                outs.append(self.assigned_attention(qr, xn.to(qr.dtype), vr, assign))
+                if first_batch:  # after this batch's routing: its later tokens never reach its earlier outputs
+                    self._kmeans_init(xn.detach())
+                    assign = torch.einsum("bhtd,hkd->bhtk", xn.detach(), self.means.float()).argmax(-1)
+            else:
+                outs.append(self.routed_attention(qr, xn.to(qr.dtype), vr, self.route(xn)))
             if self.training:
-                assign = torch.einsum("bhtd,hkd->bhtk", xn.detach(), self.means.float()).argmax(-1)
                 mu = self.means.float()[torch.arange(self.routed_heads, device=x.device)[None, :, None], assign]
                 self._aux = self.commitment * (xn - mu).pow(2).sum(-1).mean()
                 self._ema(xn.detach(), assign)
@@ -233,7 +314,9 @@ class RoutingAttention(Layer):
 
     def cost(self, T: int) -> dict:
         """Attention cost at ``T`` tokens: density (computed pairs / causal or all pairs, averaged
-        over heads) and FLOPs of the attention plus the cluster assignment."""
+        over heads) and FLOPs of the attention plus the cluster assignment. With
+        ``routing="assign"`` the cluster sizes depend on the data: the cost is that of equal
+        clusters (``ceil(T / num_clusters)`` tokens each), the smallest it can be."""
         check_int("T", T)
         total = T * (T + 1) / 2 if self.causal else float(T * T)
         win = min(self.local_window, T)
