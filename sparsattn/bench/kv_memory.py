@@ -7,16 +7,12 @@ before/after) is recorded together with ``KVCache.nbytes`` (storage actually hel
 quantised codes included) and the bytes of the slots in use (``KVCache.used_bytes``). When heads keep
 different numbers of tokens (Razor's retrieval heads, MoA's spans), ``KVCache.shrink`` stores the
 layer as groups of heads of similar length, so the storage held follows the slots in use up to the
-per-slot metadata and the padding inside a group (``group_waste``). Policy settings (illustrative, written in the ``config`` column):
+per-slot metadata and the padding inside a group (``group_waste``).
 
-* ``streaming_llm``: 4 sinks + a window of ``T / 16`` (the decode benchmark's 1/16 budget);
-* ``razor``: 1 of the KV heads is a retrieval head (the paper keeps about 15% of heads whole),
-  the others sinks + ``max(min_window, N / compression)`` + one compensation slot, paper defaults
-  C = 5, S0 = 4000 (METHODS.md B5, [mem]);
-* ``moa``: per-head spans ``alpha + beta * N`` with alpha = 1024 and beta spread over [0, 0.25]
-  across the KV heads (MoA's elastic rule; a real plan comes from ``fit_moa``);
-* ``zipvl``: tau = 0.97 on importances from 64 random probe queries (``probe_importance``),
-  important tokens int8, the rest int4 (nothing evicted).
+Every policy of the registry (``sparsattn.kv.policies.list_policies``) is measured with its own
+example settings (``KVPolicy.example(T, kv_heads)``, written in the ``config`` column) and the signals
+its ``apply`` takes (``KVPolicy.example_signals``): a policy registered with presets appears here
+without editing this file.
 
 Usage: ``python -m sparsattn.bench.kv_memory --out DIR [--lengths 32768,131072] [--batch 1]``.
 """
@@ -32,17 +28,10 @@ from .common import environment, print_table, write_csv, write_json
 
 
 def _policies(T: int, kv_heads: int) -> dict:
-    from ..kv.policies import MoAPolicy, RazorAttentionPolicy, StreamingLLMPolicy, ZipVLPolicy
+    """{name: (policy, description)}: every registered KV policy's example for this cache shape."""
+    from ..kv.policies import list_policies, policy_class
 
-    beta = [[0.25 * h / max(1, kv_heads - 1) for h in range(kv_heads)]]
-    return {
-        "streaming_llm": (StreamingLLMPolicy(n_sink=4, window=max(1, T // 16)), f"n_sink=4, window={max(1, T // 16)}"),
-        "razor": (RazorAttentionPolicy(retrieval_heads={0: [0]}, n_sink=4, compression=5.0, min_window=4000),
-                  "retrieval kv head 0, n_sink=4, C=5, S0=4000"),
-        "moa": (MoAPolicy(alpha=[[1024.0] * kv_heads], beta=beta, n_sink=64),
-                "alpha=1024, beta 0..0.25 over heads, n_sink=64"),
-        "zipvl": (ZipVLPolicy(tau=0.97, hi_bits=8, lo_bits=4), "tau=0.97, int8 important / int4 rest"),
-    }
+    return {name: policy_class(name).example(T, kv_heads) for name in list_policies()}
 
 
 def run_kv_memory(lengths=(32768, 131072), *, batch: int = 1, kv_heads: int = 8, q_heads: int = 32,
@@ -50,7 +39,6 @@ def run_kv_memory(lengths=(32768, 131072), *, batch: int = 1, kv_heads: int = 8,
                   seed: int = 0) -> list[dict]:
     """Apply every KV policy to a filled one-layer cache per length; returns (and writes) the rows."""
     from ..kv import KVCache
-    from ..kv.policies import probe_importance
 
     rows = []
     for T in lengths:
@@ -61,10 +49,7 @@ def run_kv_memory(lengths=(32768, 131072), *, batch: int = 1, kv_heads: int = 8,
             cache = KVCache(1, batch, kv_heads, head_dim, dtype=dtype, device=device)
             cache.append(0, k, v)
             full_bytes = cache.nbytes(0)
-            signals = {}
-            if name == "zipvl":
-                qp = torch.randn(batch, q_heads, 64, head_dim, generator=g).to(device=device, dtype=dtype)
-                signals["importance"] = probe_importance(qp, k, torch.arange(T - 64, T))
+            signals = type(policy).example_signals(k, q_heads, g)
             rep = policy.apply(cache, 0, **signals)
             row = {"T": T, "batch": batch, "policy": name, "config": cfg,
                    "bytes_full": full_bytes, "bytes_kept": cache.nbytes(0),

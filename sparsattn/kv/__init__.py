@@ -7,9 +7,9 @@ a policy inside a transformers cache (``sparsattn.integrations.hf.SparseCache``)
 from .adapter import CachePolicy, as_cache_policy
 from .cache import KVCache, Prefetched
 from .policies import (KVPolicy, MixedPrecisionKV, MoAPolicy, RazorAttentionPolicy, StreamingLLMPolicy,
-                       ZipVLPolicy, probe_importance)
+                       ZipVLPolicy, list_policies, policy_class, probe_importance, register_policy)
 from .quant import QuantizedRows, quantize_rows
 
 __all__ = ["KVCache", "Prefetched", "KVPolicy", "StreamingLLMPolicy", "RazorAttentionPolicy", "MoAPolicy",
-           "ZipVLPolicy", "MixedPrecisionKV", "probe_importance", "QuantizedRows", "quantize_rows",
+           "ZipVLPolicy", "MixedPrecisionKV", "probe_importance", "register_policy", "list_policies", "policy_class", "QuantizedRows", "quantize_rows",
            "CachePolicy", "as_cache_policy"]

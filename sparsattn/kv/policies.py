@@ -53,10 +53,62 @@ def _sink_window_keep(pos: Tensor, seen: Tensor, n_sink: int, window: Tensor) ->
     return (pos >= 0) & sink_or_recent(pos, seen[:, None, None], n_sink, w[..., None])  # the one rule
 
 
-class KVPolicy:
-    """KVPolicy: base class (see the module docstring)."""
+_POLICIES: dict[str, type] = {}
 
+
+def register_policy(name: str):
+    """register_policy: class decorator adding a KVPolicy subclass to the policy registry under ``name``."""
+    if not isinstance(name, str) or not name:
+        raise _err("name", "a non-empty string", repr(name))
+
+    def deco(cls):
+        if not (isinstance(cls, type) and issubclass(cls, KVPolicy)):
+            raise _err("cls", "a subclass of sparsattn.kv.KVPolicy", repr(cls))
+        if name in _POLICIES and _POLICIES[name] is not cls:
+            raise _err("name", f"a name not yet registered ({_POLICIES[name].__qualname__} has {name!r})", repr(name))
+        cls.name = name
+        _POLICIES[name] = cls
+        return cls
+
+    return deco
+
+
+def list_policies() -> list:
+    """list_policies: the registered KV policy names, in registration order."""
+    return list(_POLICIES)
+
+
+def policy_class(name: str) -> type:
+    """policy_class: the KV policy class registered as ``name`` (ValueError naming the valid ones)."""
+    if name not in _POLICIES:
+        raise _err("policy", f"one of {', '.join(_POLICIES)}", repr(name))
+    return _POLICIES[name]
+
+
+class KVPolicy:
+    """KVPolicy: base class (see the module docstring).
+
+    Presets (what tooling needs, declared on the policy so no tool names it):
+
+    * ``example(T, kv_heads)``: a representative instance for a cache of ``T`` tokens and ``kv_heads``
+      KV heads, with a one-line description of its settings (``(policy, text)``; the memory benchmark);
+    * ``example_signals(k, q_heads, generator)``: the keyword signals ``apply`` needs on keys ``k``
+      ``[B, Hkv, T, D]`` (default: none).
+    """
+
+    name: str = ""
     paper: str = ""
+
+    @classmethod
+    def example(cls, T: int, kv_heads: int) -> tuple:
+        """Preset: ``(instance, description)`` for a cache of ``T`` tokens and ``kv_heads`` KV heads
+        (default: the class's defaults)."""
+        return cls(), "defaults"
+
+    @classmethod
+    def example_signals(cls, k: Tensor, q_heads: int, generator: Optional[torch.Generator] = None) -> dict:
+        """Preset: the keyword signals ``apply`` takes for keys ``k [B, Hkv, T, D]`` (default: none)."""
+        return {}
 
     def promised(self, cache: KVCache, layer: int) -> Tensor:
         raise NotImplementedError
@@ -70,6 +122,7 @@ class KVPolicy:
         return _report(cache, layer, b0, s0)
 
 
+@register_policy("streaming_llm")
 @dataclass
 class StreamingLLMPolicy(KVPolicy):
     """StreamingLLMPolicy: keep ``n_sink`` first tokens + the ``window`` most recent ones (StreamingLLM, arXiv 2309.17453).
@@ -88,12 +141,19 @@ class StreamingLLMPolicy(KVPolicy):
         if not isinstance(self.window, int) or self.window < 1:
             raise _err("window", "an int >= 1", self.window)
 
+    @classmethod
+    def example(cls, T: int, kv_heads: int) -> tuple:
+        """Preset: 4 sinks + a window of ``T / 16`` (the decode benchmark's 1/16 budget)."""
+        w = max(1, T // 16)
+        return cls(n_sink=4, window=w), f"n_sink=4, window={w}"
+
     def promised(self, cache, layer):
         pos = cache.positions(layer)
         keep = _sink_window_keep(pos, cache.seq_lens(layer), self.n_sink, self.window)
         return (keep | (pos < 0)) & _live(cache, layer)
 
 
+@register_policy("razor")
 @dataclass
 class RazorAttentionPolicy(KVPolicy):
     """RazorAttentionPolicy: retrieval heads keep all; others sinks + window + a compensation token (arXiv 2407.15891).
@@ -122,6 +182,13 @@ class RazorAttentionPolicy(KVPolicy):
             raise _err("compression", "a number >= 1", self.compression)
         if not isinstance(self.min_window, int) or self.min_window < 1:
             raise _err("min_window", "an int >= 1", self.min_window)
+
+    @classmethod
+    def example(cls, T: int, kv_heads: int) -> tuple:
+        """Preset: KV head 0 of layer 0 is a retrieval head (the paper keeps about 15% of heads whole), the
+        others sinks + ``max(S0, N / C)`` + one compensation slot, paper defaults C = 5, S0 = 4000."""
+        return (cls(retrieval_heads={0: [0]}, n_sink=4, compression=5.0, min_window=4000),
+                "retrieval kv head 0, n_sink=4, C=5, S0=4000")
 
     def _retrieval(self, cache: KVCache, layer: int) -> Tensor:
         H = cache.kv_heads
@@ -172,6 +239,7 @@ class RazorAttentionPolicy(KVPolicy):
         return rep
 
 
+@register_policy("moa")
 @dataclass
 class MoAPolicy(KVPolicy):
     """MoAPolicy: per-head elastic span ``alpha_h + beta_h * N`` plus sinks (MoA, arXiv 2406.14909).
@@ -196,6 +264,14 @@ class MoAPolicy(KVPolicy):
             raise _err("beta", "values in [0, 1]", self.beta)
         if not isinstance(self.n_sink, int) or self.n_sink < 0:
             raise _err("n_sink", "an int >= 0", self.n_sink)
+
+    @classmethod
+    def example(cls, T: int, kv_heads: int) -> tuple:
+        """Preset: alpha = 1024 and beta spread over [0, 0.25] across the KV heads, 64 sinks (MoA's
+        elastic rule; a real plan comes from MoA's profiling, ``sparsattn calibrate moa``)."""
+        beta = [[0.25 * h / max(1, kv_heads - 1) for h in range(kv_heads)]]
+        return (cls(alpha=[[1024.0] * kv_heads], beta=beta, n_sink=64),
+                "alpha=1024, beta 0..0.25 over heads, n_sink=64")
 
     def spans(self, layer: int, n_seen: Tensor) -> Tensor:
         """Per-(batch, head) budgets ``[B, Hkv]``: ``max(1, round(alpha + beta * N))``."""
@@ -261,6 +337,7 @@ def probe_importance(q_probe: Tensor, k: Tensor, q_positions: Tensor, *, scale: 
     return col / vis.sum(0).clamp_min(1).float()
 
 
+@register_policy("zipvl")
 @dataclass
 class ZipVLPolicy(KVPolicy):
     """ZipVLPolicy: layer-adaptive important-token ratio + mixed-precision K/V (ZipVL, arXiv 2410.08584).
@@ -285,6 +362,19 @@ class ZipVLPolicy(KVPolicy):
                 raise _err(name, "4 or 8", getattr(self, name))
         if self.lo_bits > self.hi_bits:
             raise _err("lo_bits", f"<= hi_bits ({self.hi_bits})", self.lo_bits)
+
+    @classmethod
+    def example(cls, T: int, kv_heads: int) -> tuple:
+        """Preset: tau = 0.97, important tokens int8, the rest int4 (nothing evicted)."""
+        return cls(tau=0.97, hi_bits=8, lo_bits=4), "tau=0.97, int8 important / int4 rest"
+
+    @classmethod
+    def example_signals(cls, k: Tensor, q_heads: int, generator: Optional[torch.Generator] = None) -> dict:
+        """Preset: ``importance`` from 64 random probe queries at the last positions (``probe_importance``)."""
+        B, _, T, D = k.shape
+        n = min(64, T)
+        qp = torch.randn(B, q_heads, n, D, generator=generator).to(device=k.device, dtype=k.dtype)
+        return {"importance": probe_importance(qp, k, torch.arange(T - n, T))}
 
     def important_count(self, importance: Tensor) -> int:
         """Smallest p with mean over (batch, head) of (top-p mass / total mass) >= tau."""
@@ -327,5 +417,5 @@ class ZipVLPolicy(KVPolicy):
         return rep
 
 
-__all__ = ["KVPolicy", "StreamingLLMPolicy", "RazorAttentionPolicy", "MoAPolicy", "ZipVLPolicy",
+__all__ = ["KVPolicy", "register_policy", "list_policies", "policy_class", "StreamingLLMPolicy", "RazorAttentionPolicy", "MoAPolicy", "ZipVLPolicy",
            "MixedPrecisionKV", "probe_importance"]
