@@ -372,6 +372,15 @@ class Calibrated:
     def _read_calibration(self, path: str, *, expect_shape=None) -> None:
         raise NotImplementedError(f"{type(self).__name__}._read_calibration")
 
+    @classmethod
+    def random_calibration(cls, path, *, q_heads: int, kv_heads: int, head_dim: int, layers: int = 1,
+                           seed: int = 0) -> Optional[str]:
+        """Preset: write a calibration of random values for a model of this attention shape (``layers``
+        layers) to ``path`` and return the path written (None: the method provides none). For
+        benchmarks that time a calibrated method on random inputs: the cost of ``select`` does not
+        depend on the fitted values; its quality is meaningless."""
+        return None
+
     def _load_path(self) -> None:
         """Read ``self.path`` when given (call from ``__post_init__``); a PathLike becomes a str."""
         if self.path is not None:

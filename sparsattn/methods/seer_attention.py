@@ -399,6 +399,12 @@ class SeerAttention(Calibrated, Method):
         """save: write the gate directory (``config.json`` + ``gate.safetensors``); returns its path."""
         return str(self.gate.save(path))
 
+    @classmethod
+    def random_calibration(cls, path, *, q_heads: int, kv_heads: int, head_dim: int, layers: int = 1,
+                           seed: int = 0) -> str:
+        """Preset: a randomly initialised gate on post-RoPE inputs (costs the same as a trained one)."""
+        return str(SeerGate(q_heads, kv_heads, head_dim, layers, rope_input="post", seed=seed).save(path))
+
     def set_gate(self, gate: SeerGate) -> "SeerAttention":
         if not isinstance(gate, SeerGate):
             raise ValueError(f"gate: expected a SeerGate, got {type(gate).__name__}")
