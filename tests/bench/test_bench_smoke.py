@@ -15,6 +15,17 @@ def test_prefill_bench_tiny(tmp_path):
 
 def test_methods_bench_tiny(tmp_path):
     rows = run_methods_bench(tiny=True, out_dir=tmp_path, methods=["s2_attention", "block_sparse", "longheads"])
-    assert [r["method"] for r in rows] == ["block_sparse", "s2_attention", "longheads"]
+    assert [r["method"] for r in rows] == ["block_sparse", "longheads", "s2_attention"]  # registry order
     assert all("error" not in r and 0 < r["density"] <= 1 for r in rows), rows
-    assert set(method_configs(131072)) >= {"a_shape", "vertical_slash", "block_sparse", "hip"}
+    skipped: dict = {}
+    cfgs = method_configs(131072, skipped=skipped)
+    assert set(cfgs) >= {"a_shape", "vertical_slash", "block_sparse", "hip"}
+    assert "dense" in skipped and "razor" in skipped  # no knob / no calibration given: left out, with the reason
+
+
+def test_methods_bench_times_a_calibrated_method_on_a_random_calibration(tmp_path):
+    """SeerAttention has no trained gate for the benchmark's shape: it is timed on a random gate
+    (``Calibrated.random_calibration``) instead of being special-cased by name."""
+    rows = run_methods_bench(tiny=True, out_dir=tmp_path, methods=["seer_attention"])
+    assert [r["method"] for r in rows] == ["seer_attention"]
+    assert "error" not in rows[0] and 0 < rows[0]["density"] <= 1, rows
