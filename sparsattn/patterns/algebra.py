@@ -237,8 +237,9 @@ def merge_heads(parts, n_heads: int) -> BlockPattern:
                 (_broadcast_heads(p.columns.indices, p.heads, f"parts[{j}] columns"),
                  _broadcast_heads(p.columns.counts[..., None], p.heads, f"parts[{j}] columns")[..., 0])
                 for j, p in enumerate(pats)]
-        cidx = gather(lambda j, p: z if cols[j] is None else cols[j][0], wc, 0)
-        ccnt = gather(lambda j, p: z[..., 0] if cols[j] is None else cols[j][1], 0, 0)
+        # a part without columns contributes none on each of its heads (z broadcast to its head count)
+        cidx = gather(lambda j, p: z.expand(1, p.heads, 1) if cols[j] is None else cols[j][0], wc, 0)
+        ccnt = gather(lambda j, p: z[..., 0].expand(1, p.heads) if cols[j] is None else cols[j][1], 0, 0)
         columns = TokenPattern(cidx, ccnt, p0.kv_len, sizes.pop())
     return BlockPattern(kvn, kvi, fkn, fki, p0.block_q, p0.block_k, p0.q_len, p0.kv_len, p0.causal,
                         mask_ids=mask_ids, mask_bank=mask_bank, columns=columns)
