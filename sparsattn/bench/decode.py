@@ -8,8 +8,10 @@ Per (context length T, batch B) it times, for one new query token (GQA Hq/Hkv, h
 * ``sparse_dense``: this library's decode kernel with ``pattern=None`` (bandwidth check);
 * ``sparse_tokens`` / ``sparse_pages16``: the kernel on a random selection of ``budget * T``
   tokens (or 16-token pages) per (sequence, KV head), index selection excluded;
-* ``quest+kernel`` / ``double_sparsity+kernel``: the methods' incremental selection and the kernel
-  together (index selection included; ``select_ms`` reports the selection alone).
+* ``<method>+kernel``: every registered decode method with a budget preset (``Method.budget_config``;
+  the ``slow`` ones only when named; a calibrated one on a calibration fitted on random q/k): its
+  incremental selection and the kernel together (index selection included; ``select_ms`` reports
+  the selection alone).
 
 Bandwidth is computed on the bytes actually read (selected K/V rows of each KV head once, the
 indices, q and the output). Outputs are checked against the torch reference on sequence 0 before
@@ -37,7 +39,6 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.sparse_decode import sparse_decode_attention, sparse_decode_reference
-from ..methods import get_method
 from ..methods.base import SelectContext
 from ..patterns import TokenPattern
 
@@ -91,7 +92,7 @@ def run_decode_bench(lengths: Sequence[int] = (32768, 131072), batches: Sequence
                      budgets: Sequence[float] = (1 / 16, 1 / 64), hq: int = 32, hkv: int = 8, d: int = 128,
                      dtype: torch.dtype = torch.bfloat16, device: Optional[str] = None, out_csv: Optional[str] = None,
                      page_sizes: Sequence[int] = (1, 16),
-                     flex: bool = True, methods: bool = True, reps: int = 5, check: bool = True,
+                     flex: bool = True, methods=True, reps: int = 5, check: bool = True,
                      tune: bool = True) -> list[dict]:
     """run_decode_bench: per-token decode latency of the sparse kernel vs dense SDPA and Flex (CSV rows).
 
@@ -100,7 +101,8 @@ def run_decode_bench(lengths: Sequence[int] = (32768, 131072), batches: Sequence
         hq, hkv, d, dtype: attention shape (defaults: GQA 32/8, D 128, bf16).
         device: "cuda" when available, else "cpu" (use tiny sizes there).
         out_csv: path of the CSV written at the end (also printed as a short table).
-        flex: include FlexAttention rows (CUDA only); methods: include quest/double_sparsity rows.
+        flex: include FlexAttention rows (CUDA only); methods: include the decode methods' rows (True:
+            every registered one with a budget preset except the ``slow`` ones; a list: those names).
         tune: on CUDA, also time kernel configurations (block_n, num_warps, splits) at the largest
             (T, B) and the first budget, rows ``sparse_tokens[bn=..,w=..,s=..]`` (and pages16).
         page_sizes: granularities of the kernel rows: 1 = token indices, P > 1 = P-token pages.
@@ -213,7 +215,8 @@ def run_decode_bench(lengths: Sequence[int] = (32768, 131072), batches: Sequence
                     except Exception as e:
                         row("flex_pages128", T, B, budget, 128, None, None, sdpa_ms, 0, None, f"failed: {type(e).__name__}: {e}"[:200])
                 if methods:
-                    _method_rows(row, q, k, v, kv_lens, T, B, budget, backend, dev, reps, sdpa_ms, hq, hkv, d, item)
+                    _method_rows(row, q, k, v, kv_lens, T, B, budget, backend, dev, reps, sdpa_ms, hq, hkv, d, item,
+                                 methods=None if methods is True else list(methods))
             del q, k, v
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -249,19 +252,83 @@ def _config_rows(row, impl, q, k, v, pat, kv_lens, T, B, budget, P, dev, reps, s
                         None, f"failed: {type(e).__name__}: {e}"[:200])
 
 
-def _method_rows(row, q, k, v, kv_lens, T, B, budget, backend, dev, reps, sdpa_ms, hq, hkv, d, item):
-    """quest / double_sparsity: incremental selection (state warmed as in decoding) + the kernel."""
-    n_tok = max(16, round(budget * T))
-    cases = [("quest", get_method("quest", token_budget=n_tok, page_size=16))]
-    ds = get_method("double_sparsity", token_budget=n_tok)
-    g = torch.Generator(device="cpu").manual_seed(1)
-    ds.calibrate([torch.randn(1, hq, 64, d, generator=g) for _ in range(3)],
-                 [torch.randn(1, hkv, 64, d, generator=g) for _ in range(3)])  # layers 0..2 (layer 2 is timed)
-    cases.append(("double_sparsity", ds))
-    for name, m in cases:
+def _state_bytes(x) -> int:
+    """Bytes of the tensors held (recursively) in a method's ``ctx.state`` entry."""
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, dict):
+        return sum(_state_bytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(_state_bytes(v) for v in x)
+    return 0
+
+
+def decode_method_configs(budget_tokens: int, *, q_heads: int, kv_heads: int, head_dim: int, n_layers: int = 4,
+                          methods=None, skipped: Optional[dict] = None, seed: int = 1) -> dict:
+    """decode_method_configs: ``{name: get_method kwargs}`` of every registered decode method at a budget
+    of ``budget_tokens`` tokens per KV head (``Method.budget_config``). A method that needs a calibration
+    gets one fitted on random q/k (``calibrate_from_qk``, ``n_layers`` layers of 64 tokens) or a random
+    calibration file (``Calibrated.random_calibration``): its cost does not depend on the fitted values.
+    ``methods``: names to keep (None: all but the ``slow`` ones). Methods left out are reported in
+    ``skipped`` ({name: reason}) when given."""
+    import tempfile
+
+    from ..methods import list_methods, method_class
+    from ..methods.base import Calibrated, PresetContext
+
+    ctx = PresetContext(n_layers=n_layers, n_heads=q_heads, group_size=q_heads // kv_heads)
+    skipped = skipped if skipped is not None else {}
+    out = {}
+    for name in list_methods("decode"):
+        cls = method_class(name)
+        if methods is not None and name not in methods:
+            continue
+        if methods is None and cls.slow:
+            skipped[name] = f"slow: {cls.slow}"
+            continue
+        cfg = cls.budget_config(budget_tokens, ctx)
+        if cfg is None:
+            skipped[name] = "no budget_config preset"
+            continue
+        cfg = dict(cfg)
+        if cls.needs:
+            g = torch.Generator(device="cpu").manual_seed(seed)
+            qs = [torch.randn(1, q_heads, 64, head_dim, generator=g) for _ in range(n_layers)]
+            ks = [torch.randn(1, kv_heads, 64, head_dim, generator=g) for _ in range(n_layers)]
+            fitted = cls.calibrate_from_qk(qs, ks, cfg)
+            if fitted is None and issubclass(cls, Calibrated):
+                path = cls.random_calibration(os.path.join(tempfile.mkdtemp(prefix="sparsattn_decode_bench_"), name),
+                                              q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
+                                              layers=n_layers, seed=seed)
+                fitted = None if path is None else {"path": path}
+            if fitted is None:
+                skipped[name] = f"needs {', '.join(cls.needs)} and provides no random one"
+                continue
+            cfg.update(fitted)
+        out[name] = cfg
+    return out
+
+
+def _method_rows(row, q, k, v, kv_lens, T, B, budget, backend, dev, reps, sdpa_ms, hq, hkv, d, item, methods=None):
+    """Every registered decode method with a budget preset: incremental selection (its ``ctx.state``
+    warmed on the layers before, as in decoding) + the kernel, on the last of 4 layers. The bytes
+    read add the index metadata the method keeps for that layer (the tensors of its ``ctx.state``
+    entry: page bounds, label cache...)."""
+    from ..methods import method_class
+
+    n_layers, n_tok = 4, max(16, round(budget * T))
+    skipped: dict = {}
+    for name, cfg in decode_method_configs(n_tok, q_heads=hq, kv_heads=hkv, head_dim=d, n_layers=n_layers,
+                                           methods=methods, skipped=skipped).items():
         try:
-            ctx = SelectContext(layer=2, extras={"kv_lens": kv_lens})  # past Quest's dense layers
+            m = method_class(name)(**cfg)
+            state: dict = {}
+            for layer in range(n_layers - 1):  # earlier layers (dense layers, cross-layer selections)
+                m.select(q, k, SelectContext(layer=layer, phase="decode", kv_lens=kv_lens, state=state))
+            before = _state_bytes(state)
+            ctx = SelectContext(layer=n_layers - 1, phase="decode", kv_lens=kv_lens, state=state)
             m.select(q, k, ctx)  # builds the incremental metadata (prefill), as a real decode would
+            meta = _state_bytes(state) - before
 
             def sel():
                 return m.select(q, k, ctx)
@@ -275,15 +342,15 @@ def _method_rows(row, q, k, v, kv_lens, T, B, budget, backend, dev, reps, sdpa_m
 
             sel_ms = _time(sel, dev, reps)[0]
             ms = _time(both, dev, reps)
-            meta = (T // 16) * d * 2 * item if name == "quest" else T * (d // 8) * item  # page bounds / labels
             row(f"{name}+kernel", T, B, budget, P, ms, sel_ms, sdpa_ms,
-                _bytes(B, hq, hkv, d, item, n, n // P) + B * hkv * meta, None, "selection included")
+                _bytes(B, hq, hkv, d, item, n, n // P) + meta, None, "selection included")
         except Exception as e:
             row(f"{name}+kernel", T, B, budget, 0, None, None, sdpa_ms, 0, None, f"failed: {type(e).__name__}: {e}"[:200])
+    for name, why in skipped.items():
+        print(f"  {name}: not timed ({why})", flush=True)
 
 
-_PLOT_IMPLS = ("sparse_tokens", "sparse_pages16", "sparse_pages64", "flex_pages128", "quest+kernel",
-               "double_sparsity+kernel")
+_PLOT_IMPLS = ("sparse_tokens", "sparse_pages16", "sparse_pages64", "flex_pages128")  # + every "<method>+kernel" row
 
 
 def plot_decode(csv_path, png_path) -> str:
@@ -304,14 +371,15 @@ def plot_decode(csv_path, png_path) -> str:
         v = r.get(k)
         return float(v) if v not in (None, "", "None") else None
 
+    plotted = _PLOT_IMPLS + tuple(dict.fromkeys(r["impl"] for r in rows if r["impl"].endswith("+kernel")))
     cases = []
     for r in rows:
-        if r["impl"] in _PLOT_IMPLS:
+        if r["impl"] in plotted:
             c = (int(r["T"]), int(r["B"]), float(r["budget"]))
             if c not in cases:
                 cases.append(c)
     cases.sort(key=lambda c: (c[0], c[1], -c[2]))
-    impls = [i for i in _PLOT_IMPLS if any(r["impl"] == i for r in rows)]
+    impls = [i for i in plotted if any(r["impl"] == i for r in rows)]
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(8.0, 1.3 * len(cases) + 3), 8.5))
     w = 0.8 / max(len(impls), 1)
     for j, impl in enumerate(impls):
@@ -377,6 +445,12 @@ def _summary(rows: list[dict]) -> None:
               f"{r['speedup_vs_sdpa']!s:<9} | {r['graph_ms']!s:<9} {r['GBps_graph']!s:<7} {r['speedup_graph']}")
 
 
+def _methods_arg(a) -> object:
+    if a.no_methods:
+        return False
+    return a.methods.split(",") if a.methods else True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny CPU smoke test")
@@ -385,6 +459,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="*", default=None)
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-methods", action="store_true")
+    ap.add_argument("--methods", default=None, help="comma-separated decode methods (default: every registered one "
+                                                    "with a budget preset, the slow ones left out)")
     ap.add_argument("--no-tune", action="store_true", help="skip the kernel configuration sweep")
     ap.add_argument("--plot", default=None, metavar="CSV", help="only draw the figure of an existing CSV (PNG beside it)")
     ap.add_argument("--page-sizes", type=int, nargs="*", default=None,
@@ -397,10 +473,10 @@ def main(argv=None) -> int:
     if a.tiny:
         run_decode_bench(lengths=a.lengths or (256, 700), batches=a.batches or (1, 2), budgets=(1 / 16, 1 / 64),
                          hq=4, hkv=2, d=64, dtype=torch.float32, device="cpu", out_csv=out, flex=False,
-                         methods=not a.no_methods, reps=2, page_sizes=tuple(a.page_sizes or (1, 16)))
+                         methods=_methods_arg(a), reps=2, page_sizes=tuple(a.page_sizes or (1, 16)))
     else:
         run_decode_bench(lengths=a.lengths or (32768, 131072), batches=a.batches or (1, 8), out_csv=out,
-                         flex=not a.no_flex, methods=not a.no_methods, tune=not a.no_tune,
+                         flex=not a.no_flex, methods=_methods_arg(a), tune=not a.no_tune,
                          page_sizes=tuple(a.page_sizes or (1, 16)))
     return 0
 
