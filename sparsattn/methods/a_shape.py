@@ -48,6 +48,10 @@ class AShape(Method):
     def small_config(cls) -> dict:
         return {"n_init": 20, "n_local": 70, "block_size": 32}
 
+    def static_pattern_key(self, layer):
+        """Preset: sink + window depend only on the lengths."""
+        return ()
+
     @classmethod
     def full_config(cls, q_len: int) -> dict:
         return {"n_init": 0, "n_local": q_len, "block_size": 32}

@@ -29,7 +29,23 @@ Presets (what tooling needs, declared on the method so no tool names it):
 * ``calibrate_from_qk(qs, ks, config)``: for a method calibrated on captured per-layer q/k alone,
   the configuration entries it fits (e.g. Double Sparsity's channels; None: not calibrated so);
 * ``slow``: a non-empty note when running the method is slow enough to leave it out of default
-  evaluation grids (the note is shown to the user).
+  evaluation grids (the note is shown to the user);
+* ``fixed_settings(T, ctx)`` (prefill): ``FixedSetting`` configurations evaluated as they are at
+  length ``T`` instead of being aimed at a density (dense attention; a shipped calibration whose
+  budget the calibration fixes, taken from ``ctx``); [] = none;
+* ``static_pattern_key(layer)`` (on an instance): a hashable key such that two ``select`` calls with
+  the same key, the same q/k shapes and the same context apart from ``layer`` return the same
+  pattern, i.e. the pattern depends only on (layer, lengths), not on q/k values (A-shape: ``()``;
+  a per-layer calibrated plan: ``(layer,)``); tools may reuse such a pattern. None (default): it
+  depends on the data.
+
+The evaluation drivers build their default method lists from ``list_methods(phase)`` and these
+presets (a prefill method with ``density_knob`` or ``fixed_settings``, a decode method with
+``budget_config``; ``declares(cls, preset)`` says whether a class overrides one), so a method
+reaches them without an edit anywhere else. A ``DensityKnob`` may carry a ``note`` and a ``proxy``
+(the knob is then searched on another method's density and mapped, e.g. MASFormer's inner A-shape
+when one dense layer alone exceeds the target). ``PresetContext.work_dir`` is where a preset may
+write a derived file (e.g. RazorAttention's retrieval-head subset); None = write nothing.
 
 ``ctx`` is a ``PresetContext``: the model's shape and the paths of shipped calibrations, so a
 calibrated method takes its file from the caller, never from a tool that knows its name.
@@ -176,6 +192,7 @@ class PresetContext:
         group_size: query heads per KV head (decode budgets split per head group).
         block_size: the key block used by block-granular presets (64).
         calibrations: method name -> path of its calibration file/directory (e.g. a shipped one).
+        work_dir: a folder where a preset may write derived files (None: presets write nothing).
     """
 
     n_layers: int = 8
@@ -183,6 +200,7 @@ class PresetContext:
     group_size: int = 1
     block_size: int = 64
     calibrations: Mapping[str, Optional[str]] = field(default_factory=dict)
+    work_dir: Optional[str] = None
 
     def __post_init__(self):
         for name in ("n_layers", "n_heads", "group_size", "block_size"):
@@ -206,6 +224,10 @@ class DensityKnob:
         guess: first value tried.
         config: x -> ``get_method`` keyword arguments (JSON-serialisable).
         label: x -> short human-readable description.
+        note: a remark recorded with the chosen setting ("" = none).
+        proxy: when set, ``x`` is searched on the proxy's method and configuration (its density aimed
+            at the same target) and ``config(x)``/``label(x)`` map that ``x``; the method's own density
+            is then measured once, not searched (None: ``x`` is searched on the method itself).
     """
 
     method: str
@@ -217,6 +239,25 @@ class DensityKnob:
     guess: float
     config: Callable[[Any], dict]
     label: Callable[[Any], str]
+    note: str = ""
+    proxy: Optional["DensityKnob"] = None
+
+
+@dataclass
+class FixedSetting:
+    """FixedSetting: one configuration a method is evaluated at as it is (``Method.fixed_settings``).
+
+    Attributes:
+        label: short description (e.g. ``"shipped plan"``).
+        config: ``get_method`` keyword arguments (JSON-serialisable).
+        target: the density it stands for (1.0 for dense); None = set by a calibration ("calibrated").
+        note: a remark recorded with it.
+    """
+
+    label: str
+    config: dict
+    target: Optional[float] = None
+    note: str = ""
 
 
 class Method:
@@ -280,6 +321,15 @@ class Method:
     def calibrate_from_qk(cls, qs: list, ks: list, config: dict) -> Optional[dict]:
         """Preset: configuration entries fitted from captured q/k (one pair per layer) for a method
         with hyper-parameters ``config`` (None: the method is not calibrated from q/k alone)."""
+        return None
+
+    @classmethod
+    def fixed_settings(cls, T: int, ctx: PresetContext) -> list:
+        """Preset (prefill): ``FixedSetting`` configurations evaluated as they are at length ``T`` ([] = none)."""
+        return []
+
+    def static_pattern_key(self, layer: Optional[int]):
+        """Preset: a key under which this instance's pattern depends only on (layer, lengths) (None: on the data)."""
         return None
 
     def config(self) -> dict[str, Any]:
@@ -434,6 +484,16 @@ def register(name: str):
         return cls
 
     return deco
+
+
+def declares(cls: type, preset: str) -> bool:
+    """declares: whether method class ``cls`` overrides the preset ``preset`` of ``Method`` (e.g.
+    ``"budget_config"``, ``"density_knob"``, ``"fixed_settings"``, ``"calibrate_from_qk"``)."""
+    base = getattr(Method, preset, None)
+    if base is None:
+        raise ValueError(f"preset: expected a preset of sparsattn.methods.base.Method, got {preset!r}")
+    own = getattr(cls, preset)
+    return getattr(own, "__func__", own) is not getattr(base, "__func__", base)
 
 
 def list_methods(phase: Optional[str] = None) -> list[str]:

@@ -6,7 +6,7 @@ from typing import Any, Optional, Union
 
 from .. import patterns
 from ._common import check_inputs, check_pow2
-from .base import Method, SelectContext, get_method, register
+from .base import DensityKnob, Method, PresetContext, SelectContext, get_method, register
 
 
 @register("masformer")
@@ -81,6 +81,32 @@ class MASFormer(Method):
     @classmethod
     def full_config(cls, q_len: int) -> dict:
         return {"full_layers": (0,), "inner": "a_shape", "inner_config": {"n_init": 8, "n_local": 48}, "block_size": 32}
+
+    # -- presets (evaluation tooling) -----------------------------------------------------------
+    @classmethod
+    def density_knob(cls, T: int, target: float, ctx: PresetContext) -> DensityKnob:
+        """Preset: layer 0 dense + A-shape in the other layers. A dense layer alone is 1/L of the density:
+        when it leaves room (inner target (L d - 1) / (L - 1) >= d / 2) A-shape's knob is searched for the
+        overall density; else the A-shape layers take A-shape's own setting for ``target`` (``proxy``)."""
+        from .a_shape import AShape
+
+        L, blk = ctx.n_layers, ctx.block_size
+        inner_target = (L * target - 1) / (L - 1) if L > 1 else target
+        roomy = inner_target >= 0.5 * target
+        fam = AShape.density_knob(T, inner_target if roomy else target, ctx)
+
+        def cfg(x):
+            return dict(full_layers=[0], inner="a_shape", inner_config=fam.config(x), block_size=blk)
+        note = ("inner a_shape searched for the overall density" if roomy else
+                f"one dense layer of {L} is already {1 / L:.3f} density: the other layers use a_shape's "
+                f"setting for {target:g}")
+        return DensityKnob(cls.name, fam.knob, fam.lo, fam.hi, True, fam.increasing, fam.guess, cfg,
+                           lambda x: "L0 dense + " + fam.label(x), note=note, proxy=None if roomy else fam)
+
+    def static_pattern_key(self, layer):
+        """Preset: static when the inner method's pattern is (a full layer's causal pattern always is)."""
+        inner = self._inner.static_pattern_key(layer)
+        return None if inner is None else (layer in self.full_layers, inner)
 
     def select(self, q, k, ctx: Optional[SelectContext] = None):
         ctx = ctx or SelectContext()

@@ -22,7 +22,7 @@ from ..calibration import Field, ModelShape, read_calibration, save_calibration
 from ..kernels import estimate
 from ._vs_cover import vertical_slash_cover
 from ._common import calibrated_layer, check_inputs, check_int, check_pow2, clamp_budget, kv_heads_for, merge_heads
-from .base import Calibrated, DensityKnob, Method, PresetContext, SelectContext, register
+from .base import Calibrated, DensityKnob, FixedSetting, Method, PresetContext, SelectContext, register
 
 PAPER = "MInference 1.0: Accelerating Pre-filling for Long-Context LLMs via Dynamic Sparse Attention (arXiv 2407.02490)"
 
@@ -380,6 +380,12 @@ class MInference(Calibrated, Method):
     last_q: int = 64
     _plan: Optional[dict] = field(default=None, repr=False, compare=False)
     _shape: Optional[ModelShape] = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def fixed_settings(cls, T: int, ctx: PresetContext) -> list:
+        """Preset: the plan ``ctx.calibration("minference")`` fixes the budget (evaluated as it is)."""
+        path = ctx.calibration(cls.name)
+        return [] if path is None else [FixedSetting("shipped plan", {"path": path})]
 
     def __post_init__(self):
         check_pow2("block_size", self.block_size)

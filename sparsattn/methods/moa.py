@@ -46,7 +46,7 @@ import torch
 
 from .. import patterns
 from ..calibration import ModelShape, read_calibration, save_calibration
-from .base import Calibrated, Method, SelectContext, register
+from .base import Calibrated, FixedSetting, Method, PresetContext, SelectContext, register
 
 Tensor = torch.Tensor
 _FIT_HINT = ("fit a plan with `sparsattn calibrate moa --model PATH --out PLAN.json` (or "
@@ -190,6 +190,21 @@ class MoA(Calibrated, Method):
                                  f"({self.plan_path!r} and {self.path!r})")
             self.path = self.plan_path
         self._load_path()
+
+    # -- presets (evaluation tooling) -----------------------------------------------------------
+    @classmethod
+    def fixed_settings(cls, T: int, ctx: PresetContext) -> list:
+        """Preset: the plan ``ctx.calibration("moa")`` fixes the budget (evaluated as it is; the label
+        gives the budget it was fitted at)."""
+        path = ctx.calibration(cls.name)
+        if path is None:
+            return []
+        b = cls(path=path).plan.get("info", {}).get("budget")
+        return [FixedSetting("shipped plan" + ("" if b is None else f" (b{float(b):g})"), {"path": path})]
+
+    def static_pattern_key(self, layer):
+        """Preset: a head's span depends only on its layer's plan and the length."""
+        return (layer,)
 
     # -- plan -------------------------------------------------------------------------------------
     @property

@@ -6,7 +6,9 @@ attention; every other head keeps ``n_sink`` sink tokens and a local window of
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -112,6 +114,9 @@ class RazorAttention(Calibrated, Method):
         path = ctx.calibration(cls.name)
         if path is None:
             raise ValueError("razor_path: expected a razor calibration JSON, got None")
+        if ctx.work_dir is not None:  # keep the top-n heads by induction score, n = target x heads / 2
+            n_top = max(1, int(target * ctx.n_layers * ctx.n_heads / 2))
+            path = razor_subset(path, n_top, os.path.join(ctx.work_dir, "calibration", f"razor_top{n_top}.json"))
         n_ret = sum(len(h) for h in cls(path=path).retrieval_heads.values())  # the checked loader
         frac = n_ret / (ctx.n_layers * ctx.n_heads)
         guess = max(1.0, (target - frac) / max(1e-6, 1 - frac) * (T + 1) / 2 - 4)
@@ -120,6 +125,10 @@ class RazorAttention(Calibrated, Method):
                            lambda x: dict(path=path, n_sink=4, min_window=int(x), compression=float(T), block_size=blk),
                            lambda x: f"{n_ret} ret. heads, sink4+win{int(x)}")
 
+
+    def static_pattern_key(self, layer):
+        """Preset: retrieval heads and windows depend only on the layer and the lengths."""
+        return (layer,)
 
     def __post_init__(self):
         check_int("n_sink", self.n_sink, 0)
@@ -236,3 +245,29 @@ class RazorAttention(Calibrated, Method):
             parts.append((rest, patterns.sink_local(Tq, min(self.n_sink, Tk), min(w, Tk), kv_len=Tk,
                                                     block_q=self.block_size, device=q.device)))
         return merge_heads(parts, Hq)
+
+
+def razor_subset(src: str, n_heads: int, out_path: str) -> str:
+    """razor_subset: a copy of the razor calibration ``src`` keeping as retrieval heads the ``n_heads``
+    (layer, head) pairs with the highest induction score (the scores stored in ``src``); written to
+    ``out_path`` (same format, model shape and scores; ``config.derived_from`` records the source).
+    The density preset's rule (``RazorAttention.density_knob`` with a ``work_dir``)."""
+    with open(src) as f:
+        doc = json.load(f)
+    pairs = []
+    for layer, d in doc["data"].items():
+        ind = d.get("induction") or []
+        if not ind:
+            raise ValueError(f"{src}: layer {layer} has no induction scores to rank heads by")
+        pairs += [(float(s), int(layer), h) for h, s in enumerate(ind)]
+    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or not 1 <= n_heads <= len(pairs):
+        raise ValueError(f"n_heads: expected 1..{len(pairs)}, got {n_heads}")
+    keep = sorted(pairs, reverse=True)[:n_heads]
+    for layer, d in doc["data"].items():
+        d["retrieval_heads"] = sorted(h for _, l, h in keep if str(l) == str(layer))
+    doc["config"] = dict(doc.get("config") or {}, derived_from=os.path.basename(src),
+                         rule=f"top {n_heads} heads by induction score")
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w") as f:
+        f.write(json.dumps(doc, indent=1) + "\n")
+    return str(out_path)

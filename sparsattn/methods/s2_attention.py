@@ -87,6 +87,10 @@ class S2Attention(Method):
     def small_config(cls) -> dict:
         return {"block_size": 32, "local_blocks": 2, "vert_stride": 3}
 
+    def static_pattern_key(self, layer):
+        """Preset: the strided shards depend only on the lengths (and heads)."""
+        return ()
+
     @classmethod
     def full_config(cls, q_len: int) -> dict:
         return {"block_size": 32, "local_blocks": 2, "vert_stride": 1}
