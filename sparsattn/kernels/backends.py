@@ -87,6 +87,9 @@ def reference_can_run(x: torch.Tensor, **extra) -> tuple[bool, str]:
 
 def flex_can_run(x: torch.Tensor, pattern=None, varlen: bool = False, **extra) -> tuple[bool, str]:
     """flex_can_run: FlexAttention serves block-sparse attention on CUDA, without columns or varlen."""
+    for name in ("softcap", "sinks"):  # logit soft-capping / learned sinks: not wired into flex.py (yet)
+        if extra.get(name) is not None:
+            return False, f"{name} is not supported by the flex backend"
     if not x.is_cuda:
         return False, "flex backend is used on CUDA only"
     if pattern is not None and pattern.columns is not None:
