@@ -9,7 +9,7 @@ import torch
 
 from . import patterns as _patterns
 from .kernels import backends as _backends
-from .kernels._checks import check_scale
+from .kernels._checks import check_scale, check_sinks, check_softcap
 from .patterns import BlockPattern
 
 log = logging.getLogger("sparsattn")
@@ -164,7 +164,8 @@ def _default_pattern(Tq, Tk, causal, device, D, max_off=None):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Optional[BlockPattern] = None, *,
               causal: bool = False, scale: Optional[float] = None, return_lse: bool = False,
-              backend: Optional[str] = None, q_lens=None, kv_lens=None, padding_side: str = "right"):
+              backend: Optional[str] = None, q_lens=None, kv_lens=None, padding_side: str = "right",
+              softcap: Optional[float] = None, sinks: Optional[torch.Tensor] = None):
     """attention: softmax attention of ``q`` on ``k, v`` restricted to ``pattern`` (dense when None).
 
     Args:
@@ -182,12 +183,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Option
         q_lens, kv_lens: optional per-sequence lengths ``[B]`` for a padded batch; pattern blocks and
             causality are relative to each sequence; rows past a sequence's length are zero.
         padding_side: "right" (sequence b occupies tokens ``[0, len)``) or "left" (``[T - len, T)``).
+        softcap: logit soft-capping (Gemma 2): scores become ``softcap * tanh(q.k * scale / softcap)``
+            before the mask; a positive number or None.
+        sinks: learned attention-sink logits (gpt-oss): a float tensor ``[Hq]``, one per query head,
+            that joins every row's softmax denominator without a value (``out`` is scaled by
+            ``1 - P(sink)``); differentiable. The returned lse includes the sink term.
 
     Returns:
         ``out [B, Hq, Tq, D]`` in q's dtype, and ``lse`` when ``return_lse``. Query rows with no
-        key get zeros (and ``lse = -inf``), never NaN.
+        key get zeros (and ``lse = -inf``, or the sink logit with ``sinks``), never NaN.
     """
     scale = validate_inputs(q, k, v, pattern, scale)
+    softcap = check_softcap(softcap)
+    sinks = check_sinks(sinks, q.shape[1], q.device)
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
     if padding_side not in ("right", "left"):
@@ -205,23 +213,37 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Option
             qo = (Tq - ql).to(torch.int32)
         if kl is not None:
             ko = (Tk - kl).to(torch.int32)
-    name = choose_backend(q, pattern, backend=backend, varlen=ql is not None or kl is not None)
-    out, lse = _run(name, q, k, v, pattern, scale, ql, kl, qo, ko)
+    extra = _logit_extras(softcap, sinks)
+    name = choose_backend(q, pattern, backend=backend, varlen=ql is not None or kl is not None,
+                          need_lse=return_lse, **extra)
+    out, lse = _run(name, q, k, v, pattern, scale, ql, kl, qo, ko, need_lse=return_lse, **extra)
     return (out, lse) if return_lse else out
 
 
-def _run(name, q, k, v, pattern, scale, ql, kl, qo, ko):
+def _logit_extras(softcap, sinks) -> dict:
+    """``softcap`` / ``sinks`` keyword arguments, only those given (backends that predate them see none)."""
+    extra = {}
+    if softcap is not None:
+        extra["softcap"] = softcap
+    if sinks is not None:
+        extra["sinks"] = sinks
+    return extra
+
+
+def _run(name, q, k, v, pattern, scale, ql, kl, qo, ko, need_lse: bool = True, **extra):
     if name == "reference":
         from .kernels.block_sparse.reference import block_sparse_reference
 
-        return block_sparse_reference(q, k, v, pattern, scale=scale, q_lens=ql, kv_lens=kl, q_offsets=qo, kv_offsets=ko)
+        return block_sparse_reference(q, k, v, pattern, scale=scale, q_lens=ql, kv_lens=kl, q_offsets=qo, kv_offsets=ko,
+                                      **extra)
     if name == "flex":
         from .kernels.block_sparse.flex import flex_block_sparse
 
-        return flex_block_sparse(q, k, v, pattern, scale=scale)
+        return flex_block_sparse(q, k, v, pattern, scale=scale, need_lse=need_lse, **extra)
     from .kernels.block_sparse import block_sparse_attention
 
-    return block_sparse_attention(q, k, v, pattern, scale=scale, q_lens=ql, kv_lens=kl, q_offsets=qo, kv_offsets=ko)
+    return block_sparse_attention(q, k, v, pattern, scale=scale, q_lens=ql, kv_lens=kl, q_offsets=qo, kv_offsets=ko,
+                                  **extra)
 
 
 def _as_cu(name: str, cu, device) -> torch.Tensor:
@@ -233,7 +255,8 @@ def _as_cu(name: str, cu, device) -> torch.Tensor:
 
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q, cu_seqlens_k=None,
                      pattern: Optional[BlockPattern] = None, *, causal: bool = False, scale: Optional[float] = None,
-                     return_lse: bool = False, backend: Optional[str] = None):
+                     return_lse: bool = False, backend: Optional[str] = None, softcap: Optional[float] = None,
+                     sinks: Optional[torch.Tensor] = None):
     """attention_varlen: attention over packed sequences (flash-attention's varlen form).
 
     Args:
@@ -242,6 +265,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             (default: equal to cu_seqlens_q).
         pattern: a ``BlockPattern`` with batch 1 or N, ``q_len`` / ``kv_len`` = the longest
             sequence; block indices are relative to each sequence's start. None = dense/causal.
+        softcap, sinks: as in ``attention`` (sinks ``[Hq]``).
     Returns:
         ``out [Hq, total_q, D]`` (and ``lse [Hq, total_q]`` when ``return_lse``).
     """
@@ -263,6 +287,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     Tq, Tk = int(ql.max()), int(kl.max())
     q4, k4, v4 = q[None], k[None], v[None]
     scale = validate_inputs(q4, k4, v4, None, scale)
+    extra = _logit_extras(check_softcap(softcap), check_sinks(sinks, q.shape[0], q.device))
     if pattern is None:
         mo = _max_offset(ql, kl, Tq, Tk) if causal else None
         pattern = _default_pattern(Tq, Tk, causal, q.device, q.shape[-1], mo)
@@ -275,7 +300,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if pattern.batch not in (1, N):
         raise _err("pattern batch", f"1 or {N} (sequences)", pattern.batch)
     _check_pattern(pattern, N, q.shape[0], k.shape[0], q.device)
-    name = choose_backend(q4, pattern, backend=backend, varlen=True)
+    name = choose_backend(q4, pattern, backend=backend, varlen=True, **extra)
     if name == "reference" or name == "flex":
         # reference over the packed layout: each sequence is a batch entry with an offset
         from .kernels.block_sparse.reference import block_sparse_reference
@@ -286,7 +311,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         kk = k4.expand(N, *k.shape)
         vv = v4.expand(N, *v.shape)
         out_n, lse_n = block_sparse_reference(qq, kk, vv, pattern, scale=scale,
-                                              q_lens=ql, kv_lens=kl, q_offsets=cu_q[:-1], kv_offsets=cu_k[:-1])
+                                              q_lens=ql, kv_lens=kl, q_offsets=cu_q[:-1], kv_offsets=cu_k[:-1], **extra)
         # each sequence wrote only its own rows: sum the disjoint parts
         out = out_n.sum(0)
         lse = torch.full((q.shape[0], q.shape[1]), float("-inf"), device=q.device)
@@ -298,7 +323,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
         out, lse = block_sparse_attention(q4, k4, v4, pattern, scale=scale, q_lens=ql, kv_lens=kl,
                                           q_offsets=cu_q[:-1].to(torch.int32), kv_offsets=cu_k[:-1].to(torch.int32),
-                                          packed=True)
+                                          packed=True, **extra)
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out
 

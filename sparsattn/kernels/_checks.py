@@ -40,3 +40,52 @@ def check_scale(scale, name: str = "scale") -> Optional[float]:
         raise ValueError(f"{name}: expected at most {MAX_SCALE:g} (scores q.k * scale are float32 and overflow "
                          f"to inf, which makes the softmax NaN), got {val!r}")
     return val
+
+
+def check_softcap(softcap, name: str = "softcap") -> Optional[float]:
+    """check_softcap: ``None`` or a positive finite number (Gemma 2's logit cap) -> ``None`` or a Python float.
+
+    Scores become ``softcap * tanh(s / softcap)``. Accepts the same scalar kinds as ``check_scale``;
+    0, negative, NaN, infinite and bool values raise ``ValueError`` naming ``name``.
+    """
+    if softcap is None:
+        return None
+    val = softcap
+    if isinstance(softcap, torch.Tensor):
+        if softcap.numel() != 1 or softcap.dtype == torch.bool or softcap.is_complex():
+            raise ValueError(f"{name}: expected None or a positive finite number (a 0-d real tensor works too), "
+                             f"got a tensor of shape {tuple(softcap.shape)} and dtype {softcap.dtype}")
+        val = softcap.item()
+    elif getattr(softcap, "ndim", None) == 0 and hasattr(softcap, "item"):
+        val = softcap.item()  # a 0-d numpy array
+    if isinstance(val, bool) or not isinstance(val, numbers.Real):
+        raise ValueError(f"{name}: expected None or a positive finite number (the logit cap), got {softcap!r} "
+                         f"({type(softcap).__name__})")
+    val = float(val)
+    if not math.isfinite(val) or val <= 0:
+        raise ValueError(f"{name}: expected None or a positive finite number (the logit cap), got {val!r}")
+    return val
+
+
+def check_sinks(sinks, heads: int, device, name: str = "sinks", values: bool = True) -> Optional[torch.Tensor]:
+    """check_sinks: ``None`` or a floating tensor of ``heads`` learned sink logits (one per query head,
+    gpt-oss) on ``device`` -> the tensor (unchanged, so autograd reaches it).
+
+    ``values``: also check (one host sync; skipped while torch.compile traces) that no value is NaN or
+    +inf; ``-inf`` is allowed and means no sink for that head. Raises ``ValueError`` naming ``name``.
+    """
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor):
+        raise ValueError(f"{name}: expected None or a float tensor [{heads}] (one sink logit per query head), "
+                         f"got {type(sinks).__name__}")
+    if sinks.dim() != 1 or sinks.shape[0] != heads:
+        raise ValueError(f"{name}: expected shape [{heads}] (one sink logit per query head), got {tuple(sinks.shape)}")
+    if not sinks.dtype.is_floating_point:
+        raise ValueError(f"{name}: expected a floating dtype, got {sinks.dtype}")
+    if sinks.device != torch.device(device):
+        raise ValueError(f"{name}: expected device {device} (as q), got {sinks.device}")
+    if values and not torch.compiler.is_compiling() and sinks.numel():
+        if bool((torch.isnan(sinks) | torch.isposinf(sinks)).any()):
+            raise ValueError(f"{name}: expected finite values or -inf, got NaN or +inf")
+    return sinks

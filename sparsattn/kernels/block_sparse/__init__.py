@@ -130,8 +130,15 @@ def _pattern_args(fcnt, fidx, pcnt, pidx):
     return (s_fcb, s_fch, s_fib, s_fih, fidx.stride(2), s_pcb, s_pch, s_pib, s_pih, pidx.stride(2))
 
 
+def _cap2(softcap: float) -> float:
+    """The cap in the kernels' log2 units (1.0 when there is none: the argument is then unused)."""
+    from . import triton as K
+
+    return float(softcap) * K.LOG2E if softcap > 0 else 1.0
+
+
 def _fwd(q, k, v, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, q_len, kv_len, q_off, k_off,
-         block_q, block_k, causal, scale, packed, even, p_off):
+         block_q, block_k, causal, scale, packed, even, p_off, sinks=None, softcap=0.0):
     from . import triton as K
 
     B = q_len.shape[0]
@@ -164,21 +171,25 @@ def _fwd(q, k, v, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, q_len, kv_len,
         sb(q), q.stride(1), q.stride(2), sb(k), k.stride(1), k.stride(2), sb(v), v.stride(1), v.stride(2),
         sb(o), o.stride(1), o.stride(2), sb(lse), lse.stride(1),
         q_off, q_len, k_off, kv_len,
-        fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt,
+        fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, sinks if sinks is not None else lse,
         *_pattern_args(fcnt, fidx, pcnt, pidx), s_ccb, s_cch, s_cib, s_cih,
-        scale * K.LOG2E, Hq // Hkv, Hq // Hp, Hq // (ccnt.shape[1] if has_cols else 1), p_off,
+        scale * K.LOG2E, _cap2(softcap), Hq // Hkv, Hq // Hp, Hq // (ccnt.shape[1] if has_cols else 1), p_off,
         D=D, BLOCK_D=BD, BLOCK_M=block_q, BLOCK_N=cfg["fwd_bn"], BLOCK_KP=block_k, CAUSAL=causal,
         HAS_BANK=has_bank, HAS_COLS=has_cols, EVEN=even,
         LOG_F=_log_len(fidx.shape[-1]), LOG_P=_log_len(pidx.shape[-1]),
         LIST_F=_list_len(fidx.shape[-1], has_cols), LIST_P=_list_len(pidx.shape[-1], has_cols),
         PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=_upcast(q),
+        SOFTCAP=softcap > 0, HAS_SINKS=sinks is not None,
         num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"],
     )
     return o, lse
 
 
 def _bwd(do, q, k, v, o, lse, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tcnt, tidx, tslot,
-         q_len, kv_len, q_off, k_off, block_q, block_k, causal, scale, packed, even, p_off):
+         q_len, kv_len, q_off, k_off, block_q, block_k, causal, scale, packed, even, p_off, sinks=None, softcap=0.0):
+    """dq, dk, dv (and d sinks: an empty tensor without sinks). The lse saved by the forward already
+    includes the sink term, so the kernels' ``p = exp(s - lse)`` are the probabilities of the keys and
+    the sink is one more softmax column with no value: ``d sink_h = -sum_rows P(sink) * delta``."""
     from . import triton as K
 
     B = q_len.shape[0]
@@ -223,12 +234,12 @@ def _bwd(do, q, k, v, o, lse, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tc
         q_off, q_len, k_off, kv_len,
         fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt,
         *_pattern_args(fcnt, fidx, pcnt, pidx), s_ccb, s_cch, s_cib, s_cih,
-        scale, scale * K.LOG2E, Hq // Hkv, Hq // Hp, Hq // (ccnt.shape[1] if has_cols else 1), p_off,
+        scale, scale * K.LOG2E, _cap2(softcap), Hq // Hkv, Hq // Hp, Hq // (ccnt.shape[1] if has_cols else 1), p_off,
         D=D, BLOCK_D=BD, BLOCK_M=block_q, BLOCK_N=cfg["bwd_bn"], BLOCK_KP=block_k, CAUSAL=causal,
         HAS_BANK=has_bank, HAS_COLS=has_cols, EVEN=even,
         LOG_F=_log_len(fidx.shape[-1]), LOG_P=_log_len(pidx.shape[-1]), PREC=prec, UPCAST=_upcast(q),
         LIST_F=_list_len(fidx.shape[-1], has_cols), LIST_P=_list_len(pidx.shape[-1], has_cols),
-        num_warps=cfg["fwd_warps"], num_stages=cfg["bwd_stages"],
+        SOFTCAP=softcap > 0, num_warps=cfg["fwd_warps"], num_stages=cfg["bwd_stages"],
     )
     s_tcb, s_tch = _bh_strides(tcnt)
     s_tib, s_tih = _bh_strides(tidx)
@@ -242,15 +253,21 @@ def _bwd(do, q, k, v, o, lse, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tc
         q_off, q_len, k_off, kv_len,
         tcnt, tidx, tslot, mids, bank,
         s_tcb, s_tch, s_tib, s_tih, tidx.stride(2), s_pib, s_pih, pidx.stride(2),
-        scale, scale * K.LOG2E, Hq // Hkv, Hq // Hp, fidx.shape[-1],
+        scale, scale * K.LOG2E, _cap2(softcap), Hq // Hkv, Hq // Hp, fidx.shape[-1],
         D=D, BLOCK_D=BD, BLOCK_QP=block_q, BLOCK_M=cfg["bwd_bm"], BLOCK_N=bn, BLOCK_KP=block_k,
-        CAUSAL=causal, HAS_BANK=has_bank, EVEN=even, PREC=prec, UPCAST=_upcast(q),
+        CAUSAL=causal, HAS_BANK=has_bank, EVEN=even, PREC=prec, UPCAST=_upcast(q), SOFTCAP=softcap > 0,
         num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"],
     )
     if has_cols:
         dk = (dk.float() + dkc).to(k.dtype)
         dv = (dv.float() + dvc).to(v.dtype)
-    return dq, dk, dv
+    if sinks is None:
+        return dq, dk, dv, lse.new_empty(0)
+    # rows outside every sequence keep lse = -inf (and delta = 0): no sink term there
+    p_sink = torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse),
+                         torch.exp(sinks.float()[None, :, None] - lse))
+    dsinks = -(p_sink * delta).sum((0, 2))
+    return dq, dk, dv, dsinks.to(sinks.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,14 +281,15 @@ def _op_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fcnt: torch.Tenso
             cidx: Optional[torch.Tensor], ccnt: Optional[torch.Tensor], tcnt: Optional[torch.Tensor],
             tidx: Optional[torch.Tensor], tslot: Optional[torch.Tensor], q_len: torch.Tensor, kv_len: torch.Tensor,
             q_off: torch.Tensor, k_off: torch.Tensor, block_q: int, block_k: int, causal: bool, scale: float,
-            packed: bool, even: bool, p_off: int) -> tuple[torch.Tensor, torch.Tensor]:
+            packed: bool, even: bool, p_off: int, sinks: Optional[torch.Tensor] = None,
+            softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     return _fwd(q, k, v, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, q_len, kv_len, q_off, k_off,
-                block_q, block_k, causal, scale, packed, even, p_off)
+                block_q, block_k, causal, scale, packed, even, p_off, sinks, softcap)
 
 
 @_op_fwd.register_fake
 def _(q, k, v, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tcnt, tidx, tslot, q_len, kv_len, q_off, k_off,
-      block_q, block_k, causal, scale, packed, even, p_off):
+      block_q, block_k, causal, scale, packed, even, p_off, sinks=None, softcap=0.0):
     return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
 
 
@@ -281,37 +299,41 @@ def _op_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             mids: Optional[torch.Tensor], bank: Optional[torch.Tensor], cidx: Optional[torch.Tensor],
             ccnt: Optional[torch.Tensor], tcnt: torch.Tensor, tidx: torch.Tensor, tslot: torch.Tensor,
             q_len: torch.Tensor, kv_len: torch.Tensor, q_off: torch.Tensor, k_off: torch.Tensor, block_q: int,
-            block_k: int, causal: bool, scale: float, packed: bool, even: bool, p_off: int
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            block_k: int, causal: bool, scale: float, packed: bool, even: bool, p_off: int,
+            sinks: Optional[torch.Tensor] = None, softcap: float = 0.0
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _bwd(do, q, k, v, o, lse, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tcnt, tidx, tslot,
-                q_len, kv_len, q_off, k_off, block_q, block_k, causal, scale, packed, even, p_off)
+                q_len, kv_len, q_off, k_off, block_q, block_k, causal, scale, packed, even, p_off, sinks, softcap)
 
 
 @_op_bwd.register_fake
-def _(do, q, k, v, o, lse, *args):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(do, q, k, v, o, lse, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tcnt, tidx, tslot, q_len, kv_len, q_off,
+      k_off, block_q, block_k, causal, scale, packed, even, p_off, sinks=None, softcap=0.0):
+    ds = sinks.new_empty(sinks.shape) if sinks is not None else lse.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), ds
 
 
 def _setup(ctx, inputs, output):
     (q, k, v, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tcnt, tidx, tslot, q_len, kv_len, q_off, k_off,
-     block_q, block_k, causal, scale, packed, even, p_off) = inputs
+     block_q, block_k, causal, scale, packed, even, p_off, sinks, softcap) = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tcnt, tidx, tslot,
-                          q_len, kv_len, q_off, k_off)
+                          q_len, kv_len, q_off, k_off, sinks)
     ctx.meta = (block_q, block_k, causal, scale, packed, even, p_off)
+    ctx.softcap = softcap
 
 
 def _backward(ctx, do, dlse):
     (q, k, v, o, lse, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tcnt, tidx, tslot,
-     q_len, kv_len, q_off, k_off) = ctx.saved_tensors
+     q_len, kv_len, q_off, k_off, sinks) = ctx.saved_tensors
     if tcnt is None:
         raise RuntimeError("block_sparse_attention: backward needs the transposed pattern; call with "
                            "inputs that require grad so it is prepared")
     if dlse is not None and bool((dlse != 0).any()):
         raise RuntimeError("block_sparse_attention: gradients through the returned lse are not supported")
-    dq, dk, dv = _op_bwd(do, q, k, v, o, lse, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tcnt, tidx, tslot,
-                         q_len, kv_len, q_off, k_off, *ctx.meta)
-    return (dq, dk, dv) + (None,) * 22
+    dq, dk, dv, dsinks = _op_bwd(do, q, k, v, o, lse, fcnt, fidx, pcnt, pidx, mids, bank, cidx, ccnt, tcnt, tidx,
+                                 tslot, q_len, kv_len, q_off, k_off, *ctx.meta, sinks=sinks, softcap=ctx.softcap)
+    return (dq, dk, dv) + (None,) * 22 + ((dsinks if sinks is not None else None), None)
 
 
 _op_fwd.register_autograd(_backward, setup_context=_setup)
@@ -320,11 +342,15 @@ _op_fwd.register_autograd(_backward, setup_context=_setup)
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPattern, *,
                            scale: Optional[float] = None, q_lens: Optional[torch.Tensor] = None,
                            kv_lens: Optional[torch.Tensor] = None, q_offsets: Optional[torch.Tensor] = None,
-                           kv_offsets: Optional[torch.Tensor] = None, packed: bool = False):
+                           kv_offsets: Optional[torch.Tensor] = None, packed: bool = False,
+                           softcap: Optional[float] = None, sinks: Optional[torch.Tensor] = None):
     """block_sparse_attention: Triton attention of ``q [B, Hq, Tq, D]`` on ``k, v [B, Hkv, Tk, D]``
     restricted to ``pattern``; returns ``(out, lse)`` (lse natural log, float32, ``-inf`` for empty rows).
 
-    Differentiable with respect to q, k, v. Per-sequence lengths/offsets address a padded batch
+    ``softcap``: scores ``softcap * tanh(s / softcap)`` after the scale, before the mask (Gemma 2).
+    ``sinks``: float ``[Hq]`` learned sink logits (gpt-oss) that join every row's softmax denominator
+    without a value; the returned lse includes them (a sequence's row with no key: zeros, ``lse = sink``).
+    Differentiable with respect to q, k, v and sinks. Per-sequence lengths/offsets address a padded batch
     (``q_lens``...) or, with ``packed=True``, sequences packed along the token axis of a batch-1
     tensor (offsets are then the cumulative starts). Inputs are assumed validated.
     """
@@ -345,7 +371,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     cols = p.columns
     cidx = cols.indices if cols is not None else None
     ccnt = cols.counts if cols is not None else None
-    need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                             or (sinks is not None and sinks.requires_grad))
     tr = p.transposed() if need_grad else None
     bank = None
     if p.mask_bank is not None:  # the kernel reads tiles as bytes
@@ -354,5 +381,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
                        p.mask_ids, bank, cidx, ccnt,
                        tr["q_num_blocks"] if tr else None, tr["q_indices"] if tr else None,
                        tr["q_slot"] if tr else None, qL, kL, qO, kO,
-                       p.block_q, p.block_k, bool(p.causal), scale, bool(packed), bool(even), _pattern_offset(p))
+                       p.block_q, p.block_k, bool(p.causal), scale, bool(packed), bool(even), _pattern_offset(p),
+                       sinks=None if sinks is None else sinks.contiguous(),
+                       softcap=0.0 if softcap is None else float(softcap))
     return out, lse

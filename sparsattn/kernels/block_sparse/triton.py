@@ -87,11 +87,36 @@ def _elem_mask(rows, cols, kv_len, off, bank_ptr, mid, tile_r, tile_c,
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from exp2 (portable: no libdevice); saturates to +-1 without overflow to NaN."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)  # 2 * log2(e)
+
+
+@triton.jit
+def _softcap(qk, cap2, SOFTCAP: tl.constexpr):
+    """Scores in log2 units -> ``cap2 * tanh(qk / cap2)`` with ``cap2 = softcap * log2(e)`` (Gemma 2's
+    ``softcap * tanh(s / softcap)`` in natural units); unchanged when not SOFTCAP."""
+    if SOFTCAP:
+        qk = cap2 * _tanh(qk / cap2)
+    return qk
+
+
+@triton.jit
+def _dsoftcap(ds, qk_capped, cap2, SOFTCAP: tl.constexpr):
+    """Chain rule through the cap: ``d tanh(x) / dx = 1 - tanh(x)^2`` with ``tanh = capped / cap2``."""
+    if SOFTCAP:
+        t = qk_capped / cap2
+        ds = ds * (1.0 - t * t)
+    return ds
+
+
+@triton.jit
 def _fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, cols, rows, offs_d, kv_len, qk_scale,
-              ok, MASKED: tl.constexpr, EVEN: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-              PREC: tl.constexpr):
+              ok, cap2, MASKED: tl.constexpr, EVEN: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+              PREC: tl.constexpr, SOFTCAP: tl.constexpr):
     kt = _load_rows_t(k_base, cols, offs_d, stride_kt, kv_len, D, BLOCK_D, EVEN).to(q.dtype)
     qk = tl.dot(q, kt, input_precision=PREC) * qk_scale
+    qk = _softcap(qk, cap2, SOFTCAP)
     if MASKED:
         qk = tl.where(ok, qk, float("-inf"))
     elif not EVEN:
@@ -112,13 +137,13 @@ def _bs_fwd_kernel(
     Q, K, V, O, LSE,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot, s_lb, s_lh,
     Q_OFF, Q_LEN, K_OFF, K_LEN,
-    FCNT, FIDX, PCNT, PIDX, MIDS, BANK, CIDX, CCNT,
+    FCNT, FIDX, PCNT, PIDX, MIDS, BANK, CIDX, CCNT, SINKS,
     s_fcb, s_fch, s_fib, s_fih, s_fiq, s_pcb, s_pch, s_pib, s_pih, s_piq, s_ccb, s_cch, s_cib, s_cih,
-    qk_scale, GROUP, PH_DIV, CH_DIV, P_OFF,
+    qk_scale, cap2, GROUP, PH_DIV, CH_DIV, P_OFF,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_KP: tl.constexpr, CAUSAL: tl.constexpr, HAS_BANK: tl.constexpr, HAS_COLS: tl.constexpr,
     EVEN: tl.constexpr, LOG_F: tl.constexpr, LOG_P: tl.constexpr, LIST_F: tl.constexpr, LIST_P: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -148,6 +173,11 @@ def _bs_fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_SINKS:
+        # the head's sink logit starts the online softmax: one term exp(sink) with no value, so the
+        # denominator (and the lse) include it and the output is scaled by 1 - P(sink)
+        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+        l_i += 1.0
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dummy_ok = offs_m[:, None] >= 0
 
@@ -163,13 +193,13 @@ def _bs_fwd_kernel(
             cols = kb * BLOCK_KP + (j % SUB) * BLOCK_N + offs_n
             ok = (cols[None, :] < kv_len) & (cols[None, :] <= offs_m[:, None] + off)
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, cols, offs_m, offs_d, kv_len,
-                                      qk_scale, ok, True, EVEN, D, BLOCK_D, PREC)
+                                      qk_scale, ok, cap2, True, EVEN, D, BLOCK_D, PREC, SOFTCAP)
     else:
         for j in range(0, n_full * SUB):
             kb = tl.load(f_list + j // SUB)
             cols = kb * BLOCK_KP + (j % SUB) * BLOCK_N + offs_n
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, cols, offs_m, offs_d, kv_len,
-                                      qk_scale, dummy_ok, False, EVEN, D, BLOCK_D, PREC)
+                                      qk_scale, dummy_ok, cap2, False, EVEN, D, BLOCK_D, PREC, SOFTCAP)
 
     p_list = PIDX + b * s_pib + ph * s_pih + pid_m * s_piq
     m_list = MIDS + b * s_pib + ph * s_pih + pid_m * s_piq
@@ -184,7 +214,7 @@ def _bs_fwd_kernel(
         cols = kb * BLOCK_KP + tc
         ok = _elem_mask(offs_m, cols, kv_len, off, BANK, mid, tile_r, tc, CAUSAL, HAS_BANK, BLOCK_KP, BANK_TILE)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, cols, offs_m, offs_d, kv_len,
-                                  qk_scale, ok, True, EVEN, D, BLOCK_D, PREC)
+                                  qk_scale, ok, cap2, True, EVEN, D, BLOCK_D, PREC, SOFTCAP)
 
     if HAS_COLS:
         ch = h // CH_DIV
@@ -200,7 +230,7 @@ def _bs_fwd_kernel(
             if CAUSAL:
                 ok = ok & (cols[None, :] <= offs_m[:, None] + off)
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_base, v_base, s_kt, s_vt, cols, offs_m, offs_d, kv_len,
-                                      qk_scale, ok, True, False, D, BLOCK_D, PREC)
+                                      qk_scale, ok, cap2, True, False, D, BLOCK_D, PREC, SOFTCAP)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -219,11 +249,11 @@ def _bwd_dq_kernel(
     Q_OFF, Q_LEN, K_OFF, K_LEN,
     FCNT, FIDX, PCNT, PIDX, MIDS, BANK, CIDX, CCNT,
     s_fcb, s_fch, s_fib, s_fih, s_fiq, s_pcb, s_pch, s_pib, s_pih, s_piq, s_ccb, s_cch, s_cib, s_cih,
-    sm_scale, qk_scale, GROUP, PH_DIV, CH_DIV, P_OFF,
+    sm_scale, qk_scale, cap2, GROUP, PH_DIV, CH_DIV, P_OFF,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_KP: tl.constexpr, CAUSAL: tl.constexpr, HAS_BANK: tl.constexpr, HAS_COLS: tl.constexpr,
     EVEN: tl.constexpr, LOG_F: tl.constexpr, LOG_P: tl.constexpr, LIST_F: tl.constexpr, LIST_P: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """dQ for one query block (q/do/dq share strides s_q*, O strides s_o* are for DO)."""
     pid_m = tl.program_id(0)
@@ -266,14 +296,15 @@ def _bwd_dq_kernel(
         cols = kb * BLOCK_KP + (j % SUB) * BLOCK_N + offs_n
         kt = _load_rows_t(k_base, cols, offs_d, s_kt, kv_len, D, BLOCK_D, EVEN).to(q.dtype)
         vt = _load_rows_t(v_base, cols, offs_d, s_vt, kv_len, D, BLOCK_D, EVEN).to(q.dtype)
-        qk = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        qk = _softcap(tl.dot(q, kt, input_precision=PREC) * qk_scale, cap2, SOFTCAP)
+        qc = qk  # capped, unmasked: the cap's derivative
         if not EVEN:
             qk = tl.where(cols[None, :] < kv_len, qk, float("-inf"))
         if off < P_OFF:  # this sequence's causal diagonal can cross a full block (see the forward)
             qk = tl.where(cols[None, :] <= offs_m[:, None] + off, qk, float("-inf"))
         p = tl.math.exp2(qk - lse2[:, None])
         dp = tl.dot(do, vt, input_precision=PREC)
-        ds = p * (dp - delta[:, None])
+        ds = _dsoftcap(p * (dp - delta[:, None]), qc, cap2, SOFTCAP)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
 
     p_list = PIDX + b * s_pib + ph * s_pih + pid_m * s_piq
@@ -290,11 +321,12 @@ def _bwd_dq_kernel(
         ok = _elem_mask(offs_m, cols, kv_len, off, BANK, mid, tile_r, tc, CAUSAL, HAS_BANK, BLOCK_KP, BANK_TILE)
         kt = _load_rows_t(k_base, cols, offs_d, s_kt, kv_len, D, BLOCK_D, EVEN).to(q.dtype)
         vt = _load_rows_t(v_base, cols, offs_d, s_vt, kv_len, D, BLOCK_D, EVEN).to(q.dtype)
-        qk = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        qk = _softcap(tl.dot(q, kt, input_precision=PREC) * qk_scale, cap2, SOFTCAP)
+        qc = qk  # capped, unmasked: the cap's derivative
         qk = tl.where(ok, qk, float("-inf"))
         p = tl.math.exp2(qk - lse2[:, None])
         dp = tl.dot(do, vt, input_precision=PREC)
-        ds = p * (dp - delta[:, None])
+        ds = _dsoftcap(p * (dp - delta[:, None]), qc, cap2, SOFTCAP)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
 
     if HAS_COLS:
@@ -315,11 +347,12 @@ def _bwd_dq_kernel(
                 ok = ok & (cols[None, :] <= offs_m[:, None] + off)
             kt = _load_rows_t(k_base, cols, offs_d, s_kt, kv_len, D, BLOCK_D, False).to(q.dtype)
             vt = _load_rows_t(v_base, cols, offs_d, s_vt, kv_len, D, BLOCK_D, False).to(q.dtype)
-            qk = tl.dot(q, kt, input_precision=PREC) * qk_scale
+            qk = _softcap(tl.dot(q, kt, input_precision=PREC) * qk_scale, cap2, SOFTCAP)
+            qc = qk
             qk = tl.where(ok, qk, float("-inf"))
             p = tl.math.exp2(qk - lse2[:, None])
             dp = tl.dot(do, vt, input_precision=PREC)
-            ds = p * (dp - delta[:, None])
+            ds = _dsoftcap(p * (dp - delta[:, None]), qc, cap2, SOFTCAP)
             dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PREC)
             # column dK/dV: [BLOCK_N, BLOCK_D], accumulated across query blocks with atomics
             dv_c = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
@@ -340,10 +373,10 @@ def _bwd_dkv_kernel(
     Q_OFF, Q_LEN, K_OFF, K_LEN,
     TCNT, TIDX, TSLOT, MIDS, BANK,
     s_tcb, s_tch, s_tib, s_tih, s_tik, s_pib, s_pih, s_piq,
-    sm_scale, qk_scale, GROUP, PH_DIV, MAX_FULL,
+    sm_scale, qk_scale, cap2, GROUP, PH_DIV, MAX_FULL,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_QP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, CAUSAL: tl.constexpr, HAS_BANK: tl.constexpr,
-    EVEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    EVEN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """dK, dV for one tile of BLOCK_N keys (DK/DV share K's/V's strides)."""
     pid_n = tl.program_id(0)
@@ -399,7 +432,8 @@ def _bwd_dkv_kernel(
             lse = tl.load(l_base + offs_m, mask=offs_m < q_len, other=float("-inf"))
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
             delta = tl.load(d_base + offs_m, mask=offs_m < q_len, other=0.0)
-            qk_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
+            qk_t = _softcap(tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale, cap2, SOFTCAP)  # [BLOCK_N, BLOCK_M]
+            qc_t = qk_t
             ok = offs_n[:, None] < kv_len
             if CAUSAL:  # full blocks lie below the diagonal, so this is exact for them too
                 ok = ok & (offs_n[:, None] <= offs_m[None, :] + off)
@@ -412,7 +446,7 @@ def _bwd_dkv_kernel(
             p_t = tl.math.exp2(qk_t - lse2[None, :])
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=PREC)
             dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
-            ds_t = p_t * (dp_t - delta[None, :])
+            ds_t = _dsoftcap(p_t * (dp_t - delta[None, :]), qc_t, cap2, SOFTCAP)
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PREC)
 
     dk = dk * sm_scale

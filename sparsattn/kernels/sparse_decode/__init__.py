@@ -14,7 +14,7 @@ import torch
 
 from ...patterns import TokenPattern
 from .. import backends as _backends
-from .._checks import check_scale
+from .._checks import check_scale, check_sinks, check_softcap
 from .reference import paged_to_contiguous, row_lens, sparse_decode_reference
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -49,7 +49,8 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             pattern: Optional[TokenPattern] = None, *, scale: Optional[float] = None,
                             kv_lens=None, return_lse: bool = False, backend: Optional[str] = None,
                             log_weight: Optional[torch.Tensor] = None, block_table: Optional[torch.Tensor] = None,
-                            validate: bool = True, num_splits: Optional[int] = None):
+                            validate: bool = True, num_splits: Optional[int] = None,
+                            softcap: Optional[float] = None, sinks: Optional[torch.Tensor] = None):
     """sparse_decode_attention: decode attention of one query token on selected KV-cache tokens/pages.
 
     Args:
@@ -76,6 +77,10 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         validate: run the O(selection) checks (indices in range of ``kv_lens``, sorted, counts
             within the cache); benchmarks may turn it off. Cheap shape checks always run.
         num_splits: split-K slices per (batch, row); None chooses from the GPU size.
+        softcap: logit soft-capping (Gemma 2): scores ``softcap * tanh(q.k * scale / softcap)``, applied
+            before ``log_weight``; a positive number or None.
+        sinks: float ``[Hq]`` learned sink logits (gpt-oss): one softmax term per query head with no
+            value; the lse includes it. Decode is forward-only (no gradient).
 
     Returns:
         ``out [B, Hq, D]`` in q's dtype (and ``lse`` when ``return_lse``). Rows with no selected
@@ -121,6 +126,8 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         T = k_cache.shape[2]
     scale = check_scale(scale)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    softcap = check_softcap(softcap)
+    sinks = check_sinks(sinks, Hq, q.device, values=validate)
     if kv_lens is None:
         kl = torch.full((B,), T, dtype=torch.int32, device=q.device)
     else:
@@ -171,13 +178,14 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         impl = _impl()
         if impl.sparse_decode_op is not None and _compiling():
             out, lse = impl.sparse_decode_op(q, k_cache, v_cache, idx, cnt, kl, log_weight, block_table, scale, P,
-                                        int(num_splits or 0))
+                                        int(num_splits or 0), softcap or 0.0, sinks)
         else:
             out, lse = impl.sparse_decode_triton(q, k_cache, v_cache, idx, cnt, kl, scale=scale, page_size=P,
-                                            log_weight=log_weight, block_table=block_table, num_splits=num_splits)
+                                            log_weight=log_weight, block_table=block_table, num_splits=num_splits,
+                                            softcap=softcap, sinks=sinks)
     else:
         out, lse = sparse_decode_reference(q, k_cache, v_cache, pattern, scale=scale, kv_lens=kl,
-                                           log_weight=log_weight, block_table=block_table)
+                                           log_weight=log_weight, block_table=block_table, softcap=softcap, sinks=sinks)
     return (out, lse) if return_lse else out
 
 

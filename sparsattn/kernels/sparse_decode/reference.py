@@ -81,14 +81,16 @@ def selected_tokens(pattern: Optional[TokenPattern], kv_lens: torch.Tensor, T: i
 def sparse_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             pattern: Optional[TokenPattern], *, scale: Optional[float] = None,
                             kv_lens: Optional[torch.Tensor] = None, log_weight: Optional[torch.Tensor] = None,
-                            block_table: Optional[torch.Tensor] = None):
+                            block_table: Optional[torch.Tensor] = None, softcap: Optional[float] = None,
+                            sinks: Optional[torch.Tensor] = None):
     """sparse_decode_reference: decode attention of ``q [B, Hq, D]`` on the selected cache tokens.
 
     ``k_cache, v_cache``: ``[B, Hkv, T, D]``, or pages ``[n_pages, Hkv, P, D]`` with ``block_table``
     ``[B, max_pages]`` (then ``T = max_pages * P``). ``kv_lens``: ``[B]`` or per KV head ``[B, Hkv]``.
     ``log_weight`` ``[B, Hp, max_n]`` is added to
-    the logit of each selected entry (natural log). Returns ``(out [B, Hq, D] in q.dtype,
-    lse [B, Hq] float32)``. Inputs are assumed validated by the caller.
+    the logit of each selected entry (natural log). ``softcap``: scores ``softcap * tanh(s / softcap)``
+    (before the log-weights); ``sinks [Hq]``: learned sink logits in the denominator (and the lse).
+    Returns ``(out [B, Hq, D] in q.dtype, lse [B, Hq] float32)``. Inputs are assumed validated by the caller.
     """
     B, Hq, D = q.shape
     if block_table is not None:
@@ -114,10 +116,16 @@ def sparse_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     kg = torch.gather(kk, 2, t[..., None].expand(-1, -1, -1, kk.shape[-1]))  # [B, Hq, n, D]
     vg = torch.gather(vv, 2, t[..., None].expand(-1, -1, -1, vv.shape[-1]))
     s = torch.einsum("bhd,bhnd->bhn", q.float(), kg) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     if lw is not None:
         s = s + lw
     s = s.masked_fill(~valid, float("-inf"))
-    lse = torch.logsumexp(s, -1) if s.shape[-1] else torch.full((B, Hq), float("-inf"), device=q.device)
+    if sinks is not None:  # one more softmax term per head, with no value
+        s_all = torch.cat([s, sinks.float()[None, :, None].expand(B, Hq, 1)], -1)
+        lse = torch.logsumexp(s_all, -1)
+    else:
+        lse = torch.logsumexp(s, -1) if s.shape[-1] else torch.full((B, Hq), float("-inf"), device=q.device)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     p = torch.where(valid, torch.exp(s - safe[..., None]), torch.zeros_like(s))
     out = torch.einsum("bhn,bhnd->bhd", p, vg)

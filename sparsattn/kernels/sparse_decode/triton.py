@@ -27,8 +27,8 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _decode_kernel(Q, K, V, IDX, CNT, LW, KVL, BT, O, L, OF, LF, SEM,
-                   qk_scale,
+def _decode_kernel(Q, K, V, IDX, CNT, LW, KVL, BT, O, L, OF, LF, SEM, SINKS,
+                   qk_scale, cap2,
                    stride_qb, stride_qh,
                    stride_kb, stride_kh, stride_kt,
                    stride_vb, stride_vh, stride_vt,
@@ -41,7 +41,8 @@ def _decode_kernel(Q, K, V, IDX, CNT, LW, KVL, BT, O, L, OF, LF, SEM,
                    GP: tl.constexpr, ROWS_PER_KV: tl.constexpr, PAGE: tl.constexpr, CPS: tl.constexpr,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                    DENSE: tl.constexpr, PAGED: tl.constexpr, HAS_LW: tl.constexpr, DIRECT: tl.constexpr,
-                   FUSED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                   FUSED: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                   SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr):
     b = tl.program_id(0)
     r = tl.program_id(1)
     sp = tl.program_id(2)
@@ -65,6 +66,13 @@ def _decode_kernel(Q, K, V, IDX, CNT, LW, KVL, BT, O, L, OF, LF, SEM,
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    if HAS_SINKS:
+        # split 0 starts its online softmax with the head's sink logit (a term exp(sink) with no value):
+        # its partial lse then carries the sink, and the LSE merge counts it exactly once
+        first = (offs_h * 0 + sp) == 0
+        sk = tl.load(SINKS + qh, mask=hmask, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_i = tl.where(first, sk, m_i)
+        l_i = tl.where(first, 1.0, l_i)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     for j0 in range(start, end, BLOCK_N):
         offs_j = j0 + tl.arange(0, BLOCK_N)
@@ -91,6 +99,8 @@ def _decode_kernel(Q, K, V, IDX, CNT, LW, KVL, BT, O, L, OF, LF, SEM,
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BLOCK_H, BLOCK_N], log2 units
+        if SOFTCAP:  # cap2 * tanh(s / cap2), cap2 = softcap * log2(e); tanh from exp2 (saturates, no NaN)
+            s = cap2 * (1.0 - 2.0 / (tl.exp2(s / cap2 * 2.8853900817779268) + 1.0))
         if HAS_LW:
             w = tl.load(LW + b * stride_wb + r * stride_wr + e, mask=jmask, other=0.0)
             s = s + w[None, :] * 1.4426950408889634
@@ -227,13 +237,15 @@ def choose_splits(n_programs: int, max_sel: int, block_n: int, device) -> int:
 
 def sparse_decode_triton(q, k_cache, v_cache, indices, counts, kv_lens, *, scale, page_size, log_weight=None,
                          block_table=None, num_splits=None, block_n=None, num_warps=4, num_stages=None,
-                         fused_merge=True):
+                         fused_merge=True, softcap=None, sinks=None):
     """sparse_decode_triton: launch the decode kernel on validated inputs (see ``sparse_decode_attention``).
 
     ``indices [B', R, max_n]`` / ``counts [B', R]`` (``B'`` = 1 or B; R = pattern rows, 1, Hkv or Hq)
     or None for dense; ``kv_lens`` int32 ``[B]`` (or ``[B, Hkv]`` per KV head) on the device.
     ``fused_merge``: merge the split-K partials inside the one launch (default) or in a second
     kernel. ``num_stages``: Triton's software pipelining depth (None = Triton's default).
+    ``softcap`` (positive float) caps the scores before the log-weights; ``sinks`` float ``[Hq]`` are
+    learned sink logits in every row's denominator (in the returned lse too).
     Returns ``(out [B, Hq, D], lse [B, Hq])``.
     """
     B, Hq, D = q.shape
@@ -308,7 +320,8 @@ def sparse_decode_triton(q, k_cache, v_cache, indices, counts, kv_lens, *, scale
     extra = {} if num_stages is None else {"num_stages": num_stages}
     _decode_kernel[grid](
         q, k_cache, v_cache, idx, cnt, lw, kv_lens, bt, o_t, l_t, out, lse, sem,
-        qk_scale,
+        _dummy(q.device, torch.float32) if sinks is None else sinks.contiguous(),
+        qk_scale, float(softcap) * LOG2E if softcap else 1.0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -321,7 +334,7 @@ def sparse_decode_triton(q, k_cache, v_cache, indices, counts, kv_lens, *, scale
         GP=GP, ROWS_PER_KV=ROWS_PER_KV, PAGE=page_size, CPS=cps,
         D=D, BLOCK_D=BLOCK_D, BLOCK_H=BLOCK_H, BLOCK_N=block_n,
         DENSE=dense, PAGED=paged, HAS_LW=log_weight is not None, DIRECT=direct, FUSED=fused, PREC=prec,
-        UPCAST=upcast, num_warps=num_warps, **extra,
+        UPCAST=upcast, SOFTCAP=bool(softcap), HAS_SINKS=sinks is not None, num_warps=num_warps, **extra,
     )
     if direct or fused:
         return out, lse
@@ -343,13 +356,16 @@ def _register_op():
     def sparse_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, indices: Optional[torch.Tensor],
                          counts: Optional[torch.Tensor], kv_lens: torch.Tensor, log_weight: Optional[torch.Tensor],
                          block_table: Optional[torch.Tensor], scale: float, page_size: int,
-                         num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+                         num_splits: int, softcap: float = 0.0,
+                         sinks: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         out, lse = sparse_decode_triton(q, k_cache, v_cache, indices, counts, kv_lens, scale=scale, page_size=page_size,
-                                        log_weight=log_weight, block_table=block_table, num_splits=num_splits or None)
+                                        log_weight=log_weight, block_table=block_table, num_splits=num_splits or None,
+                                        softcap=softcap or None, sinks=sinks)
         return out, lse
 
     @sparse_decode_op.register_fake
-    def _(q, k_cache, v_cache, indices, counts, kv_lens, log_weight, block_table, scale, page_size, num_splits):
+    def _(q, k_cache, v_cache, indices, counts, kv_lens, log_weight, block_table, scale, page_size, num_splits,
+          softcap=0.0, sinks=None):
         B, Hq, D = q.shape
         return q.new_empty(B, Hq, D), q.new_empty(B, Hq, dtype=torch.float32)
 
