@@ -1,19 +1,24 @@
-"""methods_table: fit the calibrated prefill methods on the bundled model and measure every
-registered prefill method on it (CPU): attention fidelity on captured q/k/v and passkey accuracy.
+"""methods_table: the registry table of docs/methods.md, the shipped calibrations of the bundled model,
+and a fidelity + passkey table of every registered prefill method on it (CPU). Everything comes from
+the method registry and the methods' own presets: no method is named here.
 
 Subcommands:
 
-* ``calibrate``: fit MInference (per-head pattern search, arXiv 2407.02490), RazorAttention
-  (echo/induction heads on repeated random tokens, arXiv 2407.15891), MoA (profiled elastic
-  spans, arXiv 2406.14909) and, with ``--seer-minutes > 0``, SeerAttention gates (arXiv
-  2410.13276) on the bundled model through ``sparsattn calibrate <method>`` (``sparsattn.calibrate``);
-  writes the files into ``sparsattn/models/bundled/calibration/`` plus ``provenance.json``.
-* ``table`` (default): for every registered prefill method (two or three settings each, the
-  calibrated ones from the shipped files), fidelity against dense attention on q/k/v captured
-  from held-out prompts (attention recall, top-10 recall, relative output error, density; mean
-  over the chosen layers and heads), and passkey accuracy at 4K (noise haystack, 5 depths,
-  greedy generation under ``sparsattn.integrations.hf.patched(..., backend="reference")``).
-  Writes a CSV and a Pareto plot (recall and passkey accuracy vs density).
+* ``registry``: the "Registered methods" table of ``docs/methods.md`` from the registry alone (name,
+  ``paper``, ``phase``, ``needs`` + ``calibration_kind``, dataclass defaults); ``--write`` replaces the
+  table in the document, ``--check`` exits 1 when the document's table differs.
+* ``calibrate``: regenerate the shipped calibrations (``sparsattn calibrate <method>`` for every
+  calibrated method whose shipped file exists, or ``--which``; method options as
+  ``--set METHOD.OPTION=VALUE``); each updates ``provenance.json``.
+* ``table`` (default): for every registered prefill method, its fixed settings
+  (``Method.fixed_settings``: dense, the shipped calibrations) and its density preset
+  (``Method.density_knob`` at its first guess) for targets 0.05 and 0.1 at the prompt length,
+  calibrated methods on the shipped files: fidelity against dense attention on q/k/v captured from
+  held-out prompts (attention recall, top-10 recall, relative output error, density; mean over the
+  chosen layers and heads), and passkey accuracy (noise haystack, 5 depths, greedy generation under
+  ``sparsattn.integrations.hf.patched(..., backend="reference")``), with the unpatched model
+  (``sdpa_dense``) as the reference row. Writes a CSV and a Pareto plot (recall and passkey
+  accuracy vs density).
 
 Run ``python scripts/methods_table.py table --quick`` for a fast smoke run (one prompt, two
 layers, two depths, one setting per method).
@@ -22,26 +27,29 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import platform
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from sparsattn.models import bundled_path
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from sparsattn.models import bundled_path  # noqa: E402
-
-CAL_DIR = ROOT / "sparsattn" / "models" / "bundled" / "calibration"
+DOC = ROOT / "docs" / "methods.md"
 OUT_CSV = ROOT / "docs" / "results" / "methods_bundled_cpu_2026-11-28.csv"
-#: SeerAttention gate directory (not shipped by default: see docs/methods.md); override with --seer-gate
-SEER_GATE = CAL_DIR / "seer_gate"
 OUT_PNG = ROOT / "docs" / "results" / "methods_bundled_cpu_2026-11-28.png"
+#: the density targets of the table's preset settings
+TARGETS = (0.05, 0.1)
+#: the reference row: the unpatched model (transformers SDPA), no method
+REFERENCE = ("sdpa_dense", "unpatched model", None)
+
 
 def load(dtype=torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -53,20 +61,120 @@ def load(dtype=torch.float32):
 
 
 # ----------------------------------------------------------------------------------------------
+# the registry table
+# ----------------------------------------------------------------------------------------------
+
+def _defaults(cls) -> str:
+    parts = []
+    for f in dataclasses.fields(cls):
+        if f.name.startswith("_"):
+            continue
+        if f.default is not dataclasses.MISSING:
+            v = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            v = f.default_factory()
+        else:
+            parts.append(f"{f.name} (required)")
+            continue
+        parts.append(f"{f.name}={v!r}")
+    return ", ".join(parts)
+
+
+def registry_rows() -> list[dict]:
+    """One row per registered method (prefill, decode, train; by name within a phase), from the class alone."""
+    from sparsattn.methods import list_methods, method_class
+    from sparsattn.methods.base import Method
+
+    rows = []
+    for phase in ("prefill", "decode", "train"):
+        for name in list_methods(phase):
+            cls = method_class(name)
+            ph = phase + (" (computes its output: `Method.attend`, no pattern)" if cls.attend is not Method.attend else "")
+            cal = "no"
+            if cls.needs:
+                kind = getattr(cls, "calibration_kind", "")
+                cal = f"{', '.join(cls.needs)} ({kind}{'; ' if kind else ''}`sparsattn calibrate {name}`)"
+            rows.append({"method": name, "paper": cls.paper, "phase": ph, "calibration": cal,
+                         "defaults": _defaults(cls)})
+    return rows
+
+
+def registry_table() -> str:
+    """The markdown table of ``registry_rows`` (header, rule and one line per method)."""
+    lines = ["| method | paper (arXiv) | phase | calibration | defaults |", "|---|---|---|---|---|"]
+    for r in registry_rows():
+        cells = [f"`{r['method']}`", r["paper"], r["phase"], r["calibration"], r["defaults"]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _table_span(text: str) -> tuple[int, int]:
+    """(start, end) offsets of the registry table in ``docs/methods.md`` (ValueError when absent)."""
+    head = "| method | paper (arXiv) |"
+    start = text.find(head)
+    if start < 0:
+        raise ValueError(f"doc: no registry table (a line starting {head!r}) in {DOC}")
+    end = text.find("\n\n", start)
+    return start, (len(text) if end < 0 else end)
+
+
+def registry(write: bool = False, check: bool = False, doc: Path = DOC) -> int:
+    """Print the registry table; ``write``: replace it in ``doc``; ``check``: 1 when ``doc`` differs."""
+    table = registry_table()
+    text = Path(doc).read_text()
+    a, b = _table_span(text)
+    same = text[a:b] == table
+    if write and not same:
+        Path(doc).write_text(text[:a] + table + text[b:])
+        print(f"wrote the registry table of {doc}")
+    elif check:
+        print(f"{doc}: registry table {'up to date' if same else 'differs from the registry'}")
+        return 0 if same else 1
+    else:
+        print(table)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # calibration
 # ----------------------------------------------------------------------------------------------
 
-def calibrate(which: list[str], seer_minutes: float, seer_steps: int, moa_samples: int = 1, moa_answer_len: int = 16) -> None:
-    """Regenerate the shipped calibrations: one ``sparsattn calibrate <method>`` per entry of ``which``
-    (``seer`` = ``seer_attention``, only with ``seer_minutes > 0``); each updates provenance.json."""
+def _parse_sets(items) -> dict:
+    """``["moa.samples_per_length=2", ...]`` -> ``{"moa": {"samples_per_length": 2}}`` (values as JSON, else str)."""
+    out: dict = {}
+    for it in items or []:
+        key, sep, val = it.partition("=")
+        name, dot, opt = key.partition(".")
+        if not (sep and dot and name and opt):
+            raise SystemExit(f"--set: expected METHOD.OPTION=VALUE, got {it!r}")
+        try:
+            v = json.loads(val)
+        except json.JSONDecodeError:
+            v = val
+        out.setdefault(name, {})[opt] = v
+    return out
+
+
+def shipped_calibrations() -> dict:
+    """{method: path} of the calibrations shipped with the bundled model (the calibrated methods'
+    default output files that exist)."""
+    from sparsattn.calibrate import calibrated_methods, calibrator, shipped_dir
+
+    out = {}
+    for name in calibrated_methods():
+        path = shipped_dir() / calibrator(name).OUT
+        if path.exists():
+            out[name] = str(path)
+    return out
+
+
+def calibrate(which: list[str], options: dict) -> None:
+    """Regenerate calibrations: one ``sparsattn calibrate <method>`` per entry of ``which`` (default:
+    every calibrated method whose shipped file exists) with ``options[method]``; each updates
+    provenance.json."""
     from sparsattn.calibrate import calibrate as run_calibration
 
-    options = {"moa": {"samples_per_length": moa_samples, "answer_len": moa_answer_len},
-               "seer_attention": {"minutes": seer_minutes, "steps": seer_steps}}
-    for name in which:
-        name = {"seer": "seer_attention"}.get(name.strip(), name.strip())
-        if name == "seer_attention" and seer_minutes <= 0:
-            continue
+    for name in which or sorted(shipped_calibrations()):
         m, rec = run_calibration(name, **options.get(name, {}))
         print(f"{name}: {m.path} ({rec['seconds']} s)")
 
@@ -75,41 +183,43 @@ def calibrate(which: list[str], seer_minutes: float, seer_steps: int, moa_sample
 # settings
 # ----------------------------------------------------------------------------------------------
 
-def settings(quick: bool) -> list[tuple[str, str, dict]]:
-    """(method, label, config) per row; configs chosen for a 4K context (densities ~5-30%)."""
-    c = CAL_DIR
-    s = [
-        ("dense", "dense", {}),
-        ("a_shape", "sink64+local192", {"n_init": 64, "n_local": 192}),
-        ("a_shape", "sink64+local448", {"n_init": 64, "n_local": 448}),
-        ("vertical_slash", "v100/s200", {"v_size": 100, "s_size": 200}),
-        ("vertical_slash", "v300/s500", {"v_size": 300, "s_size": 500}),
-        ("vertical_slash", "v64/s16", {"v_size": 64, "s_size": 16}),
-        ("block_sparse", "top4", {"top_k": 4}),
-        ("block_sparse", "top8", {"top_k": 8}),
-        ("hip", "k128/sw128", {"mask_k": 128, "sliding_window_size": 128}),
-        ("hip", "k256/sw256", {"mask_k": 256, "sliding_window_size": 256}),
-        ("longheads", "w128/len512", {"window_size": 128, "atten_length": 512}),
-        ("longheads", "w256/len1024/mean-keys", {"window_size": 256, "atten_length": 1024, "chunk_key": "mean"}),
-        ("masformer", "full{0}+ashape(64,192)", {"full_layers": (0,), "inner": "a_shape",
-                                                 "inner_config": {"n_init": 64, "n_local": 192}}),
-        ("masformer", "full{0,4}+ashape(64,192)", {"full_layers": (0, 4), "inner": "a_shape",
-                                                   "inner_config": {"n_init": 64, "n_local": 192}}),
-        ("oracle_topk", "d0.05", {"density": 0.05}),
-        ("oracle_topk", "d0.10", {"density": 0.10}),
-        ("s2_attention", "local2/stride16", {"local_blocks": 2, "vert_stride": 16}),
-        ("s2_attention", "local4/stride8", {"local_blocks": 4, "vert_stride": 8}),
-        ("minference", "calibrated", {"path": str(c / "minference.json")}),
-        ("razor", "win256 (C=16)", {"path": str(c / "razor.json"), "min_window": 256, "compression": 16.0}),
-        ("razor", "win512 (C=8)", {"path": str(c / "razor.json"), "min_window": 512, "compression": 8.0}),
-        ("moa", "calibrated b0.5", {"path": str(c / "moa.json")}),
-        ("seer_attention", "nz0.10", {"path": str(SEER_GATE), "nz_ratio": 0.10}),
-    ]
-    missing = [(m, lab) for m, lab, cfg in s
-               if any(k in ("path", "plan_path", "gate_path") and not Path(v).exists() for k, v in cfg.items())]
-    for m, lab in missing:
-        print(f"skip {m} {lab}: calibration file missing (run `calibrate` first)")
-    s = [x for x in s if (x[0], x[1]) not in missing]
+def preset_context(calibrations=None, **fields):
+    """The ``PresetContext`` of the bundled model (8 layers, 8 query heads, 2 KV heads, block 64) with
+    the shipped calibrations, overridden by ``calibrations`` ({method: path}) and ``fields`` (e.g.
+    ``work_dir``, where a preset writes derived calibrations)."""
+    from sparsattn.methods.base import PresetContext
+
+    cfg = json.loads((Path(bundled_path()) / "config.json").read_text())
+    kw = dict(n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+              group_size=cfg["num_attention_heads"] // cfg["num_key_value_heads"], block_size=64)
+    kw.update(fields)
+    return PresetContext(calibrations={**shipped_calibrations(), **(calibrations or {})}, **kw)
+
+
+def settings(quick: bool, *, T: int = 4096, ctx=None, targets=TARGETS, reference: bool = True) -> list[tuple]:
+    """(method, label, config) per row: the reference row (config None: the unpatched model), then per
+    registered prefill method its fixed settings and its density preset at each target (the knob's
+    first guess at length ``T``). ``quick``: one setting per method."""
+    from sparsattn.methods import list_methods, method_class
+
+    ctx = ctx if ctx is not None else preset_context()
+    s = [REFERENCE] if reference else []
+    for name in list_methods("prefill"):
+        cls = method_class(name)
+        rows = []
+        try:
+            for fs in cls.fixed_settings(T, ctx):
+                rows.append((name, fs.label, dict(fs.config)))
+            for d in targets:
+                knob = cls.density_knob(T, d, ctx)
+                if knob is not None:
+                    rows.append((name, f"d{d:g}: {knob.label(knob.guess)}", knob.config(knob.guess)))
+        except (ValueError, OSError) as e:  # e.g. a calibration neither shipped nor given
+            print(f"skip {name}: {e}")
+            continue
+        if not rows:
+            print(f"skip {name}: no fixed setting and no density preset")
+        s += rows
     seen, first, rest = set(), [], []
     for x in s:  # one setting per method first, so that a partial run covers every method
         (rest if x[0] in seen else first).append(x)
@@ -146,12 +256,9 @@ def fidelity_one(m, name, caps, scales, layers, rows) -> dict:
             if l > max(layers):
                 break
             q, k, v, qp, kp = cap[l]
-            ctx = SelectContext(layer=l, causal=True, scale=scales[l],
-                                q_offset=0, state=state,
-                                extras={"phase": "prefill", "q_lens": None, "kv_lens": None,
-                                        "padding_side": "right", "sliding_window": None,
-                                        "num_kv_groups": q.shape[1] // k.shape[1],
-                                        "q_pre_rope": qp, "k_pre_rope": kp, "v": v})
+            ctx = SelectContext(layer=l, causal=True, scale=scales[l], q_offset=0, state=state, phase="prefill",
+                                padding_side="right", num_kv_groups=q.shape[1] // k.shape[1],
+                                q_pre_rope=qp, k_pre_rope=kp, v=v)
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -253,10 +360,12 @@ def table(args) -> None:
     if args.quick:
         layers, n_prompts, depths = [0, n_layers - 1], 1, [0.1, 0.9]
         args.fid_rows = 256
-    setups = settings(args.quick)
+    cals = dict(c.split("=", 1) for c in args.calibration or [])
+    work = tempfile.TemporaryDirectory(prefix="methods_table_")  # derived calibrations (e.g. retrieval-head subsets)
+    setups = settings(args.quick, T=args.length, ctx=preset_context(cals, n_layers=n_layers, work_dir=work.name))
     if args.methods:
         keep = set(args.methods.split(","))
-        setups = [s for s in setups if s[0] in keep or s[0] == "dense"]
+        setups = [s for s in setups if s[0] in keep or s[2] is None]  # the reference row always
     print(f"{len(setups)} settings, layers {layers}, {n_prompts} prompt(s) x {args.length} tokens "
           f"(fidelity on the last {args.fid_rows or args.length} query rows), depths {depths}", flush=True)
     from sparsattn.methods.base import get_method
@@ -291,7 +400,7 @@ def table(args) -> None:
         r = {"method": name, "setting": label}
         m = None
         try:
-            m = None if name == "dense" else get_method(name, **cfg)
+            m = None if cfg is None else get_method(name, **cfg)
             if not args.no_fidelity:
                 r.update(fidelity_one(m, name, caps, scales, layers, args.fid_rows or None))
         except Exception as e:  # recorded in the CSV, the other settings still run
@@ -308,8 +417,8 @@ def table(args) -> None:
             if "passkey_acc" in r:
                 print(f"  {'':15s} {'':26s} passkey={r['passkey_acc']:.0f} [{r['passkey_by_depth']}] "
                       f"{r['passkey_s']:.0f}s", flush=True)
-        r["config"] = json.dumps({k: (Path(v).name if k.endswith("path") else v) for k, v in cfg.items()},
-                                 sort_keys=True)
+        r["config"] = json.dumps({k: (Path(v).name if k.endswith("path") and isinstance(v, str) else v)
+                                  for k, v in (cfg or {}).items()}, sort_keys=True, default=str)
         rows.append(r)
         with open(out_csv, "w", newline="") as fh:  # rewritten after every setting (partial runs keep rows)
             w = csv.DictWriter(fh, fieldnames=COLS, extrasaction="ignore")
@@ -360,15 +469,15 @@ def merge(fid_csv: str, pk_csv: str, out_csv: str, out_png: str, title: str) -> 
 
 
 def main(argv=None) -> int:
-    global SEER_GATE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd")
-    c = sub.add_parser("calibrate", help="fit minference / razor / moa / seer gates into the package")
-    c.add_argument("--which", default="minference,razor,moa", help="comma list of minference,razor,moa,seer")
-    c.add_argument("--seer-minutes", type=float, default=4.0)
-    c.add_argument("--seer-steps", type=int, default=80)
-    c.add_argument("--moa-samples", type=int, default=1)
-    c.add_argument("--moa-answer-len", type=int, default=16)
+    rg = sub.add_parser("registry", help="the registered-methods table of docs/methods.md, from the registry")
+    rg.add_argument("--write", action="store_true", help="replace the table in docs/methods.md")
+    rg.add_argument("--check", action="store_true", help="exit 1 when docs/methods.md's table differs")
+    c = sub.add_parser("calibrate", help="regenerate the shipped calibrations (sparsattn calibrate <method>)")
+    c.add_argument("--which", default="", help="comma list of calibrated methods (default: those shipped)")
+    c.add_argument("--set", action="append", default=[], metavar="METHOD.OPTION=VALUE",
+                   help="an option of one method's calibration (see `sparsattn calibrate METHOD --help`)")
     mg = sub.add_parser("merge", help="join a --no-passkey and a --no-fidelity run into one CSV + plot")
     mg.add_argument("fid_csv")
     mg.add_argument("pk_csv")
@@ -382,7 +491,7 @@ def main(argv=None) -> int:
         p.add_argument("--prompts", type=int, default=1)
         p.add_argument("--layers", default="", help="comma list (default all)")
         p.add_argument("--depths", default="0.0,0.25,0.5,0.75,1.0")
-        p.add_argument("--methods", default="", help="comma list to restrict (dense always kept)")
+        p.add_argument("--methods", default="", help="comma list to restrict (the reference row always kept)")
         p.add_argument("--no-passkey", action="store_true")
         p.add_argument("--no-fidelity", action="store_true")
         p.add_argument("--max-new-tokens", type=int, default=12)
@@ -391,15 +500,16 @@ def main(argv=None) -> int:
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--fid-rows", type=int, default=1024, help="fidelity on the last this many query rows (0 = all)")
         p.add_argument("--resume", action="store_true", help="keep rows already in the CSV, run the others")
-        p.add_argument("--seer-gate", default=str(SEER_GATE), help="SeerAttention gate directory")
+        p.add_argument("--calibration", action="append", default=[], metavar="METHOD=PATH",
+                       help="a calibration to use instead of the shipped one (repeatable)")
     a = ap.parse_args(argv)
-    if getattr(a, "seer_gate", None):
-        SEER_GATE = Path(a.seer_gate)
     torch.set_num_threads(getattr(a, "threads", 2))
+    if a.cmd == "registry":
+        return registry(write=a.write, check=a.check)
     if a.cmd == "merge":
         merge(a.fid_csv, a.pk_csv, a.out_csv, a.out_png, a.title)
     elif a.cmd == "calibrate":
-        calibrate(a.which.split(","), a.seer_minutes, a.seer_steps, a.moa_samples, a.moa_answer_len)
+        calibrate([w.strip() for w in a.which.split(",") if w.strip()], _parse_sets(a.set))
     else:
         if a.cmd is None:
             a = ap.parse_args(["table"] + list(argv or sys.argv[1:]))
