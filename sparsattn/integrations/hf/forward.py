@@ -26,6 +26,18 @@ _ATTR = "_sparsattn_layer"
 _DEFAULT_BLOCK = 64
 
 
+def _logit_extras(kw: dict) -> dict:
+    """``softcap`` (Gemma 2's attn_logit_softcapping) and ``sinks`` (gpt-oss passes its learned sink
+    logits as ``s_aux``) from transformers' attention keywords: only those given."""
+    extra = {}
+    if kw.get("softcap") is not None:
+        extra["softcap"] = kw["softcap"]
+    sinks = kw.get("s_aux", kw.get("sinks"))
+    if sinks is not None:
+        extra["sinks"] = sinks
+    return extra
+
+
 def default_backend() -> Optional[str]:
     """default_backend: ``sparsattn.integrations.hf.DEFAULT_BACKEND`` (read at call time, so setting the
     package attribute takes effect)."""
@@ -114,12 +126,7 @@ class _Layer:
 
     # -- main --------------------------------------------------------------------------------------
     def forward(self, module, q, k, v, mask, dropout, scaling, kw):
-        if kw.get("softcap") is not None:
-            raise ValueError(f"attention logit softcapping (softcap={kw['softcap']}) is not supported by the "
-                             "sparsattn kernels; unpatch the model or disable attn_logit_softcapping")
-        for name in ("s_aux", "sinks"):
-            if kw.get(name) is not None:
-                raise ValueError(f"learned attention sinks ({name}) are not supported by the sparsattn kernels")
+        extra = _logit_extras(kw)  # Gemma 2's softcap, gpt-oss's sinks (s_aux): passed to every path below
         if dropout and module.training:
             raise ValueError(f"dropout: attention dropout ({dropout}) is not supported by sparsattn; "
                              "call model.eval() or set attention_dropout=0")
@@ -130,15 +137,18 @@ class _Layer:
         scale = float(scaling) if scaling is not None else getattr(module, "scaling", None)
         cache = frame.get("cache")
         if isinstance(cache, SparseCache):  # a KV policy left per-head lengths or merged-slot weights
+            if extra and cache.needs_attend(self.index):
+                raise ValueError(f"layer {self.index}: a KV policy's per-head rows are attended without "
+                                 f"{' and '.join(extra)} support; use the policy on a model without them")
             out = cache.attend(self.index, q, k, v, scale=scale, backend=self._be())
             if out is not None:
                 return out.transpose(1, 2).contiguous(), None
         if isinstance(mask, torch.Tensor):
             log.debug("sparsattn layer %d: 4-D mask from transformers: dense SDPA fallback", self.index)
-            return _dense_masked(q, k, v, mask, scale).transpose(1, 2).contiguous(), None
+            return _dense_masked(q, k, v, mask, scale, **extra).transpose(1, 2).contiguous(), None
         if not getattr(module, "is_causal", True):
             log.debug("sparsattn layer %d: non-causal attention: dense fallback", self.index)
-            out = _attention(q, k, v, None, causal=False, scale=scale)
+            out = _attention(q, k, v, None, causal=False, scale=scale, **extra)
             return out.transpose(1, 2).contiguous(), None
         if isinstance(mask, MaskInfo):
             window = mask.window if mask.kind == "sliding" else None
@@ -148,7 +158,7 @@ class _Layer:
         if isinstance(lens, tuple) and isinstance(lens[0], str):
             log.debug("sparsattn layer %d: %s: dense SDPA fallback", self.index, lens[1])
             keep = self._explicit_mask(mask, window, Tq, Tk, q.device)
-            return _dense_masked(q, k, v, keep, scale).transpose(1, 2).contiguous(), None
+            return _dense_masked(q, k, v, keep, scale, **extra).transpose(1, 2).contiguous(), None
         q_lens, kv_lens, side = lens if lens is not None else (None, None, "right")
         pre = self.pre_rope or {}
         ctx = SelectContext(layer=self.index, causal=True, scale=scale, q_offset=Tk - Tq, state=frame["state"],
@@ -156,23 +166,24 @@ class _Layer:
                             num_kv_groups=Hq // k.shape[1], position_ids=kw.get("position_ids"),
                             q_pre_rope=pre.pop("q", None), k_pre_rope=pre.pop("k", None))
         if Tq == 1 and Tk > 1:
-            out = self._decode(q, k, v, scale, kv_lens, window, ctx)
+            out = self._decode(q, k, v, scale, kv_lens, window, ctx, extra)
         else:
-            out = self._prefill(q, k, v, scale, q_lens, kv_lens, side, window, mask, ctx)
+            out = self._prefill(q, k, v, scale, q_lens, kv_lens, side, window, mask, ctx, extra)
         return out.transpose(1, 2).contiguous(), None
 
-    def _prefill(self, q, k, v, scale, q_lens, kv_lens, side, window, mask, ctx):
+    def _prefill(self, q, k, v, scale, q_lens, kv_lens, side, window, mask, ctx, extra=None):
+        extra = extra or {}
         B, Hq, Tq, D = q.shape
         Tk = k.shape[2]
         ctx.phase = "prefill"
         if self.prefill is not None and self.prefill.computes_output:  # not a mask: the method attends
-            if kv_lens is None and window is None:
+            if kv_lens is None and window is None and not extra:  # (its own output: no softcap/sinks)
                 ctx.v = v
                 return self.prefill.methods[0].attend(q, k, v, ctx)[0]
             log.debug("sparsattn layer %d: %s with padding or a sliding window: dense SDPA fallback",
                       self.index, self.prefill.describe())
             keep = self._explicit_mask(mask if isinstance(mask, MaskInfo) else None, window, Tq, Tk, q.device)
-            return _dense_masked(q, k, v, keep, scale)
+            return _dense_masked(q, k, v, keep, scale, **extra)
         pattern = None
         if self.prefill is not None and not self.prefill.dense_only:
             if kv_lens is not None and Tq != Tk:
@@ -180,7 +191,7 @@ class _Layer:
                 # for the padded tensors would be misaligned -> exact dense attention instead
                 log.debug("sparsattn layer %d: chunked prefill with padding: dense SDPA fallback", self.index)
                 keep = self._explicit_mask(mask if isinstance(mask, MaskInfo) else None, window, Tq, Tk, q.device)
-                return _dense_masked(q, k, v, keep, scale)
+                return _dense_masked(q, k, v, keep, scale, **extra)
             qs, ks, vs = q, k, v
             if kv_lens is not None and side == "left":
                 qs, ks, vs = _left_to_right(q, q_lens), _left_to_right(k, kv_lens), _left_to_right(v, kv_lens)
@@ -199,9 +210,10 @@ class _Layer:
                                      "intersected with the window")
                 pattern = pattern & win
         return _attention(q, k, v, pattern, causal=True, scale=scale, q_lens=q_lens, kv_lens=kv_lens,
-                          padding_side=side, backend=self._be())
+                          padding_side=side, backend=self._be(), **extra)
 
-    def _decode(self, q, k, v, scale, kv_lens, window, ctx):
+    def _decode(self, q, k, v, scale, kv_lens, window, ctx, extra=None):
+        extra = extra or {}
         B, Hq, _, D = q.shape
         Tk = k.shape[2]
         ctx.phase = "decode"
@@ -228,7 +240,7 @@ class _Layer:
                 if lo is not None and bool((lo > 0).any()):
                     tp = _clip_tokens(tp, lo, B, Tk)
                 be = self._be() if self._be() in ("triton", "reference") else None
-                return sparse_decode_attention(q, k, v, tp, scale=scale, backend=be)[:, :, None]
+                return sparse_decode_attention(q, k, v, tp, scale=scale, backend=be, **extra)[:, :, None]
         kl = None if lo is None or not bool((lo > 0).any()) else (Tk - lo).to(torch.int32)
         return _attention(q, k, v, None, causal=True, scale=scale, kv_lens=kl, padding_side="left",
-                          backend=self._be())
+                          backend=self._be(), **extra)

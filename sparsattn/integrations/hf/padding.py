@@ -41,14 +41,31 @@ def _clip_tokens(tp: TokenPattern, lo: torch.Tensor, B: int, Tk: int) -> TokenPa
     return TokenPattern.from_mask(m & keep[:, None, :], kv_len=Tk)
 
 
-def _dense_masked(q, k, v, keep: torch.Tensor, scale) -> torch.Tensor:
-    """Dense SDPA with a boolean keep-mask ``[B|1, 1|H, Tq, Tk]``; rows without any key give zeros."""
+def _dense_masked(q, k, v, keep: torch.Tensor, scale, softcap=None, sinks=None) -> torch.Tensor:
+    """Dense SDPA with a boolean keep-mask ``[B|1, 1|H, Tq, Tk]``; rows without any key give zeros.
+    With ``softcap`` / ``sinks`` (Gemma 2 / gpt-oss, see ``sparsattn.attention``) plain torch in float32."""
     Hq, Hkv = q.shape[1], k.shape[1]
     if Hkv != Hq:
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
+    if softcap is not None or sinks is not None:
+        return _dense_logits(q, k, v, keep, scale, softcap, sinks)
     if keep.dtype != torch.bool:  # additive float mask, as transformers' eager/sdpa paths accept
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep.to(q.dtype), scale=scale)
     any_row = keep.any(-1, keepdim=True)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep | ~any_row, scale=scale)
     return out * any_row.to(out.dtype)
+
+
+def _dense_logits(q, k, v, keep: torch.Tensor, scale, softcap, sinks) -> torch.Tensor:
+    """Masked dense attention with soft-capped scores and sink logits, float32 (k, v already per query head)."""
+    from ...kernels.block_sparse.reference import apply_softcap_sinks
+
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if keep.dtype != torch.bool:  # additive mask: added after the cap, as transformers' eager attention does
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        s, softcap, keep = s + keep.float(), None, torch.ones((), dtype=torch.bool, device=s.device)
+    p, _ = apply_softcap_sinks(s, keep.expand(s.shape), softcap, sinks)
+    return torch.matmul(p, v.float()).to(q.dtype)
