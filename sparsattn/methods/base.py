@@ -6,7 +6,9 @@ paper's defaults) and whose class attributes describe it to the rest of the libr
 * ``paper``: title and arXiv id;
 * ``phase``: ``"prefill"`` | ``"decode"`` | ``"train"``;
 * ``trainable``: whether it has parameters to train;
-* ``needs``: what it must be given before use (e.g. ``("calibration",)``) via ``fit``/``load``.
+* ``needs``: what it must be given before use (e.g. ``("calibration",)``) via ``fit``/``load``;
+* ``exact``: True when the pattern is always exact attention (``dense``): evaluation tools run the
+  unpatched model for it as the baseline.
 
 ``select(q, k, ctx)`` returns the pattern (plain torch, no model access). Model-dependent setup
 happens in an explicit ``fit(...)`` that saves/loads a small JSON or safetensors file.
@@ -269,6 +271,8 @@ class Method:
     trainable: ClassVar[bool] = False
     needs: ClassVar[tuple] = ()
     slow: ClassVar[str] = ""
+    #: True when the pattern is always exact attention (dense): tools run the unpatched model as the baseline
+    exact: ClassVar[bool] = False
 
     def select(self, q: torch.Tensor, k: torch.Tensor, ctx: Optional[SelectContext] = None):
         """Return the pattern for queries ``q [B, Hq, Tq, D]`` and keys ``k [B, Hkv, Tk, D]``
