@@ -2,7 +2,8 @@
 
 Layers (low -> high), decided from the tree (issue 11):
 
-0. ``patterns``, ``calibration`` (checked file loader), ``data``, ``models`` (local checkpoints)
+0. ``patterns``, ``calibration`` (checked file loader), ``data``, ``models`` (local checkpoints),
+   ``_environment`` (the one environment record of result files)
 1. ``kernels`` (take a Pattern), then ``api`` (backend dispatch over the kernel families)
 2. ``methods``, ``nn``, ``kv`` (methods and layers built on kernels; ``nn`` <-> ``methods`` share
    helpers, ``methods`` use ``kv`` storage helpers)
@@ -23,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "sparsattn"
 LAYER = {
-    "patterns": 0, "calibration": 0, "data": 0, "models": 0,
+    "patterns": 0, "calibration": 0, "data": 0, "models": 0, "_environment": 0,
     "kernels": 1, "api": 1,
     "methods": 2, "nn": 2, "kv": 2,
     "integrations": 3, "capture": 3, "distributed": 3,
@@ -34,7 +35,6 @@ LAYER = {
 #: (importing component, imported component): upward imports still present, to be removed
 KNOWN_UPWARD = {
     ("eval", "evaluate"),        # load_model / parse_method_config: move down into eval/
-    ("analysis", "evaluate"),    # load_model
     ("distributed", "bench"),    # bench.common.environment / write_csv
 }
 

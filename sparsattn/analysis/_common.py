@@ -55,8 +55,8 @@ def mlp_layers(model) -> dict:
 
 
 def load(model_path=None, device: str = "cpu"):
-    """load: ``(model, tokenizer, path)`` through ``sparsattn.evaluate.load_model`` (None = the bundled model)."""
-    from ..evaluate import load_model
+    """load: ``(model, tokenizer, path)`` through ``sparsattn.models.load.load_model`` (None = the bundled model)."""
+    from ..models.load import load_model
 
     return load_model(model_path, device=device)
 

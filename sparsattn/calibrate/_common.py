@@ -3,7 +3,6 @@ local model, the provenance record written next to the shipped files."""
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -22,19 +21,13 @@ def shipped_dir() -> Path:
     return Path(BUNDLED_DIR) / "calibration"
 
 
-def load_model(model_path=None, *, device: str = "cpu", dtype=torch.float32):
-    """load_model: ``(model, tokenizer, path)`` of a local HF causal LM (default: the bundled model),
-    offline (``local_files_only``), in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(model_path=None, *, device: str = "cpu", dtype=torch.float32, device_map=None,
+               allow_download: bool = False):
+    """load_model: ``(model, tokenizer, source)`` of a causal LM (default: the bundled model) through the
+    one loader ``sparsattn.models.load.load_model``, float32 by default (calibrations are fitted in fp32)."""
+    from ..models.load import load_model as _load
 
-    from ..models import bundled_path
-
-    p = str(bundled_path() if model_path is None else model_path)
-    if not os.path.isdir(p):
-        raise ValueError(f"--model: expected a local model directory, got {p!r}")
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, local_files_only=True).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
-    return model, tok, p
+    return _load(model_path, device=device, dtype=dtype, device_map=device_map, allow_download=allow_download)
 
 
 def update_provenance(path, entry: str, record: dict) -> str:
