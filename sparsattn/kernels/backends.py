@@ -12,6 +12,10 @@ unit_scores, lightning):
   kernels through the library) and runs the families in ``INTERPRETER_ON_REQUEST`` only when asked
   for (their CPU callers train or score in loops).
 * the **reference** (plain torch) always runs; a family may list other backends (``flex``).
+* **flex** (block_sparse; compiled FlexAttention, ``kernels/block_sparse/flex.py``) runs on CUDA, and
+  on the CPU for float32 inference without lse or sinks (``flex_can_run``). Chosen automatically
+  on the CPU (before the reference) only from ``flex.CPU_MIN_Q_LEN`` query tokens (``flex_cpu_auto``:
+  each new shape compiles once, which does not pay for short inputs); asked for, it runs any length.
 * Every refusal is logged on the ``sparsattn`` logger at DEBUG with its reason; when a backend that
   was *asked for* cannot run, ``choose`` raises a ValueError with the reason -- unless
   ``fallback=True``, where the first such fall-back in the process for that (family, backend) is a
@@ -85,13 +89,24 @@ def reference_can_run(x: torch.Tensor, **extra) -> tuple[bool, str]:
     return True, "always available"
 
 
-def flex_can_run(x: torch.Tensor, pattern=None, varlen: bool = False, **extra) -> tuple[bool, str]:
-    """flex_can_run: FlexAttention serves block-sparse attention on CUDA, without columns or varlen."""
-    for name in ("softcap", "sinks"):  # logit soft-capping / learned sinks: not wired into flex.py (yet)
-        if extra.get(name) is not None:
-            return False, f"{name} is not supported by the flex backend"
-    if not x.is_cuda:
-        return False, "flex backend is used on CUDA only"
+def _cpp_compiler() -> Optional[str]:
+    """A C++ compiler for torch.compile's CPU code (Inductor reads ``CXX``, else looks for c++/g++/clang++)."""
+    import shutil
+
+    cands = [os.environ["CXX"]] if os.environ.get("CXX") else []
+    for c in cands + ["c++", "g++", "clang++"]:
+        path = shutil.which(c)
+        if path:
+            return path
+    return None
+
+
+def flex_can_run(x: torch.Tensor, pattern=None, varlen: bool = False, softcap=None, sinks=None,
+                 need_lse: bool = False, **extra) -> tuple[bool, str]:
+    """flex_can_run: compiled FlexAttention runs block-sparse attention without columns or varlen, on
+    CUDA, or on the CPU for float32 inference without lse or sinks (its CPU kernel returns no lse),
+    with a C++ compiler, within ``flex.CPU_MAX_SHAPES`` compiled shapes per process. Whether the CPU
+    path is chosen *automatically* is ``flex_cpu_auto``'s rule (length)."""
     if pattern is not None and pattern.columns is not None:
         return False, "pattern has columns (no column path in FlexAttention)"
     if varlen:
@@ -100,7 +115,38 @@ def flex_can_run(x: torch.Tensor, pattern=None, varlen: bool = False, **extra) -
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
     except Exception as e:
         return False, f"FlexAttention is not available ({e})"
-    return True, "cuda device, no columns"
+    if x.is_cuda:
+        return True, "cuda device, no columns"
+    if x.device.type != "cpu":
+        return False, f"device {x.device.type} (flex runs on CUDA or the CPU)"
+    if x.dtype != torch.float32:
+        return False, f"dtype {x.dtype} on the CPU (the CPU flex path is used and tested for float32 only)"
+    if need_lse:
+        return False, "the lse was asked for: compiled FlexAttention on the CPU returns none (torch <= 2.13)"
+    if sinks is not None:
+        return False, "learned sinks need the lse, which compiled FlexAttention on the CPU does not return"
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False, "gradients needed: compiled FlexAttention on the CPU runs inference only"
+    if _cpp_compiler() is None:
+        return False, "no C++ compiler (c++, g++, clang++ or $CXX) for torch.compile on the CPU"
+    from .block_sparse import flex as _flex
+
+    if _flex.cpu_shapes_left() <= 0 and pattern is not None and x.dim() == 4:
+        return False, (f"{_flex.CPU_MAX_SHAPES} input shapes compiled for the CPU in this process already "
+                       "(past the recompile limit Flex would run unfused)")
+    return True, "cpu, float32 inference (compiled FlexAttention)"
+
+
+def flex_cpu_auto(x: torch.Tensor, pattern=None, **extra) -> tuple[bool, str]:
+    """flex_cpu_auto: whether the CPU flex path is chosen without being asked for: from
+    ``flex.CPU_MIN_Q_LEN`` query tokens (below, the per-shape compile and fixed cost lose to the
+    reference and to dense SDPA; measured in docs/results/cpu_flex_2026-12-05)."""
+    from .block_sparse import flex as _flex
+
+    T = pattern.q_len if pattern is not None else (x.shape[-2] if x.dim() >= 2 else 0)
+    if T < _flex.CPU_MIN_Q_LEN:
+        return False, f"{T} query tokens < {_flex.CPU_MIN_Q_LEN} (flex is chosen on the CPU from that length)"
+    return True, f"cpu, {T} query tokens >= {_flex.CPU_MIN_Q_LEN}"
 
 
 def estimate_triton_can_run(x: torch.Tensor, q_len: Optional[int] = None, kv_len: Optional[int] = None,
@@ -174,6 +220,8 @@ def choose(family: str, x: torch.Tensor, requested: Optional[str] = None, *, fal
         ok, why = pred(x, **extra)
         if ok and name == "triton" and family in INTERPRETER_ON_REQUEST and not x.is_cuda:
             ok, why = False, f"the {family} kernel runs in the interpreter only on request (backend='triton')"
+        if ok and name == "flex" and not x.is_cuda:
+            ok, why = flex_cpu_auto(x, **extra)
         if ok:
             _log(logging.DEBUG, "sparsattn %s backend %s chosen: %s", family, name, why)
             return name
@@ -181,4 +229,28 @@ def choose(family: str, x: torch.Tensor, requested: Optional[str] = None, *, fal
     raise RuntimeError(f"{family}: no backend can run")  # pragma: no cover (the reference always can)
 
 
-__all__ = ["INTERPRETER_ON_REQUEST", "TABLE", "can_run", "choose", "estimate_triton_can_run", "flex_can_run", "interpreter_on", "reference_can_run", "triton_can_run"]
+def describe(device=None, *, tokens: int = 4096, head_dim: int = 64) -> list[dict]:
+    """describe: per family and backend, whether it can run on ``device`` (default: cuda when available,
+    else cpu) for float32 inputs of ``tokens`` query tokens, why, and which backend is the automatic
+    choice there (what ``sparsattn list`` prints)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.zeros(1, 1, tokens, head_dim, device=device)
+    rows = []
+    for family, fams in TABLE.items():
+        try:
+            chosen = choose(family, x)
+        except RuntimeError:  # pragma: no cover (the reference always runs)
+            chosen = None
+        for name, pred in fams.items():
+            ok, why = pred(x)
+            if ok and name == "triton" and family in INTERPRETER_ON_REQUEST and not x.is_cuda:
+                why += f"; on the CPU only on request (backend='triton')"
+            if ok and name == "flex" and not x.is_cuda:
+                auto, awhy = flex_cpu_auto(x)
+                why += "; " + ("chosen automatically" if auto else "not automatic") + f" ({awhy})"
+            rows.append({"family": family, "backend": name, "can_run": ok, "default": name == chosen, "reason": why})
+    return rows
+
+
+__all__ = ["describe", "INTERPRETER_ON_REQUEST", "TABLE", "can_run", "choose", "estimate_triton_can_run", "flex_can_run", "flex_cpu_auto", "interpreter_on", "reference_can_run", "triton_can_run"]
