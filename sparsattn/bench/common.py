@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import json
 import os
-import platform
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -13,29 +11,11 @@ import torch
 
 
 def environment() -> dict:
-    """GPU, versions and date: stored beside every result file."""
-    info = {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-    }
-    try:
-        import triton
+    """GPU, versions and date: stored beside every result file (``sparsattn._environment.environment``,
+    the one record format of the library; ``device`` is the GPU's name, or ``"cpu"``)."""
+    from .._environment import environment as _env
 
-        info["triton"] = triton.__version__
-    except Exception:  # pragma: no cover
-        info["triton"] = None
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except Exception:  # pragma: no cover
-        info["transformers"] = None
-    if torch.cuda.is_available():
-        info["cuda"] = torch.version.cuda
-        info["cudnn"] = torch.backends.cudnn.version()
-    return info
+    return _env()
 
 
 def time_ms(fn: Callable[[], object], *, warmup_ms: float = 50, rep_ms: float = 300) -> float:

@@ -35,29 +35,13 @@ model's trained 16,384 positions):
    difference from SDPA can be the kernel's rounding alone).
 
 Budgets (``--budgets``): token counts (``64``), fractions of the length L (``0.02``) or
-``full``; each is mapped to the method's own hyper-parameters by ``budget_config`` (tokens read
-per KV head on the layers the method sparsifies):
-
-* streaming_llm: ``n_sink = min(4, B // 2)``, ``window = B - n_sink``;
-* quest: ``token_budget = B`` (``max(3, B // 16)`` pages of 16; layers 0-1 dense, the paper's);
-* double_sparsity: ``token_budget = B``; channels calibrated inside the script on a held-out
-  passkey prompt (a seed no evaluated sample uses);
-* tidal_decode: ``token_budget = B``; the re-selection layer scaled from the paper's 13 of 32
-  layers to the model's depth (layer 3 of 8 on the bundled model);
-* recycled_attention: ``budget = B`` (the recycled set read by partial steps; every ``stride``-th
-  step is a full step over the whole cache);
-* retrieval_attention (``index="hnsw"``: needs hnswlib, ``pip install 'sparsattn[ann]'``):
-  ``n_sink = max(1, B // 8)``, ``window = max(1, B // 2 - n_sink)``,
-  ``top_k = max(1, B // (2 G))`` per query head (G query heads per KV head: the union read per KV
-  head stays within B). Its HNSW index is built on the CPU (hnswlib, one thread): about 5 s per
-  16K keys per (layer, KV head) on a slow CPU, so it is not in the default GPU grid;
-* actqkv: ``token_budget = B`` with the authors' proportions scaled down: ``n_init = max(1, B // 32)``,
-  ``n_local = B // 4``, ``block_size = min(32, max(4, B // 8))`` (the rest is retrieved blocks);
-* longheads_decode: chunks of ``window_size`` = the largest power of two <= ``B / 16`` (1..256),
-  ``atten_length = max(3 * window_size, B)`` (about 16 chunks, the paper's ratio);
-* hip_decode: ``refresh_interval = 8`` (``B // 8`` below 64), ``n_sink = min(16, B // 16)``,
-  ``window = B // 4``, ``block_k = 2``, ``mask_k`` = the rest of B after the sinks, the window and
-  the tokens appended between refreshes;
+``full``; each is mapped to the method's own hyper-parameters by its ``budget_config`` preset (tokens
+read per KV head on the layers the method sparsifies; the rule is written once, in the method's file,
+and ``sparsattn list`` / the method's docstring show it). A method with a ``calibrate_from_qk`` preset
+(e.g. Double Sparsity's outlier channels) is calibrated inside the driver on a held-out passkey prompt
+(a seed no evaluated sample uses). A method with a ``slow`` note (e.g. an HNSW index built on the CPU)
+is left out of the default grid. Everything comes from the registry (``decode_budgets``): a registered
+decode method with a budget mapping is in the grid without an edit here.
 
 The ``density`` column is the measured fraction of the cache read, averaged over every call
 (dense layers included), so methods can be compared on what they really read.
@@ -84,105 +68,33 @@ CLI: ``python -m sparsattn.eval.decode_quality --out DIR [--device cuda] [--leng
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
-import inspect
 import json
-import math
-import platform
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from ..bench.common import write_csv
-from ..methods.base import Method, PresetContext, SelectContext, list_methods, method_class
-from .scoring import get_scorer
+from ..methods.base import method_class
+from ._harness import csv_list as _csv_list
+from ._harness import environment as _environment
+from .decode_budgets import (CALIBRATION_SEED, Budget, budget_config, budget_mapped, calibrate_double_sparsity,  # noqa: F401
+                             calibrate_from_prompt, calibrating_methods, default_decode_methods, parse_budget,
+                             slow_methods)
 from .decode_report import plot_vs_budget
-from .recall import TOP_K_RECALL, SelectRecorder, topk_recall  # noqa: F401  (public names of the driver)
-from .tasks import QUESTION_TEMPLATE, Sample, encode_ids, passkey
+from .decode_run import (AllTokens, DecodeResult, _cache_kwarg, _model_sizes, decode_run, prefill,  # noqa: F401
+                         split_prompt)
+from .recall import TOP_K_RECALL, topk_recall  # noqa: F401  (public names of the driver)
+from .recorder import SelectRecorder  # noqa: F401
+from .scoring import get_scorer
+from .tasks import QUESTION_TEMPLATE, Sample, encode_ids, passkey  # noqa: F401
 
 DEFAULT_LENGTHS = (4096, 8192, 16384)
 DEFAULT_BUDGETS = ("64", "256", "1024")
 #: --tiny: a CPU smoke run (< 1 minute)
 TINY = dict(lengths=(384,), budgets=("64",), n=1, full_n=0, max_new_tokens=8)
-#: the seed of the calibration prompt (double_sparsity); evaluated samples use seed + i < this
-CALIBRATION_SEED = 1_000_003
-
-MAIN_COLS = ["method", "budget", "length", "accuracy", "top10_recall", "n", "budget_tokens",
-             "top10_recall_sparse", "density", "match_dense", "match_kernel_dense", "max_logit_diff", "seconds"]
-SAMPLE_COLS = ["method", "budget", "length", "sample", "seed", "depth", "n_tokens", "n_prefill", "n_question",
-               "budget_tokens", "score", "prediction", "answer", "top10_recall", "top10_recall_sparse", "density",
-               "match_dense", "match_kernel_dense", "max_logit_diff", "seconds"]
-LAYER_COLS = ["method", "budget", "length", "layer", "top10_recall", "density", "calls"]
-
-
-# ----------------------------------------------------------------------------------------------
-# budgets -> method hyper-parameters
-# ----------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Budget:
-    """Budget: one entry of ``--budgets``: ``kind`` "tokens" | "fraction" | "full", ``value``, ``label``."""
-
-    kind: str
-    value: float
-    label: str
-
-    def tokens(self, length: int) -> int:
-        """Tokens per KV head at context length ``length`` (full: twice the length, i.e. every token)."""
-        if self.kind == "tokens":
-            return int(self.value)
-        if self.kind == "fraction":
-            return max(1, math.ceil(self.value * length))
-        return 2 * int(length)
-
-
-def parse_budget(s: str) -> Budget:
-    """parse_budget: ``"64"`` (tokens), ``"0.02"`` (fraction of the length, in (0, 1]) or ``"full"``.
-
-    Raises:
-        ValueError: anything else (names ``--budgets`` and the expected forms).
-    """
-    t = str(s).strip().lower()
-    if t == "full":
-        return Budget("full", 0.0, "full")
-    try:
-        if "." in t or "e" in t:
-            v = float(t)
-            if not (0 < v <= 1) or not math.isfinite(v):
-                raise ValueError
-            return Budget("fraction", v, t)
-        v = int(t)
-        if v < 1:
-            raise ValueError
-        return Budget("tokens", v, str(v))
-    except ValueError:
-        raise ValueError(f"--budgets: expected token counts >= 1 (64), fractions in (0, 1] (0.02) or 'full', "
-                         f"got {s!r}") from None
-
-
-def budget_config(name: str, budget_tokens: int, *, n_layers: int, group_size: int) -> dict:
-    """budget_config: the hyper-parameters of decode method ``name`` for ``budget_tokens`` tokens per KV head.
-
-    See the module docstring for the mapping. ``n_layers`` scales TidalDecode's re-selection layer;
-    ``group_size`` (query heads per KV head) splits RetrievalAttention's retrieval budget.
-    Raises:
-        ValueError: a budget < 1, bad model sizes, or a decode method without a mapping here.
-    """
-    B = int(budget_tokens)
-    if B < 1:
-        raise ValueError(f"budget_tokens: expected an int >= 1, got {budget_tokens!r}")
-    if n_layers < 1 or group_size < 1:
-        raise ValueError(f"n_layers/group_size: expected ints >= 1, got {n_layers}, {group_size}")
-    cfg = method_class(name).budget_config(B, PresetContext(n_layers=n_layers, group_size=group_size))
-    if cfg is None:
-        raise ValueError(f"method: no budget mapping for decode method {name!r} (known: {', '.join(budget_mapped())}); "
-                         f"declare a budget_config preset on its class (sparsattn.methods.base.Method.budget_config)")
-    return cfg
 
 
 def __getattr__(attr: str):
@@ -194,228 +106,12 @@ def __getattr__(attr: str):
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
-def slow_methods() -> tuple:
-    """slow_methods: the registered decode methods with a ``slow`` note (left out of the default grid)."""
-    return tuple(n for n in list_methods("decode") if method_class(n).slow)
-
-
-def budget_mapped() -> tuple:
-    """budget_mapped: the registered decode methods that declare a ``budget_config`` preset."""
-    return tuple(n for n in list_methods("decode")
-                 if method_class(n).budget_config.__func__ is not Method.budget_config.__func__)
-
-
-# ----------------------------------------------------------------------------------------------
-# prompt split
-# ----------------------------------------------------------------------------------------------
-
-def split_prompt(tokenizer: Any, sample: Sample) -> tuple[list[int], int]:
-    """split_prompt: ``(ids, n_prefill)``: the prompt's token ids and how many precede its question.
-
-    The question is ``"\\n" + QUESTION_TEMPLATE.format(key=...)`` at the end of a passkey prompt;
-    ``ids[:n_prefill]`` is the longest prefix shared by the tokenisation of the prompt and of the
-    text before the question (a token merged across the boundary goes to the question part).
-    Raises:
-        ValueError: the prompt does not end with the passkey question, or nothing precedes it.
-    """
-    key = sample.meta.get("key")
-    q = "\n" + QUESTION_TEMPLATE.format(key=key) if key is not None else None
-    if q is None or not sample.prompt.endswith(q):
-        raise ValueError("sample: expected a passkey prompt ending with its question "
-                         f"({QUESTION_TEMPLATE[:40]!r}...), got one ending {sample.prompt[-60:]!r}")
-    ids = encode_ids(tokenizer, sample.prompt)
-    pre = encode_ids(tokenizer, sample.prompt[: len(sample.prompt) - len(q)])
-    n = 0
-    for a, b in zip(ids, pre):
-        if a != b:
-            break
-        n += 1
-    if n < 1 or n >= len(ids):
-        raise ValueError(f"sample: could not split the prompt before its question (shared prefix {n} of {len(ids)} tokens)")
-    return ids, n
-
-
-# ----------------------------------------------------------------------------------------------
-# prefill once, decode many times
-# ----------------------------------------------------------------------------------------------
-
-def _cache_kwarg(model) -> str:
-    """The name of the forward's cache argument (``cache`` in newer transformers, ``past_key_values`` before)."""
-    params = inspect.signature(type(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _model_sizes(model) -> tuple[int, int]:
-    """(attention layers, query heads per KV head)."""
-    from ..integrations.hf import attention_modules
-
-    mods = attention_modules(model)
-    cfg = next(iter(mods.values())).config
-    hq = cfg.num_attention_heads
-    hkv = getattr(cfg, "num_key_value_heads", None) or hq
-    return len(mods), hq // hkv
-
-
-def prefill(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """prefill: dense (unpatched) forward of ``ids [1, P]``; the per-layer ``(keys, values)`` of the cache.
-
-    Raises:
-        ValueError: the model is patched by sparsattn (the prefill must be the model's own dense one).
-    """
-    from transformers import DynamicCache
-
-    from ..integrations.hf import is_patched
-
-    if is_patched(model):
-        raise ValueError("model: expected an unpatched model for the dense prefill (call sparsattn.unpatch first)")
-    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
-        raise ValueError(f"ids: expected [1, P >= 1] token ids, got {tuple(ids.shape)}")
-    cache = DynamicCache(config=model.config)
-    with torch.inference_mode():
-        model(input_ids=ids, use_cache=True, **{_cache_kwarg(model): cache})
-    out = [(layer.keys, layer.values) for layer in cache.layers]
-    if len(out) == 0 or any(kv[0] is None or kv[0].shape[2] != ids.shape[1] for kv in out):
-        raise RuntimeError("prefill: the cache does not hold one (keys, values) pair of the prefix per layer")
-    return out
-
-
-@dataclass
-class DecodeResult:
-    """DecodeResult: ``tokens`` (generated, greedy), ``step_logits`` float32 ``[steps, V]`` (when kept:
-    the teacher-forced steps, then the generated ones), ``recorder`` summary, ``calls`` by phase."""
-
-    tokens: list[int]
-    step_logits: Optional[torch.Tensor] = None
-    recall: dict = field(default_factory=dict)
-    calls: dict = field(default_factory=dict)
-    seconds: float = 0.0
-
-
-def decode_run(model, prefix_kv, tail: torch.Tensor, *, max_new_tokens: int, method=None,
-               backend: Optional[str] = None, record_recall: bool = True, keep_logits: bool = False) -> DecodeResult:
-    """decode_run: feed ``tail [1, n]`` one token at a time through the decode path after the cached
-    prefix, then generate ``max_new_tokens`` greedy tokens.
-
-    Args:
-        model: the (unpatched) causal LM.
-        prefix_kv: ``prefill(model, prefix)`` (not modified; each run appends to its own cache).
-        tail: the question tokens ``[1, n >= 1]`` on the model's device.
-        max_new_tokens: greedy tokens generated after the tail (the first from the last tail step).
-        method: a decode-phase ``Method`` instance (used inside ``sparsattn.patched(model,
-            decode=method)``), or None = the model's own dense decode.
-        backend: kernel backend for the patched layers (None = automatic; "reference" on the CPU).
-        record_recall: record top-k recall / density while the tail is fed (method only).
-        keep_logits: return the float32 logits of every step.
-    """
-    from ..integrations import hf
-    from ..integrations.hf import SparseCache
-
-    if tail.dim() != 2 or tail.shape[0] != 1 or tail.shape[1] < 1:
-        raise ValueError(f"tail: expected [1, n >= 1] token ids, got {tuple(tail.shape)}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
-    ck = _cache_kwarg(model)
-    recorder = SelectRecorder(method) if method is not None else None
-    logits: list[torch.Tensor] = []
-    t0 = time.perf_counter()
-    with contextlib.ExitStack() as st:
-        if method is not None:
-            st.enter_context(hf.patched(model, decode=method, backend=backend))
-            st.enter_context(recorder)
-        st.enter_context(torch.inference_mode())
-        cache = SparseCache(config=model.config)
-        for layer, (k, v) in enumerate(prefix_kv):
-            cache.update(k, v, layer)  # DynamicCache concatenates: the prefix tensors are not written
-
-        def step(tok):
-            out = model(input_ids=tok, use_cache=True, **{ck: cache}).logits[:, -1]
-            if keep_logits:
-                logits.append(out.float()[0])
-            return out
-
-        if recorder is not None:
-            recorder.active = record_recall
-        for i in range(tail.shape[1]):
-            last = step(tail[:, i:i + 1])
-        if recorder is not None:
-            recorder.active = False
-        nxt = last.argmax(-1, keepdim=True)
-        gen = [nxt]
-        for _ in range(max_new_tokens - 1):
-            nxt = step(nxt).argmax(-1, keepdim=True)
-            gen.append(nxt)
-        tokens = torch.cat(gen, 1)[0].tolist()  # the one host sync of the run
-    res = DecodeResult(tokens=tokens, step_logits=torch.stack(logits) if keep_logits else None,
-                       seconds=time.perf_counter() - t0)
-    if recorder is not None:
-        res.recall = recorder.summary()
-        res.calls = dict(recorder.calls)
-        for v in (res.recall.get("top10_recall"), res.recall.get("density")):
-            if v is not None and not (0.0 <= v <= 1.0 + 1e-6):
-                raise RuntimeError(f"decode_quality: recall/density out of [0, 1]: {v}")
-    if res.step_logits is not None and not bool(torch.isfinite(res.step_logits).all()):
-        raise RuntimeError("decode_quality: non-finite logits in a decode run")
-    return res
-
-
-@dataclass
-class AllTokens(Method):
-    """AllTokens: every valid cached token (dense decode expressed as a selection; not registered).
-
-    The reference of the full-budget check that shares the sparse decode kernel with the methods:
-    on a bf16 GPU, a method at full budget may differ from SDPA's dense decode by the kernel's
-    rounding alone; ``match_kernel_dense`` compares it with this run instead.
-    """
-
-    name = "dense_kernel"
-    paper = "dense decode attention over every cached token"
-    phase = "decode"
-
-    def select(self, q, k, ctx: Optional[SelectContext] = None):
-        from ..methods._select import decode_inputs, full_pattern
-
-        q, k, kl = decode_inputs(q, k, ctx)
-        return full_pattern(k.shape[0], k.shape[1], kl, k.shape[2])
-
-
-# ----------------------------------------------------------------------------------------------
-# calibration (double_sparsity)
-# ----------------------------------------------------------------------------------------------
-
-def calibrate_from_prompt(name: str, model, tokenizer, *, length: int, seed: int = CALIBRATION_SEED,
-                          device=None, **config) -> dict:
-    """calibrate_from_prompt: the configuration entries that decode method ``name`` fits from q/k
-    (its ``calibrate_from_qk`` preset), captured on one held-out passkey prompt of ``length`` tokens
-    (seed ``seed``, never an evaluated sample's); ``config`` = its hyper-parameters.
-
-    Raises:
-        ValueError: ``name`` declares no ``calibrate_from_qk`` preset.
-    """
-    from ..capture import capture_qkv
-
-    cls = method_class(name)
-    if not _calibrates_from_qk(cls):
-        raise ValueError(f"name: {name!r} declares no calibrate_from_qk preset")
-    s = passkey(tokenizer, length, 0.5, seed=seed)
-    dev = device or next(model.parameters()).device
-    ids = torch.tensor([encode_ids(tokenizer, s.prompt)], device=dev)
-    cap = capture_qkv(model, ids)
-    layers = sorted(cap)
-    return cls.calibrate_from_qk([cap[l][0] for l in layers], [cap[l][1] for l in layers], config)
-
-
-def _calibrates_from_qk(cls) -> bool:
-    return cls.calibrate_from_qk.__func__ is not Method.calibrate_from_qk.__func__
-
-
-def calibrate_double_sparsity(model, tokenizer, *, length: int, seed: int = CALIBRATION_SEED,
-                              device=None, group_factor: int = 8) -> dict:
-    """calibrate_double_sparsity: Double Sparsity's outlier channels (Post-Training Sparse Attention with
-    Double Sparsity, arXiv 2408.07092) from one held-out passkey prompt of ``length`` tokens (seed
-    ``seed``, never an evaluated sample's): ``{layer: [[channel] per KV head]}``, ``D / group_factor``
-    channels per KV head (``calibrate_from_prompt`` of its preset)."""
-    return calibrate_from_prompt("double_sparsity", model, tokenizer, length=length, seed=seed, device=device,
-                                 group_factor=group_factor)["channels"]
+MAIN_COLS = ["method", "budget", "length", "accuracy", "top10_recall", "n", "budget_tokens",
+             "top10_recall_sparse", "density", "match_dense", "match_kernel_dense", "max_logit_diff", "seconds"]
+SAMPLE_COLS = ["method", "budget", "length", "sample", "seed", "depth", "n_tokens", "n_prefill", "n_question",
+               "budget_tokens", "score", "prediction", "answer", "top10_recall", "top10_recall_sparse", "density",
+               "match_dense", "match_kernel_dense", "max_logit_diff", "seconds"]
+LAYER_COLS = ["method", "budget", "length", "layer", "top10_recall", "density", "calls"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,25 +170,9 @@ def _aggregate(srows: list[dict], lrows_raw: list[dict]) -> tuple[list[dict], li
 
 
 def environment(device, args: Optional[dict] = None) -> dict:
-    """environment: versions, device and date of a run (JSON-serialisable)."""
-    import transformers
-
-    env = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "python": platform.python_version(), "platform": platform.platform(),
-           "torch": torch.__version__, "transformers": transformers.__version__, "device": str(device),
-           "cpu_threads": torch.get_num_threads()}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:  # pragma: no cover
-        env["triton"] = None
-    if torch.device(device).type == "cuda" and torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
-        env["cuda"] = torch.version.cuda
-    if args is not None:
-        env["args"] = args
-    return env
+    """environment: versions, device and date of a run (``sparsattn._environment.environment``, the one
+    record format of the library)."""
+    return _environment(device, args)
 
 
 def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cpu",
@@ -541,7 +221,7 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
         raise ValueError(f"time_limit: expected seconds > 0 or None, got {time_limit!r}")
     dec = list_methods("decode")
     if methods is None:
-        methods = [m for m in dec if not method_class(m).slow]
+        methods = default_decode_methods()
     methods = list(dict.fromkeys(methods))
     bad = [m for m in methods if m not in dec]
     if bad or not methods:
@@ -576,13 +256,12 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
         if method_class(name).slow and max(lengths) > 4096:
             log(f"note: {name} {method_class(name).slow}")
     fitted: dict = {}  # method -> configuration entries fitted from q/k (e.g. Double Sparsity's channels)
-    for name in methods:
-        if _calibrates_from_qk(method_class(name)):
-            t0 = time.perf_counter()
-            fitted[name] = calibrate_from_prompt(name, model, tokenizer, length=min(2048, max(lengths)),
-                                                 seed=CALIBRATION_SEED + seed, **method_config.get(name, {}))
-            log(f"{name}: {', '.join(fitted[name])} calibrated on a held-out passkey prompt "
-                f"(seed {CALIBRATION_SEED + seed}) in {time.perf_counter() - t0:.1f}s")
+    for name in calibrating_methods(methods):
+        t0 = time.perf_counter()
+        fitted[name] = calibrate_from_prompt(name, model, tokenizer, length=min(2048, max(lengths)),
+                                             seed=CALIBRATION_SEED + seed, **method_config.get(name, {}))
+        log(f"{name}: {', '.join(fitted[name])} calibrated on a held-out passkey prompt "
+            f"(seed {CALIBRATION_SEED + seed}) in {time.perf_counter() - t0:.1f}s")
 
     def make(name: str, btok: int):
         cfg = budget_config(name, btok, n_layers=n_layers, group_size=G)
@@ -735,11 +414,8 @@ def _table(rows: list[dict]) -> str:
 # CLI
 # ----------------------------------------------------------------------------------------------
 
-def _csv_list(s: str) -> list[str]:
-    return [x.strip() for x in str(s).split(",") if x.strip()]
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """build_parser: the command line of ``python -m sparsattn.eval.decode_quality``."""
     p = argparse.ArgumentParser(prog="python -m sparsattn.eval.decode_quality",
                                 description="Passkey accuracy vs token budget, top-10 recall and full-budget "
                                             "equality of the decode methods (issue 5).")
@@ -760,8 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, choices=["triton", "reference"],
                    help="kernel backend of the patched layers (default: automatic; reference on the CPU)")
     p.add_argument("--method-config", default=None,
-                   help='JSON {method: {hyper-parameter: value}} (or a JSON file) overriding the budget mapping, '
-                        'e.g. \'{"double_sparsity": {"group_factor": 4}}\'')
+                   help="JSON {method: {hyper-parameter: value}} (or a JSON file) overriding the budget mapping "
+                        "at every budget")
     p.add_argument("--tiny", action="store_true",
                    help=f"CPU smoke run (< 1 min): lengths {TINY['lengths']}, budgets {TINY['budgets']}, n {TINY['n']}, "
                         "every decode method, no full-budget check (--full-n 1 adds it, ~+35 s)")
@@ -776,8 +452,6 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     args = build_parser().parse_args(argv)
     try:
-        from ..methods import list_methods
-
         tiny = args.tiny
         try:
             lengths = [int(x) for x in _csv_list(args.lengths)] if args.lengths else list(
@@ -785,7 +459,7 @@ def main(argv=None) -> int:
         except ValueError:
             raise ValueError(f"--lengths: expected comma-separated integers, got {args.lengths!r}") from None
         budgets = _csv_list(args.budgets) if args.budgets else list(TINY["budgets"] if tiny else DEFAULT_BUDGETS)
-        methods = _csv_list(args.methods) if args.methods else (list_methods("decode") if tiny else None)
+        methods = _csv_list(args.methods) if args.methods else (list(budget_mapped()) if tiny else None)
         n = args.n if args.n is not None else (TINY["n"] if tiny else 10)
         full_n = args.full_n if args.full_n is not None else (TINY["full_n"] if tiny else 2)
         mnt = args.max_new_tokens if args.max_new_tokens is not None else (TINY["max_new_tokens"] if tiny else 10)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ._harness import pyplot, save_figure
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -12,14 +14,10 @@ from pathlib import Path
 def plot_vs_budget(rows: list[dict], path, metric: str = "accuracy") -> Path:
     """plot_vs_budget: a panel per length, ``metric`` ("accuracy" or "top10_recall") against the token
     budget (log2 axis), a line per method; dense accuracy as a horizontal dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     if metric not in ("accuracy", "top10_recall"):
         raise ValueError(f"metric: expected 'accuracy' or 'top10_recall', got {metric!r}")
-    from .decode_quality import AllTokens  # the unregistered dense-kernel reference row
+    from .decode_run import AllTokens  # the unregistered dense-kernel reference row
 
     lengths = sorted({r["length"] for r in rows})
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m not in ("dense", AllTokens.name)]
@@ -51,6 +49,4 @@ def plot_vs_budget(rows: list[dict], path, metric: str = "accuracy") -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=110)

@@ -3,24 +3,22 @@
 What is measured (issue 4's quality targets: "at <= 10% density, passkey accuracy equal to dense and
 attention recall >= 0.9 on the bundled model"):
 
-1. **Settings at a target density.** For each prefill method and each target density (5%, 10% by
-   default) and each context length, one hyper-parameter ("knob") of the method is searched so
-   that the *measured* density of the patterns it returns (``BlockPattern.density``: kept / causal
-   (query, key) pairs, exact at token level, mean over the model's layers and heads) is closest to
-   the target, on a calibration passkey prompt of that length that is not scored. The other
-   hyper-parameters follow fixed rules written in ``knob_family`` (e.g. A-shape's sink is a quarter
-   of the row budget, at most 64). Calibrated methods whose budget the calibration fixes
-   (``minference``, and ``moa`` with its shipped plan) get one setting, "calibrated", whose density
-   is recorded, not chosen. ``razor`` keeps the top-n retrieval heads of the shipped calibration by
-   induction score (n = target x heads / 2, at least 1; written as a derived calibration JSON in the
-   output folder) and searches the other heads' window. ``masformer`` is layer 0 dense plus A-shape
-   in the other layers; a dense layer alone is 1/L of the density, so below 1/L the A-shape layers
-   get the A-shape setting of the same target and the row is marked ``target_met=False``.
-   ``seer_attention`` uses the shipped gate in top-k mode (``nz_ratio``) with
-   ``last_block_dense=False``: the repository's default makes the last two query blocks dense,
-   which would let the answer rows read the whole context densely. ``moa`` can also be re-fitted
-   at each target budget (``fit_moa`` on one 4K and one 8K prompt, sink and minimum span 32,
-   ``--moa-fit``; on by default on CUDA).
+1. **Settings at a target density** (``prefill_settings``). For each prefill method and each target
+   density (5%, 10% by default) and each context length, one hyper-parameter ("knob") of the method
+   is searched so that the *measured* density of the patterns it returns (``BlockPattern.density``:
+   kept / causal (query, key) pairs, exact at token level, mean over the model's layers and heads) is
+   closest to the target, on a calibration passkey prompt of that length that is not scored. Every
+   rule is the method's own preset (``sparsattn.methods.base``): the knob and the fixed rules of the
+   other hyper-parameters in ``density_knob`` (e.g. A-shape's sink is a quarter of the row budget, at
+   most 64; RazorAttention keeps the top n = target x heads / 2 retrieval heads of the shipped
+   calibration, written in the output folder; MASFormer's layer 0 alone is 1/L of the density, so
+   below that its A-shape layers take A-shape's setting and the row is marked ``target_met=False``;
+   SeerAttention uses the shipped gate in top-k mode with ``last_block_dense=False``), and the
+   configurations evaluated as they are in ``fixed_settings`` (dense; a shipped plan that fixes the
+   budget, e.g. MInference's or MoA's: one setting, "calibrated", whose density is recorded, not
+   chosen). The shipped calibrations are found through ``sparsattn.calibrate``. A calibration whose
+   ``sparsattn.calibrate`` module defines ``fit_at_density`` (MoA's plan) is also re-fitted at each
+   target (``--refit``; on by default on CUDA).
 
 2. **Passkey decided by the sparse prefill (teacher forcing).** Prefill-phase methods decode
    densely, so a generated passkey reads the needle through dense decode attention after its first
@@ -47,529 +45,66 @@ Outputs in ``--out``: ``settings.csv``, ``passkey.csv``, ``passkey_samples.csv``
 CLI: ``python -m sparsattn.eval.prefill_quality --out DIR [--device cuda] [--lengths 4096,8192,16384]
 [--densities 0.05,0.1] [--n 10] [--methods a,b] [--speed methods_bench.csv] [--tiny]``.
 """
+
 from __future__ import annotations
 
 import argparse
 import csv
 import json
-import math
 import os
 import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from ..bench.common import write_csv
-from ..methods.base import DensityKnob, PresetContext, SelectHook, method_class
+from ._harness import csv_floats, csv_ints, environment, timed_logger
+from .prefill_capture import Captured, capture_prompt, fidelity_layers, measure_density, select_all  # noqa: F401
+from .prefill_capture import _pool
 from .prefill_report import _f, plot_pareto, plot_speedup, read_speed, summarize, write_table
+from .prefill_settings import (BLOCK, Family, SearchResult, Setting, _calibration_dir, _config_key,  # noqa: F401
+                               default_prefill_methods, fit_at_densities, knob_family, razor_subset,
+                               resolve_settings, search_knob, shipped_calibrations)
+from .recorder import SelectRecorder
 from .teacher_forced import score_teacher_forced, teacher_forced_ids, teacher_forced_predict
 
 __all__ = [
     "PREFILL_METHODS", "Family", "Setting", "SearchResult", "search_knob", "knob_family", "teacher_forced_ids",
     "score_teacher_forced", "teacher_forced_predict", "capture_prompt", "measure_density", "fidelity_layers",
     "resolve_settings", "run", "replot", "write_table", "plot_pareto", "plot_speedup", "read_speed", "main",
+    "default_prefill_methods", "shipped_calibrations", "fit_at_densities", "razor_subset",
 ]
 
-#: the prefill methods evaluated by default (``sparsattn.list_methods("prefill")`` at the time of writing)
-PREFILL_METHODS = ("dense", "a_shape", "vertical_slash", "block_sparse", "minference", "oracle_topk", "hip",
-                   "longheads", "masformer", "s2_attention", "razor", "moa", "seer_attention")
 DEFAULT_LENGTHS = (4096, 8192, 16384)
 DEFAULT_DENSITIES = (0.05, 0.1)
 CAL_SEED = 4242          # calibration passkey prompt (density search; never scored)
 SAMPLE_SEED = 0          # scored passkey prompts
 FID_SEED = 1000          # held-out code prompt of the fidelity measurement
 ANSWER_MARGIN = 16       # prompts are built at length - ANSWER_MARGIN so that prompt + answer <= length
-BLOCK = 64
 
-_T0 = time.time()
+_log = timed_logger("prefill_quality")
 
 
-def _log(msg: str) -> None:
-    print(f"[prefill_quality {time.time() - _T0:6.1f}s] {msg}", flush=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# density search
-# ----------------------------------------------------------------------------------------------
-
-@dataclass
-class SearchResult:
-    """SearchResult: the knob value closest to the target, its density and every evaluation ``(x, density)``."""
-    x: float
-    density: float
-    evals: list
-    met: bool
-
-
-def search_knob(measure: Callable[[float], float], target: float, *, lo: float, hi: float, guess: float,
-                integer: bool, increasing: bool = True, tol: float = 0.1, max_evals: int = 10) -> SearchResult:
-    """search_knob: find ``x`` in ``[lo, hi]`` whose ``measure(x)`` (a density, monotone in ``x``) is closest to ``target``.
-
-    Proportional steps (density taken as proportional to ``x``, or to ``1/x`` when ``increasing`` is
-    False) until the target is bracketed, then geometric bisection; stops at ``|d - target| <=
-    tol * target``, at ``max_evals`` evaluations, or when an integer bracket is one apart.
-    Raises:
-        ValueError: bad target / bounds.
-    """
-    if not (isinstance(target, (int, float)) and 0 < target <= 1):
-        raise ValueError(f"target: expected a density in (0, 1], got {target!r}")
-    if not (0 < lo <= hi):
-        raise ValueError(f"lo, hi: expected 0 < lo <= hi, got {lo!r}, {hi!r}")
-    cache: dict = {}
-    order: list = []
-
-    def snap(x: float):
-        x = min(hi, max(lo, x))
-        return int(round(x)) if integer else float(x)
-
-    def ev(x):
-        x = snap(x)
-        if x not in cache:
-            d = float(measure(x))
-            if not math.isfinite(d):
-                raise ValueError(f"measure: density at {x!r} is {d}")
-            cache[x] = d
-            order.append((x, d))
-        return x, cache[x]
-
-    def good(d):
-        return abs(d - target) <= tol * target
-
-    def need_larger(d):  # the target lies at larger x
-        return (d < target) if increasing else (d > target)
-
-    def done():
-        best = min(cache.items(), key=lambda kv: (abs(kv[1] - target), kv[1]))
-        return SearchResult(best[0], best[1], list(order), good(best[1]))
-
-    x, d = ev(guess)
-    a = b = None  # a: largest x known to need larger, b: smallest x known to need smaller
-    while len(cache) < max_evals and not good(d):
-        if need_larger(d):
-            a = x if a is None else max(a, x)
-        else:
-            b = x if b is None else min(b, x)
-        if a is not None and b is not None:
-            if (integer and b - a <= 1) or (not integer and b <= a * 1.005):
-                break
-            nx = math.sqrt(a * b)
-            if integer:
-                nx = min(max(int(round(nx)), a + 1), b - 1)
-        else:
-            ratio = target / max(d, 1e-12)
-            ratio = ratio if increasing else 1.0 / ratio
-            ratio = min(8.0, max(1.0 / 8.0, ratio))
-            if need_larger(d) and ratio < 1.25:
-                ratio = 1.25
-            if not need_larger(d) and ratio > 0.8:
-                ratio = 0.8
-            nx = x * ratio
-            if integer:
-                nx = int(round(nx))
-                if nx == x:
-                    nx = x + 1 if need_larger(d) else x - 1
-        nx = snap(nx)
-        if nx in cache:  # at a bound, or no integer left between
-            break
-        x, d = ev(nx)
-    return done()
-
-
-Family = DensityKnob  # the public name of a method's searched family (methods.base.DensityKnob)
-
-
-def knob_family(method: str, T: int, target: float, *, n_layers: int = 8, n_heads: int = 8,
-                seer_gate: Optional[str] = None, razor_path: Optional[str] = None) -> Optional[Family]:
-    """knob_family: the searched family of ``method`` at length ``T`` and density ``target``; None for
-    methods that are not searched (their ``density_knob`` preset is None: dense, minference, moa,
-    masformer are handled by ``resolve_settings``).
-
-    The rules live on each method (``Method.density_knob``, b = target x (T + 1) / 2 is the mean kept
-    keys per causal row); ``seer_gate``/``razor_path`` are the calibrations handed to them.
-    """
-    ctx = PresetContext(n_layers=n_layers, n_heads=n_heads, block_size=BLOCK,
-                        calibrations={"seer_attention": seer_gate, "razor": razor_path})
-    return method_class(method).density_knob(T, target, ctx)
-
-
-def _razor_count(path: str) -> int:
-    with open(path) as f:
-        doc = json.load(f)
-    return sum(len(d["retrieval_heads"]) for d in doc["data"].values())
-
-
-def razor_subset(src: str, n_heads: int, out_path: str) -> str:
-    """razor_subset: a copy of the razor calibration ``src`` keeping as retrieval heads the ``n_heads``
-    (layer, head) pairs with the highest induction score (the scores stored in ``src``); written to
-    ``out_path`` (same format, model shape and scores; ``config.derived_from`` records the source)."""
-    with open(src) as f:
-        doc = json.load(f)
-    pairs = []
-    for layer, d in doc["data"].items():
-        ind = d.get("induction") or []
-        if not ind:
-            raise ValueError(f"{src}: layer {layer} has no induction scores to rank heads by")
-        pairs += [(float(s), int(layer), h) for h, s in enumerate(ind)]
-    if not 1 <= n_heads <= len(pairs):
-        raise ValueError(f"n_heads: expected 1..{len(pairs)}, got {n_heads}")
-    keep = sorted(pairs, reverse=True)[:n_heads]
-    for layer, d in doc["data"].items():
-        d["retrieval_heads"] = sorted(h for _, l, h in keep if str(l) == str(layer))
-    doc["config"] = dict(doc.get("config") or {}, derived_from=os.path.basename(src),
-                         rule=f"top {n_heads} heads by induction score")
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(out_path).write_text(json.dumps(doc, indent=1) + "\n")
-    return str(out_path)
-
-
-# ----------------------------------------------------------------------------------------------
-# captured prompts, select contexts, density and fidelity
-# ----------------------------------------------------------------------------------------------
-
-@dataclass
-class Captured:
-    """q/k/v (after RoPE) and pre-RoPE q/k of every attention layer for one prompt, plus softmax scales."""
-    layers: dict      # layer -> (q, k, v, q_pre, k_pre)
-    scales: dict      # layer -> float
-    n_tokens: int
-
-
-def capture_prompt(model, ids: torch.Tensor) -> Captured:
-    """capture_prompt: ``Captured`` for ``ids [1, T]`` (``sparsattn.capture.capture_qkv`` + q_proj/k_proj hooks
-    for the pre-RoPE tensors SeerAttention's gate reads)."""
-    from ..capture import capture_qkv
-    from ..integrations.hf import attention_modules
-
-    mods = attention_modules(model)
-    pre: dict = {l: {} for l in mods}
-    hs = []
-    for l, m in mods.items():
-        hd = m.head_dim
-
-        def hook(which, l=l, hd=hd):
-            def fn(mod, args, out):
-                B, T = out.shape[0], out.shape[1]
-                pre[l][which] = out.detach().view(B, T, -1, hd).transpose(1, 2)
-            return fn
-        hs += [m.q_proj.register_forward_hook(hook("q")), m.k_proj.register_forward_hook(hook("k"))]
-    try:
-        cap = capture_qkv(model, ids)
-    finally:
-        for h in hs:
-            h.remove()
-    layers = {l: (*cap[l], pre[l].get("q"), pre[l].get("k")) for l in sorted(cap)}
-    scales = {l: float(getattr(mods[l], "scaling", cap[l][0].shape[-1] ** -0.5)) for l in cap}
-    return Captured(layers, scales, int(ids.shape[1]))
-
-
-def _ctx(method, layer: int, q, k, v, qp, kp, scale: float, state: dict):
-    """The SelectContext the HF integration builds at prefill (pre-RoPE q/k only for methods that ask)."""
-    from ..methods.base import SelectContext
-
-    extras = {"phase": "prefill", "q_lens": None, "kv_lens": None, "padding_side": "right", "sliding_window": None,
-              "num_kv_groups": q.shape[1] // k.shape[1], "v": v}
-    if getattr(method, "needs_pre_rope", False):
-        extras["q_pre_rope"], extras["k_pre_rope"] = qp, kp
-    return SelectContext(layer=layer, causal=True, scale=scale, q_offset=0, state=state, extras=extras)
-
-
-def select_all(method, cap: Captured) -> dict:
-    """``{layer: pattern}`` of ``method`` on every captured layer, in order, with one shared state."""
-    state: dict = {}
-    out = {}
-    for l, (q, k, v, qp, kp) in cap.layers.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out[l] = method.select(q, k, _ctx(method, l, q, k, v, qp, kp, cap.scales[l], state))
-    return out
-
-
-def measure_density(method, cap: Captured) -> tuple[float, list[float]]:
-    """measure_density: (mean over layers, per layer) of the exact pattern density of ``method`` on ``cap``."""
-    pats = select_all(method, cap)
-    per = [float(p.density) for p in pats.values()]
-    return sum(per) / len(per), per
-
-
-def _rows(p):
-    """Row provider for attention_fidelity: rows [q0, q1) of pattern ``p`` (batch 0), never T x T at once."""
-    bq = p.block_q
-
-    def rows(q0: int, q1: int) -> torch.Tensor:
-        qb0, qb1 = q0 // bq, -(-q1 // bq)
-        m = p.mask_rows(0, qb0, qb1)
-        return m[:, q0 - qb0 * bq: q1 - qb0 * bq][None]
-    return rows
-
-
-def fidelity_layers(method, cap: Captured, *, topk: int = 10) -> list[dict]:
-    """fidelity_layers: one dict per layer (recall, topk_recall, rel_error, n_large_error, density, err_sq, ref_sq)
-    of ``method``'s patterns against dense attention on ``cap`` (all query rows); ``method=None`` = dense."""
-    from .fidelity import attention_fidelity
-
-    out = []
-    pats = select_all(method, cap) if method is not None else None
-    for l, (q, k, v, _, _) in cap.layers.items():
-        if pats is None:
-            out.append({"layer": l, "recall": 1.0, "topk_recall": 1.0, "rel_error": 0.0, "n_large_error": 0,
-                        "density": 1.0, "err_sq": 0.0, "ref_sq": 1.0})
-            continue
-        r = attention_fidelity(q.float(), k.float(), v.float(), _rows(pats[l]), causal=True, scale=cap.scales[l],
-                               topk=topk)
-        out.append({"layer": l, "recall": float(r.recall.mean()), "topk_recall": float(r.topk_recall.mean()),
-                    "rel_error": math.sqrt(float(r.err_sq.sum()) / max(float(r.ref_sq.sum()), 1e-30)),
-                    "n_large_error": int(r.n_large_error.sum()), "density": float(r.density.mean()),
-                    "err_sq": float(r.err_sq.sum()), "ref_sq": float(r.ref_sq.sum())})
-    return out
-
-
-def _pool(layer_rows: list[dict]) -> dict:
-    n = len(layer_rows)
-    err = sum(r["err_sq"] for r in layer_rows)
-    ref = sum(r["ref_sq"] for r in layer_rows)
-    return {"recall": sum(r["recall"] for r in layer_rows) / n,
-            "topk_recall": sum(r["topk_recall"] for r in layer_rows) / n,
-            "rel_error": math.sqrt(err / ref) if ref > 0 else 0.0,
-            "density": sum(r["density"] for r in layer_rows) / n,
-            "min_layer_recall": min(r["recall"] for r in layer_rows)}
-
-
-# ----------------------------------------------------------------------------------------------
-# settings
-# ----------------------------------------------------------------------------------------------
-
-@dataclass
-class Setting:
-    """Setting: one method configuration at one length, with its measured calibration density."""
-    method: str
-    target: Optional[float]            # None: budget fixed by a calibration
-    length: int
-    label: str
-    config: dict
-    density_cal: float = float("nan")
-    target_met: Optional[bool] = None
-    evals: int = 0
-    note: str = ""
-    error: str = ""
-    seconds: float = 0.0
-
-    @property
-    def key(self) -> tuple:
-        return (self.method, self.target_name)
-
-    @property
-    def target_name(self) -> str:
-        if self.target is None:
-            return "calibrated"
-        return "1.0" if self.target >= 1 else f"{self.target:g}"
-
-    def build(self):
-        from ..methods import get_method
-
-        return get_method(self.method, **self.config)
-
-    def row(self) -> dict:
-        return {"method": self.method, "target": self.target_name, "length": self.length, "setting": self.label,
-                "density_cal": _f(self.density_cal), "target_met": self.target_met, "evals": self.evals,
-                "seconds": round(self.seconds, 2), "config": json.dumps(_short_paths(self.config), sort_keys=True),
-                "note": self.note, "error": self.error}
-
-
-def _config_key(s: "Setting") -> tuple:
-    return (s.method, json.dumps(s.config, sort_keys=True, default=str))
-
-
-def _short_paths(cfg: dict) -> dict:
-    return {k: (os.path.basename(v) if isinstance(v, str) and k.endswith("path") else v) for k, v in cfg.items()}
-
-
-def _calibration_dir() -> Path:
-    from ..models import BUNDLED_DIR
-
-    return BUNDLED_DIR / "calibration"
-
-
-def resolve_settings(methods: Sequence[str], densities: Sequence[float], T: int, cap: Captured, *,
-                     n_layers: int, n_heads: int, out_dir: Path, moa_plans: Optional[dict] = None,
-                     tol: float = 0.1, max_evals: int = 10) -> list[Setting]:
-    """resolve_settings: the settings of every method at length ``T`` (density search on ``cap``).
-
-    Errors of one method are recorded in its Setting (``error``) and do not stop the others.
-    """
-    cal = _calibration_dir()
-    out: list[Setting] = []
-    found: dict = {}
-    for name in methods:
-        fixed: list[Setting] = []
-        if name == "dense":
-            fixed = [Setting("dense", 1.0, T, "causal (kernel)", {"block_size": BLOCK})]
-        elif name == "minference":
-            fixed = [Setting("minference", None, T, "shipped plan", {"path": str(cal / "minference.json")})]
-        elif name == "moa":
-            fixed = [Setting("moa", None, T, "shipped plan (b0.5)", {"plan_path": str(cal / "moa.json")})]
-            for d, (path, note) in sorted((moa_plans or {}).items()):
-                if path is None:
-                    fixed.append(Setting("moa", d, T, f"fit b{d:g}", {}, error=note))
-                else:
-                    fixed.append(Setting("moa", d, T, f"fit b{d:g}", {"plan_path": str(path)}, note=note))
-        for s in fixed:
-            t0 = time.time()
-            if not s.error:
-                try:
-                    s.density_cal = measure_density(s.build(), cap)[0]
-                    s.evals = 1
-                    if s.target is not None:
-                        s.target_met = abs(s.density_cal - s.target) <= tol * s.target
-                except Exception as e:  # recorded, the others still run
-                    s.error = f"{type(e).__name__}: {e}"[:300]
-            s.seconds = time.time() - t0
-            _log(f"T={T} {s.method:15s} {s.target_name:>10s} {s.label:28s} density {_f(s.density_cal)}"
-                 + (f"  ERROR {s.error}" if s.error else ""))
-            out.append(s)
-        if fixed:
-            continue
-        for d in densities:
-            t0 = time.time()
-            s = Setting(name, float(d), T, "", {})
-            try:
-                if name == "masformer":
-                    s = _masformer_setting(d, T, cap, found, n_layers, tol)
-                else:
-                    razor_path = None
-                    if name == "razor":
-                        n_ret = max(1, int(d * n_layers * n_heads / 2))
-                        razor_path = razor_subset(str(cal / "razor.json"), n_ret,
-                                                  str(out_dir / "calibration" / f"razor_top{n_ret}.json"))
-                    fam = knob_family(name, T, d, n_layers=n_layers, n_heads=n_heads,
-                                      seer_gate=str(cal / "seer_gate"), razor_path=razor_path)
-                    if fam is None:
-                        raise ValueError(f"method: no density family for {name!r}")
-                    from ..methods import get_method
-
-                    res = search_knob(lambda x: measure_density(get_method(name, **fam.config(x)), cap)[0], d,
-                                      lo=fam.lo, hi=fam.hi, guess=fam.guess, integer=fam.integer,
-                                      increasing=fam.increasing, tol=tol, max_evals=max_evals)
-                    s = Setting(name, float(d), T, fam.label(res.x), fam.config(res.x), res.density, res.met,
-                                len(res.evals), note=f"knob {fam.knob}={res.x:g}")
-                    found[(name, d)] = s
-            except Exception as e:  # recorded, the others still run
-                s.error = f"{type(e).__name__}: {e}"[:300]
-            s.seconds = time.time() - t0
-            _log(f"T={T} {s.method:15s} {s.target_name:>10s} {s.label:28s} density {_f(s.density_cal)} "
-                 f"({s.evals} evals{'' if s.target_met in (None, True) else ', target not met'})"
-                 + (f"  ERROR {s.error}" if s.error else ""))
-            out.append(s)
-    return out
-
-
-def _masformer_setting(d: float, T: int, cap: Captured, found: dict, n_layers: int, tol: float) -> Setting:
-    """Layer 0 dense, A-shape elsewhere: the A-shape knob is searched for the overall density when one
-    dense layer leaves room (d > 1/L), else the A-shape layers take A-shape's own setting for ``d``."""
-    from ..methods import get_method
-
-    inner_target = (n_layers * d - 1) / (n_layers - 1) if n_layers > 1 else d
-    if inner_target >= 0.5 * d:
-        fam = knob_family("a_shape", T, inner_target)
-
-        def cfg(x):
-            return dict(full_layers=[0], inner="a_shape", inner_config=fam.config(x), block_size=BLOCK)
-        res = search_knob(lambda x: measure_density(get_method("masformer", **cfg(x)), cap)[0], d, lo=fam.lo,
-                          hi=fam.hi, guess=fam.guess, integer=True, tol=tol)
-        return Setting("masformer", d, T, "L0 dense + " + fam.label(res.x), cfg(res.x), res.density, res.met,
-                       len(res.evals), note="inner a_shape searched for the overall density")
-    inner = found.get(("a_shape", d))
-    if inner is None:
-        fam = knob_family("a_shape", T, d)
-        r = search_knob(lambda x: measure_density(get_method("a_shape", **fam.config(x)), cap)[0], d, lo=fam.lo,
-                        hi=fam.hi, guess=fam.guess, integer=True, tol=tol)
-        icfg, ilabel = fam.config(r.x), fam.label(r.x)
-    else:
-        icfg, ilabel = inner.config, inner.label
-    cfg = dict(full_layers=[0], inner="a_shape", inner_config=icfg, block_size=BLOCK)
-    dens = measure_density(get_method("masformer", **cfg), cap)[0]
-    return Setting("masformer", d, T, "L0 dense + " + ilabel, cfg, dens, abs(dens - d) <= tol * d, 1,
-                   note=f"one dense layer of {n_layers} is already {1 / n_layers:.3f} density: the other layers "
-                        f"use a_shape's setting for {d:g}")
-
-
-def fit_moa_plans(model, tok, densities: Sequence[float], out_dir: Path, lengths=(4096, 8192), *, sink: int = 32,
-                  min_span: int = 32) -> dict:
-    """MoA plans fitted at each target budget (``fit_moa``, 1 sample per length, 16 answer tokens):
-    ``{density: (plan path or None, note)}``. ``sink``/``min_span`` are 32 rather than ``fit_moa``'s 64
-    so that a 5% budget is feasible at the profiled lengths (64 + 64 keys are 6.3% of a 4K context)."""
-    from ..data import source_files
-    from ..calibrate.moa import fit_moa
-
-    plans = {}
-    files = list(source_files("train"))  # scanned once for every budget
-    for d in densities:
-        t0 = time.time()
-        path = out_dir / "calibration" / f"moa_b{d:g}.json"
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                m = fit_moa(model, tok, lengths=tuple(lengths), budget=float(d), samples_per_length=1, answer_len=16,
-                            sink=sink, min_span=min_span, alpha_step=256, seed=0, out_path=str(path), files=files,
-                            log=None)
-            info = m.plan.get("info", {})
-            note = (f"fit_moa(lengths={list(lengths)}, budget={d:g}, sink={sink}, min_span={min_span}, "
-                    f"1 sample/length, 16 answer tokens): "
-                    f"feasible={info.get('feasible')}, density {['%.3f' % x for x in info.get('density', [])]}, "
-                    f"{time.time() - t0:.0f}s")
-            plans[float(d)] = (path, note)
-        except Exception as e:
-            plans[float(d)] = (None, f"fit_moa failed: {type(e).__name__}: {e}"[:300])
-        _log(f"MoA fit at budget {d:g}: {plans[float(d)][1]}")
-    for p in model.parameters():  # fit_moa freezes the parameters; nothing here trains
-        p.requires_grad_(False)
-    return plans
+def __getattr__(attr: str):
+    """``PREFILL_METHODS``: the default method list, computed from the registry on access
+    (``default_prefill_methods``; it was a hard-coded tuple of names)."""
+    if attr == "PREFILL_METHODS":
+        return tuple(default_prefill_methods())
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
 # ----------------------------------------------------------------------------------------------
 # passkey run
 # ----------------------------------------------------------------------------------------------
 
-_STATIC_KEYS = {"a_shape": lambda l, m: (), "s2_attention": lambda l, m: (), "dense": lambda l, m: (),
-                "razor": lambda l, m: (l,), "moa": lambda l, m: (l,),
-                "masformer": lambda l, m: (l in m.full_layers,)}
-
-
-class _Recorder(SelectHook):
-    """Wraps ``method.select``: records every pattern's density and, for methods whose pattern depends only
-    on (layer, lengths) (A-shape, S2, dense, RazorAttention, MoA, MASFormer over A-shape), reuses it."""
-
-    def __init__(self, method):
-        super().__init__(method)
-        self.densities: list[float] = []
-        name = getattr(method, "name", "")
-        keyf = _STATIC_KEYS.get(name)
-        if name == "masformer" and getattr(getattr(method, "_inner", None), "name", "") not in ("a_shape", "s2_attention"):
-            keyf = None
-        self.keyf = keyf
-        self.cache: dict = {}
-
-    def on_select(self, orig, q, k, ctx=None, *a, **kw):
-        key = None
-        if self.keyf is not None:
-            key = (self.keyf(getattr(ctx, "layer", None), self.method), tuple(q.shape[:3]), tuple(k.shape[:3]), q.device)
-            if key in self.cache:
-                p, d = self.cache[key]
-                self.densities.append(d)
-                return p
-        p = orig(q, k, ctx, *a, **kw)
-        d = float(p.density)
-        self.densities.append(d)
-        if key is not None:
-            self.cache[key] = (p, d)
-        return p
-
 
 @dataclass
 class PromptSample:
+    """PromptSample: one teacher-forcing sample (prompt ids, gold answer ids, needle depth)."""
     task: str
     depth: float
     prompt_ids: list
@@ -612,7 +147,7 @@ def run_passkey(model, tok, setting: Optional[Setting], samples: list[PromptSamp
     else:
         m = setting.build()
         preds = []
-        with _Recorder(m) as rec, warnings.catch_warnings():
+        with SelectRecorder(m, densities=True, reuse_static=True) as rec, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with patched(model, method=m, backend=backend):
                 for s in samples:
@@ -626,7 +161,8 @@ def run_passkey(model, tok, setting: Optional[Setting], samples: list[PromptSamp
                      "prediction": tok.decode(p.tolist()) if hasattr(tok, "decode") else " ".join(map(str, p.tolist()))})
     n = len(rows)
     dens = rec.densities if rec is not None else []
-    dense = setting is None or setting.method == "dense"  # the integration skips select for plain dense
+    # the unpatched model, or a method the integration runs as plain dense attention without calling select
+    dense = setting is None or not rec.calls
     agg = {"n": n, "acc": 100.0 * sum(r["correct"] for r in rows) / n,
            "token_acc": 100.0 * sum(r["token_acc"] for r in rows) / n,
            "first_token_acc": 100.0 * sum(r["first_ok"] for r in rows) / n,
@@ -643,11 +179,22 @@ def run_passkey(model, tok, setting: Optional[Setting], samples: list[PromptSamp
 def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTHS,
         densities: Sequence[float] = DEFAULT_DENSITIES, n: int = 10, methods: Optional[Sequence[str]] = None,
         tasks: Sequence[str] = ("passkey",), fid_length: Optional[int] = None, speed_csv: Optional[str] = None,
-        moa_fit: Optional[bool] = None, backend: Optional[str] = None, max_minutes: float = 0.0,
-        model_path=None, tol: float = 0.1, fid_prompt: str = "code", tiny: bool = False) -> list[dict]:
-    """run: the whole measurement (see the module docstring); returns the summary rows."""
+        refit: Optional[bool] = None, backend: Optional[str] = None, max_minutes: float = 0.0,
+        model_path=None, tol: float = 0.1, fid_prompt: str = "code", tiny: bool = False,
+        moa_fit: Optional[bool] = None) -> list[dict]:
+    """run: the whole measurement (see the module docstring); returns the summary rows.
+
+    ``methods``: default ``default_prefill_methods()``. ``refit``: re-fit the calibrations that can be aimed
+    at a density (``fit_at_density`` of a ``sparsattn.calibrate`` module) at each target (None: on CUDA
+    unless ``tiny``); ``moa_fit`` is its older name.
+    """
     from ..evaluate import load_model
     from ..methods import list_methods
+
+    if moa_fit is not None:
+        if refit is not None and refit != moa_fit:
+            raise ValueError(f"refit/moa_fit: moa_fit is the older name of refit; got both ({refit!r}, {moa_fit!r})")
+        refit = moa_fit
 
     t_start = time.time()
     out_dir = Path(out_dir)
@@ -661,7 +208,7 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n: expected an int >= 1, got {n!r}")
     valid = set(list_methods("prefill"))
-    methods = list(PREFILL_METHODS if not methods else methods)
+    methods = list(default_prefill_methods() if not methods else methods)
     bad = [m for m in methods if m not in valid]
     if bad:
         raise ValueError(f"methods: {bad} are not registered prefill methods; valid: {sorted(valid)}")
@@ -676,8 +223,8 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
     dev = torch.device(device)
     if backend is None:
         backend = "triton" if dev.type == "cuda" else "reference"
-    if moa_fit is None:
-        moa_fit = dev.type == "cuda" and not tiny
+    if refit is None:
+        refit = dev.type == "cuda" and not tiny
     speed = read_speed(speed_csv) if speed_csv else None
     deadline = t_start + 60 * max_minutes if max_minutes and max_minutes > 0 else None
 
@@ -690,9 +237,9 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
     _log(f"model {mpath} on {device} ({next(model.parameters()).dtype}), backend {backend}; lengths {lengths}, "
          f"densities {densities}, n={n}, methods {methods}")
 
-    env = {"environment": _environment(), "args": {
+    env = {"environment": environment(dev), "args": {
         "device": device, "lengths": lengths, "densities": densities, "n": n, "methods": methods, "tasks": list(tasks),
-        "fid_length": fid_length, "fid_prompt": fid_prompt, "speed_csv": speed_csv, "moa_fit": moa_fit, "backend": backend,
+        "fid_length": fid_length, "fid_prompt": fid_prompt, "speed_csv": speed_csv, "refit": refit, "backend": backend,
         "max_minutes": max_minutes, "tol": tol, "tiny": tiny},
         "model": str(mpath), "model_dtype": str(next(model.parameters()).dtype),
         "protocol": {
@@ -708,12 +255,12 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
                         + "; all layers, all rows; attention_fidelity(topk=10); rel_error pooled over layers",
             "baseline": "sdpa_dense = the unpatched model (transformers SDPA)"},
         "timings": {}}
-    moa_plans = None
-    if moa_fit and "moa" in methods:
+    fitted = None
+    if refit:  # profiled at 4K and 8K (those not above the longest length evaluated)
         t0 = time.time()
         fit_lengths = [x for x in (4096, 8192) if x <= lengths[-1]] or [lengths[-1]]
-        moa_plans = fit_moa_plans(model, tok, densities, out_dir, fit_lengths)
-        env["timings"]["moa_fit_s"] = round(time.time() - t0, 1)
+        fitted = fit_at_densities(model, tok, methods, densities, out_dir, fit_lengths)
+        env["timings"]["refit_s"] = round(time.time() - t0, 1)
 
     # 1. settings per length
     t0 = time.time()
@@ -723,7 +270,7 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
         ids = torch.tensor([cal.prompt_ids + cal.answer_ids], device=dev)
         cap = capture_prompt(model, ids)
         settings[L] = resolve_settings(methods, densities, L, cap, n_layers=n_layers, n_heads=n_heads,
-                                       out_dir=out_dir, moa_plans=moa_plans, tol=tol)
+                                       out_dir=out_dir, fitted=fitted, tol=tol)
         del cap
         write_csv([s.row() for Ls in settings.values() for s in Ls], out_dir / "settings.csv")
     env["timings"]["settings_s"] = round(time.time() - t0, 1)
@@ -858,23 +405,8 @@ def _table_and_plots(summary, out_dir: Path, lengths, fid_length: int, header: s
         plot_speedup(summary, speed, out_dir / "speedup.png", title + f"; speed-up from {os.path.basename(speed_csv)}")
 
 
-def _environment() -> dict:
-    from ..bench.common import environment
-
-    env = environment()
-    env["threads"] = torch.get_num_threads()
-    return env
-
-
-def _csv_floats(s: str) -> list[float]:
-    return [float(x) for x in s.split(",") if x.strip()]
-
-
-def _csv_ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x.strip()]
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """build_parser: the command line of ``python -m sparsattn.eval.prefill_quality``."""
     p = argparse.ArgumentParser(prog="python -m sparsattn.eval.prefill_quality",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output folder")
@@ -882,15 +414,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)))
     p.add_argument("--densities", default=",".join(map(str, DEFAULT_DENSITIES)))
     p.add_argument("--n", type=int, default=10, help="needles per length (depths linspace(0, 1, n))")
-    p.add_argument("--methods", default="", help="comma list (default: the 13 prefill methods)")
+    p.add_argument("--methods", default="", help="comma list (default: every registered prefill method with a "
+                                                  "density_knob or fixed_settings preset)")
     p.add_argument("--tasks", default="passkey", help="passkey and/or multikey_needle")
     p.add_argument("--fid-length", type=int, default=0,
                    help="fidelity length, one of --lengths (default 8192 when listed, else the longest)")
     p.add_argument("--fid-prompt", choices=("code", "passkey"), default="",
                    help="fidelity prompt: held-out source code (default) or a passkey prompt (default with --tiny)")
     p.add_argument("--speed", default="", help="methods benchmark CSV (python -m sparsattn.bench.methods)")
-    p.add_argument("--moa-fit", choices=("auto", "on", "off"), default="auto",
-                   help="fit MoA plans at each target density (auto: on with CUDA, off otherwise)")
+    p.add_argument("--refit", "--moa-fit", dest="refit", choices=("auto", "on", "off"), default="auto",
+                   help="re-fit the calibrations that can be aimed at a density (a sparsattn.calibrate module's "
+                        "fit_at_density) at each target (auto: on with CUDA, off otherwise; --moa-fit: older name)")
     p.add_argument("--backend", default="", help="attention backend of the patched model (default triton on "
                                                   "CUDA, reference on the CPU)")
     p.add_argument("--max-minutes", type=float, default=-1.0,
@@ -906,20 +440,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """main: the command line (see ``--help``); returns the exit status."""
     a = build_parser().parse_args(argv)
     if a.replot:
         replot(a.out, a.speed or None)
         return 0
     if a.threads:
         torch.set_num_threads(a.threads)
-    lengths, densities, n = _csv_ints(a.lengths), _csv_floats(a.densities), a.n
+    lengths, densities, n = csv_ints(a.lengths, "--lengths"), csv_floats(a.densities, "--densities"), a.n
     if a.tiny:
         lengths, densities, n = [256], [0.1], 2
     max_minutes = a.max_minutes if a.max_minutes >= 0 else (4.5 if a.device.startswith("cuda") else 0.0)
     run(a.out, device=a.device, lengths=lengths, densities=densities, n=n,
         methods=[m for m in a.methods.split(",") if m] or None, tasks=[t for t in a.tasks.split(",") if t],
         fid_length=a.fid_length or None, speed_csv=a.speed or None,
-        moa_fit={"auto": None, "on": True, "off": False}[a.moa_fit], backend=a.backend or None,
+        refit={"auto": None, "on": True, "off": False}[a.refit], backend=a.backend or None,
         max_minutes=max_minutes, model_path=a.model or None,
         fid_prompt=a.fid_prompt or ("passkey" if a.tiny else "code"), tiny=a.tiny)
     return 0

@@ -7,10 +7,12 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
+from ._harness import save_figure
+
 
 
 if TYPE_CHECKING:
-    from .prefill_quality import Setting
+    from .prefill_settings import Setting
 
 # ----------------------------------------------------------------------------------------------
 # outputs
@@ -114,12 +116,9 @@ def write_table(summary: list[dict], path: Path, lengths: Sequence[int], fid_len
 
 
 def _plt():
-    import matplotlib
+    from ._harness import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot()
 
 
 def _frontier(pts: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -169,11 +168,7 @@ def plot_pareto(summary: list[dict], path: Path, lengths: Sequence[int], title: 
     axes[1].legend(fontsize=8, loc="lower right", ncol=2)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def read_speed(path) -> dict:
@@ -224,7 +219,4 @@ def plot_speedup(summary: list[dict], speed: dict, path: Path, title: str = "") 
     axes[0].set_ylim(-5, 105)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -1,14 +1,12 @@
 """Top-k recall of a decode selection (the fraction of the keys with the largest exact q.k that a
-method's selection keeps) and the ``SelectRecorder`` that measures it on every decode call."""
+method's selection keeps); ``eval.recorder.SelectRecorder`` measures it on every decode call."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from ..integrations.hf.heads import _to_bh  # pattern rows (batch 1|B, heads 1|Hkv|Hq) -> [B, Hq, ...]
-from ..methods.base import SelectHook
 
 #: how many of the true top keys the recall looks for
 TOP_K_RECALL = 10
@@ -75,65 +73,10 @@ def topk_recall(q: torch.Tensor, k: torch.Tensor, pattern, top: int = TOP_K_RECA
     return torch.where(n_ok > 0, hit.sum(-1).float() / n_ok.clamp(min=1).float(), torch.ones_like(n_ok, dtype=torch.float32))
 
 
-class SelectRecorder(SelectHook):
-    """SelectRecorder: wraps a method instance's ``select`` (restored on exit); counts every call by
-    phase and, while ``active``, accumulates top-k recall and the fraction read per layer (on the
-    device, one host sync at ``summary``)."""
+def __getattr__(attr: str):
+    """``SelectRecorder`` lives in ``sparsattn.eval.recorder`` (the one recorder of the drivers); kept importable here."""
+    if attr == "SelectRecorder":
+        from .recorder import SelectRecorder
 
-    def __init__(self, method, top: int = TOP_K_RECALL):
-        super().__init__(method)
-        self.top = top
-        self.active = False
-        self.calls: dict[str, int] = {}
-        self.active_calls = 0
-        self._acc: dict[int, list] = {}  # layer -> [sum recall, sum density, n calls, sum recall sparse, n sparse]
-
-    def on_select(self, orig, q, k, ctx=None, *a, **kw):
-        p = orig(q, k, ctx, *a, **kw)
-        phase = (ctx.extras.get("phase") if ctx is not None else None) or "none"
-        self.calls[phase] = self.calls.get(phase, 0) + 1
-        if self.active:
-            self._record(q, k, p, ctx)
-        return p
-
-    def _record(self, q, k, p, ctx) -> None:
-        from ..patterns import TokenPattern
-
-        if not isinstance(p, TokenPattern):
-            return
-        self.active_calls += 1
-        kl = None if ctx is None else ctx.extras.get("kv_lens")
-        B, Hq = q.shape[0], q.shape[1]
-        T = k.shape[2]
-        rec = topk_recall(q, k, p, self.top, kl).mean()
-        sel = _to_bh(p.to_token_mask(), B, Hq, "pattern")
-        if kl is None:
-            n_valid = torch.full((B,), T, device=k.device)
-            valid = torch.ones(B, T, dtype=torch.bool, device=k.device)
-        else:
-            n_valid = torch.as_tensor(kl, device=k.device).long()
-            valid = torch.arange(T, device=k.device)[None, :] < n_valid[:, None]
-        got = (sel & valid[:, None, :]).sum(-1).float()  # [B, Hq]
-        dens = (got / n_valid[:, None].clamp(min=1).float()).mean()
-        sparse = (got < n_valid[:, None].float()).any().float()
-        layer = -1 if ctx is None or ctx.layer is None else int(ctx.layer)
-        acc = self._acc.get(layer)
-        row = torch.stack([rec, dens, torch.ones_like(rec), rec * sparse, sparse])
-        self._acc[layer] = row if acc is None else acc + row
-
-    def summary(self) -> dict:
-        """``{"top10_recall", "top10_recall_sparse", "density", "calls", "layers": {layer: {...}}}`` (None when
-        nothing was recorded)."""
-        if not self._acc:
-            return {"top10_recall": None, "top10_recall_sparse": None, "density": None, "calls": 0, "layers": {}}
-        layers = sorted(self._acc)
-        tab = torch.stack([self._acc[l] for l in layers]).double().cpu()
-        tot = tab.sum(0)
-        for v in tab.flatten().tolist():
-            if not math.isfinite(v):
-                raise RuntimeError("decode_quality: a non-finite recall/density was recorded")
-        out = {"top10_recall": float(tot[0] / tot[2]), "density": float(tot[1] / tot[2]), "calls": int(tot[2]),
-               "top10_recall_sparse": float(tot[3] / tot[4]) if tot[4] > 0 else None,
-               "layers": {l: {"top10_recall": float(r[0] / r[2]), "density": float(r[1] / r[2]), "calls": int(r[2])}
-                          for l, r in zip(layers, tab)}}
-        return out
+        return SelectRecorder
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")

@@ -1,0 +1,61 @@
+"""_harness: what the evaluation drivers share besides the recorder (``eval.recorder``): a timed log,
+comma-list parsing of command lines, the matplotlib setup and figure saving, and the environment
+record (``sparsattn._environment.environment``, the one format of the library)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from .._environment import environment  # noqa: F401  (the drivers' environment record)
+
+__all__ = ["environment", "timed_logger", "csv_list", "csv_ints", "csv_floats", "pyplot", "save_figure"]
+
+
+def timed_logger(tag: str, t0: Optional[float] = None) -> Callable[[str], None]:
+    """timed_logger: a ``log(msg)`` printing ``[tag   12.3s] msg`` (seconds since ``t0``, default now), flushed."""
+    start = time.time() if t0 is None else t0
+
+    def log(msg: str) -> None:
+        print(f"[{tag} {time.time() - start:6.1f}s] {msg}", flush=True)
+    return log
+
+
+def csv_list(s) -> list[str]:
+    """csv_list: the non-empty, stripped items of a comma-separated string."""
+    return [x.strip() for x in str(s).split(",") if x.strip()]
+
+
+def csv_ints(s, name: str = "value") -> list[int]:
+    """csv_ints: comma-separated integers (ValueError naming ``name`` otherwise)."""
+    try:
+        return [int(x) for x in csv_list(s)]
+    except ValueError:
+        raise ValueError(f"{name}: expected comma-separated integers, got {s!r}") from None
+
+
+def csv_floats(s, name: str = "value") -> list[float]:
+    """csv_floats: comma-separated numbers (ValueError naming ``name`` otherwise)."""
+    try:
+        return [float(x) for x in csv_list(s)]
+    except ValueError:
+        raise ValueError(f"{name}: expected comma-separated numbers, got {s!r}") from None
+
+
+def pyplot():
+    """pyplot: ``matplotlib.pyplot`` on the non-interactive Agg backend (files only, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path, dpi: int = 110) -> Path:
+    """save_figure: write ``fig`` to ``path`` (folders created), close it, return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
