@@ -31,6 +31,7 @@ accuracy by depth x length).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -57,60 +58,8 @@ _FITTED_HINT = ("give the fitted file through --method-config, e.g. "
                 "'{\"minference\": {\"path\": \"plan.json\"}}'")
 
 
-class ModelPathError(FileNotFoundError, ValueError):
-    """The model path does not exist or holds no loadable checkpoint (a FileNotFoundError and a ValueError)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# model loading
-# ----------------------------------------------------------------------------------------------
-
-def load_model(model_path=None, *, device: str = "cpu", dtype=None):
-    """load_model: ``(model, tokenizer, path)`` from a local Hugging Face folder, offline.
-
-    Args:
-        model_path: a local folder (config.json + safetensors weights + tokenizer files); None = the
-            bundled checkpoint (``sparsattn.models.bundled_path()``).
-        device: torch device string.
-        dtype: weight dtype; default float32 on the CPU (bf16 matmuls are slow on most CPUs) and
-            the saved dtype elsewhere.
-    Raises:
-        ModelPathError: the folder does not exist, or has no config.json / no ``*.safetensors``
-            weights (pickled ``.bin`` checkpoints are never loaded).
-        sparsattn.models.BundledModelMissing: no path given and the bundled model is not trained yet.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if model_path is None:
-        from .models import bundled_path
-
-        path = bundled_path()
-    else:
-        path = Path(model_path).expanduser()
-        if not path.exists():
-            raise ModelPathError(f"model: path {str(path)!r} does not exist; expected a local Hugging Face "
-                                 "model folder (config.json, *.safetensors, tokenizer files)")
-        if not path.is_dir():
-            raise ModelPathError(f"model: {str(path)!r} is a file; expected a local Hugging Face model folder")
-        missing = []
-        if not (path / "config.json").is_file():
-            missing.append("config.json")
-        if not any(path.glob("*.safetensors")):
-            missing.append("*.safetensors weights")
-        if missing:
-            raise ModelPathError(f"model: folder {str(path)!r} holds no model weights (missing {', '.join(missing)}); "
-                                 "expected a checkpoint saved with save_pretrained (safetensors)")
-    kw: dict[str, Any] = {"local_files_only": True, "attn_implementation": "sdpa"}
-    if dtype is None and torch.device(device).type == "cpu":
-        dtype = torch.float32
-    if dtype is not None:
-        kw["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kw).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    tok.padding_side = "left"
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok, path
+# model loading: the one loader (``sparsattn.models.load``); the names stay importable from here
+from .models.load import ModelPathError, load_model  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,7 +92,7 @@ def resolve_methods(methods: Sequence[str], method_config: Optional[dict] = None
         if not isinstance(cfg, dict):
             raise ValueError(f"method_config[{n!r}]: expected a dict of hyper-parameters, got {cfg!r}")
         cls = method_class(n)
-        if n == "dense" and not cfg:
+        if cls.exact and not cfg:  # exact attention: the unpatched model is the baseline
             out[n] = None
             continue
         if cls.needs and not cfg:
@@ -187,8 +136,23 @@ class _Recorder(SelectHook):
 # generation
 # ----------------------------------------------------------------------------------------------
 
-def _generate(model, tok, prompts: list[str], *, device, max_new_tokens: int) -> list[str]:
-    enc = tok(prompts, return_tensors="pt", padding=True)
+def apply_chat_template(tok, prompts: list[str]) -> list[str]:
+    """apply_chat_template: each prompt as one user turn of the tokenizer's chat template, followed by
+    the assistant's generation prompt (``tokenizer.apply_chat_template(..., add_generation_prompt=True)``).
+
+    Raises:
+        ValueError: the tokenizer has no chat template.
+    """
+    if not getattr(tok, "chat_template", None):
+        raise ValueError("chat_template: the model's tokenizer has no chat template (tokenizer_config.json has no "
+                         "'chat_template'); run without --chat-template, or use an instruction-tuned model that has one")
+    return [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts]
+
+
+def _generate(model, tok, prompts: list[str], *, device, max_new_tokens: int,
+              add_special_tokens: bool = True) -> list[str]:
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
     ids = enc["input_ids"].to(device)
     am = enc["attention_mask"].to(device)
     with torch.no_grad():
@@ -221,7 +185,8 @@ def _fidelity_layers(n_layers: int, layers=None) -> list[int]:
     return sorted({0, n_layers // 2, n_layers - 1})
 
 
-def _fidelity(model, tok, prompt: str, methods: dict, *, device, layers=None, rows=None) -> dict[str, dict]:
+def _fidelity(model, tok, prompt: str, methods: dict, *, device, layers=None, rows=None,
+              add_special_tokens: bool = True) -> dict[str, dict]:
     """{method: pooled fidelity summary} on one prompt (dense baseline: recall 1 by definition)."""
     from .capture import capture_qkv
     from .eval import attention_fidelity
@@ -232,7 +197,7 @@ def _fidelity(model, tok, prompt: str, methods: dict, *, device, layers=None, ro
     mods = attention_modules(model)
     order = sorted(mods)
     fl = [order[i] for i in _fidelity_layers(len(order), layers) if 0 <= i < len(order)]
-    ids = tok(prompt, return_tensors="pt")["input_ids"].to(device)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=add_special_tokens)["input_ids"].to(device)
     last = max(fl)
     cap = capture_qkv(model, ids, layers=[l for l in order if l <= last])
     out: dict[str, dict] = {}
@@ -300,11 +265,13 @@ def run_eval(model_path=None, methods: Sequence[str] = ("dense", "a_shape", "ver
              depths: Optional[Sequence[float]] = None, method_config: Optional[dict] = None,
              out_dir="sparsattn_eval", device: str = "cpu", batch_size: int = 4, progress: bool = True,
              fidelity: bool = True, seed: int = 0, max_new_tokens: int = 12, fidelity_layers=None,
-             fidelity_rows: Optional[int] = 1024, dtype=None, title: str = "", show: bool = True) -> list[dict]:
+             fidelity_rows: Optional[int] = 1024, dtype=None, title: str = "", show: bool = True,
+             allow_download: bool = False, device_map=None, chat_template: bool = False) -> list[dict]:
     """run_eval: accuracy, pattern density and fidelity of methods x tasks x lengths on a model.
 
     Args:
-        model_path: local Hugging Face folder; None = the bundled checkpoint.
+        model_path: local Hugging Face folder; None = the bundled checkpoint; a Hub name (``owner/name``)
+            only with ``allow_download=True``.
         methods: registered method names (``sparsattn list``); ``dense`` = the unpatched model.
         tasks: task names of ``sparsattn.eval.TASKS``.
         lengths: prompt lengths in tokens.
@@ -320,11 +287,17 @@ def run_eval(model_path=None, methods: Sequence[str] = ("dense", "a_shape", "ver
             longest contexts; the question sits there), None = all rows. ``fid_density`` is over these rows.
         dtype: weight dtype (default float32 on the CPU).
         show: print the table and the list of written files (False: a caller prints its own).
+        allow_download: allow downloading a Hub model name (off by default: offline).
+        device_map: ``from_pretrained``'s device map (e.g. ``"auto"``; needs ``accelerate``) instead of
+            ``device``; inputs go to the device of the input embeddings.
+        chat_template: wrap every prompt as a user turn of the tokenizer's chat template (ValueError
+            when it has none).
     Returns:
         one dict per (method, task, length) with the keys of ``COLUMNS``.
     Raises:
         ValueError: unknown method/task names (listing valid ones), bad lengths/depths/sizes.
         ModelPathError: the model path does not exist or holds no weights.
+        ValueError: a Hub name without ``allow_download``; ``chat_template`` with a tokenizer that has none.
     """
     from .eval import DEPTH_TASKS, get_task, make_samples, score_predictions
     from .eval.scoring import get_scorer
@@ -346,7 +319,12 @@ def run_eval(model_path=None, methods: Sequence[str] = ("dense", "a_shape", "ver
     resolved = resolve_methods([methods] if isinstance(methods, str) else list(methods), method_config)
     if not resolved:
         raise ValueError("methods: nothing left to evaluate (every method needs fitting)")
-    model, tok, path = load_model(model_path, device=device, dtype=dtype)
+    model, tok, path = load_model(model_path, device=device, dtype=dtype, device_map=device_map,
+                                  allow_download=allow_download)
+    if device_map is not None:
+        device = str(model.get_input_embeddings().weight.device)
+    if chat_template:
+        apply_chat_template(tok, ["check"])  # refuse before any sample is generated
     max_pos = getattr(model.config, "max_position_embeddings", None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -363,6 +341,8 @@ def run_eval(model_path=None, methods: Sequence[str] = ("dense", "a_shape", "ver
                     ss += make_samples(t, tok, L, n_samples, seed=seed + 7919 * di, progress=progress, depth=d)
             else:
                 ss = make_samples(t, tok, L, n_samples, seed=seed, progress=progress)
+            if chat_template:
+                ss = [dataclasses.replace(s, prompt=p) for s, p in zip(ss, apply_chat_template(tok, [s.prompt for s in ss]))]
             samples[(t, L)] = ss
 
     fid: dict[int, dict] = {}
@@ -370,7 +350,7 @@ def run_eval(model_path=None, methods: Sequence[str] = ("dense", "a_shape", "ver
         for L in tqdm(lengths, desc="fidelity", disable=not progress):
             prompt = samples[(tasks[0], L)][0].prompt
             fid[L] = _fidelity(model, tok, prompt, resolved, device=device, layers=fidelity_layers,
-                               rows=fidelity_rows)
+                               rows=fidelity_rows, add_special_tokens=not chat_template)
 
     rows: list[dict] = []
     srows: list[dict] = []
@@ -390,10 +370,12 @@ def run_eval(model_path=None, methods: Sequence[str] = ("dense", "a_shape", "ver
         for i in range(0, len(ss), batch_size):
             batch = [s.prompt for s in ss[i:i + batch_size]]
             if m is None:
-                preds += _generate(model, tok, batch, device=device, max_new_tokens=max_new_tokens)
+                preds += _generate(model, tok, batch, device=device, max_new_tokens=max_new_tokens,
+                                   add_special_tokens=not chat_template)
             else:
                 with rec, patched(model, method=m):
-                    preds += _generate(model, tok, batch, device=device, max_new_tokens=max_new_tokens)
+                    preds += _generate(model, tok, batch, device=device, max_new_tokens=max_new_tokens,
+                                       add_special_tokens=not chat_template)
             bar.update(len(batch))
         secs = time.perf_counter() - t0
         scorer = get_scorer(t)
@@ -416,7 +398,7 @@ def run_eval(model_path=None, methods: Sequence[str] = ("dense", "a_shape", "ver
             row[c] = None if f is None else f[c]
         rows.append(row)
     bar.close()
-    _add_speedup(rows)
+    _add_speedup(rows, baselines={n for n, m in resolved.items() if m is None})
 
     write_csv(rows, out / "eval.csv", COLUMNS)
     write_csv(srows, out / "eval_samples.csv", SAMPLE_COLUMNS)
@@ -446,11 +428,12 @@ def _plt():
     return plt
 
 
-def _add_speedup(rows: list[dict]) -> None:
-    """speedup_vs_dense = wall time of the dense run / the method's, same task and length (the
-    whole generation on this device: on the CPU the sparse path is the torch reference)."""
+def _add_speedup(rows: list[dict], baselines) -> None:
+    """speedup_vs_dense = wall time of the baseline run (an ``exact`` method run unpatched, named in
+    ``baselines``) / the method's, same task and length (the whole generation on this device: on
+    the CPU the sparse path is the torch reference)."""
     for r in rows:
-        d = next((x for x in rows if x["method"] == "dense" and x["task"] == r["task"] and x["length"] == r["length"]),
+        d = next((x for x in rows if x["method"] in baselines and x["task"] == r["task"] and x["length"] == r["length"]),
                  None)
         ok = d is not None and r.get("seconds") and d.get("seconds")
         r["speedup_vs_dense"] = round(d["seconds"] / r["seconds"], 4) if ok else None
@@ -544,7 +527,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Methods that need fitting (minference calibrated plans, razor, seer_attention, moa) are skipped "
                "with a note unless --method-config gives their fitted file, e.g. "
                "--method-config '{\"minference\": {\"path\": \"plan.json\"}, \"moa\": {\"plan_path\": \"moa.json\"}}'.")
-    p.add_argument("--model", default=None, help="local Hugging Face model folder (default: the bundled model)")
+    p.add_argument("--model", default=None,
+                   help="local Hugging Face model folder (default: the bundled model), or a Hub name "
+                        "(owner/name) with --allow-download")
+    p.add_argument("--allow-download", action="store_true",
+                   help="allow downloading --model from the Hugging Face Hub (off by default: offline)")
+    p.add_argument("--device-map", default=None,
+                   help="from_pretrained device map instead of --device, e.g. 'auto' (needs accelerate)")
+    p.add_argument("--dtype", default=None, help="weight dtype, e.g. bfloat16 (default: float32 on the CPU, "
+                                                  "the saved dtype elsewhere)")
+    p.add_argument("--chat-template", action="store_true",
+                   help="wrap each prompt as a user turn of the tokenizer's chat template (error when it has none)")
     p.add_argument("--methods", default="dense,a_shape,vertical_slash",
                    help="comma-separated registered method names (see `sparsattn list`); dense = unpatched model")
     p.add_argument("--tasks", default="passkey", help="comma-separated task names")
@@ -614,7 +607,8 @@ def main(argv=None) -> int:
         run_eval(args.model, methods=_csv_list(args.methods), tasks=_csv_list(args.tasks), lengths=lengths,
                  n_samples=args.samples, depths=depths, method_config=cfg, out_dir=args.out, device=device,
                  batch_size=args.batch_size, progress=not args.no_progress, fidelity=not args.no_fidelity,
-                 seed=args.seed, max_new_tokens=args.max_new_tokens)
+                 seed=args.seed, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                 allow_download=args.allow_download, device_map=args.device_map, chat_template=args.chat_template)
     except ValueError as e:  # ModelPathError / BundledModelMissing are ValueErrors too
         print(f"sparsattn eval: error: {e}", file=sys.stderr)
         return 2
