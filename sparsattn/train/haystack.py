@@ -9,13 +9,12 @@ haystacks with needles inserted at token level, question/answer segments, and th
 from __future__ import annotations
 
 import random
-import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..eval import _words
 from ..eval.tasks import NOISE_SENTENCES
+from ..eval.tasks._base import _random_key, _random_value
 from .corpus import GROUP_ANSWER, GROUP_IGNORE, GROUP_LM
 from .pieces import _Seg
 
@@ -48,23 +47,9 @@ class SampleBuilder:
     synthetic retrieval tasks (see the module docstring; ``RetrievalTasks`` sets the state)."""
 
     # -------------------------------------------------------------- random draws
-    @staticmethod
-    def _key(rng: random.Random, kind: str) -> str:
-        if kind == "words":
-            return f"{rng.choice(_words.ADJECTIVES)}-{rng.choice(_words.NOUNS)}"
-        if kind == "uuid":
-            return str(uuid.UUID(int=rng.getrandbits(128), version=4))
-        if kind == "number":
-            return str(rng.randint(1_000_000, 9_999_999))
-        raise ValueError(f"key_kind: expected 'words', 'uuid' or 'number', got {kind!r}")
-
-    @staticmethod
-    def _value(rng: random.Random, kind: str) -> str:
-        if kind == "number":
-            return str(rng.randint(1_000_000, 9_999_999))
-        if kind == "uuid":
-            return str(uuid.UUID(int=rng.getrandbits(128), version=4))
-        raise ValueError(f"value_kind: expected 'number' or 'uuid', got {kind!r}")
+    # the evaluation's draws, so training keys and values look exactly like the evaluated ones
+    _key = staticmethod(_random_key)
+    _value = staticmethod(_random_value)
 
     def _distinct(self, rng: random.Random, draw, kind: str, n: int) -> list[str]:
         out: list[str] = []
