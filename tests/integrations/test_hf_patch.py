@@ -59,7 +59,7 @@ def test_context_manager_restores_on_exception():
     assert model.config._attn_implementation == "sdpa"
     assert not hf.is_patched(model)
     with hf.patched(model, "dense") as m:
-        assert m is model and hf.is_patched(model)
+        assert m.model is model and hf.is_patched(model)  # the PatchReport of the run
     assert model.config._attn_implementation == "sdpa"
 
 

@@ -18,6 +18,7 @@ from .cache import SparseCache
 from .heads import _Choice
 from .mask import MaskInfo
 from .padding import _clip_tokens, _dense_masked, _left_to_right, _shift_left, _unshift_tokens
+from .report import note_fallback, note_selection, selection_clock
 
 log = logging.getLogger(__package__)
 
@@ -144,10 +145,10 @@ class _Layer:
             if out is not None:
                 return out.transpose(1, 2).contiguous(), None
         if isinstance(mask, torch.Tensor):
-            log.debug("sparsattn layer %d: 4-D mask from transformers: dense SDPA fallback", self.index)
+            note_fallback(self, "4-D mask from transformers (packed sequences or a custom mask)", (Tq, Tk))
             return _dense_masked(q, k, v, mask, scale, **extra).transpose(1, 2).contiguous(), None
         if not getattr(module, "is_causal", True):
-            log.debug("sparsattn layer %d: non-causal attention: dense fallback", self.index)
+            note_fallback(self, "non-causal attention", (Tq, Tk))
             out = _attention(q, k, v, None, causal=False, scale=scale, **extra)
             return out.transpose(1, 2).contiguous(), None
         if isinstance(mask, MaskInfo):
@@ -156,7 +157,7 @@ class _Layer:
             window = kw.get("sliding_window")
         lens = self._lengths(frame, mask if isinstance(mask, MaskInfo) else None, Tq, Tk, q.device)
         if isinstance(lens, tuple) and isinstance(lens[0], str):
-            log.debug("sparsattn layer %d: %s: dense SDPA fallback", self.index, lens[1])
+            note_fallback(self, lens[1], (Tq, Tk))
             keep = self._explicit_mask(mask, window, Tq, Tk, q.device)
             return _dense_masked(q, k, v, keep, scale, **extra).transpose(1, 2).contiguous(), None
         q_lens, kv_lens, side = lens if lens is not None else (None, None, "right")
@@ -180,22 +181,23 @@ class _Layer:
             if kv_lens is None and window is None and not extra:  # (its own output: no softcap/sinks)
                 ctx.v = v
                 return self.prefill.methods[0].attend(q, k, v, ctx)[0]
-            log.debug("sparsattn layer %d: %s with padding or a sliding window: dense SDPA fallback",
-                      self.index, self.prefill.describe())
+            note_fallback(self, f"{self.prefill.describe()} computes its own output: not with padding or a sliding window",
+                          (Tq, Tk))
             keep = self._explicit_mask(mask if isinstance(mask, MaskInfo) else None, window, Tq, Tk, q.device)
             return _dense_masked(q, k, v, keep, scale, **extra)
-        pattern = None
+        pattern = t0 = None
         if self.prefill is not None and not self.prefill.dense_only:
             if kv_lens is not None and Tq != Tk:
                 # chunked prefill of a padded batch: per-sequence offsets differ, a pattern built
                 # for the padded tensors would be misaligned -> exact dense attention instead
-                log.debug("sparsattn layer %d: chunked prefill with padding: dense SDPA fallback", self.index)
+                note_fallback(self, "chunked prefill of a padded batch", (Tq, Tk))
                 keep = self._explicit_mask(mask if isinstance(mask, MaskInfo) else None, window, Tq, Tk, q.device)
                 return _dense_masked(q, k, v, keep, scale, **extra)
             qs, ks, vs = q, k, v
             if kv_lens is not None and side == "left":
                 qs, ks, vs = _left_to_right(q, q_lens), _left_to_right(k, kv_lens), _left_to_right(v, kv_lens)
             ctx.v = vs  # values aligned with ks (LongHeads builds chunk keys from them)
+            t0 = selection_clock(self, q)
             pattern = self.prefill.select_block(qs, ks, ctx)
         if window is not None:
             bq = pattern.block_q if pattern is not None else _DEFAULT_BLOCK
@@ -209,6 +211,7 @@ class _Layer:
                                      f"columns on a sliding-window layer (window {window}); columns cannot be "
                                      "intersected with the window")
                 pattern = pattern & win
+        note_selection(self, "prefill", pattern, t0, q, (Tq, Tk), q_lens=q_lens, kv_lens=kv_lens)
         return _attention(q, k, v, pattern, causal=True, scale=scale, q_lens=q_lens, kv_lens=kv_lens,
                           padding_side=side, backend=self._be(), **extra)
 
@@ -227,9 +230,10 @@ class _Layer:
             try:
                 from ...kernels.sparse_decode import sparse_decode_attention
             except ImportError as e:
-                log.debug("sparsattn layer %d: sparse decode kernel unavailable (%s): dense decode", self.index, e)
+                note_fallback(self, f"sparse decode kernel unavailable ({e})", (1, Tk))
             else:
                 pad = None if kv_lens is None else (Tk - kv_lens.long()).clamp(min=0)
+                t0 = selection_clock(self, q)
                 if pad is not None and bool((pad > 0).any()):
                     # decode methods read kv_lens as "the first n slots hold the sequence": give them
                     # the left-padded rows right-aligned, and map their picks back to cache slots
@@ -239,6 +243,7 @@ class _Layer:
                     tp = self.decode.select_token(q, k, ctx)
                 if lo is not None and bool((lo > 0).any()):
                     tp = _clip_tokens(tp, lo, B, Tk)
+                note_selection(self, "decode", tp, t0, q, (1, Tk))
                 be = self._be() if self._be() in ("triton", "reference") else None
                 return sparse_decode_attention(q, k, v, tp, scale=scale, backend=be, **extra)[:, :, None]
         kl = None if lo is None or not bool((lo > 0).any()) else (Tk - lo).to(torch.int32)

@@ -16,6 +16,7 @@ from .forward import _ATTR, NAME, _Layer, sparse_attention_forward
 from .heads import _Choice, _mname
 from .mask import sparse_attention_mask
 from .modules import _base_model, _heads, attention_modules
+from .report import PatchReport
 from .swap import config_implementations, register_implementation, set_implementation
 
 log = logging.getLogger(__package__)
@@ -136,6 +137,7 @@ class _Patch:
         self.layers: dict = {}
         self.frames: list[dict] = []
         self.max_pos = None
+        self.report = PatchReport(model)  # what ran: densities, selection times, fallbacks (hf.report)
 
     def frame(self) -> dict:
         if self.frames:
@@ -325,12 +327,17 @@ def unpatch(model):
 def patched(model, method: MethodSpec = "dense", **kwargs):
     """patched: context-manager form of ``patch``; restores the previous state on exit (also on error).
 
-    If the model was already patched, that patch (methods, hooks) is restored on exit.
+    Yields a ``PatchReport`` (``sparsattn.integrations.hf.report``) that records, per layer and head,
+    the density reached, the selection time and every fallback to dense with its reason
+    (``report.summary()`` prints it; ``report.model`` is the model). If the model was already
+    patched, that patch (methods, hooks) is restored on exit.
     """
     prev = getattr(model, _PATCH_ATTR, None)
     patch(model, method, **kwargs)
+    rep = getattr(model, _PATCH_ATTR).report
+    rep.detailed = True
     try:
-        yield model
+        yield rep
     finally:
         cur = getattr(model, _PATCH_ATTR, None)
         if prev is None:
