@@ -34,7 +34,6 @@ LAYER = {
 }
 #: (importing component, imported component): upward imports still present, to be removed
 KNOWN_UPWARD = {
-    ("eval", "evaluate"),        # load_model / parse_method_config: move down into eval/
     ("distributed", "bench"),    # bench.common.environment / write_csv
 }
 

@@ -1,6 +1,7 @@
-"""_harness: what the evaluation drivers share besides the recorder (``eval.recorder``): a timed log,
-comma-list parsing of command lines, the matplotlib setup and figure saving, and the environment
-record (``sparsattn._environment.environment``, the one format of the library)."""
+"""_harness: what the evaluation drivers share besides the recorder (``eval.recorder``) and the model
+loader (``sparsattn.models.load``): a timed log, command-line parsing (comma lists, ``--method-config``),
+the matplotlib setup and figure saving, and the environment record
+(``sparsattn._environment.environment``, the one format of the library)."""
 from __future__ import annotations
 
 import time
@@ -9,7 +10,8 @@ from typing import Callable, Optional
 
 from .._environment import environment  # noqa: F401  (the drivers' environment record)
 
-__all__ = ["environment", "timed_logger", "csv_list", "csv_ints", "csv_floats", "pyplot", "save_figure"]
+__all__ = ["environment", "timed_logger", "csv_list", "csv_ints", "csv_floats", "parse_method_config", "pyplot",
+           "save_figure"]
 
 
 def timed_logger(tag: str, t0: Optional[float] = None) -> Callable[[str], None]:
@@ -40,6 +42,30 @@ def csv_floats(s, name: str = "value") -> list[float]:
         return [float(x) for x in csv_list(s)]
     except ValueError:
         raise ValueError(f"{name}: expected comma-separated numbers, got {s!r}") from None
+
+
+def parse_method_config(src: Optional[str]) -> Optional[dict]:
+    """parse_method_config: the ``--method-config`` option: inline JSON or a JSON file path ->
+    ``{method: {hyper-parameter: value}}`` (None when not given).
+
+    Raises:
+        ValueError: not valid JSON (the file named), or not a JSON object."""
+    import json
+
+    if not src:
+        return None
+    if not src.lstrip().startswith(("{", "[")):  # a path: read through the checked reader (file named)
+        from ..calibration import read_json
+
+        cfg = read_json(src, arg="--method-config", kind="JSON file").value
+    else:
+        try:
+            cfg = json.loads(src)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--method-config: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError("--method-config: expected a JSON object {method: {...}}")
+    return cfg
 
 
 def pyplot():

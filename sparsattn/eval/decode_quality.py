@@ -80,6 +80,7 @@ from ..bench.common import write_csv
 from ..methods.base import method_class
 from ._harness import csv_list as _csv_list
 from ._harness import environment as _environment
+from ._harness import parse_method_config
 from .decode_budgets import (CALIBRATION_SEED, Budget, budget_config, budget_mapped, calibrate_double_sparsity,  # noqa: F401
                              calibrate_from_prompt, calibrating_methods, default_decode_methods, parse_budget,
                              slow_methods)
@@ -185,7 +186,7 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
     """run_decode_quality: the whole grid (see the module docstring); writes the outputs under ``out_dir``.
 
     Args:
-        model, tokenizer: a loaded causal LM and tokenizer (None = ``sparsattn.evaluate.load_model``
+        model, tokenizer: a loaded causal LM and tokenizer (None = ``sparsattn.models.load.load_model``
             of ``model_path``, default the bundled checkpoint, on ``device``).
         lengths: context lengths L in tokens (prompts of at most ``L - max_new_tokens``). budgets: ``parse_budget`` strings ("full" is added to
             the checks below anyway). n: samples per length (depths spread). methods: decode
@@ -236,7 +237,7 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if model is None or tokenizer is None:
-        from ..evaluate import load_model
+        from ..models.load import load_model
 
         model, tokenizer, _ = load_model(model_path, device=device)
     dev = next(model.parameters()).device
@@ -463,8 +464,6 @@ def main(argv=None) -> int:
         n = args.n if args.n is not None else (TINY["n"] if tiny else 10)
         full_n = args.full_n if args.full_n is not None else (TINY["full_n"] if tiny else 2)
         mnt = args.max_new_tokens if args.max_new_tokens is not None else (TINY["max_new_tokens"] if tiny else 10)
-        from ..evaluate import parse_method_config
-
         mcfg = parse_method_config(args.method_config)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         threads = args.threads if args.threads is not None else (1 if tiny else None)

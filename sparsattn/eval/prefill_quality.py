@@ -188,7 +188,7 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
     at a density (``fit_at_density`` of a ``sparsattn.calibrate`` module) at each target (None: on CUDA
     unless ``tiny``); ``moa_fit`` is its older name.
     """
-    from ..evaluate import load_model
+    from ..models.load import load_model
     from ..methods import list_methods
 
     if moa_fit is not None:
