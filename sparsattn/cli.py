@@ -15,9 +15,16 @@ def _cmd_list(args) -> int:
     for name in list_methods():
         cls = method_class(name)
         print(f"  {name:22s} {cls.phase:8s} {cls.paper}")
-    from .api import BACKENDS
+    import torch
 
-    print("kernel backends: " + ", ".join(BACKENDS))
+    from .kernels.backends import describe
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = describe(dev)
+    print(f"kernel backends on this machine ({dev}, float32, 4096 tokens; * = the automatic choice):")
+    for r in rows:
+        mark = "*" if r["default"] else " "
+        print(f"  {r['family']:13s} {mark}{r['backend']:10s} {'yes' if r['can_run'] else 'no ':3s}  {r['reason']}")
     return 0
 
 

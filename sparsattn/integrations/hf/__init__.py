@@ -43,7 +43,8 @@ Modules: ``patch`` (patch / unpatch / patched, method specs), ``forward`` (the a
 the per-layer binding), ``mask`` (the mask function), ``heads`` (per-head composition of patterns),
 ``padding`` (padded batches), ``modules`` (attention-module discovery), ``swap`` (the one
 attention-implementation swap, also used by ``capture_qkv`` and calibration), ``cache`` /
-``cache_groups`` (``SparseCache``).
+``cache_groups`` (``SparseCache``), ``report`` (``PatchReport``: what ran, per layer and head;
+``patched`` yields it).
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ from .forward import NAME, sparse_attention_forward
 from .mask import MaskInfo, sparse_attention_mask
 from .modules import attention_modules
 from .patch import MethodSpec, is_patched, patch, patched, unpatch
+from .report import PatchReport, report_of
 from .swap import attention_swapped, config_implementations, register_implementation, set_implementation
 
 #: Backend used by patched layers whose ``patch(..., backend=None)``: None = ``sparsattn.attention``'s
@@ -62,4 +64,4 @@ from .swap import attention_swapped, config_implementations, register_implementa
 DEFAULT_BACKEND: Optional[str] = None
 
 __all__ = ["patch", "unpatch", "patched", "is_patched", "SparseCache", "MaskInfo", "attention_modules", "NAME",
-           "attention_swapped", "DEFAULT_BACKEND"]
+           "attention_swapped", "DEFAULT_BACKEND", "PatchReport", "report_of"]
