@@ -105,13 +105,6 @@ def test_unsupported_family_names_what_is_missing():
         hf.patch(torch.nn.Linear(3, 3), "dense")
 
 
-def test_softcapping_raises_when_patching():
-    model = make_model("gemma2", attn_logit_softcapping=50.0)
-    with pytest.raises(ValueError, match=r"softcapping \(attn_logit_softcapping=50.0\)"):
-        hf.patch(model, "dense")
-    assert model.config._attn_implementation == "eager"
-
-
 def test_context_longer_than_trained_length_warns_once_per_call():
     model = make_model("llama", max_position_embeddings=64)
     hf.patch(model, "dense")

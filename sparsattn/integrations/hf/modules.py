@@ -33,8 +33,8 @@ def attention_modules(model) -> dict[int, torch.nn.Module]:
 
     Support is detected from the modules, not from a list of model families: a module must have
     ``config``, an int ``layer_idx``, ``scaling``, head counts (``config.num_attention_heads`` /
-    ``num_key_value_heads``), look up ``ALL_ATTENTION_FUNCTIONS`` in its forward, be causal, and use
-    no feature the kernels cannot honour (logit softcapping, learned sinks).
+    ``num_key_value_heads``), look up ``ALL_ATTENTION_FUNCTIONS`` in its forward and be causal. Logit
+    soft-capping (Gemma 2) and learned sinks (gpt-oss) are passed to the kernels at call time.
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module (a transformers model), got {type(model).__name__}")
@@ -76,16 +76,6 @@ def attention_modules(model) -> dict[int, torch.nn.Module]:
                          "expected modules with config, layer_idx, scaling and head counts whose forward "
                          "dispatches through transformers' ALL_ATTENTION_FUNCTIONS")
     for idx, m in found.items():
-        cap = getattr(m, "attn_logit_softcapping", None)
-        if cap is None:
-            cap = getattr(m.config, "attn_logit_softcapping", None)
-        if cap is not None:
-            raise ValueError(f"model: layer {idx} ({type(m).__name__}) uses attention logit softcapping "
-                             f"(attn_logit_softcapping={cap}), which the sparsattn kernels do not implement; "
-                             "set config.attn_logit_softcapping=None only if the model tolerates it")
-        if isinstance(getattr(m, "sinks", None), torch.Tensor):
-            raise ValueError(f"model: layer {idx} ({type(m).__name__}) uses learned attention sinks "
-                             "(module.sinks), which the sparsattn kernels do not implement")
         if getattr(m, "is_causal", True) is not True:
             raise ValueError(f"model: layer {idx} ({type(m).__name__}) is not causal (is_causal=False); "
                              "sparsattn.integrations.hf supports causal decoders")
