@@ -251,11 +251,9 @@ def _read_csv(path: Path) -> list[dict]:
 def plot(fid: list[dict], path: Path) -> None:
     """Relative output error and attention recall vs compute per query (median over layers), one
     line per method."""
-    import matplotlib
+    from ._harness import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     methods = sorted({r["method"] for r in fid})
     colors = dict(zip(methods, plt.get_cmap("tab10").colors))
@@ -281,8 +279,7 @@ def plot(fid: list[dict], path: Path) -> None:
     heads = fid[0].get("heads", "all") if fid else "all"
     fig.suptitle(f"Approximations on the bundled model's q/k/v (every layer, query heads {heads})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def run(out_dir, *, length: int = 4096, device: str = "cpu", n_passkey: int = 10, parts=("fidelity", "swap"),
