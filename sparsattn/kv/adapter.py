@@ -1,30 +1,31 @@
-"""CachePolicy: run a ``sparsattn.kv`` policy on left-padded cache rows (a transformers ``DynamicCache``).
+"""CachePolicy: run a ``sparsattn.kv`` policy inside a transformers cache (``SparseCache``), on the one store.
 
-``as_cache_policy(policy)`` wraps a ``KVPolicy`` (StreamingLLM, RazorAttention, MoA...) in the
-``compress(layer_idx, keys, values, ctx)`` interface of
-``sparsattn.integrations.hf.SparseCache``; ``SparseCache(policy=StreamingLLMPolicy(...))``
-does the wrapping itself. No transformers import here: the adapter only sees tensors and the
-``PolicyContext`` that SparseCache passes.
+``as_cache_policy(policy)`` wraps a ``KVPolicy`` (StreamingLLM, RazorAttention, MoA...) for
+``sparsattn.integrations.hf.SparseCache``; ``SparseCache(policy=StreamingLLMPolicy(...))`` does the
+wrapping itself. No transformers import here: the adapter only sees tensors, a
+``sparsattn.kv.store.HeadGroupStore`` and the ``PolicyContext`` that SparseCache passes.
 
-Row layout (SparseCache's): ``keys [B, Hkv, T, D]``, row (b, h) holds its ``ctx.head_lens[b, h]``
-valid slots at the *end* (left padding in front, per sequence at the prompt and per head once a
-policy drops different tokens per head), with optional per-slot log-weights ``ctx.log_weight
-[B, Hkv, T]`` (a merged slot standing for n tokens has ``log n``). Each call:
+The policy always runs through ``KVPolicy.apply`` on a ``KVCache`` whose layer *is* a
+``HeadGroupStore`` (``KVCache.adopt_store``: no copy), so what a policy promises on a ``KVCache`` is
+kept here too:
 
-1. extends the per-slot original positions (kept in ``ctx.cache.policy_state[layer]``: ``pos
-   [B, Hkv, T]``, -1 for padding and merged slots, and ``seen [B]``, the real tokens appended;
-   padding never counts as a token, so sinks are the first *real* tokens of each sequence);
-2. loads the rows slot-major into a one-layer ``KVCache`` (``KVCache.load_layer``), runs
-   ``policy.apply`` there (the same code as on a ``KVCache``, so what a policy promises is kept
-   here too), and writes the result back left-padded to the longest kept row;
-3. sets ``ctx.head_lens`` / ``ctx.log_weight`` to the new layout and ``ctx.report`` to the
-   policy's report (bytes before/after, slots before/after).
+* ``compress_store(layer_idx, store, ctx)``: the layer already lives in a store (SparseCache keeps a
+  layer whose KV heads keep different lengths as one): the policy edits it in place; no padded copy
+  is made, in either direction.
+* ``compress_rows(layer_idx, keys, values, ctx)``: left-padded rows of a plain transformers layer
+  (row (b, h) holds its ``ctx.head_lens[b, h]`` valid slots at the *end*, optional
+  ``ctx.log_weight [B, Hkv, T]``): loaded slot-major into a new store (no copy when every row is full),
+  policy applied, the store returned (SparseCache keeps it as the layer when the heads now differ).
+* ``compress(layer_idx, keys, values, ctx)``: the generic interface (tensors in, left-padded tensors out;
+  sets ``ctx.head_lens`` / ``ctx.log_weight`` / ``ctx.report``).
 
-Sliding-window layers (``ctx.extras["sliding"]``) are left to their own window. ``every``: run the
-policy after the prefill and then every ``every`` decode steps (1 = every step, the exact
-policy; larger values trade a cache up to ``every - 1`` tokens over budget for fewer rewrites).
-Cost of one run: a few copies of the layer's kept rows (alignment, the policy's compaction); for
-caches that stay large (RazorAttention's retrieval heads) ``every > 1`` amortises it.
+Positions: per-slot original positions live in the store; between runs on a plain layer they are kept
+left-padded in ``ctx.cache.policy_state[layer]["pos"]`` (-1 for padding and merged slots), with
+``seen [B]`` (real tokens appended; padding never counts, so sinks are the first *real* tokens of each
+sequence) and ``steps``. Sliding-window layers (``ctx.extras["sliding"]``) are left to their own
+window. ``every``: run the policy after the prefill and then every ``every`` decode steps (1 = every
+step, the exact policy; larger values trade a cache up to ``every - 1`` tokens over budget for fewer
+rewrites).
 """
 from __future__ import annotations
 
@@ -34,39 +35,13 @@ import torch
 
 from .cache import KVCache
 from .policies import KVPolicy, ZipVLPolicy
+from .store import HeadGroupStore, left_to_slots, slots_to_left
 
 Tensor = torch.Tensor
 
 
 def _err(name: str, expected: str, got) -> ValueError:
     return ValueError(f"{name}: expected {expected}, got {got}")
-
-
-def left_to_slots(x: Tensor, n: Tensor, fill=0) -> Tensor:
-    """Rows ``x [B, H, T, ...]`` whose valid entries are the last ``n[b, h]`` -> slot-major (valid
-    entries first, in order; ``fill`` after)."""
-    B, H, T = x.shape[:3]
-    src = torch.arange(T, device=x.device) + (T - n.long())[..., None]  # [B, H, T]
-    ok = src < T
-    src = src.clamp(max=max(T - 1, 0))
-    g = src.view(B, H, T, *([1] * (x.dim() - 3))).expand(x.shape)
-    out = torch.gather(x, 2, g)
-    return out.masked_fill(~ok.view(B, H, T, *([1] * (x.dim() - 3))), fill)
-
-
-def slots_to_left(x: Tensor, n: Tensor, T_out: int, fill=0) -> Tensor:
-    """Slot-major rows ``x [B, H, T, ...]`` (``n[b, h]`` valid first) -> ``[B, H, T_out, ...]`` with the
-    valid entries at the end (left padding with ``fill``)."""
-    B, H = x.shape[:2]
-    src = torch.arange(T_out, device=x.device) - (T_out - n.long())[..., None]  # [B, H, T_out]
-    ok = src >= 0
-    src = src.clamp(min=0, max=max(x.shape[2] - 1, 0))
-    tail = x.shape[3:]
-    g = src.view(B, H, T_out, *([1] * len(tail))).expand(B, H, T_out, *tail)
-    if x.shape[2] == 0:
-        return x.new_full((B, H, T_out, *tail), fill)
-    out = torch.gather(x, 2, g)
-    return out.masked_fill(~ok.view(B, H, T_out, *([1] * len(tail))), fill)
 
 
 class CachePolicy:
@@ -94,9 +69,49 @@ class CachePolicy:
     def __repr__(self) -> str:
         return f"CachePolicy({self.policy!r}, every={self.every})"
 
-    def compress(self, layer_idx: int, keys: Tensor, values: Tensor, ctx):
+    def _run(self, layer_idx: int, store: HeadGroupStore, seen: Tensor, ctx, keys=None, values=None):
+        """``policy.apply`` on a KVCache whose layer is ``store`` (in place); returns the store it leaves."""
+        waste = float(getattr(ctx.cache, "group_waste", 0.1))
+        kvc = KVCache(layer_idx + 1, store.batch, store.kv_heads, store.head_dim, dtype=store.dtype,
+                      device=store.device, group_waste=waste)
+        kvc.adopt_store(layer_idx, store, seen)
+        extra = {}
+        if self.signals is not None:
+            if keys is None:
+                keys, values = store.padded("k", left=True), store.padded("v", left=True)
+            extra = self.signals(layer_idx, keys, values, ctx)
+        rep = self.policy.apply(kvc, layer_idx, **extra)
+        store = kvc.store(layer_idx)
+        store.regroup(waste)  # capacity = the longest row of each group (memory = slots kept)
+        ctx.report = dict(rep, layer=layer_idx, tokens_seen=seen.tolist())
+        ctx.head_lens = store.lengths
+        return store
+
+    def _due(self, st: dict, ctx) -> bool:
+        return not (ctx.phase == "decode" and st["steps"] % self.every)
+
+    def compress_store(self, layer_idx: int, store: HeadGroupStore, ctx) -> Optional[HeadGroupStore]:
+        """After ``ctx.n_new`` tokens were appended to ``store`` (at positions ``policy_state[layer]["seen"]``
+        on): count them and, when due, run the policy on the store in place. Returns the store (None when
+        the policy did not run)."""
         if ctx.extras.get("sliding"):
-            return keys, values
+            return None
+        st = ctx.cache.policy_state.setdefault(layer_idx, {})
+        if "seen" not in st:
+            raise ValueError(f"layer {layer_idx}: no policy state for a store-backed layer (seen positions)")
+        st.pop("pos", None)  # positions live in the store
+        st["seen"] = st["seen"] + ctx.n_new
+        st["steps"] = st.get("steps", 0) + (ctx.phase == "decode")
+        if not self._due(st, ctx):
+            return None
+        return self._run(layer_idx, store, st["seen"], ctx)
+
+    def compress_rows(self, layer_idx: int, keys: Tensor, values: Tensor, ctx) -> Optional[HeadGroupStore]:
+        """Left-padded rows (see the module docstring): track positions and, when due, load them slot-major
+        into a new store (no copy when every row is full) and run the policy there. Returns the store
+        (None when the policy did not run)."""
+        if ctx.extras.get("sliding"):
+            return None
         B, H, T, D = keys.shape
         dev = keys.device
         n = torch.as_tensor(ctx.head_lens, device=dev).long()
@@ -119,23 +134,34 @@ class CachePolicy:
             seen = seen + ctx.n_new
             steps += ctx.phase == "decode"
         st.update(pos=pos, seen=seen, steps=steps)
-        if ctx.phase == "decode" and steps % self.every:
-            return keys, values
-        kvc = KVCache(layer_idx + 1, B, H, D, dtype=keys.dtype, device=dev)
+        if not self._due(st, ctx):
+            return None
         lw = ctx.log_weight
-        kvc.load_layer(layer_idx, left_to_slots(keys, n), left_to_slots(values, n), n, left_to_slots(pos, n, -1),
-                       seen, None if lw is None else left_to_slots(lw, n), adopt=True)
-        extra = self.signals(layer_idx, keys, values, ctx) if self.signals is not None else {}
-        rep = self.policy.apply(kvc, layer_idx, **extra)
-        k2, v2 = kvc.get(layer_idx)
-        n2 = kvc.lengths(layer_idx)
-        lw2 = kvc.log_weights(layer_idx)
-        T2 = int(n2.max()) if n2.numel() else 0
-        st["pos"] = slots_to_left(kvc.positions(layer_idx), n2, T2, -1)
-        ctx.head_lens = n2
-        ctx.log_weight = None if lw2 is None else slots_to_left(lw2, n2, T2, 0.0)
-        ctx.report = dict(rep, layer=layer_idx, tokens_seen=seen.tolist())
-        return slots_to_left(k2, n2, T2), slots_to_left(v2, n2, T2)
+        if bool((n == T).all()):  # every row full: slot-major already (the policy's writes make new tensors)
+            rows = (keys, values, pos, lw)
+        else:
+            rows = (left_to_slots(keys, n), left_to_slots(values, n), left_to_slots(pos, n, -1),
+                    None if lw is None else left_to_slots(lw, n))
+        store = HeadGroupStore.from_rows(rows[0], rows[1], n, rows[2], rows[3], adopt=True, exact=True)
+        del st["pos"]  # positions live in the store now (``to_left`` puts them back for a plain layer)
+        return self._run(layer_idx, store, seen, ctx, keys, values)
+
+    @staticmethod
+    def to_left(layer_idx: int, store: HeadGroupStore, ctx):
+        """A store's rows back as left-padded ``(keys, values, log_weight)`` of ``T`` = the longest row
+        (views when every row is full), the positions into ``policy_state[layer]["pos"]``."""
+        T = int(store.lengths.max()) if store.lengths.numel() else 0
+        ctx.cache.policy_state.setdefault(layer_idx, {})["pos"] = store.padded("positions", left=True, slots=T)
+        return tuple(store.padded(n, left=True, slots=T) for n in ("k", "v", "log_weight"))
+
+    def compress(self, layer_idx: int, keys: Tensor, values: Tensor, ctx):
+        """The generic ``compress`` interface: left-padded rows in, left-padded rows out (``ctx.head_lens``,
+        ``ctx.log_weight`` and ``ctx.report`` set for them)."""
+        store = self.compress_rows(layer_idx, keys, values, ctx)
+        if store is None:
+            return keys, values
+        k, v, ctx.log_weight = self.to_left(layer_idx, store, ctx)
+        return k, v
 
 
 def as_cache_policy(policy, *, every: int = 1, signals: Optional[Callable] = None):
@@ -155,4 +181,4 @@ def as_cache_policy(policy, *, every: int = 1, signals: Optional[Callable] = Non
                type(policy).__name__)
 
 
-__all__ = ["CachePolicy", "as_cache_policy", "left_to_slots", "slots_to_left"]
+__all__ = ["CachePolicy", "as_cache_policy", "left_to_slots", "slots_to_left"]  # the row helpers live in store

@@ -11,11 +11,12 @@ Layouts:
   ``[B, max_pages]`` (vLLM style); every head of a sequence has the same tokens. Append, gather,
   attend and offload work; per-head eviction needs the contiguous layout (ValueError).
 
-Head groups (contiguous layout): after per-head eviction the rows of different KV heads can have very
-different lengths (RazorAttention's retrieval heads keep everything, MoA's spans differ per head).
-``shrink()`` then partitions the layer's KV heads into *groups* of similar length, each stored as its
-own ``[B, H_g, cap_g, D]`` tensor (``cap_g`` = the longest row of the group), so storage follows the
-per-head lengths. Rule (deterministic): heads are ordered by their longest row (over the batch),
+Head groups (contiguous layout): each contiguous layer is a ``sparsattn.kv.store.HeadGroupStore``, the
+one head-group storage (shared with ``sparsattn.integrations.hf.SparseCache``). After per-head eviction
+the rows of different KV heads can have very different lengths (RazorAttention's retrieval heads keep
+everything, MoA's spans differ per head). ``shrink()`` then partitions the layer's KV heads into
+*groups* of similar length, each stored as its own ``[B, H_g, cap_g, D]`` tensor (``cap_g`` = the
+longest row of the group), so storage follows the per-head lengths. Rule (deterministic): heads are ordered by their longest row (over the batch),
 longest first, ties by head id; a head joins the current group unless the group's padding (slots
 allocated beyond each head's longest row) would then exceed ``group_waste`` (default 0.1) of the
 group's storage, in which case it starts a new group. One group = the plain single-tensor layout
@@ -35,7 +36,6 @@ offloaded layer writes the new rows to host memory. Round trips are exact (plain
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -43,8 +43,8 @@ import torch
 from ..kernels.sparse_decode import sparse_decode_attention
 from ..kernels.sparse_decode.reference import paged_to_contiguous
 from ..patterns import TokenPattern
-from .groups import GroupedLayerMixin, materialise
 from .offload import OffloadMixin, Prefetched, _pattern_rows
+from .store import HeadGroupStore
 
 Tensor = torch.Tensor
 
@@ -53,25 +53,72 @@ def _err(name: str, expected: str, got) -> ValueError:
     return ValueError(f"{name}: expected {expected}, got {got}")
 
 
-@dataclass
 class _Layer:
-    k: Optional[Tensor] = None
-    v: Optional[Tensor] = None
-    lengths: Optional[Tensor] = None  # [B, H] (contiguous) or [B] (paged), int64
-    positions: Optional[Tensor] = None  # [B, H, cap] int64 (contiguous)
-    log_weight: Optional[Tensor] = None  # [B, H, cap] float32 or None
-    seen: Optional[Tensor] = None  # [B] int64: tokens appended so far (next absolute position)
-    block_table: Optional[Tensor] = None  # [B, max_pages] int32 (paged)
-    n_used_pages: int = 0
-    on_host: bool = False
-    quant: Optional[object] = None  # a MixedPrecisionKV (ZipVL) replacing k/v
-    groups: Optional[list] = None  # head groups (contiguous layout) replacing k/v/positions/log_weight
-    head_group: Optional[Tensor] = None  # [H] group id of each kv head (grouped layers)
-    head_local: Optional[Tensor] = None  # [H] index of each kv head inside its group
+    """One layer: a ``HeadGroupStore`` (contiguous layout) or a page pool ``k, v`` with a block table
+    (paged); ``seen [B]`` tokens appended so far; a ZipVL store (``quant``) replaces the K/V."""
+
+    def __init__(self):
+        self.store: Optional[HeadGroupStore] = None
+        self._k = self._v = None  # paged pool [n_pages, Hkv, page_size, D]
+        self._lengths: Optional[Tensor] = None  # [B] (paged) or [B, H] (quantised layer)
+        self.positions: Optional[Tensor] = None  # quantised layer
+        self.seen: Optional[Tensor] = None
+        self.block_table: Optional[Tensor] = None
+        self.n_used_pages = 0
+        self._on_host = False
+        self.quant = None
+
+    @property
+    def k(self):
+        """The K storage: the page pool, or the store's tensor when it is one group (None when grouped)."""
+        if self.store is not None:
+            return self.store.groups[0].k if len(self.store.groups) == 1 else None
+        return self._k
+
+    @k.setter
+    def k(self, x):
+        self._k = x
+
+    @property
+    def v(self):
+        if self.store is not None:
+            return self.store.groups[0].v if len(self.store.groups) == 1 else None
+        return self._v
+
+    @v.setter
+    def v(self, x):
+        self._v = x
+
+    @property
+    def lengths(self) -> Optional[Tensor]:
+        """Slots kept: ``[B, Hkv]`` (the store's, or a quantised layer's) or ``[B]`` (paged); None before use."""
+        return self.store.lengths if self.store is not None else self._lengths
+
+    @lengths.setter
+    def lengths(self, x):
+        if self.store is not None:
+            self.store.lengths = x
+        else:
+            self._lengths = x
+
+    @property
+    def groups(self) -> Optional[list]:
+        """The store's ``HeadGroup`` list when the layer is stored as several head groups, else None."""
+        return None if self.store is None or len(self.store.groups) == 1 else self.store.groups
+
+    @property
+    def on_host(self) -> bool:
+        return self.store.on_host if self.store is not None else self._on_host
+
+    @on_host.setter
+    def on_host(self, val: bool):
+        if self.store is not None:
+            self.store.on_host = val
+        else:
+            self._on_host = val
 
 
-
-class KVCache(GroupedLayerMixin, OffloadMixin):
+class KVCache(OffloadMixin):
     """KVCache: K/V cache of ``n_layers`` layers, batch ``B`` with per-sequence (and per-head) lengths.
 
     Args:
@@ -111,16 +158,12 @@ class KVCache(GroupedLayerMixin, OffloadMixin):
         if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
             raise _err("layer", f"an int in [0, {self.n_layers})", layer)
         L = self.layers[layer]
-        if L.lengths is None:
+        if L.seen is None:
             B, H = self.batch, self.kv_heads
             dev = self.device
             L.seen = torch.zeros(B, dtype=torch.long, device=dev)
             if self.layout == "contiguous":
-                cap = self._cap0
-                L.k = torch.zeros(B, H, cap, self.head_dim, dtype=self.dtype, device=dev)
-                L.v = torch.zeros_like(L.k)
-                L.lengths = torch.zeros(B, H, dtype=torch.long, device=dev)
-                L.positions = torch.full((B, H, cap), -1, dtype=torch.long, device=dev)
+                L.store = HeadGroupStore(B, H, self.head_dim, dtype=self.dtype, device=dev, capacity=self._cap0)
             else:
                 P = self.page_size
                 n = max(1, -(-self._cap0 // P)) * B
@@ -130,26 +173,28 @@ class KVCache(GroupedLayerMixin, OffloadMixin):
                 L.block_table = torch.zeros(B, 0, dtype=torch.int32, device=dev)
         return L
 
+    def store(self, layer: int) -> HeadGroupStore:
+        """The layer's ``HeadGroupStore`` (contiguous layout, not quantised): the storage itself, not a copy."""
+        L = self._layer(layer)
+        if L.store is None:
+            raise ValueError(f"layer: {layer} has no head-group store (paged layout or quantised)")
+        return L.store
+
+    def adopt_store(self, layer: int, store: HeadGroupStore, seen: Tensor) -> None:
+        """Make ``store`` (no copy) layer ``layer`` with ``seen [B]`` tokens appended so far (contiguous
+        layout): a policy run on this cache then edits that store in place."""
+        L = self._layer(layer)
+        if self.layout != "contiguous":
+            raise _err("layout", "'contiguous' to adopt a store", self.layout)
+        if (store.batch, store.kv_heads, store.head_dim) != (self.batch, self.kv_heads, self.head_dim):
+            raise _err("store", f"sizes {(self.batch, self.kv_heads, self.head_dim)}",
+                       (store.batch, store.kv_heads, store.head_dim))
+        L.store, L.seen, L.quant, L._lengths, L.positions = store, torch.as_tensor(seen, device=self.device).long(), \
+            None, None, None
+
     def _check_resident(self, L: _Layer, name: str):
         if L.on_host:
             raise ValueError(f"layer: is offloaded to host memory; call fetch() or prefetch() before {name}")
-
-    @staticmethod
-    def _stores(L: _Layer):
-        """``[(store, heads)]``: the layer itself (heads None = all) or each head group."""
-        return [(L, None)] if L.groups is None else [(g, g.heads) for g in L.groups]
-
-    @staticmethod
-    def _cap(L: _Layer) -> int:
-        """Slot count ``T`` of the layer's padded view (the largest group capacity when grouped)."""
-        if L.groups is None:
-            return L.k.shape[2]
-        return max(g.k.shape[2] for g in L.groups)
-
-    def _materialise(self, L: _Layer, name: str, fill):
-        """Padded ``[B, Hkv, T, ...]`` copy of a per-group attribute of a grouped layer (None if no group has it)."""
-        return materialise([(g.heads, getattr(g, name)) for g in L.groups], self.batch, self.kv_heads, self._cap(L),
-                           fill, left=False)
 
     def seq_lens(self, layer: int) -> Tensor:
         """Tokens appended so far per sequence ``[B]`` (the next absolute position)."""
@@ -191,30 +236,12 @@ class KVCache(GroupedLayerMixin, OffloadMixin):
                 raise _err("lens", f"a [B={B}] tensor of values in [0, {t}]", lens.tolist())
         k = k.to(device=self.device, dtype=self.dtype)
         v = v.to(device=self.device, dtype=self.dtype)
-        j = torch.arange(t, device=self.device)
-        ok = j[None, :] < lens[:, None]  # [B, t]
         if self.layout == "contiguous":
-            for S, hs in self._stores(L):
-                ln = L.lengths if hs is None else L.lengths[:, hs]
-                ks, vs = (k, v) if hs is None else (k[:, hs], v[:, hs])
-                Hs = ln.shape[1]
-                need = int((ln + lens[:, None]).max()) if B and Hs else 0
-                self._grow(S, need, L.on_host)
-                slots = ln[:, :, None] + j  # [B, Hs, t]
-                m = ok[:, None, :].expand(B, Hs, t)
-                bi, hi, ti = m.nonzero(as_tuple=True)
-                si = slots[bi, hi, ti]
-                hd = S.k.device  # host memory when offloaded
-                S.k[bi.to(hd), hi.to(hd), si.to(hd)] = ks[bi, hi, ti].to(hd)
-                S.v[bi.to(hd), hi.to(hd), si.to(hd)] = vs[bi, hi, ti].to(hd)
-                S.positions[bi, hi, si] = L.seen[bi] + ti
-                if S.log_weight is not None:
-                    S.log_weight[bi, hi, si] = 0.0
-            L.lengths += lens[:, None]
+            L.store.append(k, v, lens, L.seen)
         else:
+            ok = torch.arange(t, device=self.device)[None, :] < lens[:, None]  # [B, t]
             P = self.page_size
-            need_pages = -(-(L.lengths + lens) // P)  # [B]
-            self._grow_pages(L, need_pages)
+            self._grow_pages(L, -(-(L.lengths + lens) // P))
             bi, ti = ok.nonzero(as_tuple=True)
             tok = L.lengths[bi] + ti
             pg = L.block_table[bi, tok // P].long()
@@ -223,26 +250,6 @@ class KVCache(GroupedLayerMixin, OffloadMixin):
             L.v[pg.to(hd), :, (tok % P).to(hd)] = v[bi, :, ti].to(hd)
             L.lengths += lens
         L.seen += lens
-
-    def _grow(self, L, need: int, on_host: bool) -> None:
-        """Grow a store's (a layer's or a head group's) capacity to at least ``need`` slots (doubling)."""
-        cap = L.k.shape[2]
-        if need <= cap:
-            return
-        new = max(need, 2 * cap, 16)
-        pad = new - cap
-        L.k = torch.cat([L.k, L.k.new_zeros(*L.k.shape[:2], pad, L.k.shape[3])], 2)
-        L.v = torch.cat([L.v, L.v.new_zeros(*L.v.shape[:2], pad, L.v.shape[3])], 2)
-        L.positions = torch.cat([L.positions, L.positions.new_full((*L.positions.shape[:2], pad), -1)], 2)
-        if L.log_weight is not None:
-            L.log_weight = torch.cat([L.log_weight, L.log_weight.new_zeros(*L.log_weight.shape[:2], pad)], 2)
-        self._repin(L, on_host)
-
-    @staticmethod
-    def _repin(L, on_host: bool) -> None:
-        """Keep an offloaded store's grown K/V in pinned memory (CUDA only)."""
-        if on_host and torch.cuda.is_available() and not L.k.is_pinned():
-            L.k, L.v = L.k.pin_memory(), L.v.pin_memory()
 
     def _grow_pages(self, L: _Layer, need_pages: Tensor) -> None:
         B = self.batch
@@ -261,7 +268,8 @@ class KVCache(GroupedLayerMixin, OffloadMixin):
                 grow = max(L.n_used_pages + n_new, 2 * L.k.shape[0]) - L.k.shape[0]
                 L.k = torch.cat([L.k, L.k.new_zeros(grow, *L.k.shape[1:])], 0)
                 L.v = torch.cat([L.v, L.v.new_zeros(grow, *L.v.shape[1:])], 0)
-                self._repin(L, L.on_host)
+                if L.on_host and torch.cuda.is_available() and not L.k.is_pinned():
+                    L.k, L.v = L.k.pin_memory(), L.v.pin_memory()
             ids = torch.arange(L.n_used_pages, L.n_used_pages + n_new, device=self.device, dtype=torch.int32)
             bt[missing] = ids
             L.n_used_pages += n_new
@@ -271,26 +279,24 @@ class KVCache(GroupedLayerMixin, OffloadMixin):
     # ------------------------------------------------------------------ read
     def get(self, layer: int):
         """``(k, v)`` as ``[B, Hkv, T, D]`` slot-major tensors (paged layouts are gathered; ZipVL
-        layers are dequantised; grouped layers are materialised into new padded tensors). Slots
-        beyond ``lengths`` hold zeros."""
+        layers are dequantised; grouped layers are materialised into new padded tensors; one head
+        group: the storage itself). Slots beyond ``lengths`` hold zeros."""
         L = self._layer(layer)
         self._check_resident(L, "get")
         if L.quant is not None:
             return L.quant.dequantize()
-        if L.groups is not None:
-            return self._materialise(L, "k", 0), self._materialise(L, "v", 0)
-        if self.layout == "paged":
-            T = L.block_table.shape[1] * self.page_size
-            bt = L.block_table.clamp_min(0)
-            return paged_to_contiguous(L.k, bt, T), paged_to_contiguous(L.v, bt, T)
-        return L.k, L.v
+        if L.store is not None:
+            return L.store.padded("k"), L.store.padded("v")
+        T = L.block_table.shape[1] * self.page_size
+        bt = L.block_table.clamp_min(0)
+        return paged_to_contiguous(L.k, bt, T), paged_to_contiguous(L.v, bt, T)
 
     def positions(self, layer: int) -> Tensor:
         """Original token position of every slot ``[B, Hkv, T]`` (-1: empty or merged slot; a new
         tensor on a grouped layer)."""
         L = self._layer(layer)
-        if L.groups is not None:
-            return self._materialise(L, "positions", -1)
+        if L.store is not None:
+            return L.store.padded("positions")
         if self.layout == "paged":
             T = L.block_table.shape[1] * self.page_size
             p = torch.arange(T, device=self.device).expand(self.batch, self.kv_heads, T)
@@ -301,24 +307,20 @@ class KVCache(GroupedLayerMixin, OffloadMixin):
         """Per-slot log-weight ``[B, Hkv, T]`` (log of the tokens a slot stands for), or None (a new
         tensor on a grouped layer)."""
         L = self._layer(layer)
-        if L.groups is not None:
-            return self._materialise(L, "log_weight", 0.0)
-        return L.log_weight
+        return None if L.store is None else L.store.padded("log_weight")
 
     def gather(self, layer: int, pattern: TokenPattern):
         """Selected slots ``(k, v) [B, Hkv, n, D]`` for a slot-indexed pattern (heads 1 or Hkv)."""
         L = self._layer(layer)
-        if L.groups is not None:
-            self._check_resident(L, "gather")
-            tok, valid = _pattern_rows(pattern, self.kv_lens(layer), self.batch, self.kv_heads)
-            return self._gather_groups(L, tok.to(self.device), valid.to(self.device))
-        k, v = self.get(layer)
         tok, valid = _pattern_rows(pattern, self.kv_lens(layer), self.batch, self.kv_heads)
+        if L.store is not None:
+            self._check_resident(L, "gather")
+            return L.store.gather(tok.to(self.device), valid.to(self.device))
+        k, v = self.get(layer)
         t = torch.where(valid, tok, torch.zeros_like(tok))
         kk = torch.gather(k, 2, t[..., None].expand(-1, -1, -1, k.shape[-1]))
         vv = torch.gather(v, 2, t[..., None].expand(-1, -1, -1, v.shape[-1]))
         return kk * valid[..., None], vv * valid[..., None]
-
 
     def attend(self, layer: int, q: Tensor, pattern: Optional[TokenPattern] = None, *, scale=None,
                return_lse: bool = False, backend=None, validate: bool = True):
@@ -327,124 +329,52 @@ class KVCache(GroupedLayerMixin, OffloadMixin):
         once per head group (exact); selected slots past a row's own length are skipped either way."""
         L = self._layer(layer)
         self._check_resident(L, "attend")
-        kl = self.kv_lens(layer)
         kw = dict(scale=scale, return_lse=return_lse, backend=backend, validate=validate)
-        if L.groups is not None:
-            return self._attend_groups(L, q, pattern, kw)
-        if self.layout == "paged" and L.quant is None:
+        if L.store is not None:
+            return L.store.attend(q, pattern, **kw)
+        if L.quant is None:  # paged
             T = L.block_table.shape[1] * self.page_size
             if pattern is not None and pattern.kv_len != T:
                 raise _err("pattern.kv_len", f"{T} (the cache's slot count)", pattern.kv_len)
-            return sparse_decode_attention(q, L.k, L.v, pattern, kv_lens=kl, block_table=L.block_table.clamp_min(0),
-                                           **kw)
-        k, v = self.get(layer)
-        T = k.shape[2]
-        lens = L.lengths if L.quant is None else L.quant.lengths
-        lw_all = L.log_weight
-        uniform = bool((lens == lens[:, :1]).all())
-        if pattern is None:
-            if lw_all is None:  # every kept slot: dense over each row's own length, no index list
-                return sparse_decode_attention(q, k, v, None, kv_lens=kl if uniform else lens.to(torch.int32), **kw)
-            idx = torch.arange(max(T, 1), device=k.device, dtype=torch.int32).expand(self.batch, self.kv_heads, -1)
-            pattern = TokenPattern(idx.contiguous(), lens.to(torch.int32), T)
-        if pattern.kv_len != T:
-            raise _err("pattern.kv_len", f"{T} (the cache's slot count)", pattern.kv_len)
-        if not uniform:
-            # per-head lengths in one tensor: selected slots past a head's own length hold nothing and
-            # are skipped (as on the grouped path): checked against the sequence's longest row, then
-            # the kernel bounds each KV head by its own length
-            if kw.get("validate", True):
-                from ..kernels.sparse_decode import _deep_check
-
-                _deep_check(pattern, kl.to(pattern.device))
-            kl = lens.to(torch.int32)
-            kw = dict(kw, validate=False)
-        lw = None
-        if lw_all is not None:
-            if pattern.page_size != 1:
-                raise _err("pattern.page_size", "1 for a layer with compensation tokens", pattern.page_size)
-            if pattern.heads != self.kv_heads or pattern.batch != self.batch:  # weights differ per (b, head)
-                pattern = TokenPattern(pattern.indices.expand(self.batch, self.kv_heads, -1).contiguous(),
-                                       pattern.counts.expand(self.batch, self.kv_heads).contiguous(), T)
-            idx = pattern.indices.long()
-            lw = torch.gather(lw_all, 2, idx.clamp_max(max(T - 1, 0)))
-        return sparse_decode_attention(q, k, v, pattern, kv_lens=kl, log_weight=lw, **kw)
+            return sparse_decode_attention(q, L.k, L.v, pattern, kv_lens=self.kv_lens(layer),
+                                           block_table=L.block_table.clamp_min(0), **kw)
+        k, v = L.quant.dequantize()  # a ZipVL layer: attention on the dequantised rows
+        st = HeadGroupStore.from_rows(k, v, L.quant.lengths, L.positions, adopt=True)
+        return st.attend(q, pattern, **kw)
 
     # ------------------------------------------------------------------ eviction
+    def _writable(self, layer: int, what: str) -> _Layer:
+        L = self._layer(layer)
+        self._check_resident(L, what)
+        if self.layout != "contiguous":
+            raise _err("layout", f"'contiguous' for {'per-head eviction' if what == 'evict' else 'merged slots'}",
+                       self.layout)
+        if L.quant is not None:
+            raise ValueError(f"layer: holds a quantised (ZipVL) cache; it cannot "
+                             f"{'evict slots' if what == 'evict' else 'take merged slots'}")
+        return L
+
     def evict(self, layer: int, keep: Tensor) -> None:
         """Keep only the slots where ``keep [B, Hkv, T]`` is True (per (batch, head)); rows are
         compacted in order. Slots beyond ``lengths`` are ignored."""
-        L = self._layer(layer)
-        self._check_resident(L, "evict")
-        if self.layout != "contiguous":
-            raise _err("layout", "'contiguous' for per-head eviction", self.layout)
-        if L.quant is not None:
-            raise ValueError("layer: holds a quantised (ZipVL) cache; it cannot evict slots")
-        T = self._cap(L)
+        L = self._writable(layer, "evict")
+        T = L.store.slots()
         if not isinstance(keep, Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (self.batch, self.kv_heads, T):
             raise _err("keep", f"a bool tensor [{self.batch}, {self.kv_heads}, {T}]", getattr(keep, "shape", None))
-        keep = keep.to(self.device)
-        for S, hs in self._stores(L):
-            ln = L.lengths if hs is None else L.lengths[:, hs]
-            kp = keep if hs is None else keep[:, hs, : S.k.shape[2]]
-            n = self._compact(S, kp, ln)
-            if hs is None:
-                L.lengths = n
-            else:
-                L.lengths[:, hs] = n
-
-    def _compact(self, S, keep: Tensor, lengths: Tensor) -> Tensor:
-        """Keep ``keep`` slots of a store's rows (order kept, cleared after); returns the new lengths."""
-        T = S.k.shape[2]
-        live = torch.arange(T, device=self.device) < lengths[..., None]
-        keep = keep & live
-        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # kept slots first
-        g = order[..., None].expand(-1, -1, -1, S.k.shape[-1])
-        S.k = torch.gather(S.k, 2, g)
-        S.v = torch.gather(S.v, 2, g)
-        S.positions = torch.gather(S.positions, 2, order)
-        if S.log_weight is not None:
-            S.log_weight = torch.gather(S.log_weight, 2, order)
-        n = keep.sum(-1)
-        dead = torch.arange(T, device=self.device) >= n[..., None]
-        S.positions[dead] = -1
-        S.k[dead] = 0
-        S.v[dead] = 0
-        if S.log_weight is not None:
-            S.log_weight[dead] = 0
-        return n
+        L.store.evict(keep.to(self.device))
 
     def write_slot(self, layer: int, b: Tensor, h: Tensor, k: Tensor, v: Tensor, log_weight: Tensor) -> None:
         """Append one merged slot per listed (b, h) with its key/value and log-weight (position -1)."""
-        L = self._layer(layer)
-        self._check_resident(L, "write_slot")
-        if self.layout != "contiguous":
-            raise _err("layout", "'contiguous' for merged slots", self.layout)
-        if L.quant is not None:
-            raise ValueError("layer: holds a quantised (ZipVL) cache; it cannot take merged slots")
-        if b.numel() == 0:
-            return
-        b, h = b.to(self.device).long(), h.to(self.device).long()
-        for gi, (S, hs) in enumerate(self._stores(L)):
-            if hs is None:
-                m, loc = slice(None), h
-            else:
-                m = L.head_group[h] == gi
-                if not bool(m.any()):
-                    continue
-                loc = L.head_local[h[m]]
-            bb = b[m]
-            self._grow(S, int(L.lengths[bb, h[m]].max()) + 1, L.on_host)
-            if S.log_weight is None:
-                S.log_weight = torch.zeros(S.positions.shape, dtype=torch.float32, device=self.device)
-            s = L.lengths[bb, h[m]]
-            hd = S.k.device
-            S.k[bb.to(hd), loc.to(hd), s.to(hd)] = k[m].to(device=hd, dtype=self.dtype)
-            S.v[bb.to(hd), loc.to(hd), s.to(hd)] = v[m].to(device=hd, dtype=self.dtype)
-            S.positions[bb, loc, s] = -1
-            S.log_weight[bb, loc, s] = log_weight[m].float().to(self.device)
-        L.lengths[b, h] += 1
+        L = self._writable(layer, "write_slot")
+        L.store.write_slot(b, h, k, v, log_weight)
 
+    def shrink(self, layer: Optional[int] = None) -> None:
+        """Give back capacity beyond each head group's longest row (after eviction), regrouping the
+        KV heads by length (contiguous layout; see ``group_waste`` and the module docstring)."""
+        for i in ([layer] if layer is not None else range(self.n_layers)):
+            L = self._layer(i)
+            if L.store is not None and not L.on_host:
+                L.store.regroup(self.group_waste)
 
     def load_layer(self, layer: int, k: Tensor, v: Tensor, lengths: Tensor, positions: Tensor, seen: Tensor,
                    log_weight: Optional[Tensor] = None, *, adopt: bool = False) -> None:
@@ -452,9 +382,8 @@ class KVCache(GroupedLayerMixin, OffloadMixin):
         another cache's tensors: ``k, v [B, Hkv, T, D]`` with row (b, h) holding ``lengths[b, h]``
         slots first; ``positions [B, Hkv, T]`` (original token positions, -1 for merged slots);
         ``seen [B]`` tokens appended so far; optional ``log_weight [B, Hkv, T]``. Slots beyond
-        ``lengths`` are cleared (in a copy); ``adopt=True``: the caller guarantees they already hold 0 (positions
-        -1), and the tensors are adopted as the storage without a copy (``as_cache_policy`` passes fresh
-        tensors from ``left_to_slots``)."""
+        ``lengths`` are cleared (in a copy); ``adopt=True``: the caller guarantees they already hold 0
+        (positions -1), and the tensors are adopted as the storage without a copy."""
         L = self._layer(layer)
         if self.layout != "contiguous":
             raise _err("layout", "'contiguous' to load external rows", self.layout)
@@ -475,29 +404,14 @@ class KVCache(GroupedLayerMixin, OffloadMixin):
             raise _err("seen", f"a [{B}] tensor", tuple(seen.shape))
         if log_weight is not None and (not isinstance(log_weight, Tensor) or tuple(log_weight.shape) != (B, H, T)):
             raise _err("log_weight", f"None or a tensor [{B}, {H}, {T}]", getattr(log_weight, "shape", None))
-        if adopt:  # the caller guarantees cleared slots beyond lengths: the tensors become the storage
-            L.k = k.to(device=self.device, dtype=self.dtype)
-            L.v = v.to(device=self.device, dtype=self.dtype)
-            L.positions = positions.to(self.device).long()
-            L.log_weight = None if log_weight is None else log_weight.to(self.device).float()
-        else:
-            dead = torch.arange(T, device=self.device) >= lengths[..., None]
-            L.k = k.to(device=self.device, dtype=self.dtype).masked_fill(dead[..., None], 0)
-            L.v = v.to(device=self.device, dtype=self.dtype).masked_fill(dead[..., None], 0)
-            L.positions = positions.to(self.device).long().masked_fill(dead, -1)
-            L.log_weight = None if log_weight is None else log_weight.to(self.device).float().masked_fill(dead, 0.0)
-        L.lengths = lengths.clone()
-        L.seen = seen.clone()
-        L.on_host, L.quant = False, None
-        L.groups = L.head_group = L.head_local = None
+        st = HeadGroupStore.from_rows(k, v, lengths, positions, log_weight, adopt=adopt, dtype=self.dtype,
+                                      device=self.device)
+        self.adopt_store(layer, st, seen.clone())
 
     def set_quantized(self, layer: int, mpkv) -> None:
         """Replace a layer's K/V by a mixed-precision (ZipVL) store; its bytes are what is kept."""
         L = self._layer(layer)
-        L.quant = mpkv
-        L.groups = L.head_group = L.head_local = None
-        L.k = L.v = None
-        L.log_weight = None
+        L.quant, L.store = mpkv, None
         L.positions = mpkv.positions
         L.lengths = mpkv.lengths.clone()
 
@@ -508,15 +422,15 @@ class KVCache(GroupedLayerMixin, OffloadMixin):
         total = 0
         for i in ([layer] if layer is not None else range(self.n_layers)):
             L = self.layers[i]
-            if L.lengths is None:
+            if L.seen is None:
+                continue
+            if L.store is not None:
+                total += L.store.nbytes()
                 continue
             if L.quant is not None:
                 total += L.quant.nbytes()
-            ts = [L.k, L.v, L.positions, L.log_weight, L.block_table, L.lengths, L.head_group, L.head_local]
-            for g in L.groups or []:
-                ts += [g.heads, g.k, g.v, g.positions, g.log_weight]
-            for t in ts:
-                if t is not None and not (L.quant is not None and t is L.positions):
+            for t in (L.k, L.v, L.block_table, L.lengths):
+                if t is not None:
                     total += t.numel() * t.element_size()
         return total
 
@@ -526,7 +440,7 @@ class KVCache(GroupedLayerMixin, OffloadMixin):
         item = torch.empty(0, dtype=self.dtype).element_size()
         for i in ([layer] if layer is not None else range(self.n_layers)):
             L = self.layers[i]
-            if L.lengths is None:
+            if L.seen is None:
                 continue
             if L.quant is not None:
                 total += L.quant.nbytes()

@@ -57,12 +57,16 @@ class OffloadMixin:
         if L.quant is not None:
             raise ValueError("layer: quantised layers are kept on the device")
         pin = torch.cuda.is_available()
-        for S, _ in self._stores(L):
-            hk = torch.empty(S.k.shape, dtype=S.k.dtype, device="cpu", pin_memory=pin)
-            hv = torch.empty(S.v.shape, dtype=S.v.dtype, device="cpu", pin_memory=pin)
-            hk.copy_(S.k)
-            hv.copy_(S.v)
-            S.k, S.v = hk, hv
+
+        def to_host(x):
+            h = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=pin)
+            h.copy_(x)
+            return h
+
+        if L.store is not None:
+            L.store.map(to_host, ("k", "v"))
+        else:
+            L.k, L.v = to_host(L.k), to_host(L.v)
         L.on_host = True
 
     def fetch(self, layer: int) -> None:
@@ -70,9 +74,10 @@ class OffloadMixin:
         L = self._layer(layer)
         if not L.on_host:
             return
-        for S, _ in self._stores(L):
-            S.k = S.k.to(self.device)
-            S.v = S.v.to(self.device)
+        if L.store is not None:
+            L.store.map(lambda x: x.to(self.device), ("k", "v"))
+        else:
+            L.k, L.v = L.k.to(self.device), L.v.to(self.device)
         L.on_host = False
 
     def prefetch(self, layer: int, pattern: TokenPattern) -> Prefetched:
@@ -87,10 +92,8 @@ class OffloadMixin:
             T = L.block_table.shape[1] * self.page_size
             kc = paged_to_contiguous(L.k, L.block_table.cpu().clamp_min(0), T)
             vc = paged_to_contiguous(L.v, L.block_table.cpu().clamp_min(0), T)
-        elif L.groups is None:
-            kc, vc = L.k, L.v
         else:
-            kc = vc = None  # gathered group by group below
+            kc = vc = None  # the store gathers (group by group when grouped)
         t = torch.where(valid, tok, torch.zeros_like(tok))
         # compact: valid rows first so that the device pattern is a prefix of each row
         order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices
@@ -104,7 +107,7 @@ class OffloadMixin:
             torch.gather(kc, 2, g, out=sk)
             torch.gather(vc, 2, g, out=sv)
         else:
-            self._gather_groups(L, t, torch.gather(valid, 2, order), out=(sk, sv))
+            L.store.gather(t, torch.gather(valid, 2, order), out=(sk, sv))
         lw = None
         lw_all = self.log_weights(layer) if self.layout == "contiguous" else None
         if lw_all is not None:

@@ -141,7 +141,7 @@ def test_groups_follow_the_policy_between_runs_by_hand():
 
 def test_memory_follows_per_head_lengths_eight_kv_heads():
     """RazorAttention with 1 retrieval head of 8 (and MoA with spread spans): the grouped bytes are the sum
-    over groups of B*H_g*cap_g*D*2*itemsize plus per-slot log-weights and the policy's per-slot state,
+    over groups of B*H_g*cap_g*D*2*itemsize plus per-slot log-weights and positions and the policy's state,
     far below the single padded tensor."""
     model = make_model("llama", num_attention_heads=8, num_key_value_heads=8)
     B, T, steps, D = 2, 96, 3, 16
@@ -162,6 +162,7 @@ def test_memory_follows_per_head_lengths_eight_kv_heads():
             for heads, cap in groups:
                 assert cap == int(lens[:, heads].max())
                 want += B * len(heads) * cap * D * 2 * item  # K and V
+                want += B * len(heads) * cap * 8  # int64 original position per slot (kept in the store)
                 if cg.log_weights(l) is not None:
                     want += B * len(heads) * cap * 4  # float32 log-weight per slot
             want += sum(t.numel() * t.element_size() for t in cg.policy_state[l].values()

@@ -27,30 +27,30 @@
   (the patched attention reads the compressed layout; transformers' own masks cannot).
 * Head groups (``group_waste``, default 0.1): when a policy leaves rows of different lengths per
   KV head (RazorAttention's retrieval heads keep everything, MoA's spans differ per head) the layer
-  is stored as head groups, the rule of ``sparsattn.kv.KVCache`` (``sparsattn.kv.groups.head_groups``
-  on each head's longest row over the batch): each group is its own left-padded
-  ``[B, H_g, cap_g, D]`` tensor, ``cap_g`` its longest row, so memory follows the per-head lengths.
-  ``group_waste=1`` never splits (the single padded tensor). Such a layer (``self.layers[i]`` is a
-  ``GroupedLayer``):
-  - ``update`` appends the new tokens to every group and returns *placeholders* (``GroupedKV``:
-    shape/dtype/device of the padded layout, no data; any other use raises ValueError), because
-    the groups cannot be one tensor. ``attend(layer_idx, q, k, v)`` given those placeholders reads
-    the groups: one query = the decode kernel once per group on that group's query heads (exact:
-    a query head only reads its own KV head), several = dense SDPA per group. ``attend`` releases
-    the rows it read (the pre-compression rows of a step where the policy ran).
-  - the policy: on every ``compress`` call the cache materialises a padded ``[B, Hkv, T, D]`` copy
-    of the groups (T = the largest group capacity, i.e. the longest row: a policy's own per-slot
-    state must follow ``ctx.head_lens``, as ``as_cache_policy``'s does) and re-groups what it
-    returns; if it returns its inputs unchanged the groups are kept. Cost: one extra copy of the
-    layer per call, also on the steps an ``as_cache_policy(..., every=N)`` wrapper does not
-    rewrite, and a transient peak of the padded size. Between steps only the groups are stored.
+  is stored in ``sparsattn.kv.store.HeadGroupStore``, the one head-group storage (the one of
+  ``sparsattn.kv.KVCache``, grouped by ``sparsattn.kv.groups.head_groups`` on each head's longest row
+  over the batch): each group is its own ``[B, H_g, cap_g, D]`` tensor, ``cap_g`` its longest row, so
+  memory follows the per-head lengths. ``group_waste=1`` never splits (the single padded tensor).
+  Such a layer (``self.layers[i]`` is a ``GroupedLayer``):
+  - ``update`` appends the new tokens to every row of the store and returns *placeholders*
+    (``GroupedKV``: shape/dtype/device of the padded layout, no data; any other use raises
+    ValueError), because the groups cannot be one tensor. ``attend(layer_idx, q, k, v)`` given those
+    placeholders reads the store: one query = the decode kernel once per group on that group's query
+    heads (exact: a query head only reads its own KV head), several = dense SDPA per group. A second
+    ``attend`` of the same update raises ValueError.
+  - the policy (and a sliding layer's window) runs on the store *after* that attention (or at the next
+    update, forward or beam reorder, whichever comes first; reads in between show the appended rows): a ``sparsattn.kv`` policy edits the
+    store in place (``CachePolicy.compress_store``: no padded copy); a plain ``compress`` object gets
+    materialised left-padded rows (its interface) and what it returns is re-grouped. When the heads
+    come back to similar lengths the layer becomes one padded tensor again.
   - ``layers[i].keys`` / ``.values``, ``head_pad``, ``log_weights`` return *materialised* padded
     tensors (new tensors, not views of the storage); ``head_lens``, ``get_seq_length``,
-    ``reorder_cache`` (beam search), ``nbytes``, sliding-window layers and offloading work per
-    group; ``crop``, ``batch_repeat_interleave``, ``batch_select_indices`` and ``reset`` refuse a
+    ``reorder_cache`` (beam search), ``nbytes``, sliding-window layers and offloading work on the
+    store; ``crop``, ``batch_repeat_interleave``, ``batch_select_indices`` and ``reset`` refuse a
     grouped layer (ValueError).
 * Memory: ``nbytes(layer)`` = bytes of the stored K/V (padding slots included; per head group on a
-  grouped layer) + per-slot log-weights + the policy's per-slot state; ``policy_reports`` = the
+  grouped layer) + per-slot log-weights + per-slot positions (in the store of a grouped layer, in the
+  policy's state otherwise) + the policy's other state; ``policy_reports`` = the
   policy's own accounting (``bytes_before`` / ``bytes_after`` of the K/V slots in use, slots
   before / after).
 """
@@ -62,9 +62,11 @@ from typing import Any, Optional
 import torch
 from transformers import DynamicCache
 
-from ...kv.adapter import as_cache_policy
-from ...kv.groups import group_query_heads, head_groups
-from .cache_groups import GroupedKV, GroupedLayer, HeadGroup, _attend_rows, _materialise
+from ...kv.adapter import CachePolicy, as_cache_policy
+from ...kv.groups import head_groups
+from ...kv.store import HeadGroupStore, left_to_slots
+from ...kv.store_attend import attend_rows
+from .cache_groups import GroupedKV, GroupedLayer, HeadGroup
 
 
 @dataclass
@@ -105,11 +107,13 @@ def _nbytes(t) -> int:
 
 @dataclass
 class _Fresh:
-    """The last update of a grouped layer: the placeholders it returned and the groups attention reads."""
+    """The last update of a grouped layer: the placeholders it returned, whether its rows were attended
+    (or the layer moved on), and the pending policy run ``(n_new, seen)`` (None once done)."""
 
     k: torch.Tensor
     v: torch.Tensor
-    groups: Optional[list]
+    attended: bool = False
+    pending: Optional[tuple] = None
 
 
 class SparseCache(DynamicCache):
@@ -156,8 +160,8 @@ class SparseCache(DynamicCache):
         """Record the 2-D padding mask of the forward that is starting (integration hook)."""
         self._mask2d = attention_mask_2d
         self._driven = True
-        for f in self._fresh.values():  # rows of the previous forward nobody attended: let them go
-            f.groups = None
+        for i in list(self._fresh):  # rows of the previous forward nobody attended: let them go
+            self._settle(i)
 
     def is_compressed(self, layer_idx: int) -> bool:
         """Whether the policy changed the stored length of ``layer_idx`` (lengths then come from here)."""
@@ -203,18 +207,13 @@ class SparseCache(DynamicCache):
 
     @staticmethod
     def _grouped_pad(gl: GroupedLayer) -> torch.Tensor:
-        T = gl.slots()
-        ref = gl.groups[0].pad
-        out = ref.new_zeros(ref.shape[0], gl.n_heads)
-        for g in gl.groups:
-            out[:, g.heads.to(out.device)] = g.pad + (T - g.cap)
-        return out
+        return gl.slots() - gl.store.lengths
 
     def head_lens(self, layer_idx: int) -> Optional[torch.Tensor]:
         """Slots kept ``[B, Hkv]`` per (batch, KV head) in the stored rows of ``layer_idx`` (merged slots count 1)."""
         gl = self._grouped(layer_idx)
         if gl is not None:
-            return gl.slots() - self._grouped_pad(gl)
+                return gl.store.lengths.clone()
         pad = self._pad_stored.get(layer_idx)
         return None if pad is None else self.layers[layer_idx].keys.shape[-2] - pad
 
@@ -223,7 +222,7 @@ class SparseCache(DynamicCache):
         layer a materialised padded copy)."""
         gl = self._grouped(layer_idx)
         if gl is not None:
-            return _materialise(gl.groups, gl.n_heads, "log_weight", 0.0)
+                return gl.store.padded("log_weight", left=True)
         return self._lw_stored.get(layer_idx)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -245,11 +244,13 @@ class SparseCache(DynamicCache):
             if k is not fresh.k or v is not fresh.v:
                 raise ValueError(f"k, v: expected the GroupedKV placeholders returned by the last update of layer "
                                  f"{layer_idx} (stored as head groups), got {type(k).__name__} {tuple(k.shape)}")
-            if fresh.groups is None:
+            if fresh.attended:
                 raise ValueError(f"layer {layer_idx}: the rows of the last update were already attended (or a new "
                                  "forward began); attend once per update")
-            groups, fresh.groups = fresh.groups, None
-            return self._attend_groups(groups, q, k.shape[1], scale, backend)
+            fresh.attended = True
+            out = self._grouped(layer_idx).store.attend_causal(q, scale=scale, backend=backend)
+            self._settle(layer_idx)  # the policy and the sliding window run after the attention
+            return out
         if isinstance(k, GroupedKV) or isinstance(v, GroupedKV):
             GroupedKV._refuse(self.attend, (k,))
         if not self.needs_attend(layer_idx):
@@ -263,23 +264,9 @@ class SparseCache(DynamicCache):
                              f"got {tuple(k.shape)}")
         if lw is not None and lw.shape[-1] != T:
             raise ValueError(f"k: expected {lw.shape[-1]} slots (the last update of layer {layer_idx}), got {T}")
-        return _attend_rows(q, k, v, pad.to(k.device), lw, scale, backend, q.dtype if lw is None else torch.float32)
-
-    @staticmethod
-    def _attend_groups(groups: list, q: torch.Tensor, H: int, scale, backend) -> torch.Tensor:
-        B, Hq, Tq, D = q.shape
-        if Hq % H or groups[0].keys.shape[0] != B:
-            raise ValueError(f"q: expected [B={groups[0].keys.shape[0]}, Hq (a multiple of {H}), Tq, D], "
-                             f"got {tuple(q.shape)}")
-        G = Hq // H
-        dev = q.device
-        # one dtype for the dense path of every group (float32 as soon as the layer has log-weights)
-        dt = torch.float32 if any(g.log_weight is not None for g in groups) else q.dtype
-        out = torch.empty_like(q)
-        for g in groups:
-            qi = group_query_heads(g.heads, G, dev)
-            out[:, qi] = _attend_rows(q[:, qi], g.keys, g.values, g.pad.to(dev), g.log_weight, scale, backend, dt)
-        return out
+        pad = pad.to(k.device)
+        return attend_rows(q, k, v, T - pad, lw, scale=scale, backend=backend, pad=pad,
+                           dense_dtype=q.dtype if lw is None else torch.float32)
 
     def _pad_from_mask(self, B: int, T: int, device) -> torch.Tensor:
         m = self._mask2d
@@ -305,7 +292,7 @@ class SparseCache(DynamicCache):
         for i in ([layer_idx] if layer_idx is not None else range(len(self.layers))):
             gl = self._grouped(i)
             if gl is not None:
-                total += sum(_nbytes(g.keys) + _nbytes(g.values) + _nbytes(g.log_weight) for g in gl.groups)
+                        total += gl.store.nbytes(meta=False)  # K, V, positions, log-weights of every group
             else:
                 layer = self.layers[i]
                 total += _nbytes(getattr(layer, "keys", None)) + _nbytes(getattr(layer, "values", None))
@@ -320,13 +307,17 @@ class SparseCache(DynamicCache):
                              "sparsattn.integrations.hf.patch (transformers' own masks do not see the compressed "
                              "layout)")
         n_new = key_states.shape[-2]
-        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        self._settle(layer_idx)  # a policy run left pending by the previous update (may un-group the layer)
         seen = self._seen.get(layer_idx, 0) + n_new
         self._seen[layer_idx] = seen
-        gl = self._grouped(layer_idx)
-        if gl is not None:
-            self._update_grouped(gl, keys, values, layer_idx, n_new, seen)
+        if self._grouped(layer_idx) is not None:
+            first = self.policy_state.get(layer_idx, {}).get("seen")  # positions of the new tokens (kv policies)
+            keys, values = super().update(key_states, value_states, layer_idx, *args, first=first, **kwargs)
+            self._fresh[layer_idx] = _Fresh(keys, values, pending=(n_new, seen))
+            self._pad_attn.pop(layer_idx, None)
+            self._lw_attn.pop(layer_idx, None)
             return keys, values
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         self._fresh.pop(layer_idx, None)
         B, H, Tret = keys.shape[0], keys.shape[1], keys.shape[-2]
         dev = keys.device
@@ -344,30 +335,92 @@ class SparseCache(DynamicCache):
         drop = Tret - stored  # sliding layers drop their oldest slots
         pad_st = (pad - drop).clamp(min=0)
         lw_st = None if lw is None else lw[..., drop:]
+        phase, sliding = "prefill" if prev is None else "decode", bool(getattr(layer, "is_sliding", False))
+        if isinstance(self.policy, CachePolicy):  # a sparsattn.kv policy: run on a store of the rows
+            ctx = self._ctx(layer_idx, stored - pad_st, lw_st, phase, n_new, seen, sliding)
+            store = self.policy.compress_rows(layer_idx, layer.keys, layer.values, ctx)
+            if store is None:
+                self._pad_stored[layer_idx], self._lw_stored[layer_idx] = pad_st, lw_st
+            else:
+                self._ran(layer_idx, ctx)
+                self._keep(layer_idx, layer, store)
+            return keys, values
         if self.policy is None:
             self._pad_stored[layer_idx] = pad_st
             self._lw_stored[layer_idx] = lw_st
             return keys, values
         k2, v2, pad_st, lw_st, changed = self._compress(layer_idx, layer.keys, layer.values, pad_st, lw_st,
-                                                        "prefill" if prev is None else "decode", n_new, seen,
-                                                        bool(getattr(layer, "is_sliding", False)))
+                                                        phase, n_new, seen, sliding)
         self._store(layer_idx, k2, v2, pad_st, lw_st, regroup=changed)
         return keys, values
 
-    def _update_grouped(self, gl: GroupedLayer, keys, values, layer_idx: int, n_new: int, seen: int) -> None:
-        """After the groups took the new tokens: remember what attention reads, run the policy on a
-        materialised padded copy and re-group its result (groups kept when it changed nothing)."""
-        self._fresh[layer_idx] = _Fresh(keys, values, gl.fresh)
-        gl.fresh = None
-        self._pad_attn.pop(layer_idx, None)
-        self._lw_attn.pop(layer_idx, None)
-        if self.policy is None:  # pragma: no cover - groups only come from a policy
+    def _ctx(self, layer_idx: int, head_lens, lw, phase: str, n_new: int, seen: int, sliding: bool) -> PolicyContext:
+        B, H = head_lens.shape
+        hl = head_lens.to(torch.int32)
+        kl = hl.amax(1) if H else torch.zeros(B, dtype=torch.int32, device=hl.device)
+        return PolicyContext(layer=layer_idx, phase=phase, kv_lens=kl, n_new=n_new, seen=seen, cache=self,
+                             head_lens=hl, log_weight=lw, extras={"sliding": sliding})
+
+    def _ran(self, layer_idx: int, ctx: PolicyContext) -> None:
+        self._compressed.add(layer_idx)
+        if ctx.report is not None:
+            self.policy_reports[layer_idx] = ctx.report
+
+    def _keep(self, layer_idx: int, layer, store: HeadGroupStore) -> None:
+        """Make ``store`` (after a policy) the layer: grouped when it has several head groups, else the rows
+        left-padded into the plain transformers layer ``layer`` (its positions into the policy state)."""
+        base = layer.base if isinstance(layer, GroupedLayer) else layer
+        if len(store.groups) > 1:
+            if not isinstance(layer, GroupedLayer):
+                gl = GroupedLayer(base, store, layer_idx)
+                self.layers[layer_idx] = gl
+                self._pad_stored.pop(layer_idx, None)
+                self._lw_stored.pop(layer_idx, None)
+            else:
+                layer.store = store
+            self.policy_state.get(layer_idx, {}).pop("pos", None)  # positions live in the store
+            self._compressed.add(layer_idx)
             return
-        kp, vp = gl.keys, gl.values
-        pad, lw = self._grouped_pad(gl), _materialise(gl.groups, gl.n_heads, "log_weight", 0.0)
-        k2, v2, pad2, lw2, changed = self._compress(layer_idx, kp, vp, pad, lw, "decode", n_new, seen, gl.is_sliding)
-        if changed:
-            self._store(layer_idx, k2, v2, pad2, lw2, regroup=True)
+        T = int(store.lengths.max()) if store.lengths.numel() else 0
+        k, v, lw = (store.padded(n, left=True, slots=T) for n in ("k", "v", "log_weight"))
+        if isinstance(self.policy, CachePolicy):
+            self.policy_state.setdefault(layer_idx, {})["pos"] = store.padded("positions", left=True, slots=T)
+        base.keys, base.values = k, v
+        self.layers[layer_idx] = base
+        self._fresh.pop(layer_idx, None)
+        self._pad_stored[layer_idx] = (T - store.lengths).long()
+        self._lw_stored[layer_idx] = lw
+
+    def _settle(self, layer_idx: int) -> None:
+        """Run what an update of a grouped layer left pending (after its attention): the sliding window,
+        then the policy on the store; a layer whose heads came back to similar lengths is un-grouped."""
+        fresh = self._fresh.get(layer_idx)
+        if fresh is None or fresh.pending is None:
+            return
+        n_new, seen = fresh.pending
+        fresh.pending, fresh.attended = None, True
+        gl = self._grouped(layer_idx)
+        if gl is None:  # pragma: no cover - pending only on grouped layers
+            return
+        if gl.is_sliding:
+            gl.trim_window(self.group_waste)
+        st = gl.store
+        if isinstance(self.policy, CachePolicy):
+            ctx = self._ctx(layer_idx, st.lengths, None, "decode", n_new, seen, gl.is_sliding)
+            new = self.policy.compress_store(layer_idx, st, ctx)
+            if new is not None:
+                self._ran(layer_idx, ctx)
+                st = new
+        elif self.policy is not None:
+            T = st.slots()
+            kp, vp = st.padded("k", left=True), st.padded("v", left=True)
+            lw = st.padded("log_weight", left=True)
+            k2, v2, pad2, lw2, changed = self._compress(layer_idx, kp, vp, T - st.lengths, lw, "decode", n_new, seen,
+                                                        gl.is_sliding)
+            if changed:
+                self._store(layer_idx, k2, v2, pad2, lw2, regroup=True)
+                return
+        self._keep(layer_idx, gl, st)
 
     def _compress(self, layer_idx: int, keys, values, pad_st, lw_st, phase: str, n_new: int, seen: int,
                   sliding: bool):
@@ -419,31 +472,27 @@ class SparseCache(DynamicCache):
 
     def _store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor,
                lw: Optional[torch.Tensor], *, regroup: bool) -> None:
-        """Store padded rows as the layer: one tensor, or head groups (``regroup``: decide by ``head_groups``)."""
+        """Store what a ``compress`` object returned (left-padded rows): one tensor, or (``regroup`` and the
+        heads' lengths differ: ``head_groups``) a ``HeadGroupStore`` of the rows (positions unknown: -1)."""
         layer = self.layers[layer_idx]
         base = layer.base if isinstance(layer, GroupedLayer) else layer
         B, H, T = k.shape[0], k.shape[1], k.shape[2]
         parts = None
         if regroup and B and H > 1:
-            longest = (T - pad).amax(0).tolist()  # [H]: each head's longest row over the batch
-            parts = head_groups(longest, self.group_waste)
+            parts = head_groups((T - pad).amax(0).tolist(), self.group_waste)  # each head's longest row
         if parts is None or len(parts) <= 1:
             base.keys, base.values = k, v
             self.layers[layer_idx] = base
+            self._fresh.pop(layer_idx, None)
             self._pad_stored[layer_idx] = pad
             self._lw_stored[layer_idx] = lw
             return
-        groups = []
-        for heads in parts:
-            cap = max(int(longest[h]) for h in heads)
-            hs = torch.tensor(heads, dtype=torch.long, device=k.device)
-            # index the kept slots first: each group is a new tensor of its own size (the padded rows are freed)
-            groups.append(HeadGroup(hs, k[:, :, T - cap:][:, hs], v[:, :, T - cap:][:, hs], pad[:, hs] - (T - cap),
-                                    None if lw is None else lw[:, :, T - cap:][:, hs.to(lw.device)]))
-        self.layers[layer_idx] = GroupedLayer(base, groups, H, layer_idx)
-        self._compressed.add(layer_idx)
-        self._pad_stored.pop(layer_idx, None)
-        self._lw_stored.pop(layer_idx, None)
+        n = T - pad
+        store = HeadGroupStore.from_rows(left_to_slots(k, n), left_to_slots(v, n), n,
+                                         torch.full((B, H, T), -1, dtype=torch.long, device=k.device),
+                                         None if lw is None else left_to_slots(lw, n), adopt=True, exact=True)
+        store.regroup(self.group_waste)
+        self._keep(layer_idx, layer, store)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen by ``layer_idx`` (not stored: positions keep counting after compression)."""
@@ -452,13 +501,15 @@ class SparseCache(DynamicCache):
         return super().get_seq_length(layer_idx)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
-        super().reorder_cache(beam_idx)  # grouped layers reorder their groups
+        for i in list(self._fresh):
+            self._settle(i)
+        super().reorder_cache(beam_idx)  # grouped layers reorder their stores
         for d in (self._pad_stored, self._pad_attn, self._lw_stored, self._lw_attn):
             for k_, v_ in d.items():
                 if v_ is not None:
                     d[k_] = v_.index_select(0, beam_idx.to(v_.device))
         for f in self._fresh.values():
-            f.groups = None
+            f.attended = True
         for st in self.policy_state.values():
             for k_, v_ in st.items():
                 if isinstance(v_, torch.Tensor):

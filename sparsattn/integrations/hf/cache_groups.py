@@ -1,47 +1,19 @@
 """hf.cache_groups: a SparseCache layer stored as head groups (see ``sparsattn.integrations.hf.cache``).
 
-``HeadGroup`` (KV heads of one layer stored together, rows left-padded), ``GroupedKV`` (the data-less
-placeholders ``update`` returns for such a layer), ``GroupedLayer`` (the transformers cache layer)
-and ``_attend_rows`` (causal attention on left-padded rows with per-row padding and log-weights).
+The storage is ``sparsattn.kv.store.HeadGroupStore``, the one head-group store (``sparsattn.kv.KVCache``
+keeps its contiguous layers in it too). ``GroupedLayer`` is the transformers cache layer around a store;
+``GroupedKV`` the data-less placeholders ``update`` returns for it; ``HeadGroup`` is the store's group.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
-from ...kv.groups import materialise
-from ...patterns import TokenPattern
+from ...kv.store import HeadGroup, HeadGroupStore
 
-
-@dataclass
-class HeadGroup:
-    """HeadGroup: KV heads of one layer stored together (rows left-padded to the group's capacity).
-
-    Attributes:
-        heads: int64 ``[H_g]`` KV head ids (ascending).
-        keys, values: ``[B, H_g, cap, D]``; row (b, j) holds its valid slots at the end.
-        pad: int64 ``[B, H_g]`` padding slots in front of each row.
-        log_weight: None or float32 ``[B, H_g, cap]`` per-slot log-weights.
-    """
-
-    heads: torch.Tensor
-    keys: torch.Tensor
-    values: torch.Tensor
-    pad: torch.Tensor
-    log_weight: Optional[torch.Tensor] = None
-
-    @property
-    def cap(self) -> int:
-        return self.keys.shape[2]
-
-    def map(self, fn) -> "HeadGroup":
-        """The group with ``fn`` applied to its per-batch tensors (keys, values, pad, log_weight)."""
-        return HeadGroup(self.heads, fn(self.keys), fn(self.values), fn(self.pad),
-                         None if self.log_weight is None else fn(self.log_weight))
+__all__ = ["GroupedKV", "GroupedLayer", "HeadGroup"]
 
 
 _GKV_ALLOWED = frozenset({torch.Tensor.shape.__get__, torch.Tensor.size, torch.Tensor.dim, torch.Tensor.ndim.__get__,
@@ -88,31 +60,21 @@ class GroupedKV(torch.Tensor):
         cls._refuse(func, args)
 
 
-def _materialise(groups: list, H: int, name: str, fill=0):
-    """Padded ``[B, H, T, ...]`` tensor (T = the largest capacity) of the groups' ``name`` field, rows
-    left-padded with ``fill``; None when no group has the field."""
-    ref = next((getattr(g, name) for g in groups if getattr(g, name) is not None), None)
-    if ref is None:
-        return None
-    return materialise([(g.heads, getattr(g, name)) for g in groups], ref.shape[0], H, max(g.cap for g in groups),
-                       fill, left=True)
-
-
 class GroupedLayer(DynamicLayer):
-    """GroupedLayer: a SparseCache layer stored as head groups (see the module docstring).
+    """GroupedLayer: a SparseCache layer stored as head groups in a ``HeadGroupStore`` (slot-major rows).
 
-    ``groups``: the ``HeadGroup`` list (stored state); ``base``: the layer it replaces (its class
-    decides sliding-window behaviour and holds ``cumulative_length``; its own keys/values are None
-    while grouped). ``keys`` / ``values`` are materialised padded copies (read-only).
+    ``store``: the storage; ``base``: the layer it replaces (its class decides sliding-window behaviour
+    and holds ``cumulative_length``; its own keys/values are None while grouped). ``keys`` / ``values``
+    are materialised left-padded copies (read-only). Between an update and its attention they show the
+    appended rows before the policy's run (the SparseCache runs it after the attention).
     """
 
-    def __init__(self, base, groups: list, n_heads: int, layer_idx: int):
+    def __init__(self, base, store: HeadGroupStore, layer_idx: int):
         # no DynamicLayer.__init__: keys / values are properties here
-        self.base, self.groups, self.n_heads, self.layer_idx = base, groups, n_heads, layer_idx
+        self.base, self.store, self.n_heads, self.layer_idx = base, store, store.kv_heads, layer_idx
         self.is_initialized = True
-        self.device = getattr(base, "device", groups[0].keys.device)
+        self.device = getattr(base, "device", store.device)
         self.is_sliding = bool(getattr(base, "is_sliding", False))
-        self.fresh: Optional[list] = None  # the groups right after the last append (what attention reads)
         base.keys = base.values = None
 
     def _refuse(self, what: str):
@@ -120,9 +82,14 @@ class GroupedLayer(DynamicLayer):
                          f"policy): {what} is not supported on it (use group_waste=1 for the single padded tensor)")
 
     @property
+    def groups(self) -> list:
+        """The store's ``HeadGroup`` list."""
+        return self.store.groups
+
+    @property
     def keys(self) -> torch.Tensor:
-        """Materialised padded keys ``[B, Hkv, T, D]`` (a new tensor; T = the largest group capacity)."""
-        return _materialise(self.groups, self.n_heads, "keys")
+        """Materialised left-padded keys ``[B, Hkv, T, D]`` (a new tensor; T = the largest group capacity)."""
+        return self.store.padded("k", left=True)
 
     @keys.setter
     def keys(self, value):
@@ -130,8 +97,8 @@ class GroupedLayer(DynamicLayer):
 
     @property
     def values(self) -> torch.Tensor:
-        """Materialised padded values ``[B, Hkv, T, D]`` (a new tensor)."""
-        return _materialise(self.groups, self.n_heads, "values")
+        """Materialised left-padded values ``[B, Hkv, T, D]`` (a new tensor)."""
+        return self.store.padded("v", left=True)
 
     @values.setter
     def values(self, value):
@@ -139,36 +106,35 @@ class GroupedLayer(DynamicLayer):
 
     def slots(self) -> int:
         """Slots of the padded view (the largest group capacity)."""
-        return max(g.cap for g in self.groups)
+        return self.store.slots()
 
-    def update(self, key_states, value_states, *args, **kwargs):
-        """Append ``[B, Hkv, n, D]`` to every group; returns ``GroupedKV`` placeholders."""
+    def update(self, key_states, value_states, *args, first: Optional[torch.Tensor] = None, **kwargs):
+        """Append ``[B, Hkv, n, D]`` to every row of the store (positions from ``first [B]``, else unknown);
+        returns ``GroupedKV`` placeholders (the sliding window is applied when the layer settles)."""
+        st = self.store
         n = key_states.shape[-2]
-        dev = key_states.device
-        fresh = []
-        for g in self.groups:
-            hs = g.heads.to(dev)
-            lw = None if g.log_weight is None else torch.cat(
-                [g.log_weight, g.log_weight.new_zeros(*g.log_weight.shape[:2], n)], -1)
-            fresh.append(HeadGroup(g.heads, torch.cat([g.keys, key_states[:, hs]], -2),
-                                   torch.cat([g.values, value_states[:, hs]], -2), g.pad, lw))
-        stored = fresh
         if self.is_sliding:
             if getattr(self.base, "record_past", False):
                 self._refuse("past recording (activate_past_recording)")
             self.base.cumulative_length += n
-            w = self.base.sliding_window - 1  # DynamicSlidingWindowLayer keeps the last window - 1 slots
-            stored = []
-            for g in fresh:
-                drop = max(g.cap - w, 0)
-                if drop:
-                    g = HeadGroup(g.heads, g.keys[:, :, drop:], g.values[:, :, drop:], (g.pad - drop).clamp(min=0),
-                                  None if g.log_weight is None else g.log_weight[..., drop:])
-                stored.append(g)
-        self.groups, self.fresh = stored, fresh
-        B, T, D = key_states.shape[0], max(g.cap for g in fresh), key_states.shape[-1]
+        lens = torch.full((st.batch,), n, dtype=torch.long, device=st.device)
+        st.append(key_states.to(device=st.device, dtype=st.dtype), value_states.to(device=st.device, dtype=st.dtype),
+                  lens, None if first is None else first.to(st.device))
+        B, T, D = key_states.shape[0], st.slots(), key_states.shape[-1]
+        dev = key_states.device
         return (GroupedKV((B, self.n_heads, T, D), key_states.dtype, dev, self.layer_idx, "keys"),
                 GroupedKV((B, self.n_heads, T, D), value_states.dtype, dev, self.layer_idx, "values"))
+
+    def trim_window(self, waste: float) -> None:
+        """Sliding-window layer: keep the last ``sliding_window - 1`` slots of every row (as
+        ``DynamicSlidingWindowLayer``), capacity fitted."""
+        w = self.base.sliding_window - 1
+        st = self.store
+        if int(st.lengths.max()) <= w:
+            return
+        j = torch.arange(st.slots(), device=st.device)
+        st.evict(j >= (st.lengths - w)[..., None])
+        st.regroup(waste)
 
     def get_seq_length(self) -> int:
         if self.is_sliding:
@@ -186,14 +152,14 @@ class GroupedLayer(DynamicLayer):
         return self.base.get_max_length()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.groups = [g.map(lambda t: t.index_select(0, beam_idx.to(t.device))) for g in self.groups]
-        self.fresh = None
+        self.store.map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self.store.lengths = self.store.lengths.index_select(0, beam_idx.to(self.store.lengths.device))
 
     def offload(self):
-        self.groups = [g.map(lambda t: t.to("cpu", non_blocking=True)) for g in self.groups]
+        self.store.map(lambda t: t.to("cpu", non_blocking=True), ("k", "v"))
 
     def prefetch(self):
-        self.groups = [g.map(lambda t: t.to(self.device, non_blocking=True)) for g in self.groups]
+        self.store.map(lambda t: t.to(self.device, non_blocking=True), ("k", "v"))
 
     def crop(self, tokens_to_remove: int) -> None:
         self._refuse("crop")
@@ -206,30 +172,3 @@ class GroupedLayer(DynamicLayer):
 
     def reset(self) -> None:
         self._refuse("reset")
-
-
-def _attend_rows(q, k, v, pad, lw, scale, backend, dense_dtype) -> torch.Tensor:
-    """Causal attention of ``q [B, Hq, Tq, D]`` (the last Tq slots) on left-padded rows ``k, v [B, H, T, D]``
-    with ``pad [B, H]`` padding slots in front and optional log-weights ``lw [B, H, T]``."""
-    B, Hq, Tq, D = q.shape
-    H, T = k.shape[1], k.shape[2]
-    dev = k.device
-    if Tq == 1:
-        from ...kernels.sparse_decode import sparse_decode_attention
-
-        idx = (pad[..., None] + torch.arange(T, device=dev)).clamp(max=T - 1)
-        tp = TokenPattern(idx.to(torch.int32).contiguous(), (T - pad).to(torch.int32).contiguous(), T)
-        lws = None if lw is None else torch.gather(lw.to(dev), 2, idx)
-        be = backend if backend in ("triton", "reference") else None
-        return sparse_decode_attention(q[:, :, 0], k, v, tp, scale=scale, log_weight=lws, backend=be)[:, :, None]
-    j = torch.arange(T, device=dev)
-    i = torch.arange(Tq, device=dev)[:, None] + (T - Tq)
-    keep = (j[None, None, None, :] >= pad[:, :, None, None]) & (j <= i)[None, None]  # [B, H, Tq, T]
-    w = torch.zeros((), device=dev) if lw is None else lw.to(dev).float()[:, :, None, :]
-    bias = torch.where(keep, w, torch.full((), float("-inf"), device=dev))
-    g = Hq // H
-    dt = dense_dtype  # log-weights (log n) need more than 16-bit precision
-    bias = bias.repeat_interleave(g, 1).to(dt)
-    kk, vv = (k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)) if g > 1 else (k, v)
-    out = F.scaled_dot_product_attention(q.to(dt), kk.to(dt), vv.to(dt), attn_mask=bias, scale=scale)
-    return out.to(q.dtype)
