@@ -7,7 +7,8 @@ Writes ``decode_diag.json`` and prints one line per measurement. Sections:
   selections, over launch variants (fused vs two-kernel split-K merge, pipelining stages, warps,
   block size, split count), each timed with ``triton.testing.do_bench`` (L2 flushed, launches from
   Python) and ``do_bench_cudagraph`` (launch overhead removed); dense SDPA timed the same two ways.
-* ``select``: Quest / Double Sparsity selection per step: wall time (do_bench) vs the GPU kernel time
+* ``select``: every registered decode method's selection per step (``bench.decode.decode_method_configs``,
+  budget 1/16, the last of 4 layers): wall time (do_bench) vs the GPU kernel time
   of one call (torch.profiler), and the number of host syncs in it.
 * ``groups``: ``KVCache.attend`` on a layer stored as head groups vs the same rows in one tensor.
 
@@ -26,11 +27,11 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
-from sparsattn.bench.decode import random_selection
+from sparsattn.bench.decode import decode_method_configs, random_selection
 from sparsattn.kernels.sparse_decode import sparse_decode_attention, sparse_decode_reference
 from sparsattn.kernels.sparse_decode.triton import sparse_decode_triton
 from sparsattn.kv import KVCache
-from sparsattn.methods import get_method
+from sparsattn.methods import method_class
 from sparsattn.methods.base import SelectContext
 from sparsattn.patterns import TokenPattern
 
@@ -138,12 +139,13 @@ def select_section(T=131072, B=8, hq=32, hkv=8, d=128):
     k = torch.randn(B, hkv, T, d, device=dev, dtype=torch.bfloat16)
     kl = torch.full((B,), T, dtype=torch.int32, device=dev)
     n_tok = T // 16
-    g = torch.Generator().manual_seed(1)
-    ds = get_method("double_sparsity", token_budget=n_tok)
-    ds.calibrate([torch.randn(1, hq, 64, d, generator=g) for _ in range(3)],
-                 [torch.randn(1, hkv, 64, d, generator=g) for _ in range(3)])
-    for name, m in (("quest", get_method("quest", token_budget=n_tok, page_size=16)), ("double_sparsity", ds)):
-        ctx = SelectContext(layer=2, extras={"kv_lens": kl})
+    n_layers = 4
+    for name, cfg in decode_method_configs(n_tok, q_heads=hq, kv_heads=hkv, head_dim=d, n_layers=n_layers).items():
+        m = method_class(name)(**cfg)
+        state: dict = {}
+        for layer in range(n_layers - 1):  # earlier layers (dense layers, cross-layer selections), as decoding
+            m.select(q, k, SelectContext(layer=layer, phase="decode", kv_lens=kl, state=state))
+        ctx = SelectContext(layer=n_layers - 1, phase="decode", kv_lens=kl, state=state)
         m.select(q, k, ctx)
         fn = lambda: m.select(q, k, ctx)  # noqa: E731
         a = do_bench(fn, warmup=25, rep=100, return_mode="median")
