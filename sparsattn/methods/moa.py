@@ -335,7 +335,9 @@ def sink_window_pattern(q_len: int, kv_len: int, span: Tensor, sink: int, *, blo
                         causal: bool = True, device=None) -> patterns.BlockPattern:
     """Per-head sink + window BlockPattern ``[1, H, ...]``: key ``j`` of row ``i`` (offset
     ``o = kv_len - q_len``) kept iff ``j < sink`` or ``0 <= i + o - j < span_h`` (``|i + o - j| <
-    span_h`` when not causal). Exact at token level (edge tiles in the mask bank)."""
+    span_h`` when not causal). Causal: the library's sink + recent-window rule
+    (``patterns.sink_or_recent`` with ``length = i + o + 1``, ``window = span_h``). Exact at token level
+    (edge tiles in the mask bank)."""
     H = span.shape[0]
     sp = span.to(device=device, dtype=torch.long)
     off = kv_len - q_len
@@ -343,7 +345,7 @@ def sink_window_pattern(q_len: int, kv_len: int, span: Tensor, sink: int, *, blo
 
     if causal:
         def pred(r, c, h):
-            return (c < sink) | ((r + off - c) < sp[h])
+            return patterns.sink_or_recent(c, r + off + 1, sink, sp[h])
 
         def anyp(r0, r1, c0, c1):
             return (c0 < sink) | ((r0 + off - c1) < s3)
