@@ -1,7 +1,7 @@
 """A method registered with presets in a temporary module (registry monkeypatched) appears, without
 editing another file, in ``sparsattn list``, the conformance tests' method lists, the prefill quality
-driver's density search and the decode quality driver's budget mapping (issue 11). Not yet covered:
-the evaluation grid, the methods benchmark, the demo and the docs table still name their methods."""
+driver's density search and the decode quality driver's budget mapping (issue 11). The benchmarks and
+the methods table script have the equivalent check in ``tests/test_one_file_method.py``."""
 from __future__ import annotations
 
 import sys
