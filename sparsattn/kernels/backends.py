@@ -101,6 +101,24 @@ def _cpp_compiler() -> Optional[str]:
     return None
 
 
+def _flex_cpu_platform() -> tuple[bool, str]:
+    """Inductor's own CPU FlexAttention condition (torch 2.11-2.13): AVX2, not macOS, no XPU, and
+    ``ATEN_CPU_CAPABILITY`` not forced to "default"."""
+    import sys
+
+    try:
+        avx2 = bool(torch.cpu._is_avx2_supported())
+    except Exception:  # noqa: BLE001 - a torch without the probe: let Inductor decide at compile time
+        avx2 = True
+    if not avx2 or os.environ.get("ATEN_CPU_CAPABILITY") == "default":
+        return False, "compiled FlexAttention on the CPU needs AVX2 (and ATEN_CPU_CAPABILITY not 'default')"
+    if sys.platform == "darwin":
+        return False, "compiled FlexAttention on the CPU is not supported on macOS"
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return False, "compiled FlexAttention on the CPU is not supported when an XPU is present"
+    return True, "avx2"
+
+
 def flex_can_run(x: torch.Tensor, pattern=None, varlen: bool = False, softcap=None, sinks=None,
                  need_lse: bool = False, **extra) -> tuple[bool, str]:
     """flex_can_run: compiled FlexAttention runs block-sparse attention without columns or varlen, on
@@ -129,6 +147,9 @@ def flex_can_run(x: torch.Tensor, pattern=None, varlen: bool = False, softcap=No
         return False, "gradients needed: compiled FlexAttention on the CPU runs inference only"
     if _cpp_compiler() is None:
         return False, "no C++ compiler (c++, g++, clang++ or $CXX) for torch.compile on the CPU"
+    ok, why = _flex_cpu_platform()
+    if not ok:
+        return False, why
     from .block_sparse import flex as _flex
 
     if _flex.cpu_shapes_left() <= 0 and pattern is not None and x.dim() == 4:

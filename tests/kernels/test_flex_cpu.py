@@ -24,6 +24,7 @@ def eager_flex(monkeypatch):
 
     monkeypatch.setitem(flex._COMPILED, "fn", flex_attention)
     monkeypatch.setattr(flex, "_CPU_SHAPES", set())  # these calls compile nothing
+    monkeypatch.setattr(flex, "CPU_PAD_TO", 128)  # causal inputs still padded (odd lengths), less eager work
     return flex_attention
 
 
@@ -130,10 +131,21 @@ def test_block_mask_is_cached_and_shape_stable():
     p = patterns.sink_local(200, 5, 40, block_q=32)
     assert flex.block_mask(p, 4) is flex.block_mask(p, 4)
     n = p.mask_bank.shape[0] + 2
-    assert flex._bank_size(p) >= n and flex._bank_size(p) & (flex._bank_size(p) - 1) == 0
+    assert flex._bank_size(p) >= max(n, flex.MIN_BANK) and flex._bank_size(p) & (flex._bank_size(p) - 1) == 0
     bm = flex.block_mask(p, 4)
     assert tuple(bm.kv_num_blocks.shape) == (1, 4, p.n_q_blocks)
     assert bm.kv_indices.shape[-1] == p.n_kv_blocks
+    # causal inputs padded to CPU_PAD_TO tokens on the CPU: lengths 1000 and 1024 share a compiled shape
+    q = torch.zeros(1, 4, 1000, 16)
+    k = torch.zeros(1, 2, 1000, 16)
+    p1, p2 = patterns.causal(1000, block_q=64), patterns.causal(1024, block_q=64)
+    assert flex.cpu_pad(p1) == 24 and flex.cpu_pad(p2) == 0
+    assert flex.cpu_shape_key(q, k, p1, False) == flex.cpu_shape_key(torch.zeros(1, 4, 1024, 16),
+                                                                     torch.zeros(1, 2, 1024, 16), p2, False)
+    assert flex.cpu_pad(patterns.sliding_window(1000, 20, causal=False, block_q=64)) == 0
+    bm = flex.block_mask(p1, 4, 24)
+    assert tuple(bm.kv_num_blocks.shape) == (1, 4, 16) and bm.seq_lengths == (1024, 1024)
+    assert int(bm.kv_num_blocks[0, 0, -1]) + int(bm.full_kv_num_blocks[0, 0, -1]) > 0
 
 
 @pytest.mark.slow

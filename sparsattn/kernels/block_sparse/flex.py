@@ -26,6 +26,8 @@ On the CPU, compiled Flex runs inference only (no autograd), float32, without ``
 every new input shape compiles once (tens of seconds on 2 cores; Inductor caches it on disk for
 later processes), so ``kernels.backends`` chooses it automatically only from
 ``CPU_MIN_Q_LEN`` query tokens and refuses it after ``CPU_MAX_SHAPES`` distinct shapes in a process.
+To share compiles, causal inputs are padded at the end to a multiple of ``CPU_PAD_TO`` tokens
+(``cpu_pad``) and tile banks have at least ``MIN_BANK`` tiles.
 """
 from __future__ import annotations
 
@@ -44,6 +46,14 @@ CPU_MIN_Q_LEN = 2048
 #: recompile limit is 8 per function; past it Flex would run unfused and materialise T x T scores)
 CPU_MAX_SHAPES = 6
 
+#: on the CPU, causal inputs are padded at the end to a multiple of this many tokens (rows and keys
+#: alike, so the causal offset is kept; the padded rows are dropped), so that prompts of nearby
+#: lengths share one compiled kernel instead of compiling one each
+CPU_PAD_TO = 1024
+#: the smallest tile bank (tiles of the pattern + all-true + all-false, padded): most patterns then
+#: have the same bank shape, hence one compile per input shape for every method
+MIN_BANK = 8
+
 _COMPILED: dict = {}
 _CPU_SHAPES: set = set()
 
@@ -57,10 +67,20 @@ def compiled_flex():
     return _COMPILED["fn"]
 
 
+def cpu_pad(pattern: BlockPattern) -> int:
+    """Tokens appended to q and k/v on the CPU: up to a multiple of ``CPU_PAD_TO`` for causal patterns
+    (appended rows and keys never reach a real row: key ``j`` is read by row ``i`` only when
+    ``j <= i + kv_len - q_len``), none for other patterns."""
+    if not pattern.causal:
+        return 0
+    return -pattern.q_len % CPU_PAD_TO
+
+
 def cpu_shape_key(q: torch.Tensor, k: torch.Tensor, pattern: BlockPattern, softcap: bool) -> tuple:
     """The key under which compiled Flex specialises a CPU call (one compile per distinct key)."""
-    return (tuple(q.shape), tuple(k.shape), q.dtype, pattern.block_q, pattern.block_k, pattern.batch,
-            _bank_size(pattern), bool(softcap))
+    pad = cpu_pad(pattern)
+    return (q.shape[0], q.shape[1], q.shape[2] + pad, q.shape[3], k.shape[1], k.shape[2] + pad, q.dtype,
+            pattern.block_q, pattern.block_k, pattern.batch, _bank_size(pattern), bool(softcap))
 
 
 def cpu_shapes_left() -> int:
@@ -77,7 +97,7 @@ def _bank_size(p: BlockPattern) -> int:
     """Tiles in the Flex tile bank: the pattern's tiles + an all-true and an all-false tile, padded to a
     power of two (all-false) so that patterns of one shape share a compiled kernel."""
     n = (0 if p.mask_bank is None else p.mask_bank.shape[0]) + 2
-    return 1 << max(0, (n - 1).bit_length())
+    return max(MIN_BANK, 1 << max(0, (n - 1).bit_length()))
 
 
 def _mask_mod(ids: torch.Tensor, bank: torch.Tensor, off: torch.Tensor, bq: int, bk: int):
@@ -101,13 +121,16 @@ def _expand_heads(t: torch.Tensor, H: int) -> torch.Tensor:
     return t.repeat_interleave(H // h, dim=1).contiguous()
 
 
-def _build_block_mask(p: BlockPattern, n_heads: int):
+def _build_block_mask(p: BlockPattern, n_heads: int, pad: int = 0):
     from torch.nn.attention.flex_attention import BlockMask
 
     if p.columns is not None:
         raise ValueError("pattern.columns: a FlexAttention BlockMask has no column path; "
                          "use the triton or reference backend for patterns with columns")
-    bq, bk, nk = p.block_q, p.block_k, p.n_kv_blocks
+    if pad and not p.causal:
+        raise ValueError(f"pad: only causal patterns are padded, got pad={pad} for a non-causal pattern")
+    bq, bk = p.block_q, p.block_k
+    nq, nk = -(-(p.q_len + pad) // bq), -(-(p.kv_len + pad) // bk)  # blocks of the padded lengths
     dev = p.device
     n_tiles = _bank_size(p)
     n_own = 0 if p.mask_bank is None else p.mask_bank.shape[0]
@@ -121,26 +144,31 @@ def _build_block_mask(p: BlockPattern, n_heads: int):
     ids = torch.where(ids < 0, n_own, ids)
     ids = torch.where(state == 2, n_own, ids)
     ids = torch.where(state == 0, n_own + 1, ids).to(torch.int32)
+    ids = torch.nn.functional.pad(ids, (0, nk - ids.shape[-1], 0, nq - ids.shape[-2]), value=n_own + 1)
     ids = _expand_heads(ids, n_heads)
     # causal: keys up to q + (kv_len - q_len); otherwise an offset no key exceeds
     off = torch.tensor(p.kv_len - p.q_len if p.causal else p.kv_len, dtype=torch.int32, device=dev)
 
-    def widen(t):  # Flex expects index lists as wide as the number of key blocks
+    def widen(t):  # Flex expects index lists as wide as the number of key blocks (and appended query blocks)
         t = torch.nn.functional.pad(t, (0, nk - t.shape[-1])) if t.shape[-1] < nk else t[..., :nk]
-        return _expand_heads(t, n_heads)
+        return _expand_heads(torch.nn.functional.pad(t, (0, 0, 0, nq - t.shape[-2])), n_heads)
+
+    def counts(t):  # appended query blocks compute nothing
+        return _expand_heads(torch.nn.functional.pad(t, (0, nq - t.shape[-1])), n_heads)
 
     return BlockMask.from_kv_blocks(
-        _expand_heads(p.kv_num_blocks, n_heads), widen(p.kv_indices),
-        _expand_heads(p.full_kv_num_blocks, n_heads), widen(p.full_kv_indices),
-        BLOCK_SIZE=(bq, bk), mask_mod=_mask_mod(ids, bank, off, bq, bk), seq_lengths=(p.q_len, p.kv_len))
+        counts(p.kv_num_blocks), widen(p.kv_indices), counts(p.full_kv_num_blocks), widen(p.full_kv_indices),
+        BLOCK_SIZE=(bq, bk), mask_mod=_mask_mod(ids, bank, off, bq, bk),
+        seq_lengths=(p.q_len + pad, p.kv_len + pad))
 
 
-def block_mask(pattern: BlockPattern, n_heads: int):
-    """block_mask: the FlexAttention ``BlockMask`` of ``pattern`` for ``n_heads`` query heads (cached on
-    the pattern). Raises ValueError for a pattern with columns (no column path in Flex)."""
+def block_mask(pattern: BlockPattern, n_heads: int, pad: int = 0):
+    """block_mask: the FlexAttention ``BlockMask`` of ``pattern`` for ``n_heads`` query heads, for q and
+    k/v with ``pad`` tokens appended (causal patterns only; see ``cpu_pad``), cached on the pattern.
+    Raises ValueError for a pattern with columns (no column path in Flex)."""
     if pattern.heads not in (1, n_heads) and n_heads % pattern.heads:
         raise ValueError(f"pattern heads: expected 1 or a divisor of {n_heads}, got {pattern.heads}")
-    return pattern.derived(f"flex_block_mask_h{n_heads}", lambda: _build_block_mask(pattern, n_heads))
+    return pattern.derived(f"flex_block_mask_h{n_heads}_p{pad}", lambda: _build_block_mask(pattern, n_heads, pad))
 
 
 def _softcap_mod(cap: torch.Tensor):
@@ -171,16 +199,20 @@ def flex_block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             raise ValueError("q/k/v: compiled FlexAttention on the CPU runs inference only (no backward); "
                              "use backend='reference' or torch.no_grad()")
-    bm = block_mask(pattern, q.shape[1])
+    pad = cpu_pad(pattern) if cpu else 0
+    bm = block_mask(pattern, q.shape[1], pad)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     gqa = q.shape[1] != k.shape[1]
     kw = dict(block_mask=bm, scale=scale, enable_gqa=gqa)
     if softcap is not None:
         kw["score_mod"] = _softcap_mod(torch.tensor(float(softcap), dtype=torch.float32, device=q.device))
     if cpu:
-        key = cpu_shape_key(q, k, pattern, softcap is not None)
-        _CPU_SHAPES.add(key)
-        return compiled_flex()(q, k, v, **kw), None
+        _CPU_SHAPES.add(cpu_shape_key(q, k, pattern, softcap is not None))
+        Tq = q.shape[2]
+        if pad:
+            q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        out = compiled_flex()(q, k, v, **kw)
+        return (out[:, :, :Tq] if pad else out), None
     out, lse = compiled_flex()(q, k, v, return_lse=True, **kw)
     lse = lse.float()
     if sinks is not None:
@@ -190,5 +222,5 @@ def flex_block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
     return out, lse
 
 
-__all__ = ["CPU_MAX_SHAPES", "CPU_MIN_Q_LEN", "block_mask", "compiled_flex", "cpu_shape_key", "cpu_shapes_left",
+__all__ = ["CPU_MAX_SHAPES", "CPU_MIN_Q_LEN", "CPU_PAD_TO", "MIN_BANK", "cpu_pad", "block_mask", "compiled_flex", "cpu_shape_key", "cpu_shapes_left",
            "flex_block_sparse"]
