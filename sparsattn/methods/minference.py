@@ -301,7 +301,7 @@ def _head_density(p: patterns.BlockPattern, Hq: int) -> torch.Tensor:
 
 
 def search_patterns(captured: dict, candidates: Optional[Sequence[dict]] = None, budget: Optional[float] = None, *,
-                    block_size: int = 64, last_q: int = 64, rows_from: int = 0, scale: Optional[float] = None) -> dict:
+                    block_size: int = 64, last_q: int = 64, rows_from=0, scale: Optional[float] = None) -> dict:
     """search_patterns: MInference's offline kernel-aware search, per (layer, query head).
 
     Args:
@@ -312,7 +312,10 @@ def search_patterns(captured: dict, candidates: Optional[Sequence[dict]] = None,
         budget: optional maximum density (computed pairs / causal pairs) per head; candidates above
             it are skipped (if none fits, the sparsest candidate is kept). Pass candidates of
             roughly equal FLOPs, as MInference does, or a budget.
-        rows_from: score only query rows >= this (MInference scores rows from 2500 on).
+        rows_from: score only query rows >= this (MInference scores rows from 2500 on); a sequence of
+            starts scores the mean of the recalls from each (e.g. ``(T // 4, T - 64)``: all late rows
+            and, as much, the last rows of a retrieval prompt, the question and answer that read the
+            needle, which an average over every row hardly weighs).
     Returns:
         ``{layer: {head: {"type", sizes..., "score": recall, "density": density}}}`` where score is
         the attention mass the candidate keeps (mean over rows), the search criterion.
@@ -324,6 +327,9 @@ def search_patterns(captured: dict, candidates: Optional[Sequence[dict]] = None,
         raise ValueError("candidates: expected at least one candidate")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1):
         raise ValueError(f"budget: expected None or a density in (0, 1], got {budget!r}")
+    starts = [rows_from] if isinstance(rows_from, int) else list(rows_from)
+    if not starts or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in starts):
+        raise ValueError(f"rows_from: expected an int >= 0 or a non-empty sequence of them, got {rows_from!r}")
     plan: dict = {}
     for layer in sorted(captured, key=int):
         t = captured[layer]
@@ -338,7 +344,7 @@ def search_patterns(captured: dict, candidates: Optional[Sequence[dict]] = None,
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # candidates larger than a short calibration prompt are fine
                 p = m.select(q, k, SelectContext(layer=int(layer), scale=scale))
-            rec.append(attention_recall(q, k, p, scale=scale, rows_from=rows_from))
+            rec.append(torch.stack([attention_recall(q, k, p, scale=scale, rows_from=r) for r in starts]).mean(0))
             den.append(_head_density(p, Hq).double())
         rec_t, den_t = torch.stack(rec), torch.stack(den)  # [C, Hq]
         layer_plan = {}
@@ -429,7 +435,7 @@ class MInference(Calibrated, Method):
     @classmethod
     def fit(cls, captured: dict, candidates: Optional[Sequence[dict]] = None, budget: Optional[float] = None, *,
             path: Optional[str] = None, num_layers: Optional[int] = None, block_size: int = 64, last_q: int = 64,
-            rows_from: int = 0, scale: Optional[float] = None) -> "MInference":
+            rows_from=0, scale: Optional[float] = None) -> "MInference":
         """fit: run ``search_patterns`` on ``captured`` and return a fitted instance (saved to ``path`` if given)."""
         inst = cls(block_size=block_size, last_q=last_q)
         plan = search_patterns(captured, candidates, budget, block_size=block_size, last_q=last_q,
