@@ -146,3 +146,37 @@ def test_the_recorder_reuses_only_static_patterns():
         m.select(q, k, SelectContext(layer=0))
     assert m.n == 2 and rec.reused == 0 and rec.densities == [] and rec.calls == {"none": 2}
     assert "select" not in m.__dict__  # the hook is removed on exit
+
+
+# ----------------------------------------------------------------------------------------------
+# the rules that moved from the driver onto the methods keep their meaning
+# ----------------------------------------------------------------------------------------------
+
+def test_masformer_preset_searches_the_overall_density_or_falls_back_to_a_shape(tmp_path):
+    cap = _capture(T=512, layers=8)
+    got = {s.target: s for s in pq.resolve_settings(["masformer", "a_shape"], [0.05, 0.3], 512, cap, n_layers=8,
+                                                    n_heads=2, out_dir=tmp_path, calibrations={})
+           if s.method == "masformer"}
+    roomy, tight = got[0.3], got[0.05]
+    assert not roomy.error and roomy.target_met and roomy.note.startswith("inner a_shape searched")
+    assert roomy.config["full_layers"] == [0] and roomy.label.startswith("L0 dense + ")
+    # 1/8 of the density is the dense layer 0: below it, A-shape's own setting for 0.05 and target not met
+    assert not tight.error and tight.target_met is False and tight.evals == 1 and "one dense layer" in tight.note
+    a5 = next(s for s in pq.resolve_settings(["a_shape"], [0.05], 512, cap, n_layers=8, n_heads=2, out_dir=tmp_path,
+                                             calibrations={}))
+    assert tight.config["inner_config"] == a5.config
+    assert tight.density_cal == pytest.approx((1.0 + 7 * a5.density_cal) / 8, rel=0.05)
+
+
+def test_razor_preset_keeps_the_top_heads_in_the_work_dir(tmp_path):
+    from sparsattn.calibrate import shipped_dir
+    from sparsattn.methods.razor import RazorAttention
+
+    src = str(shipped_dir() / "razor.json")
+    ctx = base.PresetContext(n_layers=8, n_heads=8, calibrations={"razor": src}, work_dir=str(tmp_path))
+    fam = RazorAttention.density_knob(4096, 0.1, ctx)  # n = 0.1 x 64 / 2 = 3 heads
+    path = fam.config(100)["path"]
+    assert path.startswith(str(tmp_path)) and fam.label(100).startswith("3 ret. heads")
+    assert sum(len(h) for h in get_method("razor", **fam.config(100)).retrieval_heads.values()) == 3
+    no_dir = RazorAttention.density_knob(4096, 0.1, base.PresetContext(calibrations={"razor": src}))
+    assert no_dir.config(100)["path"] == src  # without a work_dir the calibration is used as it is
