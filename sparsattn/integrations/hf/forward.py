@@ -17,6 +17,7 @@ from ...methods.base import SelectContext
 from .cache import SparseCache
 from .heads import _Choice
 from .mask import MaskInfo
+from .static import dense_decode, positional_keep, static_layout, trailing_slots
 from .padding import _clip_tokens, _dense_masked, _left_to_right, _shift_left, _unshift_tokens
 from .report import note_fallback, note_selection, selection_clock
 
@@ -25,6 +26,11 @@ log = logging.getLogger(__package__)
 NAME = "sparsattn"
 _ATTR = "_sparsattn_layer"
 _DEFAULT_BLOCK = 64
+
+
+def _compiling() -> bool:
+    """Whether torch.compile (dynamo) is tracing this call."""
+    return bool(torch.compiler.is_compiling())
 
 
 def _logit_extras(kw: dict) -> dict:
@@ -53,6 +59,11 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout:
     update); returns ``(out [B, Tq, Hq, D], None)``.
     """
     binding = getattr(module, _ATTR, None)
+    if binding is None:  # loaded with attn_implementation="sparsattn": bind to the config's methods (hf.auto)
+        from .auto import bind_running
+
+        bind_running(module)
+        binding = getattr(module, _ATTR, None)
     if binding is None:
         raise RuntimeError(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) uses "
                            f"attn_implementation {NAME!r} but was not patched by sparsattn.integrations.hf.patch")
@@ -155,6 +166,13 @@ class _Layer:
             window = mask.window if mask.kind == "sliding" else None
         else:
             window = kw.get("sliding_window")
+        if static_layout(mask):  # slots placed by position (static caches): see hf.static
+            if Tq == 1 and self.decode is None and (isinstance(mask.q_offset, torch.Tensor) or _compiling()):
+                out = dense_decode(q, k, v, positional_keep(mask, B, Tk, window, q.device), scale)
+                return out.transpose(1, 2).contiguous(), None
+            trail = trailing_slots(frame, mask, Tq, Tk)
+            if trail:  # unwritten slots of a static cache: drop them, the last key is then the last query
+                k, v, Tk = k[:, :, :Tk - trail], v[:, :, :Tk - trail], Tk - trail
         lens = self._lengths(frame, mask if isinstance(mask, MaskInfo) else None, Tq, Tk, q.device)
         if isinstance(lens, tuple) and isinstance(lens[0], str):
             note_fallback(self, lens[1], (Tq, Tk))

@@ -1,14 +1,22 @@
 """hf.mask: the mask function registered under ``"sparsattn"`` (keeps the 2-D padding mask).
 
-For the plain causal and the sliding-window causal masks it returns a ``MaskInfo`` (kind, window
-and the original 2-D padding mask) instead of an O(T^2) tensor; for anything else (packed
-sequences, block overlays, bidirectional...) the boolean 4-D mask of transformers' ``sdpa_mask``.
+For the plain causal and the sliding-window causal masks it returns a ``MaskInfo`` (kind, window,
+the original 2-D padding mask and the positions transformers computed from the cache) instead of an
+O(T^2) tensor; for anything else (packed sequences, block overlays, bidirectional...) the boolean
+4-D mask of transformers' ``sdpa_mask``.
+
+Static caches (``cache_implementation="static"`` / ``"sliding_window"``): ``generate`` builds the
+mask once per step *before* the model's forward (``create_masks_for_generate``) and passes the
+result back as ``attention_mask``; the model's forward then hands it to the mask helpers again.
+A ``MaskInfo`` is such a prepared mask: it reports ``ndim == 4`` (what transformers' helpers read to
+tell a prepared mask from a 2-D padding mask) and the mask function returns it unchanged.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -23,7 +31,14 @@ class MaskInfo:
         kind: "causal" or "sliding" (causal with a window).
         window: the window for "sliding" (query i sees keys j with ``0 <= i - j < window``).
         padding_mask: the 2-D bool mask ``[B, kv_seen]`` transformers received (None = no padding).
-        kv_length, kv_offset: the sizes transformers computed for the mask (informative).
+        kv_length, kv_offset: the sizes transformers computed for the mask: key slot ``j`` given to
+            the attention function holds the token at absolute position ``kv_offset + j``.
+        q_offset: absolute position of the first query (the tokens seen before this forward): an
+            int, or a 0-d tensor (a copy taken when the mask was made: static caches keep their length
+            as a tensor, updated in place). Slots past ``q_offset + Tq - 1 - kv_offset`` are unwritten
+            (a static cache's free slots) and are never attended. None = not known (transformers
+            versions that pass ``cache_position`` only give its first entry; without either, the last
+            key is taken to be the last query, as with a dynamic cache).
     """
 
     kind: str
@@ -31,6 +46,11 @@ class MaskInfo:
     padding_mask: Optional[torch.Tensor]
     kv_length: Optional[int] = None
     kv_offset: int = 0
+    q_offset: Union[int, torch.Tensor, None] = None
+
+    #: transformers' mask helpers read ``attention_mask.ndim`` (2 = a padding mask to turn into a mask);
+    #: a MaskInfo is an already prepared mask, like a 4-D tensor.
+    ndim = 4
 
 
 def _nonlocals(fn) -> dict:
@@ -86,8 +106,22 @@ def sparse_attention_mask(*args, **kwargs):
     Returns a ``MaskInfo`` for causal / sliding-window causal masks (no O(T^2) tensor), else the
     boolean 4-D mask of transformers' ``sdpa_mask`` (the attention function then runs dense SDPA).
     """
-    from transformers.masking_utils import sdpa_mask
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
 
+    am = kwargs.get("attention_mask")
+    if isinstance(am, MaskInfo) and not args:
+        # prepared by generate (create_masks_for_generate) for this very step: returned as is, as
+        # transformers returns a prepared 4-D mask (no classification: this runs in compiled decode steps)
+        fn = kwargs.get("mask_function")
+        if fn is causal_mask_function:
+            return am if am.kind == "causal" else dataclasses.replace(am, kind="causal", window=None)
+        if am.kind == "sliding":
+            return am
+        kind, window = _classify_mask_function(fn)
+        if kind is None:
+            raise ValueError("attention_mask: a sparsattn MaskInfo (causal) was passed where transformers asks "
+                             f"for another mask ({getattr(fn, '__qualname__', fn)!r})")
+        return dataclasses.replace(am, kind=kind, window=window)
     kind, window = _classify_mask_function(kwargs.get("mask_function"))
     if kind is None or args:
         kw = dict(kwargs)
@@ -97,10 +131,14 @@ def sparse_attention_mask(*args, **kwargs):
         log.debug("sparsattn mask: mask function %r is not causal/sliding: materialising the 4-D mask",
                   getattr(kwargs.get("mask_function"), "__qualname__", kwargs.get("mask_function")))
         return sdpa_mask(*args, **kw)
-    am = kwargs.get("attention_mask")
     if am is not None and not (isinstance(am, torch.Tensor) and am.dim() == 2):
         kw = dict(kwargs, allow_is_causal_skip=False)
         return sdpa_mask(**kw)
     if am is not None:
         am = am.to(torch.bool)
-    return MaskInfo(kind, window, am, kwargs.get("kv_length"), int(kwargs.get("kv_offset", 0) or 0))
+    q_off = kwargs.get("q_offset")
+    if q_off is None and isinstance(kwargs.get("cache_position"), torch.Tensor) and kwargs["cache_position"].numel():
+        q_off = kwargs["cache_position"][0]  # transformers versions before q_offset
+    if isinstance(q_off, torch.Tensor):
+        q_off = q_off.detach().clone()  # a static cache's live counter: keep the value of this step
+    return MaskInfo(kind, window, am, kwargs.get("kv_length"), int(kwargs.get("kv_offset", 0) or 0), q_off)

@@ -22,6 +22,7 @@ from .swap import config_implementations, register_implementation, set_implement
 log = logging.getLogger(__package__)
 
 _PATCH_ATTR = "_sparsattn_patch"
+_STATE_ATTR = "_sparsattn_state"
 
 MethodSpec = Union[str, Method, type, dict]
 
@@ -156,17 +157,20 @@ class _Patch:
             x = kwargs.get("inputs_embeds")
         n_new = int(x.shape[1]) if isinstance(x, torch.Tensor) and x.dim() >= 2 else 0
         past = 0
-        if cache is not None and hasattr(cache, "get_seq_length"):
+        compiled = torch.compiler.is_compiling()  # a compiled step decodes on a static cache: no host sync there
+        if cache is not None and hasattr(cache, "get_seq_length") and not compiled:
             try:
                 past = int(cache.get_seq_length())
             except Exception:  # noqa: BLE001 - an empty/odd cache: no length
                 past = 0
-        if self.max_pos and past + n_new > self.max_pos:
+        if self.max_pos and not compiled and past + n_new > self.max_pos:
             warnings.warn(f"sparsattn: context of {past + n_new} tokens is longer than the model's trained length "
                           f"(config.max_position_embeddings={self.max_pos}); quality may degrade", stacklevel=2)
         if isinstance(cache, SparseCache):
             cache.begin_forward(am if isinstance(am, torch.Tensor) and am.dim() == 2 else None)
             state = cache.state
+        elif cache is not None and hasattr(cache, "get_seq_length"):
+            state = _cache_state(cache, fresh=not compiled and past == 0)
         else:
             state = {}
         self.frames.append({"state": state, "cache": cache})
@@ -174,6 +178,18 @@ class _Patch:
     def post_hook(self, module, args, kwargs, output):
         if self.frames:
             self.frames.pop()
+
+
+def _cache_state(cache, fresh: bool) -> dict:
+    """The cross-step method state (``SelectContext.state``) kept on a transformers cache that is not a
+    ``SparseCache`` (``DynamicCache``, ``StaticCache``, offloaded or quantized caches): it lives as long
+    as the cache object and starts over when a forward begins on an empty cache (``generate`` resets
+    and reuses its static cache)."""
+    st = cache.__dict__.get(_STATE_ATTR)
+    if st is None or fresh:
+        st = {}
+        cache.__dict__[_STATE_ATTR] = st
+    return st
 
 
 def is_patched(model) -> bool:

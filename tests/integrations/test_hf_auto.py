@@ -1,0 +1,76 @@
+"""from_pretrained(path, attn_implementation="sparsattn") with the methods read from config.sparsattn
+(issue 16.2): a model saved after patching reloads sparse, with the same logits."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sparsattn.integrations import hf
+from sparsattn.integrations.hf import auto
+
+from hf_testutil import make_model
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def _reload(path):
+    from transformers import AutoModelForCausalLM
+
+    auto.register()
+    return AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="sparsattn").eval()
+
+
+@pytest.mark.parametrize("spec", [
+    dict(method="vertical_slash", v_size=8, s_size=16, last_q=16, n_local=8, n_sink=2, block_size=16,
+         decode="streaming_llm", window=8),
+    dict(method={0: "a_shape", "default": {1: "dense", "default": "a_shape"}}, n_init=4, n_local=8, block_size=16),
+])
+def test_save_and_reload_sparse(tmp_path, spec):
+    model = make_model("llama", attn_implementation="sdpa")
+    x = torch.randint(3, 120, (1, 70), generator=torch.Generator().manual_seed(0))
+    dense = _logits(model, x)
+    hf.patch(model, **spec)
+    ref = _logits(model, x)
+    assert (ref - dense).abs().max() > 1e-3  # the patch is really sparse
+    entry = auto.save_pretrained(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["sparsattn"] == entry
+    back = _reload(tmp_path)
+    assert back.config._attn_implementation == hf.NAME and not hf.is_patched(back)
+    got = _logits(back, x)  # binds at the first forward
+    assert hf.is_patched(back)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    if "decode" in spec:  # the decode method came back too: same greedy continuation
+        back.generation_config.pad_token_id = model.generation_config.pad_token_id = 0
+        kw = dict(max_new_tokens=4, do_sample=False)
+        assert torch.equal(back.generate(x, **kw), model.generate(x, **kw))
+    hf.unpatch(back)  # restores SDPA, not "sparsattn" (which would bind again)
+    assert back.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(_logits(back, x), dense, atol=1e-5, rtol=1e-5)
+
+
+def test_hand_written_entry_and_errors(tmp_path):
+    model = make_model("llama", attn_implementation="sdpa")
+    x = torch.randint(3, 120, (1, 50), generator=torch.Generator().manual_seed(1))
+    model.config.sparsattn = {"method": {"name": "a_shape", "config": {"n_init": 4, "n_local": 8}}}
+    model.save_pretrained(str(tmp_path))
+    back = _reload(tmp_path)
+    got = _logits(back, x)
+    with hf.patched(model, "a_shape", n_init=4, n_local=8):
+        torch.testing.assert_close(got, _logits(model, x), atol=1e-5, rtol=1e-5)
+
+    with pytest.raises(ValueError, match=r"config.sparsattn.method: .*unknown method"):
+        auto.patch_kwargs({"method": "no_such_method"})
+    with pytest.raises(ValueError, match=r"config.sparsattn: expected only the keys"):
+        auto.patch_kwargs({"method": "a_shape", "layers": 3})
+    with pytest.raises(ValueError, match=r"config.sparsattn.method: expected layer/head indices"):
+        auto.patch_kwargs({"method": {"x": "a_shape"}})
+    bare = make_model("llama", attn_implementation="sdpa")
+    with pytest.raises(ValueError, match="config.sparsattn: missing"):
+        auto.bind(bare)
+    with pytest.raises(ValueError, match="model: not patched"):
+        auto.config_entry(bare)
