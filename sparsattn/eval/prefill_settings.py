@@ -195,23 +195,17 @@ class Setting:
         return "1.0" if self.target >= 1 else f"{self.target:g}"
 
     def build(self):
+        """build: the method instance of this setting."""
         from ..methods import get_method
 
         return get_method(self.method, **self.config)
 
     def row(self) -> dict:
+        """row: the ``settings.csv`` row (paths shortened to their file names)."""
         return {"method": self.method, "target": self.target_name, "length": self.length, "setting": self.label,
                 "density_cal": _f(self.density_cal), "target_met": self.target_met, "evals": self.evals,
                 "seconds": round(self.seconds, 2), "config": json.dumps(_short_paths(self.config), sort_keys=True),
                 "note": self.note, "error": self.error}
-
-
-def _config_key(s: "Setting") -> tuple:
-    return (s.method, json.dumps(s.config, sort_keys=True, default=str))
-
-
-def _short_paths(cfg: dict) -> dict:
-    return {k: (os.path.basename(v) if isinstance(v, str) and k.endswith("path") else v) for k, v in cfg.items()}
 
 
 def _config_key(s: "Setting") -> tuple:
