@@ -203,7 +203,7 @@ def patch(model, method: MethodSpec = "dense", *, decode: Optional[MethodSpec] =
 
     Args:
         model: a transformers causal LM (or its base model) whose attention modules dispatch through
-            ``AttentionInterface`` (Llama, Qwen2/3, Mistral, Gemma/Gemma2(no softcap)/Gemma3...).
+            ``AttentionInterface`` (Llama, Qwen2/3, Mistral, Gemma/Gemma2/Gemma3, gpt-oss...).
         method: a registered name, a ``Method`` instance or class, or ``{layer: spec, "default": spec}``
             (layers not listed and without "default" run "dense"). A spec may itself be a heads mapping
             ``{query_head: method, "default": method}``: per-head patterns are built by each method and
