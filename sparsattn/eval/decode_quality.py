@@ -190,7 +190,8 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
             of ``model_path``, default the bundled checkpoint, on ``device``).
         lengths: context lengths L in tokens (prompts of at most ``L - max_new_tokens``). budgets: ``parse_budget`` strings ("full" is added to
             the checks below anyway). n: samples per length (depths spread). methods: decode
-            methods (default: every registered one except ``SLOW_METHODS``). full_n: samples per
+            methods (default: ``default_decode_methods()``, every registered one with a ``budget_config``
+            preset except ``SLOW_METHODS``). full_n: samples per
             length that also get the full-budget check (0 = none). max_new_tokens: greedy tokens.
         seed: sample i uses seed ``seed + i``. time_limit: seconds (from ``t_start``, default now)
             within which rounds are started; None = no limit. backend: patched layers' kernel
@@ -427,8 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", default=None, help="comma-separated budgets: tokens (64), fractions (0.02) or full "
                                                    f"(default {','.join(DEFAULT_BUDGETS)})")
     p.add_argument("--n", type=int, default=None, help="samples per length, needle depths spread (default 10)")
-    p.add_argument("--methods", default=None, help="comma-separated decode methods (default: all registered except "
-                                                   + ", ".join(slow_methods()) + ")")
+    p.add_argument("--methods", default=None, help="comma-separated decode methods (default: every registered one "
+                                                   "with a budget_config preset, except the slow ones: "
+                                                   + (", ".join(slow_methods()) or "none") + ")")
     p.add_argument("--full-n", type=int, default=None, help="samples per length with the full-budget check (default 2)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="greedy answer tokens (default 10)")
     p.add_argument("--seed", type=int, default=0)
