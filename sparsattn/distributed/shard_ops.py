@@ -56,7 +56,7 @@ def _triton_args(do, q, k, v, out, lse, p: BlockPattern, scale: float) -> list:
                 q_len=torch.full((B,), Tq, **i32), kv_len=torch.full((B,), Tk, **i32),
                 q_off=torch.zeros(B, **i32), k_off=torch.zeros(B, **i32), block_q=p.block_q, block_k=p.block_k,
                 causal=bool(p.causal), scale=float(scale), packed=False,
-                even=Tk % p.block_k == 0 and Tq % p.block_q == 0)
+                even=Tk % p.block_k == 0 and Tq % p.block_q == 0, sinks=None, softcap=0.0)
     if hasattr(bs, "_pattern_offset"):
         vals["p_off"] = bs._pattern_offset(p)
     args = []
@@ -79,7 +79,9 @@ def shard_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         from ..kernels import block_sparse  # noqa: F401  (registers the op)
 
         q_, k_, v_ = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        return torch.ops.sparsattn.block_sparse_bwd(*_triton_args(do, q_, k_, v_, out.to(q.dtype), lse, pattern, sc))
+        # (dq, dk, dv, d sinks): no sinks here, the last output is empty
+        return tuple(torch.ops.sparsattn.block_sparse_bwd(*_triton_args(do, q_, k_, v_, out.to(q.dtype), lse, pattern,
+                                                                        sc))[:3])
     from ..kernels.block_sparse.reference import block_sparse_reference
 
     with torch.enable_grad():
