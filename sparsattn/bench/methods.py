@@ -75,6 +75,7 @@ def run_methods_bench(lengths=(32768, 131072), *, heads: int = 32, kv_heads: int
     """Time ``select`` + ``attention`` per method and dense SDPA; write ``methods_bench.csv``."""
     from ..api import attention
     from ..methods import SelectContext, get_method
+    from ..methods.base import PresetContext
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -82,8 +83,6 @@ def run_methods_bench(lengths=(32768, 131072), *, heads: int = 32, kv_heads: int
         lengths, heads, kv_heads, head_dim, rep_ms = (512,), 2, 1, 32, 5.0
     backend = "triton" if dev == "cuda" else "reference"
     rows = []
-    from ..methods.base import PresetContext
-
     cal_dir = tempfile.TemporaryDirectory(prefix="sparsattn_methods_bench_")
     n_layers = 8  # the inputs stand for the last layer of an 8-layer model (a sparse layer of layered methods)
     cals = random_calibrations(cal_dir.name, q_heads=heads, kv_heads=kv_heads, head_dim=head_dim, layers=n_layers)
