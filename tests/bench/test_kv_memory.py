@@ -44,3 +44,22 @@ def test_kv_memory_per_head_policies_free_storage():
     assert slots * 12 <= meta <= slots * 12 + 256
     m = {x["policy"]: x for x in rows}["moa"]
     assert m["used_fraction"] < 0.3 and m["kept_fraction"] <= m["used_fraction"] * (1 + 8 / (2 * D * 4)) + 0.01
+
+
+def test_policy_registry_names_and_errors():
+    """The KV policies the memory benchmark loops over: registered by name, clear errors otherwise."""
+    import pytest
+
+    from sparsattn.kv import KVPolicy, StreamingLLMPolicy, list_policies, policy_class, register_policy
+
+    assert list_policies()[:4] == ["streaming_llm", "razor", "moa", "zipvl"]
+    assert policy_class("streaming_llm") is StreamingLLMPolicy and StreamingLLMPolicy.name == "streaming_llm"
+    with pytest.raises(ValueError, match="policy"):
+        policy_class("no_such_policy")
+    with pytest.raises(ValueError, match="name"):
+        register_policy("streaming_llm")(type("Other", (KVPolicy,), {}))
+    with pytest.raises(ValueError, match="cls"):
+        register_policy("zz_not_a_policy")(object)
+    assert "zz_not_a_policy" not in list_policies()
+    pol, text = policy_class("moa").example(1000, 3)
+    assert text and pol.beta.shape == (1, 3) and float(pol.beta[0, -1]) == 0.25
