@@ -278,3 +278,22 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", lengths=(20
            "data": f"{samples_per_length} sample(s) per length {tuple(lengths)}: {what}",
            "density_per_length": [round(float(d), 4) for d in info["density"]]}
     return m, rec
+
+
+# ------------------------------------------------------------------------------------------------
+# a plan aimed at a target density (the prefill quality driver's --refit)
+
+def fit_at_density(model, tokenizer, density: float, out: str, *, lengths: Sequence[int] = (4096, 8192),
+                   sink: int = 32, min_span: int = 32) -> str:
+    """fit_at_density: a MoA plan fitted for mean density ``density`` on ``model`` (1 sample per length
+    of ``lengths``, 16 answer tokens, ``data="copy"``: the protocol of the prefill driver's earlier
+    ``fit_moa_plans``), written to ``out``; returns a note on the fit. ``sink`` and ``min_span`` are 32
+    rather than ``fit_moa``'s 64 so that a 5% budget is feasible at the profiled lengths (64 + 64 keys are
+    6.3% of a 4K context). The calibrate contract's optional hook, found by
+    ``sparsattn.eval.prefill_settings.density_fitters``."""
+    m = fit_moa(model, tokenizer, lengths=tuple(lengths), budget=float(density), samples_per_length=1, answer_len=16,
+                sink=sink, min_span=min_span, alpha_step=256, seed=0, out_path=str(out), data="copy", log=None)
+    info = m.plan.get("info", {})
+    return (f"fit_moa(lengths={list(lengths)}, budget={density:g}, sink={sink}, min_span={min_span}, "
+            f"1 sample/length, 16 answer tokens, data='copy'): feasible={info.get('feasible')}, "
+            f"density {['%.3f' % x for x in info.get('density', [])]}")
