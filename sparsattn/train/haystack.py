@@ -181,6 +181,23 @@ class SampleBuilder:
                 segs.append(_Seg(ctx[cuts[g]:cuts[g + 1]], GROUP_LM, None))
         return segs
 
+    def _haystack_with(self, nprng: np.random.Generator, haystack: str, avail: int, fracs, items) -> tuple:
+        """(context segments, gaps, n_units) of a ``haystack`` ("noise" sentences or "code" lines)
+        filling about ``avail`` tokens, with ``items[i]`` (first ids, next ids, text, tag) inserted
+        ``fracs[i]`` of the way in (unit gap ``round(fracs[i] * n_units)``; ties in order of fraction)."""
+        if haystack == "noise":
+            n_units, ctx, bounds = self._noise_count(avail), None, None
+        else:
+            ctx, bounds = self._code(nprng, avail)
+            n_units = len(bounds) + 1 if len(ctx) else 0
+        gaps = [min(n_units, max(0, int(round(f * n_units)))) for f in fracs]
+        inserts: dict = {}
+        for i in sorted(range(len(items)), key=lambda i: (gaps[i], fracs[i])):
+            inserts.setdefault(gaps[i], []).append(items[i])
+        if haystack == "noise" or not n_units:
+            return self._noise_context(n_units, inserts), gaps, n_units
+        return self._code_context(ctx, bounds, inserts), gaps, n_units
+
     def _finish(self, nprng: np.random.Generator, length: int, body: list[_Seg], task: str, meta: dict,
                 answers: list[str], pad_front: bool) -> SynthSample:
         n_body = 1 + sum(len(s.ids) for s in body)

@@ -128,19 +128,8 @@ class RetrievalTasks(SampleBuilder):
             for lst in (keys, values, depths, needles, enc_first, enc_next):
                 del lst[n_needles:]
         avail = length - fixed
-        if haystack == "noise":
-            n_units = self._noise_count(avail)
-        else:
-            ctx, bounds = self._code(nprng, avail)
-            n_units = len(bounds) + 1 if len(ctx) else 0
-        gaps = [min(n_units, max(0, int(round(d * n_units)))) for d in depths]
-        inserts: dict = {}
-        for i in sorted(range(n_needles), key=lambda i: (gaps[i], depths[i])):
-            inserts.setdefault(gaps[i], []).append((enc_first[i], enc_next[i], needles[i], ("needle", i)))
-        if haystack == "noise" or not n_units:
-            context = self._noise_context(n_units, inserts)
-        else:
-            context = self._code_context(ctx, bounds, inserts)
+        context, gaps, n_units = self._haystack_with(
+            nprng, haystack, avail, depths, [(enc_first[i], enc_next[i], needles[i], ("needle", i)) for i in range(n_needles)])
         meta = {"haystack": haystack, "keys": keys, "values": values, "depths": depths, "gaps": gaps,
                 "n_units": n_units, "asked": asked, "key_kind": key_kind, "value_kind": value_kind}
         s = self._finish(nprng, length, [head] + context + qa, "needle", meta, [values[i] for i in asked],
@@ -217,19 +206,8 @@ class RetrievalTasks(SampleBuilder):
         qa = self._qa(VT_QUESTION_TEMPLATE.replace("{value}", "{key}"), [values[0]], [answer], "\n", "\n",
                       num_v=[str(num_hops + 1)])
         avail = length - 3 - len(head.ids) - sum(len(s.ids) for s in qa) - sum(len(x) for x in enc_next)
-        if haystack == "noise":
-            n_units = self._noise_count(avail)
-        else:
-            ctx, bounds = self._code(nprng, avail)
-            n_units = len(bounds) + 1 if len(ctx) else 0
-        gaps = [min(n_units, max(0, int(round(f * n_units)))) for f in fracs]
-        inserts: dict = {}
-        for i in sorted(range(len(stmts)), key=lambda i: (gaps[i], fracs[i])):
-            inserts.setdefault(gaps[i], []).append((enc_first[i], enc_next[i], texts[i], ("stmt", i)))
-        if haystack == "noise" or not n_units:
-            context = self._noise_context(n_units, inserts)
-        else:
-            context = self._code_context(ctx, bounds, inserts)
+        context, gaps, n_units = self._haystack_with(
+            nprng, haystack, avail, fracs, [(enc_first[i], enc_next[i], texts[i], ("stmt", i)) for i in range(len(stmts))])
         meta = {"haystack": haystack, "names": names, "values": values, "fracs": fracs, "gaps": gaps,
                 "num_chains": num_chains, "num_hops": num_hops, "n_units": n_units}
         return self._finish(nprng, length, [head] + context + qa, "variable_tracking", meta,
