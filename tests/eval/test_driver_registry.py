@@ -180,3 +180,28 @@ def test_razor_preset_keeps_the_top_heads_in_the_work_dir(tmp_path):
     assert sum(len(h) for h in get_method("razor", **fam.config(100)).retrieval_heads.values()) == 3
     no_dir = RazorAttention.density_knob(4096, 0.1, base.PresetContext(calibrations={"razor": src}))
     assert no_dir.config(100)["path"] == src  # without a work_dir the calibration is used as it is
+
+
+def test_refits_at_each_density_are_recorded_even_when_one_fails(throwaway, tmp_path, monkeypatch):
+    from sparsattn.eval import prefill_settings
+
+    seen = []
+
+    def fit(model, tok, density, out, *, lengths):
+        seen.append((density, tuple(lengths)))
+        if density > 0.2:
+            raise RuntimeError("infeasible")
+        return f"fake fit {density:g}"
+
+    monkeypatch.setattr(prefill_settings, "density_fitters", lambda methods: {PRE: fit} if PRE in methods else {})
+    model = torch.nn.Linear(2, 2)
+    fitted = pq.fit_at_densities(model, None, [PRE, "a_shape"], [0.1, 0.3], tmp_path, lengths=(256,))
+    assert seen == [(0.1, (256,)), (0.3, (256,))] and set(fitted) == {PRE}
+    path, note = fitted[PRE][0.1]
+    assert path == tmp_path / "calibration" / f"{PRE}_b0.1.json" and note.startswith("fake fit 0.1")
+    assert fitted[PRE][0.3][0] is None and "infeasible" in fitted[PRE][0.3][1]
+    assert not any(p.requires_grad for p in model.parameters())
+    got = pq.resolve_settings([PRE], [], 512, _capture(), n_layers=2, n_heads=2, out_dir=tmp_path, calibrations={},
+                              fitted={PRE: {0.3: fitted[PRE][0.3]}})
+    bad = next(s for s in got if s.label == "fit b0.3")
+    assert "infeasible" in bad.error and bad.target == 0.3
