@@ -3,7 +3,8 @@
 A calibrated method (non-empty ``needs``) cannot be built from a configuration alone; the
 conformance tests call ``example_fit(cls, q, k, v, full)`` here, which fits it on the given tensors
 as layer 0 (``full=True``: a fit that keeps every causal pair, or None). This lives in tests/ because
-nothing in the library needs it; a calibrated method without an entry is skipped with the reason.
+nothing in the library needs it; a calibrated method without an entry is fitted through its own presets
+(``calibrate_from_qk``, ``random_calibration``) when it declares one, else skipped with the reason.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor
 
 from sparsattn.calibration import ModelShape
+from sparsattn.methods.base import Calibrated, Method
 from sparsattn.methods.seer_attention import SeerGate
 
 
@@ -58,13 +60,39 @@ def _fit_moa(cls, q: Tensor, k: Tensor, v: Tensor, full: bool = False) -> "MoA":
 FITS = {"minference": _fit_minference, "seer_attention": _fit_seer_attention, "razor": _fit_razor, "moa": _fit_moa}
 
 
+def _fit_from_presets(cls, q: Tensor, k: Tensor, full: bool) -> Optional[object]:
+    """A calibrated method without a fit here, through its own presets: ``calibrate_from_qk`` on q/k
+    (layer 0), else a ``random_calibration`` of q/k's shape (not for ``full``: random values keep no
+    guarantee). None: it declares neither."""
+    import tempfile
+
+    cfg = dict(cls.full_config(q.shape[2]) or {}) if full else dict(cls.small_config())
+    if full and not cfg:
+        return None
+    fitted = cls.calibrate_from_qk([q], [k], cfg)
+    if fitted is not None:
+        return cls(**{**cfg, **fitted})
+    if full or not hasattr(cls, "random_calibration"):
+        return None
+    path = cls.random_calibration(f"{tempfile.mkdtemp(prefix='sparsattn_fit_')}/{cls.name}", q_heads=q.shape[1],
+                                  kv_heads=k.shape[1], head_dim=q.shape[3])
+    return None if path is None else cls(**{**cfg, "path": path})
+
+
 def example_fit(cls, q: Tensor, k: Tensor, v: Tensor, full: bool = False) -> Optional[object]:
-    """example_fit: a fitted instance of the calibrated method class ``cls`` on q/k/v (layer 0).
+    """example_fit: a fitted instance of the calibrated method class ``cls`` on q/k/v (layer 0): the
+    fit written here for it, else its own presets (``calibrate_from_qk``, ``random_calibration``).
 
     Raises:
-        LookupError: no test fit is written for ``cls.name`` (the caller skips the method).
+        LookupError: neither a test fit nor a preset for ``cls.name`` (the caller skips the method).
     """
     fit = FITS.get(cls.name)
-    if fit is None:
-        raise LookupError(f"{cls.name} needs {cls.needs} but tests/methods/_fits.py has no fit for it")
-    return fit(cls, q, k, v, full=full)
+    if fit is not None:
+        return fit(cls, q, k, v, full=full)
+    declares = cls.calibrate_from_qk.__func__ is not Method.calibrate_from_qk.__func__ or \
+        getattr(cls, "random_calibration", None) is not None and \
+        cls.random_calibration.__func__ is not Calibrated.random_calibration.__func__
+    if not declares:
+        raise LookupError(f"{cls.name} needs {cls.needs} and declares no calibrate_from_qk / random_calibration "
+                          f"preset, and tests/methods/_fits.py has no fit for it")
+    return _fit_from_presets(cls, q, k, full)

@@ -155,3 +155,18 @@ def test_bad_hyper_parameter_names_field(name):
             checked += 1
     if not checked:
         pytest.skip(f"{name} has no int hyper-parameter")
+
+
+def test_a_calibrated_method_without_a_test_fit_is_fitted_by_its_presets(monkeypatch):
+    """A new calibrated method needs no entry in tests/methods/_fits.py when it declares a preset:
+    SeerAttention with its test fit removed runs on its ``random_calibration`` gate."""
+    import _fits
+
+    monkeypatch.delitem(_fits.FITS, "seer_attention")
+    q, k, v = _inputs(1, 4, 2, 200, 32)
+    inst = _fits.example_fit(method_class("seer_attention"), q, k, v)
+    assert inst.is_fitted
+    p = _select(inst, q, k, v)
+    p.validate()
+    assert 0 < p.density <= 1
+    assert _fits.example_fit(method_class("seer_attention"), q, k, v, full=True) is None  # no full guarantee
