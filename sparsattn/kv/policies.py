@@ -45,6 +45,30 @@ def _report(cache: KVCache, layer: int, before_bytes: int, before_slots: int) ->
             "slots_before": before_slots, "slots_after": int(cache.lengths(layer).sum())}
 
 
+def _dropped_means(cache: KVCache, layer: int, drop: Tensor):
+    """Tokens ``n_d [B, H]`` (merged slots count their weight) and weighted mean key/value ``[B, H, D]``
+    (float64) of the ``drop [B, H, T]`` slots, read from the layer's head-group store group by group (no
+    padded copy of the layer; a group that drops nothing, e.g. RazorAttention's retrieval heads, is skipped)."""
+    st = cache.store(layer)
+    B, H, D = cache.batch, cache.kv_heads, cache.head_dim
+    dev = drop.device
+    n_d = torch.zeros(B, H, dtype=torch.float64, device=dev)
+    k_hat = torch.zeros(B, H, D, dtype=torch.float64, device=dev)
+    v_hat = torch.zeros_like(k_hat)
+    for g, hs in st.parts():
+        hs = torch.arange(H, device=dev) if hs is None else hs.to(dev)
+        d = drop[:, hs, :g.cap]
+        if not bool(d.any()):
+            continue
+        w = d.double() if g.log_weight is None else g.log_weight.double().exp() * d
+        n = w.sum(-1)
+        denom = n.clamp_min(1e-300)[..., None]
+        n_d[:, hs] = n
+        k_hat[:, hs] = (w[..., None] * g.k.double()).sum(2) / denom
+        v_hat[:, hs] = (w[..., None] * g.v.double()).sum(2) / denom
+    return n_d, k_hat, v_hat
+
+
 def _sink_window_keep(pos: Tensor, seen: Tensor, n_sink: int, window: Tensor) -> Tensor:
     """Slots whose position is a sink (< n_sink) or in the last ``window`` positions ([B, H] or scalar)."""
     w = window if isinstance(window, Tensor) else torch.as_tensor(window, device=pos.device)
@@ -222,14 +246,7 @@ class RazorAttentionPolicy(KVPolicy):
         b0, s0 = cache.used_bytes(layer), int(cache.lengths(layer).sum())
         keep = self.promised(cache, layer)
         drop = _live(cache, layer) & ~keep  # includes earlier compensation slots (re-merged)
-        k, v = cache.get(layer)
-        lw = cache.log_weights(layer)
-        w = torch.ones(drop.shape, dtype=torch.float64, device=drop.device) if lw is None else lw.double().exp()
-        w = w * drop
-        n_d = w.sum(-1)  # [B, H]
-        denom = n_d.clamp_min(1e-300)[..., None]
-        k_hat = (w[..., None] * k.double()).sum(2) / denom
-        v_hat = (w[..., None] * v.double()).sum(2) / denom
+        n_d, k_hat, v_hat = _dropped_means(cache, layer, drop)
         cache.evict(layer, keep)
         bi, hi = (n_d > 0).nonzero(as_tuple=True)
         cache.write_slot(layer, bi, hi, k_hat[bi, hi], v_hat[bi, hi], n_d[bi, hi].log())
