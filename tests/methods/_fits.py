@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from sparsattn.calibration import ModelShape
-from sparsattn.methods.base import Calibrated, Method
+from sparsattn.methods.base import Calibrated, declares
 from sparsattn.methods.seer_attention import SeerGate
 
 
@@ -72,7 +72,7 @@ def _fit_from_presets(cls, q: Tensor, k: Tensor, full: bool) -> Optional[object]
     fitted = cls.calibrate_from_qk([q], [k], cfg)
     if fitted is not None:
         return cls(**{**cfg, **fitted})
-    if full or not hasattr(cls, "random_calibration"):
+    if full or not issubclass(cls, Calibrated):
         return None
     path = cls.random_calibration(f"{tempfile.mkdtemp(prefix='sparsattn_fit_')}/{cls.name}", q_heads=q.shape[1],
                                   kv_heads=k.shape[1], head_dim=q.shape[3])
@@ -89,10 +89,9 @@ def example_fit(cls, q: Tensor, k: Tensor, v: Tensor, full: bool = False) -> Opt
     fit = FITS.get(cls.name)
     if fit is not None:
         return fit(cls, q, k, v, full=full)
-    declares = cls.calibrate_from_qk.__func__ is not Method.calibrate_from_qk.__func__ or \
-        getattr(cls, "random_calibration", None) is not None and \
+    has_random = issubclass(cls, Calibrated) and \
         cls.random_calibration.__func__ is not Calibrated.random_calibration.__func__
-    if not declares:
+    if not (declares(cls, "calibrate_from_qk") or has_random):
         raise LookupError(f"{cls.name} needs {cls.needs} and declares no calibrate_from_qk / random_calibration "
                           f"preset, and tests/methods/_fits.py has no fit for it")
     return _fit_from_presets(cls, q, k, full)
