@@ -15,10 +15,14 @@ token; RULER's substring match would also count ``72894720`` for ``7289472``; ``
 RULER's score for comparability, and the table notes any row where the two differ). Counts are
 printed as ``right/samples`` so that one or two samples are not read as a percentage.
 
-Method configurations are the papers' defaults scaled from 32K-128K contexts down to 4K-8K so
-that every method computes roughly 10-25 % of the causal pairs (measured densities are in the
-table; ``DEMO_METHODS`` gives each choice and its reason). On the CPU the sparse methods run
-through the plain-torch reference kernel (the Triton interpreter is switched off for the run).
+Method configurations come from each method's own ``density_knob`` preset aimed at 20 % of the
+causal pairs at the first passkey length (``demo_configs``; measured densities are in the table).
+On the CPU the sparse attention runs through the backend the table picks automatically: compiled
+FlexAttention from 2048 tokens (``kernels/backends.py``), the plain-torch reference for shorter
+inputs and for patterns with token columns (the Triton interpreter is switched off for the run).
+
+The table also shows the prefill time dense vs each method, measured in the same run: one full
+forward of an 8K-token prompt (and 16K with ``--full``) per method (``sparsattn.demo_speed``).
 """
 from __future__ import annotations
 
@@ -26,26 +30,28 @@ import os
 import time
 from pathlib import Path
 
-#: method -> hyper-parameters for 4K-8K contexts (block 64 everywhere, the kernels' block size)
-DEMO_METHODS: dict[str, dict] = {
-    "dense": {},
-    # StreamingLLM/LM-Infinite "A-shape" (MInference, arXiv 2407.02490): 64 sink + 448 local tokens
-    # = 512 keys per row: ~23 % of causal pairs at 4K, ~12 % at 8K (paper: 128 + 3968 at 128K)
-    "a_shape": {"n_init": 64, "n_local": 448},
-    # S2-Attention (arXiv 2407.17678): 4 local blocks + every 8th block, heterogeneous shards
-    # across heads: ~23 % at 4K, ~18 % at 8K (paper: 16 local blocks at 32K+)
-    "s2_attention": {"local_blocks": 4, "vert_stride": 8},
-    # MInference vertical-slash (arXiv 2407.02490): 64 columns + 48 diagonals (32 of them the local
-    # band), estimated from the last 64 queries (paper: 1000 + 6096 at 128K). Slashes are covered by
-    # whole key blocks, so few diagonals already cost a lot: measured on the bundled model at 4K,
-    # 256 + 128 gave 47 % density, 128 + 64 about 35 %, 64 + 48 about 23 % (layers 0 / 4 / 7)
-    "vertical_slash": {"v_size": 64, "s_size": 48, "n_local": 32, "n_sink": 16},
-    # MInference block-sparse (arXiv 2407.02490): 8 key blocks of 64 per query block: ~22 % at
-    # 4K, ~11 % at 8K (paper: top-100 blocks at 128K)
-    "block_sparse": {"top_k": 8},
-}
-# (oracle_topk is left out: it computes exact block scores at every layer, which alone would exceed
-# the demo's CPU budget at 4K-8K; run it with ``sparsattn eval --methods dense,oracle_topk``.)
+#: the methods the demo compares: dense and four training-free prefill methods that are fast on the
+#: CPU (oracle_topk computes exact block scores at every layer, which alone would exceed the demo's
+#: CPU budget; run it with ``sparsattn eval --methods dense,oracle_topk``). Their settings come from
+#: each method's own ``density_knob`` preset aimed at ``DEMO_DENSITY`` (``demo_configs``).
+DEMO_METHODS: tuple = ("dense", "a_shape", "s2_attention", "vertical_slash", "block_sparse")
+#: the density the methods' presets aim at (share of causal query-key pairs; PERF.md target 7: ~20 %)
+DEMO_DENSITY = 0.2
+
+
+def demo_configs(T: int, target: float = DEMO_DENSITY, names=DEMO_METHODS, ctx=None) -> dict:
+    """demo_configs: ``{method: config}`` for the demo at length ``T``: each method's ``density_knob``
+    preset aimed at ``target`` density, taken at its first guess (no search: the measured density is
+    in the table); methods without a knob (dense) run with their defaults ({})."""
+    from .methods import method_class
+    from .methods.base import PresetContext
+
+    ctx = ctx or PresetContext()
+    out = {}
+    for name in names:
+        knob = method_class(name).density_knob(int(T), float(target), ctx)
+        out[name] = {} if knob is None else knob.config(knob.guess)
+    return out
 
 
 COLUMN_NOTES: dict[str, str] = {
@@ -63,6 +69,18 @@ COLUMN_NOTES: dict[str, str] = {
     "top10 recall": "share of each row's 10 largest dense attention weights kept by the pattern (same rows)",
     "rel error": "||sparse - dense|| / ||dense|| of the attention output (same rows)",
 }
+
+
+def speed_notes(lengths) -> dict[str, str]:
+    """Column name -> note of the prefill-speed columns for the timed lengths."""
+    notes = {}
+    for T in lengths:
+        notes[f"prefill {T // 1024}K s"] = (f"seconds of ONE full forward of a {T}-token prompt (selection + attention + "
+                                            "MLPs), measured in this run; same for every row of a method")
+        notes[f"speed-up {T // 1024}K"] = f"dense prefill time / the method's, at {T} tokens (> 1 = faster than dense)"
+    notes["backend"] = ("kernel backend that ran the sparse attention (the automatic choice: flex = compiled "
+                        "FlexAttention on the CPU; reference when the pattern has token columns)")
+    return notes
 
 
 def _plot(table: list[dict], path: Path) -> Path:
@@ -129,14 +147,17 @@ def _pct(x) -> float | None:
 
 
 def model_demo(out_dir: Path, quick: bool = False, *, model_path=None, lengths=None, n_samples=None,
-               methods: dict | None = None, progress: bool = True) -> int:
-    """model_demo: dense vs training-free sparse prefill methods on the bundled model (passkey + fidelity).
+               methods: dict | None = None, speed_lengths=None, progress: bool = True) -> int:
+    """model_demo: dense vs training-free sparse prefill methods on the bundled model (passkey, fidelity,
+    and the prefill time dense vs sparse measured in the same run).
 
     Args:
         out_dir: folder for demo.png, eval.csv, eval_samples.csv and the eval PNGs.
-        quick: 4K only, 1 sample (smoke test); otherwise 4K and 8K with 2 samples each.
+        quick: 4K only, 1 sample, prefill timed at 8K; otherwise 4K and 8K with 2 samples each,
+            prefill timed at 8K and 16K.
         model_path: another local checkpoint (default: the bundled one).
-        lengths, n_samples, methods: overrides ({name: config} for methods), mainly for tests.
+        lengths, n_samples, methods, speed_lengths: overrides ({name: config} for methods; default
+            ``demo_configs(lengths[0])``; ``speed_lengths=[]`` skips the timing), mainly for tests.
         progress: tqdm bars.
     Returns:
         0 (the exit status of ``sparsattn demo``).
@@ -145,9 +166,11 @@ def model_demo(out_dir: Path, quick: bool = False, *, model_path=None, lengths=N
     from .evaluate import run_eval
 
     out_dir = Path(out_dir)
-    methods = dict(DEMO_METHODS if methods is None else methods)
     if lengths is None:
         lengths = [4096] if quick else [4096, 8192]
+    methods = dict(demo_configs(lengths[0]) if methods is None else methods)
+    if speed_lengths is None:
+        speed_lengths = [8192] if quick else [8192, 16384]
     if n_samples is None:
         n_samples = 1 if quick else 2
     import torch
@@ -164,7 +187,8 @@ def model_demo(out_dir: Path, quick: bool = False, *, model_path=None, lengths=N
                         n_samples=n_samples, method_config={k: v for k, v in methods.items() if v},
                         out_dir=out_dir, device=device, batch_size=n_samples, progress=progress, fidelity=True,
                         fidelity_rows=512, show=False)
-        forced = _teacher_forced_passkey(model_path, methods, lengths, n_samples, device)
+        forced, speed = _teacher_forced_passkey(model_path, methods, lengths, n_samples, device,
+                                                speed_lengths=speed_lengths, progress=progress)
     finally:
         if saved is None:
             os.environ.pop("TRITON_INTERPRET", None)
@@ -190,11 +214,22 @@ def model_demo(out_dir: Path, quick: bool = False, *, model_path=None, lengths=N
             "_density_pct": _pct(r["density"]), "_recall_pct": _pct(r["recall"]),
             "_fid_density_pct": _pct(r.get("fid_density")),
         })
+        for T in speed_lengths:
+            sp = speed.get((r["method"], T), {})
+            table[-1][f"prefill {T // 1024}K s"] = None if not sp else round(sp["seconds"], 2)
+            table[-1][f"speed-up {T // 1024}K"] = None if not sp or sp["speedup"] is None else f"{sp['speedup']:.2f}x"
+        if speed_lengths:
+            table[-1]["backend"] = speed.get((r["method"], speed_lengths[0]), {}).get("backend")
+    notes = {**COLUMN_NOTES, **speed_notes(speed_lengths)}
     cols = [c for c in table[0] if not c.startswith("_")]
     print_table(table, cols, title=f"sparsattn demo: passkey retrieval, {n_samples} sample(s) per length "
                                    f"({device}, {secs:.0f} s)")
     for c in cols:
-        print(f"  {c}: {COLUMN_NOTES[c]}")
+        print(f"  {c}: {notes[c]}")
+    compiled = {T: s for (m, T), s in speed.items() if m == "_compile" and s}
+    for T, s in compiled.items():
+        print(f"  note: FlexAttention compiled for {T} tokens in {s:.0f} s before the timed prefills (once per "
+              "input shape; Inductor keeps it on disk for later runs)")
     for line in ruler_differs:
         print(f"  note: {line}")
     png = _plot(table, out_dir / "demo.png")
@@ -202,12 +237,14 @@ def model_demo(out_dir: Path, quick: bool = False, *, model_path=None, lengths=N
     return 0
 
 
-def _teacher_forced_passkey(model_path, methods: dict, lengths, n_samples: int, device: str) -> dict:
-    """``{(method, length): {"correct", "n", "tokens_right", "tokens"}}`` of the passkey decided by the
-    sparse prefill: prompt and gold answer in one forward of the patched model; a sample is correct
-    iff every answer token is the argmax (``sparsattn.eval.prefill_quality``), ``tokens_right``
+def _teacher_forced_passkey(model_path, methods: dict, lengths, n_samples: int, device: str, *,
+                            speed_lengths=(), progress: bool = False) -> tuple[dict, dict]:
+    """``({(method, length): {"correct", "n", "tokens_right", "tokens"}}, speed)`` of the passkey decided
+    by the sparse prefill: prompt and gold answer in one forward of the patched model; a sample is
+    correct iff every answer token is the argmax (``sparsattn.eval.prefill_quality``), ``tokens_right``
     counts the answer tokens that are. The generated passkey of ``run_eval`` reads the needle
-    through dense decode attention after its first token, so it hardly depends on the method."""
+    through dense decode attention after its first token, so it hardly depends on the method.
+    ``speed``: ``sparsattn.demo_speed.prefill_speed`` at ``speed_lengths`` on the same loaded model."""
     import contextlib
 
     from .eval.teacher_forced import score_teacher_forced, teacher_forced_ids, teacher_forced_predict
@@ -234,7 +271,12 @@ def _teacher_forced_passkey(model_path, methods: dict, lengths, n_samples: int, 
             out[(name, int(L))] = {"correct": sum(r["correct"] for r in res), "n": len(res),
                                    "tokens_right": sum(sum(r["hits"]) for r in res),
                                    "tokens": sum(len(r["hits"]) for r in res)}
-    return out
+    speed = {}
+    if speed_lengths:
+        from .demo_speed import prefill_speed
+
+        speed = prefill_speed(model, tok, methods, [int(T) for T in speed_lengths], progress=progress)
+    return out, speed
 
 
-__all__ = ["model_demo", "DEMO_METHODS", "COLUMN_NOTES"]
+__all__ = ["model_demo", "DEMO_METHODS", "DEMO_DENSITY", "COLUMN_NOTES", "demo_configs", "speed_notes"]

@@ -29,19 +29,31 @@ def test_quick_demo_on_tiny_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sparsattn.models, "bundled_path", lambda: path)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # as the CLI sets it; the demo must use the reference on CPU
     out = tmp_path / "demo"
-    # quick mode, at 1K tokens instead of 4K to keep the test fast (the reference kernel is O(T^2) on CPU)
-    assert demo.model_demo(out, quick=True, progress=False, lengths=[1024]) == 0
+    # quick mode, at 1K tokens instead of 4K and the prefill timed at 512 tokens instead of 8K, to keep
+    # the test fast (below the flex backend's CPU length rule: the reference, nothing compiles)
+    assert demo.model_demo(out, quick=True, progress=False, lengths=[1024], speed_lengths=[512]) == 0
     import os
     assert os.environ["TRITON_INTERPRET"] == "1"  # restored
     text = capsys.readouterr().out
     assert text.count("sparsattn demo: passkey") == 1
     assert "sparsattn eval grid" not in text  # one table: run_eval's own table is not printed
     assert "sparse-decided" in text  # the teacher-forced column
-    for col, note in demo.COLUMN_NOTES.items():  # one line of explanation per column under the table
+    notes = {**demo.COLUMN_NOTES, **demo.speed_notes([512])}
+    for col, note in notes.items():  # one line of explanation per column under the table
         assert f"  {col}: {note}" in text
+    assert "speed-up 0K" in text and "prefill 0K s" in text  # the speed columns (512 tokens -> "0K")
     assert "1/1" in text or "0/1" in text  # counts, not a 0/100 percentage of one sample
-    forced = demo._teacher_forced_passkey(path, demo.DEMO_METHODS, [1024], 1, "cpu")
+    cfgs = demo.demo_configs(1024)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as model_demo runs it on the CPU
+    forced, speed = demo._teacher_forced_passkey(path, cfgs, [1024], 1, "cpu", speed_lengths=[256])
     assert set(forced) == {(m, 1024) for m in demo.DEMO_METHODS}
+    assert {k for k in speed if k[0] != "_compile"} == {(m, 256) for m in demo.DEMO_METHODS}
+    assert speed[("_compile", 256)] == 0  # below CPU_MIN_Q_LEN: no flex, nothing compiled
+    assert speed[("dense", 256)]["speedup"] == 1.0
+    for m in demo.DEMO_METHODS[1:]:
+        sp = speed[(m, 256)]
+        assert sp["seconds"] > 0 and sp["speedup"] > 0 and sp["backend"] == "reference" and sp["fallbacks"] == 0
+        assert 0 < sp["density"] <= 1
     for v in forced.values():
         assert v["n"] == 1 and 0 <= v["correct"] <= 1 and 0 <= v["tokens_right"] <= v["tokens"] and v["tokens"] >= 1
     for m in demo.DEMO_METHODS:
@@ -55,11 +67,29 @@ def test_quick_demo_on_tiny_model(tmp_path, monkeypatch, capsys):
     assert dens["dense"] == 1.0
     for r in rows:
         assert r["recall"] != "" and 0.0 <= float(r["recall"]) <= 1.0
-    # position-only patterns have a known density at 1K: a_shape 512 keys per row, S2 4 local blocks
-    # + every 8th block
-    assert 0.5 < dens["a_shape"] < 0.9
-    assert 0.3 < dens["s2_attention"] < 0.8
+    # the presets aim at DEMO_DENSITY (20 %) at 1K; position-only patterns land near it
+    assert 0.1 < dens["a_shape"] < 0.35
+    assert 0.1 < dens["s2_attention"] < 0.45
     assert all(d < 1.0 for m, d in dens.items() if m != "dense")
+
+
+def test_demo_configs_come_from_the_method_presets(monkeypatch):
+    """No per-method settings in the demo: each config is the method's density_knob preset."""
+    from sparsattn.methods import method_class
+    from sparsattn.methods.base import PresetContext
+
+    cfgs = demo.demo_configs(4096)
+    assert list(cfgs) == list(demo.DEMO_METHODS) and cfgs["dense"] == {}
+    for name in demo.DEMO_METHODS[1:]:
+        knob = method_class(name).density_knob(4096, demo.DEMO_DENSITY, PresetContext())
+        assert cfgs[name] == knob.config(knob.guess)
+    # a method's preset change reaches the demo without editing it
+    cls = method_class("a_shape")
+    real = cls.density_knob
+    monkeypatch.setattr(cls, "density_knob", classmethod(
+        lambda c, T, target, ctx: type(real(T, target, ctx))(**{**real(T, target, ctx).__dict__,
+                                                                  "config": lambda x: {"n_init": 8, "n_local": 99}})))
+    assert demo.demo_configs(4096)["a_shape"] == {"n_init": 8, "n_local": 99}
 
 
 def test_demo_scores_generated_passkeys_exactly(tmp_path):
