@@ -51,6 +51,8 @@ CHECK = textwrap.dedent("""
     p2 = patterns.sliding_window(70, 32, block_q=16)
     assert 0 < p2.density < 1
     import sparsattn.kernels, sparsattn.nn, sparsattn.kv, sparsattn.patterns, sparsattn.distributed  # noqa: E401
+    from sparsattn.cli import main  # `sparsattn list`: methods and which backends run here
+    assert main(["list"]) == 0
     loaded = sorted({m.split(".")[0] for m in sys.modules} & BLOCKED)
     assert not loaded, loaded
     print("core-ok", len(names))
