@@ -84,6 +84,20 @@ def test_flex_cpu_softcap_and_empty_rows(eager_flex):
     assert (out - plain).abs().max() > 1e-2  # the cap changed the result
 
 
+def test_sinks_from_the_lse_equal_the_reference(eager_flex):
+    """The CUDA flex path's sinks (from Flex's lse): checked here with eager Flex, which returns the lse."""
+    q, k, v = _qkv(1, 4, 2, 70, 70, 16, seed=6)
+    keep = torch.ones(70, 70, dtype=torch.bool).tril()
+    keep[5:9] = False  # rows without a key: zeros, lse = sink
+    p = patterns.from_dense_mask(keep[None, None], block_size=16, causal=True)
+    sinks = torch.tensor([0.5, -1.0, 2.0, float("-inf")])
+    ref, ref_lse = block_sparse_reference(q, k, v, p, sinks=sinks)
+    out, lse = eager_flex(q, k, v, block_mask=flex.block_mask(p, 4), enable_gqa=True, return_lse=True)
+    out, lse = flex.apply_sinks(out, lse.float(), sinks)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
+
+
 def test_flex_cpu_refusals_and_automatic_rule(monkeypatch):
     monkeypatch.setattr(flex, "_CPU_SHAPES", set())
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU order without the interpreter: flex, reference

@@ -214,13 +214,20 @@ def flex_block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
         out = compiled_flex()(q, k, v, **kw)
         return (out[:, :, :Tq] if pad else out), None
     out, lse = compiled_flex()(q, k, v, return_lse=True, **kw)
-    lse = lse.float()
-    if sinks is not None:
-        sk = sinks.float().view(1, -1, 1)
-        out = (out.float() * torch.sigmoid(lse - sk)[..., None]).to(q.dtype)
-        lse = torch.logaddexp(lse, sk.expand_as(lse))
-    return out, lse
+    return apply_sinks(out, lse.float(), sinks)
 
 
-__all__ = ["CPU_MAX_SHAPES", "CPU_MIN_Q_LEN", "CPU_PAD_TO", "MIN_BANK", "cpu_pad", "block_mask", "compiled_flex", "cpu_shape_key", "cpu_shapes_left",
+def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: Optional[torch.Tensor]):
+    """apply_sinks: ``(out, lse)`` of attention over the keys -> with learned sink logits ``sinks [Hq]``
+    in the denominator: ``out * sigmoid(lse - sink)``, ``lse' = logaddexp(lse, sink)`` (a row with no
+    key: zeros and ``lse' = sink``). ``sinks=None`` returns the inputs."""
+    if sinks is None:
+        return out, lse
+    sk = sinks.float().view(1, -1, 1)
+    keep = torch.where(sk == float("-inf"), torch.ones_like(lse), torch.sigmoid(lse - sk))  # -inf: no sink
+    out = (out.float() * keep[..., None]).to(out.dtype)
+    return out, torch.logaddexp(lse, sk.expand_as(lse))
+
+
+__all__ = ["apply_sinks", "CPU_MAX_SHAPES", "CPU_MIN_Q_LEN", "CPU_PAD_TO", "MIN_BANK", "cpu_pad", "block_mask", "compiled_flex", "cpu_shape_key", "cpu_shapes_left",
            "flex_block_sparse"]
