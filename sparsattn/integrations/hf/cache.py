@@ -286,13 +286,13 @@ class SparseCache(DynamicCache):
     # -- memory -------------------------------------------------------------------------------------
     def nbytes(self, layer_idx: Optional[int] = None) -> int:
         """Bytes kept by ``layer_idx`` (default: all layers): stored K/V tensors (padding slots
-        included; per head group on a grouped layer), per-slot log-weights and the policy's per-slot
-        state."""
+        included; per head group on a grouped layer), per-slot log-weights, per-slot positions (the
+        store's on a grouped layer) and the policy's state."""
         total = 0
         for i in ([layer_idx] if layer_idx is not None else range(len(self.layers))):
             gl = self._grouped(i)
             if gl is not None:
-                        total += gl.store.nbytes(meta=False)  # K, V, positions, log-weights of every group
+                total += gl.store.nbytes(meta=False)  # K, V, positions, log-weights of every group
             else:
                 layer = self.layers[i]
                 total += _nbytes(getattr(layer, "keys", None)) + _nbytes(getattr(layer, "values", None))
