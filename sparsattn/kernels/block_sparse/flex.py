@@ -209,8 +209,12 @@ def flex_block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
     if cpu:
         _CPU_SHAPES.add(cpu_shape_key(q, k, pattern, softcap is not None))
         Tq = q.shape[2]
+        # contiguous, padded copies: Dynamo specialises on strides, and the attention modules hand over
+        # transposed views -- without the copy the first call from a model recompiles (tens of seconds)
         if pad:
             q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        else:
+            q, k, v = (t.contiguous() for t in (q, k, v))
         out = compiled_flex()(q, k, v, **kw)
         return (out[:, :, :Tq] if pad else out), None
     out, lse = compiled_flex()(q, k, v, return_lse=True, **kw)
