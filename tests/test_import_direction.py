@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "sparsattn"
 LAYER = {
-    "patterns": 0, "calibration": 0, "data": 0, "models": 0, "_environment": 0,
+    "patterns": 0, "calibration": 0, "data": 0, "models": 0, "_environment": 0, "_files": 0,
     "kernels": 1, "api": 1,
     "methods": 2, "nn": 2, "kv": 2,
     "integrations": 3, "capture": 3, "distributed": 3,
@@ -33,9 +33,7 @@ LAYER = {
     "__init__": 3,  # the package root re-exports layers <= 3 (api, methods, patterns, integrations)
 }
 #: (importing component, imported component): upward imports still present, to be removed
-KNOWN_UPWARD = {
-    ("distributed", "bench"),    # bench.common.environment / write_csv
-}
+KNOWN_UPWARD: set = set()
 
 
 def _component(module: str) -> str:

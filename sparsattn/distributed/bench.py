@@ -153,7 +153,7 @@ def _check_err(out_local, full, pattern, layout, rank, backend) -> float:
 
 def run(args) -> list[dict]:
     """Measure every (length, pattern, density, method, mode) of ``args`` on this rank; rows on rank 0."""
-    from ..bench.common import environment
+    from .._environment import environment
 
     device = torch.device(args.device)
     rank, W = dist.get_rank(), dist.get_world_size()
@@ -290,7 +290,7 @@ def hidden_share(rows: list[dict]) -> None:
 def plan_bytes(args) -> list[dict]:
     """Forward bytes received by the busiest rank, per strategy, from the plans alone (no process
     group, no tensors): for worlds ``args.worlds`` and the lengths / patterns / densities of ``args``."""
-    from ..bench.common import environment
+    from .._environment import environment
 
     rows = []
     date = environment()["date"]
@@ -352,7 +352,7 @@ def parser() -> argparse.ArgumentParser:
 def _rank_main(rank: int, world: int, args, init: Optional[str]) -> None:
     import datetime
 
-    from ..bench.common import write_csv
+    from .._files import write_csv
 
     if init is not None:  # spawned gloo process
         torch.set_num_threads(1)
@@ -376,7 +376,7 @@ def main(argv=None) -> None:
 
     args = parser().parse_args(argv)
     if args.plan_only:
-        from ..bench.common import write_csv
+        from .._files import write_csv
 
         rows = plan_bytes(args)
         write_csv(rows, args.out, COLUMNS)

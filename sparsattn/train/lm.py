@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import random
 import sys
 import time
@@ -72,18 +71,14 @@ class _Log:
 
 
 def _environment(device) -> dict:
+    """The run's environment record (``sparsattn._environment.environment``, the library's one format)
+    plus the tokenizers version the data was tokenized with."""
     import tokenizers
-    import torch
-    import transformers
 
-    env = {"torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
-           "python": platform.python_version(), "device": str(device),
-           "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
-    else:
-        env["gpu"] = "none (CPU)"
+    from .._environment import environment
+
+    env = environment(device)
+    env["tokenizers"] = tokenizers.__version__
     return env
 
 
