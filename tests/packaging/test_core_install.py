@@ -34,9 +34,9 @@ CHECK = textwrap.dedent("""
     from sparsattn import patterns
 
     torch.manual_seed(0)
-    q = torch.randn(1, 4, 70, 16)
-    k = torch.randn(1, 2, 70, 16)
-    v = torch.randn(1, 2, 70, 16)
+    q = torch.randn(1, 4, 100, 16)
+    k = torch.randn(1, 2, 100, 16)
+    v = torch.randn(1, 2, 100, 16)
     dense = sparsattn.attention(q, k, v, causal=True, backend="reference")
     ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                                            is_causal=True)
@@ -48,7 +48,7 @@ CHECK = textwrap.dedent("""
     p = sparsattn.get_method("a_shape", **sparsattn.methods.method_class("a_shape").small_config()).select(q, k)
     out = sparsattn.attention(q, k, v, p, backend="reference")
     assert out.shape == q.shape and torch.isfinite(out).all()
-    p2 = patterns.sliding_window(70, 32, block_q=16)
+    p2 = patterns.sliding_window(100, 32, block_q=16)
     assert 0 < p2.density < 1
     import sparsattn.kernels, sparsattn.nn, sparsattn.kv, sparsattn.patterns, sparsattn.distributed  # noqa: E401
     from sparsattn.cli import main  # `sparsattn list`: methods and which backends run here
