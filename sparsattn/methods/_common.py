@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..patterns import BlockPattern, TokenPattern
+from ..patterns._util import list_width
 from ..patterns import merge_heads as _merge_heads
 
 Tensor = torch.Tensor
@@ -116,7 +117,7 @@ def compact_sorted(key: Tensor, keep: Tensor, fill: int = 0) -> tuple[Tensor, Te
     ``[...]``, int32 ``[..., max(count, 1)]`` padded with ``fill``): BlockPattern lists from
     per-slot key blocks (sorted input gives sorted lists)."""
     counts = keep.sum(-1, dtype=torch.int32)
-    n_max = max(int(counts.max()) if counts.numel() else 0, 1)
+    n_max = list_width(counts, key.shape[-1])
     out = torch.full((*key.shape[:-1], n_max + 1), fill, dtype=torch.int32, device=key.device)
     if key.shape[-1]:
         slot = torch.where(keep, keep.cumsum(-1) - 1, n_max)

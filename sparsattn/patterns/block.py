@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ._util import Tensor, _cdiv, _err
+from ._util import Tensor, _cdiv, _err, list_width
 from .token import TokenPattern
 
 
@@ -16,7 +16,7 @@ def _lists_from_sel(sel: Tensor) -> tuple[Tensor, Tensor]:
     Linear time: each selected entry goes to slot ``cumsum - 1`` of its row (no sort)."""
     n = sel.shape[-1]
     counts = sel.sum(-1, dtype=torch.int32)
-    max_n = max(int(counts.max()) if counts.numel() else 0, 1)
+    max_n = list_width(counts, n)
     out = torch.zeros(*sel.shape[:-1], max_n + 1, dtype=torch.int32, device=sel.device)
     if n:
         slot = torch.where(sel, sel.cumsum(-1, dtype=torch.int32) - 1, max_n).long()

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ._util import Tensor, _cdiv, _err
+from ._util import Tensor, _cdiv, _err, list_width
 from .algebra import _assemble
 from .block import BlockPattern, _lists_from_sel, _sel_from_lists
 from .predicates import _block_grid, _check_lengths
@@ -87,7 +87,7 @@ def _compact_sorted(key: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
     """The ``keep`` entries of ascending ``key [..., k]`` moved to the front, order kept ->
     (counts int32, int32 lists ``[..., max(count, 1)]`` padded with 0), as ``_lists_from_sel``."""
     counts = keep.sum(-1, dtype=torch.int32)
-    max_n = max(int(counts.max()) if counts.numel() else 0, 1)
+    max_n = list_width(counts, key.shape[-1])
     out = torch.zeros(*key.shape[:-1], max_n + 1, dtype=torch.int32, device=key.device)
     if key.shape[-1]:
         slot = torch.where(keep, keep.cumsum(-1) - 1, max_n)

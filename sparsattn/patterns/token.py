@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._util import Tensor, _cdiv, _err
+from ._util import Tensor, _cdiv, _err, list_width
 
 
 @dataclass
@@ -100,7 +100,7 @@ class TokenPattern:
         ar = torch.arange(n, device=mask.device)
         key = torch.where(mask, ar, ar + n)
         order = key.sort(dim=-1).values
-        max_n = max(int(counts.max()) if counts.numel() else 0, 1)
+        max_n = list_width(counts, n)
         idx = torch.where(order[..., :max_n] < n, order[..., :max_n], torch.zeros_like(order[..., :max_n]))
         return cls(idx.to(torch.int32).contiguous(), counts, kv_len if kv_len is not None else n * page_size, page_size)
 

@@ -104,3 +104,42 @@ def test_compiled_static_generation_has_no_graph_break():
     assert not counters["graph_break"]
     assert torch.equal(seq, ref)
     torch.testing.assert_close(scores, ref_scores, atol=2e-5, rtol=2e-5)
+
+
+def test_compiled_decode_method_has_no_graph_break():
+    """A decode method in the compiled step of a static cache: fullgraph=True (no graph break) and the
+    tokens of the eager static-cache run."""
+    from transformers import CompileConfig
+    from torch._dynamo.utils import counters
+
+    m = _tiny("llama", num_hidden_layers=2)
+    x = torch.randint(3, 120, (1, 40), generator=torch.Generator().manual_seed(6))
+    hf.patch(m, decode="streaming_llm", n_sink=2, window=6)
+    ref, ref_scores = _gen(m, x, cache_implementation="static")
+    torch._dynamo.reset()
+    counters.clear()
+    cc = CompileConfig(fullgraph=True, backend="eager", dynamic=False)
+    cc._compile_all_devices = True
+    seq, scores = _gen(m, x, cache_implementation="static", compile_config=cc)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    assert torch.equal(seq, ref)
+    torch.testing.assert_close(scores, ref_scores, atol=2e-5, rtol=2e-5)
+
+
+def test_compiled_decode_path_with_left_padding(monkeypatch):
+    """The sync-free decode-method path (taken under torch.compile), run eagerly on a left-padded batch
+    with a sliding window: the tokens and scores of dynamic-cache generation."""
+    import sparsattn.integrations.hf.forward as fwd
+
+    m = _tiny("mistral", num_hidden_layers=2)  # 24-token window
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(3, 120, (2, 36), generator=g)
+    am = torch.ones_like(x)
+    am[0, :7] = 0
+    x[0, :7] = 0
+    hf.patch(m, decode="streaming_llm", n_sink=2, window=6)
+    seq, scores = _gen(m, x, attention_mask=am)
+    monkeypatch.setattr(fwd, "_compiling", lambda: True)
+    s_seq, s_scores = _gen(m, x, attention_mask=am, cache_implementation="static")
+    assert torch.equal(s_seq, seq)
+    torch.testing.assert_close(s_scores, scores, atol=2e-5, rtol=2e-5)

@@ -17,7 +17,8 @@ from ...methods.base import SelectContext
 from .cache import SparseCache
 from .heads import _Choice
 from .mask import MaskInfo
-from .static import dense_decode, positional_keep, static_layout, trailing_slots
+from ...patterns import TokenPattern
+from .static import decode_select_inputs, dense_decode, positional_keep, static_layout, trailing_slots
 from .padding import _clip_tokens, _dense_masked, _left_to_right, _shift_left, _unshift_tokens
 from .report import note_fallback, note_selection, selection_clock
 
@@ -168,7 +169,10 @@ class _Layer:
             window = kw.get("sliding_window")
         if static_layout(mask):  # slots placed by position (static caches): see hf.static
             if Tq == 1 and self.decode is None and (isinstance(mask.q_offset, torch.Tensor) or _compiling()):
-                out = dense_decode(q, k, v, positional_keep(mask, B, Tk, window, q.device), scale)
+                out = dense_decode(q, k, v, positional_keep(mask, B, Tk, window, q.device), scale, **extra)
+                return out.transpose(1, 2).contiguous(), None
+            if Tq == 1 and _compiling():  # a decode method in a compiled step: no sync, static shapes
+                out = self._compiled_decode(q, k, v, mask, window, scale, frame, kw, extra)
                 return out.transpose(1, 2).contiguous(), None
             trail = trailing_slots(frame, mask, Tq, Tk)
             if trail:  # unwritten slots of a static cache: drop them, the last key is then the last query
@@ -232,6 +236,29 @@ class _Layer:
         note_selection(self, "prefill", pattern, t0, q, (Tq, Tk), q_lens=q_lens, kv_lens=kv_lens)
         return _attention(q, k, v, pattern, causal=True, scale=scale, q_lens=q_lens, kv_lens=kv_lens,
                           padding_side=side, backend=self._be(), **extra)
+
+    def _compiled_decode(self, q, k, v, mask, window, scale, frame, kw, extra):
+        """Decode method on a static cache inside torch.compile: the method sees the rows shifted to
+        the front with ``kv_lens`` (``hf.static.decode_select_inputs``), its picks are mapped back to
+        slots and clipped to the positional mask (causal, window, padding); validation is skipped
+        (it would read values back to the host)."""
+        from ...kernels.sparse_decode import sparse_decode_attention
+
+        B, Hq, _, D = q.shape
+        Tk = k.shape[2]
+        keep = positional_keep(mask, B, Tk, window, q.device)
+        pad, kl = decode_select_inputs(mask, keep, Tk)
+        pre = self.pre_rope or {}
+        ctx = SelectContext(layer=self.index, causal=True, scale=scale, q_offset=Tk - 1, state=frame["state"],
+                            kv_lens=kl, padding_side="right", sliding_window=window, phase="decode",
+                            num_kv_groups=Hq // k.shape[1], position_ids=kw.get("position_ids"),
+                            q_pre_rope=pre.pop("q", None), k_pre_rope=pre.pop("k", None))
+        tp = _unshift_tokens(self.decode.select_token(q, _shift_left(k, pad), ctx), pad, Tk)
+        m = tp.to_token_mask()
+        m = m.expand(B, *m.shape[1:]) if m.shape[0] != B else m
+        tp = TokenPattern.from_mask(m & keep[:, None, :], kv_len=Tk)
+        be = self._be() if self._be() in ("triton", "reference") else None
+        return sparse_decode_attention(q, k, v, tp, scale=scale, backend=be, validate=False, **extra)[:, :, None]
 
     def _decode(self, q, k, v, scale, kv_lens, window, ctx, extra=None):
         extra = extra or {}
