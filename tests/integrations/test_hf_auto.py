@@ -44,10 +44,16 @@ def test_save_and_reload_sparse(tmp_path, spec):
     got = _logits(back, x)  # binds at the first forward
     assert hf.is_patched(back)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    if "decode" in spec:  # the decode method came back too: same greedy continuation
-        back.generation_config.pad_token_id = model.generation_config.pad_token_id = 0
+    if "decode" in spec:  # the decode method came back too: same greedy continuation, also when
+        # generate is the first call (the model binds inside its first forward, which has a cache)
+        model.generation_config.pad_token_id = 0
         kw = dict(max_new_tokens=4, do_sample=False)
-        assert torch.equal(back.generate(x, **kw), model.generate(x, **kw))
+        want = model.generate(x, **kw)
+        fresh = _reload(tmp_path)
+        fresh.generation_config.pad_token_id = 0
+        assert torch.equal(fresh.generate(x, **kw), want)
+        assert torch.equal(back.generate(x, **kw), want)
+        assert not getattr(fresh, "_sparsattn_patch").frames  # no frame left behind
     hf.unpatch(back)  # restores SDPA, not "sparsattn" (which would bind again)
     assert back.config._attn_implementation == "sdpa"
     torch.testing.assert_close(_logits(back, x), dense, atol=1e-5, rtol=1e-5)

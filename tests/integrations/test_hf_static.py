@@ -143,3 +143,21 @@ def test_compiled_decode_path_with_left_padding(monkeypatch):
     s_seq, s_scores = _gen(m, x, attention_mask=am, cache_implementation="static")
     assert torch.equal(s_seq, seq)
     torch.testing.assert_close(s_scores, scores, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_static_generation():
+    """The same with the inductor backend (what transformers uses by default): code generation on the
+    CPU takes about a minute, hence slow."""
+    from transformers import CompileConfig
+
+    m = _tiny("llama", num_hidden_layers=1)
+    x = torch.randint(3, 120, (1, 40), generator=torch.Generator().manual_seed(8))
+    hf.patch(m, method="a_shape", n_init=4, n_local=8)
+    ref, ref_scores = _gen(m, x, cache_implementation="static")
+    torch._dynamo.reset()
+    cc = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+    cc._compile_all_devices = True
+    seq, scores = _gen(m, x, cache_implementation="static", compile_config=cc)
+    assert torch.equal(seq, ref)
+    torch.testing.assert_close(scores, ref_scores, atol=1e-4, rtol=1e-4)

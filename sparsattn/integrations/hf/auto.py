@@ -220,7 +220,8 @@ def bind_running(module: torch.nn.Module):
             from .patch import _PATCH_ATTR, _cache_state
 
             p = getattr(model, _PATCH_ATTR)
-            p.frames.append({"state": _cache_state(cache, fresh=False), "cache": cache})
+            # (the post-hook may not run for this forward: the next forward's pre-hook drops the frame)
+            p.frames.append({"state": _cache_state(cache, fresh=False), "cache": cache, "inflight": True})
             break
         f = f.f_back
     return model

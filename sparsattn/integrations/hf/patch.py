@@ -173,6 +173,8 @@ class _Patch:
             state = _cache_state(cache, fresh=not compiled and past == 0)
         else:
             state = {}
+        if self.frames and self.frames[0].get("inflight"):  # left by hf.auto's bind during a finished forward
+            self.frames = [f for f in self.frames if not f.get("inflight")]
         self.frames.append({"state": state, "cache": cache})
 
     def post_hook(self, module, args, kwargs, output):
