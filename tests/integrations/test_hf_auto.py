@@ -80,3 +80,24 @@ def test_hand_written_entry_and_errors(tmp_path):
         auto.bind(bare)
     with pytest.raises(ValueError, match="model: not patched"):
         auto.config_entry(bare)
+
+
+def test_calibrated_method_saved_next_to_the_weights(tmp_path):
+    """A calibrated method (MInference's offline pattern search, shipped for the bundled model): its
+    calibration is written under the saved folder and read back from there."""
+    from sparsattn.methods import get_method
+    from sparsattn.models import BundledModelMissing, bundled_path, load_bundled
+
+    try:
+        model, _ = load_bundled(dtype=torch.float32)
+        cal = bundled_path() / "calibration" / "minference.json"
+    except BundledModelMissing as e:
+        pytest.skip(str(e))
+    x = torch.randint(3, 8000, (1, 200), generator=torch.Generator().manual_seed(2))
+    hf.patch(model, method=get_method("minference", path=str(cal)))
+    ref = _logits(model, x)
+    entry = auto.save_pretrained(model, tmp_path)
+    rel = entry["method"]["config"]["path"]
+    assert not rel.startswith("/") and (tmp_path / rel).is_file()
+    back = _reload(tmp_path)
+    torch.testing.assert_close(_logits(back, x), ref, atol=1e-5, rtol=1e-5)
