@@ -33,15 +33,12 @@ from typing import Callable, Optional
 
 import torch
 
+from ..patterns._util import _err  # the library's one error-message helper
 from .cache import KVCache
 from .policies import KVPolicy, ZipVLPolicy
 from .store import HeadGroupStore, left_to_slots, slots_to_left
 
 Tensor = torch.Tensor
-
-
-def _err(name: str, expected: str, got) -> ValueError:
-    return ValueError(f"{name}: expected {expected}, got {got}")
 
 
 class CachePolicy:

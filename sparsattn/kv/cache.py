@@ -43,14 +43,11 @@ import torch
 from ..kernels.sparse_decode import sparse_decode_attention
 from ..kernels.sparse_decode.reference import paged_to_contiguous
 from ..patterns import TokenPattern
+from ..patterns._util import _err  # the library's one error-message helper
 from .offload import OffloadMixin, Prefetched, _pattern_rows
 from .store import HeadGroupStore
 
 Tensor = torch.Tensor
-
-
-def _err(name: str, expected: str, got) -> ValueError:
-    return ValueError(f"{name}: expected {expected}, got {got}")
 
 
 class _Layer:
@@ -384,7 +381,7 @@ class KVCache(OffloadMixin):
         ``seen [B]`` tokens appended so far; optional ``log_weight [B, Hkv, T]``. Slots beyond
         ``lengths`` are cleared (in a copy); ``adopt=True``: the caller guarantees they already hold 0
         (positions -1), and the tensors are adopted as the storage without a copy."""
-        L = self._layer(layer)
+        self._layer(layer)  # checks the index
         if self.layout != "contiguous":
             raise _err("layout", "'contiguous' to load external rows", self.layout)
         B, H, D = self.batch, self.kv_heads, self.head_dim

@@ -14,12 +14,9 @@ import torch
 
 from ..kernels.sparse_decode.reference import paged_to_contiguous
 from ..patterns import TokenPattern
+from ..patterns._util import _err  # the library's one error-message helper
 
 Tensor = torch.Tensor
-
-
-def _err(name: str, expected: str, got) -> ValueError:
-    return ValueError(f"{name}: expected {expected}, got {got}")
 
 
 @dataclass

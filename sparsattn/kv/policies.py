@@ -24,14 +24,11 @@ from typing import Optional
 import torch
 
 from ..patterns import sink_or_recent
+from ..patterns._util import _err  # the library's one error-message helper
 from .cache import KVCache
 from .quant import QuantizedRows, quantize_rows
 
 Tensor = torch.Tensor
-
-
-def _err(name: str, expected: str, got) -> ValueError:
-    return ValueError(f"{name}: expected {expected}, got {got}")
 
 
 def _live(cache: KVCache, layer: int) -> Tensor:

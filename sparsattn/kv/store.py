@@ -26,16 +26,13 @@ from typing import Optional
 import torch
 
 from ..patterns import TokenPattern
+from ..patterns._util import _err  # the library's one error-message helper
 from .groups import group_query_heads, head_groups
 from .store_attend import attend_groups, attend_one, attend_rows
 
 Tensor = torch.Tensor
 
 _FILL = {"k": 0, "v": 0, "positions": -1, "log_weight": 0.0}
-
-
-def _err(name: str, expected: str, got) -> ValueError:
-    return ValueError(f"{name}: expected {expected}, got {got}")
 
 
 def slots_to_left(x: Tensor, n: Tensor, T_out: int, fill=0) -> Tensor:

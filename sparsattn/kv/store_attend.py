@@ -14,13 +14,10 @@ import torch.nn.functional as F
 
 from ..kernels.sparse_decode import sparse_decode_attention
 from ..patterns import TokenPattern
+from ..patterns._util import _err  # the library's one error-message helper
 from .groups import group_query_heads
 
 Tensor = torch.Tensor
-
-
-def _err(name: str, expected: str, got) -> ValueError:
-    return ValueError(f"{name}: expected {expected}, got {got}")
 
 
 def attend_one(st, q: Tensor, pattern: Optional[TokenPattern], kw: dict):

@@ -66,7 +66,7 @@ from ...kv.adapter import CachePolicy, as_cache_policy
 from ...kv.groups import head_groups
 from ...kv.store import HeadGroupStore, left_to_slots
 from ...kv.store_attend import attend_rows
-from .cache_groups import GroupedKV, GroupedLayer, HeadGroup
+from .cache_groups import GroupedKV, GroupedLayer, HeadGroup  # noqa: F401 (HeadGroup re-exported)
 
 
 @dataclass
