@@ -311,8 +311,10 @@ class SparseCache(DynamicCache):
         seen = self._seen.get(layer_idx, 0) + n_new
         self._seen[layer_idx] = seen
         if self._grouped(layer_idx) is not None:
-            first = self.policy_state.get(layer_idx, {}).get("seen")  # positions of the new tokens (kv policies)
-            keys, values = super().update(key_states, value_states, layer_idx, *args, first=first, **kwargs)
+            # positions of the new tokens (kv policies); an attribute, not an update() keyword, so that
+            # Cache.update versions without **kwargs pass through
+            self.layers[layer_idx].first = self.policy_state.get(layer_idx, {}).get("seen")
+            keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
             self._fresh[layer_idx] = _Fresh(keys, values, pending=(n_new, seen))
             self._pad_attn.pop(layer_idx, None)
             self._lw_attn.pop(layer_idx, None)

@@ -75,6 +75,7 @@ class GroupedLayer(DynamicLayer):
         self.is_initialized = True
         self.device = getattr(base, "device", store.device)
         self.is_sliding = bool(getattr(base, "is_sliding", False))
+        self.first: Optional[torch.Tensor] = None  # position of the next appended token per sequence
         base.keys = base.values = None
 
     def _refuse(self, what: str):
@@ -108,10 +109,11 @@ class GroupedLayer(DynamicLayer):
         """Slots of the padded view (the largest group capacity)."""
         return self.store.slots()
 
-    def update(self, key_states, value_states, *args, first: Optional[torch.Tensor] = None, **kwargs):
-        """Append ``[B, Hkv, n, D]`` to every row of the store (positions from ``first [B]``, else unknown);
-        returns ``GroupedKV`` placeholders (the sliding window is applied when the layer settles)."""
-        st = self.store
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Append ``[B, Hkv, n, D]`` to every row of the store (positions from ``self.first [B]``, set by the
+        SparseCache before the call; None: unknown); returns ``GroupedKV`` placeholders (the sliding window is
+        applied when the layer settles)."""
+        st, first = self.store, self.first
         n = key_states.shape[-2]
         if self.is_sliding:
             if getattr(self.base, "record_past", False):
