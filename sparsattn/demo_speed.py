@@ -52,12 +52,14 @@ def warm_flex(model, T: int, block: int = 64) -> Optional[float]:
     dt = next(model.parameters()).dtype
     q = torch.randn(1, Hq, T, D, device=dev, dtype=dt)
     k = torch.randn(1, Hkv, T, D, device=dev, dtype=dt)
+    v = torch.randn(1, Hkv, T, D, device=dev, dtype=dt)  # not k itself: Dynamo specialises on aliased inputs
     p = patterns.sink_local(T, 64, 256, block_q=block, device=dev)
+    scale = getattr(m, "scaling", None)
     with torch.no_grad():
         if choose_backend(q, p) != "flex":
             return None
         t0 = time.perf_counter()
-        attention(q, k, k, p, causal=True)
+        attention(q, k, v, p, causal=True, scale=scale)
     return time.perf_counter() - t0
 
 

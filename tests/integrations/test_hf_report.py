@@ -113,3 +113,20 @@ def test_summary_plain_text_without_rich(monkeypatch, capsys):
     assert out.strip() == text.strip()
     header = text.splitlines()[1].split()
     assert header[:4] == ["layer", "phase", "method", "backend"] and "density" in header
+
+
+def test_static_patterns_are_built_once_per_forward(monkeypatch):
+    """A method whose pattern depends only on the lengths (static_pattern_key) selects once per forward,
+    not once per layer; every layer still records it (and its density)."""
+    model = make_model("llama")
+    cls = method_class("a_shape")
+    calls = []
+    real = cls.select
+    monkeypatch.setattr(cls, "select", lambda self, q, k, ctx=None: calls.append(ctx.layer) or real(self, q, k, ctx))
+    with torch.no_grad(), sparsattn.patched(model, method="a_shape", **CONFIGS["a_shape"]) as rep:
+        model(_ids())
+        model(_ids())
+    assert calls == [0, 0]  # layer 0 of each forward builds it, layers 1-3 reuse it
+    assert {l for l, _ in rep.stats} == {0, 1, 2, 3} and all(s.calls == 2 for s in rep.stats.values())
+    d = [s.density for s in rep.stats.values()]
+    assert max(d) == min(d)

@@ -59,7 +59,7 @@ class _Choice:
             if m.phase == "decode":
                 pats.append(None)  # dense (causal) for this method's heads at prefill
                 continue
-            p = m.select(q, k, ctx)
+            p = _static_select(m, q, k, ctx)
             if not isinstance(p, BlockPattern):
                 raise ValueError(f"method {_mname(m)!r}: select() returned {type(p).__name__} at prefill; "
                                  "expected a sparsattn.patterns.BlockPattern")
@@ -95,6 +95,21 @@ class _Choice:
         full = torch.ones(1, 1, -(-Tk // ps), dtype=torch.bool, device=q.device)
         pats = [p if p is not None else TokenPattern.from_mask(full, page_size=ps, kv_len=Tk) for p in pats]
         return _stack_token_heads(pats, self.methods, self.src(q.device), q.shape[0], q.shape[1])
+
+
+def _static_select(m: Method, q, k, ctx):
+    """``m.select(q, k, ctx)``, reusing the pattern of an earlier layer when the method declares that it
+    depends only on its ``static_pattern_key`` and the lengths (A-shape, S2, MoA per layer...): built
+    once per forward instead of once per layer (and the kernels' derived data, e.g. the Flex
+    BlockMask, with it). Not with per-sequence lengths; kept in the forward's ``ctx.state``."""
+    key = m.static_pattern_key(ctx.layer) if hasattr(m, "static_pattern_key") else None
+    if key is None or ctx.state is None or ctx.q_lens is not None or ctx.kv_lens is not None:
+        return m.select(q, k, ctx)
+    memo = ctx.state.setdefault("_sparsattn_static_patterns", {})
+    full = (id(m), key, tuple(q.shape), tuple(k.shape), str(q.device), ctx.q_offset, ctx.sliding_window)
+    if full not in memo:
+        memo[full] = m.select(q, k, ctx)
+    return memo[full]
 
 
 def _to_bh(t: torch.Tensor, B: int, H: int, what: str) -> torch.Tensor:
