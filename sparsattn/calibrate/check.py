@@ -39,6 +39,7 @@ from ..methods.base import SelectContext, SelectHook
 
 EVAL_SEED = 2112
 METHODS = ("dense", "oracle_topk", "minference", "seer_attention", "razor", "moa")
+#: also accepted: ``seer_attention:threshold`` (the gate in threshold mode)
 BLOCK = 64
 
 
@@ -118,7 +119,7 @@ def mean_density(method, layers: dict, scales: dict) -> float:
 
 
 def aim(build: Callable[[float], object], layers: dict, scales: dict, target: float, lo: float, hi: float, *,
-        integer: bool = False, increasing: bool = True, iters: int = 12) -> tuple[float, float]:
+        integer: bool = False, increasing: bool = True, iters: int = 8) -> tuple[float, float]:
     """aim: bisect the knob ``x`` in ``[lo, hi]`` so that ``mean_density(build(x))`` is closest to
     ``target`` -> ``(x, density)``."""
     best = None
@@ -185,14 +186,21 @@ def razor_top(src: str, n_heads: int, out_path: str) -> str:
 def build_settings(methods: Sequence[str], layers: dict, scales: dict, T: int, target: float, cal_dir: Path,
                    work_dir: Path) -> dict:
     """``{method: (config dict, aimed density on the first prompt)}`` at ``target`` density (razor: the
-    top ``round(target x heads / 2)`` heads of its calibration dense, derived files in ``work_dir``)."""
+    calibration's retrieval heads dense, at most ``int(0.8 x target x heads)`` of them, by stored score,
+    so that a window is left for the others; derived files in ``work_dir``;
+    ``seer_attention:threshold``: the gate in threshold mode, the threshold aimed at the density)."""
     out = {}
     for name in methods:
         if name == "dense":
             out[name] = ({}, 1.0)
         elif name == "oracle_topk":
+            # its density depends only on the knob and the length (ceil(density x causal blocks) per row):
+            # aimed on one-head, 4-dim stand-ins of the same length, not on the model's q/k
+            g = torch.Generator().manual_seed(0)
+            qk = torch.randn(1, 1, T, 4, generator=g)
             f = lambda x: dict(block_size=BLOCK, top_k=None, density=round(float(x), 5), reduce="max")
-            x, d = aim(lambda x: get_method("oracle_topk", **f(x)), layers, scales, target, 0.2 * target, 2 * target)
+            x, d = aim(lambda x: get_method("oracle_topk", **f(x)), {0: (qk, qk, qk, None, None)}, {0: 0.5},
+                       target, 0.2 * target, 2 * target)
             out[name] = (f(x), d)
         elif name == "seer_attention":
             gate = str(cal_dir / "seer_gate")
@@ -200,10 +208,19 @@ def build_settings(methods: Sequence[str], layers: dict, scales: dict, T: int, t
             x, d = aim(lambda x: get_method("seer_attention", **f(x)), layers, scales, target, 1e-3, 0.6)
             out[name] = (f(x), d)
         elif name == "razor":
-            n_heads = max(1, round(target * sum(q.shape[1] for q, *_ in layers.values()) / 2))
-            path = razor_top(str(cal_dir / "razor.json"), n_heads, str(work_dir / f"razor_top{n_heads}.json"))
+            src = str(cal_dir / "razor.json")
+            n_cal = sum(len(h) for h in get_method("razor", path=src).retrieval_heads.values())
+            n_all = sum(q.shape[1] for q, *_ in layers.values())
+            n_heads = max(1, min(n_cal, int(0.8 * target * n_all)))
+            path = razor_top(src, n_heads, str(work_dir / f"razor_top{n_heads}.json"))
             f = lambda x: dict(path=path, n_sink=4, min_window=int(x), compression=float(T), block_size=BLOCK)
             x, d = aim(lambda x: get_method("razor", **f(x)), layers, scales, target, 1, T, integer=True)
+            out[name] = (f(x), d)
+        elif name == "seer_attention:threshold":
+            gate = str(cal_dir / "seer_gate")
+            f = lambda x: dict(gate_path=gate, threshold=float(f"{10 ** x:.4g}"), last_block_dense=False)
+            x, d = aim(lambda x: get_method("seer_attention", **f(x)), layers, scales, target, -4.0, -0.5,
+                       increasing=False)
             out[name] = (f(x), d)
         elif name in ("minference", "moa"):
             cfg = dict(path=str(cal_dir / f"{name}.json"))
@@ -213,20 +230,37 @@ def build_settings(methods: Sequence[str], layers: dict, scales: dict, T: int, t
     return out
 
 
+def _parse(spec: str, cal_dirs: dict) -> tuple[str, Path]:
+    """``name[:variant][@label]`` -> (``name[:variant]``, calibration folder of ``label``)."""
+    name, _, label = spec.partition("@")
+    label = label or "shipped"
+    if label not in cal_dirs:
+        raise ValueError(f"methods: {spec!r} names calibration folder {label!r}; known: {sorted(cal_dirs)}")
+    return name, Path(cal_dirs[label])
+
+
 def run(out_dir, *, length: int = 4096, n: int = 10, target: float = 0.1, methods: Sequence[str] = METHODS,
-        cal_dir=None, threshold: float = 0.1, keep: float = 0.5, seed: int = EVAL_SEED, haystack: str = "code",
-        tag: str = "") -> list[dict]:
-    """run: the table of the module docstring for one length -> rows (also written as
-    ``check_<length><tag>.json`` / ``.csv`` in ``out_dir``)."""
+        cal_dirs: Optional[dict] = None, coverage_only: Sequence[str] = (), threshold: float = 0.1,
+        keep: float = 0.5, seed: int = EVAL_SEED, haystack: str = "code", tag: str = "",
+        recall_for: Optional[str] = None) -> list[dict]:
+    """run: the table of the module docstring for one length -> rows (written after every method to
+    ``check_<length><tag>.json`` / ``.csv`` in ``out_dir``).
+
+    ``methods``: specs ``name[:variant][@label]``, ``label`` a key of ``cal_dirs`` (default
+    ``{"shipped": shipped_dir()}``); the methods in ``coverage_only`` get the needle coverage and
+    density but no passkey run (``correct`` left empty); ``recall_for``: a seer spec whose gate's
+    block recall against the oracle is reported per layer (``extra.gate_block_recall``).
+    """
     from ..bench.common import write_csv
     from ..eval.needle import needle_coverage
     from ..eval.teacher_forced import score_teacher_forced, teacher_forced_predict
     from ..integrations.hf import patched
     from ._common import load_model, shipped_dir
 
-    cal_dir = Path(shipped_dir() if cal_dir is None else cal_dir)
+    cal_dirs = dict({"shipped": str(shipped_dir())}, **(cal_dirs or {}))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"check_{length}{tag}"
     model, tok, _ = load_model()
     t0 = time.time()
     prompts = eval_prompts(tok, length, n, seed=seed, haystack=haystack)
@@ -235,25 +269,35 @@ def run(out_dir, *, length: int = 4096, n: int = 10, target: float = 0.1, method
         for p in prompts:
             caps.append(capture(model, p["prompt_ids"] + p["answer_ids"]))
     _log(f"{n} prompts at {length} captured ({time.time() - t0:.0f} s)")
-    settings = build_settings(methods, caps[0][0], caps[0][1], length, target, cal_dir, out_dir)
-    rows = []
-    for name in methods:
-        cfg, aimed = settings[name]
+    rows, extra = [], {}
+    doc = {"rows": rows, "extra": extra,
+           "protocol": {"haystack": f"{haystack} (held-out source files)", "seed": seed, "threshold": threshold,
+                        "keep": keep, "cal_dirs": cal_dirs, "target": target, "backend": "reference",
+                        "passkey": "teacher-forced, correct iff every answer token is the argmax"},
+           "machine": "CPU (2 cores shared with other jobs), torch " + torch.__version__,
+           "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    for spec in methods:
+        name, cal_dir = _parse(spec, cal_dirs)
         t1 = time.time()
-        m = get_method(name, **cfg) if name != "dense" else None
+        cfg, aimed = build_settings([name], caps[0][0], caps[0][1], length, target, cal_dir, out_dir)[name]
+        m = get_method(name.split(":")[0], **cfg) if name != "dense" else None
+        run_pk = spec not in coverage_only
         hits, covs, nread, nkept, kfrac = [], [], 0, 0, []
         dens: list[float] = []
         for p, (layers, scales) in zip(prompts, caps):
-            if m is None:
-                pred = teacher_forced_predict(model, p["prompt_ids"], p["answer_ids"], "cpu")
-            else:
-                with _Densities(m) as rec, warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    with patched(model, method=m, backend="reference"):
-                        pred = teacher_forced_predict(model, p["prompt_ids"], p["answer_ids"], "cpu")
-                dens += rec.values
-            hits.append(int(score_teacher_forced(pred, p["answer_ids"])["correct"]))
             pats = select_layers(m, layers, scales) if m is not None else {}
+            if run_pk:
+                if m is None:
+                    pred = teacher_forced_predict(model, p["prompt_ids"], p["answer_ids"], "cpu")
+                else:
+                    with _Densities(m) as rec, warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        with patched(model, method=m, backend="reference"):
+                            pred = teacher_forced_predict(model, p["prompt_ids"], p["answer_ids"], "cpu")
+                    dens += rec.values
+                hits.append(int(score_teacher_forced(pred, p["answer_ids"])["correct"]))
+            elif m is not None:
+                dens += [float(q.density) for q in pats.values()]
             nc = needle_coverage({l: t[:2] for l, t in layers.items()}, pats, p["rows"], p["needle"], scales=scales,
                                  threshold=threshold, keep=keep)
             nread += nc["n_reading"]
@@ -261,33 +305,66 @@ def run(out_dir, *, length: int = 4096, n: int = 10, target: float = 0.1, method
             if nc["n_reading"]:
                 kfrac.append(nc["mean_kept_fraction"])
             covs.append([(h["layer"], h["head"], int(h["kept"])) for h in nc["heads"]])
-        row = {"method": name, "length": length, "target": target, "n": n, "correct": sum(hits),
+        row = {"method": spec, "length": length, "target": target, "n": n,
+               "correct": sum(hits) if run_pk else None,
                "density": round(sum(dens) / len(dens), 4) if dens else 1.0, "aimed_density": round(aimed, 4),
+               "density_from": "patched run" if run_pk else "dense q/k",
                "reading_heads_per_prompt": round(nread / n, 2), "needle_kept": nkept, "needle_reading": nread,
                "coverage": round(nkept / nread, 4) if nread else float("nan"),
                "mean_kept_fraction": round(sum(kfrac) / len(kfrac), 4) if kfrac else float("nan"),
                "by_depth": "".join(map(str, hits)), "config": json.dumps(_short(cfg)),
-               "seconds": round(time.time() - t1, 1)}
-        row["heads"] = covs
+               "seconds": round(time.time() - t1, 1), "heads": covs}
         rows.append(row)
-        _log(f"{name}: {sum(hits)}/{n} at density {row['density']}, needle kept {nkept}/{nread} "
+        _log(f"{spec}: {row['correct']}/{n} at density {row['density']}, needle kept {nkept}/{nread} "
              f"({row['seconds']} s)")
-    extra = {}
-    if "seer_attention" in methods:
+        _write(doc, out_dir, stem, write_csv)
+    if recall_for:
         from ..methods.seer_attention import nz_topk
 
-        seer = get_method("seer_attention", **settings["seer_attention"][0])
+        name, cal_dir = _parse(recall_for, cal_dirs)
+        cfg = build_settings(["seer_attention"], caps[0][0], caps[0][1], length, target, cal_dir, out_dir)
+        seer = get_method("seer_attention", **cfg["seer_attention"][0])
         k_row = nz_topk(seer.nz_ratio, -(-length // BLOCK))
         rec = [gate_block_recall(seer, layers, scales, k_row) for layers, scales in caps[:3]]
-        extra["gate_block_recall"] = {"k_per_row": k_row, "per_layer": [round(sum(c) / len(c), 4) for c in zip(*rec)]}
+        extra["gate_block_recall"] = {"gate": recall_for, "k_per_row": k_row, "prompts": len(rec),
+                                      "per_layer": [round(sum(c) / len(c), 4) for c in zip(*rec)]}
         _log(f"seer gate block recall vs oracle (k={k_row}): {extra['gate_block_recall']['per_layer']}")
-    stem = f"check_{length}{tag}"
-    doc = {"rows": rows, "extra": extra, "protocol": {"haystack": haystack, "seed": seed, "threshold": threshold,
-                                                       "keep": keep, "cal_dir": str(cal_dir), "target": target},
-           "machine": "CPU, shared", "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
-    (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
-    write_csv([{k: v for k, v in r.items() if k != "heads"} for r in rows], out_dir / f"{stem}.csv")
+        _write(doc, out_dir, stem, write_csv)
     return rows
+
+
+def _write(doc: dict, out_dir: Path, stem: str, write_csv) -> None:
+    (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    write_csv([{k: v for k, v in r.items() if k != "heads"} for r in doc["rows"]], out_dir / f"{stem}.csv")
+
+
+def plot(json_paths: Sequence[str], out_png: str) -> str:
+    """plot: passkey accuracy and needle coverage per method (bars) of one or more ``check_*.json`` runs,
+    one panel per run, density written on each bar -> ``out_png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    docs = [json.loads(Path(p).read_text()) for p in json_paths]
+    fig, axes = plt.subplots(1, len(docs), figsize=(5.5 * len(docs), 3.8), squeeze=False)
+    for ax, p, doc in zip(axes[0], json_paths, docs):
+        rows = doc["rows"]
+        x = range(len(rows))
+        ax.bar([i - 0.2 for i in x], [(r["correct"] or 0) / r["n"] for r in rows], 0.4,
+               label="passkey (teacher-forced; no bar: not run)")
+        ax.bar([i + 0.2 for i in x], [0 if r["coverage"] != r["coverage"] else r["coverage"] for r in rows], 0.4,
+               label="needle coverage")
+        for i, r in zip(x, rows):
+            ax.text(i, 1.03, f"{r['density']:.2f}", ha="center", fontsize=7)
+        ax.set_xticks(list(x), [r["method"].replace("seer_attention", "seer") for r in rows], rotation=30, fontsize=8)
+        ax.set_ylim(0, 1.12)
+        ax.set_title(f"{Path(p).stem} (T={rows[0]['length']}, n={rows[0]['n']}; density above bars)", fontsize=8)
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
 
 
 def _short(cfg: dict) -> dict:
@@ -302,13 +379,22 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=10)
     p.add_argument("--target", type=float, default=0.1)
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--cal-dir", default=None, help="folder of the calibrations (default: the shipped ones)")
+    p.add_argument("--cal-dirs", default="", help="label=DIR,... calibration folders for specs NAME@label "
+                                                     "(label 'shipped' = the shipped folder)")
+    p.add_argument("--coverage-only", default="", help="comma list of specs measured without the passkey run")
+    p.add_argument("--recall-for", default=None, help="seer spec whose gate block recall vs the oracle is reported")
     p.add_argument("--threshold", type=float, default=0.1)
     p.add_argument("--tag", default="")
+    p.add_argument("--plot", nargs="+", default=None, help="only plot these check_*.json files to OUT (a .png)")
     a = p.parse_args(argv)
+    if a.plot:
+        print(plot(a.plot, a.out))
+        return 0
     torch.set_grad_enabled(False)
+    cal = dict(x.split("=", 1) for x in a.cal_dirs.split(",") if x)
     run(a.out, length=a.length, n=a.n, target=a.target, methods=[m for m in a.methods.split(",") if m],
-        cal_dir=a.cal_dir, threshold=a.threshold, tag=a.tag)
+        cal_dirs=cal, coverage_only=[m for m in a.coverage_only.split(",") if m], threshold=a.threshold,
+        tag=a.tag, recall_for=a.recall_for)
     return 0
 
 

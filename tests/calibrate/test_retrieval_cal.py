@@ -129,3 +129,15 @@ def test_command_line_has_the_retrieval_options():
     a = p.parse_args(["seer_attention", "--init", "g0"])
     assert a.init == "g0" and a.data == "retrieval"
     assert p.parse_args(["moa"]).budget == 0.12
+
+
+def test_check_razor_top_keeps_the_best_scored_heads(tmp_path):
+    from sparsattn.calibrate.check import razor_top
+    from sparsattn.calibration import ModelShape, save_calibration
+
+    shape = ModelShape(2, 4, 2, 16)
+    data = {"0": {"retrieval_heads": [0, 1, 2], "retrieval": [0.9, 0.1, 0.5, 0.0]},
+            "1": {"retrieval_heads": [3], "retrieval": [0.0, 0.2, 0.0, 0.95]}}
+    src = save_calibration(tmp_path / "r.json", "razor", shape, data, {})
+    out = razor_top(str(src), 2, str(tmp_path / "top2.json"))
+    assert RazorAttention.load(out).retrieval_heads == {0: [0], 1: [3]}
