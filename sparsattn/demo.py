@@ -216,16 +216,20 @@ def model_demo(out_dir: Path, quick: bool = False, *, model_path=None, lengths=N
         })
         for T in speed_lengths:
             sp = speed.get((r["method"], T), {})
-            table[-1][f"prefill {T // 1024}K s"] = None if not sp else round(sp["seconds"], 2)
+            table[-1][f"prefill {T // 1024}K s"] = None if not sp or sp["seconds"] is None else round(sp["seconds"], 2)
             table[-1][f"speed-up {T // 1024}K"] = None if not sp or sp["speedup"] is None else f"{sp['speedup']:.2f}x"
         if speed_lengths:
-            table[-1]["backend"] = speed.get((r["method"], speed_lengths[0]), {}).get("backend")
+            be = speed.get((r["method"], speed_lengths[0]), {}).get("backend")
+            table[-1]["backend"] = be.split(" (")[0] + " (not timed)" if be and "not timed" in be else be
     notes = {**COLUMN_NOTES, **speed_notes(speed_lengths)}
     cols = [c for c in table[0] if not c.startswith("_")]
     print_table(table, cols, title=f"sparsattn demo: passkey retrieval, {n_samples} sample(s) per length "
                                    f"({device}, {secs:.0f} s)")
     for c in cols:
         print(f"  {c}: {notes[c]}")
+    for (m, T), sp in speed.items():
+        if m != "_compile" and "not timed" in str(sp.get("backend")):
+            print(f"  note: {m} at {T} tokens: {sp['backend']}")
     compiled = {T: s for (m, T), s in speed.items() if m == "_compile" and s}
     for T, s in compiled.items():
         print(f"  note: FlexAttention compiled for {T} tokens in {s:.0f} s before the timed prefills (once per "

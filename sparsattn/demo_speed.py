@@ -42,12 +42,8 @@ def warm_flex(model, T: int, block: int = 64) -> Optional[float]:
     """Compile the flex kernel for this model's head shapes at ``T`` tokens (block ``block``), if the
     table would pick flex there; returns the seconds it took (None when flex is not the choice)."""
     from . import attention, choose_backend, patterns
-    from .integrations.hf import attention_modules
 
-    m = next(iter(attention_modules(model).values()))
-    cfg = m.config
-    Hq, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    D = getattr(m, "head_dim", None) or cfg.hidden_size // Hq
+    m, Hq, Hkv, D = _shapes(model)
     dev = next(model.parameters()).device
     dt = next(model.parameters()).dtype
     q = torch.randn(1, Hq, T, D, device=dev, dtype=dt)
@@ -63,10 +59,45 @@ def warm_flex(model, T: int, block: int = 64) -> Optional[float]:
     return time.perf_counter() - t0
 
 
-def prefill_speed(model, tok, methods: dict, lengths, *, progress: bool = True) -> dict:
+def _shapes(model):
+    from .integrations.hf import attention_modules
+
+    m = next(iter(attention_modules(model).values()))
+    cfg = m.config
+    Hq, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    return m, Hq, Hkv, getattr(m, "head_dim", None) or cfg.hidden_size // Hq
+
+
+def probe_backend(model, method, T: int) -> tuple[str, str]:
+    """(backend, reason) the table picks for ``method``'s pattern at ``T`` tokens, from one selection on
+    random q/k of the model's head shapes (the kernel is not run)."""
+    from . import choose_backend
+    from .kernels.backends import TABLE
+    from .methods.base import SelectContext
+
+    m, Hq, Hkv, D = _shapes(model)
+    dev, dt = next(model.parameters()).device, next(model.parameters()).dtype
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(1, Hq, T, D, generator=g).to(dev, dt)
+    k = torch.randn(1, Hkv, T, D, generator=g).to(dev, dt)
+    with torch.no_grad():
+        p = method.select(q, k, SelectContext(layer=0, causal=True, scale=getattr(m, "scaling", None)))
+        name = choose_backend(q, p)
+    if name != "reference":
+        return name, ""
+    refusals = [f"{b}: {TABLE['block_sparse'][b](q, pattern=p)[1]}" for b in TABLE["block_sparse"] if b != "reference"]
+    return name, "; ".join(refusals)
+
+
+def prefill_speed(model, tok, methods: dict, lengths, *, progress: bool = True, time_reference=None) -> dict:
     """prefill_speed: ``{(method, T): {"seconds", "speedup", "backend", "density", "fallbacks"}}`` plus
     ``{("_compile", T): seconds}``: one timed forward of a ``T``-token prompt per method and length
-    (``methods``: ``{name: get_method config}``; "dense" = the unpatched model)."""
+    (``methods``: ``{name: get_method config}``; "dense" = the unpatched model).
+
+    On the CPU a method whose pattern only the plain-torch reference can run (token columns: no
+    flex path) is not timed unless ``time_reference`` (default: only below 4096 tokens, where it
+    takes seconds): its row says why (``"seconds": None``, ``"backend": "reference (not timed: ...)"``).
+    """
     from .integrations.hf import patched
     from .methods import get_method
 
@@ -85,7 +116,16 @@ def prefill_speed(model, tok, methods: dict, lengths, *, progress: bool = True) 
         for name, cfg in methods.items():
             if name == "dense" and not cfg:
                 continue
-            with patched(model, method=get_method(name, **cfg)) as rep:
+            meth = get_method(name, **cfg)
+            if dev.type == "cpu" and not (time_reference if time_reference is not None else T < 4096):
+                be, why = probe_backend(model, meth, int(T))
+                if be == "reference":
+                    out[(name, T)] = {"seconds": None, "speedup": None, "backend": f"reference (not timed: {why})",
+                                      "density": None, "fallbacks": 0}
+                    if progress:
+                        print(f"  prefill {T} tokens: {name} not timed (the reference would run it: {why})", flush=True)
+                    continue
+            with patched(model, method=meth) as rep:
                 s = _forward_s(model, x)
             backends = sorted({b for st in rep.stats.values() for b in st.backends})
             out[(name, T)] = {"seconds": s, "speedup": None if dense_s is None else dense_s / s,
@@ -96,4 +136,4 @@ def prefill_speed(model, tok, methods: dict, lengths, *, progress: bool = True) 
     return out
 
 
-__all__ = ["prefill_speed", "warm_flex"]
+__all__ = ["prefill_speed", "probe_backend", "warm_flex"]
