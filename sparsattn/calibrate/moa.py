@@ -235,15 +235,16 @@ def fit_moa(model_or_path, tokenizer=None, *, lengths: Sequence[int] = (2048, 40
 OUT = "moa.json"
 PROVENANCE_KEY = "moa"
 #: the options of the shipped plan: passkey data (long-range dependent) at an explicit 12% budget,
-#: sink and minimum span 32 (the floor of a 2K row is then ~6%), 3 samples at 2K and 4K (a 2-core CPU)
-DEFAULTS = {"lengths": (2048, 4096), "budget": 0.12, "samples_per_length": 3, "answer_len": 16, "alpha_step": 256,
+#: sink and minimum span 32 (the floor of a 1.5K row is then ~8%), 3 samples at 1.5K and 2K (profiling
+#: holds every layer's T x T attention and its gradient: about 4 GB at 2K, over 15 GB at 4K)
+DEFAULTS = {"lengths": (1536, 2048), "budget": 0.12, "samples_per_length": 3, "answer_len": 16, "alpha_step": 256,
             "seed": 0, "data": "retrieval", "sink": 32, "min_span": 32}
 
 
 def add_arguments(p) -> None:
     """The method options of ``sparsattn calibrate moa``."""
     p.add_argument("--lengths", type=lambda s: tuple(int(x) for x in s.split(",")), default=DEFAULTS["lengths"],
-                   help="comma list of profiled lengths (2048,4096)")
+                   help="comma list of profiled lengths (1536,2048)")
     p.add_argument("--budget", type=float, default=DEFAULTS["budget"], help="mean density of the plan (0.12)")
     p.add_argument("--samples-per-length", type=int, default=DEFAULTS["samples_per_length"])
     p.add_argument("--answer-len", type=int, default=DEFAULTS["answer_len"],
@@ -256,7 +257,7 @@ def add_arguments(p) -> None:
     p.add_argument("--min-span", type=int, default=DEFAULTS["min_span"], help="smallest span (32)")
 
 
-def run(model_path: Optional[str], out: str, *, device: str = "cpu", lengths=(2048, 4096), budget: float = 0.12,
+def run(model_path: Optional[str], out: str, *, device: str = "cpu", lengths=(1536, 2048), budget: float = 0.12,
         samples_per_length: int = 3, answer_len: int = 16, alpha_step: int = 256, seed: int = 0,
         data: str = "retrieval", sink: int = 32, min_span: int = 32) -> tuple:
     """run: ``(fitted MoA, provenance record)`` of the model at ``model_path`` (None: bundled)."""
