@@ -39,6 +39,19 @@ def test_static_cache_matches_dynamic_prefill_method(family, impl):
     assert (scores[:, 0] - dense_scores[:, 0]).abs().max() > 1e-3
 
 
+def test_static_cache_gemma2_softcap_and_hybrid_layers():
+    """Gemma 2: alternating sliding / full layers (a dict of masks from generate) and logit softcapping
+    (the static decode step's dense path applies it: a cap of 0.05 changes every score)."""
+    m = make_model("gemma2", attn_implementation="eager", num_hidden_layers=2, attn_logit_softcapping=0.05)
+    m.generation_config.pad_token_id = 0
+    x = torch.randint(3, 120, (1, 40), generator=torch.Generator().manual_seed(9))
+    hf.patch(m, method="a_shape", n_init=4, n_local=8)
+    seq, scores = _gen(m, x)
+    s_seq, s_scores = _gen(m, x, cache_implementation="static")
+    assert torch.equal(s_seq, seq)
+    torch.testing.assert_close(s_scores, scores, atol=2e-5, rtol=2e-5)
+
+
 def test_static_cache_left_padded_batch():
     m = _tiny("llama", num_hidden_layers=2)
     g = torch.Generator().manual_seed(2)
