@@ -12,7 +12,7 @@ Operations: ``append`` (new tokens after each row's slots), ``evict`` (keep a ma
 compacted in order), ``write_slot`` (merged slots), ``regroup``, ``gather`` (selected rows), ``attend``
 (one decode query per query head: the sparse decode kernel once per group on its query heads, exact
 since a query head only reads its own KV head) and ``attend_causal`` (the last Tq slots of every row
-are the queries), ``padded`` (a ``[B, Hkv, T, ...]`` tensor: the storage itself for one group, a
+are the queries; both take Gemma 2's ``softcap`` and gpt-oss's ``sinks``), ``padded`` (a ``[B, Hkv, T, ...]`` tensor: the storage itself for one group, a
 materialised copy for several, slot-major or left-padded) and ``nbytes``.
 ``sparsattn.kv.KVCache`` keeps one store per contiguous layer; ``sparsattn.integrations.hf.SparseCache``
 keeps one per layer whose KV heads keep different lengths; KV policies run on the store in place
@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from ..kernels._checks import check_sinks
 from ..patterns import TokenPattern
 from ..patterns._util import _err  # the library's one error-message helper
 from .groups import group_query_heads, head_groups
@@ -370,22 +371,31 @@ class HeadGroupStore:
     # ------------------------------------------------------------------ attention
     def attend(self, q: Tensor, pattern: Optional[TokenPattern] = None, **kw):
         """Decode attention of ``q [B, Hq, D]`` (see ``sparsattn.kv.KVCache.attend``): per-row lengths and
-        log-weights honoured; the kernel runs once per head group on its query heads."""
+        log-weights honoured; the kernel runs once per head group on its query heads (``sinks [Hq]``:
+        each group gets its own query heads' sinks; ``softcap`` as in the kernel)."""
         if len(self.groups) == 1:
             return attend_one(self, q, pattern, kw)
         return attend_groups(self, q, pattern, kw)
 
-    def attend_causal(self, q: Tensor, *, scale=None, backend=None) -> Tensor:
+    def attend_causal(self, q: Tensor, *, scale=None, backend=None, softcap=None,
+                      sinks: Optional[Tensor] = None) -> Tensor:
         """Attention of ``q [B, Hq, Tq, D]`` whose Tq queries are the last Tq slots of every row (causal),
         honouring each row's length and log-weights: one query = ``attend`` (the sparse decode kernel),
-        several = dense SDPA with an additive mask per group (float32 when the layer has log-weights)."""
+        several = dense SDPA with an additive mask per group (float32 when the layer has log-weights).
+        ``softcap`` / ``sinks [Hq]`` (Gemma 2 / gpt-oss, see ``sparsattn.kv.store_attend``): the kernel
+        for one query, a float32 masked softmax per group (that group's query heads' sinks) for several."""
         B, Hq, Tq, D = q.shape
         H = self.kv_heads
         if Hq % H or B != self.batch:
             raise _err("q", f"[B={self.batch}, Hq (a multiple of {H}), Tq, D]", tuple(q.shape))
+        extra = {}
+        if softcap is not None:
+            extra["softcap"] = softcap
+        if sinks is not None:
+            extra["sinks"] = check_sinks(sinks, Hq, q.device)
         if Tq == 1:  # the decode kernel over each row's own length (dense fast path without weights)
             be = backend if backend in ("triton", "reference") else None
-            return self.attend(q[:, :, 0], None, scale=scale, backend=be)[:, :, None]
+            return self.attend(q[:, :, 0], None, scale=scale, backend=be, **extra)[:, :, None]
         G = Hq // H
         dev = q.device
         dt = torch.float32 if any(g.log_weight is not None for g in self.groups) else q.dtype  # one dtype a layer
@@ -393,8 +403,9 @@ class HeadGroupStore:
         for g, hs in self.parts():
             hs = torch.arange(H, device=dev) if hs is None else hs.to(dev)
             qi = group_query_heads(hs, G, dev)
+            ex = dict(extra, sinks=sinks[qi]) if sinks is not None else extra
             out[:, qi] = attend_rows(q[:, qi], g.k, g.v, self.lengths[:, hs], g.log_weight, scale=scale,
-                                     backend=backend, dense_dtype=dt)
+                                     backend=backend, dense_dtype=dt, **ex)
         return out
 
 

@@ -3,7 +3,13 @@
 ``attend_one``: the single-tensor layout (per-head lengths and compensation log-weights honoured, a
 slot-indexed TokenPattern optional); ``attend_groups``: the sparse decode kernel once per head group on
 that group's query heads (exact: a query head only reads its own KV head). Selected slots past a row's
-own length hold nothing and are skipped on both paths.
+own length hold nothing and are skipped on both paths. ``attend_rows``: several causal queries on rows
+of per-head lengths (one query: the decode kernel).
+
+Every path takes ``softcap`` (Gemma 2's logit soft-capping, applied to the scaled score before the
+log-weight and the mask) and ``sinks`` (gpt-oss's learned sink logits, float ``[Hq]``, one per query
+head of ``q``: a softmax term with no value), with the semantics of the kernels
+(``sparsattn.kernels.sparse_decode.sparse_decode_attention``).
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..kernels._checks import check_sinks, check_softcap
 from ..kernels.sparse_decode import sparse_decode_attention
 from ..patterns import TokenPattern
 from ..patterns._util import _err  # the library's one error-message helper
@@ -86,6 +93,8 @@ def attend_groups(st, q: Tensor, pattern: Optional[TokenPattern], kw: dict):
         raise _err("q", f"a tensor [B={B}, Hq (a multiple of {H}), D]", getattr(q, "shape", type(q).__name__))
     Hq, G = q.shape[1], q.shape[1] // H
     dev = q.device
+    kw = dict(kw)
+    sinks = check_sinks(kw.pop("sinks", None), Hq, dev, values=kw.get("validate", True))
     tok = valid = None
     if pattern is not None:
         tok, valid = _selected(st, pattern, Hq, kw, dev)
@@ -96,9 +105,10 @@ def attend_groups(st, q: Tensor, pattern: Optional[TokenPattern], kw: dict):
         qi = group_query_heads(hs, G, dev)
         ln = st.lengths[:, hs].to(dev)  # [B, H_g]
         cap = g.cap
+        sk = None if sinks is None else sinks[qi]  # the sinks of this group's query heads
         if pattern is None and g.log_weight is None:  # every kept slot: dense over each row's length
             o, s = sparse_decode_attention(q[:, qi], g.k, g.v, None, kv_lens=ln.to(torch.int32),
-                                           **dict(kw, return_lse=True))
+                                           **dict(kw, return_lse=True, sinks=sk))
             out[:, qi], lse[:, qi] = o, s
             continue
         if pattern is None:
@@ -123,24 +133,28 @@ def attend_groups(st, q: Tensor, pattern: Optional[TokenPattern], kw: dict):
         if g.log_weight is not None and cap:
             lw = torch.gather(g.log_weight.to(dev), 2, t.clamp_max(cap - 1))
         o, s = sparse_decode_attention(q[:, qi], g.k, g.v, pat, kv_lens=ln.amax(1).to(torch.int32),
-                                       log_weight=lw, **dict(kw, return_lse=True))
+                                       log_weight=lw, **dict(kw, return_lse=True, sinks=sk))
         out[:, qi], lse[:, qi] = o, s
     return (out, lse) if kw.get("return_lse") else out
 
 
-
-
 def attend_rows(q: Tensor, k: Tensor, v: Tensor, lens: Tensor, lw: Optional[Tensor], *, scale=None, backend=None,
-                dense_dtype=None, pad: Optional[Tensor] = None) -> Tensor:
+                dense_dtype=None, pad: Optional[Tensor] = None, softcap=None, sinks: Optional[Tensor] = None,
+                max_chunk_elems: int = 1 << 24) -> Tensor:
     """attend_rows: causal attention of ``q [B, Hq, Tq, D]`` on rows ``k, v [B, H, T, D]`` whose valid slots are
     ``[pad, pad + lens)`` (``pad [B, H]``, default 0: slot-major rows; ``pad = T - lens``: left-padded rows),
     with optional per-slot log-weights ``lw [B, H, T]``; the Tq queries are the last Tq valid slots of each
     row. One query: ``sparse_decode_attention`` over the valid slots (``backend`` "triton"/"reference",
     else automatic); several: dense SDPA with an additive mask in ``dense_dtype`` (default ``q.dtype``;
-    float32 is needed for log-weights)."""
+    float32 is needed for log-weights). With ``softcap`` / ``sinks [Hq]`` (see the module docstring) the
+    several-query path is a float32 masked softmax (``softcap * tanh(s / softcap)``, then the log-weight,
+    then the mask; the sink joins the denominator: the shared softmax of the references,
+    ``sparsattn.kernels.block_sparse.reference.apply_softcap_sinks``), ``max_chunk_elems`` scores at a time."""
     B, Hq, Tq, D = q.shape
     H, T = k.shape[1], k.shape[2]
     dev = k.device
+    softcap = check_softcap(softcap)
+    sinks = check_sinks(sinks, Hq, q.device)
     lens = lens.to(dev).long()
     start = torch.zeros_like(lens) if pad is None else pad.to(dev).long()
     if Tq == 1:
@@ -148,19 +162,47 @@ def attend_rows(q: Tensor, k: Tensor, v: Tensor, lens: Tensor, lw: Optional[Tens
         tp = TokenPattern(idx.to(torch.int32).contiguous(), lens.to(torch.int32).contiguous(), T)
         lws = None if lw is None else torch.gather(lw.to(dev), 2, idx)
         be = backend if backend in ("triton", "reference") else None
-        return sparse_decode_attention(q[:, :, 0], k, v, tp, scale=scale, log_weight=lws, backend=be)[:, :, None]
+        return sparse_decode_attention(q[:, :, 0], k, v, tp, scale=scale, log_weight=lws, backend=be,
+                                       softcap=softcap, sinks=sinks)[:, :, None]
     j = torch.arange(T, device=dev)
     end = (start + lens)[:, :, None, None]  # [B, H, 1, 1]
     i = torch.arange(Tq, device=dev)[:, None]
     keep = (j >= start[:, :, None, None]) & (j < end) & (j <= end - Tq + i)  # [B, H, Tq, T]
+    g = Hq // H
+    kk, vv = (k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)) if g > 1 else (k, v)
+    if softcap is not None or sinks is not None:
+        return _capped_rows(q, kk, vv, keep.repeat_interleave(g, 1), None if lw is None else lw.repeat_interleave(g, 1),
+                            scale, softcap, sinks, max_chunk_elems)
     w = torch.zeros((), device=dev) if lw is None else lw.to(dev).float()[:, :, None, :]
     bias = torch.where(keep, w, torch.full((), float("-inf"), device=dev))
-    g = Hq // H
     dt = q.dtype if dense_dtype is None else dense_dtype
     bias = bias.repeat_interleave(g, 1).to(dt)
-    kk, vv = (k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)) if g > 1 else (k, v)
     out = F.scaled_dot_product_attention(q.to(dt), kk.to(dt), vv.to(dt), attn_mask=bias, scale=scale)
     return out.to(q.dtype)
+
+
+def _capped_rows(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, lw: Optional[Tensor], scale, softcap, sinks,
+                 max_chunk_elems: int) -> Tensor:
+    """Masked attention of ``q [B, Hq, Tq, D]`` on ``k, v`` (per query head) with soft-capped scores,
+    per-slot log-weights ``lw [B, Hq, T]`` and sink logits, in float32, a chunk of query rows at a time."""
+    from ..kernels.block_sparse.reference import apply_softcap_sinks
+
+    B, Hq, Tq, D = q.shape
+    T = k.shape[2]
+    scale = D ** -0.5 if scale is None else float(scale)
+    kf, vf = k.float(), v.float()
+    w = None if lw is None else lw.to(q.device).float()[:, :, None, :]
+    step = max(1, max_chunk_elems // max(B * Hq * T, 1))
+    parts = []
+    for r0 in range(0, Tq, step):
+        s = torch.matmul(q[:, :, r0:r0 + step].float(), kf.transpose(-1, -2)) * scale
+        if softcap is not None:  # the cap first: the log-weight counts merged tokens of a capped score
+            s = softcap * torch.tanh(s / softcap)
+        if w is not None:
+            s = s + w
+        p, _ = apply_softcap_sinks(s, keep[:, :, r0:r0 + step], None, sinks)
+        parts.append(torch.matmul(p, vf))
+    return torch.cat(parts, 2).to(q.dtype) if parts else q.new_zeros(B, Hq, 0, v.shape[-1])
 
 
 __all__ = ["attend_one", "attend_groups", "attend_rows"]
