@@ -226,7 +226,8 @@ class SparseCache(DynamicCache):
         return self._lw_stored.get(layer_idx)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-               scale: Optional[float] = None, backend: Optional[str] = None) -> Optional[torch.Tensor]:
+               scale: Optional[float] = None, backend: Optional[str] = None, softcap: Optional[float] = None,
+               sinks: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """Attention of ``q [B, Hq, Tq, D]`` on the keys/values returned by the last ``update`` of
         ``layer_idx``, honouring per-(batch, head) valid slots and merged-slot log-weights; the Tq
         queries are the last Tq slots (causal). Returns ``[B, Hq, Tq, D]``, or None when the layer
@@ -238,7 +239,10 @@ class SparseCache(DynamicCache):
         log-weights). Such a layer is attended over every slot the policy kept: a decode method given
         to ``hf.patch`` does not further select on it. On a layer stored as head groups ``k``/``v``
         must be the ``GroupedKV`` placeholders of the last update; the groups are read (once per
-        group on its query heads) and then released (a second call raises ValueError)."""
+        group on its query heads) and then released (a second call raises ValueError).
+        ``softcap`` (Gemma 2's logit cap) and ``sinks`` (gpt-oss's learned sink logits, float ``[Hq]``)
+        apply as in the kernels: the decode kernel takes them for one query; several queries are then
+        a float32 masked softmax (cap, then the log-weight and the mask; the sink in the denominator)."""
         fresh = self._fresh.get(layer_idx)
         if fresh is not None:
             if k is not fresh.k or v is not fresh.v:
@@ -248,7 +252,8 @@ class SparseCache(DynamicCache):
                 raise ValueError(f"layer {layer_idx}: the rows of the last update were already attended (or a new "
                                  "forward began); attend once per update")
             fresh.attended = True
-            out = self._grouped(layer_idx).store.attend_causal(q, scale=scale, backend=backend)
+            out = self._grouped(layer_idx).store.attend_causal(q, scale=scale, backend=backend, softcap=softcap,
+                                                               sinks=sinks)
             self._settle(layer_idx)  # the policy and the sliding window run after the attention
             return out
         if isinstance(k, GroupedKV) or isinstance(v, GroupedKV):
@@ -266,7 +271,7 @@ class SparseCache(DynamicCache):
             raise ValueError(f"k: expected {lw.shape[-1]} slots (the last update of layer {layer_idx}), got {T}")
         pad = pad.to(k.device)
         return attend_rows(q, k, v, T - pad, lw, scale=scale, backend=backend, pad=pad,
-                           dense_dtype=q.dtype if lw is None else torch.float32)
+                           dense_dtype=q.dtype if lw is None else torch.float32, softcap=softcap, sinks=sinks)
 
     def _pad_from_mask(self, B: int, T: int, device) -> torch.Tensor:
         m = self._mask2d
