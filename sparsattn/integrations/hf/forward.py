@@ -150,10 +150,7 @@ class _Layer:
         scale = float(scaling) if scaling is not None else getattr(module, "scaling", None)
         cache = frame.get("cache")
         if isinstance(cache, SparseCache):  # a KV policy left per-head lengths or merged-slot weights
-            if extra and cache.needs_attend(self.index):
-                raise ValueError(f"layer {self.index}: a KV policy's per-head rows are attended without "
-                                 f"{' and '.join(extra)} support; use the policy on a model without them")
-            out = cache.attend(self.index, q, k, v, scale=scale, backend=self._be())
+            out = cache.attend(self.index, q, k, v, scale=scale, backend=self._be(), **extra)
             if out is not None:
                 return out.transpose(1, 2).contiguous(), None
         if isinstance(mask, torch.Tensor):
@@ -203,7 +200,9 @@ class _Layer:
             if kv_lens is None and window is None and not extra:  # (its own output: no softcap/sinks)
                 ctx.v = v
                 return self.prefill.methods[0].attend(q, k, v, ctx)[0]
-            note_fallback(self, f"{self.prefill.describe()} computes its own output: not with padding or a sliding window",
+            why = [w for w, on in (("padding", kv_lens is not None), ("a sliding window", window is not None),
+                                   (" and ".join(extra), bool(extra))) if on]
+            note_fallback(self, f"{self.prefill.describe()} computes its own output: not with {', '.join(why)}",
                           (Tq, Tk))
             keep = self._explicit_mask(mask if isinstance(mask, MaskInfo) else None, window, Tq, Tk, q.device)
             return _dense_masked(q, k, v, keep, scale, **extra)
