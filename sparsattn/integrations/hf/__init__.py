@@ -22,7 +22,8 @@ boolean 4-D mask transformers' SDPA path would use, and the attention function t
 to dense SDPA for that call (logged at DEBUG): never silently wrong.
 
 Prefill: a method that computes attention itself (``Method.attend``, e.g. HyperAttention) is called
-with q/k/v and its output is the layer's (dense SDPA for padded batches or sliding-window layers);
+with q/k/v and its output is the layer's (dense attention for padded batches, sliding-window layers
+and models with logit soft-capping or sink logits);
 otherwise ``method.select(q, k, SelectContext(...))`` on q/k after RoPE (as HF passes them), then
 ``sparsattn.attention`` with the pattern (intersected with the layer's sliding window, if any) and,
 for padded batches, ``q_lens/kv_lens/padding_side``. Decode (one new token with a cache): a
@@ -43,8 +44,13 @@ Modules: ``patch`` (patch / unpatch / patched, method specs), ``forward`` (the a
 the per-layer binding), ``mask`` (the mask function), ``heads`` (per-head composition of patterns),
 ``padding`` (padded batches), ``modules`` (attention-module discovery), ``swap`` (the one
 attention-implementation swap, also used by ``capture_qkv`` and calibration), ``cache`` /
-``cache_groups`` (``SparseCache``), ``report`` (``PatchReport``: what ran, per layer and head;
-``patched`` yields it).
+``cache_groups`` (``SparseCache``), ``static`` (static caches and the compiled decode step),
+``auto`` (``from_pretrained(..., attn_implementation="sparsattn")`` with the methods read from the
+model's config), ``report`` (``PatchReport``: what ran, per layer and head; ``patched`` yields it).
+
+Gemma 2's logit soft-capping (``softcap``) and gpt-oss's learned sink logits (``s_aux``) reach every
+path: the sparse kernels, the dense fallbacks, static caches and ``SparseCache.attend`` (the rows a
+KV policy left).
 """
 from __future__ import annotations
 
