@@ -257,12 +257,16 @@ def _rich(title: str, cols: list, cells: list, notes: list, file) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    import shutil
+
     t = Table(title=title)
     for c in cols:
-        t.add_column(c, justify="left" if c in ("phase", "method", "backend", "heads") else "right")
+        t.add_column(c, justify="left" if c in ("phase", "method", "backend", "heads") else "right", no_wrap=True)
     for r in cells:
         t.add_row(*r)
-    con = Console(file=file)
+    # never squeeze cells into ellipses (rich's default width off a terminal is 80 columns)
+    need = sum(max([len(c)] + [len(r[i]) for r in cells]) + 3 for i, c in enumerate(cols)) + 1
+    con = Console(file=file, width=max(need, shutil.get_terminal_size((80, 24)).columns))
     con.print(t)
     for n in notes:
         con.print(n, markup=False, highlight=False)
