@@ -202,7 +202,7 @@ class _Layer:
                 return self.prefill.methods[0].attend(q, k, v, ctx)[0]
             why = [w for w, on in (("padding", kv_lens is not None), ("a sliding window", window is not None),
                                    (" and ".join(extra), bool(extra))) if on]
-            note_fallback(self, f"{self.prefill.describe()} computes its own output: not with {', '.join(why)}",
+            note_fallback(self, f"{self.prefill.describe()} computes its own output: not with {' or '.join(why)}",
                           (Tq, Tk))
             keep = self._explicit_mask(mask if isinstance(mask, MaskInfo) else None, window, Tq, Tk, q.device)
             return _dense_masked(q, k, v, keep, scale, **extra)
