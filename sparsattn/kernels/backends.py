@@ -89,16 +89,23 @@ def reference_can_run(x: torch.Tensor, **extra) -> tuple[bool, str]:
     return True, "always available"
 
 
+_CXX: dict = {}
+
+
 def _cpp_compiler() -> Optional[str]:
-    """A C++ compiler for torch.compile's CPU code (Inductor reads ``CXX``, else looks for c++/g++/clang++)."""
+    """A C++ compiler for torch.compile's CPU code (Inductor reads ``CXX``, else looks for c++/g++/clang++);
+    looked up once per process and ``CXX`` value."""
     import shutil
 
-    cands = [os.environ["CXX"]] if os.environ.get("CXX") else []
-    for c in cands + ["c++", "g++", "clang++"]:
-        path = shutil.which(c)
-        if path:
-            return path
-    return None
+    env = os.environ.get("CXX") or ""
+    if env not in _CXX:
+        found = None
+        for c in ([env] if env else []) + ["c++", "g++", "clang++"]:
+            found = shutil.which(c)
+            if found:
+                break
+        _CXX[env] = found
+    return _CXX[env]
 
 
 def _flex_cpu_platform() -> tuple[bool, str]:
@@ -238,11 +245,14 @@ def choose(family: str, x: torch.Tensor, requested: Optional[str] = None, *, fal
         _WARNED.add(key)
         _log(level, "sparsattn %s: requested backend %s cannot run (%s); falling back", family, requested, why)
     for name, pred in fams.items():
-        ok, why = pred(x, **extra)
+        if name == "flex" and not x.is_cuda:  # the length rule first: cheap, and traceable (decode steps)
+            ok, why = flex_cpu_auto(x, **extra)
+            if ok:
+                ok, why = pred(x, **extra)
+        else:
+            ok, why = pred(x, **extra)
         if ok and name == "triton" and family in INTERPRETER_ON_REQUEST and not x.is_cuda:
             ok, why = False, f"the {family} kernel runs in the interpreter only on request (backend='triton')"
-        if ok and name == "flex" and not x.is_cuda:
-            ok, why = flex_cpu_auto(x, **extra)
         if ok:
             _log(logging.DEBUG, "sparsattn %s backend %s chosen: %s", family, name, why)
             return name
