@@ -286,6 +286,8 @@ def binding_report(binding) -> Optional[PatchReport]:
 
 def selection_clock(binding, x: torch.Tensor) -> Optional[float]:
     """The start time of a selection on a layer binding (None: its report records no details)."""
+    if torch.compiler.is_compiling():  # nothing is recorded in a compiled graph (checked before any Python state)
+        return None
     rep = binding_report(binding)
     return None if rep is None else rep.clock(x)
 
@@ -320,6 +322,8 @@ def note_selection(binding, phase: str, pattern, t0: Optional[float], q: torch.T
 
 def note_fallback(binding, reason: str, tokens: tuple) -> None:
     """Record (and log) a fallback to dense attention of a layer binding; phase from the query count."""
+    if torch.compiler.is_compiling():
+        return
     phase = "decode" if tokens[0] == 1 and tokens[1] > 1 else "prefill"
     rep = binding_report(binding)
     if rep is None:
