@@ -9,7 +9,7 @@ Layers (low -> high), decided from the tree (issue 11):
    helpers, ``methods`` use ``kv`` storage helpers)
 3. ``integrations``, ``capture``, ``distributed`` (route tensors of a model through methods)
 4. ``calibrate``, ``eval``, ``bench``, ``analysis``, ``train`` (drive whole models)
-5. ``cli``, ``demo``, ``evaluate``
+5. ``cli``, ``demo`` (and its prefill timing ``demo_speed``), ``evaluate``
 
 The package root ``sparsattn/__init__.py`` re-exports layers <= 3 and counts as layer 3.
 
@@ -29,7 +29,7 @@ LAYER = {
     "methods": 2, "nn": 2, "kv": 2,
     "integrations": 3, "capture": 3, "distributed": 3,
     "calibrate": 4, "eval": 4, "bench": 4, "analysis": 4, "train": 4,
-    "cli": 5, "demo": 5, "evaluate": 5,
+    "cli": 5, "demo": 5, "demo_speed": 5, "evaluate": 5,
     "__init__": 3,  # the package root re-exports layers <= 3 (api, methods, patterns, integrations)
 }
 #: (importing component, imported component): upward imports still present, to be removed
