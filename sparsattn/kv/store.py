@@ -392,7 +392,7 @@ class HeadGroupStore:
         if softcap is not None:
             extra["softcap"] = softcap
         if sinks is not None:
-            extra["sinks"] = check_sinks(sinks, Hq, q.device)
+            extra["sinks"] = check_sinks(sinks, Hq, q.device, values=False)  # values: checked downstream
         if Tq == 1:  # the decode kernel over each row's own length (dense fast path without weights)
             be = backend if backend in ("triton", "reference") else None
             return self.attend(q[:, :, 0], None, scale=scale, backend=be, **extra)[:, :, None]

@@ -94,7 +94,7 @@ def attend_groups(st, q: Tensor, pattern: Optional[TokenPattern], kw: dict):
     Hq, G = q.shape[1], q.shape[1] // H
     dev = q.device
     kw = dict(kw)
-    sinks = check_sinks(kw.pop("sinks", None), Hq, dev, values=kw.get("validate", True))
+    sinks = check_sinks(kw.pop("sinks", None), Hq, dev, values=False)  # values: checked by the kernel
     tok = valid = None
     if pattern is not None:
         tok, valid = _selected(st, pattern, Hq, kw, dev)
@@ -154,7 +154,7 @@ def attend_rows(q: Tensor, k: Tensor, v: Tensor, lens: Tensor, lw: Optional[Tens
     H, T = k.shape[1], k.shape[2]
     dev = k.device
     softcap = check_softcap(softcap)
-    sinks = check_sinks(sinks, Hq, q.device)
+    sinks = check_sinks(sinks, Hq, q.device, values=Tq > 1)  # one query: the kernel checks the values
     lens = lens.to(dev).long()
     start = torch.zeros_like(lens) if pad is None else pad.to(dev).long()
     if Tq == 1:

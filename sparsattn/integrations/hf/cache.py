@@ -21,7 +21,8 @@
 * Per-head lengths or log-weights cannot be expressed by a per-sequence padding mask: attention
   on such a layer goes through ``attend(layer_idx, q, k, v, ...)`` (exact: the sparse decode
   kernel over the valid slots of every (batch, head) with the log-weights, or dense attention
-  with an additive mask for several queries). ``sparsattn.integrations.hf`` calls it;
+  with an additive mask for several queries; Gemma 2's ``softcap`` and gpt-oss's ``sinks`` are
+  applied as in the kernels, several queries then in a float32 masked softmax). ``sparsattn.integrations.hf`` calls it;
   ``attention_pad`` refuses such a layer (ValueError) rather than let a caller mask it wrongly.
 * A cache with a policy must be driven by a model patched with ``sparsattn.integrations.hf.patch``
   (the patched attention reads the compressed layout; transformers' own masks cannot).
