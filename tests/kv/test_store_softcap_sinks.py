@@ -130,3 +130,13 @@ def test_empty_rows_with_sinks_give_zeros_and_bad_sinks_are_refused():
         st.attend_causal(q2, sinks=torch.zeros(3))
     with pytest.raises(ValueError, match="softcap"):
         st.attend_causal(q2, softcap=-1.0)
+
+
+def test_one_query_through_the_triton_decode_kernel():
+    """The same decode step with the Triton kernel (the interpreter on a CPU), once per head group."""
+    gen = torch.Generator().manual_seed(21)
+    st = _store(gen, True, 1)
+    q = 3 * torch.randn(B, H * G, 1, D, generator=gen)
+    sinks = torch.randn(H * G, generator=gen) * 2
+    got = st.attend_causal(q, scale=SCALE, backend="triton", softcap=CAP, sinks=sinks)
+    torch.testing.assert_close(got.double(), _loop(q, _rows(st), CAP, sinks), rtol=1e-5, atol=1e-5)
