@@ -39,7 +39,8 @@ from ..methods.base import SelectContext, SelectHook
 
 EVAL_SEED = 2112
 METHODS = ("dense", "oracle_topk", "minference", "seer_attention", "razor", "moa")
-#: also accepted: ``seer_attention:threshold`` (the gate in threshold mode)
+#: also accepted: ``seer_attention:threshold`` (the gate in threshold mode), ``NAME:d0.06`` (aimed at
+#: density 0.06 instead of the run's target)
 BLOCK = 64
 
 
@@ -279,8 +280,11 @@ def run(out_dir, *, length: int = 4096, n: int = 10, target: float = 0.1, method
     for spec in methods:
         name, cal_dir = _parse(spec, cal_dirs)
         t1 = time.time()
-        cfg, aimed = build_settings([name], caps[0][0], caps[0][1], length, target, cal_dir, out_dir)[name]
-        m = get_method(name.split(":")[0], **cfg) if name != "dense" else None
+        base, _, var = name.partition(":")
+        tgt = float(var[1:]) if var.startswith("d") else target  # NAME:d0.06 aims at density 0.06
+        key = base if var.startswith("d") else name
+        cfg, aimed = build_settings([key], caps[0][0], caps[0][1], length, tgt, cal_dir, out_dir)[key]
+        m = get_method(base, **cfg) if name != "dense" else None
         run_pk = spec not in coverage_only
         hits, covs, nread, nkept, kfrac = [], [], 0, 0, []
         dens: list[float] = []

@@ -128,7 +128,7 @@ def test_command_line_has_the_retrieval_options():
     assert a.budget == 0.12 and a.data == "source" and a.n_prompts == 2
     a = p.parse_args(["seer_attention", "--init", "g0"])
     assert a.init == "g0" and a.data == "retrieval"
-    assert p.parse_args(["moa"]).budget == 0.12
+    assert p.parse_args(["moa"]).budget == 0.5 and p.parse_args(["moa", "--data", "retrieval"]).data == "retrieval"
 
 
 def test_check_razor_top_keeps_the_best_scored_heads(tmp_path):
