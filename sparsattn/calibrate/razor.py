@@ -47,11 +47,13 @@ def fit_razor(model, tokenizer, *, period: int = 512, repeats: int = 4, seed: in
 
 
 def fit_razor_retrieval(model, tokenizer, *, lengths=(1024, 2048, 4096), depths: int = 5, threshold: float = 0.1,
-                        max_heads: int = 8, seed: int = 0, out=None, haystack=None) -> tuple:
+                        max_heads: int = 8, seed: int = 0, out=None, haystack=None, probe=(512, 4, 16)) -> tuple:
     """fit_razor_retrieval: retrieval-head scores ``[layers, heads]`` of ``model`` on passkey prompts at
     ``lengths`` x ``depths`` needle depths (``retrieval_prompts``, seed ``seed``; ``haystack`` as
     there) and the RazorAttention calibration keeping the heads above ``threshold`` (at most
-    ``max_heads``, by score) -> ``(RazorAttention, scores, copied fraction)``; saved to ``out``."""
+    ``max_heads``, by score) -> ``(RazorAttention, scores, copied fraction)``; saved to ``out``.
+    ``probe``: ``(period, repeats, low)`` of the data-free echo / induction probe whose scores are
+    stored beside (None: not run)."""
     import torch
 
     from ..analysis.fit_methods import model_shape
@@ -80,8 +82,21 @@ def fit_razor_retrieval(model, tokenizer, *, lengths=(1024, 2048, 4096), depths:
     keep = keep.view(scores.shape)
     data = {str(l): {"retrieval_heads": keep[l].nonzero().flatten().tolist(), "retrieval": scores[l].tolist()}
             for l in range(shape.num_layers)}
+    if probe is not None:  # the data-free echo / induction scores too (tools that rank by them, comparisons)
+        from ..capture import capture_qkv
+        from ..methods.razor import echo_induction_scores, repeated_random_tokens
+
+        period, repeats, low = probe
+        vocab = tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else len(tokenizer)
+        rnd = repeated_random_tokens(vocab, period, repeats, seed=seed, low=low)[None].to(dev)
+        with torch.no_grad():
+            cap = capture_qkv(model, rnd)
+        for l, (q, k, *_) in cap.items():
+            e, i = echo_induction_scores(q, k, period)
+            data[str(l)].update(echo=e.tolist(), induction=i.tolist())
     cfg = {"source": "retrieval-head score (arXiv 2404.15574)", "threshold": threshold, "max_heads": max_heads,
-           "lengths": list(map(int, lengths)), "depths": depths}
+           "lengths": list(map(int, lengths)), "depths": depths,
+           "probe": None if probe is None else {"period": probe[0], "repeats": probe[1], "low": probe[2]}}
     if out is not None:
         save_calibration(out, "razor", shape, data, cfg)
         r = RazorAttention.load(out)
@@ -116,7 +131,7 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", source: str
     model, tok, _ = load_model(model_path, device=device)
     if source == "retrieval":
         r, scores, frac = fit_razor_retrieval(model, tok, lengths=lengths, depths=depths, threshold=threshold,
-                                              max_heads=max_heads, seed=seed, out=out)
+                                              max_heads=max_heads, seed=seed, out=out, probe=(period, repeats, low))
         top = sorted(((float(scores[l, h]), l, h) for l in range(scores.shape[0]) for h in range(scores.shape[1])),
                      reverse=True)[:12]
         rec = {"call": call_text("razor", dict(source=source, lengths=lengths, depths=depths, threshold=threshold,
@@ -124,7 +139,8 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", source: str
                "seconds": round(time.time() - t0, 1),
                "data": f"passkey prompts (calibrate._retrieval.retrieval_prompts, training-split source haystack, "
                        f"seed {seed} + length) at lengths {tuple(lengths)} x {depths} depths; dense model copied "
-                       f"{frac:.3f} of the answer tokens",
+                       f"{frac:.3f} of the answer tokens; echo / induction scores stored beside, from {period} "
+                       f"random token ids repeated {repeats} times",
                "top_heads": [[l, h, round(s, 4)] for s, l, h in top]}
     elif source == "echo":
         r = fit_razor(model, tok, period=period, repeats=repeats, seed=seed, low=low, out=out)

@@ -249,16 +249,19 @@ class RazorAttention(Calibrated, Method):
 
 def razor_subset(src: str, n_heads: int, out_path: str) -> str:
     """razor_subset: a copy of the razor calibration ``src`` keeping as retrieval heads the ``n_heads``
-    (layer, head) pairs with the highest induction score (the scores stored in ``src``); written to
+    (layer, head) pairs with the highest retrieval-head score (arXiv 2404.15574; ``data.<layer>.retrieval``,
+    written by ``sparsattn calibrate razor --source retrieval``) or, in a file without them, induction
+    score (the scores stored in ``src``); written to
     ``out_path`` (same format, model shape and scores; ``config.derived_from`` records the source).
     The density preset's rule (``RazorAttention.density_knob`` with a ``work_dir``)."""
     with open(src) as f:
         doc = json.load(f)
     pairs = []
+    by = "retrieval" if all(d.get("retrieval") for d in doc["data"].values()) else "induction"
     for layer, d in doc["data"].items():
-        ind = d.get("induction") or []
+        ind = d.get(by) or []
         if not ind:
-            raise ValueError(f"{src}: layer {layer} has no induction scores to rank heads by")
+            raise ValueError(f"{src}: layer {layer} has no retrieval or induction scores to rank heads by")
         pairs += [(float(s), int(layer), h) for h, s in enumerate(ind)]
     if isinstance(n_heads, bool) or not isinstance(n_heads, int) or not 1 <= n_heads <= len(pairs):
         raise ValueError(f"n_heads: expected 1..{len(pairs)}, got {n_heads}")
@@ -266,7 +269,7 @@ def razor_subset(src: str, n_heads: int, out_path: str) -> str:
     for layer, d in doc["data"].items():
         d["retrieval_heads"] = sorted(h for _, l, h in keep if str(l) == str(layer))
     doc["config"] = dict(doc.get("config") or {}, derived_from=os.path.basename(src),
-                         rule=f"top {n_heads} heads by induction score")
+                         rule=f"top {n_heads} heads by {by} score")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "w") as f:
         f.write(json.dumps(doc, indent=1) + "\n")
