@@ -43,7 +43,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .bench.common import write_csv
-from .methods.base import SelectHook
+from .eval._harness import parse_method_config, pyplot  # noqa: F401  (parse_method_config: re-exported)
+from .eval.recorder import SelectRecorder
 
 __all__ = ["run_eval", "main", "load_model", "ModelPathError", "COLUMNS", "SAMPLE_COLUMNS", "resolve_methods"]
 
@@ -106,30 +107,6 @@ def resolve_methods(methods: Sequence[str], method_config: Optional[dict] = None
             continue
         out[n] = m
     return out
-
-
-class _Recorder(SelectHook):
-    """Wraps a method instance's ``select`` to record the density of every pattern it returns."""
-
-    def __init__(self, method):
-        super().__init__(method)
-        self.prefill: list[float] = []
-        self.decode: list[float] = []
-
-    def on_select(self, orig, q, k, ctx=None, *a, **kw):
-        from .patterns import BlockPattern, TokenPattern
-
-        p = orig(q, k, ctx, *a, **kw)
-        try:
-            if isinstance(p, BlockPattern):
-                self.prefill.append(float(p.density))
-            elif isinstance(p, TokenPattern):
-                Tk = k.shape[2]
-                sel = (p.counts.float() * float(p.page_size)).clamp(max=Tk)
-                self.decode.append(float(sel.mean()) / max(Tk, 1))
-        except Exception:  # noqa: BLE001 - statistics must never break the run
-            pass
-        return p
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,7 +340,7 @@ def run_eval(model_path=None, methods: Sequence[str] = ("dense", "a_shape", "ver
         ss = samples[(t, L)]
         t0 = time.perf_counter()
         preds: list[str] = []
-        rec = _Recorder(m) if m is not None else None
+        rec = SelectRecorder(m, densities=True) if m is not None else None
         if m is None and max_pos and max(s.meta.get("n_tokens", L) for s in ss) > max_pos:
             warnings.warn(f"sparsattn eval: context of {L} tokens is longer than the model's trained length "
                           f"(config.max_position_embeddings={max_pos}); quality may degrade", stacklevel=2)
@@ -386,8 +363,8 @@ def run_eval(model_path=None, methods: Sequence[str] = ("dense", "a_shape", "ver
         if m is None:
             dens, ddens = 1.0, 1.0
         else:
-            dens = (sum(rec.prefill) / len(rec.prefill)) if rec.prefill else 1.0
-            ddens = (sum(rec.decode) / len(rec.decode)) if rec.decode else 1.0
+            dens = rec.mean_density(1.0, phase="prefill")
+            ddens = rec.mean_density(1.0, phase="decode")
         row = {"method": name, "task": t, "length": L, "n_samples": len(ss),
                "n_tokens": round(sum(s.meta.get("n_tokens", 0) for s in ss) / len(ss), 1),
                "accuracy": score_predictions(t, preds, [s.answers for s in ss]),
@@ -419,15 +396,6 @@ def run_eval(model_path=None, methods: Sequence[str] = ("dense", "a_shape", "ver
     return rows
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _add_speedup(rows: list[dict], baselines) -> None:
     """speedup_vs_dense = wall time of the baseline run (an ``exact`` method run unpatched, named in
     ``baselines``) / the method's, same task and length (the whole generation on this device: on
@@ -442,7 +410,7 @@ def _add_speedup(rows: list[dict], baselines) -> None:
 def plot_accuracy_vs_density(rows: list[dict], path, x: str = "density") -> Path:
     """plot_accuracy_vs_density: a panel per task, a point per method x length (marker = length);
     ``x="speedup_vs_dense"`` plots accuracy against the measured speed-up instead (log axis)."""
-    plt = _plt()
+    plt = pyplot()
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lengths = sorted({r["length"] for r in rows})
@@ -481,7 +449,7 @@ def plot_accuracy_vs_density(rows: list[dict], path, x: str = "density") -> Path
 
 def plot_needle_heatmap(srows: list[dict], task: str, path) -> Path:
     """plot_needle_heatmap: a panel per method, mean score by needle depth (rows) x length (columns)."""
-    plt = _plt()
+    plt = pyplot()
     rs = [r for r in srows if r["task"] == task]
     methods = list(dict.fromkeys(r["method"] for r in rs))
     lengths = sorted({r["length"] for r in rs})
@@ -555,28 +523,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON {method: {hyper-parameter: value}} (or a path to such a JSON file); also how "
                         "fitted files are given to methods that need fitting")
     return p
-
-
-def parse_method_config(src: Optional[str]) -> Optional[dict]:
-    """parse_method_config: the ``--method-config`` option: inline JSON or a JSON file path ->
-    ``{method: {hyper-parameter: value}}`` (None when not given).
-
-    Raises:
-        ValueError: not valid JSON, or not a JSON object."""
-    if not src:
-        return None
-    if not src.lstrip().startswith(("{", "[")):  # a path: read through the checked reader (file named)
-        from .calibration import read_json
-
-        cfg = read_json(src, arg="--method-config", kind="JSON file").value
-    else:
-        try:
-            cfg = json.loads(src)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--method-config: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError("--method-config: expected a JSON object {method: {...}}")
-    return cfg
 
 
 def _check_cli_paths(out: str, device: str) -> None:

@@ -4,7 +4,8 @@
 
 * counts every call by phase (``calls``);
 * with ``densities=True`` keeps every returned pattern's own density (``densities``, one value per
-  call: the prefill driver's measured density of a forward);
+  call: the prefill driver's measured density of a forward; also per phase in ``phase_densities``,
+  read with ``mean_density(phase=...)``);
 * while ``active``, accumulates the top-k recall of decode selections and the fraction of the cache
   they read, per layer, on the device (``summary``: one host sync);
 * with ``reuse_static=True`` reuses the pattern of an earlier call with the same
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -45,6 +47,7 @@ class SelectRecorder(SelectHook):
         self.calls: dict[str, int] = {}
         self.active_calls = 0
         self.densities: list[float] = []
+        self.phase_densities: dict[str, list[float]] = {}
         self.reused = 0
         self._cache: dict = {}
         self._acc: dict[int, torch.Tensor] = {}  # layer -> [sum recall, sum density, n, sum recall sparse, n sparse]
@@ -70,6 +73,7 @@ class SelectRecorder(SelectHook):
         self.calls[phase] = self.calls.get(phase, 0) + 1
         if d is not None:
             self.densities.append(d)
+            self.phase_densities.setdefault(phase, []).append(d)
         if self.active:
             self._record(q, k, p, ctx)
         return p
@@ -99,9 +103,11 @@ class SelectRecorder(SelectHook):
         row = torch.stack([rec, dens, torch.ones_like(rec), rec * sparse, sparse])
         self._acc[layer] = row if acc is None else acc + row
 
-    def mean_density(self, default: float = float("nan")) -> float:
-        """mean_density: the mean of ``densities`` (``default`` when none was recorded)."""
-        return sum(self.densities) / len(self.densities) if self.densities else default
+    def mean_density(self, default: float = float("nan"), *, phase: Optional[str] = None) -> float:
+        """mean_density: the mean of ``densities`` (of one ``phase``'s calls when given: "prefill",
+        "decode"; ``default`` when none was recorded)."""
+        ds = self.densities if phase is None else self.phase_densities.get(phase, [])
+        return sum(ds) / len(ds) if ds else default
 
     def summary(self) -> dict:
         """``{"top10_recall", "top10_recall_sparse", "density", "calls", "layers": {layer: {...}}}`` of the
