@@ -34,11 +34,14 @@ class LayerStats:
     """LayerStats: what one (layer, phase) ran, accumulated over calls.
 
     Attributes:
-        layer, phase: attention layer index and "prefill" | "decode".
-        method: the layer's method (``describe()`` of its choice); backends: kernel backends used.
-        calls: selections recorded; head_density: per query head, the sum over calls of the density
-        reached (divide by ``calls``: ``densities``); seconds: total selection time; tokens: the
-        largest (queries, keys) seen.
+        layer: attention layer index.
+        phase: "prefill" or "decode".
+        method: the layer's method (``describe()`` of its choice).
+        backends: kernel backend name -> calls that used it.
+        calls: selections recorded.
+        head_density: per query head, the sum over calls of the density reached (``densities`` divides).
+        seconds: total selection time.
+        tokens: the largest (queries, keys) seen.
     """
 
     layer: int
@@ -94,8 +97,10 @@ class PatchReport:
     """PatchReport: per layer and head what a patched model ran (see the module docstring).
 
     Attributes:
-        model: the patched model. detailed: record densities and selection times (the context
-        manager sets it; fallbacks are always recorded). stats: ``{(layer, phase): LayerStats}``.
+        model: the patched model (None once it is gone).
+        detailed: record densities and selection times (the context manager sets it; fallbacks are
+            always recorded).
+        stats: ``{(layer, phase): LayerStats}``.
         fallbacks: ``{(layer, phase, reason): Fallback}``.
     """
 
