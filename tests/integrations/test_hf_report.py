@@ -130,3 +130,31 @@ def test_static_patterns_are_built_once_per_forward(monkeypatch):
     assert {l for l, _ in rep.stats} == {0, 1, 2, 3} and all(s.calls == 2 for s in rep.stats.values())
     d = [s.density for s in rep.stats.values()]
     assert max(d) == min(d)
+
+
+def test_cpu_prefill_picks_flex_automatically_and_the_report_says_so(monkeypatch):
+    """From CPU_MIN_Q_LEN tokens the table picks flex on the CPU (here Flex uncompiled, same semantics:
+    a CPU compile takes tens of seconds); the outputs equal the reference backend's."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from sparsattn.kernels import backends
+    from sparsattn.kernels.block_sparse import flex
+
+    if torch.cuda.is_available() or backends._cpp_compiler() is None:
+        pytest.skip("the CPU flex rule needs a CPU run with a C++ compiler")
+    monkeypatch.setitem(flex._COMPILED, "fn", flex_attention)
+    monkeypatch.setattr(flex, "_CPU_SHAPES", set())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(hf, "DEFAULT_BACKEND", None)
+    T = flex.CPU_MIN_Q_LEN
+    model = make_model("llama", num_hidden_layers=2, max_position_embeddings=T)
+    ids = _ids(T)
+    cfg = {"n_init": 16, "n_local": 128, "block_size": 64}
+    with torch.no_grad():
+        with sparsattn.patched(model, method="a_shape", **cfg) as rep:
+            auto = model(ids).logits
+        with sparsattn.patched(model, method="a_shape", backend="reference", **cfg) as rep_ref:
+            ref = model(ids).logits
+    assert {b for s in rep.stats.values() for b in s.backends} == {"flex"}
+    assert {b for s in rep_ref.stats.values() for b in s.backends} == {"reference"}
+    torch.testing.assert_close(auto, ref, atol=1e-4, rtol=1e-4)
