@@ -159,6 +159,8 @@ def flex_can_run(x: torch.Tensor, pattern=None, varlen: bool = False, softcap=No
         return False, why
     from .block_sparse import flex as _flex
 
+    if _flex.cpu_broken():
+        return False, _flex.cpu_broken()
     if _flex.cpu_shapes_left() <= 0 and pattern is not None and x.dim() == 4:
         return False, (f"{_flex.CPU_MAX_SHAPES} input shapes compiled for the CPU in this process already "
                        "(past the recompile limit Flex would run unfused)")

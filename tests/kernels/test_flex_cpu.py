@@ -177,3 +177,26 @@ def test_compiled_flex_cpu_equals_reference():
         out = sparsattn.attention(q, k, v, p, backend="flex")
     assert not torch.isnan(out).any() and (out[:, :, 100:110] == 0).all()
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_compile_failure_falls_back_to_the_reference(monkeypatch, caplog):
+    """If Inductor cannot build the CPU kernel, the call is computed by the reference, a WARNING says
+    why (once), and the table refuses flex on the CPU for the rest of the process."""
+    import logging
+
+    def broken(*a, **kw):
+        raise RuntimeError("C++ compile error: Python.h: No such file or directory")
+
+    monkeypatch.setitem(flex._COMPILED, "fn", broken)
+    monkeypatch.setattr(flex, "_CPU_SHAPES", set())
+    monkeypatch.setattr(flex, "_CPU_BROKEN", {})
+    q, k, v = _qkv(1, 4, 2, 100, 100, 16)
+    p = patterns.sink_local(100, 5, 21, block_q=32)
+    with caplog.at_level(logging.WARNING, logger="sparsattn"):
+        out = sparsattn.attention(q, k, v, p, backend="flex")
+        with pytest.raises(ValueError, match="compiling FlexAttention for the CPU failed"):
+            sparsattn.attention(q, k, v, p, backend="flex")  # known broken now: asked for, refused with why
+    torch.testing.assert_close(out, block_sparse_reference(q, k, v, p)[0])
+    assert sum("Python.h" in r.getMessage() for r in caplog.records) == 1
+    ok, why = backends.can_run("block_sparse", "flex", q, pattern=p)
+    assert not ok and "compiling FlexAttention for the CPU failed" in why

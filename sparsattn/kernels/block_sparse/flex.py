@@ -56,6 +56,7 @@ MIN_BANK = 8
 
 _COMPILED: dict = {}
 _CPU_SHAPES: set = set()
+_CPU_BROKEN: dict = {}
 
 
 def compiled_flex():
@@ -211,14 +212,41 @@ def flex_block_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern
         Tq = q.shape[2]
         # contiguous, padded copies: Dynamo specialises on strides, and the attention modules hand over
         # transposed views -- without the copy the first call from a model recompiles (tens of seconds)
+        q0, k0, v0 = q, k, v
         if pad:
             q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
         else:
             q, k, v = (t.contiguous() for t in (q, k, v))
-        out = compiled_flex()(q, k, v, **kw)
+        try:
+            out = compiled_flex()(q, k, v, **kw)
+        except Exception as e:  # noqa: BLE001 - Inductor could not build the CPU kernel on this machine
+            return _cpu_compile_failed(e, q0, k0, v0, pattern, scale, softcap), None
         return (out[:, :, :Tq] if pad else out), None
     out, lse = compiled_flex()(q, k, v, return_lse=True, **kw)
     return apply_sinks(out, lse.float(), sinks)
+
+
+def _cpu_compile_failed(e: Exception, q, k, v, pattern, scale, softcap):
+    """The CPU kernel did not compile (e.g. no Python headers or a compiler error): remember why (the
+    backend table then refuses flex on the CPU for the rest of the process), warn once, and compute
+    this call with the plain-torch reference (the same result)."""
+    import logging
+
+    from .reference import block_sparse_reference
+
+    first = _CPU_BROKEN.get("reason") is None
+    _CPU_BROKEN["reason"] = f"compiling FlexAttention for the CPU failed in this process ({type(e).__name__}: " \
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''})"
+    if first:
+        logging.getLogger("sparsattn").warning("sparsattn block_sparse: %s; the reference backend runs instead",
+                                               _CPU_BROKEN["reason"])
+    extra = {} if softcap is None else {"softcap": softcap}
+    return block_sparse_reference(q, k, v, pattern, scale=scale, **extra)[0]
+
+
+def cpu_broken():
+    """Why compiled Flex cannot run on the CPU in this process (None: it can, or was not tried)."""
+    return _CPU_BROKEN.get("reason")
 
 
 def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: Optional[torch.Tensor]):
@@ -233,5 +261,5 @@ def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: Optional[torch.Tens
     return out, torch.logaddexp(lse, sk.expand_as(lse))
 
 
-__all__ = ["apply_sinks", "CPU_MAX_SHAPES", "CPU_MIN_Q_LEN", "CPU_PAD_TO", "MIN_BANK", "cpu_pad", "block_mask", "compiled_flex", "cpu_shape_key", "cpu_shapes_left",
+__all__ = ["apply_sinks", "CPU_MAX_SHAPES", "CPU_MIN_Q_LEN", "CPU_PAD_TO", "MIN_BANK", "cpu_pad", "cpu_broken", "block_mask", "compiled_flex", "cpu_shape_key", "cpu_shapes_left",
            "flex_block_sparse"]
