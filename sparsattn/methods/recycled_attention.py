@@ -95,7 +95,10 @@ class RecycledAttention(Method):
             p = F.max_pool1d(p.view(B * Hkv, 1, T), self.pool_kernel, stride=1,
                              padding=self.pool_kernel // 2).view(B, Hkv, T)
         p = p.masked_fill(~valid[:, None, :], float("-inf"))
-        K = self.budget if self.budget is not None else max(1, math.ceil(self.budget_ratio * T))
+        # the context is the longest sequence's valid tokens, not the row width (a static cache's
+        # buffer is wider than what it holds)
+        n_ctx = min(int(kl.max()), T) if kl.numel() else T
+        K = self.budget if self.budget is not None else max(1, math.ceil(self.budget_ratio * n_ctx))
         top = p.topk(min(K, T), dim=-1)
         # descending score; equal scores (max-pooling makes neighbours equal) rank the earlier token first
         idx, val = top.indices.sort(-1)

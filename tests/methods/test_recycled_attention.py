@@ -71,12 +71,13 @@ def test_stride_schedule_and_budget_ratio():
         else:
             assert int(p.counts.min()) == 1900 + step
     assert fulls == [True, False, False, False, True, False, False, False, True]
-    # K = budget_ratio x context (1/8 by default), fixed at the full step
+    # K = budget_ratio x context (1/8 by default), fixed at the full step; the context is the longest
+    # sequence's valid tokens (1600), not the row width (2048: a static cache's buffer is wider)
     m = get_method("recycled_attention", stride=10)
-    ctx = SelectContext(layer=0, extras={"kv_lens": torch.tensor([1600, 1600])})
+    ctx = SelectContext(layer=0, extras={"kv_lens": torch.tensor([1600, 1200])})
     m.select(q, k, ctx)
-    ctx.extras["kv_lens"] = torch.tensor([1601, 1601])
-    assert (m.select(q, k, ctx).counts == 2048 // 8 + 1).all()
+    ctx.extras["kv_lens"] = torch.tensor([1601, 1201])
+    assert (m.select(q, k, ctx).counts == 1600 // 8 + 1).all()
 
 
 def test_similarity_schedule():
