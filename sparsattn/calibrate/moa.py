@@ -180,7 +180,8 @@ def fit_moa(model_or_path, tokenizer=None, *, lengths: Sequence[int] = (2048, 40
         raise ValueError(f"data: expected 'copy' or 'retrieval', got {data!r}")
     from ..data import source_files
 
-    files = list(source_files("train") if files is None else files)
+    if data == "copy":  # listing the source files takes seconds; retrieval prompts stream their own
+        files = list(source_files("train") if files is None else files)
 
     if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
         from transformers import AutoModelForCausalLM, AutoTokenizer

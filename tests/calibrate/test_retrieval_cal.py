@@ -89,11 +89,12 @@ def test_razor_from_retrieval_scores(tiny, tok, tmp_path, no_files):
     from sparsattn.calibrate.razor import fit_razor_retrieval
 
     r, scores, frac = fit_razor_retrieval(tiny, tok, lengths=(256,), depths=2, threshold=-1.0, max_heads=3,
-                                          out=str(tmp_path / "r.json"))
+                                          out=str(tmp_path / "r.json"), probe=(32, 3, 4))
     assert scores.shape == (2, 4) and 0 <= frac <= 1
     assert sum(len(h) for h in r.retrieval_heads.values()) == 3  # every head passes -1, capped at 3
-    assert RazorAttention.load(tmp_path / "r.json").retrieval_heads == r.retrieval_heads
-    r0, _, _ = fit_razor_retrieval(tiny, tok, lengths=(256,), depths=2, threshold=1.0, max_heads=3)
+    loaded = RazorAttention.load(tmp_path / "r.json")
+    assert loaded.retrieval_heads == r.retrieval_heads and len(loaded.scores[1]["induction"]) == 4  # probe stored
+    r0, _, _ = fit_razor_retrieval(tiny, tok, lengths=(256,), depths=2, threshold=1.0, max_heads=3, probe=None)
     assert sum(len(h) for h in r0.retrieval_heads.values()) == 0  # no head scores above 1
 
 
