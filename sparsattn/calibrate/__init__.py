@@ -3,9 +3,12 @@
 A calibrated method (``sparsattn.methods.base.Calibrated``: one ``path`` field, ``fit`` from captured
 tensors, ``save`` / ``load``) lives in one method file; the code that runs a whole model to produce
 its file lives here, one module per method, named like the method: ``minference`` (capture + the
-offline pattern search), ``razor`` (echo / induction scores on a repeated random-token probe),
-``moa`` (gradient profiling + the span plan), ``double_sparsity`` (outlier channels),
-``seer_attention`` (AttnGate training). ``methods/`` never imports ``integrations`` or ``train``.
+offline pattern search on retrieval prompts), ``razor`` (retrieval-head scores on passkey prompts, or
+echo / induction scores on a repeated random-token probe), ``moa`` (gradient profiling + the span
+plan), ``double_sparsity`` (outlier channels), ``seer_attention`` (AttnGate training).
+``_retrieval`` builds the retrieval-style calibration prompts (training-split haystacks) and
+``check`` measures passkey and needle coverage of the calibrated methods against ``oracle_topk`` on
+held-out haystacks. ``methods/`` never imports ``integrations`` or ``train``.
 
 Every module has ``OUT`` (default file name), ``PROVENANCE_KEY``, ``add_arguments(parser)`` and
 ``run(model_path, out, *, device, **options) -> (fitted method, provenance record)``; the command

@@ -40,7 +40,8 @@ from ..methods.base import SelectContext, SelectHook
 EVAL_SEED = 2112
 METHODS = ("dense", "oracle_topk", "minference", "seer_attention", "razor", "moa")
 #: also accepted: ``seer_attention:threshold`` (the gate in threshold mode), ``NAME:d0.06`` (aimed at
-#: density 0.06 instead of the run's target)
+#: density 0.06 instead of the run's target), ``oracle_topk:k4`` (4 key blocks per query block row,
+#: SeerAttention's top-k allocation, instead of a share of each row's causal blocks)
 BLOCK = 64
 
 
@@ -217,6 +218,9 @@ def build_settings(methods: Sequence[str], layers: dict, scales: dict, T: int, t
             f = lambda x: dict(path=path, n_sink=4, min_window=int(x), compression=float(T), block_size=BLOCK)
             x, d = aim(lambda x: get_method("razor", **f(x)), layers, scales, target, 1, T, integer=True)
             out[name] = (f(x), d)
+        elif name.startswith("oracle_topk:k"):  # a uniform top-k per row, as SeerAttention's top-k mode
+            cfg = dict(block_size=BLOCK, top_k=int(name.split(":k")[1]), density=None, reduce="max")
+            out[name] = (cfg, mean_density(get_method("oracle_topk", **cfg), layers, scales))
         elif name == "seer_attention:threshold":
             gate = str(cal_dir / "seer_gate")
             f = lambda x: dict(gate_path=gate, threshold=float(f"{10 ** x:.4g}"), last_block_dense=False)
