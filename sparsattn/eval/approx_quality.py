@@ -15,7 +15,8 @@ Two measurements (``run``; CLI ``scripts/approx_quality.py --out DIR --length 40
    Compute is counted per query: ``pairs`` = exact q-k dot products, ``lowrank`` = the low-rank /
    estimator work in key-pair equivalents (``m`` features with value width ``w`` cost ``m * w / D``
    keys); methods are compared at matched ``pairs + lowrank`` (a grid of budgets per method).
-2. **swap** (``swap_rows``): ``hyper`` patched into the last 2 and last 4 layers of the model
+2. **swap** (``swap_rows``): each method declaring ``swap_configs`` (``hyper``, ``scatterbrain``) patched
+   into the last 2 and last 4 layers of the model
    (``sparsattn.patch``): passkey accuracy decided by one prefill forward (teacher forcing,
    ``prefill_quality.teacher_forced_predict``; ``x/N``), held-out perplexity at ``length`` and the
    prefill time of one forward, all against the same model patched with ``dense`` everywhere.
@@ -31,10 +32,23 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["method_grid", "fidelity_rows", "swap_rows", "summarize", "plot", "replot", "run", "main", "HYPER_SWAP"]
+__all__ = ["method_grid", "fidelity_rows", "swap_rows", "summarize", "plot", "replot", "run", "main", "swap_settings"]
 
 #: HyperAttention configurations swapped into the model (min_seq_len, block_size, sample_size).
-HYPER_SWAP = {"hyper-1024/256/256": (1024, 256, 256), "hyper-512/128/128": (512, 128, 128)}
+def swap_settings() -> dict:
+    """swap_settings: ``{label: (method, config)}`` of every registered prefill method that declares
+    ``swap_configs`` (the approximations that compute their own output), read from the registry."""
+    from ..methods import list_methods, method_class
+    from ..methods.base import declares
+
+    out = {}
+    for name in list_methods("prefill"):
+        cls = method_class(name)
+        if declares(cls, "swap_configs"):
+            for label, cfg in cls.swap_configs().items():
+                out[label] = (name, dict(cfg))
+    return out
+
 
 
 #: the budgets of the grid: the papers' selection rules at four budgets, the causal-safe rules (slower
@@ -183,32 +197,33 @@ def _prefill_seconds(model, ids, repeats: int = 3) -> float:
 def swap_rows(model, tok, length: int, *, n_passkey: int = 10, layer_counts=(2, 4), configs: Optional[dict] = None,
               ppl_windows: int = 2, repeats: int = 3, backend: Optional[str] = None,
               log: Callable = _log) -> list[dict]:
-    """HyperAttention in the last ``layer_counts`` layers vs ``dense`` everywhere (same patched
-    path): one row per setting with ``passkey`` (x), ``n`` (N), ``ppl``, ``ppl_change`` (relative to
-    dense), ``prefill_s`` and ``speedup`` (dense time / time)."""
+    """Each approximation (``configs``: ``{label: (method, config)}``, default ``swap_settings()``, the
+    registry's ``swap_configs`` presets) in the last ``layer_counts`` layers vs ``dense`` everywhere (same
+    patched path): one row per setting with ``method``, ``swap_layers`` (also ``hyper_layers``, the old
+    column), ``passkey`` (x), ``n`` (N), ``ppl``, ``ppl_change`` (relative to dense), ``prefill_s`` and
+    ``speedup`` (dense time / time)."""
     from ..integrations import hf
     from ..integrations.hf import attention_modules
     from ..methods import get_method
     from .perplexity import heldout_token_stream, perplexity
 
     dev = next(model.parameters()).device
-    configs = HYPER_SWAP if configs is None else configs
+    configs = swap_settings() if configs is None else configs
     layers = sorted(attention_modules(model))
     stream = heldout_token_stream(tok, length * ppl_windows, seed=1000)
     ids = stream[:length][None].to(dev)
-    settings = [("dense", 0, "dense")]
-    for name, (M, b, m) in configs.items():
+    settings = [("dense", "dense", 0, "dense")]
+    for label, (method, cfg) in configs.items():
         for c in layer_counts:
-            settings.append((name, c, {l: get_method("hyper", min_seq_len=M, block_size=b, sample_size=m)
-                                       for l in layers[-c:]}))
+            settings.append((label, method, c, {l: get_method(method, **cfg) for l in layers[-c:]}))
     rows = []
-    for name, c, spec in settings:
+    for name, method, c, spec in settings:
         t0 = time.perf_counter()
         with hf.patched(model, method=spec, backend=backend):
             ok, n = _passkey(model, tok, length, n_passkey, dev)
             ppl = perplexity(model, stream, lengths=(length,), progress=False)[length].ppl
             secs = _prefill_seconds(model, ids, repeats)
-        rows.append({"setting": name, "hyper_layers": c, "layers": ",".join(map(str, layers[-c:])) if c else "",
+        rows.append({"setting": name, "method": method, "swap_layers": c, "hyper_layers": c, "layers": ",".join(map(str, layers[-c:])) if c else "",
                      "passkey": ok, "n": n, "passkey_acc": ok / max(n, 1), "ppl": ppl, "prefill_s": secs,
                      "length": length})
         log(f"{name:<20} last {c} layers: passkey {ok}/{n}, ppl {ppl:.3f}, prefill {secs:.2f}s "
@@ -308,7 +323,11 @@ def run(out_dir, *, length: int = 4096, device: str = "cpu", n_passkey: int = 10
         write_csv(res["fidelity"], out / "approx_fidelity.csv")
         replot(out)
     if "swap" in parts:
-        cfgs = None if swap_configs is None else {k: HYPER_SWAP[k] for k in swap_configs}
+        every = swap_settings()
+        unknown = [k for k in (swap_configs or ()) if k not in every]
+        if unknown:
+            raise ValueError(f"swap_configs: unknown {unknown}; expected labels of {sorted(every)}")
+        cfgs = None if swap_configs is None else {k: every[k] for k in swap_configs}
         res["swap"] = swap_rows(model, tok, length, n_passkey=n_passkey, layer_counts=layer_counts, configs=cfgs,
                                 ppl_windows=ppl_windows, repeats=repeats,
                                 backend="reference" if device == "cpu" else None)
@@ -339,8 +358,9 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="fidelity,swap", help="comma list of fidelity, swap")
     ap.add_argument("--layers", default=None, help="comma list of layers for the fidelity part (default all)")
     ap.add_argument("--heads", default=None, help="comma list of query heads for the fidelity part (default all)")
-    ap.add_argument("--swap-layers", default="2,4", help="comma list: hyper in the last N layers")
-    ap.add_argument("--swap-configs", default=None, help=f"comma list of {sorted(HYPER_SWAP)} (default all)")
+    ap.add_argument("--swap-layers", default="2,4", help="comma list: each approximation in the last N layers")
+    ap.add_argument("--swap-configs", default=None,
+                    help="comma list of swap labels (the methods' swap_configs presets; default all)")
     ap.add_argument("--ppl-windows", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="timed prefill forwards (median)")
     ap.add_argument("--replot", action="store_true", help="only redo the summary and plot from the CSV in --out")

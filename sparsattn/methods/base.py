@@ -328,6 +328,13 @@ class Method:
         return None
 
     @classmethod
+    def swap_configs(cls) -> dict:
+        """Preset: ``{label: config}`` evaluated by swapping the method into a model's last layers
+        (methods that compute their own output, the approximations: ``eval.approx_quality``'s swap
+        part reads passkey and perplexity change there); empty when the method is not evaluated so."""
+        return {}
+
+    @classmethod
     def fixed_settings(cls, T: int, ctx: PresetContext) -> list:
         """Preset (prefill): ``FixedSetting`` configurations evaluated as they are at length ``T`` ([] = none)."""
         return []

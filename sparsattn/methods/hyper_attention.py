@@ -73,6 +73,13 @@ class HyperAttentionMethod(Method):
                                min_seq_len=self.min_seq_len, generator=gen, stats=stats)
 
     @classmethod
+    def swap_configs(cls) -> dict:
+        """Preset: the settings swapped into the bundled model's last layers (docs/approximations.md):
+        ``min_seq_len/block_size/sample_size`` 1024/256/256 and 512/128/128."""
+        return {"hyper-1024/256/256": {"min_seq_len": 1024, "block_size": 256, "sample_size": 256},
+                "hyper-512/128/128": {"min_seq_len": 512, "block_size": 128, "sample_size": 128}}
+
+    @classmethod
     def small_config(cls) -> dict:
         """Small sizes for the registry-wide tests (T = 200..600)."""
         return {"block_size": 32, "sample_size": 16, "min_seq_len": 64}

@@ -140,6 +140,12 @@ class ScatterbrainMethod(Method):
                                       parts=self.parts, chunk=self.chunk, stats=stats, assign="window")
 
     @classmethod
+    def swap_configs(cls) -> dict:
+        """Preset: the setting swapped into the bundled model's last layers: clusters of 128 keys with
+        the default features (D ln D) and 7 LSH projections."""
+        return {"scatterbrain-c128": {"cluster_size": 128}}
+
+    @classmethod
     def small_config(cls) -> dict:
         """Small sizes for the registry-wide tests (T = 200..600)."""
         return {"cluster_size": 16, "nb_features": 16}
