@@ -196,8 +196,9 @@ def fit_moa(model_or_path, tokenizer=None, *, lengths: Sequence[int] = (2048, 40
     if tokenizer is None:
         raise ValueError("tokenizer: expected a tokenizer when a model object is given")
     lengths = sorted(int(x) for x in lengths)
-    if not lengths or (data == "copy" and lengths[0] < 4 * (answer_len + 16)) or lengths[0] < 256:
-        raise ValueError(f"lengths: expected lengths >= {4 * (answer_len + 16)}, got {lengths}")
+    least = 4 * (answer_len + 16) if data == "copy" else 256  # a passkey prompt needs room for its haystack
+    if not lengths or lengths[0] < least:
+        raise ValueError(f"lengths: expected lengths >= {least} (data={data!r}), got {lengths}")
     for p in model.parameters():
         p.requires_grad_(False)
     from ..integrations.hf import attention_modules, attention_swapped  # lazy: transformers

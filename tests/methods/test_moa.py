@@ -183,3 +183,9 @@ def test_profile_on_a_tiny_model_and_fit():
     assert all(d <= 0.6 + 1e-9 for d in moa.plan["info"]["density"])
     p = moa.select(torch.randn(1, 4, 192, 16), torch.randn(1, 2, 192, 16), SelectContext(layer=1))
     assert p.heads == 4 and p.density < 1.0
+
+
+@pytest.mark.parametrize("data,lengths,least", [("copy", (64, 192), 80), ("retrieval", (192,), 256)])
+def test_fit_refuses_lengths_too_short_for_its_data(data, lengths, least):
+    with pytest.raises(ValueError, match=f"lengths: expected lengths >= {least}"):
+        fit_moa(_tiny_llama(), ByteTok(), lengths=lengths, answer_len=4, data=data, files=_few_files(), log=None)
