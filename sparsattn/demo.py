@@ -30,13 +30,29 @@ import os
 import time
 from pathlib import Path
 
-#: the methods the demo compares: dense and four training-free prefill methods that are fast on the
-#: CPU (oracle_topk computes exact block scores at every layer, which alone would exceed the demo's
-#: CPU budget; run it with ``sparsattn eval --methods dense,oracle_topk``). Their settings come from
+def _demo_methods() -> tuple:
+    """The registered prefill methods that declare ``demo = True`` (the exact baseline first): dense and
+    training-free methods that are fast on the CPU (oracle_topk computes exact block scores at every
+    layer, which alone would exceed the demo's CPU budget; run it with ``sparsattn eval --methods
+    dense,oracle_topk``)."""
+    from .methods import list_methods, method_class
+
+    names = [n for n in list_methods("prefill") if method_class(n).demo]
+    return tuple(sorted(names, key=lambda n: (not method_class(n).exact, n)))
+
+
+#: the methods the demo compares (read from the registry: ``Method.demo``). Their settings come from
 #: each method's own ``density_knob`` preset aimed at ``DEMO_DENSITY`` (``demo_configs``).
-DEMO_METHODS: tuple = ("dense", "a_shape", "s2_attention", "vertical_slash", "block_sparse")
+DEMO_METHODS: tuple = _demo_methods()
 #: the density the methods' presets aim at (share of causal query-key pairs; PERF.md target 7: ~20 %)
 DEMO_DENSITY = 0.2
+
+
+def _unpatched(name: str, cfg: dict) -> bool:
+    """An exact method with its defaults runs as the unpatched model (the baseline)."""
+    from .methods import method_class
+
+    return not cfg and method_class(name).exact
 
 
 def demo_configs(T: int, target: float = DEMO_DENSITY, names=DEMO_METHODS, ctx=None) -> dict:
@@ -268,7 +284,7 @@ def _teacher_forced_passkey(model_path, methods: dict, lengths, n_samples: int, 
             print(f"note: no sparse-decided passkey at {L} tokens ({e})")
             continue
         for name, cfg in methods.items():
-            dense = name == "dense" and not cfg
+            dense = _unpatched(name, cfg)
             ctx = contextlib.nullcontext() if dense else patched(model, method=get_method(name, **cfg))
             with ctx:
                 res = [score_teacher_forced(teacher_forced_predict(model, p, a, device), a) for p, a in pairs]

@@ -99,7 +99,7 @@ def prefill_speed(model, tok, methods: dict, lengths, *, progress: bool = True, 
     takes seconds): its row says why (``"seconds": None``, ``"backend": "reference (not timed: ...)"``).
     """
     from .integrations.hf import patched
-    from .methods import get_method
+    from .methods import get_method, method_class
 
     dev = next(model.parameters()).device
     out: dict = {}
@@ -108,13 +108,14 @@ def prefill_speed(model, tok, methods: dict, lengths, *, progress: bool = True, 
         blocks = {cfg.get("block_size", 64) for cfg in methods.values()}
         out[("_compile", T)] = sum(s or 0.0 for s in (warm_flex(model, T, b) for b in sorted(blocks)))
         dense_s = None
-        if "dense" in methods and not methods["dense"]:
+        base = next((n for n, c in methods.items() if not c and method_class(n).exact), None)
+        if base is not None:  # the exact method with its defaults: the unpatched model
             dense_s = _forward_s(model, x)
-            out[("dense", T)] = {"seconds": dense_s, "speedup": 1.0, "backend": "sdpa", "density": 1.0, "fallbacks": 0}
+            out[(base, T)] = {"seconds": dense_s, "speedup": 1.0, "backend": "sdpa", "density": 1.0, "fallbacks": 0}
             if progress:
-                print(f"  prefill {T} tokens: dense {dense_s:.1f} s", flush=True)
+                print(f"  prefill {T} tokens: {base} {dense_s:.1f} s", flush=True)
         for name, cfg in methods.items():
-            if name == "dense" and not cfg:
+            if name == base:
                 continue
             meth = get_method(name, **cfg)
             if dev.type == "cpu" and not (time_reference if time_reference is not None else T < 4096):

@@ -103,3 +103,26 @@ def test_demo_scores_generated_passkeys_exactly(tmp_path):
             w.writerow({"method": "a_shape", "task": "passkey", "length": 4096, "sample": i, "depth": 0.5,
                         "n_tokens": 4090, "score": 0, "answers": "7289472", "prediction": pred})
     assert demo._generated_counts(p) == {("a_shape", 4096): (2, 3, 4)}
+
+
+def test_demo_methods_come_from_the_registry():
+    """The demo's methods are the registered prefill methods declaring ``demo = True`` (exact first):
+    a new one joins without a demo edit."""
+    from dataclasses import dataclass
+
+    from sparsattn import demo
+    from sparsattn.methods import base as mb
+    from sparsattn.methods import method_class
+
+    assert demo.DEMO_METHODS[0] == "dense" and all(method_class(n).demo for n in demo.DEMO_METHODS)
+
+    @dataclass
+    class _Shown(method_class("a_shape")):
+        demo = True
+
+    mb.register("_throwaway_demo")(_Shown)
+    try:
+        assert "_throwaway_demo" in demo._demo_methods()
+    finally:
+        mb._REGISTRY.pop("_throwaway_demo", None)
+    assert "_throwaway_demo" not in demo._demo_methods()

@@ -25,6 +25,7 @@ class AShape(Method):
     """
 
     paper = "MInference 1.0: Accelerating Pre-filling for Long-Context LLMs via Dynamic Sparse Attention (arXiv 2407.02490)"
+    demo = True  # shown by `sparsattn demo`
     phase = "prefill"
     n_init: int = 128
     n_local: int = 3968

@@ -273,6 +273,9 @@ class Method:
     slow: ClassVar[str] = ""
     #: True when the pattern is always exact attention (dense): tools run the unpatched model as the baseline
     exact: ClassVar[bool] = False
+    #: True for the methods the main job (``sparsattn demo``) compares: training-free, no calibration,
+    #: fast enough on the CPU for a few-minute run
+    demo: ClassVar[bool] = False
 
     def select(self, q: torch.Tensor, k: torch.Tensor, ctx: Optional[SelectContext] = None):
         """Return the pattern for queries ``q [B, Hq, Tq, D]`` and keys ``k [B, Hkv, Tk, D]``

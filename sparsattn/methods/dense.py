@@ -19,6 +19,7 @@ class Dense(Method):
     paper = "Attention Is All You Need (arXiv 1706.03762)"
     phase = "prefill"
     exact = True
+    demo = True
     block_size: int = 128
 
     def __post_init__(self):

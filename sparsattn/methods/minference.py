@@ -60,6 +60,7 @@ class VerticalSlash(Method):
     """
 
     paper = PAPER
+    demo = True  # shown by `sparsattn demo`
     phase = "prefill"
     v_size: int = 1000
     s_size: int = 6096
@@ -141,6 +142,7 @@ class BlockSparse(Method):
     """
 
     paper = PAPER
+    demo = True  # shown by `sparsattn demo`
     phase = "prefill"
     top_k: int = 100
     block_size: int = 64

@@ -48,6 +48,7 @@ class S2Attention(Method):
     """
 
     paper = "S2-Attention: Hardware-Aware Context Sharding Among Attention Heads (arXiv 2407.17678)"
+    demo = True  # shown by `sparsattn demo`
     phase = "prefill"
     block_size: int = 64
     local_blocks: int = 16
