@@ -13,6 +13,25 @@ import torch
 MAX_SCALE = 1e6
 
 
+def _positive_real(x, name: str, what: str) -> float:
+    """``x`` (a Python / NumPy real scalar or a one-element real tensor) as a positive finite float, or a
+    ``ValueError`` naming ``name``; ``what`` is added to the messages (e.g. " (the logit cap)")."""
+    val = x
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1 or x.dtype == torch.bool or x.is_complex():
+            raise ValueError(f"{name}: expected None or a positive finite number (a 0-d real tensor works too), "
+                             f"got a tensor of shape {tuple(x.shape)} and dtype {x.dtype}")
+        val = x.item()
+    elif getattr(x, "ndim", None) == 0 and hasattr(x, "item"):
+        val = x.item()  # a 0-d numpy array
+    if isinstance(val, bool) or not isinstance(val, numbers.Real):
+        raise ValueError(f"{name}: expected None or a positive finite number{what}, got {x!r} ({type(x).__name__})")
+    val = float(val)
+    if not math.isfinite(val) or val <= 0:
+        raise ValueError(f"{name}: expected None or a positive finite number{what}, got {val!r}")
+    return val
+
+
 def check_scale(scale, name: str = "scale") -> Optional[float]:
     """check_scale: ``None`` or a positive finite number up to ``MAX_SCALE`` -> ``None`` or a Python float.
 
@@ -22,20 +41,7 @@ def check_scale(scale, name: str = "scale") -> Optional[float]:
     """
     if scale is None:
         return None
-    val = scale
-    if isinstance(scale, torch.Tensor):
-        if scale.numel() != 1 or scale.dtype == torch.bool or scale.is_complex():
-            raise ValueError(f"{name}: expected None or a positive finite number (a 0-d real tensor works too), "
-                             f"got a tensor of shape {tuple(scale.shape)} and dtype {scale.dtype}")
-        val = scale.item()
-    elif hasattr(scale, "ndim") and getattr(scale, "ndim", None) == 0 and hasattr(scale, "item"):
-        val = scale.item()  # a 0-d numpy array
-    if isinstance(val, bool) or not isinstance(val, numbers.Real):
-        raise ValueError(f"{name}: expected None or a positive finite number, got {scale!r} "
-                         f"({type(scale).__name__})")
-    val = float(val)
-    if not math.isfinite(val) or val <= 0:
-        raise ValueError(f"{name}: expected None or a positive finite number, got {val!r}")
+    val = _positive_real(scale, name, "")
     if val > MAX_SCALE:
         raise ValueError(f"{name}: expected at most {MAX_SCALE:g} (scores q.k * scale are float32 and overflow "
                          f"to inf, which makes the softmax NaN), got {val!r}")
@@ -48,23 +54,7 @@ def check_softcap(softcap, name: str = "softcap") -> Optional[float]:
     Scores become ``softcap * tanh(s / softcap)``. Accepts the same scalar kinds as ``check_scale``;
     0, negative, NaN, infinite and bool values raise ``ValueError`` naming ``name``.
     """
-    if softcap is None:
-        return None
-    val = softcap
-    if isinstance(softcap, torch.Tensor):
-        if softcap.numel() != 1 or softcap.dtype == torch.bool or softcap.is_complex():
-            raise ValueError(f"{name}: expected None or a positive finite number (a 0-d real tensor works too), "
-                             f"got a tensor of shape {tuple(softcap.shape)} and dtype {softcap.dtype}")
-        val = softcap.item()
-    elif getattr(softcap, "ndim", None) == 0 and hasattr(softcap, "item"):
-        val = softcap.item()  # a 0-d numpy array
-    if isinstance(val, bool) or not isinstance(val, numbers.Real):
-        raise ValueError(f"{name}: expected None or a positive finite number (the logit cap), got {softcap!r} "
-                         f"({type(softcap).__name__})")
-    val = float(val)
-    if not math.isfinite(val) or val <= 0:
-        raise ValueError(f"{name}: expected None or a positive finite number (the logit cap), got {val!r}")
-    return val
+    return None if softcap is None else _positive_real(softcap, name, " (the logit cap)")
 
 
 def check_sinks(sinks, heads: int, device, name: str = "sinks", values: bool = True) -> Optional[torch.Tensor]:

@@ -16,24 +16,25 @@ from .predicates import (_check_lengths, _expand_bh, _from_predicate, from_predi
 from .token import TokenPattern
 
 
-def dense(q_len: int, kv_len: Optional[int] = None, *, block_q: int = 128, block_k: Optional[int] = None,
-          batch: int = 1, heads: int = 1, device=None) -> BlockPattern:
-    """dense: every key block for every query block (non-causal)."""
+def _every_pair(q_len, kv_len, block_q, block_k, is_causal, batch, heads, device) -> BlockPattern:
+    """Every key block (under the bottom-right aligned causal bound when ``is_causal``)."""
     kv_len, block_k = _check_lengths(q_len, kv_len, block_q, block_k)
     t = lambda r0, r1, c0, c1: torch.ones(r0.shape[0], c0.shape[1], dtype=torch.bool, device=device)  # noqa: E731
     p = _from_predicate(lambda r, c: torch.ones(r.shape[0], r.shape[1], c.shape[2], dtype=torch.bool, device=device),
-                        t, t, q_len, kv_len, block_q, block_k, False, device)
+                        t, t, q_len, kv_len, block_q, block_k, is_causal, device)
     return _expand_bh(p, batch, heads)
+
+
+def dense(q_len: int, kv_len: Optional[int] = None, *, block_q: int = 128, block_k: Optional[int] = None,
+          batch: int = 1, heads: int = 1, device=None) -> BlockPattern:
+    """dense: every key block for every query block (non-causal)."""
+    return _every_pair(q_len, kv_len, block_q, block_k, False, batch, heads, device)
 
 
 def causal(q_len: int, kv_len: Optional[int] = None, *, block_q: int = 128, block_k: Optional[int] = None,
            batch: int = 1, heads: int = 1, device=None) -> BlockPattern:
     """causal: every key block on or below the (bottom-right aligned) diagonal; diagonal blocks partial."""
-    kv_len, block_k = _check_lengths(q_len, kv_len, block_q, block_k)
-    t = lambda r0, r1, c0, c1: torch.ones(r0.shape[0], c0.shape[1], dtype=torch.bool, device=device)  # noqa: E731
-    p = _from_predicate(lambda r, c: torch.ones(r.shape[0], r.shape[1], c.shape[2], dtype=torch.bool, device=device),
-                        t, t, q_len, kv_len, block_q, block_k, True, device)
-    return _expand_bh(p, batch, heads)
+    return _every_pair(q_len, kv_len, block_q, block_k, True, batch, heads, device)
 
 
 def sliding_window(q_len: int, window: int, kv_len: Optional[int] = None, *, causal: bool = True,

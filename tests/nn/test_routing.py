@@ -12,6 +12,19 @@ from sparsattn.nn.base import attention_backend
 from tests.nn._i12_checks import compare_with_reference, future_leak, masked_ref, train_falls
 
 
+def _members_attention(q, kn, v, b, hh, m, causal, exclude_self):
+    """Attention among the members ``m`` (positions, ascending) of one cluster of sequence ``b``,
+    head ``hh``: causal by position, own key masked except for the cluster's first member."""
+    w = len(m)
+    mask = torch.ones(w, w, dtype=torch.bool)
+    if causal:
+        mask = mask.tril()
+    if exclude_self:
+        mask &= ~torch.eye(w, dtype=torch.bool)
+        mask[0, 0] = mask[0, 0] or causal or w == 1
+    return masked_ref(q[b, hh, m][None], kn[b, hh, m][None], v[b, hh, m][None], mask)[0]
+
+
 def _cluster_reference(q, kn, v, idx, causal, exclude_self):
     """Loops over clusters: attention among members (in position order), causal by position, own
     key masked except for the cluster's first member; the mean over a token's clusters."""
@@ -22,15 +35,7 @@ def _cluster_reference(q, kn, v, idx, causal, exclude_self):
         for hh in range(h):
             for members in idx[b, hh]:
                 m = members.tolist()
-                w = len(m)
-                mask = torch.ones(w, w, dtype=torch.bool)
-                if causal:
-                    mask = mask.tril()
-                if exclude_self:
-                    mask &= ~torch.eye(w, dtype=torch.bool)
-                    mask[0, 0] = mask[0, 0] or causal or w == 1
-                o = masked_ref(q[b, hh, m][None], kn[b, hh, m][None], v[b, hh, m][None], mask)[0]
-                acc[b, hh, m] += o
+                acc[b, hh, m] += _members_attention(q, kn, v, b, hh, m, causal, exclude_self)
                 cnt[b, hh, m] += 1
     return acc / cnt.clamp(min=1)[..., None]
 
@@ -131,14 +136,7 @@ def _assign_reference(q, kn, v, assign, causal, exclude_self):
         for hh in range(h):
             for c in assign[b, hh].unique().tolist():
                 m = (assign[b, hh] == c).nonzero().flatten().tolist()
-                w = len(m)
-                mask = torch.ones(w, w, dtype=torch.bool)
-                if causal:
-                    mask = mask.tril()
-                if exclude_self:
-                    mask &= ~torch.eye(w, dtype=torch.bool)
-                    mask[0, 0] = mask[0, 0] or causal or w == 1
-                out[b, hh, m] = masked_ref(q[b, hh, m][None], kn[b, hh, m][None], v[b, hh, m][None], mask)[0]
+                out[b, hh, m] = _members_attention(q, kn, v, b, hh, m, causal, exclude_self)
     return out
 
 
