@@ -71,6 +71,39 @@ def echo_induction_scores(q: torch.Tensor, k: torch.Tensor, period: int, *, scal
     return echo / n, ind / n
 
 
+#: the fewest recent keys (besides the sink) ``dense_head_count`` leaves every non-retrieval head
+AIM_MIN_WINDOW = 32
+
+
+def sink_window_density(T: int, n_sink: int, window: int) -> float:
+    """sink_window_density: the density (kept / causal pairs) of one head keeping the first ``n_sink``
+    keys and the ``window`` most recent ones (the query included) in every row of a causal ``T x T``
+    attention: rows with at most ``n_sink + window`` keys keep them all."""
+    check_int("T", T, 1)
+    check_int("n_sink", n_sink, 0)
+    check_int("window", window, 1)
+    m = min(T, n_sink + window)
+    return (m * (m + 1) / 2 + (T - m) * m) / (T * (T + 1) / 2)
+
+
+def dense_head_count(T: int, target: float, n_heads: int, n_cal: int, *, n_sink: int = 4,
+                     min_window: int = AIM_MIN_WINDOW) -> int:
+    """dense_head_count: how many retrieval heads RazorAttention keeps dense at density ``target`` and
+    length ``T`` (the density preset's rule): a dense head costs 1 (the whole causal region), every
+    other head ``c = sink_window_density(T, n_sink, min_window)``, so the most dense heads that leave
+    every other head at least ``n_sink + min_window`` keys per row are
+    ``n = floor(n_heads x (target - c) / (1 - c))``; clipped to ``[1, n_cal]`` (the calibration's
+    own retrieval heads: a head it did not find retrieving is never made dense to fill the budget).
+    E.g. 64 heads, ``n_cal = 6``: 6 at 12% and 4K or 8K, 5 at 10% and 4K, 2 at 5% and 4K."""
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+        raise ValueError(f"target: expected a density in (0, 1], got {target!r}")
+    check_int("n_heads", n_heads, 1)
+    check_int("n_cal", n_cal, 1, n_heads)
+    c = sink_window_density(T, n_sink, min_window)
+    n = math.floor(n_heads * (target - c) / (1 - c) + 1e-9) if c < 1 else 0
+    return max(1, min(n_cal, n))
+
+
 @register("razor")
 @dataclass
 class RazorAttention(Calibrated, Method):
@@ -110,13 +143,17 @@ class RazorAttention(Calibrated, Method):
     @classmethod
     def density_knob(cls, T: int, target: float, ctx: PresetContext) -> DensityKnob:
         """Preset: the retrieval heads of ``ctx.calibration("razor")`` keep every key, the others sink 4
-        + a window: the knob (guess from the retrieval-head fraction of ``ctx.n_layers x ctx.n_heads``)."""
+        + a window: the knob (guess from the retrieval-head fraction of ``ctx.n_layers x ctx.n_heads``).
+        With ``ctx.work_dir``, only the ``dense_head_count(T, target, heads, n_cal)`` best-scored of the
+        file's ``n_cal`` retrieval heads stay dense (``razor_subset``, written under ``work_dir``)."""
         path = ctx.calibration(cls.name)
         if path is None:
             raise ValueError("razor_path: expected a razor calibration JSON, got None")
-        if ctx.work_dir is not None:  # keep the top-n heads by induction score, n = target x heads / 2
-            n_top = max(1, int(target * ctx.n_layers * ctx.n_heads / 2))
-            path = razor_subset(path, n_top, os.path.join(ctx.work_dir, "calibration", f"razor_top{n_top}.json"))
+        if ctx.work_dir is not None:  # keep the top-n heads by score, n from razor's own density
+            n_cal = sum(len(h) for h in cls(path=path).retrieval_heads.values())
+            if n_cal:
+                n_top = dense_head_count(T, target, ctx.n_layers * ctx.n_heads, n_cal)
+                path = razor_subset(path, n_top, os.path.join(ctx.work_dir, "calibration", f"razor_top{n_top}.json"))
         n_ret = sum(len(h) for h in cls(path=path).retrieval_heads.values())  # the checked loader
         frac = n_ret / (ctx.n_layers * ctx.n_heads)
         guess = max(1.0, (target - frac) / max(1e-6, 1 - frac) * (T + 1) / 2 - 4)

@@ -174,10 +174,10 @@ def test_razor_preset_keeps_the_top_heads_in_the_work_dir(tmp_path):
 
     src = str(shipped_dir() / "razor.json")
     ctx = base.PresetContext(n_layers=8, n_heads=8, calibrations={"razor": src}, work_dir=str(tmp_path))
-    fam = RazorAttention.density_knob(4096, 0.1, ctx)  # n = 0.1 x 64 / 2 = 3 heads
+    fam = RazorAttention.density_knob(4096, 0.1, ctx)  # razor.dense_head_count: 5 heads (issue 21)
     path = fam.config(100)["path"]
-    assert path.startswith(str(tmp_path)) and fam.label(100).startswith("3 ret. heads")
-    assert sum(len(h) for h in get_method("razor", **fam.config(100)).retrieval_heads.values()) == 3
+    assert path.startswith(str(tmp_path)) and fam.label(100).startswith("5 ret. heads")
+    assert sum(len(h) for h in get_method("razor", **fam.config(100)).retrieval_heads.values()) == 5
     no_dir = RazorAttention.density_knob(4096, 0.1, base.PresetContext(calibrations={"razor": src}))
     assert no_dir.config(100)["path"] == src  # without a work_dir the calibration is used as it is
 
