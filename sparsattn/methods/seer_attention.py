@@ -262,28 +262,47 @@ class SeerGate(nn.Module):
         kpos = torch.arange(Tk, device=q.device)
         return apply_rope(q.float(), qpos, inv, inverse=True), apply_rope(k.float(), kpos, inv, inverse=True)
 
+    def pool(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """The gate's block features of its inputs: float32 ``(q_avg [B, Hq, nq, D], k_maxminavg
+        [B, Hkv, nk, 3D])`` (``_pool_blocks``); ``scores_pooled`` of them equals ``scores``."""
+        self.check_shape(q, k)
+        bs = self.block_size
+        return _pool_blocks(q, bs, ("avg",)), _pool_blocks(k, bs, ("max", "min", "avg"))
+
     def scores(self, layer: int, q: Tensor, k: Tensor, *, causal: bool = True) -> Tensor:
         """Gate logits float32 ``[B, Hq, nq, nk]`` for the gate inputs ``q [B, Hq, Tq, D]``,
         ``k [B, Hkv, Tk, D]``; blocks entirely above the (bottom-right) diagonal are ``-inf``."""
+        if str(layer) not in self.wq:
+            raise ValueError(f"layer: the gate has no weights for layer {layer} (gated layers: {self.layers})")
+        qpool, kpool = self.pool(q, k)
+        return self.scores_pooled(layer, qpool, kpool, q.shape[2], k.shape[2], causal=causal)
+
+    def scores_pooled(self, layer: int, qpool: Tensor, kpool: Tensor, Tq: int, Tk: int, *,
+                      causal: bool = True) -> Tensor:
+        """Gate logits from block features (``pool``): ``qpool [B, Hq, ceil(Tq/bs), D]``, ``kpool
+        [B, Hkv, ceil(Tk/bs), 3D]`` of ``Tq`` query and ``Tk`` key tokens -> float32 ``[B, Hq, nq, nk]``
+        (what the training cache stores: the pooled features are fixed functions of the frozen model)."""
         key = str(layer)
         if key not in self.wq:
             raise ValueError(f"layer: the gate has no weights for layer {layer} (gated layers: {self.layers})")
-        self.check_shape(q, k)
         bs = self.block_size
-        Tq, Tk = q.shape[2], k.shape[2]
+        if qpool.shape[2] != -(-Tq // bs) or kpool.shape[2] != -(-Tk // bs):
+            raise ValueError(f"qpool/kpool: expected {-(-Tq // bs)} query and {-(-Tk // bs)} key blocks "
+                             f"(Tq={Tq}, Tk={Tk}), got {qpool.shape[2]} and {kpool.shape[2]}")
         wq, wk = self.wq[key], self.wk[key]
-        qp = torch.einsum("bhnd,hde->bhne", _pool_blocks(q, bs, ("avg",)).to(wq.dtype), wq)
-        kp = torch.einsum("bhnd,hde->bhne", _pool_blocks(k, bs, ("max", "min", "avg")).to(wk.dtype), wk)
+        qp = torch.einsum("bhnd,hde->bhne", qpool.to(wq.dtype), wq)
+        kp = torch.einsum("bhnd,hde->bhne", kpool.to(wk.dtype), wk)
         nq, nk = qp.shape[2], kp.shape[2]
         off = Tk - Tq
-        inv = self.gate_inv_freq.to(q.device)
-        qpos = off + torch.arange(nq, device=q.device) * bs
-        kpos = torch.arange(nk, device=q.device) * bs
+        dev = qpool.device
+        inv = self.gate_inv_freq.to(dev)
+        qpos = off + torch.arange(nq, device=dev) * bs
+        kpos = torch.arange(nk, device=dev) * bs
         qp = apply_rope(qp, qpos, inv)
         kp = apply_rope(kp, kpos, inv).repeat_interleave(self.num_q_heads // self.num_kv_heads, dim=1)
         s = torch.matmul(qp, kp.transpose(-1, -2)) / math.sqrt(self.hidden_size)
         if causal:
-            s = s.masked_fill(~causal_block_mask(Tq, Tk, bs, q.device), float("-inf"))
+            s = s.masked_fill(~causal_block_mask(Tq, Tk, bs, dev), float("-inf"))
         return s.float()
 
 

@@ -35,9 +35,29 @@ from ..methods.seer_attention import SeerGate, causal_block_mask
 Tensor = torch.Tensor
 
 
+def kl_to_target(logits: Tensor, target: Tensor, Tq: int, Tk: int, block_size: int, *, loss_scale: float = 10.0,
+                 drop_first: float = 0.25, row_weight: Optional[Tensor] = None) -> Tensor:
+    """kl_to_target: ``loss_scale * mean KL(target || softmax(logits))`` over the query blocks after the
+    first ``drop_first`` fraction (entries above the causal diagonal count as 0 in the mean, as
+    ``KLDivLoss(reduction="mean")``). ``row_weight`` (optional, ``[nq]`` or ``[B, nq]``) multiplies
+    each query block's KL before the mean (all ones = the unweighted loss)."""
+    if logits.shape != target.shape:
+        raise ValueError(f"target: expected shape {tuple(logits.shape)}, got {tuple(target.shape)}")
+    n0 = int(logits.shape[2] * drop_first)
+    valid = causal_block_mask(Tq, Tk, block_size, logits.device)[n0:]
+    logp = torch.log_softmax(logits[:, :, n0:], dim=-1).masked_fill(~valid, 0.0)
+    t = target[:, :, n0:].to(logp.dtype)
+    kl = torch.where(t > 0, t * (torch.log(t.clamp_min(1e-30)) - logp), torch.zeros_like(t))
+    if row_weight is not None:
+        w = row_weight.to(kl.dtype)
+        w = w[None, None, n0:, None] if w.dim() == 1 else w[:, None, n0:, None]
+        kl = kl * w
+    return loss_scale * kl.mean()
+
+
 def gate_loss(gate: SeerGate, layer: int, q: Tensor, k: Tensor, q_pre: Optional[Tensor] = None,
               k_pre: Optional[Tensor] = None, *, target: Optional[Tensor] = None, loss_scale: float = 10.0,
-              drop_first: float = 0.25) -> Tensor:
+              drop_first: float = 0.25, row_weight: Optional[Tensor] = None) -> Tensor:
     """gate_loss: ``loss_scale * mean KL(target || softmax(gate))`` over query blocks after the first
     ``drop_first`` fraction. ``q [B, Hq, T, D]``, ``k [B, Hkv, T, D]`` post-RoPE (target);
     ``q_pre``/``k_pre`` the pre-RoPE projections (else RoPE is undone for ``rope_input="pre"``)."""
@@ -49,14 +69,32 @@ def gate_loss(gate: SeerGate, layer: int, q: Tensor, k: Tensor, q_pre: Optional[
     else:
         qi, ki = gate.gate_inputs(q, k)
     logits = gate.scores(layer, qi, ki, causal=True)
-    if logits.shape != target.shape:
-        raise ValueError(f"target: expected shape {tuple(logits.shape)}, got {tuple(target.shape)}")
-    n0 = int(logits.shape[2] * drop_first)
-    valid = causal_block_mask(q.shape[2], k.shape[2], gate.block_size, q.device)[n0:]
-    logp = torch.log_softmax(logits[:, :, n0:], dim=-1).masked_fill(~valid, 0.0)
-    t = target[:, :, n0:].to(logp.dtype)
-    kl = torch.where(t > 0, t * (torch.log(t.clamp_min(1e-30)) - logp), torch.zeros_like(t))
-    return loss_scale * kl.mean()
+    return kl_to_target(logits, target, q.shape[2], k.shape[2], gate.block_size, loss_scale=loss_scale,
+                        drop_first=drop_first, row_weight=row_weight)
+
+
+def gate_features(gate: SeerGate, q: Tensor, k: Tensor, q_pre: Optional[Tensor] = None,
+                  k_pre: Optional[Tensor] = None) -> dict:
+    """gate_features: what the gate's loss reads of one layer's q/k, cached once per sequence ->
+    ``{"q": pooled q [B, Hq, nq, D], "k": pooled k [B, Hkv, nk, 3D], "t": attn_pool target
+    [B, Hq, nq, nk], "Tq": int, "Tk": int}`` (the gate's weights never enter: ``cached_loss`` on it
+    equals ``gate_loss`` on the q/k, and the cheap cached step replaces a forward of the frozen model)."""
+    with torch.no_grad():
+        target = attn_pool(q, k, block_size=gate.block_size)
+        if gate.rope_input == "pre" and q_pre is not None and k_pre is not None:
+            qi, ki = q_pre, k_pre
+        else:
+            qi, ki = gate.gate_inputs(q, k)
+        qpool, kpool = gate.pool(qi, ki)
+    return {"q": qpool, "k": kpool, "t": target, "Tq": int(q.shape[2]), "Tk": int(k.shape[2])}
+
+
+def cached_loss(gate: SeerGate, layer: int, feats: dict, *, loss_scale: float = 10.0, drop_first: float = 0.25,
+                row_weight: Optional[Tensor] = None) -> Tensor:
+    """cached_loss: ``gate_loss`` from ``gate_features`` of the same q/k (identical value and gradient)."""
+    logits = gate.scores_pooled(layer, feats["q"], feats["k"], feats["Tq"], feats["Tk"], causal=True)
+    return kl_to_target(logits, feats["t"], feats["Tq"], feats["Tk"], gate.block_size, loss_scale=loss_scale,
+                        drop_first=drop_first, row_weight=row_weight if row_weight is not None else feats.get("w"))
 
 
 def cosine_with_warmup(step: int, steps: int, warmup: int) -> float:
@@ -70,8 +108,8 @@ def train_gate(gate: SeerGate, batches: Iterable[dict], *, steps: int, lr: float
                weight_decay: float = 0.0, loss_scale: float = 10.0, drop_first: float = 0.25,
                minutes: Optional[float] = None, log: Optional[Callable[[str], None]] = None,
                log_every: int = 10) -> list[float]:
-    """train_gate: distil ``gate`` on ``batches`` (``{layer: (q, k[, q_pre, k_pre])}``) for ``steps``
-    steps (or until ``minutes`` run out); returns the per-step losses (summed over layers)."""
+    """train_gate: distil ``gate`` on ``batches`` (``{layer: (q, k[, q_pre, k_pre])}``, or ``{layer:
+    gate_features(...)}`` cached, optionally with a row weight ``"w"`` ``[nq]``) for ``steps`` steps (or until ``minutes`` run out); returns the per-step losses (summed over layers)."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
     if not (isinstance(lr, (int, float)) and lr > 0):
@@ -100,7 +138,10 @@ def train_gate(gate: SeerGate, batches: Iterable[dict], *, steps: int, lr: float
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for layer, tensors in batch.items():
-            loss = gate_loss(gate, int(layer), *tensors, loss_scale=loss_scale, drop_first=drop_first)
+            if isinstance(tensors, dict):  # cached features (gate_features)
+                loss = cached_loss(gate, int(layer), tensors, loss_scale=loss_scale, drop_first=drop_first)
+            else:
+                loss = gate_loss(gate, int(layer), *tensors, loss_scale=loss_scale, drop_first=drop_first)
             loss.backward()  # per layer: frees each layer's graph before the next
             total += float(loss.detach())
         if not math.isfinite(total):
