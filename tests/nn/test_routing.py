@@ -43,7 +43,7 @@ def _cluster_reference(q, kn, v, idx, causal, exclude_self):
 @pytest.mark.parametrize("causal,exclude_self,T,k,w", [(True, True, 37, 4, 10), (False, True, 29, 3, 12),
                                                         (True, False, 20, 2, 20), (False, False, 18, 5, 3)])
 def test_given_clusters_match_reference_with_grads(causal, exclude_self, T, k, w):
-    layer = get_layer("routing", 24, 3, num_clusters=k, causal=causal, exclude_self=exclude_self)
+    layer = get_layer("routing", 24, 3, num_clusters=k, causal=causal, exclude_self=exclude_self, shared_qk=True)
     B, h, d = 2, 2, 8
     q = torch.randn(B, h, T, d, dtype=torch.float64)
     kn = F.normalize(torch.randn(B, h, T, d, dtype=torch.float64), dim=-1)
@@ -77,7 +77,7 @@ def test_triton_interpreter_path_matches_reference():
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_one_cluster_is_dense(causal):
-    layer = get_layer("routing", 16, 2, num_clusters=1, local_heads=0, exclude_self=False, causal=causal)
+    layer = get_layer("routing", 16, 2, num_clusters=1, local_heads=0, exclude_self=False, causal=causal, shared_qk=True)
 
     def dense(layer64, x64):
         B, T, C = x64.shape
@@ -146,7 +146,8 @@ def _assign_reference(q, kn, v, assign, causal, exclude_self):
 def test_assigned_clusters_match_reference_with_grads(backend, causal, exclude_self, T, k):
     """routing='assign': attention inside nearest-centroid clusters of very unequal sizes (one
     cluster of one token included) equals the float64 loop reference, outputs and gradients."""
-    layer = get_layer("routing", 24, 3, num_clusters=k, causal=causal, exclude_self=exclude_self, routing="assign")
+    layer = get_layer("routing", 24, 3, num_clusters=k, causal=causal, exclude_self=exclude_self, routing="assign",
+                      shared_qk=True)
     B, h, d = 2, 2, 8
     g = torch.Generator().manual_seed(T)
     q, v = (torch.randn(B, h, T, d, dtype=torch.float64, generator=g) for _ in range(2))
@@ -207,6 +208,9 @@ def test_assign_is_the_causal_default_and_strictly_causal_in_training():
     (dict(commitment=-1.0), "commitment"),
     (dict(exclude_self=1), "exclude_self"),
     (dict(causal=None), "causal"),
+    (dict(shared_qk=0), "shared_qk"),
+    (dict(shared_qk=False, exclude_self=True), "exclude_self"),
+    (dict(causal=False, exclude_self=True), "exclude_self"),  # non-causal default: separate q / k
 ])
 def test_invalid_config(kwargs, arg):
     kw = dict(dim=16, heads=2)
@@ -221,3 +225,149 @@ def test_invalid_input():
         layer(torch.randn(1, 4, 4, 16))
     with pytest.raises(ValueError, match="x"):
         layer(torch.randn(1, 8, 12))
+
+
+# -- shared_qk=False: queries and keys routed separately to shared centroids --------------------------
+
+def _two_order_reference(q, k, v, qmem, kmem, causal):
+    """Separate query / key routing by loops: ``qmem[b][h]`` / ``kmem[b][h]`` lists of (position,
+    cluster) slots; a query slot reads the key slots of its cluster at positions <= its own (causal);
+    a token's output is the mean over its query slots (zero without slots or keys)."""
+    B, h, T, d = q.shape
+    acc = torch.zeros(B, h, T, d, dtype=torch.float64)
+    cnt = torch.zeros(B, h, T, dtype=torch.float64)
+    for b in range(B):
+        for hh in range(h):
+            for (i, ci) in qmem[b][hh]:
+                keys = [j for (j, cj) in kmem[b][hh] if cj == ci and (j <= i or not causal)]
+                cnt[b, hh, i] += 1
+                if keys:
+                    s = (k[b, hh, keys] @ q[b, hh, i]) / q.shape[-1] ** 0.5
+                    acc[b, hh, i] += torch.softmax(s, 0) @ v[b, hh, keys]
+    return acc / cnt.clamp(min=1)[..., None]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("routing,causal,T", [("assign", True, 37), ("assign", False, 29), ("assign", True, 70),
+                                              ("balanced", False, 23), ("balanced", True, 19)])
+def test_separate_qk_matches_reference_with_grads(backend, routing, causal, T):
+    """shared_qk=False: a query attends to the keys routed to its own cluster (at positions <= its
+    own when causal; the orders of queries and keys differ, so this is exact element masking on
+    original positions), one block-sparse call; float64 loop reference, outputs and gradients. Very
+    unequal clusters, a query cluster without any key, and (balanced) tokens in several or no
+    clusters."""
+    k_ = 4
+    layer = get_layer("routing", 24, 3, num_clusters=k_, causal=causal, shared_qk=False, routing=routing)
+    B, h, d = 2, 2, 8
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(B, h, T, d, dtype=torch.float64, generator=g) for _ in range(3))
+    if routing == "assign":
+        probs = torch.tensor([0.55, 0.3, 0.1, 0.05])
+        qa, ka = (torch.multinomial(probs, B * h * T, replacement=True, generator=g).view(B, h, T) for _ in range(2))
+        ka[0, 0] = torch.where(ka[0, 0] == 3, torch.zeros_like(ka[0, 0]), ka[0, 0])
+        qa[0, 0, 3] = 3  # a query whose cluster has no key at all
+        (qpos, qseg), (kpos, kseg) = layer._assign_order(qa), layer._assign_order(ka)
+    else:
+        w = 7
+        idx = lambda: torch.stack([torch.randperm(T, generator=g)[:w].sort().values  # noqa: E731
+                                   for _ in range(B * h * k_)]).view(B, h, k_, w)
+        (qpos, qseg), (kpos, kseg) = layer._balanced_order(idx()), layer._balanced_order(idx())
+    mem = lambda pos, seg: [[list(zip(pos[b, hh].tolist(), seg[b, hh].tolist())) for hh in range(h)]  # noqa: E731
+                            for b in range(B)]
+    ins32 = [t.float().requires_grad_(True) for t in (q, k, v)]
+    ins64 = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    with attention_backend(backend):
+        y32 = layer.two_order_attention(*ins32, qpos, qseg, kpos, kseg)
+    y64 = _two_order_reference(*ins64, mem(qpos, qseg), mem(kpos, kseg), causal)
+    assert float((y32.detach().double() - y64.detach()).abs().max()) < 1e-4
+    if backend == "reference":
+        gr = torch.randn_like(y64)
+        (y32 * gr.float()).sum().backward()
+        (y64 * gr).sum().backward()
+        for a, b in zip(ins32, ins64):
+            assert float((a.grad.double() - b.grad).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_separate_qk_layer_matches_reference(causal):
+    """The whole layer (eval, assign routing, 1 local + 2 routed heads) against a float64
+    reference built from its weights: queries and keys by their own nearest centroid, attention
+    with the raw query and key inside a cluster, the local head in its window."""
+    layer = get_layer("routing", 24, 3, num_clusters=3, local_heads=1, local_window=5, causal=causal,
+                      shared_qk=False, routing="assign")
+    layer.eval()
+
+    def ref(l64, x):
+        B, T, _ = x.shape
+        sp = lambda t: t.view(B, T, -1, 8).transpose(1, 2)  # noqa: E731
+        q, k, v = sp(l64.q_proj(x)), sp(l64.k_proj(x)), sp(l64.v_proj(x))
+        i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+        near = (i - j).abs() < 5
+        loc = masked_ref(q[:, :1], k[:, :1], v[:, :1], near & (j <= i) if causal else near)
+        mu = l64.means
+        qa = torch.einsum("bhtd,hkd->bhtk", F.normalize(q[:, 1:], dim=-1), mu).argmax(-1)
+        ka = torch.einsum("bhtd,hkd->bhtk", F.normalize(k[:, 1:], dim=-1), mu).argmax(-1)
+        m = qa[..., :, None] == ka[..., None, :]
+        rout = masked_ref(q[:, 1:], k[:, 1:], v[:, 1:], m & (j <= i) if causal else m)
+        return l64.out(torch.cat([loc, rout], 1).transpose(1, 2).reshape(B, T, 24))
+
+    compare_with_reference(layer, torch.randn(2, 21, 24), ref, atol=5e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_separate_qk_one_cluster_is_dense(causal):
+    layer = get_layer("routing", 16, 2, num_clusters=1, local_heads=0, causal=causal, shared_qk=False)
+
+    def dense(l64, x):
+        B, T, C = x.shape
+        sp = lambda t: t.view(B, T, 2, 8).transpose(1, 2)  # noqa: E731
+        m = torch.ones(T, T, dtype=torch.bool)
+        o = masked_ref(sp(l64.q_proj(x)), sp(l64.k_proj(x)), sp(l64.v_proj(x)), m.tril() if causal else m)
+        return l64.out(o.transpose(1, 2).reshape(B, T, C))
+
+    layer.eval()
+    compare_with_reference(layer, torch.randn(2, 23, 16), dense)
+
+
+def test_separate_qk_defaults_causality_and_ema_from_queries_and_keys():
+    """Defaults follow the authors' code (shared under the causal mask, separate otherwise); the
+    separate causal form is strictly causal in training (first batch included) and eval; the
+    centroids learn from queries and keys (decay 0: each centroid becomes the mean of the unit
+    queries and keys nearest to it); the layer trains."""
+    assert get_layer("routing", 16, 2).shared_qk and get_layer("routing", 16, 2).exclude_self
+    nc = get_layer("routing", 16, 2, causal=False)
+    assert not nc.shared_qk and not nc.exclude_self and nc.k_proj.out_features == 16
+    layer = get_layer("routing", 16, 2, num_clusters=3, local_window=4, shared_qk=False)
+    assert layer.routing == "assign" and layer.caveat() == ""
+    x = torch.randn(2, 30, 16)
+
+    def leak(layer):
+        x2 = x.clone()
+        x2[:, 12:] += torch.randn(2, 18, 16)
+        a, b = copy.deepcopy(layer), copy.deepcopy(layer)
+        with torch.no_grad(), attention_backend("reference"):
+            return float((a(x)[:, :12] - b(x2)[:, :12]).abs().max())
+
+    layer.train()
+    assert leak(layer) < 1e-6
+    with torch.no_grad(), attention_backend("reference"):
+        layer(x)
+    assert bool(layer.initted) and leak(layer) < 1e-6
+    layer.eval()
+    assert leak(layer) < 1e-6 and future_leak(layer, x, 12) < 1e-6
+
+    ema = get_layer("routing", 16, 2, num_clusters=3, local_heads=1, decay=0.0, shared_qk=False)
+    ema.train()
+    with torch.no_grad(), attention_backend("reference"):
+        ema(x)  # first batch: k-means initialisation
+        mu = ema.means.clone()
+        ema(x)
+    qn = F.normalize(ema.q_proj(x).view(2, 30, 2, 8)[:, :, 1], dim=-1).reshape(60, 8)
+    kn = F.normalize(ema.k_proj(x).view(2, 30, 2, 8)[:, :, 1], dim=-1).reshape(60, 8)
+    pts = torch.cat([qn, kn]).detach()
+    a = (pts @ mu[0].T).argmax(-1)
+    for c in range(3):
+        if (a == c).any():
+            assert torch.allclose(ema.means[0, c], F.normalize(pts[a == c].mean(0), dim=0), atol=1e-5)
+    first, last = train_falls("routing", (24,), num_clusters=2, local_window=4, shared_qk=False)
+    assert last < 0.7 * first

@@ -17,49 +17,65 @@ from ._util import check_bool, check_dim_heads, check_float, check_input, check_
 
 @register_layer("routing")
 class RoutingAttention(Layer):
-    """RoutingAttention: routed heads attend within online k-means clusters of their shared
-    query/key vectors, local heads within a sliding window (Routing Transformer, arXiv 2003.05997).
+    """RoutingAttention: routed heads attend within online k-means clusters of their queries and
+    keys, local heads within a sliding window (Routing Transformer, arXiv 2003.05997).
 
     ``x [B, T, dim] -> [B, T, dim]``, causal (default) or not.
 
     Routed heads (``heads - local_heads`` of them), per head:
-      1. queries and keys share one projection (the paper's Q = K); routing uses the
-         l2-normalised vectors ``x^ = q / |q|`` (on the unit sphere); attention uses ``q`` as the
-         query and ``x^`` as the key (as lucidrains' shared-QK attention);
+      1. query/key projections, two forms (``shared_qk``):
+         * ``shared_qk=True`` (default when causal): queries and keys share one projection (the
+           paper's Q = K under the left-to-right mask; the authors' decoder default
+           ``share_qk=True``); routing uses ``x^ = q / |q|``, attention uses ``q`` as the query
+           and ``x^`` as the key (as lucidrains' shared-QK attention);
+         * ``shared_qk=False`` (default when not causal; the authors' encoder self-attention):
+           separate query and key projections; queries are routed by ``q / |q|`` and keys by
+           ``k / |k|`` to the same centroids, and attention uses the raw ``q`` and ``k``;
       2. ``num_clusters`` centroids per head (buffers), updated in training by EMA of the mean of
-         the normalised vectors assigned to them (nearest centroid):
-         ``mu <- normalize(decay * mu + (1 - decay) * mean)``; the first training batch
-         initialises them with ``kmeans_init_iters`` Lloyd iterations;
+         the normalised vectors assigned to them (nearest centroid; with separate q/k, the queries'
+         and the keys' vectors together, the paper's ``(1 - decay) / 2`` share each when their
+         counts are equal): ``mu <- normalize(decay * mu + (1 - decay) * mean)``; the first
+         training batch initialises them with ``kmeans_init_iters`` Lloyd iterations;
       3. routing, two forms (``routing``):
          * ``"balanced"`` (the paper's; default when not causal): every centroid takes the
-           ``w = ceil(T / num_clusters)`` tokens closest to it (``window_size`` when given); a token
+           ``w = ceil(T / num_clusters)`` tokens closest to it (``window_size`` when given; with
+           separate q/k the ``w`` closest queries and, separately, the ``w`` closest keys); a token
            may be in several clusters or in none;
-         * ``"assign"`` (default when causal): every token joins its nearest centroid only, so a
-           token's cluster depends on that token alone and the layer is strictly causal; clusters
-           have the sizes the data gives them (attention inside a cluster costs its size squared);
-      4. attention inside each cluster (members in sequence order, causal inside the cluster);
-         a token's own key is masked unless it is the cluster's first member (shared Q = K makes
-         self-attention dominate; Reformer and lucidrains mask it the same way);
+         * ``"assign"`` (default when causal): every token (query and key separately when
+           ``shared_qk=False``) joins its nearest centroid only, so a token's cluster depends on
+           that token alone and the layer is strictly causal; clusters have the sizes the data
+           gives them (attention inside a cluster costs its size squared);
+      4. attention inside each cluster, causal on sequence positions: a query reads the keys of its
+         cluster at positions <= its own. Shared Q = K: a token's own key is masked unless it is
+         the cluster's first member (``exclude_self``; self-attention dominates when the key is
+         the query; Reformer and lucidrains mask it the same way). Separate q/k: nothing is
+         masked beyond causality (``exclude_self`` must be False / None), and a query whose
+         cluster holds no key at or before it gets zero from its routed head;
       5. balanced: a token in several clusters takes the mean of its outputs (lucidrains'
          ``scatter_mean``), a token in none gets zero from the routed heads; assign: every token
          has exactly one cluster.
-    Balanced: the clustered tokens are gathered cluster-major, so the attention is one block-sparse
-    kernel call on a block-diagonal pattern (block = ``next_pow2(w)`` slots, an element tile for
-    the causal/self mask and spare slots) shared by the whole batch. Assign: the tokens are sorted
-    by (cluster, position) per sequence and head, and one block-sparse call per forward runs on the
-    per-(sequence, head) pattern of that order (``patterns.from_predicate`` with exact block bounds:
-    a block is computed only where two clusters' ranges meet).
+    Kernels: shared balanced: the clustered tokens are gathered cluster-major, one block-sparse call
+    on a block-diagonal pattern (block = ``next_pow2(w)`` slots, an element tile for the
+    causal/self mask and spare slots) shared by the batch. Shared assign: the tokens are sorted by
+    (cluster, position) per sequence and head, one block-sparse call on the per-(sequence, head)
+    pattern of that order (``patterns.from_predicate`` with exact block bounds). Separate q/k (both
+    routings): queries and keys are each put in cluster-major order (their orders differ), and one
+    block-sparse call runs on the per-(sequence, head) ``from_predicate`` pattern "same cluster and
+    key position <= query position": a block is computed only where the two clusters' ranges meet
+    and (causal) some key is not after some query; the causal condition on original positions is
+    exact through element tiles (``two_order_attention``).
 
     Local heads (``local_heads``, default ``heads // 2``): sliding-window attention over the last
     ``local_window`` tokens (non-causal: ``|i - j| < local_window``; ``patterns.sliding_window``),
     with their own key projection.
 
     ``extra_loss()``: the commitment loss ``commitment * mean |x^ - mu_assigned|^2`` of the last
-    training forward (pulls vectors toward their centroids; lucidrains' commitment 1e-4).
+    training forward (over queries and keys with separate q/k; pulls vectors toward their
+    centroids; lucidrains' commitment 1e-4).
 
     Hyper-parameters (paper / lucidrains defaults): ``num_clusters=8`` (the paper's k ~ sqrt(T):
     8 clusters of 64 at T = 512), ``decay=0.999``, ``commitment=1e-4``, ``local_window=256``,
-    ``kmeans_init_iters=10``.
+    ``kmeans_init_iters=10``, ``shared_qk=causal``.
 
     Differences from the paper kept: duplicates are averaged, not log-sum-exp merged (the kernels
     give no gradient through the lse); the balanced top-w selection is a competition over the
@@ -68,10 +84,14 @@ class RoutingAttention(Layer):
     therefore routes by nearest centroid (``routing="assign"``) unless ``routing="balanced"`` is
     asked for, and in that form the first training batch is routed with the initial centroids
     before k-means initialises them from it (so no batch statistic of later tokens reaches an
-    earlier output); routing is used in
-    every layer of a model built from this layer (the paper routes in some layers only: build
-    hybrids with the harness); local attention is a sliding window, not lucidrains' blocked
-    look-back window.
+    earlier output); the authors' code (and lucidrains') mask causality inside a cluster by slot
+    index, which equals the position order only when queries and keys share their routing: with
+    separate q/k this layer masks by sequence position instead (exact, in any routing); the
+    authors' code layer-normalises q and k and updates the centroids once from the queries and
+    once from the keys, this layer l2-normalises for routing only and makes one update from both;
+    routing is used in every layer of a model built from this layer (the paper routes in some
+    layers only: build hybrids with the harness); local attention is a sliding window, not
+    lucidrains' blocked look-back window.
     """
 
     paper = "Efficient Content-Based Sparse Attention with Routing Transformers, arXiv 2003.05997"
@@ -93,8 +113,8 @@ class RoutingAttention(Layer):
 
     def __init__(self, dim: int, heads: int, num_clusters: int = 8, window_size: Optional[int] = None,
                  local_heads: Optional[int] = None, local_window: int = 256, decay: float = 0.999,
-                 commitment: float = 1e-4, kmeans_init_iters: int = 10, exclude_self: bool = True,
-                 causal: bool = True, routing: Optional[str] = None):
+                 commitment: float = 1e-4, kmeans_init_iters: int = 10, exclude_self: Optional[bool] = None,
+                 causal: bool = True, routing: Optional[str] = None, shared_qk: Optional[bool] = None):
         super().__init__()
         check_dim_heads(dim, heads)
         check_int("num_clusters", num_clusters)
@@ -108,8 +128,14 @@ class RoutingAttention(Layer):
         check_float("decay", decay, 0.0, 1.0)
         check_float("commitment", commitment, 0.0, 1e6)
         check_int("kmeans_init_iters", kmeans_init_iters, 0)
-        check_bool("exclude_self", exclude_self)
         check_bool("causal", causal)
+        shared_qk = causal if shared_qk is None else check_bool("shared_qk", shared_qk)
+        if exclude_self is None:
+            exclude_self = shared_qk
+        check_bool("exclude_self", exclude_self)
+        if exclude_self and not shared_qk:
+            raise ValueError("exclude_self: masking a token's own key is only for shared_qk=True (a query that is "
+                             "its own key); with separate query and key projections pass False or None")
         if routing is None:
             routing = "assign" if causal else "balanced"
         if routing not in ("balanced", "assign"):
@@ -123,9 +149,11 @@ class RoutingAttention(Layer):
         self.local_heads, self.routed_heads = local_heads, heads - local_heads
         self.local_window, self.decay, self.commitment = local_window, decay, commitment
         self.kmeans_init_iters, self.exclude_self, self.causal = kmeans_init_iters, exclude_self, causal
+        self.shared_qk = shared_qk
         d = self.head_dim
-        self.q_proj = nn.Linear(dim, dim, bias=False)       # all heads' queries (= keys of routed heads)
-        self.k_proj = nn.Linear(dim, local_heads * d, bias=False) if local_heads else None
+        self.q_proj = nn.Linear(dim, dim, bias=False)       # all heads' queries (= keys of routed heads if shared)
+        n_keys = local_heads + (0 if shared_qk else self.routed_heads)
+        self.k_proj = nn.Linear(dim, n_keys * d, bias=False) if n_keys else None
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.out = nn.Linear(dim, dim)
         hr = max(self.routed_heads, 1)
@@ -266,6 +294,90 @@ class RoutingAttention(Layer):
         o = attend(fold(q), fold(kn), fold(v), self._assign_pattern(seg)).reshape(B, h, T, d)
         return torch.empty_like(o).scatter(2, gi, o)
 
+    def _two_order_pattern(self, qseg: torch.Tensor, qpos: torch.Tensor, kseg: torch.Tensor, kpos: torch.Tensor):
+        """Pattern of separate query and key orders (``shared_qk=False``): query slot ``i`` (cluster
+        ``qseg[h, i]``, sequence position ``qpos[h, i]``) reads key slot ``j`` iff both are in the same
+        cluster and (causal) ``kpos[h, j] <= qpos[h, i]``. ``qseg`` / ``kseg`` ``[N, L]`` are
+        non-decreasing per row (cluster-major orders), so a block is computed only where the two
+        clusters' ranges meet (and, causal, where some key position is not after some query
+        position); the causal condition on original positions is exact through element tiles."""
+        from ...patterns import from_predicate, mask_mod
+
+        N, L = qseg.shape
+        if kseg.shape != (N, L) or qpos.shape != (N, L) or kpos.shape != (N, L):
+            raise ValueError(f"kseg: expected the shape of qseg {(N, L)}, got {tuple(kseg.shape)}")
+        hs = torch.arange(N, device=qseg.device)[:, None, None]
+        causal = self.causal
+        bq = 64 if L >= 64 else 16
+        nb = -(-L // bq)
+        pad = nb * bq - L
+
+        def blocks(t, fill, op):  # per-block min / max of the positions [N, nb]
+            t = F.pad(t, (0, pad), value=fill).view(N, nb, bq)
+            return t.amin(-1) if op == "min" else t.amax(-1)
+
+        big = 1 << 40
+        qmin, qmax = blocks(qpos, big, "min"), blocks(qpos, -1, "max")
+        kmin, kmax = blocks(kpos, big, "min"), blocks(kpos, -1, "max")
+
+        def elem(qi, kj, h):
+            qi, kj = qi.clamp(max=L - 1), kj.clamp(max=L - 1)  # tile rows / columns past L are cut later
+            keep = qseg[h, qi] == kseg[h, kj]
+            if causal:
+                keep = keep & (kpos[h, kj] <= qpos[h, qi])
+            return keep
+
+        def any_(r0, r1, c0, c1):
+            meet = (qseg[hs, r1] >= kseg[hs, c0]) & (qseg[hs, r0] <= kseg[hs, c1])
+            if causal:
+                meet = meet & (kmin[:, None, (c0 // bq)[0]] <= qmax[:, (r0 // bq)[:, 0], None])
+            return meet
+
+        def full(r0, r1, c0, c1):
+            one = (qseg[hs, r0] == qseg[hs, r1]) & (kseg[hs, c0] == kseg[hs, c1]) & (qseg[hs, r0] == kseg[hs, c0])
+            if causal:
+                one = one & (kmax[:, None, (c0 // bq)[0]] <= qmin[:, (r0 // bq)[:, 0], None])
+            return one
+
+        return from_predicate(mask_mod(elem, any=any_, full=full), L, causal=False, block_q=bq, heads=N,
+                              device=qseg.device)
+
+    def two_order_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor,
+                            qseg: torch.Tensor, kpos: torch.Tensor, kseg: torch.Tensor) -> torch.Tensor:
+        """Attention with separate query and key routing (``shared_qk=False``): q/k/v ``[B, h, T, d]``;
+        query slots ``qpos [B, h, L]`` (sequence positions) with clusters ``qseg [B, h, L]`` and key
+        slots ``kpos`` / ``kseg`` the same way, each cluster-major with ascending positions inside a
+        cluster. A query slot attends to the key slots of its cluster (causal: at positions <= its
+        own); the output of a token is the mean over its query slots (zero for a token in none, or
+        for a query whose cluster holds no key at or before it) -> ``[B, h, T, d]``."""
+        B, h, T, d = q.shape
+        L = qpos.shape[-1]
+        gq = qpos[..., None].expand(-1, -1, -1, d)
+        gk = kpos[..., None].expand(-1, -1, -1, d)
+        fold = lambda t, g: torch.gather(t, 2, g).reshape(1, B * h, L, d)  # noqa: E731
+        pat = self._two_order_pattern(qseg.reshape(B * h, L), qpos.reshape(B * h, L),
+                                      kseg.reshape(B * h, L), kpos.reshape(B * h, L))
+        o = attend(fold(q, gq), fold(k, gk), fold(v, gk), pat).reshape(B, h, L, d)
+        acc = torch.zeros(B, h, T, d, device=q.device, dtype=torch.float32).scatter_add(2, gq, o.float())
+        cnt = torch.zeros(B, h, T, device=q.device, dtype=torch.float32).scatter_add(
+            2, qpos, torch.ones_like(qpos, dtype=torch.float32))
+        return (acc / cnt.clamp(min=1)[..., None]).to(o.dtype)
+
+    @staticmethod
+    def _assign_order(assign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest-centroid routing ``assign [B, h, T]`` -> (positions, clusters) in (cluster, position) order."""
+        T = assign.shape[-1]
+        pos = torch.arange(T, device=assign.device)
+        order = (assign.long() * T + pos).argsort(-1)
+        return order, assign.long().gather(-1, order)
+
+    @staticmethod
+    def _balanced_order(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Balanced routing ``idx [B, h, k, w]`` -> (positions, clusters) ``[B, h, k * w]``, cluster-major."""
+        B, h, k, w = idx.shape
+        seg = torch.arange(k, device=idx.device).repeat_interleave(w).expand(B, h, -1)
+        return idx.reshape(B, h, k * w).long(), seg
+
     def _local_pattern(self, T: int, device):
         key = ("local", T, self.causal, str(device))
         p = self._patterns.get(key)
@@ -279,34 +391,61 @@ class RoutingAttention(Layer):
         """x ``[B, T, dim]`` -> ``[B, T, dim]``."""
         check_input(x, 3, self.dim, "[B, T, dim]")
         B, T, _ = x.shape
-        d, hl = self.head_dim, self.local_heads
+        d, hl, hr = self.head_dim, self.local_heads, self.routed_heads
         q = self.q_proj(x).view(B, T, self.heads, d).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.heads, d).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, d).transpose(1, 2) if self.k_proj is not None else None
         outs = []
         if hl:
-            kl = self.k_proj(x).view(B, T, hl, d).transpose(1, 2)
-            outs.append(attend(q[:, :hl], kl, v[:, :hl], self._local_pattern(T, x.device)))
+            outs.append(attend(q[:, :hl], k[:, :hl], v[:, :hl], self._local_pattern(T, x.device)))
         self._aux = None
-        if self.routed_heads:
-            qr, vr = q[:, hl:], v[:, hl:]
-            xn = F.normalize(qr.float(), dim=-1)
-            first_batch = self.training and not bool(self.initted)
-            if first_batch and self.routing == "balanced":
-                self._kmeans_init(xn.detach())
-            assign = torch.einsum("bhtd,hkd->bhtk", xn.detach(), self.means.float()).argmax(-1)
-            if self.routing == "assign":
-                outs.append(self.assigned_attention(qr, xn.to(qr.dtype), vr, assign))
-                if first_batch:  # after this batch's routing: its later tokens never reach its earlier outputs
-                    self._kmeans_init(xn.detach())
-                    assign = torch.einsum("bhtd,hkd->bhtk", xn.detach(), self.means.float()).argmax(-1)
-            else:
-                outs.append(self.routed_attention(qr, xn.to(qr.dtype), vr, self.route(xn)))
+        if hr:
+            o, pts, assign = (self._routed_shared if self.shared_qk else self._routed_separate)(
+                q[:, hl:], None if self.shared_qk else k[:, hl:], v[:, hl:])
+            outs.append(o)
             if self.training:
-                mu = self.means.float()[torch.arange(self.routed_heads, device=x.device)[None, :, None], assign]
-                self._aux = self.commitment * (xn - mu).pow(2).sum(-1).mean()
-                self._ema(xn.detach(), assign)
+                mu = self.means.float()[torch.arange(hr, device=x.device)[None, :, None], assign]
+                self._aux = self.commitment * (pts - mu).pow(2).sum(-1).mean()
+                self._ema(pts.detach(), assign)
         o = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
         return self.out(o.transpose(1, 2).reshape(B, T, self.dim))
+
+    def _nearest(self, xn: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bhtd,hkd->bhtk", xn.detach(), self.means.float()).argmax(-1)
+
+    def _routed_shared(self, qr, kr, vr):
+        """Routed heads with the shared Q = K projection -> (output, routed unit vectors, their clusters)."""
+        xn = F.normalize(qr.float(), dim=-1)
+        first_batch = self.training and not bool(self.initted)
+        if first_batch and self.routing == "balanced":
+            self._kmeans_init(xn.detach())
+        assign = self._nearest(xn)
+        if self.routing == "assign":
+            o = self.assigned_attention(qr, xn.to(qr.dtype), vr, assign)
+            if first_batch:  # after this batch's routing: its later tokens never reach its earlier outputs
+                self._kmeans_init(xn.detach())
+                assign = self._nearest(xn)
+        else:
+            o = self.routed_attention(qr, xn.to(qr.dtype), vr, self.route(xn))
+        return o, xn, assign
+
+    def _routed_separate(self, qr, kr, vr):
+        """Routed heads with separate query and key projections (``shared_qk=False``): queries and
+        keys are routed to the same centroids, each by its own unit vector; the centroids learn
+        from both -> (output, the queries' and keys' unit vectors ``[B, h, 2T, d]``, their clusters)."""
+        qn, kn = F.normalize(qr.float(), dim=-1), F.normalize(kr.float(), dim=-1)
+        both = torch.cat([qn, kn], 2)
+        first_batch = self.training and not bool(self.initted)
+        if first_batch and self.routing == "balanced":
+            self._kmeans_init(both.detach())
+        if self.routing == "assign":
+            (qpos, qseg), (kpos, kseg) = self._assign_order(self._nearest(qn)), self._assign_order(self._nearest(kn))
+        else:
+            (qpos, qseg), (kpos, kseg) = self._balanced_order(self.route(qn)), self._balanced_order(self.route(kn))
+        o = self.two_order_attention(qr, kr, vr, qpos, qseg, kpos, kseg)
+        if first_batch and self.routing == "assign":  # after this batch's routing (causal, as above)
+            self._kmeans_init(both.detach())
+        return o, both, self._nearest(both)
 
     def extra_loss(self) -> Optional[torch.Tensor]:
         """The commitment loss of the last training forward (None in eval mode)."""
