@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from ..methods.seer_attention import SeerAttention
+from ._seer_recall import diagnostics, gate_block_recall  # noqa: F401  (gate block recall vs the oracle)
 
 OUT = "seer_gate"
 PROVENANCE_KEY = "seer_gate"

@@ -10,8 +10,8 @@ attention recall >= 0.9 on the bundled model"):
    closest to the target, on a calibration passkey prompt of that length that is not scored. Every
    rule is the method's own preset (``sparsattn.methods.base``): the knob and the fixed rules of the
    other hyper-parameters in ``density_knob`` (e.g. A-shape's sink is a quarter of the row budget, at
-   most 64; RazorAttention keeps the top n = target x heads / 2 retrieval heads of the shipped
-   calibration, written in the output folder; MASFormer's layer 0 alone is 1/L of the density, so
+   most 64; RazorAttention keeps the top n retrieval heads of the shipped calibration that its own
+   density allows, ``razor.dense_head_count``, written in the output folder; MASFormer's layer 0 alone is 1/L of the density, so
    below that its A-shape layers take A-shape's setting and the row is marked ``target_met=False``;
    SeerAttention uses the shipped gate in top-k mode with ``last_block_dense=False``), and the
    configurations evaluated as they are in ``fixed_settings`` (dense; a shipped plan that fixes the
@@ -28,7 +28,18 @@ attention recall >= 0.9 on the bundled model"):
    answer position equals the gold token: every digit is read through the sparse prefill attention.
    Also reported: the fraction of answer tokens predicted correctly and the first token alone. The
    reference is the unpatched model (transformers' SDPA). Needles at depths ``linspace(0, 1, n)``
-   (RULER niah_single, Hsieh et al., arXiv 2404.06654; noise haystack; ``sparsattn.eval.tasks``).
+   (RULER niah_single, Hsieh et al., arXiv 2404.06654; ``sparsattn.eval.tasks``) in a noise haystack,
+   or (``--haystack code``) in lines of the held-out source files, never seen in training or
+   calibration (issue 21's protocol: ``--haystack code --seed 2112``); the density-search prompt uses
+   the same haystack.
+
+   **Needle coverage** (``--needle on``, the default; ``prefill_needle``): on the same prompts, the heads
+   whose answer rows put >= 0.1 of their dense attention on the value's tokens *read* the needle, and
+   a setting *keeps* it in a head when its pattern (selected on the dense q/k) keeps >= 0.5 of that
+   attention (``sparsattn.eval.needle``). Columns ``needle_reading`` / ``needle_kept`` (heads summed
+   over the prompts), ``needle_coverage``, ``needle_kept_fraction``; per prompt and head in
+   ``needle.json``. A calibrated method whose ``sparsattn.calibrate`` module defines ``diagnostics``
+   (SeerAttention's gate block recall against the oracle) adds ``diag_*`` columns.
 
 3. **Fidelity on every layer** (``sparsattn.eval.fidelity.attention_fidelity``: attention recall,
    MInference arXiv 2407.02490; top-10 recall, Quest arXiv 2406.10774; relative output error;
@@ -36,14 +47,15 @@ attention recall >= 0.9 on the bundled model"):
    (``heldout_token_stream``) at one length (8192 by default), all query rows, methods selecting layer by layer in
    order as in a forward.
 
-Outputs in ``--out``: ``settings.csv``, ``passkey.csv``, ``passkey_samples.csv``,
+Outputs in ``--out``: ``settings.csv``, ``passkey.csv``, ``passkey_samples.csv``, ``needle.json``,
 ``fidelity_layers.csv``, ``summary.csv``, ``table.md`` (paste-ready for docs/methods.md),
-``pareto.png`` (passkey accuracy and attention recall vs density), ``speedup.png`` (with
+``pareto.png`` (passkey accuracy, attention recall and needle coverage vs density), ``speedup.png`` (with
 ``--speed``: accuracy and recall vs the end-to-end speed-up of ``python -m sparsattn.bench.methods``),
 ``env.json``.
 
 CLI: ``python -m sparsattn.eval.prefill_quality --out DIR [--device cuda] [--lengths 4096,8192,16384]
-[--densities 0.05,0.1] [--n 10] [--methods a,b] [--speed methods_bench.csv] [--tiny]``.
+[--densities 0.05,0.1] [--n 10] [--methods a,b] [--haystack noise|code] [--seed S] [--calibrations DIR]
+[--method-config JSON] [--needle on|off] [--speed methods_bench.csv] [--tiny]``.
 """
 
 from __future__ import annotations
@@ -62,10 +74,11 @@ from typing import Optional, Sequence
 import torch
 
 from ..bench.common import write_csv
-from ._harness import csv_floats, csv_ints, environment, timed_logger
+from ._harness import csv_floats, csv_ints, environment, parse_method_config, timed_logger
 from .prefill_capture import Captured, capture_prompt, fidelity_layers, measure_density, select_all  # noqa: F401
 from .prefill_capture import _pool
-from .prefill_report import _f, plot_pareto, plot_speedup, read_speed, summarize, write_table
+from .prefill_needle import coverage_of_settings, diagnosers
+from .prefill_report import _f, needle_last, plot_pareto, plot_speedup, read_speed, summarize, write_table
 from .prefill_settings import (BLOCK, Family, SearchResult, Setting, _calibration_dir, _config_key,  # noqa: F401
                                default_prefill_methods, fit_at_densities, knob_family, razor_subset,
                                resolve_settings, search_knob, shipped_calibrations)
@@ -85,6 +98,8 @@ CAL_SEED = 4242          # calibration passkey prompt (density search; never sco
 SAMPLE_SEED = 0          # scored passkey prompts
 FID_SEED = 1000          # held-out code prompt of the fidelity measurement
 ANSWER_MARGIN = 16       # prompts are built at length - ANSWER_MARGIN so that prompt + answer <= length
+HAYSTACKS = ("noise", "code")  # passkey haystacks: RULER's noise sentences, held-out source lines
+HELDOUT_SEED = 2112      # the held-out haystack prompts of issue 21 (--haystack code --seed 2112)
 
 _log = timed_logger("prefill_quality")
 
@@ -112,11 +127,15 @@ class PromptSample:
     answer: str
 
 
-def make_prompts(tok, task: str, T: int, n: int, seed: int) -> list[PromptSample]:
-    """``n`` teacher-forcing samples of ``task`` (needle depths linspace(0, 1, n)) with prompt + answer <= T tokens."""
+def make_prompts(tok, task: str, T: int, n: int, seed: int, haystack: str = "noise") -> list[PromptSample]:
+    """``n`` teacher-forcing samples of ``task`` (needle depths linspace(0, 1, n)) with prompt + answer <= T
+    tokens; ``haystack`` (passkey only): ``"noise"`` (RULER's repeated sentences) or ``"code"`` (lines of
+    the held-out source files, ``sparsattn.eval.tasks``)."""
     from .tasks import make_samples
 
-    kw = {"haystack": "noise"} if task == "passkey" else {}
+    if haystack not in HAYSTACKS:
+        raise ValueError(f"haystack: expected one of {HAYSTACKS}, got {haystack!r}")
+    kw = {"haystack": haystack} if task == "passkey" else {}
     out = []
     for s in make_samples(task, tok, T - ANSWER_MARGIN, n, seed=seed, progress=False, **kw):
         p, a = teacher_forced_ids(tok, s.prompt, s.answers[0])
@@ -172,6 +191,20 @@ def run_passkey(model, tok, setting: Optional[Setting], samples: list[PromptSamp
     return agg, rows
 
 
+def _needle_columns(nc: dict) -> dict:
+    """The passkey.csv columns of one setting's needle coverage (``prefill_needle.coverage_of_settings``)."""
+    a = nc["agg"]
+    out = {"needle_reading": a["needle_reading"], "needle_kept": a["needle_kept"],
+           "needle_coverage": _f(a["needle_coverage"], 4), "needle_kept_fraction": _f(a["needle_kept_fraction"], 4),
+           "needle_missing": a["needle_missing"]}
+    for name, per_layer in nc["diagnostics"].items():
+        v = [x for x in per_layer if x == x]
+        out[f"diag_{name}"] = _f(sum(v) / len(v), 4) if v else ""
+    if a.get("needle_error"):
+        out["needle_error"] = a["needle_error"]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # the whole run
 # ----------------------------------------------------------------------------------------------
@@ -181,12 +214,19 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
         tasks: Sequence[str] = ("passkey",), fid_length: Optional[int] = None, speed_csv: Optional[str] = None,
         refit: Optional[bool] = None, backend: Optional[str] = None, max_minutes: float = 0.0,
         model_path=None, tol: float = 0.1, fid_prompt: str = "code", tiny: bool = False,
-        moa_fit: Optional[bool] = None) -> list[dict]:
+        moa_fit: Optional[bool] = None, haystack: str = "noise", seed: int = SAMPLE_SEED,
+        calibrations=None, method_config: Optional[dict] = None, needle: bool = True,
+        needle_threshold: float = 0.1, needle_keep: float = 0.5) -> list[dict]:
     """run: the whole measurement (see the module docstring); returns the summary rows.
 
     ``methods``: default ``default_prefill_methods()``. ``refit``: re-fit the calibrations that can be aimed
     at a density (``fit_at_density`` of a ``sparsattn.calibrate`` module) at each target (None: on CUDA
-    unless ``tiny``); ``moa_fit`` is its older name.
+    unless ``tiny``); ``moa_fit`` is its older name. ``haystack``: the passkey haystack (``"noise"`` or
+    ``"code"``: held-out source files), also of the density-search prompt; ``seed``: of the scored
+    prompts. ``calibrations``: a folder of calibration files (named as the shipped ones) handed to the
+    presets instead of the shipped folder. ``method_config``: ``{method: {hyper-parameter: value}}`` set on
+    every configuration of that method (``resolve_settings``' overrides). ``needle``: measure the needle
+    coverage of every passkey setting (``prefill_needle``; ``needle_threshold`` / ``needle_keep``).
     """
     from ..models.load import load_model
     from ..methods import list_methods
@@ -215,6 +255,18 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
     for t in tasks:
         if t not in ("passkey", "multikey_needle"):
             raise ValueError(f"tasks: expected 'passkey' and/or 'multikey_needle', got {t!r}")
+    if haystack not in HAYSTACKS:
+        raise ValueError(f"haystack: expected one of {HAYSTACKS}, got {haystack!r}")
+    for nm, v in (("needle_threshold", needle_threshold), ("needle_keep", needle_keep)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+            raise ValueError(f"{nm}: expected a number in (0, 1], got {v!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
+    cal_paths = None
+    if calibrations is not None:
+        if not Path(calibrations).is_dir():
+            raise ValueError(f"calibrations: expected a folder of calibration files, got {str(calibrations)!r}")
+        cal_paths = shipped_calibrations(calibrations)
     if fid_prompt not in ("code", "passkey"):
         raise ValueError(f"fid_prompt: expected 'code' or 'passkey', got {fid_prompt!r}")
     fid_length = int(fid_length or (8192 if 8192 in lengths else lengths[-1]))
@@ -240,20 +292,27 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
     env = {"environment": environment(dev), "args": {
         "device": device, "lengths": lengths, "densities": densities, "n": n, "methods": methods, "tasks": list(tasks),
         "fid_length": fid_length, "fid_prompt": fid_prompt, "speed_csv": speed_csv, "refit": refit, "backend": backend,
-        "max_minutes": max_minutes, "tol": tol, "tiny": tiny},
+        "max_minutes": max_minutes, "tol": tol, "tiny": tiny, "haystack": haystack, "seed": seed,
+        "calibrations": None if calibrations is None else str(calibrations), "method_config": method_config,
+        "needle": needle, "needle_threshold": needle_threshold, "needle_keep": needle_keep},
         "model": str(mpath), "model_dtype": str(next(model.parameters()).dtype),
         "protocol": {
             "density_search": f"knob searched per (method, target, length) on a calibration passkey prompt "
-                              f"(make_samples('passkey', tok, L - {ANSWER_MARGIN}, 1, seed={CAL_SEED}), depth 0.5, "
+                              f"(make_samples('passkey', tok, L - {ANSWER_MARGIN}, 1, seed={CAL_SEED}, "
+                              f"haystack='{haystack}'), depth 0.5, "
                               "prompt + answer), density = BlockPattern.density mean over all layers; "
                               f"tolerance {tol:g} x target",
-            "passkey": f"make_samples(task, tok, L - {ANSWER_MARGIN}, n, seed={SAMPLE_SEED}, haystack='noise'), "
+            "passkey": f"make_samples(task, tok, L - {ANSWER_MARGIN}, n, seed={seed}, haystack='{haystack}'), "
                        "depths linspace(0, 1, n); one forward over prompt + ' ' + value under patched(model, method, "
                        "backend); correct iff argmax == gold at every answer token (space + 7 digits)",
             "fidelity": (f"heldout_token_stream(tok, {fid_length}, seed={FID_SEED})" if fid_prompt == "code" else
                          f"a passkey prompt (seed {FID_SEED}, depth 0.5) of {fid_length} tokens")
                         + "; all layers, all rows; attention_fidelity(topk=10); rel_error pooled over layers",
-            "baseline": "sdpa_dense = the unpatched model (transformers SDPA)"},
+            "baseline": "sdpa_dense = the unpatched model (transformers SDPA)",
+            "needle_coverage": (f"on the same prompts, dense q/k of prompt + answer: a head reads the needle when the "
+                                f"answer rows put >= {needle_threshold:g} of their dense attention on the value's "
+                                f"tokens, the setting keeps it when its pattern keeps >= {needle_keep:g} of that "
+                                "attention (sparsattn.eval.needle)") if needle else "not measured"},
         "timings": {}}
     fitted = None
     if refit:  # profiled at 4K and 8K (those not above the longest length evaluated)
@@ -266,11 +325,12 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
     t0 = time.time()
     settings: dict[int, list[Setting]] = {}
     for L in lengths:
-        cal = make_prompts(tok, "passkey", L, 1, CAL_SEED)[0]
+        cal = make_prompts(tok, "passkey", L, 1, CAL_SEED, haystack)[0]
         ids = torch.tensor([cal.prompt_ids + cal.answer_ids], device=dev)
         cap = capture_prompt(model, ids)
         settings[L] = resolve_settings(methods, densities, L, cap, n_layers=n_layers, n_heads=n_heads,
-                                       out_dir=out_dir, fitted=fitted, tol=tol)
+                                       out_dir=out_dir, fitted=fitted, tol=tol, calibrations=cal_paths,
+                                       overrides=method_config)
         del cap
         write_csv([s.row() for Ls in settings.values() for s in Ls], out_dir / "settings.csv")
     env["timings"]["settings_s"] = round(time.time() - t0, 1)
@@ -319,10 +379,17 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
     pk_rows: list[dict] = []
     sample_rows: list[dict] = []
     done_pk: dict = {}
+    needle_docs: list[dict] = []
+    diag = diagnosers(methods) if needle else {}
     for L in lengths:
         for task in tasks:
-            samples = make_prompts(tok, task, L, n, SAMPLE_SEED)
+            samples = make_prompts(tok, task, L, n, seed, haystack)
             jobs: list = [None] + [s for s in settings[L] if not s.error]
+            cov: dict = {}
+            if needle and (deadline is None or time.time() <= deadline):
+                keyed = {(L, task, None if s is None else _config_key(s)): s for s in jobs}
+                cov = coverage_of_settings(model, tok, samples, keyed, device=dev, threshold=needle_threshold,
+                                           keep=needle_keep, diagnose=diag, log=_log)
             for s in jobs:
                 name, tgt, label = ("sdpa_dense", "reference", "unpatched") if s is None else \
                     (s.method, s.target_name, s.label)
@@ -337,30 +404,49 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
                         done_pk[ck] = run_passkey(model, tok, s, samples, device=dev, backend=backend)
                     agg, rows = done_pk[ck]
                     row.update({k: (_f(v, 4) if isinstance(v, float) else v) for k, v in agg.items()})
+                    nc = cov.get(ck)
+                    if nc is not None:
+                        row.update(_needle_columns(nc))
+                        needle_docs.append({"method": name, "target": tgt, "setting": label, "length": L,
+                                            "task": task, **nc["agg"], "diagnostics": nc["diagnostics"],
+                                            "samples": nc["samples"]})
+                    by_sample = {x["sample"]: x for x in (nc or {}).get("samples", [])}
                     for r in rows:
+                        extra = by_sample.get(r["sample"])
                         sample_rows.append({"method": name, "target": tgt, "setting": label, "length": L,
-                                            "task": task, **r})
+                                            "task": task, **r,
+                                            **({} if nc is None else {
+                                                "needle_reading": "" if extra is None else extra["needle_reading"],
+                                                "needle_kept": "" if extra is None else extra["needle_kept"]})})
                     _log(f"{task} T={L} {name:15s} {tgt:>10s} {label:28s} acc {agg['acc']:5.1f}% "
                          f"(tokens {agg['token_acc']:5.1f}%, 1st digit {agg['first_token_acc']:5.1f}%) "
-                         f"density {agg['density']:.4f}  [{agg['by_depth']}] {agg['seconds']:.1f}s")
+                         f"density {agg['density']:.4f}  [{agg['by_depth']}] {agg['seconds']:.1f}s"
+                         + ("" if nc is None else f"; needle kept {nc['agg']['needle_kept']}/"
+                            f"{nc['agg']['needle_reading']}"))
                 except Exception as e:  # recorded, the others still run
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
                     _log(f"{task} T={L} {name} {tgt}: ERROR {row['error']}")
                 pk_rows.append(row)
-            write_csv(pk_rows, out_dir / "passkey.csv")
+            write_csv(pk_rows, out_dir / "passkey.csv", needle_last(pk_rows))
             write_csv(sample_rows, out_dir / "passkey_samples.csv")
+            if needle_docs:
+                (out_dir / "needle.json").write_text(json.dumps({"protocol": env["protocol"]["needle_coverage"],
+                                                                 "rows": needle_docs}, default=str) + "\n")
     env["timings"]["passkey_s"] = round(time.time() - t0, 1)
 
     # 4. summary, table, plots
     write_csv([s.row() for s in all_settings], out_dir / "settings.csv")
     summary = summarize(all_settings, pk_rows, fid, lengths, fid_length, speed)
-    write_csv(summary, out_dir / "summary.csv")
+    write_csv(summary, out_dir / "summary.csv", needle_last(summary))
     where = f"{device}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")
     header = (f"Bundled model, {where}, {env['model_dtype']}; passkey: teacher forcing, {n} needles per length "
               f"(depths 0..1), acc = every answer token (space + 7 digits) right, [density] = measured in those forwards; fidelity: "
               f"1 held-out {'code' if fid_prompt == 'code' else 'passkey'} prompt of {fid_length} tokens, all {n_layers} layers and rows. "
               f"Dense (SDPA) passkey: " + ", ".join(f"{L}: {summary[0].get(f'acc_{L}', '-')}%" for L in lengths)
-              + ".\n")
+              + "." + (f" Haystack: {haystack}, seed {seed}." if (haystack, seed) != ("noise", SAMPLE_SEED) else "")
+              + (f" Needle kept: reading heads (answer rows put >= {needle_threshold:g} of their dense attention "
+                 f"on the value's tokens) whose pattern keeps >= {needle_keep:g} of it, summed over the prompts."
+                 if needle else "") + "\n")
     _table_and_plots(summary, out_dir, lengths, fid_length, header, where, n, speed, speed_csv)
     env["timings"]["total_s"] = round(time.time() - t_start, 1)
     (out_dir / "env.json").write_text(json.dumps(env, indent=1, default=str) + "\n")
@@ -386,7 +472,7 @@ def replot(out_dir, speed_csv: Optional[str] = None) -> list[dict]:
                 del r[k]
             for T, v in sorted(speed.get(r["method"], {}).items()):
                 r[f"speedup_{T}"] = _f(v, 3)
-        write_csv(summary, out_dir / "summary.csv")
+        write_csv(summary, out_dir / "summary.csv", needle_last(summary))
     text = (out_dir / "table.md").read_text() if (out_dir / "table.md").is_file() else ""
     header = text.split("\n|", 1)[0] if text and not text.startswith("|") else ""
     _table_and_plots(summary, out_dir, lengths, fid_length, header, str(env["args"]["device"]), env["args"]["n"],
@@ -434,6 +520,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--replot", action="store_true",
                    help="no measurement: rebuild table.md and the plots of the finished run in --out (with --speed)")
+    p.add_argument("--haystack", choices=HAYSTACKS, default="noise",
+                   help="passkey haystack: RULER's noise sentences (default) or 'code', lines of the held-out "
+                        "source files (never seen in training or calibration; issue 21's protocol with --seed "
+                        f"{HELDOUT_SEED})")
+    p.add_argument("--seed", type=int, default=SAMPLE_SEED, help=f"seed of the scored prompts ({SAMPLE_SEED})")
+    p.add_argument("--calibrations", default="", help="folder of calibration files named as the shipped ones "
+                                                      "(default: the bundled model's shipped calibrations)")
+    p.add_argument("--method-config", default="", help="JSON {method: {hyper-parameter: value}} (inline or a file) "
+                                                       "set on every configuration of that method")
+    p.add_argument("--needle", choices=("on", "off"), default="on",
+                   help="needle coverage of every passkey setting (on: default)")
+    p.add_argument("--needle-threshold", type=float, default=0.1,
+                   help="a head reads the needle when its answer rows put >= this share of dense attention on it")
+    p.add_argument("--needle-keep", type=float, default=0.5,
+                   help="a reading head keeps the needle when the pattern keeps >= this share of that attention")
     p.add_argument("--tiny", action="store_true",
                    help="CPU smoke run: 256 tokens, density 0.1, 2 needles, passkey fidelity prompt")
     return p
@@ -456,7 +557,9 @@ def main(argv=None) -> int:
         fid_length=a.fid_length or None, speed_csv=a.speed or None,
         refit={"auto": None, "on": True, "off": False}[a.refit], backend=a.backend or None,
         max_minutes=max_minutes, model_path=a.model or None,
-        fid_prompt=a.fid_prompt or ("passkey" if a.tiny else "code"), tiny=a.tiny)
+        fid_prompt=a.fid_prompt or ("passkey" if a.tiny else "code"), tiny=a.tiny, haystack=a.haystack,
+        seed=a.seed, calibrations=a.calibrations or None, method_config=parse_method_config(a.method_config),
+        needle=a.needle == "on", needle_threshold=a.needle_threshold, needle_keep=a.needle_keep)
     return 0
 
 

@@ -51,6 +51,7 @@ def summarize(settings: list[Setting], passkey: list[dict], fid: dict, lengths: 
     accs = [_num(ref.get(f"acc_{L}")) for L in lengths]
     accs = [a for a in accs if a is not None]
     ref["acc_mean"] = _f(sum(accs) / len(accs), 1) if accs else ""
+    _needle_summary(ref, base, lengths)
     out.append(ref)
     for key in keys:
         name, tgt = key
@@ -75,6 +76,7 @@ def summarize(settings: list[Setting], passkey: list[dict], fid: dict, lengths: 
         dens_pk = [_num(r.get(f"density_pk_{L}")) for L in lengths]
         dens_pk = [x for x in dens_pk if x is not None]
         r["density_pk_mean"] = _f(sum(dens_pk) / len(dens_pk)) if dens_pk else ""
+        _needle_summary(r, {L: pk[(name, tgt, L)] for L in lengths if (name, tgt, L) in pk}, lengths)
         if speed:
             sp = speed.get(name)
             if sp:
@@ -87,11 +89,40 @@ def summarize(settings: list[Setting], passkey: list[dict], fid: dict, lengths: 
     return out
 
 
+def needle_last(rows: list[dict]) -> list[str]:
+    """needle_last: the CSV columns of ``rows`` (union, first-seen order) with the needle-coverage and
+    diagnostic columns (``needle_*``, ``diag_*``) moved to the end, so the other columns keep their order."""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    late = [k for k in keys if k.startswith(("needle_", "diag_"))]
+    return [k for k in keys if k not in late] + late
+
+
+def _needle_summary(r: dict, by_length: dict, lengths: Sequence[int]) -> None:
+    """Add ``needle_kept_{L}``, ``needle_reading_{L}``, ``needle_cov_{L}`` and ``needle_cov_mean`` (kept /
+    reading heads pooled over lengths) to summary row ``r`` from the passkey rows ``{L: row}`` that
+    carry a needle coverage (nothing when none does)."""
+    kept = reading = 0
+    for L in lengths:
+        p = by_length.get(L)
+        if p is None or _num(p.get("needle_reading")) is None:
+            continue
+        k, n = int(float(p["needle_kept"])), int(float(p["needle_reading"]))
+        r[f"needle_kept_{L}"], r[f"needle_reading_{L}"] = k, n
+        r[f"needle_cov_{L}"] = _f(k / n, 4) if n else ""
+        kept, reading = kept + k, reading + n
+    if reading:
+        r["needle_cov_mean"] = _f(kept / reading, 4)
+
+
 def write_table(summary: list[dict], path: Path, lengths: Sequence[int], fid_length: int, header: str = "") -> str:
     """write_table: the summary as a markdown table (paste-ready for docs/methods.md); returns the text."""
     cols = ["method", "target", "setting (at fid. length)", f"density (fid., {fid_length})", "attn recall",
             "min layer recall", "top-10 recall", "rel. out. err"]
     cols += [f"passkey {L} (%) [density]" for L in lengths] + ["mean passkey (%)"]
+    needle = [L for L in lengths if any(_num(r.get(f"needle_reading_{L}")) is not None for r in summary)]
+    cols += [f"needle kept {L} (heads)" for L in needle]
     lines = [header.rstrip("\n"), ""] if header.strip() else []
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
@@ -107,6 +138,9 @@ def write_table(summary: list[dict], path: Path, lengths: Sequence[int], fid_len
             d = g(r, f"density_pk_{L}")
             cells.append(f"{a} [{d}]" if a != "-" else "not run")
         cells.append(g(r, "acc_mean", "{:.1f}"))
+        for L in needle:
+            n = _num(r.get(f"needle_reading_{L}"))
+            cells.append(f"{int(float(r[f'needle_kept_{L}']))}/{int(n)}" if n is not None else "-")
         if r.get("error"):
             cells[2] += " (error, see CSV)"
         lines.append("| " + " | ".join(cells) + " |")
@@ -132,9 +166,11 @@ def _frontier(pts: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def plot_pareto(summary: list[dict], path: Path, lengths: Sequence[int], title: str = "") -> Path:
-    """plot_pareto: passkey accuracy (mean over lengths) vs passkey density, and attention recall vs density."""
+    """plot_pareto: passkey accuracy (mean over lengths) vs passkey density, attention recall vs density,
+    and (when the passkey runs measured it) needle coverage vs passkey density."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    needle = any(_num(r.get("needle_cov_mean")) is not None for r in summary if r["method"] != "sdpa_dense")
+    fig, axes = plt.subplots(1, 3 if needle else 2, figsize=(19.5 if needle else 13, 5.2))
     methods = [m for m in dict.fromkeys(r["method"] for r in summary) if m != "sdpa_dense"]
     cmap = plt.get_cmap("tab20")
     marks = "os^Dv<>pPX*hH8d"
@@ -142,6 +178,10 @@ def plot_pareto(summary: list[dict], path: Path, lengths: Sequence[int], title: 
                "density in the passkey forwards (mean over layers, samples, lengths)"),
               (axes[1], "density", "recall", "attention recall (mean over layers)",
                "density on the fidelity prompt (mean over layers)"))
+    if needle:
+        panels += ((axes[2], "density_pk_mean", "needle_cov_mean",
+                    "needle coverage (reading heads that keep the needle, pooled over lengths)",
+                    "density in the passkey forwards (mean over layers, samples, lengths)"),)
     for ax, xk, yk, ylab, xlab in panels:
         pts = []
         for i, m in enumerate(methods):
@@ -165,6 +205,8 @@ def plot_pareto(summary: list[dict], path: Path, lengths: Sequence[int], title: 
         ax.set_ylabel(ylab)
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylim(-5, 105)
+    if needle:
+        axes[2].set_ylim(-0.05, 1.05)
     axes[1].legend(fontsize=8, loc="lower right", ncol=2)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -208,6 +208,14 @@ class Setting:
                 "note": self.note, "error": self.error}
 
 
+def _over_label(over: dict) -> str:
+    return "".join(f" +{k}={v}" for k, v in sorted(over.items()))
+
+
+def _over_note(over: dict) -> str:
+    return "set by --method-config: " + json.dumps(over, sort_keys=True, default=str)
+
+
 def _config_key(s: "Setting") -> tuple:
     return (s.method, json.dumps(s.config, sort_keys=True, default=str))
 
@@ -297,18 +305,26 @@ def fit_at_densities(model, tok, methods: Sequence[str], densities: Sequence[flo
 
 def resolve_settings(methods: Sequence[str], densities: Sequence[float], T: int, cap: Captured, *,
                      n_layers: int, n_heads: int, out_dir: Path, fitted: Optional[dict] = None,
-                     calibrations: Optional[dict] = None, tol: float = 0.1, max_evals: int = 10) -> list[Setting]:
+                     calibrations: Optional[dict] = None, tol: float = 0.1, max_evals: int = 10,
+                     overrides: Optional[dict] = None) -> list[Setting]:
     """resolve_settings: the settings of every method at length ``T`` (density search on ``cap``).
 
     Args:
         fitted: ``{method: {density: (path or None, note)}}`` calibrations fitted at each target
             (``fit_at_densities``), one more setting each.
         calibrations: ``{method: path}`` handed to the presets (default ``shipped_calibrations()``).
+        overrides: ``{method: {hyper-parameter: value}}`` set on every configuration of that method
+            (fixed and searched, before its density is measured; ``--method-config``); the label
+            and note say so.
     Errors of one method are recorded in its Setting (``error``) and do not stop the others.
     """
     ctx = PresetContext(n_layers=n_layers, n_heads=n_heads, block_size=BLOCK, work_dir=str(out_dir),
                         calibrations=shipped_calibrations() if calibrations is None else dict(calibrations))
     memo: dict = {}
+    overrides = dict(overrides or {})
+    for name, over in overrides.items():
+        if not isinstance(over, dict):
+            raise ValueError(f"overrides[{name!r}]: expected a dict of hyper-parameters, got {over!r}")
 
     def dens(name: str, cfg: dict) -> float:  # identical configurations are measured once
         from ..methods import get_method
@@ -332,8 +348,12 @@ def resolve_settings(methods: Sequence[str], densities: Sequence[float], T: int,
                 fixed.append(Setting(name, d, T, f"fit b{d:g}", {}, error=note))
             else:
                 fixed.append(Setting(name, d, T, f"fit b{d:g}", {"path": str(path)}, note=note))
+        over = overrides.get(name) or {}
         for s in fixed:
             t0 = time.time()
+            if over and not s.error:
+                s.config.update(over)
+                s.label, s.note = s.label + _over_label(over), (s.note + "; " if s.note else "") + _over_note(over)
             if not s.error:
                 try:
                     s.density_cal = dens(name, s.config)
@@ -356,16 +376,18 @@ def resolve_settings(methods: Sequence[str], densities: Sequence[float], T: int,
                 if fam is None:
                     raise ValueError(f"method: no density family for {name!r}")
                 on = fam.proxy or fam
-                res = search_knob(lambda x: dens(on.method, on.config(x)), d, lo=on.lo, hi=on.hi, guess=on.guess,
-                                  integer=on.integer, increasing=on.increasing, tol=tol, max_evals=max_evals)
-                cfg = fam.config(res.x)
+                pover = over if on is fam else {}
+                res = search_knob(lambda x: dens(on.method, {**on.config(x), **pover}), d, lo=on.lo, hi=on.hi,
+                                  guess=on.guess, integer=on.integer, increasing=on.increasing, tol=tol,
+                                  max_evals=max_evals)
+                cfg = {**fam.config(res.x), **over}
                 if fam.proxy is None:
                     density, met, evals = res.density, res.met, len(res.evals)
                 else:  # searched on the proxy: the method's own density, measured once
                     density = dens(name, cfg)
                     met, evals = abs(density - d) <= tol * d, 1
-                s = Setting(name, float(d), T, fam.label(res.x), cfg, density, met, evals,
-                            note=fam.note or f"knob {fam.knob}={res.x:g}")
+                s = Setting(name, float(d), T, fam.label(res.x) + _over_label(over), cfg, density, met, evals,
+                            note=(fam.note or f"knob {fam.knob}={res.x:g}") + ("; " + _over_note(over) if over else ""))
             except Exception as e:  # recorded, the others still run
                 s.error = f"{type(e).__name__}: {e}"[:300]
             s.seconds = time.time() - t0
