@@ -101,7 +101,7 @@ def test_bad_configs_name_the_argument():
             get_layer("combiner", 32, 2, **{name: bad})
     q, k, v = qkv(T=20, D=8)
     with pytest.raises(ValueError, match="variant"):
-        combiner_attention(q, k, v, variant="mixture")
+        combiner_attention(q, k, v, variant="learnable")
 
 
 def test_bf16_long_sequence_no_nan():

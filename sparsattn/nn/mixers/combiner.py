@@ -14,16 +14,27 @@ region is one key and one value that do not depend on the attending query:
 * ``"axial"`` (Combiner-Axial, the authors' ``axial_rowmajor`` with ``row_summary='none'``): direct =
   the query's own row (causal: its prefix); for every earlier row (non-causal: every other row) the
   entry in the query's column is a summary whose key is that entry's key and whose value is that
-  entry's attention over its whole row. Every earlier token is reached through exactly one summary.
+  entry's attention over its whole row. Every earlier token is reached through exactly one summary;
+* ``"axial_vertical"`` / ``"axial_horizontal"`` (the paper's ``omega_axial-vertical`` /
+  ``omega_axial-horizontal``): direct = the sparse axial pattern (own row prefix + own column in the
+  earlier rows); the rest through one summary per other column (the part of it in the earlier rows)
+  / per earlier row (without the query's column);
+* ``"mixture"`` (Combiner-Mixture): the paper's ``1/M sum_m A(x; omega_m)`` over the vertical and the
+  horizontal plan, each normalised on its own, merged by lse with weight 1/2 each; returned lse =
+  ``log`` of the mean of the two normalisers. These three live in ``_combiner_mixture.py``, whose
+  docstring lists their differences from the paper and the authors' code.
 
 The direct scores and the summary scores share one softmax: computed as two ``(out, lse)`` parts
-merged by ``sparsattn.kernels.merge.merge_lse``. Cost ``O(T (L + n) D)`` = ``O(T sqrt(T) D)``.
-With ``segment >= T`` there is one segment: exact attention.
+merged by ``sparsattn.kernels.merge.merge_lse``. Cost ``O(T (L + n) D)`` = ``O(T sqrt(T) D)``
+(``stats["pairs"]`` and ``Combiner.cost`` count the dot products: ``combiner_pairs``).
+With ``segment >= T`` there is one segment: exact attention (and for the axial_vertical /
+axial_horizontal / mixture variants also with ``segment = 1``: one column).
 
 Differences from the authors' code (``google-research/combiner``, TensorFlow, read, not copied):
 torch, causal and non-causal in one function; a sequence that is not a multiple of ``L`` is padded at
-the end (padded keys are masked where a real query could see them); the Logsparse and Mixture
-variants are not implemented.
+the end (padded keys are masked where a real query could see them); Combiner-Logsparse and
+Combiner-Learnable (routing) are not implemented (the authors' mixture is built from the two axial
+plans, not from Logsparse).
 """
 from __future__ import annotations
 
@@ -36,20 +47,41 @@ from ...kernels.merge import merge_lse
 from ..base import register_layer
 from ..layers._qkv import QKVLayer, check_int
 from ._approx_common import add_stat, cdiv, check_qkv, check_scale, pad_tokens, softmax_lse, wide_dtype
+from ._combiner_mixture import AXIAL2D_VARIANTS, axial2d_grid, axial2d_pairs
 
-__all__ = ["combiner_attention", "Combiner", "VARIANTS"]
+__all__ = ["combiner_attention", "combiner_pairs", "Combiner", "VARIANTS"]
 
-VARIANTS = ("axial", "fixed")
+VARIANTS = ("axial", "fixed") + AXIAL2D_VARIANTS
+
+
+def _check_variant(variant) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+    return variant
+
+
+def combiner_pairs(variant: str, T: int, segment: Optional[int] = None) -> int:
+    """combiner_pairs: query-key dot products one head of ``combiner_attention`` computes on ``T``
+    tokens (summaries and padding included), the ``stats["pairs"]`` of one head."""
+    _check_variant(variant)
+    check_int("T", T, 1)
+    L = min(math.isqrt(T - 1) + 1 if segment is None else check_int("segment", segment, 1), T)
+    n = cdiv(T, L)
+    if n == 1:
+        return L * L
+    if variant in AXIAL2D_VARIANTS:
+        return axial2d_pairs(variant, n, L)
+    return n * L * L + ((n * L + n * L * n) if variant == "fixed" else L * n * n)
 
 
 def combiner_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, variant: str = "axial",
                        causal: bool = True, scale: Optional[float] = None, segment: Optional[int] = None,
                        stats: Optional[dict] = None):
-    """combiner_attention: Combiner-Axial / Combiner-Fixed attention (arXiv 2107.05768).
+    """combiner_attention: Combiner-Axial / -Fixed / -Mixture attention (arXiv 2107.05768).
 
     Args:
         q, k, v: ``[B, H, T, D]`` (self-attention).
-        variant: "axial" or "fixed" (module docstring).
+        variant: "axial", "fixed", "axial_vertical", "axial_horizontal" or "mixture" (module docstring).
         segment: tokens per segment/row ``L`` (default ``ceil(sqrt(T))``).
         stats: optional dict; adds ``pairs``: query-key dot products computed (summaries included).
     Returns:
@@ -57,8 +89,7 @@ def combiner_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, var
     """
     check_qkv(q, k, v)
     scale = check_scale(scale, q.shape[-1])
-    if variant not in VARIANTS:
-        raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+    _check_variant(variant)
     B, H, T, D = q.shape
     L = math.isqrt(T - 1) + 1 if segment is None else check_int("segment", segment, 1)
     L = min(L, T)
@@ -78,6 +109,10 @@ def combiner_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, var
     add_stat(stats, "pairs", B * H * n * L * L)
     if n == 1:
         return o_loc.reshape(B, H, Tp, Dv)[:, :, :T].to(q.dtype), l_loc.reshape(B, H, Tp)[:, :, :T]
+    if variant in AXIAL2D_VARIANTS:
+        out, lse = axial2d_grid(qs, ks, vs, real, (o_loc, l_loc), variant=variant, causal=causal, scale=scale,
+                                stats=stats)
+        return out.reshape(B, H, Tp, Dv)[:, :, :T].to(q.dtype), lse.reshape(B, H, Tp)[:, :, :T]
     ni = torch.arange(n, device=q.device)
     other = (ni[None, :] < ni[:, None]) if causal else (ni[None, :] != ni[:, None])  # [query seg, summary seg]
     if variant == "fixed":
@@ -110,22 +145,22 @@ class Combiner(QKVLayer):
     """Combiner: direct local attention + region summaries in one softmax (Combiner: Full Attention
     Transformer with Sparse Computation Cost, arXiv 2107.05768).
 
-    ``x [B, T, dim] -> [B, T, dim]``; ``variant`` "axial" (Combiner-Axial, default) or "fixed"
-    (Combiner-Fixed); ``segment`` tokens per row/segment (None: ``ceil(sqrt(T))``, the paper's
+    ``x [B, T, dim] -> [B, T, dim]``; ``variant`` "axial" (Combiner-Axial, default), "fixed"
+    (Combiner-Fixed), "mixture" (Combiner-Mixture) or one of its components "axial_vertical" /
+    "axial_horizontal" (``combiner_attention``); ``segment`` tokens per row/segment (None: ``ceil(sqrt(T))``, the paper's
     choice). Every output depends on every earlier token (full support) at ``O(T sqrt(T))`` cost.
     """
 
     paper = "Combiner: Full Attention Transformer with Sparse Computation Cost (arXiv 2107.05768)"
     kind = "approx"
     content_based = False
-    presets = {"default": {}, "fixed": {"variant": "fixed"}}
+    presets = {"default": {}, "fixed": {"variant": "fixed"}, "mixture": {"variant": "mixture"}}
 
     def __init__(self, dim: int, heads: int, causal: bool = True, variant: str = "axial",
                  segment: Optional[int] = None, bias: bool = False):
         super().__init__()
         self._init_qkv(dim, heads, causal, bias)
-        if variant not in VARIANTS:
-            raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
+        _check_variant(variant)
         if segment is not None:
             check_int("segment", segment, 1)
         self.variant, self.segment = variant, segment
@@ -139,11 +174,6 @@ class Combiner(QKVLayer):
 
     def cost(self, T: int) -> dict:
         """``{"density", "flops"}`` of one forward over ``T`` tokens (pairs counted as computed)."""
-        check_int("T", T, 1)
-        L = min(math.isqrt(T - 1) + 1 if self.segment is None else self.segment, T)
-        n = cdiv(T, L)
-        pairs = n * L * L
-        if n > 1:
-            pairs += (n * L + n * L * n) if self.variant == "fixed" else L * n * n
+        pairs = combiner_pairs(self.variant, T, self.segment)
         full = T * (T + 1) / 2 if self.causal else float(T * T)
         return {"density": pairs / full, "flops": 4.0 * pairs * self.dim}
