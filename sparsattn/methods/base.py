@@ -26,6 +26,9 @@ Presets (what tooling needs, declared on the method so no tool names it):
 * ``full_config(q_len)``: a configuration that keeps every causal pair (None: not expressible);
 * ``density_knob(T, target, ctx)`` (prefill): a ``DensityKnob``, the method's settings as a
   function of one searched knob, aimed at ``target`` density at length ``T`` (None: not searched);
+* ``density_variants(T, target, ctx)`` (prefill): ``{variant: DensityKnob}``, other searched families
+  of the method (e.g. SeerAttention's gate in threshold mode instead of top-k), evaluated by the
+  drivers as ``"name:variant"`` when asked for ({} = none; never in a default grid);
 * ``budget_config(budget_tokens, ctx)`` (decode): the hyper-parameters for a token budget per KV
   head (None: no budget mapping);
 * ``calibrate_from_qk(qs, ks, config)``: for a method calibrated on captured per-layer q/k alone,
@@ -318,6 +321,12 @@ class Method:
     def density_knob(cls, T: int, target: float, ctx: PresetContext) -> Optional[DensityKnob]:
         """Preset (prefill): the searched family aimed at density ``target`` at length ``T`` (None: not searched)."""
         return None
+
+    @classmethod
+    def density_variants(cls, T: int, target: float, ctx: PresetContext) -> dict:
+        """Preset (prefill): ``{variant: DensityKnob}``, other searched families evaluated as ``"name:variant"``
+        when a tool is asked for them ({} = none)."""
+        return {}
 
     @classmethod
     def budget_config(cls, budget_tokens: int, ctx: PresetContext) -> Optional[dict]:
