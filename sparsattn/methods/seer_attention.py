@@ -366,6 +366,19 @@ class SeerAttention(Calibrated, Method):
                            lambda x: dict(gate_path=gate, nz_ratio=round(float(x), 5), last_block_dense=False),
                            lambda x: f"nz{float(x):.3f}")
 
+    @classmethod
+    def density_variants(cls, T: int, target: float, ctx: PresetContext) -> dict:
+        """Preset: ``threshold``: the gate ``ctx.calibration("seer_attention")`` in threshold mode (the
+        paper's default mode), ``last_block_dense=False``; knob the threshold in [1e-4, 0.3] (density
+        decreasing in it; guess 4e-3 / target, 0.03 at 12%)."""
+        gate = ctx.calibration(cls.name)
+        if gate is None:
+            raise ValueError("seer_gate: expected the SeerAttention gate directory, got None")
+        return {"threshold": DensityKnob(cls.name, "threshold", 1e-4, 0.3, False, False, min(0.3, 4e-3 / target),
+                                         lambda x: dict(gate_path=gate, threshold=float(f"{float(x):.4g}"),
+                                                        last_block_dense=False),
+                                         lambda x: f"thr{float(x):.3g}")}
+
 
     def __post_init__(self):
         if not isinstance(self.threshold, (int, float)) or not (0.0 <= self.threshold < 1.0):
