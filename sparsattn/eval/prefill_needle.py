@@ -78,7 +78,7 @@ def diagnosers(methods: Sequence[str]) -> dict:
 
     cal = set(calibrated_methods())
     out = {}
-    for name in methods:
+    for name in dict.fromkeys(m.partition(":")[0] for m in methods):  # "name:variant" -> name
         if name in cal:
             try:
                 fn = getattr(calibrator(name), "diagnostics", None)
@@ -142,7 +142,7 @@ def coverage_of_settings(model, tok, samples: list, jobs: dict, *, device, thres
                     with torch.no_grad():
                         pats = select_all(built[key], cap)
                 nc = needle_coverage(qk, pats, rows, needle, scales=cap.scales, threshold=threshold, keep=keep)
-                fn = diagnose.get(getattr(setting, "method", None))
+                fn = diagnose.get(str(getattr(setting, "method", "")).partition(":")[0])
                 if fn is not None and i < DIAG_PROMPTS:
                     with torch.no_grad(), warnings.catch_warnings():
                         warnings.simplefilter("ignore")

@@ -80,7 +80,8 @@ from .prefill_capture import _pool
 from .prefill_needle import coverage_of_settings, diagnosers
 from .prefill_report import _f, needle_last, plot_pareto, plot_speedup, read_speed, summarize, write_table
 from .prefill_settings import (BLOCK, Family, SearchResult, Setting, _calibration_dir, _config_key,  # noqa: F401
-                               default_prefill_methods, fit_at_densities, knob_family, razor_subset,
+                               check_method_specs, default_prefill_methods, fit_at_densities, knob_family,
+                               razor_subset,
                                resolve_settings, search_knob, shipped_calibrations)
 from .recorder import SelectRecorder
 from .teacher_forced import score_teacher_forced, teacher_forced_ids, teacher_forced_predict
@@ -229,7 +230,6 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
     coverage of every passkey setting (``prefill_needle``; ``needle_threshold`` / ``needle_keep``).
     """
     from ..models.load import load_model
-    from ..methods import list_methods
 
     if moa_fit is not None:
         if refit is not None and refit != moa_fit:
@@ -247,11 +247,8 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
         raise ValueError(f"densities: expected fractions in (0, 1), got {densities}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n: expected an int >= 1, got {n!r}")
-    valid = set(list_methods("prefill"))
     methods = list(default_prefill_methods() if not methods else methods)
-    bad = [m for m in methods if m not in valid]
-    if bad:
-        raise ValueError(f"methods: {bad} are not registered prefill methods; valid: {sorted(valid)}")
+    check_method_specs(methods)
     for t in tasks:
         if t not in ("passkey", "multikey_needle"):
             raise ValueError(f"tasks: expected 'passkey' and/or 'multikey_needle', got {t!r}")
@@ -501,7 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--densities", default=",".join(map(str, DEFAULT_DENSITIES)))
     p.add_argument("--n", type=int, default=10, help="needles per length (depths linspace(0, 1, n))")
     p.add_argument("--methods", default="", help="comma list (default: every registered prefill method with a "
-                                                  "density_knob or fixed_settings preset)")
+                                                  "density_knob or fixed_settings preset); NAME:VARIANT = a "
+                                                  "searched family of the method's density_variants preset "
+                                                  "(e.g. seer_attention:threshold)")
     p.add_argument("--tasks", default="passkey", help="passkey and/or multikey_needle")
     p.add_argument("--fid-length", type=int, default=0,
                    help="fidelity length, one of --lengths (default 8192 when listed, else the longest)")

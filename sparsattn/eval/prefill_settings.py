@@ -35,7 +35,8 @@ from .prefill_capture import Captured, measure_density
 from .prefill_report import _f
 
 __all__ = ["BLOCK", "SearchResult", "search_knob", "Family", "knob_family", "Setting", "default_prefill_methods",
-           "shipped_calibrations", "resolve_settings", "density_fitters", "fit_at_densities", "razor_subset"]
+           "shipped_calibrations", "resolve_settings", "density_fitters", "fit_at_densities", "razor_subset",
+           "method_spec", "check_method_specs"]
 
 BLOCK = 64  # the key block of block-granular presets
 
@@ -198,7 +199,7 @@ class Setting:
         """build: the method instance of this setting."""
         from ..methods import get_method
 
-        return get_method(self.method, **self.config)
+        return get_method(method_spec(self.method)[0], **self.config)
 
     def row(self) -> dict:
         """row: the ``settings.csv`` row (paths shortened to their file names)."""
@@ -206,6 +207,34 @@ class Setting:
                 "density_cal": _f(self.density_cal), "target_met": self.target_met, "evals": self.evals,
                 "seconds": round(self.seconds, 2), "config": json.dumps(_short_paths(self.config), sort_keys=True),
                 "note": self.note, "error": self.error}
+
+
+def method_spec(spec: str) -> tuple[str, str]:
+    """method_spec: ``"name"`` -> ``(name, "")``, ``"name:variant"`` -> ``(name, variant)`` (a searched family
+    of the method's ``density_variants`` preset, e.g. ``seer_attention:threshold``)."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"methods: expected a method name, got {spec!r}")
+    base, _, variant = spec.partition(":")
+    return base, variant
+
+
+def check_method_specs(specs: Sequence[str], T: int = 4096) -> None:
+    """check_method_specs: ValueError naming the bad entries unless every spec is a registered prefill
+    method or ``name:variant`` with ``variant`` among the method's ``density_variants``."""
+    valid = set(list_methods("prefill"))
+    bad = [m for m in specs if method_spec(m)[0] not in valid]
+    if bad:
+        raise ValueError(f"methods: {bad} are not registered prefill methods; valid: {sorted(valid)}")
+    for m in specs:
+        base, variant = method_spec(m)
+        if variant:
+            cls = method_class(base)
+            try:  # the variants' names (a preset that needs a real calibration file is not checked here)
+                names = sorted(cls.density_variants(T, 0.1, PresetContext(calibrations={base: "-"})))
+            except (ValueError, OSError):
+                continue
+            if variant not in names:
+                raise ValueError(f"methods: {m!r}: {base} declares the density variants {names}, not {variant!r}")
 
 
 def _over_label(over: dict) -> str:
@@ -336,11 +365,12 @@ def resolve_settings(methods: Sequence[str], densities: Sequence[float], T: int,
 
     out: list[Setting] = []
     for name in methods:
-        cls = method_class(name)
+        base, variant = method_spec(name)
+        cls = method_class(base)
         fixed: list[Setting] = []
         try:
-            fixed = [Setting(name, f.target, T, f.label, dict(f.config), note=f.note)
-                     for f in cls.fixed_settings(T, ctx)]
+            fixed = [] if variant else [Setting(name, f.target, T, f.label, dict(f.config), note=f.note)
+                                        for f in cls.fixed_settings(T, ctx)]
         except Exception as e:  # noqa: BLE001 - recorded, the others still run
             fixed = [Setting(name, None, T, "fixed", {}, error=f"{type(e).__name__}: {e}"[:300])]
         for d, (path, note) in sorted((fitted or {}).get(name, {}).items()):
@@ -348,7 +378,7 @@ def resolve_settings(methods: Sequence[str], densities: Sequence[float], T: int,
                 fixed.append(Setting(name, d, T, f"fit b{d:g}", {}, error=note))
             else:
                 fixed.append(Setting(name, d, T, f"fit b{d:g}", {"path": str(path)}, note=note))
-        over = overrides.get(name) or {}
+        over = overrides.get(name, overrides.get(base)) or {}
         for s in fixed:
             t0 = time.time()
             if over and not s.error:
@@ -356,7 +386,7 @@ def resolve_settings(methods: Sequence[str], densities: Sequence[float], T: int,
                 s.label, s.note = s.label + _over_label(over), (s.note + "; " if s.note else "") + _over_note(over)
             if not s.error:
                 try:
-                    s.density_cal = dens(name, s.config)
+                    s.density_cal = dens(base, s.config)
                     s.evals = 1
                     if s.target is not None:
                         s.target_met = abs(s.density_cal - s.target) <= tol * s.target
@@ -366,13 +396,14 @@ def resolve_settings(methods: Sequence[str], densities: Sequence[float], T: int,
             _log(f"T={T} {s.method:15s} {s.target_name:>10s} {s.label:28s} density {_f(s.density_cal)}"
                  + (f"  ERROR {s.error}" if s.error else ""))
             out.append(s)
-        if fixed and not declares(cls, "density_knob"):
+        if fixed and not declares(cls, "density_knob") and not variant:
             continue
         for d in densities:
             t0 = time.time()
             s = Setting(name, float(d), T, "", {})
             try:
-                fam = cls.density_knob(T, float(d), ctx)
+                fam = cls.density_variants(T, float(d), ctx).get(variant) if variant else \
+                    cls.density_knob(T, float(d), ctx)
                 if fam is None:
                     raise ValueError(f"method: no density family for {name!r}")
                 on = fam.proxy or fam
@@ -384,7 +415,7 @@ def resolve_settings(methods: Sequence[str], densities: Sequence[float], T: int,
                 if fam.proxy is None:
                     density, met, evals = res.density, res.met, len(res.evals)
                 else:  # searched on the proxy: the method's own density, measured once
-                    density = dens(name, cfg)
+                    density = dens(base, cfg)
                     met, evals = abs(density - d) <= tol * d, 1
                 s = Setting(name, float(d), T, fam.label(res.x) + _over_label(over), cfg, density, met, evals,
                             note=(fam.note or f"knob {fam.knob}={res.x:g}") + ("; " + _over_note(over) if over else ""))

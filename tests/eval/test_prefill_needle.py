@@ -90,7 +90,8 @@ def bundled():
 
 def test_tiny_run_reports_needle_coverage_on_held_out_haystacks(tmp_path, bundled):
     out = tmp_path / "pq"
-    summary = pq.run(out, lengths=[256], densities=[0.1], n=2, methods=["dense", "a_shape"], fid_prompt="passkey",
+    summary = pq.run(out, lengths=[256], densities=[0.1], n=2, methods=["dense", "a_shape", "seer_attention:threshold"],
+                     fid_prompt="passkey",
                      refit=False, haystack="code", seed=pq.HELDOUT_SEED)
     with open(out / "passkey.csv") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
@@ -118,6 +119,15 @@ def test_tiny_run_reports_needle_coverage_on_held_out_haystacks(tmp_path, bundle
     assert "needle kept 256 (heads)" in table and f"| {n_read}/{n_read} |" in table and "Haystack: code" in table
     env = json.loads((out / "env.json").read_text())
     assert env["args"]["haystack"] == "code" and "haystack='code'" in env["protocol"]["passkey"]
+    # a density variant (the method's density_variants preset): SeerAttention's gate in threshold mode
+    thr = rows["seer_attention:threshold"]
+    assert thr["setting"].startswith("thr") and int(thr["needle_reading"]) == n_read
+    with open(out / "settings.csv") as f:
+        cfg = json.loads(next(r for r in csv.DictReader(f) if r["method"] == "seer_attention:threshold")["config"])
+    assert cfg.get("nz_ratio") is None and 0 < cfg["threshold"] < 1 and cfg["last_block_dense"] is False
+    for bad in ("seer_attention:bogus", "a_shape:threshold", "nope"):
+        with pytest.raises(ValueError, match="methods"):
+            pq.run(out, lengths=[256], methods=[bad])
     with pytest.raises(ValueError, match="haystack"):
         pq.run(out, lengths=[256], methods=["dense"], haystack="prose")
     with pytest.raises(ValueError, match="needle_keep"):
