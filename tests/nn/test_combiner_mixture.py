@@ -11,7 +11,7 @@ import torch
 
 from sparsattn.kernels.block_sparse.reference import dense_reference
 from sparsattn.nn import get_layer
-from sparsattn.nn.mixers.combiner import combiner_attention, combiner_pairs
+from sparsattn.nn.mixers.combiner import combiner_attention, combiner_direct_mask, combiner_pairs
 
 from ._approx_checks import assert_lse_merges_with_extra_keys, bf16_long_finite, future_change, qkv
 
@@ -103,6 +103,9 @@ def test_matches_implied_matrix_float64_with_gradients(variant, causal, T, L):
     torch.testing.assert_close(Pf.sum(-1), torch.ones(1, 2, T, dtype=q.dtype), atol=1e-12, rtol=0)
     support = torch.ones(T, T, dtype=torch.bool).tril() if causal else torch.ones(T, T, dtype=torch.bool)
     assert (Pf[..., support] > 0).all() and (Pf[..., ~support] == 0).all()
+    direct = combiner_direct_mask(variant, T, L, causal=causal)
+    for i in range(T):
+        assert set(direct[i].nonzero()[:, 0].tolist()) == _plan(i, T, L, causal, "vertical")[0]
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -138,10 +141,19 @@ def test_pairs_accounting(variant):
         assert st["pairs"] == 6 * combiner_pairs(variant, 50, segment)
     n, L = 8, 8  # T = 64: P = n L^2 + L n^2 per head; the mixture shares its direct part
     P = n * L * L + L * n * n
-    assert combiner_pairs(variant, 64) == {"axial": P, "fixed": n * L * L + n * L + n * L * n,
-                                           "axial_vertical": 2 * P, "axial_horizontal": 2 * P, "mixture": 3 * P}[variant]
+    want = {"axial": P, "fixed": n * L * L + n * L + n * L * n, "axial_vertical": 2 * P, "axial_horizontal": 2 * P,
+            "mixture": 3 * P}
+    assert combiner_pairs(variant, 64) == want[variant]
     layer = get_layer("combiner", 32, 2, variant=variant)
     assert layer.cost(4096)["density"] == combiner_pairs(variant, 4096) / (4096 * 4097 / 2) < 0.2
+
+
+def test_direct_mask_of_the_segment_variants():
+    i = torch.arange(23)
+    own = (i[:, None] // 5 == i[None, :] // 5) & (i[None, :] <= i[:, None])
+    for variant in ("axial", "fixed"):
+        assert torch.equal(combiner_direct_mask(variant, 23, 5), own)
+    assert combiner_direct_mask("mixture", 23, 23, causal=False).all()
 
 
 def test_bad_variant_and_segment_name_the_argument():
@@ -151,6 +163,8 @@ def test_bad_variant_and_segment_name_the_argument():
             combiner_attention(q, k, v, variant=bad)
         with pytest.raises(ValueError, match="variant"):
             get_layer("combiner", 32, 2, variant=bad)
+    with pytest.raises(ValueError, match="variant"):
+        combiner_direct_mask("logsparse", 20)
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="segment"):
             combiner_attention(q, k, v, variant="mixture", segment=bad)

@@ -24,8 +24,8 @@ region is one key and one value that do not depend on the attending query:
   ``log`` of the mean of the two normalisers. These three live in ``_combiner_mixture.py``, whose
   docstring lists their differences from the paper and the authors' code.
 
-The direct scores and the summary scores share one softmax: computed as two ``(out, lse)`` parts
-merged by ``sparsattn.kernels.merge.merge_lse``. Cost ``O(T (L + n) D)`` = ``O(T sqrt(T) D)``
+In each variant (each component of the mixture) the direct scores and the summary scores share one
+softmax: computed as ``(out, lse)`` parts merged by ``sparsattn.kernels.merge.merge_lse``. Cost ``O(T (L + n) D)`` = ``O(T sqrt(T) D)``
 (``stats["pairs"]`` and ``Combiner.cost`` count the dot products: ``combiner_pairs``).
 With ``segment >= T`` there is one segment: exact attention (and for the axial_vertical /
 axial_horizontal / mixture variants also with ``segment = 1``: one column).
@@ -49,7 +49,7 @@ from ..layers._qkv import QKVLayer, check_int
 from ._approx_common import add_stat, cdiv, check_qkv, check_scale, pad_tokens, softmax_lse, wide_dtype
 from ._combiner_mixture import AXIAL2D_VARIANTS, axial2d_grid, axial2d_pairs
 
-__all__ = ["combiner_attention", "combiner_pairs", "Combiner", "VARIANTS"]
+__all__ = ["combiner_attention", "combiner_pairs", "combiner_direct_mask", "Combiner", "VARIANTS"]
 
 VARIANTS = ("axial", "fixed") + AXIAL2D_VARIANTS
 
@@ -72,6 +72,22 @@ def combiner_pairs(variant: str, T: int, segment: Optional[int] = None) -> int:
     if variant in AXIAL2D_VARIANTS:
         return axial2d_pairs(variant, n, L)
     return n * L * L + ((n * L + n * L * n) if variant == "fixed" else L * n * n)
+
+
+def combiner_direct_mask(variant: str, T: int, segment: Optional[int] = None, *, causal: bool = True,
+                         device=None) -> torch.Tensor:
+    """combiner_direct_mask: bool ``[T, T]``, the query-key pairs ``combiner_attention`` attends to
+    directly (exact scores; every other earlier key is reached through a summary): the own segment /
+    row, plus the own column for the axial_vertical / axial_horizontal / mixture variants; causal:
+    only keys ``<= `` the query."""
+    _check_variant(variant)
+    check_int("T", T, 1)
+    L = min(math.isqrt(T - 1) + 1 if segment is None else check_int("segment", segment, 1), T)
+    i = torch.arange(T, device=device)
+    keep = (i[:, None] // L) == (i[None, :] // L)
+    if variant in AXIAL2D_VARIANTS:
+        keep = keep | ((i[:, None] % L) == (i[None, :] % L))
+    return keep & (i[None, :] <= i[:, None]) if causal else keep
 
 
 def combiner_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, variant: str = "axial",
@@ -147,8 +163,9 @@ class Combiner(QKVLayer):
 
     ``x [B, T, dim] -> [B, T, dim]``; ``variant`` "axial" (Combiner-Axial, default), "fixed"
     (Combiner-Fixed), "mixture" (Combiner-Mixture) or one of its components "axial_vertical" /
-    "axial_horizontal" (``combiner_attention``); ``segment`` tokens per row/segment (None: ``ceil(sqrt(T))``, the paper's
-    choice). Every output depends on every earlier token (full support) at ``O(T sqrt(T))`` cost.
+    "axial_horizontal" (``combiner_attention``); ``segment`` tokens per row/segment (None:
+    ``ceil(sqrt(T))``, the paper's choice). Every output depends on every earlier token (full support)
+    at ``O(T sqrt(T))`` cost.
     """
 
     paper = "Combiner: Full Attention Transformer with Sparse Computation Cost (arXiv 2107.05768)"
