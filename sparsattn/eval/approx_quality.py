@@ -57,6 +57,10 @@ HYPER_GRID = {"rank": ((256, 64, 64), (512, 128, 128), (1024, 256, 256), (2048, 
               "window": ((512, 128, 128),)}
 SCATTER_GRID = {"rank": ((64, 64), (128, 128), (256, 256), (512, 512)), "window": ((64, 64),)}
 SEA_GRID = {"block": (2, 4, 8, 16), "previous": (4,)}
+#: Combiner variants (``combiner_attention``), each at the paper's segment ``sqrt(T)`` (None) and a
+#: half / double one; training-free here: max-pooled summaries of the model's own q/k/v
+COMBINER_GRID = {"axial": (None,), "fixed": (None,), "axial_vertical": (None,), "axial_horizontal": (None,),
+                 "mixture": (None, 0.5, 2.0)}
 
 
 def _log(msg: str) -> None:
@@ -113,6 +117,21 @@ def method_grid(D: int, seed: int = 0) -> list[dict]:
                 return sea_attention(q, k, v, features=sea_f, causal=True, top_k=kk, predictor_length=128,
                                      block_size=64, stats=st, pool=pool)
             add("sea" + suffix, f"top_k={kk},K_p=128,block=64", se, lambda q, k, v, se=se: se(q, k, v, None)[1])
+    from ..nn.mixers._approx_common import exact_lse
+    from ..nn.mixers.combiner import combiner_attention, combiner_direct_mask
+
+    for variant, factors in COMBINER_GRID.items():
+        for f in factors:
+            seg = lambda T, f=f: None if f is None else max(1, round(f * math.sqrt(T)))  # noqa: E731
+
+            def cb(q, k, v, st, variant=variant, seg=seg):
+                return combiner_attention(q, k, v, variant=variant, causal=True, segment=seg(q.shape[2]), stats=st)
+
+            def cb_direct(q, k, v, variant=variant, seg=seg):  # lse of the directly attended pairs, head by head
+                keep = combiner_direct_mask(variant, q.shape[2], seg(q.shape[2]), device=q.device)
+                return torch.cat([exact_lse(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], scale=q.shape[-1] ** -0.5,
+                                            causal=False, keep=keep)[1] for h in range(q.shape[1])], 1)
+            add("combiner-" + variant, "segment=sqrt(T)" if f is None else f"segment={f:g}*sqrt(T)", cb, cb_direct)
     return grid
 
 
