@@ -34,6 +34,14 @@ model's trained 16,384 positions):
    selected and computed by the same sparse decode kernel (``match_kernel_dense``: on a bf16 GPU a
    difference from SDPA can be the kernel's rounding alone).
 
+6. **Needle coverage** (``--needle on``, the default; ``decode_needle``): at the answer steps (the last
+   question token and the generated steps up to the answer's length), the heads whose query puts
+   >= 0.1 of its dense attention over the cache on the passkey value's tokens *read* the needle, and
+   the method *keeps* it in a head when the positions it selected hold >= 0.5 of that attention
+   (averaged over the answer steps; the definitions of ``sparsattn.eval.needle``). Columns
+   ``needle_reading`` / ``needle_kept`` (heads, summed over samples), ``needle_coverage``,
+   ``needle_kept_fraction``; ``dense_kernel`` (every token) gives the reading heads of the reference.
+
 Budgets (``--budgets``): token counts (``64``), fractions of the length L (``0.02``) or
 ``full``; each is mapped to the method's own hyper-parameters by its ``budget_config`` preset (tokens
 read per KV head on the layers the method sparsifies; the rule is written once, in the method's file,
@@ -48,12 +56,12 @@ The ``density`` column is the measured fraction of the cache read, averaged over
 
 Outputs under ``--out``: ``decode_quality.csv`` (method, budget, length, accuracy, top10_recall, n,
 then budget_tokens, top10_recall_sparse, density, match_dense, match_kernel_dense, max_logit_diff,
-seconds; accuracy x100, recall and density in [0, 1]),
+seconds, then the needle columns; accuracy x100, recall and density in [0, 1]),
 ``decode_quality_samples.csv`` (one row per run), ``decode_quality_layers.csv`` (recall and
 density per layer), ``configs.json`` (the hyper-parameters of every method x budget),
 ``environment.json`` (torch/transformers/triton versions, device, date, arguments, timing),
-``accuracy_vs_budget.png`` and ``top10_recall_vs_budget.png`` (a panel per length, a line per
-method, dense as a horizontal line).
+``accuracy_vs_budget.png``, ``top10_recall_vs_budget.png`` and ``needle_coverage_vs_budget.png`` (a
+panel per length, a line per method, dense as a horizontal line).
 
 Time: samples are the outer loop (sample i at every length, every method and budget), and a new
 round starts only if the estimated round time (the last round's) fits in ``--time-limit`` seconds,
@@ -84,6 +92,7 @@ from ._harness import parse_method_config
 from .decode_budgets import (CALIBRATION_SEED, Budget, budget_config, budget_mapped, calibrate_double_sparsity,  # noqa: F401
                              calibrate_from_prompt, calibrating_methods, default_decode_methods, parse_budget,
                              slow_methods)
+from .decode_needle import needle_keys
 from .decode_report import plot_vs_budget
 from .decode_run import (AllTokens, DecodeResult, _cache_kwarg, _model_sizes, decode_run, prefill,  # noqa: F401
                          split_prompt)
@@ -107,11 +116,14 @@ def __getattr__(attr: str):
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
+NEEDLE_COLS = ["needle_reading", "needle_kept", "needle_coverage", "needle_kept_fraction"]
 MAIN_COLS = ["method", "budget", "length", "accuracy", "top10_recall", "n", "budget_tokens",
-             "top10_recall_sparse", "density", "match_dense", "match_kernel_dense", "max_logit_diff", "seconds"]
+             "top10_recall_sparse", "density", "match_dense", "match_kernel_dense", "max_logit_diff", "seconds"] \
+    + NEEDLE_COLS
 SAMPLE_COLS = ["method", "budget", "length", "sample", "seed", "depth", "n_tokens", "n_prefill", "n_question",
                "budget_tokens", "score", "prediction", "answer", "top10_recall", "top10_recall_sparse", "density",
-               "match_dense", "match_kernel_dense", "max_logit_diff", "seconds"]
+               "match_dense", "match_kernel_dense", "max_logit_diff", "seconds", "needle_reading", "needle_kept",
+               "needle_kept_fraction"]
 LAYER_COLS = ["method", "budget", "length", "layer", "top10_recall", "density", "calls"]
 
 
@@ -157,6 +169,7 @@ def _aggregate(srows: list[dict], lrows_raw: list[dict]) -> tuple[list[dict], li
             "max_logit_diff": (None if all(r["max_logit_diff"] is None for r in rs)
                                else _r(max(r["max_logit_diff"] for r in rs if r["max_logit_diff"] is not None), 6)),
             "seconds": _r(sum(r["seconds"] for r in rs), 2),
+            **_needle_agg(rs),
         })
     lg: dict = {}
     for r in lrows_raw:
@@ -170,6 +183,24 @@ def _aggregate(srows: list[dict], lrows_raw: list[dict]) -> tuple[list[dict], li
     return rows, lrows
 
 
+def _needle_agg(rs: list[dict]) -> dict:
+    """Needle columns of one cell: reading / kept heads summed over its samples, coverage = kept / reading,
+    kept fraction averaged over the reading heads (None where nothing was recorded)."""
+    got = [r for r in rs if r.get("needle_reading") is not None]
+    if not got:
+        return {k: None for k in NEEDLE_COLS}
+    n, k = sum(r["needle_reading"] for r in got), sum(r["needle_kept"] for r in got)
+    fr = sum((r["needle_kept_fraction"] or 0.0) * r["needle_reading"] for r in got)
+    return {"needle_reading": n, "needle_kept": k, "needle_coverage": _r(k / n) if n else None,
+            "needle_kept_fraction": _r(fr / n) if n else None}
+
+
+def _needle_cells(res: "DecodeResult") -> dict:
+    nd = res.needle or {}
+    return {"needle_reading": nd.get("needle_reading"), "needle_kept": nd.get("needle_kept"),
+            "needle_kept_fraction": _r(nd.get("needle_kept_fraction"))}
+
+
 def environment(device, args: Optional[dict] = None) -> dict:
     """environment: versions, device and date of a run (``sparsattn._environment.environment``, the one
     record format of the library)."""
@@ -181,7 +212,8 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
                        n: int = 10, methods: Optional[Sequence[str]] = None, full_n: int = 2,
                        max_new_tokens: int = 10, seed: int = 0, time_limit: Optional[float] = 260.0,
                        backend: Optional[str] = None, plots: bool = True, model_path=None,
-                       method_config: Optional[dict] = None,
+                       method_config: Optional[dict] = None, needle: bool = True, needle_threshold: float = 0.1,
+                       needle_keep: float = 0.5,
                        log: Callable[[str], None] = print, t_start: Optional[float] = None) -> dict:
     """run_decode_quality: the whole grid (see the module docstring); writes the outputs under ``out_dir``.
 
@@ -198,7 +230,9 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
             backend (None: automatic on CUDA, "reference" on the CPU). method_config: optional
             ``{method: {hyper-parameter: value}}`` overriding the mapped configuration at every budget
             (e.g. ``{"double_sparsity": {"group_factor": 4}}``; double_sparsity is calibrated with its
-            ``group_factor``); recorded in configs.json.
+            ``group_factor``); recorded in configs.json. needle: record the needle coverage of every
+            sparse run at the answer steps (``decode_needle``; ``needle_threshold`` / ``needle_keep``
+            as in ``sparsattn.eval.needle``).
     Returns:
         ``{"rows", "sample_rows", "layer_rows", "configs", "environment", "files", "errors"}``.
     Raises:
@@ -219,6 +253,9 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
         raise ValueError(f"full_n: expected an int >= 0, got {full_n!r}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+    for name, v in (("needle_threshold", needle_threshold), ("needle_keep", needle_keep)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+            raise ValueError(f"{name}: expected a number in (0, 1], got {v!r}")
     if time_limit is not None and not time_limit > 0:
         raise ValueError(f"time_limit: expected seconds > 0 or None, got {time_limit!r}")
     dec = list_methods("decode")
@@ -249,7 +286,8 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
     args = {"lengths": lengths, "budgets": [b.label for b in bl], "n": n, "methods": methods, "full_n": full_n,
             "max_new_tokens": max_new_tokens, "seed": seed, "time_limit": time_limit, "backend": backend,
             "dtype": str(next(model.parameters()).dtype), "model": str(model_path or "bundled"),
-            "method_config": method_config}
+            "method_config": method_config, "needle": needle, "needle_threshold": needle_threshold,
+            "needle_keep": needle_keep}
     env = environment(dev, args)
     log(f"decode_quality: {n_layers} layers, GQA group {G}, device {dev}, dtype {args['dtype']}; "
         f"lengths {lengths}, budgets {[b.label for b in bl]}, methods {methods}, n {n} (full-budget check on {full_n})")
@@ -307,6 +345,8 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
             ids_t = torch.tensor([ids], device=dev)
             kv = prefill(model, ids_t[:, :n_pre])
             tail = ids_t[:, n_pre:]
+            nk = needle_keys(tokenizer, ids, n_pre, s.answers[0]) if needle else None
+            nkw = {} if nk is None else {"needle": nk, "needle_threshold": needle_threshold, "needle_keep": needle_keep}
             base = {"length": L, "sample": i, "seed": seed + i, "depth": round(_depth(i, n), 4),
                     "n_tokens": len(ids), "n_prefill": n_pre, "n_question": len(ids) - n_pre,
                     "answer": s.answers[0]}
@@ -322,7 +362,7 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
             if check_full:  # every token through the sparse decode kernel: the kernel's own numerics
                 try:
                     dk = decode_run(model, kv, tail, max_new_tokens=max_new_tokens, method=AllTokens(), backend=backend,
-                                    keep_logits=True)
+                                    keep_logits=True, **nkw)
                 except Exception as e:  # noqa: BLE001 - recorded and reported
                     errors.append(f"dense_kernel length {L} sample {i}: {type(e).__name__}: {e}")
                     env["errors"] = errors
@@ -335,7 +375,7 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
                               "top10_recall": _r(dk.recall.get("top10_recall"), 5), "top10_recall_sparse": None,
                               "density": _r(dk.recall.get("density"), 5), "match_dense": match,
                               "match_kernel_dense": True, "max_logit_diff": _r(_logit_diff(dk, dref, match, tail), 6),
-                              "seconds": round(dk.seconds, 3)})
+                              "seconds": round(dk.seconds, 3), **_needle_cells(dk)})
                 msg.append("dense_kernel " + ("=" if match else "!=dense"))
             for name in methods:
                 parts = []
@@ -349,7 +389,7 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
                     configs.setdefault(name, {}).setdefault(b.label, {})[str(L)] = cfg
                     try:
                         res = decode_run(model, kv, tail, max_new_tokens=max_new_tokens, method=meth, backend=backend,
-                                         keep_logits=full)
+                                         keep_logits=full, **nkw)
                     except Exception as e:  # noqa: BLE001 - recorded and reported, the other cells go on
                         err = f"{name} budget {b.label} length {L} sample {i}: {type(e).__name__}: {e}"
                         errors.append(err)
@@ -370,11 +410,13 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
                                   "density": _r(res.recall.get("density"), 5), "match_dense": match,
                                   "match_kernel_dense": match_k,
                                   "max_logit_diff": None if diff is None else _r(diff, 6),
-                                  "seconds": round(res.seconds, 3)})
+                                  "seconds": round(res.seconds, 3), **_needle_cells(res)})
                     for layer, d in res.recall.get("layers", {}).items():
                         lraw.append({"method": name, "budget": b.label, "length": L, "layer": layer, **d})
                     rec = res.recall.get("top10_recall")
                     tag = f"{b.label}:{'ok' if sc == 1 else 'x'}" + ("" if rec is None else f"/{rec:.2f}")
+                    if res.needle.get("needle_reading"):
+                        tag += f"/needle {res.needle['needle_kept']}of{res.needle['needle_reading']}"
                     if full:
                         tag += "=" if match else ("!=dense" + ("(=kernel)" if match_k else ""))
                     parts.append(tag)
@@ -392,6 +434,8 @@ def run_decode_quality(model=None, tokenizer=None, *, out_dir, device: str = "cp
     if plots and rows:
         files.append(plot_vs_budget(rows, out / "accuracy_vs_budget.png", "accuracy"))
         files.append(plot_vs_budget(rows, out / "top10_recall_vs_budget.png", "top10_recall"))
+        if any(r.get("needle_coverage") is not None for r in rows):
+            files.append(plot_vs_budget(rows, out / "needle_coverage_vs_budget.png", "needle_coverage"))
     env["elapsed_s"] = round(time.perf_counter() - t_start, 2)
     (out / "environment.json").write_text(json.dumps(env, indent=1))
     log(_table(rows))
@@ -441,6 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method-config", default=None,
                    help="JSON {method: {hyper-parameter: value}} (or a JSON file) overriding the budget mapping "
                         "at every budget")
+    p.add_argument("--needle", choices=("on", "off"), default="on",
+                   help="needle coverage of every sparse run at the answer steps (on: default)")
+    p.add_argument("--needle-threshold", type=float, default=0.1,
+                   help="a head reads the needle when the answer steps put >= this share of dense attention on it")
+    p.add_argument("--needle-keep", type=float, default=0.5,
+                   help="a reading head keeps the needle when the selection keeps >= this share of that attention")
     p.add_argument("--tiny", action="store_true",
                    help=f"CPU smoke run (< 1 min): lengths {TINY['lengths']}, budgets {TINY['budgets']}, n {TINY['n']}, "
                         "every decode method, no full-budget check (--full-n 1 adds it, ~+35 s)")
@@ -477,6 +527,8 @@ def main(argv=None) -> int:
                            full_n=full_n, max_new_tokens=mnt, seed=args.seed,
                            time_limit=args.time_limit if args.time_limit and args.time_limit > 0 else None,
                            backend=args.backend, plots=not args.no_plots, model_path=args.model, method_config=mcfg,
+                           needle=args.needle == "on", needle_threshold=args.needle_threshold,
+                           needle_keep=args.needle_keep,
                            log=lambda s: print(s, flush=True), t_start=t_start)
     except ValueError as e:
         print(f"decode_quality: error: {e}", file=sys.stderr)

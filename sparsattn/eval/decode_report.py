@@ -12,11 +12,11 @@ from ._harness import pyplot, save_figure
 # ----------------------------------------------------------------------------------------------
 
 def plot_vs_budget(rows: list[dict], path, metric: str = "accuracy") -> Path:
-    """plot_vs_budget: a panel per length, ``metric`` ("accuracy" or "top10_recall") against the token
+    """plot_vs_budget: a panel per length, ``metric`` ("accuracy", "top10_recall" or "needle_coverage") against the token
     budget (log2 axis), a line per method; dense accuracy as a horizontal dashed line."""
     plt = pyplot()
-    if metric not in ("accuracy", "top10_recall"):
-        raise ValueError(f"metric: expected 'accuracy' or 'top10_recall', got {metric!r}")
+    if metric not in ("accuracy", "top10_recall", "needle_coverage"):
+        raise ValueError(f"metric: expected 'accuracy', 'top10_recall' or 'needle_coverage', got {metric!r}")
     from .decode_run import AllTokens  # the unregistered dense-kernel reference row
 
     lengths = sorted({r["length"] for r in rows})
@@ -42,7 +42,8 @@ def plot_vs_budget(rows: list[dict], path, metric: str = "accuracy") -> Path:
             ax.axhline(d["accuracy"], color="k", ls="--", lw=1, label=f"dense ({d['accuracy']:.0f})")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("token budget per KV head (* = full; x dodged)")
-        ax.set_ylabel("passkey accuracy (x100)" if metric == "accuracy" else "top-10 recall (teacher-forced steps)")
+        ax.set_ylabel({"accuracy": "passkey accuracy (x100)", "top10_recall": "top-10 recall (teacher-forced steps)",
+                       "needle_coverage": "needle coverage (reading heads keeping it)"}[metric])
         ax.set_ylim(-5, 105) if metric == "accuracy" else ax.set_ylim(-0.03, 1.03)
         nn = sorted({r["n"] for r in rows if r["length"] == L})
         ax.set_title(f"passkey, {L} tokens (n={'/'.join(map(str, nn))})", fontsize=9)

@@ -92,17 +92,20 @@ def prefill(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]
 @dataclass
 class DecodeResult:
     """DecodeResult: ``tokens`` (generated, greedy), ``step_logits`` float32 ``[steps, V]`` (when kept:
-    the teacher-forced steps, then the generated ones), ``recorder`` summary, ``calls`` by phase."""
+    the teacher-forced steps, then the generated ones), ``recorder`` summary, ``calls`` by phase,
+    ``needle``: ``NeedleRecorder.summary()`` (``decode_needle``) when a needle was given."""
 
     tokens: list[int]
     step_logits: Optional[torch.Tensor] = None
     recall: dict = field(default_factory=dict)
     calls: dict = field(default_factory=dict)
     seconds: float = 0.0
+    needle: dict = field(default_factory=dict)
 
 
 def decode_run(model, prefix_kv, tail: torch.Tensor, *, max_new_tokens: int, method=None,
-               backend: Optional[str] = None, record_recall: bool = True, keep_logits: bool = False) -> DecodeResult:
+               backend: Optional[str] = None, record_recall: bool = True, keep_logits: bool = False,
+               needle: Optional[tuple] = None, needle_threshold: float = 0.1, needle_keep: float = 0.5) -> DecodeResult:
     """decode_run: feed ``tail [1, n]`` one token at a time through the decode path after the cached
     prefix, then generate ``max_new_tokens`` greedy tokens.
 
@@ -116,6 +119,10 @@ def decode_run(model, prefix_kv, tail: torch.Tensor, *, max_new_tokens: int, met
         backend: kernel backend for the patched layers (None = automatic; "reference" on the CPU).
         record_recall: record top-k recall / density while the tail is fed (method only).
         keep_logits: return the float32 logits of every step.
+        needle: ``(cache positions, n_answer)`` (``decode_needle.needle_keys``): record the needle
+            coverage of the method's selections at the answer steps (the last tail step and the
+            first ``n_answer - 1`` generated ones; method only), with ``needle_threshold`` /
+            ``needle_keep`` as in ``sparsattn.eval.needle``.
     """
     from ..integrations import hf
     from ..integrations.hf import SparseCache
@@ -126,12 +133,20 @@ def decode_run(model, prefix_kv, tail: torch.Tensor, *, max_new_tokens: int, met
         raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
     ck = _cache_kwarg(model)
     recorder = SelectRecorder(method) if method is not None else None
+    nrec = None
+    if needle is not None and method is not None:
+        from .decode_needle import NeedleRecorder
+
+        nrec = NeedleRecorder(method, needle[0], threshold=needle_threshold, keep=needle_keep)
+        n_answer = int(needle[1])
     logits: list[torch.Tensor] = []
     t0 = time.perf_counter()
     with contextlib.ExitStack() as st:
         if method is not None:
             st.enter_context(hf.patched(model, decode=method, backend=backend))
             st.enter_context(recorder)
+            if nrec is not None:
+                st.enter_context(nrec)
         st.enter_context(torch.inference_mode())
         cache = SparseCache(config=model.config)
         for layer, (k, v) in enumerate(prefix_kv):
@@ -146,17 +161,25 @@ def decode_run(model, prefix_kv, tail: torch.Tensor, *, max_new_tokens: int, met
         if recorder is not None:
             recorder.active = record_recall
         for i in range(tail.shape[1]):
+            if nrec is not None:
+                nrec.active = i == tail.shape[1] - 1  # the last question token's output is the first answer token
             last = step(tail[:, i:i + 1])
         if recorder is not None:
             recorder.active = False
         nxt = last.argmax(-1, keepdim=True)
         gen = [nxt]
-        for _ in range(max_new_tokens - 1):
+        for j in range(max_new_tokens - 1):
+            if nrec is not None:
+                nrec.active = j < n_answer - 1
             nxt = step(nxt).argmax(-1, keepdim=True)
             gen.append(nxt)
+        if nrec is not None:
+            nrec.active = False
         tokens = torch.cat(gen, 1)[0].tolist()  # the one host sync of the run
     res = DecodeResult(tokens=tokens, step_logits=torch.stack(logits) if keep_logits else None,
                        seconds=time.perf_counter() - t0)
+    if nrec is not None:
+        res.needle = nrec.summary()
     if recorder is not None:
         res.recall = recorder.summary()
         res.calls = dict(recorder.calls)
