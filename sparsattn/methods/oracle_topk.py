@@ -46,6 +46,17 @@ class OracleTopK(Method):
                            lambda x: dict(block_size=blk, top_k=None, density=round(float(x), 5), reduce="max"),
                            lambda x: f"d{float(x):.3f}")
 
+    @classmethod
+    def density_variants(cls, T: int, target: float, ctx: PresetContext) -> dict:
+        """Preset: ``uniform``: the same number of key blocks in every query-block row (SeerAttention's
+        top-k allocation, the oracle it is distilled from), knob ``top_k`` (guess: ``target x`` half the
+        key blocks, the causal mean)."""
+        blk = ctx.block_size
+        nk = -(-T // blk)
+        return {"uniform": DensityKnob(cls.name, "top_k", 1, max(1, nk), True, True, max(1.0, target * (nk + 1) / 2),
+                                       lambda x: dict(block_size=blk, top_k=int(x), density=None, reduce="max"),
+                                       lambda x: f"top{int(x)} per row")}
+
 
     def __post_init__(self):
         check_pow2("block_size", self.block_size)
