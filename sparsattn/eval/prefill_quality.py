@@ -217,7 +217,7 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
         model_path=None, tol: float = 0.1, fid_prompt: str = "code", tiny: bool = False,
         moa_fit: Optional[bool] = None, haystack: str = "noise", seed: int = SAMPLE_SEED,
         calibrations=None, method_config: Optional[dict] = None, needle: bool = True,
-        needle_threshold: float = 0.1, needle_keep: float = 0.5) -> list[dict]:
+        needle_threshold: float = 0.1, needle_keep: float = 0.5, fidelity: bool = True) -> list[dict]:
     """run: the whole measurement (see the module docstring); returns the summary rows.
 
     ``methods``: default ``default_prefill_methods()``. ``refit``: re-fit the calibrations that can be aimed
@@ -228,6 +228,7 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
     presets instead of the shipped folder. ``method_config``: ``{method: {hyper-parameter: value}}`` set on
     every configuration of that method (``resolve_settings``' overrides). ``needle``: measure the needle
     coverage of every passkey setting (``prefill_needle``; ``needle_threshold`` / ``needle_keep``).
+    ``fidelity``: measure step 3 (False: the fidelity columns stay empty).
     """
     from ..models.load import load_model
 
@@ -291,7 +292,7 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
         "fid_length": fid_length, "fid_prompt": fid_prompt, "speed_csv": speed_csv, "refit": refit, "backend": backend,
         "max_minutes": max_minutes, "tol": tol, "tiny": tiny, "haystack": haystack, "seed": seed,
         "calibrations": None if calibrations is None else str(calibrations), "method_config": method_config,
-        "needle": needle, "needle_threshold": needle_threshold, "needle_keep": needle_keep},
+        "needle": needle, "needle_threshold": needle_threshold, "needle_keep": needle_keep, "fidelity": fidelity},
         "model": str(mpath), "model_dtype": str(next(model.parameters()).dtype),
         "protocol": {
             "density_search": f"knob searched per (method, target, length) on a calibration passkey prompt "
@@ -335,18 +336,20 @@ def run(out_dir, *, device: str = "cpu", lengths: Sequence[int] = DEFAULT_LENGTH
 
     # 2. fidelity at one length, every layer
     t0 = time.time()
-    if fid_prompt == "code":
+    cap = None
+    if fidelity and fid_prompt == "code":
         from .perplexity import heldout_token_stream
 
         ids = heldout_token_stream(tok, fid_length, seed=FID_SEED)[None].to(dev)
-    else:
+        cap = capture_prompt(model, ids)
+    elif fidelity:
         fp = make_prompts(tok, "passkey", fid_length, 1, FID_SEED)[0]
         ids = torch.tensor([fp.prompt_ids + fp.answer_ids], device=dev)
-    cap = capture_prompt(model, ids)
+        cap = capture_prompt(model, ids)
     fid_rows: list[dict] = []
     fid: dict = {}
     done_fid: dict = {}  # identical configurations (e.g. a budget clamped for two targets) are measured once
-    for s in settings[fid_length]:
+    for s in settings[fid_length] if fidelity else []:
         if s.error:
             continue
         t1 = time.time()
@@ -534,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a head reads the needle when its answer rows put >= this share of dense attention on it")
     p.add_argument("--needle-keep", type=float, default=0.5,
                    help="a reading head keeps the needle when the pattern keeps >= this share of that attention")
+    p.add_argument("--fidelity", choices=("on", "off"), default="on",
+                   help="the fidelity step on every layer of one prompt (off: passkey and needle coverage only)")
     p.add_argument("--tiny", action="store_true",
                    help="CPU smoke run: 256 tokens, density 0.1, 2 needles, passkey fidelity prompt")
     return p
@@ -558,7 +563,8 @@ def main(argv=None) -> int:
         max_minutes=max_minutes, model_path=a.model or None,
         fid_prompt=a.fid_prompt or ("passkey" if a.tiny else "code"), tiny=a.tiny, haystack=a.haystack,
         seed=a.seed, calibrations=a.calibrations or None, method_config=parse_method_config(a.method_config),
-        needle=a.needle == "on", needle_threshold=a.needle_threshold, needle_keep=a.needle_keep)
+        needle=a.needle == "on", needle_threshold=a.needle_threshold, needle_keep=a.needle_keep,
+        fidelity=a.fidelity == "on")
     return 0
 
 

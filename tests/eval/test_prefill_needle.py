@@ -71,6 +71,15 @@ def test_method_config_overrides_every_configuration(tmp_path):
     assert "+top_k=2" in over.label and "--method-config" in over.note
     assert over.density_cal == pytest.approx(pq.measure_density(over.build(), cap)[0])  # measured with it
     assert over.density_cal != pytest.approx(plain.density_cal)
+    # a density variant: the oracle with the same number of blocks in every row (knob top_k)
+    uni, = pq.resolve_settings(["oracle_topk:uniform"], [0.2], T, cap, n_layers=1, n_heads=2, out_dir=tmp_path,
+                               calibrations={})
+    assert uni.method == "oracle_topk:uniform" and uni.config["density"] is None and uni.label.endswith("per row")
+    from sparsattn.methods import get_method
+
+    kk = uni.config["top_k"]
+    near = [pq.measure_density(get_method("oracle_topk", **dict(uni.config, top_k=j)), cap)[0] for j in (kk, kk + 1)]
+    assert near[0] == pytest.approx(uni.density_cal) and abs(near[0] - 0.2) <= abs(near[1] - 0.2)  # the closest k
     with pytest.raises(ValueError, match="overrides"):
         pq.resolve_settings(["oracle_topk"], [0.2], T, cap, n_layers=1, n_heads=2, out_dir=tmp_path,
                             calibrations={}, overrides={"oracle_topk": 3})
@@ -132,3 +141,23 @@ def test_tiny_run_reports_needle_coverage_on_held_out_haystacks(tmp_path, bundle
         pq.run(out, lengths=[256], methods=["dense"], haystack="prose")
     with pytest.raises(ValueError, match="needle_keep"):
         pq.run(out, lengths=[256], methods=["dense"], needle_keep=0)
+
+
+def test_retrieval_check_plans_driver_runs_from_specs(tmp_path):
+    from sparsattn.eval import retrieval_check as rc
+
+    cal = {"shipped": "S", "new": "N"}
+    plan = rc.plan_runs(["razor@new", "seer_attention:threshold", "oracle_topk:d0.055", "oracle_topk", "minference@new",
+                         "oracle_topk:uniform"], 0.12, cal)
+    assert plan == {("new", 0.12): ["razor", "minference"], ("shipped", 0.12): ["seer_attention:threshold", "oracle_topk",
+                                                                                  "oracle_topk:uniform"],
+                    ("shipped", 0.055): ["oracle_topk"]}
+    for bad, what in (("razor@nowhere", "calibration folder"), ("oracle_topk:k4", "density variants"),
+                      ("oracle_topk:d1.5", "density")):
+        with pytest.raises(ValueError, match=what):
+            rc.plan_runs([bad], 0.1, cal)
+    doc = {"rows": [{"method": "sdpa_dense", "length": 256, "n": 2, "correct": 2, "density": 1.0, "coverage": 1.0},
+                    {"method": "a_shape", "length": 256, "n": 2, "correct": 0, "density": 0.1, "coverage": float("nan")}]}
+    (tmp_path / "c.json").write_text(json.dumps(doc))
+    png = rc.plot([str(tmp_path / "c.json")], str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG" and png.endswith("c.png")
