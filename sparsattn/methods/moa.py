@@ -78,7 +78,7 @@ def candidate_grid(lengths: Sequence[int], alpha_step: int = 1024, n_beta: int =
     return a.reshape(-1), b.reshape(-1)
 
 
-def search_plan(loss: Tensor, density: Tensor, budget: float, *, iters: int = 60) -> tuple[Tensor, dict]:
+def search_plan(loss: Tensor, density: Tensor, budget: float, *, iters: int = 60, rounds: int = 3) -> tuple[Tensor, dict]:
     """search_plan: choose one candidate per head (multiple-choice knapsack, Lagrangian relaxation).
 
     Args:
@@ -87,8 +87,12 @@ def search_plan(loss: Tensor, density: Tensor, budget: float, *, iters: int = 60
         budget: bound on the mean density over heads, at every length.
     Returns:
         ``(choice [n_heads] int64, info)``; info has the per-length mean density, the total loss,
-        the multipliers and ``feasible`` (False only if even the sparsest choice breaks the budget,
-        in which case the sparsest candidates are returned).
+        the multipliers, ``feasible`` (False only if even the sparsest choice breaks the budget,
+        in which case the sparsest candidates are returned) and ``repaired`` (the cyclic bisection
+        ended over budget and the choice was repaired greedily). The slack left is filled greedily,
+        from the Lagrangian choice and from the sparsest one; the lower loss is kept. Then up to
+        ``rounds`` passes over the heads try each head's lowest-loss candidate (the budget repaired
+        on the other heads, the slack refilled) and keep every trial that lowers the total loss.
     """
     if loss.shape != density.shape or loss.dim() != 3:
         raise ValueError(f"loss/density: expected equal shapes [n_len, n_heads, n_cand], got "
@@ -135,26 +139,76 @@ def search_plan(loss: Tensor, density: Tensor, budget: float, *, iters: int = 60
                 lo = mid
         lam[l] = hi
         ch = pick(lam)
-    feasible = bool((dens_of(ch) <= budget + 1e-12).all())
-    if not feasible:  # sparsest candidates (by summed density) as the fallback
-        ch = density.sum(0).argmin(-1)
-        feasible = bool((dens_of(ch) <= budget + 1e-12).all())
-    else:  # greedy fill: best loss decrease per density increase while every budget holds
+    def fill(ch: Tensor) -> Tensor:  # greedy: best loss decrease per density increase while every budget holds
         while True:
             cur_d = dens_of(ch)
-            cur_cost = cost[heads, ch]
-            gain = cur_cost[:, None] - cost  # [H, C]
+            gain = cost[heads, ch][:, None] - cost  # [H, C]
             new_d = cur_d[:, None, None] + (density - density[:, heads, ch][..., None]) / H  # [n_len, H, C]
             ok = (new_d <= budget + 1e-12).all(0) & (gain > 0)
             if not ok.any():
-                break
+                return ch
             extra = (new_d - cur_d[:, None, None]).clamp_min(0).sum(0) + 1e-15
             score = torch.where(ok, gain / extra, torch.full_like(gain, -1.0))
             h, c = divmod(int(score.argmax()), C)
             ch = ch.clone()
             ch[h] = c
+
+    def repair(ch: Tensor, frozen: int = -1) -> Tensor:  # greedy: least loss increase per density removed
+        for _ in range(H * C):  # from the violated lengths, denser at none (head ``frozen`` kept as it is)
+            cur_d = dens_of(ch)
+            over = (cur_d > budget + 1e-12).double()  # [n_len]
+            if not over.any():
+                break
+            saved = ((density[:, heads, ch][..., None] - density) * over[:, None, None]).sum(0)  # [H, C]
+            worse = cost - cost[heads, ch][:, None]
+            no_denser = (density <= density[:, heads, ch][..., None] + 1e-15).all(0)  # monotone: no cycling
+            score = torch.where((saved > 1e-15) & no_denser, worse.clamp_min(0) / saved.clamp_min(1e-15),
+                                torch.full_like(worse, float("inf")))
+            if frozen >= 0:
+                score[frozen] = float("inf")
+            if not torch.isfinite(score).any():
+                break
+            h, c = divmod(int(score.argmin()), C)
+            ch = ch.clone()
+            ch[h] = c
+        return ch
+
+    # the per-length bisections can cycle (raising one length's multiplier moves heads to candidates
+    # that are denser at another length): the last choice is then repaired greedily
+    repaired = not bool((dens_of(ch) <= budget + 1e-12).all())
+    if repaired:
+        ch = repair(ch)
+    sparsest = density.sum(0).argmin(-1)
+    feasible = bool((dens_of(ch) <= budget + 1e-12).all())
+    if not feasible:  # not even the repair: the sparsest candidates (by summed density) as the fallback
+        ch = sparsest
+        feasible = bool((dens_of(ch) <= budget + 1e-12).all())
+    if feasible:  # fill the slack; a fill from the sparsest plan too, the better of the two kept
+        total = lambda c: float(cost[heads, c].sum())  # noqa: E731
+        ch = fill(ch)
+        alt = fill(sparsest)
+        if total(alt) < total(ch) - 1e-12:
+            ch = alt
+        # all-or-nothing heads (a head that reads from anywhere in the context loses nearly all of its
+        # effect below the full span) defeat both greedy passes: try giving each head its lowest-loss
+        # candidate, repairing the budget on the others and refilling; keep what lowers the loss
+        best_c = (cost + 1e-12 * density.sum(0)).argmin(-1)
+        for _ in range(rounds):
+            improved = False
+            for h in range(H):
+                if int(ch[h]) == int(best_c[h]):
+                    continue
+                trial = ch.clone()
+                trial[h] = best_c[h]
+                trial = repair(trial, frozen=h)
+                if bool((dens_of(trial) <= budget + 1e-12).all()):
+                    trial = fill(trial)
+                    if total(trial) < total(ch) - 1e-12:
+                        ch, improved = trial, True
+            if not improved:
+                break
     return ch, {"density": dens_of(ch).tolist(), "loss": float(cost[heads, ch].sum()),
-                "multipliers": lam.tolist(), "feasible": feasible}
+                "multipliers": lam.tolist(), "feasible": feasible, "repaired": repaired}
 
 
 @register("moa")
@@ -166,6 +220,10 @@ class MoA(Calibrated, Method):
         plan_path: deprecated alias of ``path`` (kept for older code; mirrors ``path``).
         block_size: block size of the returned patterns (64).
         path: calibration JSON (``save`` / ``fit`` / ``sparsattn calibrate moa``); None = fit or load later.
+        budget: which of the file's plans to use, by the budget it was fitted at (``info.budget``);
+            None = the file's first (default) plan. A file may carry plans for several budgets (MoA
+            produces one plan per density bound): ``data`` holds the default plan and ``data.plans``
+            the others (files without ``plans`` hold one plan, as before).
     The plan records ``sink`` (default 64 tokens when fitting) and ``min_span``. ``fit`` searches
     the plan from per-length profiles; ``sparsattn.calibrate.moa.fit_moa`` profiles a model first.
     """
@@ -178,12 +236,17 @@ class MoA(Calibrated, Method):
     plan_path: Optional[str] = None
     block_size: int = 64
     path: Optional[str] = None
+    budget: Optional[float] = None
     _plan: Optional[dict] = field(default=None, repr=False, compare=False)
+    _plans: list = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self):
         bs = self.block_size
         if not isinstance(bs, int) or bs < 16 or bs & (bs - 1):
             raise ValueError(f"block_size: expected a power of two >= 16, got {bs!r}")
+        b = self.budget
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1):
+            raise ValueError(f"budget: expected None or a float in (0, 1], got {b!r}")
         if self.plan_path is not None:
             if self.path is not None and self.path != self.plan_path:
                 raise ValueError(f"plan_path/path: plan_path is a deprecated alias of path; got both "
@@ -194,13 +257,17 @@ class MoA(Calibrated, Method):
     # -- presets (evaluation tooling) -----------------------------------------------------------
     @classmethod
     def fixed_settings(cls, T: int, ctx: PresetContext) -> list:
-        """Preset: the plan ``ctx.calibration("moa")`` fixes the budget (evaluated as it is; the label
-        gives the budget it was fitted at)."""
+        """Preset: each plan of ``ctx.calibration("moa")`` fixes a budget (evaluated as it is; the label
+        gives the budget it was fitted at; the file's default plan first)."""
         path = ctx.calibration(cls.name)
         if path is None:
             return []
-        b = cls(path=path).plan.get("info", {}).get("budget")
-        return [FixedSetting("shipped plan" + ("" if b is None else f" (b{float(b):g})"), {"path": path})]
+        out = []
+        for i, p in enumerate(cls(path=path).plans):
+            b = p["info"].get("budget")
+            cfg = {"path": path} if i == 0 else {"path": path, "budget": float(b)}
+            out.append(FixedSetting("shipped plan" + ("" if b is None else f" (b{float(b):g})"), cfg))
+        return out
 
     def static_pattern_key(self, layer):
         """Preset: a head's span depends only on its layer's plan and the length."""
@@ -233,11 +300,57 @@ class MoA(Calibrated, Method):
         if not isinstance(min_span, int) or min_span < 1:
             raise ValueError(f"min_span: expected an int >= 1, got {min_span!r}")
         self._plan = {"shape": shape, "alpha": a, "beta": b, "sink": sink, "min_span": min_span, "info": dict(info or {})}
+        self._plans = [self._plan]
         return self
+
+    @property
+    def plans(self) -> list:
+        """All plans held (the file's default first); ``plan`` is the one in use."""
+        self.plan  # noqa: B018  (raises the fit hint when empty)
+        return list(self._plans)
+
+    @property
+    def budgets(self) -> list:
+        """The budgets (``info.budget``, None where absent) of ``plans``, in order."""
+        return [p["info"].get("budget") for p in self.plans]
+
+    def add_plan(self, other: "MoA", *, default: bool = False) -> "MoA":
+        """add_plan: hold ``other``'s plan in use next to this one's (same model shape; a held plan
+        of the same budget is replaced); ``default``: make it the first (default) plan. The plan in
+        use does not change unless it was replaced. Returns self."""
+        new = other.plan
+        if not isinstance(new["info"].get("budget"), (int, float)):
+            raise ValueError("other: expected a plan whose info records its budget")
+        if self._plan is None:
+            self._plan, self._plans = new, [new]
+            return self
+        if new["shape"] != self.plan["shape"]:
+            raise ValueError(f"other: expected a plan for {self.plan['shape']}, got {new['shape']}")
+        b = float(new["info"]["budget"])
+        same = lambda p: isinstance(p["info"].get("budget"), (int, float)) and abs(float(p["info"]["budget"]) - b) < 1e-9  # noqa: E731
+        if same(self._plan):
+            self._plan = new
+        rest = [p for p in self._plans if not same(p)]
+        self._plans = [new] + rest if default else rest + [new]
+        return self
+
+    def _choose(self, source: str) -> None:
+        """Put the plan of ``self.budget`` in use (None: the first); ValueError naming the budgets held."""
+        if self.budget is None:
+            self._plan = self._plans[0]
+            return
+        for p in self._plans:
+            b = p["info"].get("budget")
+            if isinstance(b, (int, float)) and abs(float(b) - float(self.budget)) < 1e-9:
+                self._plan = p
+                return
+        raise ValueError(f"budget: {source} holds plans for budgets {[p['info'].get('budget') for p in self._plans]}, "
+                         f"not {self.budget!r}")
 
     @classmethod
     def fit(cls, data, *, budget: float, path: Optional[str] = None, sink: int = 64, min_span: int = 64,
-            alpha_step: int = 1024, n_beta: int = 9, info: Optional[dict] = None, **config) -> "MoA":
+            alpha_step: int = 1024, n_beta: int = 9, info: Optional[dict] = None, normalize: Optional[str] = None,
+            extend_lengths: Sequence[int] = (), **config) -> "MoA":
         """fit: search the span plan from profiles and return a fitted instance (saved to ``path`` if given).
 
         ``data``: ``{"shape": ModelShape (or its dict), "profiles": {n: Tensor [L, Hq, n]}}``: per
@@ -245,6 +358,14 @@ class MoA(Calibrated, Method):
         ``sparsattn.calibrate.moa.profile_moa`` measures on a model). Candidates: ``candidate_grid``
         over the lengths; each head's loss of span ``s`` = the effect beyond ``s``; ``search_plan``
         under mean density ``budget``. ``info`` is stored with the plan.
+
+        ``normalize``: None (the raw effects), ``"head"`` (each head's profile divided by its total at
+        each length, so every head's loss runs from 1 at the shortest span to 0 at the full one) or
+        ``"layer"`` (each layer's profiles divided by the layer's total): the authors' optimiser
+        options ``--normalize_by_head`` / ``--normalize_by_layer``. ``extend_lengths``: lengths beyond
+        the profiled ones where the plan must also meet ``budget`` (no loss term there; the authors'
+        ``--extend_length`` density bounds), so the elastic rule cannot grow past the budget at the
+        lengths it is used at.
         """
         if not isinstance(data, dict) or "shape" not in data or "profiles" not in data:
             raise ValueError("data: expected {'shape': ModelShape, 'profiles': {length: Tensor [L, H, n]}}")
@@ -253,6 +374,11 @@ class MoA(Calibrated, Method):
         if not isinstance(profiles, dict) or not profiles:
             raise ValueError("data['profiles']: expected a non-empty {length: Tensor [L, H, length]}")
         lengths = sorted(int(n) for n in profiles)
+        if normalize not in (None, "head", "layer"):
+            raise ValueError(f"normalize: expected None, 'head' or 'layer', got {normalize!r}")
+        ext = sorted({int(n) for n in extend_lengths} - set(lengths))
+        if any(n < 1 for n in ext):
+            raise ValueError(f"extend_lengths: expected positive lengths, got {list(extend_lengths)}")
         alphas, betas = candidate_grid(lengths, alpha_step, n_beta)
         losses, dens = [], []
         LH = shape.num_layers * shape.num_heads
@@ -262,15 +388,25 @@ class MoA(Calibrated, Method):
                 got = tuple(prof.shape) if isinstance(prof, Tensor) else type(prof).__name__
                 raise ValueError(f"data['profiles'][{n}]: expected a tensor [L={shape.num_layers}, "
                                  f"H={shape.num_heads}, {n}], got {got}")
+            prof = prof.double()
+            if normalize is not None:  # a head (layer) with no effect at all stays all-zero
+                tot = prof.sum(-1, keepdim=True) if normalize == "head" else prof.sum((-1, -2), keepdim=True)
+                prof = prof / torch.where(tot > 0, tot, torch.ones_like(tot))
             suffix = torch.flip(torch.cumsum(torch.flip(prof, [-1]), -1), [-1])  # loss of span s = suffix[s]
             suffix = torch.cat([suffix, torch.zeros(*suffix.shape[:-1], 1, dtype=suffix.dtype)], -1)
             sp = spans_for(alphas, betas, n, min_span)  # [C]
             losses.append(suffix[..., sp].reshape(-1, sp.numel()))  # [L*H, C]
             dens.append(span_density(sp, sink, n)[None].expand(LH, -1))
+        for n in ext:  # density bound only
+            sp = spans_for(alphas, betas, n, min_span)
+            losses.append(torch.zeros(LH, sp.numel(), dtype=torch.float64))
+            dens.append(span_density(sp, sink, n)[None].expand(LH, -1))
         choice, found = search_plan(torch.stack(losses), torch.stack(dens), budget)
         a = alphas[choice].view(shape.num_layers, shape.num_heads)
         b = betas[choice].view(shape.num_layers, shape.num_heads)
         found.update({"lengths": lengths, "budget": budget})
+        if ext or normalize is not None:  # (density then lists the profiled lengths first, then these)
+            found.update({"extend_lengths": ext, "normalize": normalize})
         found.update(info or {})
         inst = cls(**config).set_plan(shape, a.tolist(), b.tolist(), sink=sink, min_span=min_span, info=found)
         if path is not None:
@@ -278,17 +414,21 @@ class MoA(Calibrated, Method):
         return inst
 
     def save(self, path) -> str:
-        """save: write the plan as calibration JSON (``alpha``/``beta`` ``[num_layers][num_heads]``,
-        ``sink``, ``min_span``, ``info``) with the model shape; returns the path."""
+        """save: write the plans as calibration JSON with the model shape: the default plan's ``alpha`` /
+        ``beta`` ``[num_layers][num_heads]``, ``sink``, ``min_span``, ``info`` at the top of ``data``, any
+        further plans (other budgets) as a list of the same objects under ``data.plans``; returns the path."""
         return self.save_plan(path)
 
     def save_plan(self, path) -> str:
-        """Deprecated alias of ``save``: write the plan as calibration JSON (``alpha``/``beta`` ``[num_layers][num_heads]``, ``sink``,
-        ``min_span``, ``info``) with the model shape; returns the path."""
-        p = self.plan
-        data = {"alpha": p["alpha"].tolist(), "beta": p["beta"].tolist(), "sink": p["sink"],
-                "min_span": p["min_span"], "info": p["info"]}
-        return save_calibration(path, "moa", p["shape"], data, config={"block_size": self.block_size})
+        """Deprecated alias of ``save``: write the plans as calibration JSON (``alpha``/``beta`` ``[num_layers][num_heads]``, ``sink``,
+        ``min_span``, ``info``; further plans under ``plans``) with the model shape; returns the path."""
+        plans = self.plans
+        one = lambda p: {"alpha": p["alpha"].tolist(), "beta": p["beta"].tolist(), "sink": p["sink"],  # noqa: E731
+                         "min_span": p["min_span"], "info": p["info"]}
+        data = one(plans[0])
+        if len(plans) > 1:
+            data["plans"] = [one(p) for p in plans[1:]]
+        return save_calibration(path, "moa", plans[0]["shape"], data, config={"block_size": self.block_size})
 
     def load_plan(self, path, *, expect_shape=None) -> "MoA":
         """Deprecated alias of ``load`` on an instance: read a plan written by ``save`` / ``fit``."""
@@ -299,12 +439,18 @@ class MoA(Calibrated, Method):
         (ValueError naming the file and the field, e.g. ``data.alpha[3][1]``)."""
         cal = read_calibration(path, method="moa", expect_shape=expect_shape)
         d, L, H = cal.data, cal.shape.num_layers, cal.shape.num_heads
-        alpha = d["alpha"].float_matrix(L, H)
-        beta = d["beta"].float_matrix(L, H)
-        sink, min_span = d["sink"].as_int(0), d["min_span"].as_int(1)
-        info = d.get("info")
-        self.set_plan(cal.shape, alpha, beta, sink=sink, min_span=min_span,
-                      info=None if info is None else {k: f.plain() for k, f in info.as_dict().items()})
+
+        def one(f, need_budget: bool) -> dict:
+            info = f.get("info")
+            info = None if info is None else {k: x.plain() for k, x in info.as_dict().items()}
+            if need_budget:
+                f["info"]["budget"].as_float(0.0, 1.0, lo_open=True)
+            return MoA().set_plan(cal.shape, f["alpha"].float_matrix(L, H), f["beta"].float_matrix(L, H),
+                                  sink=f["sink"].as_int(0), min_span=f["min_span"].as_int(1), info=info).plan
+
+        plans = [one(d, False)] + [one(f, True) for f in (d["plans"].as_list() if "plans" in d else [])]
+        self._plans = plans
+        self._choose(cal.path)
         self.plan_path = cal.path
 
     # -- selection --------------------------------------------------------------------------------
