@@ -9,7 +9,8 @@ Two measurements (``run``; CLI ``scripts/approx_quality.py --out DIR --length 40
    absolute lse error, and the **attention recall**: the share of the exact softmax mass that falls
    on the pairs the method computes exactly, ``exp(lse_exact_part - lse_exact)`` averaged over rows
    and heads (HyperAttention: leaves + sorted diagonal blocks, without the sampled residual;
-   Scatterbrain / LSH: the clusters; SEA: the selected blocks; Performer alone: none, empty).
+   Scatterbrain / LSH: the clusters; SEA: the selected blocks; Combiner: the directly attended pairs,
+   ``combiner_direct_mask``; Performer alone: none, empty).
    The ``-window`` (Hyper, Scatterbrain) and ``-previous`` (SEA) rows are the causal-safe
    selections the causal layers use (their module docstrings); the others are the papers' rules.
    Compute is counted per query: ``pairs`` = exact q-k dot products, ``lowrank`` = the low-rank /
