@@ -79,17 +79,25 @@ class _Profiler:
         return out.transpose(1, 2).contiguous(), None
 
 
-def profile_moa(model, samples: Sequence[tuple[Tensor, Tensor]], *, sink: int = 64, take_abs: bool = True) -> Tensor:
+def profile_moa(model, samples: Sequence[tuple[Tensor, Tensor]], *, sink: int = 64, take_abs: bool = True,
+                per_sample: str = "mean") -> Tensor:
     """profile_moa: ``[L, Hq, N]`` diagonal profile of the masking effect, averaged over ``samples``.
 
     ``samples``: ``(input_ids [1, N], loss_mask [1, N] bool)`` pairs of one length ``N``; the loss is
     the mean next-token cross-entropy at the positions where ``loss_mask`` is true (the answer).
+    ``per_sample``: ``"mean"`` (MoA: the plain mean of the samples' effects) or ``"share"`` (each
+    sample's profile divided by its total effect over every layer, head and distance first, so that
+    every sample counts alike: the effect of a sample scales with ``1 - p`` of its answer tokens,
+    which spans orders of magnitude between passkey prompts the model answers at p = 0.99 and 0.9999).
     """
+    if per_sample not in ("mean", "share"):
+        raise ValueError(f"per_sample: expected 'mean' or 'share', got {per_sample!r}")
     from ..integrations.hf import attention_modules, attention_swapped  # lazy: transformers
 
     mods = attention_modules(model)
     L = max(mods) + 1
     prof = _Profiler(L, sink, take_abs)
+    total: dict = {}
     n = None
     with attention_swapped(model, _PROFILE, prof.forward, modules=mods):
         for ids, mask in samples:
@@ -103,11 +111,18 @@ def profile_moa(model, samples: Sequence[tuple[Tensor, Tensor]], *, sink: int = 
                 raise ValueError("samples: a loss_mask selects no answer token")
             loss = torch.nn.functional.cross_entropy(logits[m], tgt[m])
             loss.backward()
-    if not prof.acc:
-        raise RuntimeError("profile_moa: no attention call went through the profiling function")
-    Hq = next(iter(prof.acc.values())).shape[0]
+            if not prof.acc:
+                raise RuntimeError("profile_moa: no attention call went through the profiling function")
+            one, prof.acc = prof.acc, {}
+            w = 1.0
+            if per_sample == "share":
+                tot = sum(float(d.sum()) for d in one.values())
+                w = 1.0 / tot if tot > 0 else 0.0
+            for l, d in one.items():
+                total[l] = total.get(l, 0) + d * w
+    Hq = next(iter(total.values())).shape[0]
     out = torch.zeros(L, Hq, n, dtype=torch.float64)
-    for l, d in prof.acc.items():
+    for l, d in total.items():
         out[l] = d / len(samples)
     return out
 
@@ -165,7 +180,8 @@ def retrieval_samples(model, tokenizer, length: int, n: int, *, seed: int = 0, h
 def fit_moa(model_or_path, tokenizer=None, *, lengths: Sequence[int] = (2048, 4096), budget: float = 0.5,
             samples_per_length: int = 4, answer_len: int = 64, sink: int = 64, min_span: int = 64,
             alpha_step: int = 1024, n_beta: int = 9, take_abs: bool = True, device: Optional[str] = None,
-            out_path=None, seed: int = 0, files: Optional[list] = None, data: str = "copy", log=print) -> MoA:
+            out_path=None, seed: int = 0, files: Optional[list] = None, data: str = "copy", normalize: Optional[str] = None,
+            extend_lengths: Sequence[int] = (), per_sample: str = "mean", log=print) -> MoA:
     """fit_moa: profile an HF causal LM at ``lengths``, search per-head spans under ``budget``.
 
     ``model_or_path``: a loaded model or a local path (then ``tokenizer`` may be None). Returns a
@@ -174,7 +190,9 @@ def fit_moa(model_or_path, tokenizer=None, *, lengths: Sequence[int] = (2048, 40
     ``files``: calibration text files (default ``sparsattn.data.source_files("train")``).
     ``data``: ``"copy"`` (``calibration_samples``: a copied snippet continued, ``answer_len`` tokens) or
     ``"retrieval"`` (``retrieval_samples``: passkey prompts, the answer a 7-digit value read from a
-    needle anywhere in the context).
+    needle anywhere in the context). ``normalize`` (None, ``"head"``, ``"layer"``) and
+    ``extend_lengths`` go to ``MoA.fit`` (per-head normalised profiles; density bounds at unprofiled
+    lengths); ``per_sample`` goes to ``profile_moa``.
     """
     if data not in ("copy", "retrieval"):
         raise ValueError(f"data: expected 'copy' or 'retrieval', got {data!r}")
@@ -217,13 +235,14 @@ def fit_moa(model_or_path, tokenizer=None, *, lengths: Sequence[int] = (2048, 40
         else:
             samples = calibration_samples(model, tokenizer, n, samples_per_length, answer_len=answer_len,
                                           seed=seed + n, files=files)
-        profiles[n] = profile_moa(model, samples, sink=sink, take_abs=take_abs)  # [L, H, n]
+        profiles[n] = profile_moa(model, samples, sink=sink, take_abs=take_abs, per_sample=per_sample)  # [L, H, n]
         if log:
             log(f"profiled length {n}: {samples_per_length} samples, total effect {float(profiles[n].sum()):.4g}")
     moa = MoA.fit({"shape": shape, "profiles": profiles}, budget=budget, path=out_path, sink=sink,
-                  min_span=min_span, alpha_step=alpha_step, n_beta=n_beta,
-                  info={"samples_per_length": samples_per_length, "take_abs": take_abs, "answer_len": answer_len,
-                        "data": data})
+                  min_span=min_span, alpha_step=alpha_step, n_beta=n_beta, normalize=normalize,
+                  extend_lengths=tuple(extend_lengths),
+                  info=dict({"samples_per_length": samples_per_length, "take_abs": take_abs, "answer_len": answer_len,
+                             "data": data}, **({} if per_sample == "mean" else {"per_sample": per_sample})))
     info = moa.plan["info"]
     if log:
         log(f"MoA plan: density per length {['%.3f' % d for d in info['density']]} (budget {budget}), "
@@ -236,17 +255,21 @@ def fit_moa(model_or_path, tokenizer=None, *, lengths: Sequence[int] = (2048, 40
 
 OUT = "moa.json"
 PROVENANCE_KEY = "moa"
-#: the options of the shipped plan (2 lengths, 1 sample each, short answers: a 2-core CPU budget; the
-#: plan at budget 0.5 keeps the passkey). The retrieval fit at an explicit sparse budget is
-#: ``--data retrieval --budget 0.12 --sink 32 --min-span 32 --samples-per-length 3 --lengths 1536,2048``
-#: (issue 21: it keeps the needle in 7 of 71 reading heads and 0/10 passkeys at 4K; see docs/methods.md)
+#: the options of the shipped default plan (2 lengths, 1 sample each, short answers: a 2-core CPU budget;
+#: the plan at budget 0.5 keeps the passkey). The shipped file also holds a sparse retrieval plan
+#: added with ``--add`` (``RETRIEVAL_PLAN``; issue 21, docs/results/moa_cpu_2026-12-05).
 DEFAULTS = {"lengths": (1024, 2048), "budget": 0.5, "samples_per_length": 1, "answer_len": 16, "alpha_step": 256,
-            "seed": 0, "data": "copy", "sink": 64, "min_span": 64}
+            "seed": 0, "data": "copy", "sink": 64, "min_span": 64, "normalize": "none", "extend_lengths": (),
+            "per_sample": "mean", "add": False}
+#: the options of the shipped sparse plan (``sparsattn calibrate moa`` + these + ``--add``)
+RETRIEVAL_PLAN = {"data": "retrieval", "budget": 0.12, "lengths": (1024, 2048), "samples_per_length": 4,
+                  "sink": 32, "min_span": 32, "normalize": "head", "extend_lengths": (4096, 8192)}
 
 
 def add_arguments(p) -> None:
     """The method options of ``sparsattn calibrate moa``."""
-    p.add_argument("--lengths", type=lambda s: tuple(int(x) for x in s.split(",")), default=DEFAULTS["lengths"],
+    ints = lambda s: tuple(int(x) for x in s.split(",") if x.strip())  # noqa: E731
+    p.add_argument("--lengths", type=ints, default=DEFAULTS["lengths"],
                    help="comma list of profiled lengths (1024,2048)")
     p.add_argument("--budget", type=float, default=DEFAULTS["budget"], help="mean density of the plan (0.5)")
     p.add_argument("--samples-per-length", type=int, default=DEFAULTS["samples_per_length"])
@@ -258,30 +281,79 @@ def add_arguments(p) -> None:
                    help="copy: snippet continuation (default); retrieval: passkey prompts over training-split source")
     p.add_argument("--sink", type=int, default=DEFAULTS["sink"], help="sink tokens of every head (64)")
     p.add_argument("--min-span", type=int, default=DEFAULTS["min_span"], help="smallest span (64)")
+    p.add_argument("--normalize", choices=("none", "head", "layer"), default=DEFAULTS["normalize"],
+                   help="divide each head's (layer's) profile by its total before the search (none)")
+    p.add_argument("--extend-lengths", type=ints, default=DEFAULTS["extend_lengths"],
+                   help="comma list of unprofiled lengths where the budget must hold too (none)")
+    p.add_argument("--per-sample", choices=("mean", "share"), default=DEFAULTS["per_sample"],
+                   help="mean: average the samples' effects (MoA); share: each sample's effect divided by its total first")
+    p.add_argument("--add", action="store_true",
+                   help="add the plan to the plans already in --out (same model; a plan of the same budget is "
+                        "replaced; the file's default plan stays first) instead of replacing the file")
 
 
 def run(model_path: Optional[str], out: str, *, device: str = "cpu", lengths=(1024, 2048), budget: float = 0.5,
         samples_per_length: int = 1, answer_len: int = 16, alpha_step: int = 256, seed: int = 0,
-        data: str = "copy", sink: int = 64, min_span: int = 64) -> tuple:
-    """run: ``(fitted MoA, provenance record)`` of the model at ``model_path`` (None: bundled)."""
+        data: str = "copy", sink: int = 64, min_span: int = 64, normalize: str = "none", extend_lengths=(),
+        per_sample: str = "mean", add: bool = False) -> tuple:
+    """run: ``(fitted MoA, provenance record)`` of the model at ``model_path`` (None: bundled); with
+    ``add`` the plan joins the plans of the existing file ``out`` (the record then lists every plan's
+    command: from the plan's ``info.call``, or for a plan written before plans recorded it, from the
+    previous record in ``provenance.json`` next to ``out``)."""
+    import json
     import time
+    from pathlib import Path
 
     from ._common import call_text, load_model
 
+    if normalize not in ("none", "head", "layer"):
+        raise ValueError(f"normalize: expected 'none', 'head' or 'layer', got {normalize!r}")
+    prev = None
+    if add:
+        if not Path(out).is_file():
+            raise ValueError(f"out: --add needs an existing plan file, {out} is not one")
+        prev = MoA.load(out)  # checked before the (long) fit
     t0 = time.time()
     model, tok, _ = load_model(model_path, device=device)
     kw = dict(lengths=tuple(lengths), budget=budget, samples_per_length=samples_per_length, answer_len=answer_len,
               alpha_step=alpha_step, seed=seed, data=data, sink=sink, min_span=min_span)
-    m = fit_moa(model, tok, out_path=out, device=device, **kw)
+    more = {k: v for k, v in (("normalize", normalize), ("extend_lengths", tuple(extend_lengths)),
+                              ("per_sample", per_sample)) if v not in ("none", (), "mean")}
+    call = call_text("moa", dict(kw, **more)) + (" --add" if add else "")
+    m = fit_moa(model, tok, out_path=None, device=device, normalize=None if normalize == "none" else normalize,
+                extend_lengths=tuple(extend_lengths), per_sample=per_sample, **kw)
+    m.plan["info"]["call"] = call
+    if prev is not None:
+        m = prev.add_plan(m)
+    m.path = m.plan_path = m.save(out)
     what = ("passkey prompts (calibrate._retrieval.retrieval_prompts: training-split source haystack, depths "
             f"linspace(0, 1, {samples_per_length}), seed {seed} + length), loss on the dense model's own 8-token "
             "answer") if data == "retrieval" else (
         f"calibration_samples: source_files('train') context + copied query + {answer_len} greedy answer tokens")
-    info = m.plan["info"]
-    rec = {"call": call_text("moa", kw), "seconds": round(time.time() - t0, 1),
+    info = m.plans[-1]["info"] if add else m.plan["info"]
+    rec = {"call": call, "seconds": round(time.time() - t0, 1),
            "data": f"{samples_per_length} sample(s) per length {tuple(lengths)}: {what}",
            "density_per_length": [round(float(d), 4) for d in info["density"]]}
+    if add:
+        old = {}
+        pv = Path(out).parent / "provenance.json"
+        if pv.is_file():
+            old = json.loads(pv.read_text()).get(PROVENANCE_KEY, {})
+        rec["plans"] = [{"budget": p["info"].get("budget"), "call": p["info"].get("call") or _earlier_call(p, i, old)}
+                        for i, p in enumerate(m.plans)]
     return m, rec
+
+
+def _earlier_call(plan: dict, index: int, old: dict) -> Optional[str]:
+    """The command of a plan that does not record one, from the earlier provenance record ``old``: its
+    ``plans`` entry of the same budget, or (a record of a one-plan file) its call for the first plan."""
+    b = plan["info"].get("budget")
+    if "plans" in old:
+        for q in old["plans"]:
+            if isinstance(b, (int, float)) and isinstance(q.get("budget"), (int, float)) and abs(q["budget"] - b) < 1e-9:
+                return q.get("call")
+        return None
+    return old.get("call") if index == 0 else None
 
 
 # ------------------------------------------------------------------------------------------------

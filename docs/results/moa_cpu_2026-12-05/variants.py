@@ -1,0 +1,102 @@
+"""variants: profile the bundled model once on the calibration's passkey prompts, then fit MoA plans
+with several profile treatments from the same profiles (issue 21).
+
+``python docs/results/moa_cpu_2026-12-05/variants.py profile --lengths 1024,2048 --n 4 --out PROF_DIR``
+writes one safetensors file of per-sample profiles per length (the samples of
+``fit_moa(data="retrieval")``: ``retrieval_samples(model, tok, n_len, n, seed=0 + n_len)``).
+``python docs/results/moa_cpu_2026-12-05/variants.py fit --profiles PROF_DIR --out CAL_ROOT --budget 0.12``
+fits one plan per variant (``CAL_ROOT/<variant>/moa.json``) and prints each plan's density at
+1K-8K and the spans it gives the heads that read the needle. The plan of a variant equals the one
+``sparsattn calibrate moa`` fits with the same options (profiling is deterministic).
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sparsattn.calibration import ModelShape
+from sparsattn.methods.moa import MoA, span_density
+
+SHAPE = ModelShape(8, 8, 2, 64)  # the bundled model
+#: the heads that read the needle at 4K on the held-out prompts (issue 21 status: 6.1, 6.2, 7.4-7.7)
+READERS = [(6, 1), (6, 2), (7, 4), (7, 5), (7, 6), (7, 7)]
+VARIANTS = {  # name: (per_sample, normalize, extend_lengths)
+    "raw": ("mean", None, ()),
+    "raw_ext": ("mean", None, (4096, 8192)),
+    "head": ("mean", "head", (4096, 8192)),
+    "share_head": ("share", "head", (4096, 8192)),
+    "share_layer": ("share", "layer", (4096, 8192)),
+}
+
+
+def profile(a):
+    from sparsattn.calibrate._common import load_model
+    from sparsattn.calibrate.moa import profile_moa, retrieval_samples
+
+    model, tok, _ = load_model()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for n in a.lengths:
+        samples = retrieval_samples(model, tok, n, a.n, seed=a.seed + n)
+        per = torch.stack([profile_moa(model, [s], sink=a.sink, take_abs=True) for s in samples])
+        save_file({"profiles": per.contiguous()}, str(out / f"profiles_{n}.safetensors"))
+        print(f"length {n}: {a.n} samples, totals {[f'{float(x):.3g}' for x in per.sum((1, 2, 3))]}", flush=True)
+
+
+def combine(per: torch.Tensor, per_sample: str) -> torch.Tensor:
+    """The profile ``profile_moa`` returns for these samples (``per``: [n, L, H, N])."""
+    if per_sample == "share":
+        per = per / per.sum((1, 2, 3), keepdim=True)
+    return per.mean(0)
+
+
+def fit(a):
+    files = sorted(Path(a.profiles).glob("profiles_*.safetensors"))
+    per = {int(f.stem.split("_")[1]): load_file(str(f))["profiles"].double() for f in files}
+    rows = []
+    for name in (a.variants.split(",") if a.variants else VARIANTS):
+        ps, norm, ext = VARIANTS[name]
+        profs = {n: combine(p, ps) for n, p in per.items()}
+        dst = Path(a.out) / name / "moa.json"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        m = MoA.fit({"shape": SHAPE, "profiles": profs}, budget=a.budget, sink=a.sink, min_span=a.min_span,
+                    alpha_step=a.alpha_step, normalize=norm, extend_lengths=ext, path=str(dst),
+                    info={"data": "retrieval", "samples_per_length": int(next(iter(per.values())).shape[0]),
+                          "per_sample": ps, "take_abs": True})
+        dens = {n: round(float(torch.stack([span_density(m.spans(l, n), a.sink, n) for l in range(8)]).mean()), 4)
+                for n in (1024, 2048, 4096, 8192)}
+        spans4k = {f"{l}.{h}": int(m.spans(l, 4096)[h]) for l, h in READERS}
+        rows.append({"variant": name, "per_sample": ps, "normalize": norm, "extend_lengths": list(ext),
+                     "budget": a.budget, "density": dens, "reader_spans_4096": spans4k,
+                     "repaired": m.plan["info"].get("repaired")})
+        print(json.dumps(rows[-1]), flush=True)
+    (Path(a.out) / "variants.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("profile")
+    p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048])
+    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sink", type=int, default=32)
+    p.add_argument("--out", required=True)
+    f = sub.add_parser("fit")
+    f.add_argument("--profiles", required=True)
+    f.add_argument("--out", required=True)
+    f.add_argument("--budget", type=float, default=0.12)
+    f.add_argument("--sink", type=int, default=32)
+    f.add_argument("--min-span", type=int, default=32)
+    f.add_argument("--alpha-step", type=int, default=256)
+    f.add_argument("--variants", default="")
+    a = ap.parse_args()
+    profile(a) if a.cmd == "profile" else fit(a)
+
+
+if __name__ == "__main__":
+    main()

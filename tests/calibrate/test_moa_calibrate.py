@@ -1,0 +1,69 @@
+"""sparsattn calibrate moa (issue 21): per-sample shares of the profile, adding a plan of another
+budget to an existing plan file with its provenance."""
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from sparsattn.calibration import ModelShape  # noqa: E402
+from sparsattn.calibrate import moa as cal  # noqa: E402
+from sparsattn.methods.moa import MoA  # noqa: E402
+
+
+def _tiny():
+    cfg = transformers.LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_per_sample_share_weighs_every_sample_alike():
+    model = _tiny()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    samples = []
+    for _ in range(2):
+        ids = torch.randint(3, 259, (1, 64), generator=g)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        mask[:, -8:] = True
+        samples.append((ids, mask))
+    one = [cal.profile_moa(model, [s], sink=4) for s in samples]
+    mean = cal.profile_moa(model, samples, sink=4)
+    share = cal.profile_moa(model, samples, sink=4, per_sample="share")
+    assert torch.allclose(mean, (one[0] + one[1]) / 2)
+    assert torch.allclose(share, (one[0] / one[0].sum() + one[1] / one[1].sum()) / 2)
+    assert float(share.sum()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="per_sample"):
+        cal.profile_moa(model, samples, per_sample="max")
+
+
+def _plan(budget, alpha0):
+    return MoA().set_plan(ModelShape(2, 4, 2, 16), [[alpha0] * 4] * 2, [[0.0] * 4] * 2, sink=16, min_span=8,
+                          info={"budget": budget, "density": [budget]})
+
+
+def test_add_keeps_the_default_plan_and_every_plans_command(tmp_path, monkeypatch):
+    out = tmp_path / "moa.json"
+    _plan(0.5, 100.0).save(out)  # a plan written before plans recorded their command
+    (tmp_path / "provenance.json").write_text(json.dumps({"moa": {"call": "fit_moa(budget=0.5)"}}))
+    import sparsattn.calibrate._common as common
+
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: (None, None, None))
+    monkeypatch.setattr(cal, "fit_moa", lambda *a, budget, **k: _plan(budget, 20.0))
+    m, rec = cal.run(None, str(out), budget=0.12, normalize="head", extend_lengths=(4096,), add=True)
+    got = MoA(path=str(out))
+    assert got.budgets == [0.5, 0.12] and got.plan["alpha"][0, 0] == 100.0
+    assert MoA(path=str(out), budget=0.12).plan["alpha"][0, 0] == 20.0
+    assert "--budget 0.12" in rec["call"] and "--normalize head" in rec["call"] and rec["call"].endswith("--add")
+    assert rec["plans"] == [{"budget": 0.5, "call": "fit_moa(budget=0.5)"}, {"budget": 0.12, "call": rec["call"]}]
+    # adding the same budget again replaces that plan, the default stays first
+    monkeypatch.setattr(cal, "fit_moa", lambda *a, budget, **k: _plan(budget, 30.0))
+    cal.run(None, str(out), budget=0.12, add=True)
+    assert MoA(path=str(out)).budgets == [0.5, 0.12] and MoA(path=str(out), budget=0.12).plan["alpha"][0, 0] == 30.0
+    with pytest.raises(ValueError, match="--add"):
+        cal.run(None, str(tmp_path / "none.json"), add=True)
+    with pytest.raises(ValueError, match="normalize"):
+        cal.run(None, str(out), normalize="rows")
