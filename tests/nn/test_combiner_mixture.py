@@ -14,6 +14,7 @@ from sparsattn.nn import get_layer
 from sparsattn.nn.mixers.combiner import combiner_attention, combiner_direct_mask, combiner_pairs
 
 from ._approx_checks import assert_lse_merges_with_extra_keys, bf16_long_finite, future_change, qkv
+from .mixer_helpers import train_smoke
 
 COMPONENTS = {"axial_vertical": ("vertical",), "axial_horizontal": ("horizontal",),
               "mixture": ("vertical", "horizontal")}
@@ -194,3 +195,20 @@ def test_layer_mixture_is_causal_and_full_support():
     y = layer(torch.randn(2, 23, 32))
     assert y.shape == (2, 23, 32) and torch.isfinite(y).all()
     assert layer.last_stats["pairs"] == 2 * 2 * combiner_pairs("mixture", 23, 5)
+    first, last = train_smoke("combiner", variant="mixture", segment=5)
+    assert last < 0.8 * first, (first, last)
+
+
+def test_fidelity_grid_combiner_rows():
+    from sparsattn.eval.approx_quality import fidelity_rows, method_grid
+
+    grid = [g for g in method_grid(8) if g["method"].startswith("combiner-")]
+    assert {g["method"] for g in grid} == {"combiner-" + v for v in ("axial", "fixed", "axial_vertical",
+                                                                      "axial_horizontal", "mixture")}
+    q, k, v = qkv(B=1, H=2, T=49, D=8, dtype=torch.float32)
+    rows = fidelity_rows({0: (q, k[:, :1], v[:, :1])}, {}, grid, log=lambda m: None)  # GQA: k/v repeated
+    for r, g in zip(rows, grid):
+        variant = g["method"][len("combiner-"):]
+        seg = {"segment=sqrt(T)": 7, "segment=0.5*sqrt(T)": 4, "segment=2*sqrt(T)": 14}[r["config"]]
+        assert r["pairs_per_query"] == combiner_pairs(variant, 49, seg) / 49
+        assert 0 < r["rel_err"] < math.inf and 0 < r["recall"] < 1
