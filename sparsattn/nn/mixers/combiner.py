@@ -25,8 +25,9 @@ region is one key and one value that do not depend on the attending query:
   docstring lists their differences from the paper and the authors' code.
 
 In each variant (each component of the mixture) the direct scores and the summary scores share one
-softmax: computed as ``(out, lse)`` parts merged by ``sparsattn.kernels.merge.merge_lse``. Cost ``O(T (L + n) D)`` = ``O(T sqrt(T) D)``
-(``stats["pairs"]`` and ``Combiner.cost`` count the dot products: ``combiner_pairs``).
+softmax: computed as ``(out, lse)`` parts merged by ``sparsattn.kernels.merge.merge_lse``. Cost
+``O(T (L + n) D)`` = ``O(T sqrt(T) D)`` (``stats["pairs"]`` and ``Combiner.cost`` count the dot
+products: ``combiner_pairs``; the pairs a variant attends to directly: ``combiner_direct_mask``).
 With ``segment >= T`` there is one segment: exact attention (and for the axial_vertical /
 axial_horizontal / mixture variants also with ``segment = 1``: one column).
 
