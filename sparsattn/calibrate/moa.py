@@ -86,7 +86,7 @@ def profile_moa(model, samples: Sequence[tuple[Tensor, Tensor]], *, sink: int = 
     ``samples``: ``(input_ids [1, N], loss_mask [1, N] bool)`` pairs of one length ``N``; the loss is
     the mean next-token cross-entropy at the positions where ``loss_mask`` is true (the answer).
     ``per_sample``: ``"mean"`` (MoA: the plain mean of the samples' effects) or ``"share"`` (each
-    sample's profile divided by its total effect over every layer, head and distance first, so that
+    sample's profile divided by its total (absolute) effect over every layer, head and distance first, so that
     every sample counts alike: the effect of a sample scales with ``1 - p`` of its answer tokens,
     which spans orders of magnitude between passkey prompts the model answers at p = 0.99 and 0.9999).
     """
@@ -116,7 +116,7 @@ def profile_moa(model, samples: Sequence[tuple[Tensor, Tensor]], *, sink: int = 
             one, prof.acc = prof.acc, {}
             w = 1.0
             if per_sample == "share":
-                tot = sum(float(d.sum()) for d in one.values())
+                tot = sum(float(d.abs().sum()) for d in one.values())
                 w = 1.0 / tot if tot > 0 else 0.0
             for l, d in one.items():
                 total[l] = total.get(l, 0) + d * w
@@ -260,7 +260,7 @@ PROVENANCE_KEY = "moa"
 #: added with ``--add`` (``RETRIEVAL_PLAN``; issue 21, docs/results/moa_cpu_2026-12-05).
 DEFAULTS = {"lengths": (1024, 2048), "budget": 0.5, "samples_per_length": 1, "answer_len": 16, "alpha_step": 256,
             "seed": 0, "data": "copy", "sink": 64, "min_span": 64, "normalize": "none", "extend_lengths": (),
-            "per_sample": "mean", "add": False}
+            "per_sample": "mean", "signed": False, "add": False}
 #: the options of the shipped sparse plan (``sparsattn calibrate moa`` + these + ``--add``)
 RETRIEVAL_PLAN = {"data": "retrieval", "budget": 0.12, "lengths": (1024, 2048), "samples_per_length": 4,
                   "sink": 32, "min_span": 32, "normalize": "head", "extend_lengths": (4096, 8192)}
@@ -287,6 +287,8 @@ def add_arguments(p) -> None:
                    help="comma list of unprofiled lengths where the budget must hold too (none)")
     p.add_argument("--per-sample", choices=("mean", "share"), default=DEFAULTS["per_sample"],
                    help="mean: average the samples' effects (MoA); share: each sample's effect divided by its total first")
+    p.add_argument("--signed", action="store_true",
+                   help="profile the signed masking effect (a span's loss = |signed sum beyond it|) instead of MoA's |E|")
     p.add_argument("--add", action="store_true",
                    help="add the plan to the plans already in --out (same model; a plan of the same budget is "
                         "replaced; the file's default plan stays first) instead of replacing the file")
@@ -295,7 +297,7 @@ def add_arguments(p) -> None:
 def run(model_path: Optional[str], out: str, *, device: str = "cpu", lengths=(1024, 2048), budget: float = 0.5,
         samples_per_length: int = 1, answer_len: int = 16, alpha_step: int = 256, seed: int = 0,
         data: str = "copy", sink: int = 64, min_span: int = 64, normalize: str = "none", extend_lengths=(),
-        per_sample: str = "mean", add: bool = False) -> tuple:
+        per_sample: str = "mean", signed: bool = False, add: bool = False) -> tuple:
     """run: ``(fitted MoA, provenance record)`` of the model at ``model_path`` (None: bundled); with
     ``add`` the plan joins the plans of the existing file ``out`` (the record then lists every plan's
     command: from the plan's ``info.call``, or for a plan written before plans recorded it, from the
@@ -319,9 +321,9 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", lengths=(10
               alpha_step=alpha_step, seed=seed, data=data, sink=sink, min_span=min_span)
     more = {k: v for k, v in (("normalize", normalize), ("extend_lengths", tuple(extend_lengths)),
                               ("per_sample", per_sample)) if v not in ("none", (), "mean")}
-    call = call_text("moa", dict(kw, **more)) + (" --add" if add else "")
+    call = call_text("moa", dict(kw, **more)) + (" --signed" if signed else "") + (" --add" if add else "")
     m = fit_moa(model, tok, out_path=None, device=device, normalize=None if normalize == "none" else normalize,
-                extend_lengths=tuple(extend_lengths), per_sample=per_sample, **kw)
+                extend_lengths=tuple(extend_lengths), per_sample=per_sample, take_abs=not signed, **kw)
     m.plan["info"]["call"] = call
     if prev is not None:
         m = prev.add_plan(m)

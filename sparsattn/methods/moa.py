@@ -355,7 +355,8 @@ class MoA(Calibrated, Method):
 
         ``data``: ``{"shape": ModelShape (or its dict), "profiles": {n: Tensor [L, Hq, n]}}``: per
         profiled length ``n``, the masking effect summed per query-key distance (what
-        ``sparsattn.calibrate.moa.profile_moa`` measures on a model). Candidates: ``candidate_grid``
+        ``sparsattn.calibrate.moa.profile_moa`` measures on a model), ``|E|`` (MoA) or signed (then a
+        span's loss is the absolute value of the signed sum beyond it). Candidates: ``candidate_grid``
         over the lengths; each head's loss of span ``s`` = the effect beyond ``s``; ``search_plan``
         under mean density ``budget``. ``info`` is stored with the plan.
 
@@ -390,9 +391,11 @@ class MoA(Calibrated, Method):
                                  f"H={shape.num_heads}, {n}], got {got}")
             prof = prof.double()
             if normalize is not None:  # a head (layer) with no effect at all stays all-zero
-                tot = prof.sum(-1, keepdim=True) if normalize == "head" else prof.sum((-1, -2), keepdim=True)
+                tot = prof.sum(-1, keepdim=True).abs() if normalize == "head" else prof.sum((-1, -2), keepdim=True).abs()
                 prof = prof / torch.where(tot > 0, tot, torch.ones_like(tot))
-            suffix = torch.flip(torch.cumsum(torch.flip(prof, [-1]), -1), [-1])  # loss of span s = suffix[s]
+            # loss of span s = |suffix[s]| (a signed profile: the first-order loss change of masking
+            # every distance >= s, in absolute value; an |E| profile: the usual nonnegative sum)
+            suffix = torch.flip(torch.cumsum(torch.flip(prof, [-1]), -1), [-1]).abs()
             suffix = torch.cat([suffix, torch.zeros(*suffix.shape[:-1], 1, dtype=suffix.dtype)], -1)
             sp = spans_for(alphas, betas, n, min_span)  # [C]
             losses.append(suffix[..., sp].reshape(-1, sp.numel()))  # [L*H, C]

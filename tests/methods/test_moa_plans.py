@@ -107,3 +107,12 @@ def test_extend_lengths_bound_the_density_where_the_plan_is_used():
     assert density(bound, 4096) <= 0.3 + 1e-9
     assert bound.plan["info"]["extend_lengths"] == [4096] and len(bound.plan["info"]["density"]) == 3
     assert all(d <= 0.3 + 1e-9 for d in bound.plan["info"]["density"])
+
+
+def test_signed_profiles_use_the_size_of_the_predicted_change():
+    lengths = (2048, 4096)
+    kw = dict(budget=0.35, sink=16, min_span=16, alpha_step=256)
+    pos = MoA.fit({"shape": SHAPE, "profiles": _profiles(lengths)}, **kw)
+    neg = MoA.fit({"shape": SHAPE, "profiles": {n: -p for n, p in _profiles(lengths).items()}}, **kw)
+    assert torch.equal(pos.plan["alpha"], neg.plan["alpha"]) and torch.equal(pos.plan["beta"], neg.plan["beta"])
+    assert pos.plan["info"]["loss"] == pytest.approx(neg.plan["info"]["loss"])

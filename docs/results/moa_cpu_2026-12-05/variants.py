@@ -5,7 +5,8 @@ with several profile treatments from the same profiles (issue 21).
 writes one safetensors file of per-sample profiles per length (the samples of
 ``fit_moa(data="retrieval")``: ``retrieval_samples(model, tok, n_len, n, seed=0 + n_len)``).
 ``python docs/results/moa_cpu_2026-12-05/variants.py fit --profiles PROF_DIR --out CAL_ROOT --budget 0.12``
-fits one plan per variant (``CAL_ROOT/<variant>/moa.json``) and prints each plan's density at
+fits one plan per variant (``CAL_ROOT/<variant>/moa.json``; ``VARIANTS``: |E| or signed effects,
+samples averaged or weighed alike, per-head normalisation, density bounds at 4K/8K) and prints each plan's density at
 1K-8K and the spans it gives the heads that read the needle. The plan of a variant equals the one
 ``sparsattn calibrate moa`` fits with the same options (profiling is deterministic).
 """
@@ -22,13 +23,49 @@ from sparsattn.methods.moa import MoA, span_density
 SHAPE = ModelShape(8, 8, 2, 64)  # the bundled model
 #: the heads that read the needle at 4K on the held-out prompts (issue 21 status: 6.1, 6.2, 7.4-7.7)
 READERS = [(6, 1), (6, 2), (7, 4), (7, 5), (7, 6), (7, 7)]
-VARIANTS = {  # name: (per_sample, normalize, extend_lengths)
-    "raw": ("mean", None, ()),
-    "raw_ext": ("mean", None, (4096, 8192)),
-    "head": ("mean", "head", (4096, 8192)),
-    "share_head": ("share", "head", (4096, 8192)),
-    "share_layer": ("share", "layer", (4096, 8192)),
+VARIANTS = {  # name: (effect, per_sample, normalize, extend_lengths)
+    "abs": ("abs", "mean", None, ()),  # MoA as profiled before issue 21 (the unshipped 12% plan's treatment)
+    "abs_ext": ("abs", "mean", None, (4096, 8192)),
+    "abs_head": ("abs", "mean", "head", (4096, 8192)),
+    "signed": ("signed", "mean", None, ()),
+    "signed_ext": ("signed", "mean", None, (4096, 8192)),
+    "signed_share_ext": ("signed", "share", None, (4096, 8192)),
+    "signed_head": ("signed", "mean", "head", (4096, 8192)),
 }
+
+
+def _both(model, ids, mask, sink):
+    """One sample's diagonal profiles ``(|E|, signed E)`` ``[L, H, N]`` from one backward pass (the
+    profiling function of ``profile_moa``, its hook recording both flavours)."""
+    from sparsattn.calibrate import moa as cm
+    from sparsattn.integrations.hf import attention_modules, attention_swapped
+
+    prof = cm._Profiler(0, sink, False)
+    signed, absolute = {}, {}
+    real = cm.masking_effect
+
+    def effect(A, G, take_abs=True):  # the hook's call: keep |E| aside, return signed E
+        e = real(A, G, take_abs=False)
+        a = e.abs()
+        if sink:
+            a[..., :sink] = 0
+        absolute.setdefault("pending", []).append(cm.diagonal_sums(a).sum(0).double().cpu())
+        return e
+
+    mods = attention_modules(model)
+    cm.masking_effect = effect
+    try:
+        with attention_swapped(model, "moa_variants", prof.forward, modules=mods):
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            m = mask[:, 1:]
+            torch.nn.functional.cross_entropy(logits[m], ids[:, 1:][m]).backward()
+    finally:
+        cm.masking_effect = real
+    L = max(mods) + 1
+    signed = torch.stack([prof.acc[l] for l in range(L)])
+    # hooks fire in reverse layer order during backward
+    absolute = torch.stack(list(reversed(absolute["pending"])))
+    return absolute, signed
 
 
 def profile(a):
@@ -42,35 +79,40 @@ def profile(a):
     out.mkdir(parents=True, exist_ok=True)
     for n in a.lengths:
         samples = retrieval_samples(model, tok, n, a.n, seed=a.seed + n)
-        per = torch.stack([profile_moa(model, [s], sink=a.sink, take_abs=True) for s in samples])
-        save_file({"profiles": per.contiguous()}, str(out / f"profiles_{n}.safetensors"))
-        print(f"length {n}: {a.n} samples, totals {[f'{float(x):.3g}' for x in per.sum((1, 2, 3))]}", flush=True)
+        pairs = [_both(model, ids, mask, a.sink) for ids, mask in samples]
+        if n == a.lengths[0]:  # the two flavours are exactly what profile_moa returns
+            ref = profile_moa(model, samples[:1], sink=a.sink, take_abs=True)
+            assert torch.allclose(ref, pairs[0][0], rtol=1e-5, atol=1e-12), "abs profile differs from profile_moa"
+        save_file({"abs": torch.stack([p[0] for p in pairs]).contiguous(),
+                   "signed": torch.stack([p[1] for p in pairs]).contiguous()}, str(out / f"profiles_{n}.safetensors"))
+        print(f"length {n}: {a.n} samples, |E| totals {[f'{float(p[0].sum()):.3g}' for p in pairs]}, "
+              f"signed totals {[f'{float(p[1].sum()):.3g}' for p in pairs]}", flush=True)
 
 
 def combine(per: torch.Tensor, per_sample: str) -> torch.Tensor:
     """The profile ``profile_moa`` returns for these samples (``per``: [n, L, H, N])."""
     if per_sample == "share":
-        per = per / per.sum((1, 2, 3), keepdim=True)
+        per = per / per.abs().sum((1, 2, 3), keepdim=True)
     return per.mean(0)
 
 
 def fit(a):
     files = sorted(Path(a.profiles).glob("profiles_*.safetensors"))
-    per = {int(f.stem.split("_")[1]): load_file(str(f))["profiles"].double() for f in files}
+    per = {int(f.stem.split("_")[1]): {k: v.double() for k, v in load_file(str(f)).items()} for f in files}
     rows = []
     for name in (a.variants.split(",") if a.variants else VARIANTS):
-        ps, norm, ext = VARIANTS[name]
-        profs = {n: combine(p, ps) for n, p in per.items()}
+        eff, ps, norm, ext = VARIANTS[name]
+        profs = {n: combine(p[eff], ps) for n, p in per.items()}
         dst = Path(a.out) / name / "moa.json"
         dst.parent.mkdir(parents=True, exist_ok=True)
         m = MoA.fit({"shape": SHAPE, "profiles": profs}, budget=a.budget, sink=a.sink, min_span=a.min_span,
                     alpha_step=a.alpha_step, normalize=norm, extend_lengths=ext, path=str(dst),
-                    info={"data": "retrieval", "samples_per_length": int(next(iter(per.values())).shape[0]),
-                          "per_sample": ps, "take_abs": True})
+                    info={"data": "retrieval", "samples_per_length": int(next(iter(per.values()))["abs"].shape[0]),
+                          "per_sample": ps, "take_abs": eff == "abs"})
         dens = {n: round(float(torch.stack([span_density(m.spans(l, n), a.sink, n) for l in range(8)]).mean()), 4)
                 for n in (1024, 2048, 4096, 8192)}
         spans4k = {f"{l}.{h}": int(m.spans(l, 4096)[h]) for l, h in READERS}
-        rows.append({"variant": name, "per_sample": ps, "normalize": norm, "extend_lengths": list(ext),
+        rows.append({"variant": name, "effect": eff, "per_sample": ps, "normalize": norm, "extend_lengths": list(ext),
                      "budget": a.budget, "density": dens, "reader_spans_4096": spans4k,
                      "repaired": m.plan["info"].get("repaired")})
         print(json.dumps(rows[-1]), flush=True)
