@@ -13,6 +13,18 @@ question rows whose attention peaks on a distant needle block: on source windows
 distilled target almost never holds such a block and the gate learns locality and sinks.
 ``source`` streams source windows only (the repository's recipe on its own corpus). ``--init``
 starts from a saved gate directory (fine-tuning) instead of a fresh gate.
+
+**Cached training** (default with ``--data retrieval``): the gate's inputs (block-pooled pre-RoPE
+q/k) and its target (``attn_pool`` of the frozen model's q/k) do not depend on the gate, so
+``build_cache`` captures them once per sequence (``--cache-lengths``, ``--n-retrieval`` passkey
+prompts and ``--n-source`` source windows per length; ``--cache DIR`` keeps them for reuse) and the
+optimiser then takes thousands of cheap steps on them (``train.seer_gate.cached_loss``: the same
+loss, tested equal in value and gradient). Two changes to the repository's loss, both recorded:
+``--answer-weight`` multiplies the KL of the query blocks holding the answer-deciding rows of the
+retrieval prompts (one block in ~30 otherwise), and ``--target-power`` sharpens each target row
+(``t^p / sum t^p``: the same ranking; the block-max-pooled row of the answer block is flat at the top,
+the needle block at ~0.15 against ~0.10 for local blocks, so the plain KL barely rewards ranking it
+first). ``--stream`` keeps the older per-step capture (a frozen-model forward per step).
 ``sparsattn calibrate seer_attention`` runs it.
 """
 from __future__ import annotations
@@ -30,7 +42,9 @@ from ._seer_recall import diagnostics, gate_block_recall  # noqa: F401  (gate bl
 OUT = "seer_gate"
 PROVENANCE_KEY = "seer_gate"
 DEFAULTS = {"steps": 300, "seq_len": 2048, "minutes": 20.0, "seed": 0, "lr": 1e-3, "rope_input": "pre",
-            "data": "retrieval", "retrieval_fraction": 0.75, "init": None}
+            "data": "retrieval", "retrieval_fraction": 0.75, "init": None, "stream": False, "cache": None,
+            "cache_lengths": (2048, 4096), "n_retrieval": (100, 24), "n_source": (4, 4), "answer_weight": 30.0,
+            "target_power": 4.0}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +60,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retrieval-fraction", type=float, default=DEFAULTS["retrieval_fraction"],
                    help="share of retrieval prompts with --data retrieval (0.75)")
     p.add_argument("--init", default=DEFAULTS["init"], help="gate directory to start from (default: a fresh gate)")
+    ints = lambda x: tuple(int(v) for v in x.split(","))  # noqa: E731
+    p.add_argument("--stream", action="store_true", help="capture the model at every step (no cache)")
+    p.add_argument("--cache", default=DEFAULTS["cache"],
+                   help="folder of cached features, reused and completed (default: a temporary folder)")
+    p.add_argument("--cache-lengths", type=ints, default=DEFAULTS["cache_lengths"], help="cached lengths (2048,4096)")
+    p.add_argument("--n-retrieval", type=ints, default=DEFAULTS["n_retrieval"],
+                   help="passkey prompts cached per length (100,24)")
+    p.add_argument("--n-source", type=ints, default=DEFAULTS["n_source"], help="source windows per length (4,4)")
+    p.add_argument("--answer-weight", type=float, default=DEFAULTS["answer_weight"],
+                   help="loss weight of the query blocks holding answer rows (30; 1 = the repository's loss)")
+    p.add_argument("--target-power", type=float, default=DEFAULTS["target_power"],
+                   help="sharpen the target rows to t^p (4; 1 = the repository's loss)")
 
 
 def sequences(tokenizer, seq_len: int, *, data: str = "retrieval", retrieval_fraction: float = 0.75, seed: int = 0,
@@ -105,28 +131,297 @@ def train(model, tokenizer, out: str, *, steps: int = 300, seq_len: int = 2048, 
     return gate, losses
 
 
+def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048, 4096), n_retrieval=(100, 24),
+                 n_source=(4, 4), steps: int = 3000, minutes: Optional[float] = 20.0, seed: int = 0, lr: float = 1e-3,
+                 rope_input: str = "pre", init: Optional[str] = None, answer_weight: float = 30.0,
+                 target_power: float = 4.0, batch_size: int = 8, haystack=None, source=None, log=print):
+    """train_cached: capture the gate's features once (``build_cache`` into ``cache``; None: a temporary
+    folder, removed afterwards) and distil a gate (fresh, or from ``init``) on them for ``steps`` steps
+    (``answer_weight``, ``target_power``: see the module docstring) -> ``(SeerGate, losses, n_records)``."""
+    import shutil
+    import tempfile
+
+    from ..methods.seer_attention import SeerGate
+    from ..train.seer_gate import gate_for_model, train_gate
+
+    lengths = [int(x) for x in cache_lengths]
+    nr, ns = [int(x) for x in n_retrieval], [int(x) for x in n_source]
+    if not lengths or len(nr) != len(lengths) or len(ns) != len(lengths):
+        raise ValueError(f"n_retrieval/n_source: expected one count per cache length {lengths}, got {nr} and {ns}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tmp = None if cache is not None else tempfile.mkdtemp(prefix="seer_cache_")
+    folder = cache if cache is not None else tmp
+    try:
+        paths = []
+        for T, a, b in zip(lengths, nr, ns):
+            paths += build_cache(model, tokenizer, folder, lengths=(T,), n_retrieval=a, n_source=b, seed=seed,
+                                 haystack=haystack, source=source, log=log)
+        records = load_cache(paths)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if rope_input != "pre":
+        raise ValueError(f"rope_input: the cache holds pre-RoPE features; use --stream for {rope_input!r}")
+    gate = SeerGate.load(init) if init else gate_for_model(model, rope_input=rope_input, seed=seed)
+    gate = gate.float()
+    answer_row_weights(records, answer_weight, gate.block_size)
+    t0 = time.time()
+    losses = train_gate(gate, cached_batches(records, seed=seed, batch_size=batch_size), steps=steps, lr=lr, warmup=min(50, steps),
+                        minutes=minutes, target_power=target_power, log=log, log_every=250)
+    gate.model_info.update({"steps_done": len(losses), "first_loss": losses[0] if losses else None,
+                            "final_loss": losses[-1] if losses else None, "seconds": round(time.time() - t0, 1),
+                            "seq_len": lengths, "steps": steps, "lr": lr, "init": init,
+                            "data": f"cached: {dict(zip(lengths, nr))} passkey prompts + {dict(zip(lengths, ns))} "
+                                    "source windows per length",
+                            "answer_weight": answer_weight, "target_power": target_power})
+    gate.save(out, dtype=torch.bfloat16)
+    return gate, losses, len(records)
+
+
 def run(model_path: Optional[str], out: str, *, device: str = "cpu", steps: int = 300, seq_len: int = 2048,
         minutes: Optional[float] = 20.0, seed: int = 0, lr: float = 1e-3, rope_input: str = "pre",
-        data: str = "retrieval", retrieval_fraction: float = 0.75, init: Optional[str] = None) -> tuple:
+        data: str = "retrieval", retrieval_fraction: float = 0.75, init: Optional[str] = None, stream: bool = False,
+        cache=None, cache_lengths=(2048, 4096), n_retrieval=(100, 24), n_source=(4, 4), answer_weight: float = 30.0,
+        target_power: float = 4.0) -> tuple:
     """run: ``(SeerAttention with the trained gate, provenance record)`` of the model at ``model_path``
-    (None: bundled)."""
+    (None: bundled). ``data="retrieval"`` without ``stream``: cached training (``train_cached``)."""
     from ._common import call_text, load_model
 
     t0 = time.time()
     model, tok, _ = load_model(model_path, device=device)
-    gate, losses = train(model, tok, out, steps=steps, seq_len=seq_len, minutes=minutes, seed=seed, lr=lr,
-                         rope_input=rope_input, data=data, retrieval_fraction=retrieval_fraction, init=init)
+    opts = dict(steps=steps, minutes=minutes, seed=seed, lr=lr, rope_input=rope_input, data=data, device=device)
+    if data == "retrieval" and not stream:
+        gate, losses, n_rec = train_cached(model, tok, out, cache=cache, cache_lengths=cache_lengths,
+                                           n_retrieval=n_retrieval, n_source=n_source, steps=steps, minutes=minutes,
+                                           seed=seed, lr=lr, rope_input=rope_input, init=init,
+                                           answer_weight=answer_weight, target_power=target_power)
+        what = (f"{n_rec} cached sequences (build_cache): per length {list(cache_lengths)}, {list(n_retrieval)} passkey "
+                f"prompts (calibrate._retrieval.retrieval_prompts: training-split source haystack, needle at a random "
+                f"depth, seeds 1000 x {seed} + 7919 x length + i) and {list(n_source)} source windows of "
+                "source_files('train')")
+        opts.update(cache_lengths=cache_lengths, n_retrieval=n_retrieval, n_source=n_source,
+                    answer_weight=answer_weight, target_power=target_power)
+        if cache is not None:
+            opts["cache"] = cache
+    else:
+        gate, losses = train(model, tok, out, steps=steps, seq_len=seq_len, minutes=minutes, seed=seed, lr=lr,
+                             rope_input=rope_input, data=data, retrieval_fraction=retrieval_fraction, init=init)
+        what = f"{seq_len}-token sequences: " + (
+            "sparsattn.data.source_files('train'), token_windows" if data == "source" else
+            f"{retrieval_fraction:.2f} passkey prompts (calibrate._retrieval.retrieval_prompts: training-split source "
+            f"haystack, needle at a random depth, seeds 1000 x {seed} + i) + source windows of source_files('train')")
+        opts.update(seq_len=seq_len, retrieval_fraction=retrieval_fraction)
     m = SeerAttention.load(str(out))
-    what = "sparsattn.data.source_files('train'), token_windows" if data == "source" else (
-        f"{retrieval_fraction:.2f} passkey prompts (calibrate._retrieval.retrieval_prompts: training-split source "
-        f"haystack, needle at a random depth, seeds 1000 x {seed} + i) + source windows of source_files('train')")
-    opts = dict(steps=steps, seq_len=seq_len, minutes=minutes, seed=seed, lr=lr, rope_input=rope_input, data=data,
-                retrieval_fraction=retrieval_fraction, device=device)
     if init:
         opts["init"] = init
-    rec = {"call": call_text("seer_attention", opts), "seconds": round(time.time() - t0, 1),
-           "data": f"{seq_len}-token sequences: {what}", "steps_done": len(losses),
+    call = call_text("seer_attention", opts) + (" --stream" if stream and data == "retrieval" else "")
+    rec = {"call": call, "seconds": round(time.time() - t0, 1),
+           "data": what, "steps_done": len(losses),
            "first_loss": round(losses[0], 5) if losses else None,
            "final_loss": round(losses[-1], 5) if losses else None,
            "mean_loss_last_20": round(sum(losses[-20:]) / len(losses[-20:]), 5) if losses else None}
     return m, rec
+
+
+# ------------------------------------------------------------------------------------------------
+# Cached training: the gate's inputs and target are fixed functions of the frozen model
+# ------------------------------------------------------------------------------------------------
+
+
+def _reading_mass(q: "torch.Tensor", k: "torch.Tensor", rows: list, needle: list) -> "torch.Tensor":
+    """Per query head, the mean over ``rows`` of the dense attention mass on the ``needle`` keys."""
+    import math
+
+    g = q.shape[1] // k.shape[1]
+    kk = k.float().repeat_interleave(g, dim=1)
+    s = torch.matmul(q[:, :, rows].float(), kk.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    r = torch.tensor(rows)[:, None]
+    s = s.masked_fill(torch.arange(k.shape[2])[None, :] > r, float("-inf"))
+    return torch.softmax(s, -1)[..., needle].sum(-1).mean(-1)[0]  # [Hq]
+
+
+def build_cache(model, tokenizer, cache_dir, *, lengths=(2048,), n_retrieval: int = 64, n_source: int = 16,
+                seed: int = 0, haystack=None, source=None, log=print) -> list:
+    """build_cache: capture the gate's training features once (``train.seer_gate.gate_features``: pooled
+    pre-RoPE q/k and the ``attn_pool`` target of every layer) for ``n_retrieval`` passkey prompts
+    (``_retrieval.retrieval_prompts`` over the training-split haystack, random depth, seeds
+    ``1000 x seed + i``) and ``n_source`` source windows per length; one safetensors file per sequence
+    in ``cache_dir`` (files already there are kept: the cache resumes). Retrieval files also hold
+    ``read.L`` (per head, the answer rows' dense attention on the value's tokens) and, in the metadata,
+    the prompt length, the value's positions and the answer-deciding rows. Returns the file paths."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from ..train.seer_gate import capture_for_gate, gate_features, gate_for_model, token_windows
+    from ._retrieval import retrieval_prompts
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    gate = gate_for_model(model, rope_input="pre")
+    dev = next(model.parameters()).device
+    rng = random.Random(f"seer-cache-{seed}")
+    paths = []
+    for T in lengths:
+        hay = haystack if haystack is not None else token_windows(tokenizer, T, seed=10_000 + seed)
+        win = source if source is not None else token_windows(tokenizer, T, seed=seed)
+        for i in range(n_retrieval + n_source):
+            kind = "retrieval" if i < n_retrieval else "source"
+            path = cache_dir / f"{kind}_{T}_{i:04d}.safetensors"
+            paths.append(path)
+            depth = rng.random()
+            if kind == "retrieval":
+                p = retrieval_prompts(tokenizer, T, 1, seed=1000 * seed + 7919 * T + i, depths=[depth],
+                                      haystack=hay)[0]
+                ids = p["ids"]
+            else:
+                ids = next(win)[:, :T]
+            if path.is_file():
+                continue
+            t0 = time.time()
+            with torch.no_grad():
+                cap = capture_for_gate(model, ids.to(dev), gate.layers)
+                tensors, meta = {}, {"kind": kind, "T": T}
+                if kind == "retrieval":
+                    P = p["prompt_len"]
+                    rows = list(range(P - 1, T - 1))
+                    meta.update(prompt_len=P, needle=p["needle"], rows=rows, depth=depth)
+                for l, tup in cap.items():
+                    f = gate_features(gate, *tup)
+                    tensors.update({f"q.{l}": f["q"], f"k.{l}": f["k"], f"t.{l}": f["t"]})
+                    if kind == "retrieval":
+                        tensors[f"read.{l}"] = _reading_mass(tup[0], tup[1], rows, p["needle"])
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path),
+                      metadata={"meta": json.dumps(meta)})
+            if log:
+                log(f"cached {path.name} ({time.time() - t0:.1f} s)")
+    return paths
+
+
+def load_cache(paths) -> list:
+    """load_cache: the records of ``build_cache`` files (a directory or a list of files) ->
+    ``[{"layers": {layer: {"q", "k", "t", "Tq", "Tk"}}, "read": {layer: [Hq]}, "meta": dict, "path"}]``."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    if isinstance(paths, (str, Path)):
+        d = Path(paths)
+        if not d.is_dir():
+            raise ValueError(f"cache: expected a directory of build_cache files, got {str(d)!r}")
+        paths = sorted(d.glob("*.safetensors"))
+    out = []
+    for path in paths:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["meta"])
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        T = int(meta["T"])
+        layers = sorted({int(k.split(".")[1]) for k in t if k.startswith("q.")})
+        out.append({"layers": {l: {"q": t[f"q.{l}"], "k": t[f"k.{l}"], "t": t[f"t.{l}"], "Tq": T, "Tk": T}
+                               for l in layers},
+                    "read": {l: t[f"read.{l}"] for l in layers if f"read.{l}" in t}, "meta": meta,
+                    "path": str(path)})
+    if not out:
+        raise ValueError("cache: no build_cache files found")
+    return out
+
+
+def _topk_keep(scores: "torch.Tensor", allowed: "torch.Tensor", diag: "torch.Tensor", k: int) -> "torch.Tensor":
+    """bool ``[..., nq, nk]``: the top ``k`` allowed blocks of every row, plus the diagonal (``select``'s rule)."""
+    s = scores.masked_fill(~allowed, float("-inf"))
+    keep = torch.zeros(s.shape, dtype=torch.bool).scatter_(-1, s.topk(min(k, s.shape[-1]), -1).indices, True)
+    return (keep | diag) & allowed
+
+
+def cache_metrics(gate, records: list, *, k: Optional[int] = None, k_frac: float = 1 / 16,
+                  threshold: float = 0.1) -> dict:
+    """cache_metrics: the gate against its distillation target on cached records (``load_cache``).
+
+    ``block_recall[layer]``: share of the target's top-``k`` key blocks per query block row (diagonal
+    excluded from both, rows with more than ``k`` candidates) that the gate's top-``k`` holds (the rule
+    of ``calibrate.check.gate_block_recall``); ``k`` default ``max(1, round(k_frac x key blocks))``.
+    ``needle[layer]`` = ``[kept, reading]``: over retrieval records, the heads whose answer rows put
+    >= ``threshold`` of their attention on the value (``read``), and how many of them have the value's
+    block inside the gate's selection (top-``k`` + diagonal, ``SeerAttention.select``'s top-k rule) in
+    every query block holding an answer row; ``oracle_needle`` the same for the target's top-``k`` (+ the
+    diagonal: the same rule, so the same number of blocks as the gate)."""
+    from ..methods.seer_attention import causal_block_mask, diagonal_block_mask
+
+    rec: dict = {}
+    nd: dict = {}
+    ond: dict = {}
+    with torch.no_grad():
+        for r in records:
+            meta = r["meta"]
+            for l, f in r["layers"].items():
+                Tq, Tk, bs = f["Tq"], f["Tk"], gate.block_size
+                g = gate.scores_pooled(l, f["q"], f["k"], Tq, Tk)[0]
+                t = f["t"][0]
+                nq, nk = t.shape[-2:]
+                kk = k if k is not None else max(1, round(k_frac * nk))
+                allowed = causal_block_mask(Tq, Tk, bs)
+                diag = diagonal_block_mask(Tq, Tk, bs)
+                cand = allowed & ~diag
+                rows = cand.sum(-1) > kk
+                gi = _topk_keep(g, cand, torch.zeros_like(diag), kk)[:, rows]
+                oi = _topk_keep(t, cand, torch.zeros_like(diag), kk)[:, rows]
+                a = rec.setdefault(l, [0.0, 0.0])
+                a[0] += float((gi & oi).sum())
+                a[1] += float(oi.sum())
+                if meta.get("kind") == "retrieval" and l in r["read"]:
+                    heads = (r["read"][l] >= threshold).nonzero().flatten().tolist()
+                    qb = sorted({x // bs for x in meta["rows"]})
+                    nb = sorted({x // bs for x in meta["needle"]})
+                    gk = _topk_keep(g, allowed, diag, kk)
+                    ok = _topk_keep(t, allowed, diag, kk)
+                    for store, keep in ((nd, gk), (ond, ok)):
+                        c = store.setdefault(l, [0, 0])
+                        for h in heads:
+                            c[0] += int(all(any(bool(keep[h, i, j]) for j in nb) for i in qb))
+                            c[1] += 1
+    return {"block_recall": {l: round(a[0] / max(1.0, a[1]), 4) for l, a in sorted(rec.items())},
+            "needle": {l: v for l, v in sorted(nd.items())}, "oracle_needle": {l: v for l, v in sorted(ond.items())}}
+
+
+def answer_row_weights(records: list, weight: float, block_size: int = 64) -> None:
+    """answer_row_weights: give every retrieval record a per-query-block loss weight ``"w"`` (1, and
+    ``weight`` on the query blocks holding an answer-deciding row) in each layer's features (in place)."""
+    for r in records:
+        meta = r["meta"]
+        for f in r["layers"].values():
+            nq = f["t"].shape[2]
+            w = torch.ones(nq)
+            if meta.get("kind") == "retrieval" and weight != 1.0:
+                for i in {x // block_size for x in meta["rows"]}:
+                    w[i] = weight
+            f["w"] = w
+
+
+def cached_batches(records: list, *, seed: int = 0, batch_size: int = 1):
+    """Endless ``{layer: features}`` batches of ``batch_size`` cached records of one length (drawn
+    uniformly; features stacked on the batch axis, the row weights ``"w"`` as ``[B, nq]``)."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    rng = random.Random(seed)
+    by_len: dict = {}
+    for r in records:
+        by_len.setdefault(next(iter(r["layers"].values()))["Tq"], []).append(r)
+    lens = sorted(by_len)
+    while True:
+        group = by_len[rng.choices(lens, weights=[len(by_len[T]) for T in lens])[0]]
+        pick = [rng.choice(group) for _ in range(batch_size)]
+        if batch_size == 1:
+            yield pick[0]["layers"]
+            continue
+        out = {}
+        for l, f in pick[0]["layers"].items():
+            fs = [r["layers"][l] for r in pick]
+            b = {n: torch.cat([x[n] for x in fs]) for n in ("q", "k", "t")}
+            b.update(Tq=f["Tq"], Tk=f["Tk"])
+            if all("w" in x for x in fs):
+                b["w"] = torch.stack([x["w"] for x in fs])
+            out[l] = b
+        yield out

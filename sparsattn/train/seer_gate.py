@@ -36,17 +36,24 @@ Tensor = torch.Tensor
 
 
 def kl_to_target(logits: Tensor, target: Tensor, Tq: int, Tk: int, block_size: int, *, loss_scale: float = 10.0,
-                 drop_first: float = 0.25, row_weight: Optional[Tensor] = None) -> Tensor:
+                 drop_first: float = 0.25, row_weight: Optional[Tensor] = None, target_power: float = 1.0) -> Tensor:
     """kl_to_target: ``loss_scale * mean KL(target || softmax(logits))`` over the query blocks after the
     first ``drop_first`` fraction (entries above the causal diagonal count as 0 in the mean, as
     ``KLDivLoss(reduction="mean")``). ``row_weight`` (optional, ``[nq]`` or ``[B, nq]``) multiplies
-    each query block's KL before the mean (all ones = the unweighted loss)."""
+    each query block's KL before the mean (all ones = the unweighted loss). ``target_power`` p != 1
+    sharpens (p > 1) each target row to ``t^p / sum(t^p)``: the same ranking, with the top blocks'
+    lead magnified (a max-pooled row is flat at the top: a needle block at 0.15 against 0.10)."""
     if logits.shape != target.shape:
         raise ValueError(f"target: expected shape {tuple(logits.shape)}, got {tuple(target.shape)}")
+    if not (isinstance(target_power, (int, float)) and target_power > 0):
+        raise ValueError(f"target_power: expected a positive number, got {target_power!r}")
     n0 = int(logits.shape[2] * drop_first)
     valid = causal_block_mask(Tq, Tk, block_size, logits.device)[n0:]
     logp = torch.log_softmax(logits[:, :, n0:], dim=-1).masked_fill(~valid, 0.0)
     t = target[:, :, n0:].to(logp.dtype)
+    if target_power != 1.0:
+        t = t.pow(target_power)
+        t = t / t.sum(-1, keepdim=True).clamp_min(1e-30)
     kl = torch.where(t > 0, t * (torch.log(t.clamp_min(1e-30)) - logp), torch.zeros_like(t))
     if row_weight is not None:
         w = row_weight.to(kl.dtype)
@@ -57,7 +64,7 @@ def kl_to_target(logits: Tensor, target: Tensor, Tq: int, Tk: int, block_size: i
 
 def gate_loss(gate: SeerGate, layer: int, q: Tensor, k: Tensor, q_pre: Optional[Tensor] = None,
               k_pre: Optional[Tensor] = None, *, target: Optional[Tensor] = None, loss_scale: float = 10.0,
-              drop_first: float = 0.25, row_weight: Optional[Tensor] = None) -> Tensor:
+              drop_first: float = 0.25, row_weight: Optional[Tensor] = None, target_power: float = 1.0) -> Tensor:
     """gate_loss: ``loss_scale * mean KL(target || softmax(gate))`` over query blocks after the first
     ``drop_first`` fraction. ``q [B, Hq, T, D]``, ``k [B, Hkv, T, D]`` post-RoPE (target);
     ``q_pre``/``k_pre`` the pre-RoPE projections (else RoPE is undone for ``rope_input="pre"``)."""
@@ -70,7 +77,7 @@ def gate_loss(gate: SeerGate, layer: int, q: Tensor, k: Tensor, q_pre: Optional[
         qi, ki = gate.gate_inputs(q, k)
     logits = gate.scores(layer, qi, ki, causal=True)
     return kl_to_target(logits, target, q.shape[2], k.shape[2], gate.block_size, loss_scale=loss_scale,
-                        drop_first=drop_first, row_weight=row_weight)
+                        drop_first=drop_first, row_weight=row_weight, target_power=target_power)
 
 
 def gate_features(gate: SeerGate, q: Tensor, k: Tensor, q_pre: Optional[Tensor] = None,
@@ -90,11 +97,12 @@ def gate_features(gate: SeerGate, q: Tensor, k: Tensor, q_pre: Optional[Tensor] 
 
 
 def cached_loss(gate: SeerGate, layer: int, feats: dict, *, loss_scale: float = 10.0, drop_first: float = 0.25,
-                row_weight: Optional[Tensor] = None) -> Tensor:
+                row_weight: Optional[Tensor] = None, target_power: float = 1.0) -> Tensor:
     """cached_loss: ``gate_loss`` from ``gate_features`` of the same q/k (identical value and gradient)."""
     logits = gate.scores_pooled(layer, feats["q"], feats["k"], feats["Tq"], feats["Tk"], causal=True)
     return kl_to_target(logits, feats["t"], feats["Tq"], feats["Tk"], gate.block_size, loss_scale=loss_scale,
-                        drop_first=drop_first, row_weight=row_weight if row_weight is not None else feats.get("w"))
+                        drop_first=drop_first, row_weight=row_weight if row_weight is not None else feats.get("w"),
+                        target_power=target_power)
 
 
 def cosine_with_warmup(step: int, steps: int, warmup: int) -> float:
@@ -105,7 +113,7 @@ def cosine_with_warmup(step: int, steps: int, warmup: int) -> float:
 
 
 def train_gate(gate: SeerGate, batches: Iterable[dict], *, steps: int, lr: float = 1e-3, warmup: int = 20,
-               weight_decay: float = 0.0, loss_scale: float = 10.0, drop_first: float = 0.25,
+               weight_decay: float = 0.0, loss_scale: float = 10.0, drop_first: float = 0.25, target_power: float = 1.0,
                minutes: Optional[float] = None, log: Optional[Callable[[str], None]] = None,
                log_every: int = 10) -> list[float]:
     """train_gate: distil ``gate`` on ``batches`` (``{layer: (q, k[, q_pre, k_pre])}``, or ``{layer:
@@ -139,9 +147,11 @@ def train_gate(gate: SeerGate, batches: Iterable[dict], *, steps: int, lr: float
         total = 0.0
         for layer, tensors in batch.items():
             if isinstance(tensors, dict):  # cached features (gate_features)
-                loss = cached_loss(gate, int(layer), tensors, loss_scale=loss_scale, drop_first=drop_first)
+                loss = cached_loss(gate, int(layer), tensors, loss_scale=loss_scale, drop_first=drop_first,
+                                   target_power=target_power)
             else:
-                loss = gate_loss(gate, int(layer), *tensors, loss_scale=loss_scale, drop_first=drop_first)
+                loss = gate_loss(gate, int(layer), *tensors, loss_scale=loss_scale, drop_first=drop_first,
+                                 target_power=target_power)
             loss.backward()  # per layer: frees each layer's graph before the next
             total += float(loss.detach())
         if not math.isfinite(total):
