@@ -181,7 +181,8 @@ def fit_moa(model_or_path, tokenizer=None, *, lengths: Sequence[int] = (2048, 40
             samples_per_length: int = 4, answer_len: int = 64, sink: int = 64, min_span: int = 64,
             alpha_step: int = 1024, n_beta: int = 9, take_abs: bool = True, device: Optional[str] = None,
             out_path=None, seed: int = 0, files: Optional[list] = None, data: str = "copy", normalize: Optional[str] = None,
-            extend_lengths: Sequence[int] = (), per_sample: str = "mean", log=print) -> MoA:
+            extend_lengths: Sequence[int] = (), per_sample: str = "mean", bounds: Optional[dict] = None,
+            extend_loss: str = "none", log=print) -> MoA:
     """fit_moa: profile an HF causal LM at ``lengths``, search per-head spans under ``budget``.
 
     ``model_or_path``: a loaded model or a local path (then ``tokenizer`` may be None). Returns a
@@ -192,7 +193,8 @@ def fit_moa(model_or_path, tokenizer=None, *, lengths: Sequence[int] = (2048, 40
     ``"retrieval"`` (``retrieval_samples``: passkey prompts, the answer a 7-digit value read from a
     needle anywhere in the context). ``normalize`` (None, ``"head"``, ``"layer"``) and
     ``extend_lengths`` go to ``MoA.fit`` (per-head normalised profiles; density bounds at unprofiled
-    lengths); ``per_sample`` goes to ``profile_moa``.
+    lengths), ``bounds`` (``{length: density}``, per-length density bounds) and ``extend_loss`` go to ``MoA.fit``;
+    ``per_sample`` goes to ``profile_moa``.
     """
     if data not in ("copy", "retrieval"):
         raise ValueError(f"data: expected 'copy' or 'retrieval', got {data!r}")
@@ -240,7 +242,7 @@ def fit_moa(model_or_path, tokenizer=None, *, lengths: Sequence[int] = (2048, 40
             log(f"profiled length {n}: {samples_per_length} samples, total effect {float(profiles[n].sum()):.4g}")
     moa = MoA.fit({"shape": shape, "profiles": profiles}, budget=budget, path=out_path, sink=sink,
                   min_span=min_span, alpha_step=alpha_step, n_beta=n_beta, normalize=normalize,
-                  extend_lengths=tuple(extend_lengths),
+                  extend_lengths=tuple(extend_lengths), bounds=bounds, extend_loss=extend_loss,
                   info=dict({"samples_per_length": samples_per_length, "take_abs": take_abs, "answer_len": answer_len,
                              "data": data}, **({} if per_sample == "mean" else {"per_sample": per_sample})))
     info = moa.plan["info"]
@@ -260,10 +262,27 @@ PROVENANCE_KEY = "moa"
 #: added with ``--add`` (``RETRIEVAL_PLAN``; issue 21, docs/results/moa_cpu_2026-12-05).
 DEFAULTS = {"lengths": (1024, 2048), "budget": 0.5, "samples_per_length": 1, "answer_len": 16, "alpha_step": 256,
             "seed": 0, "data": "copy", "sink": 64, "min_span": 64, "normalize": "none", "extend_lengths": (),
-            "per_sample": "mean", "signed": False, "add": False}
+            "per_sample": "mean", "signed": False, "bounds": (), "extend_loss": "none",
+            "add": False}
 #: the options of the shipped sparse plan (``sparsattn calibrate moa`` + these + ``--add``)
 RETRIEVAL_PLAN = {"data": "retrieval", "budget": 0.12, "lengths": (1024, 2048), "samples_per_length": 4,
                   "sink": 32, "min_span": 32, "normalize": "head", "extend_lengths": (4096, 8192)}
+
+
+def _bounds(text: str) -> tuple:
+    """``"1024:0.3,2048:0.2"`` -> ``((1024, 0.3), (2048, 0.2))`` (ValueError naming ``bounds`` otherwise)."""
+    out = []
+    for part in (x.strip() for x in str(text).split(",")):
+        if not part:
+            continue
+        n, sep, b = part.partition(":")
+        try:
+            out.append((int(n), float(b)))
+        except ValueError:
+            raise ValueError(f"bounds: expected LENGTH:DENSITY pairs such as 1024:0.3, got {part!r}") from None
+        if not sep or out[-1][0] < 1 or not 0 < out[-1][1] <= 1:
+            raise ValueError(f"bounds: expected LENGTH:DENSITY with density in (0, 1], got {part!r}")
+    return tuple(out)
 
 
 def add_arguments(p) -> None:
@@ -287,6 +306,11 @@ def add_arguments(p) -> None:
                    help="comma list of unprofiled lengths where the budget must hold too (none)")
     p.add_argument("--per-sample", choices=("mean", "share"), default=DEFAULTS["per_sample"],
                    help="mean: average the samples' effects (MoA); share: each sample's effect divided by its total first")
+    p.add_argument("--bounds", type=_bounds, default=DEFAULTS["bounds"],
+                   help="per-length density bounds overriding --budget, e.g. 1024:0.3,2048:0.2 (none)")
+    p.add_argument("--extend-loss", choices=("none", "relative"), default=DEFAULTS["extend_loss"],
+                   help="loss at --extend-lengths: none (density bounds only) or relative (the longest profile "
+                        "stretched: effects stay at the same relative distance)")
     p.add_argument("--signed", action="store_true",
                    help="profile the signed masking effect (a span's loss = |signed sum beyond it|) instead of MoA's |E|")
     p.add_argument("--add", action="store_true",
@@ -297,7 +321,8 @@ def add_arguments(p) -> None:
 def run(model_path: Optional[str], out: str, *, device: str = "cpu", lengths=(1024, 2048), budget: float = 0.5,
         samples_per_length: int = 1, answer_len: int = 16, alpha_step: int = 256, seed: int = 0,
         data: str = "copy", sink: int = 64, min_span: int = 64, normalize: str = "none", extend_lengths=(),
-        per_sample: str = "mean", signed: bool = False, add: bool = False) -> tuple:
+        per_sample: str = "mean", signed: bool = False, bounds=(), extend_loss: str = "none",
+        add: bool = False) -> tuple:
     """run: ``(fitted MoA, provenance record)`` of the model at ``model_path`` (None: bundled); with
     ``add`` the plan joins the plans of the existing file ``out`` (the record then lists every plan's
     command: from the plan's ``info.call``, or for a plan written before plans recorded it, from the
@@ -320,10 +345,15 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", lengths=(10
     kw = dict(lengths=tuple(lengths), budget=budget, samples_per_length=samples_per_length, answer_len=answer_len,
               alpha_step=alpha_step, seed=seed, data=data, sink=sink, min_span=min_span)
     more = {k: v for k, v in (("normalize", normalize), ("extend_lengths", tuple(extend_lengths)),
-                              ("per_sample", per_sample)) if v not in ("none", (), "mean")}
+                              ("per_sample", per_sample), ("extend_loss", extend_loss)) if v not in ("none", (), "mean")}
+    bounds = _bounds(bounds) if isinstance(bounds, str) else tuple((int(n), float(b)) for n, b in dict(bounds).items()) \
+        if isinstance(bounds, dict) else tuple(bounds)
+    if bounds:
+        more["bounds"] = ",".join(f"{n}:{b:g}" for n, b in bounds)
     call = call_text("moa", dict(kw, **more)) + (" --signed" if signed else "") + (" --add" if add else "")
     m = fit_moa(model, tok, out_path=None, device=device, normalize=None if normalize == "none" else normalize,
-                extend_lengths=tuple(extend_lengths), per_sample=per_sample, take_abs=not signed, **kw)
+                extend_lengths=tuple(extend_lengths), per_sample=per_sample, take_abs=not signed,
+                bounds=dict(bounds) or None, extend_loss=extend_loss, **kw)
     m.plan["info"]["call"] = call
     if prev is not None:
         m = prev.add_plan(m)

@@ -78,13 +78,14 @@ def candidate_grid(lengths: Sequence[int], alpha_step: int = 1024, n_beta: int =
     return a.reshape(-1), b.reshape(-1)
 
 
-def search_plan(loss: Tensor, density: Tensor, budget: float, *, iters: int = 60, rounds: int = 3) -> tuple[Tensor, dict]:
+def search_plan(loss: Tensor, density: Tensor, budget, *, iters: int = 60, rounds: int = 3) -> tuple[Tensor, dict]:
     """search_plan: choose one candidate per head (multiple-choice knapsack, Lagrangian relaxation).
 
     Args:
         loss: ``[n_len, n_heads, n_cand]`` predicted loss increase of each candidate at each length.
         density: ``[n_len, n_heads, n_cand]`` density of each candidate (in [0, 1]).
-        budget: bound on the mean density over heads, at every length.
+        budget: bound on the mean density over heads, at every length (a float), or one bound per
+            length (a sequence of ``n_len`` floats).
     Returns:
         ``(choice [n_heads] int64, info)``; info has the per-length mean density, the total loss,
         the multipliers, ``feasible`` (False only if even the sparsest choice breaks the budget,
@@ -97,10 +98,12 @@ def search_plan(loss: Tensor, density: Tensor, budget: float, *, iters: int = 60
     if loss.shape != density.shape or loss.dim() != 3:
         raise ValueError(f"loss/density: expected equal shapes [n_len, n_heads, n_cand], got "
                          f"{tuple(loss.shape)} and {tuple(density.shape)}")
-    if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
-        raise ValueError(f"budget: expected a float in (0, 1], got {budget!r}")
-    loss, density = loss.double(), density.double()
     n_len, H, C = loss.shape
+    bs = [budget] * n_len if isinstance(budget, (int, float)) and not isinstance(budget, bool) else list(budget)
+    if len(bs) != n_len or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b <= 1 for b in bs):
+        raise ValueError(f"budget: expected a float in (0, 1] or {n_len} of them, got {budget!r}")
+    bound = torch.tensor(bs, dtype=torch.float64)
+    loss, density = loss.double(), density.double()
     cost = loss.sum(0)  # [H, C]
     heads = torch.arange(H)
 
@@ -118,22 +121,22 @@ def search_plan(loss: Tensor, density: Tensor, budget: float, *, iters: int = 60
     scale = float(cost.abs().max()) * H + 1.0
     for _ in range(4 * n_len + 4):  # cyclic bisection on the violated lengths
         d = dens_of(ch)
-        viol = (d > budget + 1e-12).nonzero().flatten()
+        viol = (d > bound + 1e-12).nonzero().flatten()
         if viol.numel() == 0:
             break
-        l = int(viol[(d[viol] - budget).argmax()])
+        l = int(viol[(d[viol] - bound[viol]).argmax()])
         lo, hi = float(lam[l]), float(lam[l]) + 1.0
         while True:
             lam2 = lam.clone()
             lam2[l] = hi
-            if dens_of(pick(lam2))[l] <= budget + 1e-12 or hi > 1e6 * scale:
+            if dens_of(pick(lam2))[l] <= bound[l] + 1e-12 or hi > 1e6 * scale:
                 break
             lo, hi = hi, hi * 2
         for _ in range(iters):
             mid = 0.5 * (lo + hi)
             lam2 = lam.clone()
             lam2[l] = mid
-            if dens_of(pick(lam2))[l] <= budget + 1e-12:
+            if dens_of(pick(lam2))[l] <= bound[l] + 1e-12:
                 hi = mid
             else:
                 lo = mid
@@ -144,7 +147,7 @@ def search_plan(loss: Tensor, density: Tensor, budget: float, *, iters: int = 60
             cur_d = dens_of(ch)
             gain = cost[heads, ch][:, None] - cost  # [H, C]
             new_d = cur_d[:, None, None] + (density - density[:, heads, ch][..., None]) / H  # [n_len, H, C]
-            ok = (new_d <= budget + 1e-12).all(0) & (gain > 0)
+            ok = (new_d <= bound[:, None, None] + 1e-12).all(0) & (gain > 0)
             if not ok.any():
                 return ch
             extra = (new_d - cur_d[:, None, None]).clamp_min(0).sum(0) + 1e-15
@@ -156,7 +159,7 @@ def search_plan(loss: Tensor, density: Tensor, budget: float, *, iters: int = 60
     def repair(ch: Tensor, frozen: int = -1) -> Tensor:  # greedy: least loss increase per density removed
         for _ in range(H * C):  # from the violated lengths, denser at none (head ``frozen`` kept as it is)
             cur_d = dens_of(ch)
-            over = (cur_d > budget + 1e-12).double()  # [n_len]
+            over = (cur_d > bound + 1e-12).double()  # [n_len]
             if not over.any():
                 break
             saved = ((density[:, heads, ch][..., None] - density) * over[:, None, None]).sum(0)  # [H, C]
@@ -175,14 +178,14 @@ def search_plan(loss: Tensor, density: Tensor, budget: float, *, iters: int = 60
 
     # the per-length bisections can cycle (raising one length's multiplier moves heads to candidates
     # that are denser at another length): the last choice is then repaired greedily
-    repaired = not bool((dens_of(ch) <= budget + 1e-12).all())
+    repaired = not bool((dens_of(ch) <= bound + 1e-12).all())
     if repaired:
         ch = repair(ch)
     sparsest = density.sum(0).argmin(-1)
-    feasible = bool((dens_of(ch) <= budget + 1e-12).all())
+    feasible = bool((dens_of(ch) <= bound + 1e-12).all())
     if not feasible:  # not even the repair: the sparsest candidates (by summed density) as the fallback
         ch = sparsest
-        feasible = bool((dens_of(ch) <= budget + 1e-12).all())
+        feasible = bool((dens_of(ch) <= bound + 1e-12).all())
     if feasible:  # fill the slack; a fill from the sparsest plan too, the better of the two kept
         total = lambda c: float(cost[heads, c].sum())  # noqa: E731
         ch = fill(ch)
@@ -201,7 +204,7 @@ def search_plan(loss: Tensor, density: Tensor, budget: float, *, iters: int = 60
                 trial = ch.clone()
                 trial[h] = best_c[h]
                 trial = repair(trial, frozen=h)
-                if bool((dens_of(trial) <= budget + 1e-12).all()):
+                if bool((dens_of(trial) <= bound + 1e-12).all()):
                     trial = fill(trial)
                     if total(trial) < total(ch) - 1e-12:
                         ch, improved = trial, True
@@ -350,7 +353,8 @@ class MoA(Calibrated, Method):
     @classmethod
     def fit(cls, data, *, budget: float, path: Optional[str] = None, sink: int = 64, min_span: int = 64,
             alpha_step: int = 1024, n_beta: int = 9, info: Optional[dict] = None, normalize: Optional[str] = None,
-            extend_lengths: Sequence[int] = (), **config) -> "MoA":
+            extend_lengths: Sequence[int] = (), bounds: Optional[dict] = None, extend_loss: str = "none",
+            **config) -> "MoA":
         """fit: search the span plan from profiles and return a fitted instance (saved to ``path`` if given).
 
         ``data``: ``{"shape": ModelShape (or its dict), "profiles": {n: Tensor [L, Hq, n]}}``: per
@@ -366,7 +370,16 @@ class MoA(Calibrated, Method):
         options ``--normalize_by_head`` / ``--normalize_by_layer``. ``extend_lengths``: lengths beyond
         the profiled ones where the plan must also meet ``budget`` (no loss term there; the authors'
         ``--extend_length`` density bounds), so the elastic rule cannot grow past the budget at the
-        lengths it is used at.
+        lengths it is used at. ``bounds``: ``{length: density}`` overriding ``budget`` at those
+        (profiled or extended) lengths (the authors' ``--density_bounds``, one per length): e.g. looser
+        bounds at short profiled lengths, where the sink and the shortest span alone exceed a 10%
+        budget; ``budget`` then names the plan and bounds the other lengths. ``extend_loss``: the loss
+        term at the extended lengths: ``"none"`` (density bounds only: a head whose effect reaches the
+        far end of every profiled context is then as well served, by the loss, with a constant span as
+        with a growing one, and the bound picks the constant one) or ``"relative"`` (the longest
+        profile stretched to the extended length, i.e. the effect stays at the same *relative*
+        distance, as a needle at a given depth does: the loss of span ``s`` at length ``n`` is the
+        longest profiled length ``N``'s loss of span ``ceil(s N / n)``).
         """
         if not isinstance(data, dict) or "shape" not in data or "profiles" not in data:
             raise ValueError("data: expected {'shape': ModelShape, 'profiles': {length: Tensor [L, H, n]}}")
@@ -377,6 +390,8 @@ class MoA(Calibrated, Method):
         lengths = sorted(int(n) for n in profiles)
         if normalize not in (None, "head", "layer"):
             raise ValueError(f"normalize: expected None, 'head' or 'layer', got {normalize!r}")
+        if extend_loss not in ("none", "relative"):
+            raise ValueError(f"extend_loss: expected 'none' or 'relative', got {extend_loss!r}")
         ext = sorted({int(n) for n in extend_lengths} - set(lengths))
         if any(n < 1 for n in ext):
             raise ValueError(f"extend_lengths: expected positive lengths, got {list(extend_lengths)}")
@@ -397,19 +412,29 @@ class MoA(Calibrated, Method):
             # every distance >= s, in absolute value; an |E| profile: the usual nonnegative sum)
             suffix = torch.flip(torch.cumsum(torch.flip(prof, [-1]), -1), [-1]).abs()
             suffix = torch.cat([suffix, torch.zeros(*suffix.shape[:-1], 1, dtype=suffix.dtype)], -1)
+            last_suffix = suffix  # the longest profiled length's (lengths are sorted)
             sp = spans_for(alphas, betas, n, min_span)  # [C]
             losses.append(suffix[..., sp].reshape(-1, sp.numel()))  # [L*H, C]
             dens.append(span_density(sp, sink, n)[None].expand(LH, -1))
-        for n in ext:  # density bound only
+        for n in ext:  # density bound, and with extend_loss="relative" the stretched longest profile
             sp = spans_for(alphas, betas, n, min_span)
-            losses.append(torch.zeros(LH, sp.numel(), dtype=torch.float64))
+            if extend_loss == "relative":
+                N = lengths[-1]
+                idx = torch.clamp(torch.ceil(sp.double() * N / n).long(), 0, N)
+                losses.append(last_suffix[..., idx].reshape(-1, sp.numel()))
+            else:
+                losses.append(torch.zeros(LH, sp.numel(), dtype=torch.float64))
             dens.append(span_density(sp, sink, n)[None].expand(LH, -1))
-        choice, found = search_plan(torch.stack(losses), torch.stack(dens), budget)
+        bounds = {int(k): float(v) for k, v in (bounds or {}).items()}
+        if set(bounds) - set(lengths) - set(ext):
+            raise ValueError(f"bounds: expected lengths among {lengths + ext}, got {sorted(bounds)}")
+        choice, found = search_plan(torch.stack(losses), torch.stack(dens), [bounds.get(n, budget) for n in lengths + ext])
         a = alphas[choice].view(shape.num_layers, shape.num_heads)
         b = betas[choice].view(shape.num_layers, shape.num_heads)
         found.update({"lengths": lengths, "budget": budget})
-        if ext or normalize is not None:  # (density then lists the profiled lengths first, then these)
-            found.update({"extend_lengths": ext, "normalize": normalize})
+        if ext or normalize is not None or bounds:  # (density then lists the profiled lengths first, then these)
+            found.update({"extend_lengths": ext, "normalize": normalize, "extend_loss": extend_loss,
+                          "bounds": {str(n): bounds.get(n, budget) for n in lengths + ext}})
         found.update(info or {})
         inst = cls(**config).set_plan(shape, a.tolist(), b.tolist(), sink=sink, min_span=min_span, info=found)
         if path is not None:

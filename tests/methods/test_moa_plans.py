@@ -116,3 +116,22 @@ def test_signed_profiles_use_the_size_of_the_predicted_change():
     neg = MoA.fit({"shape": SHAPE, "profiles": {n: -p for n, p in _profiles(lengths).items()}}, **kw)
     assert torch.equal(pos.plan["alpha"], neg.plan["alpha"]) and torch.equal(pos.plan["beta"], neg.plan["beta"])
     assert pos.plan["info"]["loss"] == pytest.approx(neg.plan["info"]["loss"])
+
+
+def test_relative_extension_keeps_a_far_reader_whole_beyond_the_profiled_lengths():
+    lengths = (1024, 2048)
+    kw = dict(budget=0.3, sink=16, min_span=16, alpha_step=256, extend_lengths=(8192,))
+    prof = {n: p * torch.tensor([1.0, 1, 1, 1e4], dtype=torch.float64)[None, :, None] for n, p in _profiles(lengths).items()}
+    none = MoA.fit({"shape": SHAPE, "profiles": prof}, **kw)
+    rel = MoA.fit({"shape": SHAPE, "profiles": prof}, extend_loss="relative", **kw)
+    for m in (none, rel):  # both keep the far reader whole where it was profiled
+        assert [int(m.spans(1, n)[3]) for n in lengths] == list(lengths)
+    assert none.spans(1, 8192)[3] < 8192  # a constant span serves the profiled lengths as well, and is cheaper
+    assert rel.spans(1, 8192)[3] == 8192 and rel.plan["info"]["extend_loss"] == "relative"
+    bounded = MoA.fit({"shape": SHAPE, "profiles": prof}, bounds={1024: 0.5}, **dict(kw, budget=0.2))
+    assert bounded.plan["info"]["bounds"] == {"1024": 0.5, "2048": 0.2, "8192": 0.2}
+    assert bounded.plan["info"]["density"][0] > 0.2 + 1e-3 and max(bounded.plan["info"]["density"][1:]) <= 0.2 + 1e-9
+    with pytest.raises(ValueError, match="bounds"):
+        MoA.fit({"shape": SHAPE, "profiles": prof}, bounds={4096: 0.5}, **kw)
+    with pytest.raises(ValueError, match="extend_loss"):
+        MoA.fit({"shape": SHAPE, "profiles": prof}, extend_loss="absolute", **kw)

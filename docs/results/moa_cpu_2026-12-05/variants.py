@@ -23,14 +23,15 @@ from sparsattn.methods.moa import MoA, span_density
 SHAPE = ModelShape(8, 8, 2, 64)  # the bundled model
 #: the heads that read the needle at 4K on the held-out prompts (issue 21 status: 6.1, 6.2, 7.4-7.7)
 READERS = [(6, 1), (6, 2), (7, 4), (7, 5), (7, 6), (7, 7)]
-VARIANTS = {  # name: (effect, per_sample, normalize, extend_lengths)
-    "abs": ("abs", "mean", None, ()),  # MoA as profiled before issue 21 (the unshipped 12% plan's treatment)
-    "abs_ext": ("abs", "mean", None, (4096, 8192)),
-    "abs_head": ("abs", "mean", "head", (4096, 8192)),
-    "signed": ("signed", "mean", None, ()),
-    "signed_ext": ("signed", "mean", None, (4096, 8192)),
-    "signed_share_ext": ("signed", "share", None, (4096, 8192)),
-    "signed_head": ("signed", "mean", "head", (4096, 8192)),
+VARIANTS = {  # name: (effect, per_sample, normalize, extend_loss); all with the --bounds of the fit and
+    # density bounds at 4096 and 8192
+    "abs": ("abs", "mean", None, "none"),  # MoA's |E| (the treatment of the unshipped 12% plan)
+    "abs_rel": ("abs", "mean", None, "relative"),
+    "abs_head_rel": ("abs", "mean", "head", "relative"),
+    "signed": ("signed", "mean", None, "none"),
+    "signed_rel": ("signed", "mean", None, "relative"),
+    "signed_share_rel": ("signed", "share", None, "relative"),
+    "signed_head_rel": ("signed", "mean", "head", "relative"),
 }
 
 
@@ -99,22 +100,26 @@ def combine(per: torch.Tensor, per_sample: str) -> torch.Tensor:
 def fit(a):
     files = sorted(Path(a.profiles).glob("profiles_*.safetensors"))
     per = {int(f.stem.split("_")[1]): {k: v.double() for k, v in load_file(str(f)).items()} for f in files}
+    bounds = {int(x.split(":")[0]): float(x.split(":")[1]) for x in a.bounds.split(",") if x}
     rows = []
     for name in (a.variants.split(",") if a.variants else VARIANTS):
-        eff, ps, norm, ext = VARIANTS[name]
+        eff, ps, norm, xl = VARIANTS[name]
+        ext = (4096, 8192)
         profs = {n: combine(p[eff], ps) for n, p in per.items()}
         dst = Path(a.out) / name / "moa.json"
         dst.parent.mkdir(parents=True, exist_ok=True)
         m = MoA.fit({"shape": SHAPE, "profiles": profs}, budget=a.budget, sink=a.sink, min_span=a.min_span,
-                    alpha_step=a.alpha_step, normalize=norm, extend_lengths=ext, path=str(dst),
+                    alpha_step=a.alpha_step, normalize=norm, extend_lengths=ext, path=str(dst), bounds=bounds,
+                    extend_loss=xl,
                     info={"data": "retrieval", "samples_per_length": int(next(iter(per.values()))["abs"].shape[0]),
                           "per_sample": ps, "take_abs": eff == "abs"})
         dens = {n: round(float(torch.stack([span_density(m.spans(l, n), a.sink, n) for l in range(8)]).mean()), 4)
                 for n in (1024, 2048, 4096, 8192)}
         spans4k = {f"{l}.{h}": int(m.spans(l, 4096)[h]) for l, h in READERS}
-        rows.append({"variant": name, "effect": eff, "per_sample": ps, "normalize": norm, "extend_lengths": list(ext),
+        rows.append({"variant": name, "effect": eff, "per_sample": ps, "normalize": norm, "extend_lengths": list(ext), "extend_loss": xl,
                      "budget": a.budget, "density": dens, "reader_spans_4096": spans4k,
-                     "repaired": m.plan["info"].get("repaired")})
+                     "repaired": m.plan["info"].get("repaired"), "bounds": a.bounds,
+                     "pred_loss": round(m.plan["info"]["loss"], 8)})
         print(json.dumps(rows[-1]), flush=True)
     (Path(a.out) / "variants.json").write_text(json.dumps(rows, indent=1) + "\n")
 
@@ -136,6 +141,7 @@ def main():
     f.add_argument("--min-span", type=int, default=32)
     f.add_argument("--alpha-step", type=int, default=256)
     f.add_argument("--variants", default="")
+    f.add_argument("--bounds", default="1024:0.3,2048:0.2", help="per-length density bounds (MoA's --density_bounds)")
     a = ap.parse_args()
     profile(a) if a.cmd == "profile" else fit(a)
 
