@@ -10,32 +10,47 @@ the sink boundary are element-masked tiles of the BlockPattern (``patterns._from
 Fitting (``sparsattn.calibrate.moa.fit_moa``, above ``methods/``: it drives a whole HF model) has
 two steps:
 
-1. **Profiling** (``sparsattn.calibrate.moa.profile_moa``): calibration sequences whose answers the dense model itself
-   generated (a retrieval-style prompt built from training-split text: a long context, then a
-   snippet of it; the model greedily continues), loss on the answer tokens only. An explicit
-   (quadratic) attention function records every attention matrix ``A`` of every layer and, from
-   ``G = dL/dA`` (backward hook), the predicted loss increase of masking each entry, with the
-   softmax renormalisation (MoA's ``effect``): ``E_ij = -A_ij (G_ij - sum_j' G_ij' A_ij') /
-   (1 - A_ij)`` (first row ``-G A``), optionally ``|E|`` (``take_abs``, default True). Entries are
-   summed along diagonals ``d = i - j`` (sink columns excluded, they are always kept), so the loss
-   of a span ``s`` is the suffix sum ``sum_{d >= s}``: one ``[L, H, N]`` profile per length.
+1. **Profiling** (``sparsattn.calibrate.moa.profile_moa``): calibration sequences whose answers the
+   dense model itself generated (``data="copy"``: a long context, then a snippet of it, the model
+   greedily continues; ``data="retrieval"``: passkey prompts, the answer the model's own reading of
+   the value), loss on the answer tokens only. An explicit (quadratic) attention function records
+   every attention matrix ``A`` of every layer and, from ``G = dL/dA`` (backward hook), the
+   predicted loss change of masking each entry, with the softmax renormalisation (MoA's
+   ``effect``): ``E_ij = -A_ij (G_ij - sum_j' G_ij' A_ij') / (1 - A_ij)`` (first row ``-G A``),
+   ``|E|`` (``take_abs``, MoA's choice, the default) or signed. Entries are summed along diagonals
+   ``d = i - j`` (sink columns excluded, they are always kept), so the loss of a span ``s`` is
+   ``|sum_{d >= s}|``: one ``[L, H, N]`` profile per length.
 2. **Search** (``search_plan``): one ``(alpha, beta)`` per head minimising the summed predicted
-   loss over the profiled lengths subject to ``mean density <= budget`` at *each* length. Solved by
-   Lagrangian relaxation (one multiplier per length, each found by bisection; the relaxed problem
-   splits into a per-head argmin) followed by a greedy fill of the remaining slack. Why not the
-   exact DP: a multiple-choice knapsack DP handles one budget; with one constraint per profiled
-   length the DP state is a tuple of budgets (exponential in the number of lengths), whereas the
-   Lagrangian handles every length at the cost of a duality gap bounded by one head's loss range,
-   which is negligible next to the total for models with hundreds of heads. (No Gurobi here.)
+   loss subject to ``mean density <= bound`` at *each* length (``budget``, or per-length
+   ``bounds``; optionally at unprofiled ``extend_lengths`` too, with no loss there or, with
+   ``extend_loss="relative"``, the longest profile stretched to that length). Solved by Lagrangian
+   relaxation (one multiplier per length, each found by bisection; the relaxed problem splits into
+   a per-head argmin), a greedy repair when the bisections cycle, a greedy fill of the remaining
+   slack, and passes that try each head's lowest-loss candidate (all-or-nothing heads, such as
+   the ones that read a needle from anywhere in the context, defeat the greedy steps). Why not the
+   exact DP: a multiple-choice knapsack DP handles one budget; with one constraint per length the
+   DP state is a tuple of budgets (exponential in the number of lengths). (No Gurobi here.)
 
 The plan is a calibration JSON (``sparsattn.calibration``) with the model shape; other shapes are
-refused naming the field.
+refused naming the field. A file may hold plans for several budgets (``MoA(path, budget=...)``).
 
-Provenance: the effect formula (with ``1/(1 - A)`` and the first-row special case) follows
-``thu-nics/MoA`` ``MoA/models/llama/modify_llama_profile.py``; the sink of 64 tokens, the
-``take_abs=True`` default and the span floor ``min_span = 64`` were *not* checked against MoA's
-pipeline scripts. Only the prefill side is implemented (MoA's per-head window KV cache for decode
-is not). Plans are per query head; MoA's GQA handling was not checked.
+Provenance and differences from the authors' code (``thu-nics/MoA``, read, not copied): the effect
+formula (``1/(1 - A)``, first row) follows ``MoA/models/llama/modify_llama_profile.py``, ``|E|``
+included. Kept differences: (1) effects are summed per token distance, exact for token-level
+windows (the authors sum 64 x 64 blocks and band masks in blocks); (2) density is the causal
+density (kept / causal pairs), the authors bound the KV share ``span / N``; (3) the search is the
+Lagrangian + greedy steps above, the authors solve a MILP with Gurobi and validate several Pareto
+plans; (4) ``normalize`` ("head" / "layer") and ``extend_lengths`` with per-length ``bounds`` are
+the authors' ``elastic_generate.py`` options ``--normalize_by_head`` / ``--normalize_by_layer`` /
+``--extend_length`` / ``--density_bounds``; the signed effect (``take_abs=False``),
+``extend_loss="relative"`` and ``profile_moa(per_sample="share")`` are this library's additions
+(issue 21: on passkey data, ``|E|`` summed over diffuse heads outweighs the heads that read the
+needle; see docs/results/moa_cpu_2026-12-05); (5) candidates are clipped to ``[min_span, N]``
+instead of filtered; (6) plans are per query head (the authors' pipeline converts a GQA model to MHA
+first, also per query head; ``elastic_generate.py --num_key_value_groups`` instead takes a group's
+max); sink and ``min_span`` defaults (64) are not the authors' (one 64-token
+global block). Only the prefill side is implemented (MoA's per-head window KV cache for decode
+is not).
 """
 from __future__ import annotations
 
