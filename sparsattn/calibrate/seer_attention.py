@@ -134,10 +134,13 @@ def train(model, tokenizer, out: str, *, steps: int = 300, seq_len: int = 2048, 
 def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048, 4096), n_retrieval=(100, 24),
                  n_source=(4, 4), steps: int = 3000, minutes: Optional[float] = 20.0, seed: int = 0, lr: float = 1e-3,
                  rope_input: str = "pre", init: Optional[str] = None, answer_weight: float = 30.0,
-                 target_power: float = 4.0, batch_size: int = 8, haystack=None, source=None, log=print):
+                 target_power: float = 4.0, batch_size: int = 8, info: Optional[dict] = None, haystack=None,
+                 source=None, log=print):
     """train_cached: capture the gate's features once (``build_cache`` into ``cache``; None: a temporary
     folder, removed afterwards) and distil a gate (fresh, or from ``init``) on them for ``steps`` steps
-    (``answer_weight``, ``target_power``: see the module docstring) -> ``(SeerGate, losses, n_records)``."""
+    of ``batch_size`` sequences (``answer_weight``, ``target_power``: see the module docstring); the
+    recipe (and ``info``, e.g. the command line) goes to the gate's ``model_info`` ->
+    ``(SeerGate, losses, n_records)``."""
     import shutil
     import tempfile
 
@@ -165,6 +168,10 @@ def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048,
         raise ValueError(f"rope_input: the cache holds pre-RoPE features; use --stream for {rope_input!r}")
     gate = SeerGate.load(init) if init else gate_for_model(model, rope_input=rope_input, seed=seed)
     gate = gate.float()
+    if init:  # the starting gate's own record, kept apart from this run's
+        gate.model_info = {"model_type": gate.model_info.get("model_type"),
+                           "num_hidden_layers": gate.model_info.get("num_hidden_layers"),
+                           "init_model_info": dict(gate.model_info)}
     answer_row_weights(records, answer_weight, gate.block_size)
     t0 = time.time()
     losses = train_gate(gate, cached_batches(records, seed=seed, batch_size=batch_size), steps=steps, lr=lr, warmup=min(50, steps),
@@ -174,7 +181,8 @@ def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048,
                             "seq_len": lengths, "steps": steps, "lr": lr, "init": init,
                             "data": f"cached: {dict(zip(lengths, nr))} passkey prompts + {dict(zip(lengths, ns))} "
                                     "source windows per length",
-                            "answer_weight": answer_weight, "target_power": target_power})
+                            "answer_weight": answer_weight, "target_power": target_power,
+                            "batch_size": batch_size, **(info or {})})
     gate.save(out, dtype=torch.bfloat16)
     return gate, losses, len(records)
 
@@ -192,18 +200,21 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", steps: int 
     model, tok, _ = load_model(model_path, device=device)
     opts = dict(steps=steps, minutes=minutes, seed=seed, lr=lr, rope_input=rope_input, data=data, device=device)
     if data == "retrieval" and not stream:
-        gate, losses, n_rec = train_cached(model, tok, out, cache=cache, cache_lengths=cache_lengths,
-                                           n_retrieval=n_retrieval, n_source=n_source, steps=steps, minutes=minutes,
-                                           seed=seed, lr=lr, rope_input=rope_input, init=init,
-                                           answer_weight=answer_weight, target_power=target_power)
-        what = (f"{n_rec} cached sequences (build_cache): per length {list(cache_lengths)}, {list(n_retrieval)} passkey "
-                f"prompts (calibrate._retrieval.retrieval_prompts: training-split source haystack, needle at a random "
-                f"depth, seeds 1000 x {seed} + 7919 x length + i) and {list(n_source)} source windows of "
-                "source_files('train')")
         opts.update(cache_lengths=cache_lengths, n_retrieval=n_retrieval, n_source=n_source,
                     answer_weight=answer_weight, target_power=target_power)
         if cache is not None:
             opts["cache"] = cache
+        if init:
+            opts["init"] = init
+        info = {"model_path": model_path or "bundled", "call": call_text("seer_attention", opts)}
+        gate, losses, n_rec = train_cached(model, tok, out, cache=cache, cache_lengths=cache_lengths,
+                                           n_retrieval=n_retrieval, n_source=n_source, steps=steps, minutes=minutes,
+                                           seed=seed, lr=lr, rope_input=rope_input, init=init,
+                                           answer_weight=answer_weight, target_power=target_power, info=info)
+        what = (f"{n_rec} cached sequences (build_cache): per length {list(cache_lengths)}, {list(n_retrieval)} passkey "
+                f"prompts (calibrate._retrieval.retrieval_prompts: training-split source haystack, needle at a random "
+                f"depth, seeds 1000 x {seed} + 7919 x length + i) and {list(n_source)} source windows of "
+                "source_files('train')")
     else:
         gate, losses = train(model, tok, out, steps=steps, seq_len=seq_len, minutes=minutes, seed=seed, lr=lr,
                              rope_input=rope_input, data=data, retrieval_fraction=retrieval_fraction, init=init)

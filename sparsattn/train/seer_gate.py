@@ -10,7 +10,12 @@ linear warm-up (20 steps) then cosine decay. Only the gates train; the model sta
 
 * ``train_gate(gate, batches, steps=...)``: the loop, on any iterator of ``{layer: (q, k)}`` or
   ``{layer: (q, k, q_pre_rope, k_pre_rope)}`` dicts (post-RoPE q/k for the target; the optional
-  pre-RoPE pair is what a ``rope_input="pre"`` gate pools).
+  pre-RoPE pair is what a ``rope_input="pre"`` gate pools), or of ``{layer: gate_features(...)}``.
+* ``gate_features`` / ``cached_loss``: the gate's inputs (block-pooled q/k) and target do not
+  depend on its weights, so they are captured once per sequence and the loss on them equals
+  ``gate_loss`` (value and gradient; ``calibrate.seer_attention.build_cache`` stores them).
+  ``row_weight`` and ``target_power`` (``kl_to_target``) are the two departures from the
+  repository's loss used by the retrieval calibration; both default to the repository's loss.
 * ``train_gates(model_path, out_path, ...)``: loads a local HF causal LM and its tokenizer, streams
   training-split text (``sparsattn.data.source_files("train")``), captures q/k of every layer with
   ``sparsattn.capture.capture_qkv`` (+ q_proj/k_proj hooks for pre-RoPE), trains, saves the gate
