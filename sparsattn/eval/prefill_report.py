@@ -180,7 +180,7 @@ def plot_pareto(summary: list[dict], path: Path, lengths: Sequence[int], title: 
                "density on the fidelity prompt (mean over layers)"))
     if needle:
         panels += ((axes[2], "density_pk_mean", "needle_cov_mean",
-                    "needle coverage (reading heads that keep the needle, pooled over lengths)",
+                    "needle coverage (share of reading heads kept)",
                     "density in the passkey forwards (mean over layers, samples, lengths)"),)
     for ax, xk, yk, ylab, xlab in panels:
         pts = []
