@@ -43,8 +43,8 @@ OUT = "seer_gate"
 PROVENANCE_KEY = "seer_gate"
 DEFAULTS = {"steps": 300, "seq_len": 2048, "minutes": 20.0, "seed": 0, "lr": 1e-3, "rope_input": "pre",
             "data": "retrieval", "retrieval_fraction": 0.75, "init": None, "stream": False, "cache": None,
-            "cache_lengths": (2048, 4096), "n_retrieval": (100, 24), "n_source": (4, 4), "answer_weight": 30.0,
-            "target_power": 4.0}
+            "cache_lengths": (2048, 4096), "n_retrieval": (78, 24), "n_source": (4, 0), "answer_weight": 30.0,
+            "target_power": 8.0, "batch_size": 8}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,12 +66,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder of cached features, reused and completed (default: a temporary folder)")
     p.add_argument("--cache-lengths", type=ints, default=DEFAULTS["cache_lengths"], help="cached lengths (2048,4096)")
     p.add_argument("--n-retrieval", type=ints, default=DEFAULTS["n_retrieval"],
-                   help="passkey prompts cached per length (100,24)")
-    p.add_argument("--n-source", type=ints, default=DEFAULTS["n_source"], help="source windows per length (4,4)")
+                   help="passkey prompts cached per length (78,24)")
+    p.add_argument("--n-source", type=ints, default=DEFAULTS["n_source"], help="source windows per length (4,0)")
     p.add_argument("--answer-weight", type=float, default=DEFAULTS["answer_weight"],
                    help="loss weight of the query blocks holding answer rows (30; 1 = the repository's loss)")
     p.add_argument("--target-power", type=float, default=DEFAULTS["target_power"],
-                   help="sharpen the target rows to t^p (4; 1 = the repository's loss)")
+                   help="sharpen the target rows to t^p (8; 1 = the repository's loss)")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
+                   help="cached sequences of one length per step (8)")
 
 
 def sequences(tokenizer, seq_len: int, *, data: str = "retrieval", retrieval_fraction: float = 0.75, seed: int = 0,
@@ -131,10 +133,10 @@ def train(model, tokenizer, out: str, *, steps: int = 300, seq_len: int = 2048, 
     return gate, losses
 
 
-def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048, 4096), n_retrieval=(100, 24),
-                 n_source=(4, 4), steps: int = 3000, minutes: Optional[float] = 20.0, seed: int = 0, lr: float = 1e-3,
+def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048, 4096), n_retrieval=(78, 24),
+                 n_source=(4, 0), steps: int = 3000, minutes: Optional[float] = 20.0, seed: int = 0, lr: float = 1e-3,
                  rope_input: str = "pre", init: Optional[str] = None, answer_weight: float = 30.0,
-                 target_power: float = 4.0, batch_size: int = 8, info: Optional[dict] = None, haystack=None,
+                 target_power: float = 8.0, batch_size: int = 8, info: Optional[dict] = None, haystack=None,
                  source=None, log=print):
     """train_cached: capture the gate's features once (``build_cache`` into ``cache``; None: a temporary
     folder, removed afterwards) and distil a gate (fresh, or from ``init``) on them for ``steps`` steps
@@ -174,8 +176,8 @@ def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048,
                            "init_model_info": dict(gate.model_info)}
     answer_row_weights(records, answer_weight, gate.block_size)
     t0 = time.time()
-    losses = train_gate(gate, cached_batches(records, seed=seed, batch_size=batch_size), steps=steps, lr=lr, warmup=min(50, steps),
-                        minutes=minutes, target_power=target_power, log=log, log_every=250)
+    losses = train_gate(gate, cached_batches(records, seed=seed, batch_size=batch_size), steps=steps, lr=lr,
+                        warmup=min(50, steps), minutes=minutes, target_power=target_power, log=log, log_every=250)
     gate.model_info.update({"steps_done": len(losses), "first_loss": losses[0] if losses else None,
                             "final_loss": losses[-1] if losses else None, "seconds": round(time.time() - t0, 1),
                             "seq_len": lengths, "steps": steps, "lr": lr, "init": init,
@@ -190,8 +192,8 @@ def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048,
 def run(model_path: Optional[str], out: str, *, device: str = "cpu", steps: int = 300, seq_len: int = 2048,
         minutes: Optional[float] = 20.0, seed: int = 0, lr: float = 1e-3, rope_input: str = "pre",
         data: str = "retrieval", retrieval_fraction: float = 0.75, init: Optional[str] = None, stream: bool = False,
-        cache=None, cache_lengths=(2048, 4096), n_retrieval=(100, 24), n_source=(4, 4), answer_weight: float = 30.0,
-        target_power: float = 4.0) -> tuple:
+        cache=None, cache_lengths=(2048, 4096), n_retrieval=(78, 24), n_source=(4, 0), answer_weight: float = 30.0,
+        target_power: float = 8.0, batch_size: int = 8) -> tuple:
     """run: ``(SeerAttention with the trained gate, provenance record)`` of the model at ``model_path``
     (None: bundled). ``data="retrieval"`` without ``stream``: cached training (``train_cached``)."""
     from ._common import call_text, load_model
@@ -201,7 +203,7 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", steps: int 
     opts = dict(steps=steps, minutes=minutes, seed=seed, lr=lr, rope_input=rope_input, data=data, device=device)
     if data == "retrieval" and not stream:
         opts.update(cache_lengths=cache_lengths, n_retrieval=n_retrieval, n_source=n_source,
-                    answer_weight=answer_weight, target_power=target_power)
+                    answer_weight=answer_weight, target_power=target_power, batch_size=batch_size)
         if cache is not None:
             opts["cache"] = cache
         if init:
@@ -210,7 +212,8 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", steps: int 
         gate, losses, n_rec = train_cached(model, tok, out, cache=cache, cache_lengths=cache_lengths,
                                            n_retrieval=n_retrieval, n_source=n_source, steps=steps, minutes=minutes,
                                            seed=seed, lr=lr, rope_input=rope_input, init=init,
-                                           answer_weight=answer_weight, target_power=target_power, info=info)
+                                           answer_weight=answer_weight, target_power=target_power,
+                                           batch_size=batch_size, info=info)
         what = (f"{n_rec} cached sequences (build_cache): per length {list(cache_lengths)}, {list(n_retrieval)} passkey "
                 f"prompts (calibrate._retrieval.retrieval_prompts: training-split source haystack, needle at a random "
                 f"depth, seeds 1000 x {seed} + 7919 x length + i) and {list(n_source)} source windows of "
