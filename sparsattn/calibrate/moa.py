@@ -258,15 +258,18 @@ def fit_moa(model_or_path, tokenizer=None, *, lengths: Sequence[int] = (2048, 40
 OUT = "moa.json"
 PROVENANCE_KEY = "moa"
 #: the options of the shipped default plan (2 lengths, 1 sample each, short answers: a 2-core CPU budget;
-#: the plan at budget 0.5 keeps the passkey). The shipped file also holds a sparse retrieval plan
-#: added with ``--add`` (``RETRIEVAL_PLAN``; issue 21, docs/results/moa_cpu_2026-12-05).
+#: the plan at budget 0.5 keeps the passkey)
 DEFAULTS = {"lengths": (1024, 2048), "budget": 0.5, "samples_per_length": 1, "answer_len": 16, "alpha_step": 256,
             "seed": 0, "data": "copy", "sink": 64, "min_span": 64, "normalize": "none", "extend_lengths": (),
             "per_sample": "mean", "signed": False, "bounds": (), "extend_loss": "none",
             "add": False}
-#: the options of the shipped sparse plan (``sparsattn calibrate moa`` + these + ``--add``)
+#: the options of the shipped sparse plan, added to the shipped file (``sparsattn calibrate moa`` with
+#: these options and ``--add``; issue 21, docs/results/moa_cpu_2026-12-05): passkey prompts, the signed
+#: effect, density bounds 0.3 / 0.2 at the profiled 1K / 2K (sink + shortest span alone are 12% of a 1K
+#: context), 0.12 at 4K and 8K with the 2K profile stretched there
 RETRIEVAL_PLAN = {"data": "retrieval", "budget": 0.12, "lengths": (1024, 2048), "samples_per_length": 4,
-                  "sink": 32, "min_span": 32, "normalize": "head", "extend_lengths": (4096, 8192)}
+                  "sink": 32, "min_span": 32, "signed": True, "extend_lengths": (4096, 8192),
+                  "extend_loss": "relative", "bounds": ((1024, 0.3), (2048, 0.2))}
 
 
 def _bounds(text: str) -> tuple:

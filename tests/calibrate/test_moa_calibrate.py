@@ -67,3 +67,19 @@ def test_add_keeps_the_default_plan_and_every_plans_command(tmp_path, monkeypatc
         cal.run(None, str(tmp_path / "none.json"), add=True)
     with pytest.raises(ValueError, match="normalize"):
         cal.run(None, str(out), normalize="rows")
+
+
+def test_command_line_options_of_the_shipped_sparse_plan():
+    import argparse
+
+    from sparsattn.calibrate.cli import build_parser
+
+    assert set(cal.RETRIEVAL_PLAN) <= set(cal.DEFAULTS)
+    a = build_parser(argparse.ArgumentParser()).parse_args(
+        ["moa", "--bounds", "1024:0.3,2048:0.2", "--signed", "--extend-lengths", "4096,8192", "--extend-loss",
+         "relative", "--add"])
+    assert a.bounds == ((1024, 0.3), (2048, 0.2)) == cal.RETRIEVAL_PLAN["bounds"] and a.signed and a.add
+    assert a.extend_lengths == (4096, 8192) and a.extend_loss == "relative"
+    for bad in ("1024", "1024:1.5", "x:0.2"):
+        with pytest.raises(ValueError, match="bounds"):
+            cal._bounds(bad)
