@@ -30,6 +30,7 @@ first). ``--stream`` keeps the older per-step capture (a frozen-model forward pe
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import time
 from typing import Optional
@@ -214,8 +215,8 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", steps: int 
                                            seed=seed, lr=lr, rope_input=rope_input, init=init,
                                            answer_weight=answer_weight, target_power=target_power,
                                            batch_size=batch_size, info=info)
-        what = (f"{n_rec} cached sequences (build_cache): per length {list(cache_lengths)}, {list(n_retrieval)} passkey "
-                f"prompts (calibrate._retrieval.retrieval_prompts: training-split source haystack, needle at a random "
+        what = (f"{n_rec} cached sequences (build_cache): per length {list(cache_lengths)}, {list(n_retrieval)} "
+                f"passkey prompts (calibrate._retrieval.retrieval_prompts: training-split source haystack, needle at a random "
                 f"depth, seeds 1000 x {seed} + 7919 x length + i) and {list(n_source)} source windows of "
                 "source_files('train')")
     else:
@@ -245,8 +246,6 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", steps: int 
 
 def _reading_mass(q: "torch.Tensor", k: "torch.Tensor", rows: list, needle: list) -> "torch.Tensor":
     """Per query head, the mean over ``rows`` of the dense attention mass on the ``needle`` keys."""
-    import math
-
     g = q.shape[1] // k.shape[1]
     kk = k.float().repeat_interleave(g, dim=1)
     s = torch.matmul(q[:, :, rows].float(), kk.transpose(-1, -2)) / math.sqrt(q.shape[-1])

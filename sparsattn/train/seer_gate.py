@@ -122,7 +122,8 @@ def train_gate(gate: SeerGate, batches: Iterable[dict], *, steps: int, lr: float
                minutes: Optional[float] = None, log: Optional[Callable[[str], None]] = None,
                log_every: int = 10) -> list[float]:
     """train_gate: distil ``gate`` on ``batches`` (``{layer: (q, k[, q_pre, k_pre])}``, or ``{layer:
-    gate_features(...)}`` cached, optionally with a row weight ``"w"`` ``[nq]``) for ``steps`` steps (or until ``minutes`` run out); returns the per-step losses (summed over layers)."""
+    gate_features(...)}`` cached, optionally with a row weight ``"w"`` ``[nq]``) for ``steps`` steps (or
+    until ``minutes`` run out); returns the per-step losses (summed over layers)."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
     if not (isinstance(lr, (int, float)) and lr > 0):
