@@ -184,6 +184,7 @@ class Setting:
     note: str = ""
     error: str = ""
     seconds: float = 0.0
+    alias: str = ""                    # target_name of a second fixed setting that would share one
 
     @property
     def key(self) -> tuple:
@@ -191,6 +192,8 @@ class Setting:
 
     @property
     def target_name(self) -> str:
+        if self.alias:
+            return self.alias
         if self.target is None:
             return "calibrated"
         return "1.0" if self.target >= 1 else f"{self.target:g}"
@@ -378,6 +381,11 @@ def resolve_settings(methods: Sequence[str], densities: Sequence[float], T: int,
                 fixed.append(Setting(name, d, T, f"fit b{d:g}", {}, error=note))
             else:
                 fixed.append(Setting(name, d, T, f"fit b{d:g}", {"path": str(path)}, note=note))
+        names = set()
+        for s in fixed:  # several fixed settings of one target (e.g. a file with plans of two budgets)
+            if s.target_name in names:
+                s.alias = s.label
+            names.add(s.target_name)
         over = overrides.get(name, overrides.get(base)) or {}
         for s in fixed:
             t0 = time.time()

@@ -161,3 +161,21 @@ def test_retrieval_check_plans_driver_runs_from_specs(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps(doc))
     png = rc.plot([str(tmp_path / "c.json")], str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG" and png.endswith("c.png")
+
+
+def test_two_fixed_settings_of_one_method_keep_apart(tmp_path, monkeypatch):
+    """A method declaring two fixed settings of one target (MoA's file with plans of two budgets) gets
+    two rows: the second is named by its label, the first keeps the old name."""
+    from sparsattn.methods.a_shape import AShape
+    from sparsattn.methods.base import FixedSetting
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 1, 256, 8, generator=g)
+    cap = pq.Captured({0: (q, q, q, q, q)}, {0: 0.35}, 256)
+    monkeypatch.setattr(AShape, "fixed_settings", classmethod(
+        lambda cls, T, ctx: [FixedSetting("plan A", {"n_init": 4, "n_local": 16}),
+                             FixedSetting("plan B", {"n_init": 4, "n_local": 64})]))
+    ss = [s for s in pq.resolve_settings(["a_shape"], [0.2], 256, cap, n_layers=1, n_heads=1, out_dir=tmp_path,
+                                         calibrations={}) if s.target is None]
+    assert [s.target_name for s in ss] == ["calibrated", "plan B"] and len({s.key for s in ss}) == 2
+    assert ss[0].density_cal < ss[1].density_cal
