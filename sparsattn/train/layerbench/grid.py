@@ -171,12 +171,18 @@ def plot_grid(csv_path: Path, out_dir: Optional[Path] = None) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     csv_path = Path(csv_path)
     out_dir = Path(out_dir) if out_dir is not None else csv_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [r for r in read_rows(csv_path) if not r.get("error") and _num(r.get("accuracy")) is not None]
     panels = sorted({(r["task"], int(r["seq_len"])) for r in rows})
+    # one colour and marker per layer in every panel, one legend for the figure
+    names = sorted({r["layer"] for r in rows}, key=lambda n: (n != "dense", n))
+    cmap = plt.get_cmap("tab20")
+    styles = {n: (dict(lw=2.5, color="black", marker="o") if n == "dense" else
+                  dict(lw=1.2, color=cmap(i % 20), marker="osD^v<>"[i % 7])) for i, n in enumerate(names)}
     paths = []
     for fname, xkey, xlabel, logx in (("accuracy_vs_width.png", "width", "model width", True),
                                       ("accuracy_vs_compute.png", "flops", "attention FLOPs per sequence", True)):
@@ -185,22 +191,30 @@ def plot_grid(csv_path: Path, out_dir: Optional[Path] = None) -> list[Path]:
         fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
         for ax, (task, T) in zip(axes[0], panels):
             sub = [r for r in rows if r["task"] == task and int(r["seq_len"]) == T]
-            for name in sorted({r["layer"] for r in sub}):
+            for name in names:
                 pts = sorted((_num(r[xkey]), _num(r["accuracy"])) for r in sub if r["layer"] == name
                              and _num(r[xkey]) is not None and _num(r[xkey]) > 0)
                 if pts:
-                    style = dict(lw=2.5, color="black") if name == "dense" else {}
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=name, **style)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], ms=5, label=name, **styles[name])
             ax.set_title(f"{task}, T={T}")
             ax.set_xlabel(xlabel)
             ax.set_ylabel("accuracy")
             if logx:
                 ax.set_xscale("log", base=2 if xkey == "width" else 10)
+                if xkey != "width":  # labels at 1, 2, 5 x 10^k as "2M", "5M": readable on a narrow span
+                    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                    ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(sep=""))
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded minor labels
             ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=7, loc="best")
+        handles = {}
+        for ax in axes[0]:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(lab, h)
+        fig.legend([handles[n] for n in names if n in handles], [n for n in names if n in handles], fontsize=7,
+                   loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
         fig.tight_layout()
         p = out_dir / fname
-        fig.savefig(p, dpi=110)
+        fig.savefig(p, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(p)
     return paths
