@@ -29,9 +29,10 @@ attention recall >= 0.9 on the bundled model"):
    Also reported: the fraction of answer tokens predicted correctly and the first token alone. The
    reference is the unpatched model (transformers' SDPA). Needles at depths ``linspace(0, 1, n)``
    (RULER niah_single, Hsieh et al., arXiv 2404.06654; ``sparsattn.eval.tasks``) in a noise haystack,
-   or (``--haystack code``) in lines of the held-out source files, never seen in training or
-   calibration (issue 21's protocol: ``--haystack code --seed 2112``); the density-search prompt uses
-   the same haystack.
+   in lines of the held-out source files (``--haystack code``, never seen in training or calibration)
+   or in prose lines of the installation's documentation (``--haystack prose``: neither source code nor
+   a training template, text the bundled model never saw; issue 21's protocol: ``--haystack prose
+   --seed 2112``); the density-search prompt uses the same haystack.
 
    **Needle coverage** (``--needle on``, the default; ``prefill_needle``): on the same prompts, the heads
    whose answer rows put >= 0.1 of their dense attention on the value's tokens *read* the needle, and
@@ -54,7 +55,7 @@ Outputs in ``--out``: ``settings.csv``, ``passkey.csv``, ``passkey_samples.csv``
 ``env.json``.
 
 CLI: ``python -m sparsattn.eval.prefill_quality --out DIR [--device cuda] [--lengths 4096,8192,16384]
-[--densities 0.05,0.1] [--n 10] [--methods a,b] [--haystack noise|code] [--seed S] [--calibrations DIR]
+[--densities 0.05,0.1] [--n 10] [--methods a,b] [--haystack noise|code|prose] [--seed S] [--calibrations DIR]
 [--method-config JSON] [--needle on|off] [--speed methods_bench.csv] [--tiny]``.
 """
 
@@ -99,7 +100,8 @@ CAL_SEED = 4242          # calibration passkey prompt (density search; never sco
 SAMPLE_SEED = 0          # scored passkey prompts
 FID_SEED = 1000          # held-out code prompt of the fidelity measurement
 ANSWER_MARGIN = 16       # prompts are built at length - ANSWER_MARGIN so that prompt + answer <= length
-HAYSTACKS = ("noise", "code")  # passkey haystacks: RULER's noise sentences, held-out source lines
+HAYSTACKS = ("noise", "code", "prose")  # passkey haystacks: RULER's noise sentences, held-out source lines,
+#: prose lines of the installation's documentation (sparsattn.data.prose: text the bundled model never saw)
 HELDOUT_SEED = 2112      # the held-out haystack prompts of issue 21 (--haystack code --seed 2112)
 
 _log = timed_logger("prefill_quality")
@@ -523,9 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replot", action="store_true",
                    help="no measurement: rebuild table.md and the plots of the finished run in --out (with --speed)")
     p.add_argument("--haystack", choices=HAYSTACKS, default="noise",
-                   help="passkey haystack: RULER's noise sentences (default) or 'code', lines of the held-out "
-                        "source files (never seen in training or calibration; issue 21's protocol with --seed "
-                        f"{HELDOUT_SEED})")
+                   help="passkey haystack: RULER's noise sentences (default), 'code' (lines of the held-out "
+                        "source files) or 'prose' (prose lines of the installation's documentation, never seen "
+                        f"in training or calibration; issue 21's protocol with --seed {HELDOUT_SEED})")
     p.add_argument("--seed", type=int, default=SAMPLE_SEED, help=f"seed of the scored prompts ({SAMPLE_SEED})")
     p.add_argument("--calibrations", default="", help="folder of calibration files named as the shipped ones "
                                                       "(default: the bundled model's shipped calibrations)")

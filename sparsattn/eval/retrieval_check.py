@@ -2,9 +2,11 @@
 coverage on held-out haystacks, every method aimed at one density) as runs of the prefill quality driver,
 with no method named in code (the successor of ``python -m sparsattn.calibrate.check``).
 
-Protocol: ``python -m sparsattn.eval.prefill_quality --haystack code --seed 2112 --lengths L --densities D
---n N --fidelity off --refit off [--calibrations DIR]``: ``N`` passkey prompts in lines of the held-out
-source files (never seen in training or calibration), the answer decided by the sparse prefill (one
+Protocol: ``python -m sparsattn.eval.prefill_quality --haystack prose --seed 2112 --lengths L --densities D
+--n N --fidelity off --refit off [--calibrations DIR]``: ``N`` passkey prompts in prose lines of the
+installation's documentation (``sparsattn.data.prose``: neither source code nor a training template,
+never seen in training or calibration; ``--haystack code`` uses lines of the held-out source files,
+the protocol of the fifth session's tables), the answer decided by the sparse prefill (one
 teacher-forced forward), every method aimed at density ``D`` by its own presets (``density_knob``,
 ``density_variants``, ``fixed_settings``: calibrated plans run as they are and their density is
 recorded), and the needle coverage of every setting (``sparsattn.eval.needle``: heads whose answer rows
@@ -20,7 +22,7 @@ label=DIR`` (default ``shipped``: the bundled model's). Each (label, density) gr
 ``OUT/check_<L><tag>.json`` / ``.csv`` (one row per spec, plus the unpatched baseline).
 
 CLI: ``python -m sparsattn.eval.retrieval_check --out DIR [--length 4096] [--n 10] [--target 0.1]
-[--methods ...] [--cal-dirs label=DIR,...] [--threshold 0.1] [--tag T]``; ``--plot JSON... --out PNG``
+[--methods ...] [--cal-dirs label=DIR,...] [--threshold 0.1] [--haystack prose|code|noise] [--tag T]``; ``--plot JSON... --out PNG``
 draws passkey and needle coverage per row.
 """
 from __future__ import annotations
@@ -78,7 +80,7 @@ def _read(path: Path) -> list[dict]:
 
 def run(out_dir, *, length: int = 4096, n: int = 10, target: float = 0.1, methods: Sequence[str] = (),
         cal_dirs: Optional[dict] = None, threshold: float = 0.1, keep: float = 0.5, tag: str = "",
-        seed: int = HELDOUT_SEED, haystack: str = "code", device: str = "cpu") -> list[dict]:
+        seed: int = HELDOUT_SEED, haystack: str = "prose", device: str = "cpu") -> list[dict]:
     """run: the driver runs of ``plan_runs`` and the merged rows (see the module docstring)."""
     from . import prefill_quality as pq
 
@@ -91,8 +93,8 @@ def run(out_dir, *, length: int = 4096, n: int = 10, target: float = 0.1, method
     stem = f"check_{length}{tag}"
     plan = plan_runs(methods, target, cal_dirs)
     rows: list[dict] = []
-    doc = {"rows": rows, "protocol": {"haystack": f"{haystack} (held-out source files)" if haystack == "code"
-                                      else haystack, "seed": seed, "threshold": threshold, "keep": keep,
+    described = {"code": "code (held-out source files)", "prose": "prose (documentation text, sparsattn.data.prose)"}
+    doc = {"rows": rows, "protocol": {"haystack": described.get(haystack, haystack), "seed": seed, "threshold": threshold, "keep": keep,
                                       "cal_dirs": cal_dirs, "target": target, "runs": {}},
            "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     for (label, d), ms in plan.items():
@@ -165,6 +167,9 @@ def main(argv=None) -> int:
     p.add_argument("--threshold", type=float, default=0.1, help="needle-reading threshold (attention share)")
     p.add_argument("--tag", default="")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--haystack", choices=("prose", "code", "noise"), default="prose",
+                   help="passkey haystack: prose (default: documentation text never seen in training), code "
+                        "(held-out source lines) or noise")
     p.add_argument("--coverage-only", default="", help=argparse.SUPPRESS)
     p.add_argument("--recall-for", default=None, help=argparse.SUPPRESS)
     p.add_argument("--plot", nargs="+", default=None, help="only plot these check_*.json files to OUT (a .png)")
@@ -177,7 +182,7 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     cal = dict(x.split("=", 1) for x in a.cal_dirs.split(",") if x)
     run(a.out, length=a.length, n=a.n, target=a.target, methods=[m for m in a.methods.split(",") if m],
-        cal_dirs=cal, threshold=a.threshold, tag=a.tag, device=a.device)
+        cal_dirs=cal, threshold=a.threshold, tag=a.tag, device=a.device, haystack=a.haystack)
     return 0
 
 

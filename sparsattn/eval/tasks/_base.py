@@ -174,40 +174,55 @@ def _random_value(rng: random.Random, kind: str) -> str:
     raise ValueError(f"value_kind: expected 'number' or 'uuid', got {kind!r}")
 
 
+#: haystack kinds: RULER's noise sentences, lines of the held-out source files, prose lines of the
+#: installation's documentation (text the bundled model never saw in training)
+HAYSTACK_KINDS = ("noise", "code", "prose")
+
+
 @functools.lru_cache(maxsize=1)
 def _heldout_files() -> tuple:
     from ...data import source_files
     return tuple(source_files("heldout"))
 
 
+@functools.lru_cache(maxsize=1)
+def _prose_files() -> tuple:
+    from ...data import prose_files
+    return tuple(prose_files())
+
+
 class _Haystack:
-    """A deterministic, lazily extended stream of haystack units (noise sentences or code lines)."""
+    """A deterministic, lazily extended stream of haystack units (noise sentences, held-out code lines or
+    prose lines of the installation's documentation, ``sparsattn.data.prose``)."""
 
     def __init__(self, kind: str, seed: int, max_line_chars: int = 240):
-        if kind not in ("noise", "code"):
-            raise ValueError(f"haystack: expected 'noise' or 'code', got {kind!r}")
+        if kind not in HAYSTACK_KINDS:
+            raise ValueError(f"haystack: expected one of {HAYSTACK_KINDS}, got {kind!r}")
         self.kind = kind
-        self.sep = " " if kind == "noise" else "\n"
+        self.sep = "\n" if kind == "code" else " "
         self._lines: list[str] = []
         self._max_line_chars = max_line_chars
         self._files = None
         self._file_pos = 0
-        if kind == "code":
-            files = list(_heldout_files())
-            _rng("code-files", seed).shuffle(files)
+        if kind in ("code", "prose"):
+            files = list(_heldout_files() if kind == "code" else _prose_files())
+            _rng(f"{kind}-files", seed).shuffle(files)
             self._files = files
 
     def units(self, n: int) -> list[str]:
         if self.kind == "noise":
             k = len(NOISE_SENTENCES)
             return [NOISE_SENTENCES[i % k] for i in range(n)]
-        from ...data import read_source_text
+        from ...data import prose_lines, read_source_text
         while len(self._lines) < n:
             if self._file_pos >= len(self._files):
-                raise ValueError(f"length: the held-out source corpus has only {len(self._lines)} lines, "
+                raise ValueError(f"length: the {self.kind} haystack corpus has only {len(self._lines)} lines, "
                                  f"fewer than the {n} needed; use haystack='noise' or a shorter length")
             path = self._files[self._file_pos]
             self._file_pos += 1
+            if self.kind == "prose":
+                self._lines.extend(prose_lines(path))
+                continue
             try:
                 text = read_source_text(path)
             except OSError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from ._base import (NEEDLE_TEMPLATE, NEEDLE_TEMPLATE_UUID, PREAMBLE, PREAMBLE_UUID, QUESTION_TEMPLATE,
+from ._base import (HAYSTACK_KINDS, NEEDLE_TEMPLATE, NEEDLE_TEMPLATE_UUID, PREAMBLE, PREAMBLE_UUID, QUESTION_TEMPLATE,
                     QUESTION_TEMPLATE_UUID, Sample, _Haystack, _assemble, _check_common, _check_depth,
                     _estimate_tpu, _fit_units, _gap_index, _random_key, _random_value, _rng, count_tokens,
                     encode_ids)
@@ -27,8 +27,8 @@ def _needle_sample(task: str, tokenizer: Any, length: int, depth: float, *, seed
     """Shared builder for single-needle and multi-key-needle prompts."""
     _check_common(length, seed)
     depth = _check_depth(depth)
-    if haystack not in ("noise", "code", "needle"):
-        raise ValueError(f"haystack: expected 'noise', 'code' or 'needle', got {haystack!r}")
+    if haystack not in HAYSTACK_KINDS + ("needle",):
+        raise ValueError(f"haystack: expected one of {HAYSTACK_KINDS + ('needle',)}, got {haystack!r}")
     preamble, needle_tpl, question_tpl = _templates(value_kind)
     _random_key(random.Random(0), key_kind)  # validates key_kind
 
@@ -122,16 +122,18 @@ def passkey(tokenizer: Any, length: int, depth: float, *, seed: int, haystack: s
         depth: fractional needle position in the haystack, 0.0 (start) .. 1.0 (end); the needle is
             inserted at the nearest sentence (noise) or line (code) boundary.
         seed: makes the sample deterministic.
-        haystack: ``"noise"`` (the five repeated sentences of ``NOISE_SENTENCES``) or ``"code"``
-            (held-out Python source files of this installation, chosen by the seed).
+        haystack: ``"noise"`` (the five repeated sentences of ``NOISE_SENTENCES``), ``"code"``
+            (held-out Python source files of this installation, chosen by the seed) or ``"prose"``
+            (prose lines of the installation's documentation, ``sparsattn.data.prose``: text the
+            bundled model never saw).
         key_kind: ``"words"`` (adjective-noun), ``"uuid"`` or ``"number"``.
     Returns:
         ``Sample`` with ``answers=[value]`` (a 7-digit number that appears once in the prompt);
         ``meta`` has ``needle_char`` (offset in the prompt), ``needle_token`` (tokens before it),
         ``depth_actual`` (units before the needle / units) and ``n_tokens``.
     """
-    if haystack not in ("noise", "code"):
-        raise ValueError(f"haystack: expected 'noise' or 'code', got {haystack!r}")
+    if haystack not in HAYSTACK_KINDS:
+        raise ValueError(f"haystack: expected one of {HAYSTACK_KINDS}, got {haystack!r}")
     return _needle_sample("passkey", tokenizer, length, depth, seed=seed, haystack=haystack,
                           key_kind=key_kind, value_kind="number", n_distractors=0)
 
