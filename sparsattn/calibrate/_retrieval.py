@@ -5,7 +5,7 @@ profiles long-range dependent data, arXiv 2406.14909; retrieval heads, arXiv 240
 A prompt is a RULER niah_single passkey (arXiv 2404.06654: preamble, a 7-digit value in the needle
 sentence at a depth, the question) whose haystack is a window of tokenized source files of the
 *training* split (``sparsattn.data.source_files("train")``), so no calibration prompt shares a
-haystack with the evaluation (``sparsattn.calibrate.check``: held-out files, seed 2112); keys, values
+haystack with the evaluation (``sparsattn.eval.retrieval_check --haystack code``: held-out files, seed 2112); keys, values
 and depths come from the calibration seed. The pieces are spliced as token ids, so every prompt has
 exactly ``length`` tokens (prompt + answer) and prompts batch.
 """

@@ -355,7 +355,7 @@ def cache_metrics(gate, records: list, *, k: Optional[int] = None, k_frac: float
 
     ``block_recall[layer]``: share of the target's top-``k`` key blocks per query block row (diagonal
     excluded from both, rows with more than ``k`` candidates) that the gate's top-``k`` holds (the rule
-    of ``calibrate.check.gate_block_recall``); ``k`` default ``max(1, round(k_frac x key blocks))``.
+    of ``calibrate._seer_recall.gate_block_recall``); ``k`` default ``max(1, round(k_frac x key blocks))``.
     ``needle[layer]`` = ``[kept, reading]``: over retrieval records, the heads whose answer rows put
     >= ``threshold`` of their attention on the value (``read``), and how many of them have the value's
     block inside the gate's selection (top-``k`` + diagonal, ``SeerAttention.select``'s top-k rule) in

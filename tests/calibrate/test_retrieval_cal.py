@@ -133,7 +133,7 @@ def test_command_line_has_the_retrieval_options():
 
 
 def test_check_razor_top_keeps_the_best_scored_heads(tmp_path):
-    from sparsattn.calibrate.check import razor_top
+    from sparsattn.methods.razor import razor_subset as razor_top
     from sparsattn.calibration import ModelShape, save_calibration
 
     shape = ModelShape(2, 4, 2, 16)
