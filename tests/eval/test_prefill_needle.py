@@ -138,7 +138,7 @@ def test_tiny_run_reports_needle_coverage_on_held_out_haystacks(tmp_path, bundle
         with pytest.raises(ValueError, match="methods"):
             pq.run(out, lengths=[256], methods=[bad])
     with pytest.raises(ValueError, match="haystack"):
-        pq.run(out, lengths=[256], methods=["dense"], haystack="prose")
+        pq.run(out, lengths=[256], methods=["dense"], haystack="poetry")
     with pytest.raises(ValueError, match="needle_keep"):
         pq.run(out, lengths=[256], methods=["dense"], needle_keep=0)
 
