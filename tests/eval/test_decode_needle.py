@@ -63,13 +63,20 @@ def bundled():
     return model, tok
 
 
-def test_decode_runs_report_needle_coverage(bundled):
+@pytest.fixture()
+def no_grad():
+    """Gradients off for one test only: a process-wide switch would break the training tests that run
+    later in the same worker."""
+    with torch.no_grad():
+        yield
+
+
+def test_decode_runs_report_needle_coverage(bundled, no_grad):
     from sparsattn.eval import decode_quality as dq
     from sparsattn.eval.tasks import passkey
     from sparsattn.methods import get_method
 
     model, tok = bundled
-    torch.set_grad_enabled(False)
     s = passkey(tok, 256, 0.5, seed=5)
     ids, n_pre = dq.split_prompt(tok, s)
     nk = needle_keys(tok, ids, n_pre, s.answers[0])
