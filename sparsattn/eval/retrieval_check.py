@@ -145,10 +145,12 @@ def plot(json_paths: Sequence[str], out_png: str) -> str:
         for i, r in zip(x, rows):
             if r.get("density") is not None:
                 ax.text(i, 1.03, f"{r['density']:.2f}", ha="center", fontsize=7)
-        ax.set_xticks(list(x), [r["method"] for r in rows], rotation=30, fontsize=8)
+        names = [r["method"] for r in rows]  # a method with several settings (MoA's plans) names its setting
+        labels = [f"{n}\n{r.get('setting', '')}" if names.count(n) > 1 else n for n, r in zip(names, rows)]
+        ax.set_xticks(list(x), labels, rotation=35, ha="right", rotation_mode="anchor", fontsize=7)
         ax.set_ylim(0, 1.12)
         ax.set_title(f"{Path(p).stem} (T={rows[0]['length']}, n={rows[0]['n']}; density above bars)", fontsize=8)
-    axes[0][0].legend(fontsize=7, loc="lower left")
+    axes[0][0].legend(fontsize=7, loc="lower left", framealpha=0.9)
     fig.tight_layout()
     return str(save_figure(fig, out_png, dpi=110))
 
