@@ -2,7 +2,6 @@
 local model, the provenance record written next to the shipped files."""
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path

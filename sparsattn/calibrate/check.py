@@ -8,7 +8,7 @@ source files as the haystack: pass ``--haystack code`` to reproduce them; the de
 """
 from __future__ import annotations
 
-from ..eval.retrieval_check import main, plot, run  # noqa: F401
+from ..eval.retrieval_check import main, plot, run  # noqa: F401  (the old module's names)
 from ..methods.razor import razor_subset as razor_top  # noqa: F401
 from ._seer_recall import gate_block_recall  # noqa: F401
 

@@ -221,7 +221,7 @@ def fit_moa(model_or_path, tokenizer=None, *, lengths: Sequence[int] = (2048, 40
         raise ValueError(f"lengths: expected lengths >= {least} (data={data!r}), got {lengths}")
     for p in model.parameters():
         p.requires_grad_(False)
-    from ..integrations.hf import attention_modules, attention_swapped  # lazy: transformers
+    from ..integrations.hf import attention_modules  # lazy: transformers
 
     mods = attention_modules(model)
     m0 = mods[min(mods)]

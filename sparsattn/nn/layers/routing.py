@@ -2,7 +2,6 @@
 Attention with Routing Transformers, Roy et al., arXiv 2003.05997)."""
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Optional
 
