@@ -24,6 +24,28 @@ def _roots() -> list[Path]:
     return roots
 
 
+def walk_files(roots: list[Path], pattern: str, *, min_bytes: int, max_bytes: int, accept=None):
+    """walk_files: ``(root, path)`` of every regular file matching ``pattern`` under each root (sorted),
+    each real file once, of ``min_bytes..max_bytes`` bytes, for which ``accept(path)`` (default: all)
+    holds; unreadable files are skipped."""
+    seen: set[Path] = set()
+    for root in roots:
+        for path in sorted(root.rglob(pattern)):
+            if accept is not None and not accept(path):
+                continue
+            try:
+                if not path.is_file():
+                    continue
+                real = path.resolve()
+                size = path.stat().st_size
+            except OSError:
+                continue
+            if real in seen or not (min_bytes <= size <= max_bytes):
+                continue
+            seen.add(real)
+            yield root, path
+
+
 def _is_heldout(rel: str) -> bool:
     digest = hashlib.sha1(rel.encode("utf-8")).digest()
     return int.from_bytes(digest[:4], "little") % _HELDOUT_MODULUS == 0
@@ -43,21 +65,8 @@ def source_files(split: str = "train", *, roots: list[Path] | None = None,
     if split not in ("train", "heldout", "all"):
         raise ValueError(f"split: expected 'train', 'heldout' or 'all', got {split!r}")
     roots = [Path(r) for r in (roots or _roots())]
-    seen: set[Path] = set()
-    out: list[Path] = []
-    for root in roots:
-        for path in sorted(root.rglob("*.py")):
-            try:
-                real = path.resolve()
-                size = path.stat().st_size
-            except OSError:
-                continue
-            if real in seen or not (min_bytes <= size <= max_bytes):
-                continue
-            seen.add(real)
-            rel = path.relative_to(root).as_posix()
-            if split == "all" or (split == "heldout") == _is_heldout(rel):
-                out.append(path)
+    out = [path for root, path in walk_files(roots, "*.py", min_bytes=min_bytes, max_bytes=max_bytes)
+           if split == "all" or (split == "heldout") == _is_heldout(path.relative_to(root).as_posix())]
     if not out:
         raise ValueError(f"roots: no .py files of split {split!r} found under {[str(r) for r in roots]}")
     return out

@@ -15,13 +15,23 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .corpus import _roots
+from .corpus import _roots, walk_files
 
 PROSE_SUFFIXES = (".md", ".rst", ".txt")
 #: text files that are lists, not prose (dist-info bookkeeping, requirement pins)
 _SKIP_NAMES = {"RECORD", "WHEEL", "INSTALLER", "REQUESTED", "entry_points.txt", "top_level.txt",
                "requirements.txt", "dependency_links.txt", "SOURCES.txt", "namespace_packages.txt"}
 _WORD = re.compile(r"[A-Za-z]+")
+
+
+def _is_doc(path: Path) -> bool:
+    """A documentation text file: a dist-info ``METADATA`` or a ``.md`` / ``.rst`` / ``.txt`` file, not a
+    bookkeeping list and not this library's own README."""
+    if path.name in _SKIP_NAMES or path.parent.name.startswith("sparsattn-"):
+        return False
+    if path.name == "METADATA" and path.parent.name.endswith(".dist-info"):
+        return True
+    return path.suffix.lower() in PROSE_SUFFIXES
 
 
 def prose_files(roots: list[Path] | None = None, *, min_bytes: int = 256, max_bytes: int = 400_000) -> list[Path]:
@@ -32,28 +42,7 @@ def prose_files(roots: list[Path] | None = None, *, min_bytes: int = 256, max_by
         ValueError: no such file under the roots.
     """
     roots = [Path(r) for r in (roots or _roots())]
-    seen: set[Path] = set()
-    out: list[Path] = []
-    for root in roots:
-        for path in sorted(root.rglob("*")):
-            if path.name in _SKIP_NAMES:
-                continue
-            if path.parent.name.startswith("sparsattn-"):  # this library's own README (its dist-info)
-                continue
-            meta = path.name == "METADATA" and path.parent.name.endswith(".dist-info")
-            if not meta and path.suffix.lower() not in PROSE_SUFFIXES:
-                continue
-            try:
-                if not path.is_file():
-                    continue
-                real = path.resolve()
-                size = path.stat().st_size
-            except OSError:
-                continue
-            if real in seen or not (min_bytes <= size <= max_bytes):
-                continue
-            seen.add(real)
-            out.append(path)
+    out = [path for _, path in walk_files(roots, "*", min_bytes=min_bytes, max_bytes=max_bytes, accept=_is_doc)]
     if not out:
         raise ValueError(f"roots: no documentation text files (METADATA, {', '.join(PROSE_SUFFIXES)}) found under "
                          f"{[str(r) for r in roots]}")

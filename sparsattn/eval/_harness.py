@@ -68,6 +68,17 @@ def parse_method_config(src: Optional[str]) -> Optional[dict]:
     return cfg
 
 
+def add_needle_arguments(p, *, what: str, reads: str, keeps: str) -> None:
+    """The needle-coverage options of a quality driver (``sparsattn.eval.needle``): ``--needle on|off``,
+    ``--needle-threshold`` (0.1) and ``--needle-keep`` (0.5); ``what`` / ``reads`` / ``keeps`` word the help
+    for the driver (what is measured, which rows read, what keeps)."""
+    p.add_argument("--needle", choices=("on", "off"), default="on", help=f"needle coverage of {what} (on: default)")
+    p.add_argument("--needle-threshold", type=float, default=0.1,
+                   help=f"a head reads the needle when {reads} put >= this share of dense attention on it")
+    p.add_argument("--needle-keep", type=float, default=0.5,
+                   help=f"a reading head keeps the needle when {keeps} keeps >= this share of that attention")
+
+
 def pyplot():
     """pyplot: ``matplotlib.pyplot`` on the non-interactive Agg backend (files only, no display)."""
     import matplotlib

@@ -88,7 +88,7 @@ from ..bench.common import write_csv
 from ..methods.base import method_class
 from ._harness import csv_list as _csv_list
 from ._harness import environment as _environment
-from ._harness import parse_method_config
+from ._harness import add_needle_arguments, parse_method_config
 from .decode_budgets import (CALIBRATION_SEED, Budget, budget_config, budget_mapped, calibrate_double_sparsity,  # noqa: F401
                              calibrate_from_prompt, calibrating_methods, default_decode_methods, parse_budget,
                              slow_methods)
@@ -485,12 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method-config", default=None,
                    help="JSON {method: {hyper-parameter: value}} (or a JSON file) overriding the budget mapping "
                         "at every budget")
-    p.add_argument("--needle", choices=("on", "off"), default="on",
-                   help="needle coverage of every sparse run at the answer steps (on: default)")
-    p.add_argument("--needle-threshold", type=float, default=0.1,
-                   help="a head reads the needle when the answer steps put >= this share of dense attention on it")
-    p.add_argument("--needle-keep", type=float, default=0.5,
-                   help="a reading head keeps the needle when the selection keeps >= this share of that attention")
+    add_needle_arguments(p, what="every sparse run at the answer steps", reads="the answer steps",
+                         keeps="the selection")
     p.add_argument("--tiny", action="store_true",
                    help=f"CPU smoke run (< 1 min): lengths {TINY['lengths']}, budgets {TINY['budgets']}, n {TINY['n']}, "
                         "every decode method, no full-budget check (--full-n 1 adds it, ~+35 s)")

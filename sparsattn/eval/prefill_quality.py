@@ -75,7 +75,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..bench.common import write_csv
-from ._harness import csv_floats, csv_ints, environment, parse_method_config, timed_logger
+from ._harness import add_needle_arguments, csv_floats, csv_ints, environment, parse_method_config, timed_logger
 from .prefill_capture import Captured, capture_prompt, fidelity_layers, measure_density, select_all  # noqa: F401
 from .prefill_capture import _pool
 from .prefill_needle import coverage_of_settings, diagnosers
@@ -533,12 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(default: the bundled model's shipped calibrations)")
     p.add_argument("--method-config", default="", help="JSON {method: {hyper-parameter: value}} (inline or a file) "
                                                        "set on every configuration of that method")
-    p.add_argument("--needle", choices=("on", "off"), default="on",
-                   help="needle coverage of every passkey setting (on: default)")
-    p.add_argument("--needle-threshold", type=float, default=0.1,
-                   help="a head reads the needle when its answer rows put >= this share of dense attention on it")
-    p.add_argument("--needle-keep", type=float, default=0.5,
-                   help="a reading head keeps the needle when the pattern keeps >= this share of that attention")
+    add_needle_arguments(p, what="every passkey setting", reads="its answer rows", keeps="the pattern")
     p.add_argument("--fidelity", choices=("on", "off"), default="on",
                    help="the fidelity step on every layer of one prompt (off: passkey and needle coverage only)")
     p.add_argument("--tiny", action="store_true",

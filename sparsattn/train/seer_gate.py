@@ -67,6 +67,14 @@ def kl_to_target(logits: Tensor, target: Tensor, Tq: int, Tk: int, block_size: i
     return loss_scale * kl.mean()
 
 
+def _inputs(gate: SeerGate, q: Tensor, k: Tensor, q_pre: Optional[Tensor], k_pre: Optional[Tensor]):
+    """What the gate pools: the given pre-RoPE projections for a ``rope_input="pre"`` gate when they are
+    at hand, else ``gate.gate_inputs`` of the post-RoPE q/k (RoPE undone for a "pre" gate)."""
+    if gate.rope_input == "pre" and q_pre is not None and k_pre is not None:
+        return q_pre, k_pre
+    return gate.gate_inputs(q, k)
+
+
 def gate_loss(gate: SeerGate, layer: int, q: Tensor, k: Tensor, q_pre: Optional[Tensor] = None,
               k_pre: Optional[Tensor] = None, *, target: Optional[Tensor] = None, loss_scale: float = 10.0,
               drop_first: float = 0.25, row_weight: Optional[Tensor] = None, target_power: float = 1.0) -> Tensor:
@@ -76,10 +84,7 @@ def gate_loss(gate: SeerGate, layer: int, q: Tensor, k: Tensor, q_pre: Optional[
     if target is None:
         with torch.no_grad():
             target = attn_pool(q, k, block_size=gate.block_size)
-    if gate.rope_input == "pre" and q_pre is not None and k_pre is not None:
-        qi, ki = q_pre, k_pre
-    else:
-        qi, ki = gate.gate_inputs(q, k)
+    qi, ki = _inputs(gate, q, k, q_pre, k_pre)
     logits = gate.scores(layer, qi, ki, causal=True)
     return kl_to_target(logits, target, q.shape[2], k.shape[2], gate.block_size, loss_scale=loss_scale,
                         drop_first=drop_first, row_weight=row_weight, target_power=target_power)
@@ -93,11 +98,7 @@ def gate_features(gate: SeerGate, q: Tensor, k: Tensor, q_pre: Optional[Tensor] 
     equals ``gate_loss`` on the q/k, and the cheap cached step replaces a forward of the frozen model)."""
     with torch.no_grad():
         target = attn_pool(q, k, block_size=gate.block_size)
-        if gate.rope_input == "pre" and q_pre is not None and k_pre is not None:
-            qi, ki = q_pre, k_pre
-        else:
-            qi, ki = gate.gate_inputs(q, k)
-        qpool, kpool = gate.pool(qi, ki)
+        qpool, kpool = gate.pool(*_inputs(gate, q, k, q_pre, k_pre))
     return {"q": qpool, "k": kpool, "t": target, "Tq": int(q.shape[2]), "Tk": int(k.shape[2])}
 
 

@@ -19,23 +19,6 @@ def _windows(seed=0, vocab=8192):
         yield torch.randint(300, vocab, (1, 4096), generator=g)
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    from sparsattn.models import bundled_path
-
-    return AutoTokenizer.from_pretrained(str(bundled_path()), local_files_only=True)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=8192, max_position_embeddings=1024)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
 @pytest.fixture()
 def no_files(monkeypatch):
     """token_windows over random ids: no source file is tokenized."""

@@ -1,4 +1,5 @@
-"""Shared fixtures of the eval tests: tokenizer stand-ins (byte-level, whitespace, a small trained BPE)."""
+"""Shared fixtures of the eval tests: tokenizer stand-ins (byte-level, whitespace, a small trained BPE) and the
+bundled model with its tokenizer."""
 from __future__ import annotations
 
 import pytest
@@ -57,3 +58,15 @@ def hf_tok(bpe_tok):
     from transformers import PreTrainedTokenizerFast
     return PreTrainedTokenizerFast(tokenizer_object=bpe_tok, bos_token="<s>", eos_token="</s>",
                                    model_max_length=512)
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from sparsattn.evaluate import load_model
+    from sparsattn.models import BundledModelMissing
+
+    try:
+        model, tok, _ = load_model()
+    except BundledModelMissing as e:  # pragma: no cover - the package ships the checkpoint
+        pytest.skip(str(e))
+    return model, tok

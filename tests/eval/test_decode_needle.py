@@ -51,18 +51,6 @@ def test_needle_recorder_hand_made():
         NeedleRecorder(m, [])
 
 
-@pytest.fixture(scope="module")
-def bundled():
-    from sparsattn.evaluate import load_model
-    from sparsattn.models import BundledModelMissing
-
-    try:
-        model, tok, _ = load_model()
-    except BundledModelMissing as e:  # pragma: no cover - the package ships the checkpoint
-        pytest.skip(str(e))
-    return model, tok
-
-
 @pytest.fixture()
 def no_grad():
     """Gradients off for one test only: a process-wide switch would break the training tests that run

@@ -85,18 +85,6 @@ def test_method_config_overrides_every_configuration(tmp_path):
                             calibrations={}, overrides={"oracle_topk": 3})
 
 
-@pytest.fixture(scope="module")
-def bundled():
-    from sparsattn.evaluate import load_model
-    from sparsattn.models import BundledModelMissing
-
-    try:
-        model, tok, _ = load_model()
-    except BundledModelMissing as e:  # pragma: no cover - the package ships the checkpoint
-        pytest.skip(str(e))
-    return model, tok
-
-
 def test_tiny_run_reports_needle_coverage_on_held_out_haystacks(tmp_path, bundled):
     out = tmp_path / "pq"
     summary = pq.run(out, lengths=[256], densities=[0.1], n=2, methods=["dense", "a_shape", "seer_attention:threshold"],

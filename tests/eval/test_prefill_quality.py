@@ -63,18 +63,6 @@ def test_teacher_forced_predict_reads_the_answer_positions():
     assert not r["correct"] and r["n_wrong"] == 2  # position of '9' and the one after it (9 + 1 != 8)
 
 
-@pytest.fixture(scope="module")
-def bundled():
-    from sparsattn.evaluate import load_model
-    from sparsattn.models import BundledModelMissing
-
-    try:
-        model, tok, _ = load_model()
-    except BundledModelMissing as e:  # pragma: no cover - the package ships the checkpoint
-        pytest.skip(str(e))
-    return model, tok
-
-
 def test_hidden_needle_fails_teacher_forcing_on_the_bundled_model(bundled):
     model, tok = bundled
     torch.manual_seed(0)
