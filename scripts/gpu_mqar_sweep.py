@@ -1,79 +1,113 @@
-"""MQAR sweep on one GPU with several worker processes (issue 18's accuracy grid in one device call).
+"""Layer-benchmark sweep on one GPU with several worker processes (issue 18's accuracy grid in one device call).
 
-Small MQAR models leave an H200 mostly idle, so ``--workers`` processes share it, each training its
-share of (layer, width) runs one after the other through the layer harness
-(``sparsattn.train.layerbench.train_layer``) with a per-run time limit; rows go to one CSV per worker,
-merged at the end into ``mqar.csv`` with the harness's plots. Accuracy only: do not time anything
-else on the GPU while it runs.
+Small models leave an H200 mostly idle, so ``--workers`` processes share it, taking (layer, width,
+seed) runs from one queue (the longest first finish last, so no worker idles while another has a
+backlog) and training each through the layer harness (``sparsattn.train.layerbench.train_layer``)
+with a per-run time limit. ``--deadline`` (seconds from the start) bounds the whole sweep: a run
+gets at most the time left before it, less ``--eval-margin`` for its final evaluation, and a run
+that would get less than ``--min-run`` is not started (it is listed as skipped). Rows go to one CSV
+per worker, merged at the end into ``<task>.csv`` with the harness's plots. Accuracy only: do not
+time anything else on the GPU while it runs.
 
-    python scripts/gpu_mqar_sweep.py --out DIR --seq-len 512 --widths 128 256 --workers 8 \
-        --steps 4000 --time-limit 70 [--layers ...] [--hybrids baseconv,dense ...]
+    python scripts/gpu_mqar_sweep.py --out DIR --seq-len 512 --widths 128 256 --workers 12 \
+        --steps 20000 --time-limit 150 --deadline 540 [--task mqar] [--layers ...] [--hybrids baseconv,dense ...]
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
+import time
 import traceback
 from pathlib import Path
 
 
-def _worker(i: int, runs: list, args) -> None:
+def _worker(i: int, queue, args, t_start: float) -> None:
+    import torch
+
     from sparsattn.bench.common import write_csv
     from sparsattn.train.layerbench.loop import COLUMNS, train_layer
 
+    torch.set_num_threads(1)
     rows = []
-    for layer, width in runs:
+    while True:
         try:
-            row = train_layer(layer, "mqar", seq_len=args.seq_len, width=width, steps=args.steps, seed=0,
-                              device="cuda", progress=False, time_limit_s=args.time_limit)
+            layer, width, seed = queue.get_nowait()
+        except Exception:
+            break
+        name = layer if isinstance(layer, str) else "+".join(layer)
+        left = args.deadline - (time.time() - t_start) - args.eval_margin
+        if left < args.min_run:
+            print(f"[w{i}] skipped {name} d={width} seed={seed}: {left:.0f} s left", flush=True)
+            continue
+        kw = {k: v for k, v in (("vocab", args.vocab), ("n_train", args.n_train), ("n_test", args.n_test),
+                                ("eval_every", args.eval_every), ("lr", args.lr), ("n_layers", args.n_layers),
+                                ("heads", args.heads), ("batch_size", args.batch_size)) if v is not None}
+        try:
+            row = train_layer(layer, args.task, seq_len=args.seq_len, width=width, steps=args.steps, seed=seed,
+                              device=args.device, progress=False, time_limit_s=min(args.time_limit, left), **kw)
             row["error"] = ""
         except Exception as e:  # recorded in the row
             traceback.print_exc()
-            name = layer if isinstance(layer, str) else "+".join(layer)
-            row = {"layer": name, "task": "mqar", "seq_len": args.seq_len, "width": width,
+            row = {"layer": name, "task": args.task, "seq_len": args.seq_len, "width": width, "seed": seed,
                    "error": f"{type(e).__name__}: {e}"[:300]}
         rows.append(row)
-        write_csv(rows, Path(args.out) / f"mqar_w{i}.csv", COLUMNS + ["error"])
-        print(f"[w{i}] {row['layer']:>16s} d={width}: acc={row.get('accuracy')} steps={row.get('steps_done')} "
+        write_csv(rows, Path(args.out) / f"{args.task}_w{i}.csv", COLUMNS + ["error"])
+        print(f"[w{i}] {name:>16s} d={width} seed={seed}: acc={row.get('accuracy')} steps={row.get('steps_done')} "
               f"({row.get('train_s')} s) {row.get('error', '')}", flush=True)
 
 
 def main() -> int:
-    from sparsattn.nn import layer_class, list_layers
+    from sparsattn.train.layerbench.grid import default_layers
 
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
+    p.add_argument("--task", default="mqar", choices=["mqar", "listops", "pathfinder"])
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--widths", type=int, nargs="+", default=[128, 256])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--time-limit", type=float, default=70.0)
-    p.add_argument("--layers", nargs="*")
+    p.add_argument("--time-limit", type=float, default=70.0, help="seconds of training per run at most")
+    p.add_argument("--deadline", type=float, default=float("inf"), help="seconds from the start for the whole sweep")
+    p.add_argument("--eval-margin", type=float, default=25.0, help="seconds kept for a run's final evaluation")
+    p.add_argument("--min-run", type=float, default=20.0, help="a run with less training time than this is skipped")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--layers", nargs="*", help="default: every layer that runs the task (the grid's default_layers)")
     p.add_argument("--hybrids", nargs="*", default=["baseconv,dense", "lightning,dense"])
+    for k in ("vocab", "n_train", "n_test", "eval_every", "n_layers", "heads", "batch_size"):
+        p.add_argument("--" + k.replace("_", "-"), type=int)
+    p.add_argument("--lr", type=float)
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = args.layers or [n for n in list_layers() if True in tuple(layer_class(n).causal_modes)
-                            and (layer_class(n).layout == "1d" or "mqar" in layer_class(n).presets)]
-    models = [n for n in names] + [h.split(",") for h in args.hybrids]
-    runs = [(m, w) for w in args.widths for m in models]
-    shares = [runs[i::args.workers] for i in range(args.workers)]
+    names = args.layers if args.layers is not None else default_layers(args.task)
+    models = list(names) + [h.split(",") for h in args.hybrids]
+    # widest first: the longest runs start first
+    runs = [(m, w, s) for w in sorted(args.widths, reverse=True) for m in models for s in args.seeds]
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(i, s, args)) for i, s in enumerate(shares) if s]
+    queue = ctx.Queue()
+    for r in runs:
+        queue.put(r)
+    t_start = time.time()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    procs = [ctx.Process(target=_worker, args=(i, queue, args, t_start)) for i in range(min(args.workers, len(runs)))]
     for pr in procs:
         pr.start()
+        time.sleep(0.5)
     for pr in procs:
         pr.join()
     from sparsattn.bench.common import write_csv
     from sparsattn.train.layerbench.grid import plot_grid, read_rows
     from sparsattn.train.layerbench.loop import COLUMNS
 
-    rows = [r for f in sorted(out.glob("mqar_w*.csv")) for r in read_rows(f)]
-    write_csv(rows, out / "mqar.csv", COLUMNS + ["error"])
-    for f in out.glob("mqar_w*.csv"):
+    parts = sorted(out.glob(f"{args.task}_w*.csv"))
+    rows = [r for f in parts for r in read_rows(f)]
+    write_csv(rows, out / f"{args.task}.csv", COLUMNS + ["error"])
+    for f in parts:
         f.unlink()
-    plot_grid(out / "mqar.csv")
-    print(f"{len(rows)} rows -> {out / 'mqar.csv'}")
+    plot_grid(out / f"{args.task}.csv")
+    print(f"{len(rows)} of {len(runs)} runs -> {out / (args.task + '.csv')} in {time.time() - t_start:.0f} s")
     return 0
 
 
