@@ -141,3 +141,15 @@ def check_generator(generator, device) -> None:
         raise ValueError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
     if generator.device.type != torch.device(device).type:
         raise ValueError(f"generator: expected a generator on {torch.device(device).type}, got {generator.device}")
+
+
+def grid_entry(method: str, config: str, run, exact_part=None) -> dict:
+    """grid_entry: one row of an approximation's ``fidelity_grid`` (the layer contract's hook, read by
+    ``sparsattn.eval.approx_quality.method_grid``): ``method`` and ``config`` labels, ``run(q, k, v,
+    stats) -> (out, lse)`` and ``exact_part(q, k, v)`` -> the lse of the exactly computed pairs (None:
+    the method has no exact part)."""
+    if not isinstance(method, str) or not method or not isinstance(config, str):
+        raise ValueError(f"method/config: expected a non-empty string and a string, got {method!r}, {config!r}")
+    if not callable(run) or (exact_part is not None and not callable(exact_part)):
+        raise ValueError(f"run/exact_part: expected callables (exact_part may be None), got {run!r}, {exact_part!r}")
+    return {"method": method, "config": config, "run": run, "exact_part": exact_part}

@@ -47,12 +47,18 @@ import torch
 from ...kernels.merge import merge_lse
 from ..base import register_layer
 from ..layers._qkv import QKVLayer, check_int
-from ._approx_common import add_stat, cdiv, check_qkv, check_scale, pad_tokens, softmax_lse, wide_dtype
+from ._approx_common import (add_stat, cdiv, check_qkv, check_scale, exact_lse, grid_entry, pad_tokens, softmax_lse,
+                             wide_dtype)
 from ._combiner_mixture import AXIAL2D_VARIANTS, axial2d_grid, axial2d_pairs
 
-__all__ = ["combiner_attention", "combiner_pairs", "combiner_direct_mask", "Combiner", "VARIANTS"]
+__all__ = ["combiner_attention", "combiner_pairs", "combiner_direct_mask", "Combiner", "VARIANTS", "COMBINER_GRID"]
 
 VARIANTS = ("axial", "fixed") + AXIAL2D_VARIANTS
+#: the fidelity grid (``Combiner.fidelity_grid``): per variant, segment factors ``f`` (``segment =
+#: round(f * sqrt(T))``; None: the paper's ``sqrt(T)``); training-free there: max-pooled summaries of the
+#: model's own q/k/v
+COMBINER_GRID = {"axial": (None,), "fixed": (None,), "axial_vertical": (None,), "axial_horizontal": (None,),
+                 "mixture": (None, 0.5, 2.0)}
 
 
 def _check_variant(variant) -> str:
@@ -183,6 +189,30 @@ class Combiner(QKVLayer):
             check_int("segment", segment, 1)
         self.variant, self.segment = variant, segment
         self.last_stats: dict = {}
+
+    @classmethod
+    def fidelity_grid(cls, D: int, seed: int = 0) -> list[dict]:
+        """fidelity_grid: the core's entries of the fidelity grid (``eval.approx_quality``): causal
+        ``combiner_attention`` per ``COMBINER_GRID`` variant and segment (method: the registered name
+        ``-variant``); the exact part is the lse of the directly attended pairs
+        (``combiner_direct_mask``), head by head. Deterministic: ``D`` and ``seed`` are checked, not used."""
+        check_int("D", D, 1)
+        check_int("seed", seed, 0)
+        grid = []
+        for variant, factors in COMBINER_GRID.items():
+            for f in factors:
+                seg = lambda T, f=f: None if f is None else max(1, round(f * math.sqrt(T)))  # noqa: E731
+
+                def cb(q, k, v, st, variant=variant, seg=seg):
+                    return combiner_attention(q, k, v, variant=variant, causal=True, segment=seg(q.shape[2]), stats=st)
+
+                def cb_direct(q, k, v, variant=variant, seg=seg):  # lse of the directly attended pairs, head by head
+                    keep = combiner_direct_mask(variant, q.shape[2], seg(q.shape[2]), device=q.device)
+                    return torch.cat([exact_lse(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], scale=q.shape[-1] ** -0.5,
+                                                causal=False, keep=keep)[1] for h in range(q.shape[1])], 1)
+                grid.append(grid_entry(f"{cls.name}-{variant}",
+                                       "segment=sqrt(T)" if f is None else f"segment={f:g}*sqrt(T)", cb, cb_direct))
+        return grid
 
     def attend(self, q, k, v):
         """``(out, lse)`` of Combiner on q/k/v ``[B, heads, T, head_dim]``."""

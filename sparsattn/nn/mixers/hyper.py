@@ -57,12 +57,16 @@ from ...kernels.merge import merge_lse
 from ..base import register_layer
 from ..layers._qkv import QKVLayer, check_int
 from ._approx_common import (NEG_INF, add_stat, cdiv, check_generator, check_qkv, check_scale, exact_lse, gather_rows,
-                             pad_tokens, softmax_lse, wide_dtype)
+                             grid_entry, pad_tokens, softmax_lse, wide_dtype)
 from ._approx_lsh import lsh_projections, lsh_rank, sort_by_rank, sorted_block_attention, window_attention
 
-__all__ = ["hyper_attention", "HyperAttention", "check_hyper_config", "ASSIGN"]
+__all__ = ["hyper_attention", "HyperAttention", "check_hyper_config", "ASSIGN", "HYPER_GRID"]
 
 ASSIGN = ("rank", "window")
+#: the fidelity grid's budgets (``HyperAttention.fidelity_grid``): ``(min_seq_len, block_size, sample_size)``
+#: per assignment; the paper's rule at four budgets, the causal-safe rule (slower gathers on the CPU) at one
+HYPER_GRID = {"rank": ((256, 64, 64), (512, 128, 128), (1024, 256, 256), (2048, 512, 512)),
+              "window": ((512, 128, 128),)}
 
 
 def check_hyper_config(lsh_num_projs, block_size, sample_size, min_seq_len) -> None:
@@ -217,6 +221,27 @@ class HyperAttention(QKVLayer):
         self.block_size, self.sample_size, self.min_seq_len = block_size, sample_size, min_seq_len
         self.register_buffer("proj", lsh_projections(self.head_dim, lsh_num_projs, seed))
         self.last_stats: dict = {}
+
+    @classmethod
+    def fidelity_grid(cls, D: int, seed: int = 0) -> list[dict]:
+        """fidelity_grid: the core's entries of the fidelity grid (``eval.approx_quality``) for head width
+        ``D``: causal ``hyper_attention`` at the ``HYPER_GRID`` budgets (method: the registered name, and
+        its ``-window`` row for ``assign="window"``), hyperplanes ``lsh_projections(D, 7, seed)``, residual
+        sample from a generator seeded with ``seed`` at every call; the exact part is the same call with
+        no sample (leaves + sorted diagonal blocks)."""
+        check_int("D", D, 1)
+        check_int("seed", seed, 0)
+        hp = lsh_projections(D, 7, seed)
+        grid = []
+        for assign, suffix in (("rank", ""), ("window", "-window")):
+            for M, b, m in HYPER_GRID[assign]:
+                def h(q, k, v, st, M=M, b=b, m=m, sample=None, assign=assign):
+                    g = torch.Generator(device=q.device).manual_seed(seed)
+                    return hyper_attention(q, k, v, proj=hp, causal=True, block_size=b, min_seq_len=M, assign=assign,
+                                           sample_size=m if sample is None else sample, generator=g, stats=st)
+                grid.append(grid_entry(cls.name + suffix, f"min_seq_len={M},block={b},sample={m}", h,
+                                       lambda q, k, v, h=h: h(q, k, v, None, sample=0)[1]))
+        return grid
 
     def attend(self, q, k, v):
         """``(out, lse)`` of HyperAttention on q/k/v ``[B, heads, T, head_dim]``."""

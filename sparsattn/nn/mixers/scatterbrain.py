@@ -43,14 +43,20 @@ import torch
 from ...kernels.merge import merge_lse
 from ..base import register_layer
 from ..layers._qkv import QKVLayer, check_int
-from ._approx_common import (NEG_INF, add_stat, cdiv, check_qkv, check_scale, exact_lse, gather_rows, pad_tokens,
-                             softmax_lse, wide_dtype)
+from ._approx_common import (NEG_INF, add_stat, cdiv, check_qkv, check_scale, exact_lse, gather_rows, grid_entry,
+                             pad_tokens, softmax_lse, wide_dtype)
 from ._approx_lsh import lsh_projections, lsh_rank, sort_by_rank, window_attention
 from ._approx_performer import favor_features, linear_attention, orthogonal_features
 
-__all__ = ["scatterbrain_attention", "Scatterbrain", "xbox_transform"]
+__all__ = ["scatterbrain_attention", "Scatterbrain", "xbox_transform", "SCATTER_GRID"]
 
 _PARTS = ("both", "sparse", "lowrank")
+#: the fidelity grid's budgets (``Scatterbrain.fidelity_grid``): ``(cluster_size, nb_features)`` per
+#: assignment (the paper's rule at four budgets, the causal-safe rule at one), and the ablations: the
+#: sparse part alone at ``cluster_size`` in ``"sparse"``, the low-rank part alone at ``nb_features`` in
+#: ``"lowrank"``
+SCATTER_GRID = {"rank": ((64, 64), (128, 128), (256, 256), (512, 512)), "window": ((64, 64),),
+                "sparse": (128, 256, 512), "lowrank": (128, 256, 512)}
 
 
 def xbox_transform(q: torch.Tensor, k: torch.Tensor, running: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,6 +247,41 @@ class Scatterbrain(QKVLayer):
         self.register_buffer("features", orthogonal_features(max(m, 1), d, seed))
         self.register_buffer("lsh_proj", lsh_projections(d + 2, lsh_num_projs, seed + 1))
         self.last_stats: dict = {}
+
+    @classmethod
+    def fidelity_grid(cls, D: int, seed: int = 0) -> list[dict]:
+        """fidelity_grid: the core's entries of the fidelity grid (``eval.approx_quality``) for head width
+        ``D``: causal ``scatterbrain_attention`` at the ``SCATTER_GRID`` budgets (method: the registered
+        name, its ``-window`` row for ``assign="window"``), then the paper's ablations, the sparse part
+        alone (``-sparse``) and the low-rank part alone (``-lowrank``, no exact part). Hyperplanes
+        ``lsh_projections(D + 2, 7, seed + 1)`` (the layer's), features ``orthogonal_features(m, D, seed)``;
+        the exact part is the LSH support (the ``parts="sparse"`` lse)."""
+        check_int("D", D, 1)
+        check_int("seed", seed, 0)
+        sp = lsh_projections(D + 2, 7, seed + 1)
+        grid = []
+        for assign, suffix in (("rank", ""), ("window", "-window")):
+            for c, m in SCATTER_GRID[assign]:
+                feats = orthogonal_features(m, D, seed)
+
+                def sb(q, k, v, st, c=c, f=feats, parts="both", assign=assign):
+                    return scatterbrain_attention(q, k, v, features=f, lsh_proj=sp, causal=True, cluster_size=c,
+                                                  parts=parts, stats=st, assign=assign)
+                grid.append(grid_entry(cls.name + suffix, f"cluster={c},features={m}", sb,
+                                       lambda q, k, v, sb=sb: sb(q, k, v, None, parts="sparse")[1]))
+        for c in SCATTER_GRID["sparse"]:
+            def ls(q, k, v, st, c=c):
+                return scatterbrain_attention(q, k, v, features=orthogonal_features(1, D, seed), lsh_proj=sp,
+                                              causal=True, cluster_size=c, parts="sparse", stats=st)
+            grid.append(grid_entry(cls.name + "-sparse", f"cluster={c}", ls,
+                                   lambda q, k, v, ls=ls: ls(q, k, v, None)[1]))
+        for m in SCATTER_GRID["lowrank"]:
+            f = orthogonal_features(m, D, seed)
+            grid.append(grid_entry(cls.name + "-lowrank", f"features={m}",
+                                   lambda q, k, v, st, f=f: scatterbrain_attention(q, k, v, features=f, lsh_proj=sp,
+                                                                                   causal=True, parts="lowrank",
+                                                                                   stats=st)))
+        return grid
 
     def attend(self, q, k, v):
         """``(out, lse)`` of Scatterbrain on q/k/v ``[B, heads, T, head_dim]``."""

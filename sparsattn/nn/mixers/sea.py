@@ -51,12 +51,15 @@ from torch import nn
 from ... import patterns as _patterns
 from ..base import attend, register_layer
 from ..layers._qkv import QKVLayer, check_int, check_pow2
-from ._approx_common import add_stat, cdiv, check_qkv, check_scale, wide_dtype
+from ._approx_common import add_stat, cdiv, check_qkv, check_scale, grid_entry, wide_dtype
 from ._approx_performer import favor_features, linear_attention, orthogonal_features
 
 __all__ = ["sea_attention", "SEA", "column_of_key", "POOLS"]
 
 POOLS = ("block", "previous")
+#: the fidelity grid's budgets (``SEA.fidelity_grid``): ``top_k`` per pool (the paper's rule at four
+#: budgets, the causal-safe ``"previous"`` at one), at ``predictor_length=128, block_size=64``
+SEA_GRID = {"block": (2, 4, 8, 16), "previous": (4,)}
 
 
 def column_of_key(T: int, width: int, device=None) -> torch.Tensor:
@@ -201,6 +204,26 @@ class SEA(QKVLayer):
             nn.init.constant_(self.gate.bias, 2.0)
         self._loss: Optional[torch.Tensor] = None
         self.last_stats: dict = {}
+
+    @classmethod
+    def fidelity_grid(cls, D: int, seed: int = 0) -> list[dict]:
+        """fidelity_grid: the core's entries of the fidelity grid (``eval.approx_quality``) for head width
+        ``D``: causal ``sea_attention`` without the trained decoder, at the ``SEA_GRID`` budgets (method:
+        the registered name, its ``-previous`` row for ``pool="previous"``), Performer's
+        ``int(D * ln D)`` features ``orthogonal_features(m, D, seed)``; the exact part is the selected
+        blocks (the core's lse)."""
+        check_int("D", D, 1)
+        check_int("seed", seed, 0)
+        sea_f = orthogonal_features(int(D * math.log(D)), D, seed)
+        grid = []
+        for pool, suffix in (("block", ""), ("previous", "-previous")):
+            for kk in SEA_GRID[pool]:
+                def se(q, k, v, st, kk=kk, pool=pool):
+                    return sea_attention(q, k, v, features=sea_f, causal=True, top_k=kk, predictor_length=128,
+                                         block_size=64, stats=st, pool=pool)
+                grid.append(grid_entry(cls.name + suffix, f"top_k={kk},K_p=128,block=64", se,
+                                       lambda q, k, v, se=se: se(q, k, v, None)[1]))
+        return grid
 
     def attend(self, q, k, v, return_estimate: bool = False):
         """``(out, lse)`` of SEA's sparse part on q/k/v ``[B, heads, T, head_dim]`` (+ estimate logits)."""
