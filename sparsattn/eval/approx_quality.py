@@ -3,8 +3,9 @@ on the bundled model's own q/k/v, and HyperAttention swapped into the model's la
 
 Two measurements (``run``; CLI ``scripts/approx_quality.py --out DIR --length 4096 --device cpu``):
 
-1. **fidelity** (``fidelity_rows``): q/k/v of every layer captured on a held-out source-code prompt
-   of ``length`` tokens (``capture_qkv``; GQA heads repeated). Per layer, method and configuration:
+1. **fidelity** (``fidelity_rows`` over ``method_grid``: the ``fidelity_grid`` entries of the registered
+   layers, each approximation's budgets in its own file): q/k/v of every layer captured on a held-out
+   source-code prompt of ``length`` tokens (``capture_qkv``; GQA heads repeated). Per layer, method and configuration:
    relative output error ``||o - o_exact||_F / ||o_exact||_F`` over all heads and rows, the mean
    absolute lse error, and the **attention recall**: the share of the exact softmax mass that falls
    on the pairs the method computes exactly, ``exp(lse_exact_part - lse_exact)`` averaged over rows
@@ -35,7 +36,6 @@ import torch
 
 __all__ = ["method_grid", "fidelity_rows", "swap_rows", "summarize", "plot", "replot", "run", "main", "swap_settings"]
 
-#: HyperAttention configurations swapped into the model (min_seq_len, block_size, sample_size).
 def swap_settings() -> dict:
     """swap_settings: ``{label: (method, config)}`` of every registered prefill method that declares
     ``swap_configs`` (the approximations that compute their own output), read from the registry."""
@@ -51,88 +51,33 @@ def swap_settings() -> dict:
     return out
 
 
-
-#: the budgets of the grid: the papers' selection rules at four budgets, the causal-safe rules (slower
-#: gathers on the CPU) at one
-HYPER_GRID = {"rank": ((256, 64, 64), (512, 128, 128), (1024, 256, 256), (2048, 512, 512)),
-              "window": ((512, 128, 128),)}
-SCATTER_GRID = {"rank": ((64, 64), (128, 128), (256, 256), (512, 512)), "window": ((64, 64),)}
-SEA_GRID = {"block": (2, 4, 8, 16), "previous": (4,)}
-#: Combiner variants (``combiner_attention``), each at the paper's segment ``sqrt(T)`` (None) and a
-#: half / double one; training-free here: max-pooled summaries of the model's own q/k/v
-COMBINER_GRID = {"axial": (None,), "fixed": (None,), "axial_vertical": (None,), "axial_horizontal": (None,),
-                 "mixture": (None, 0.5, 2.0)}
-
-
 def _log(msg: str) -> None:
     print(f"[approx_quality {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def method_grid(D: int, seed: int = 0) -> list[dict]:
-    """The (method, config) grid: each entry has ``method``, ``config`` (str), ``run(q, k, v, stats)``
-    -> ``(out, lse)`` and ``exact_part(q, k, v)`` -> lse of the exactly computed pairs (or None)."""
-    from ..nn.mixers._approx_lsh import lsh_projections
-    from ..nn.mixers._approx_performer import orthogonal_features
-    from ..nn.mixers.hyper import hyper_attention
-    from ..nn.mixers.scatterbrain import scatterbrain_attention
-    from ..nn.mixers.sea import sea_attention
+    """The (method, config) grid, read from the layer registry: the entries of every layer class in
+    ``sparsattn.nn.list_layers()`` (registry order) that declares the ``fidelity_grid(D, seed)`` hook
+    (the approximations; each keeps its budgets in its own file). Each entry has ``method``,
+    ``config`` (str), ``run(q, k, v, stats)`` -> ``(out, lse)`` and ``exact_part(q, k, v)`` -> lse of
+    the exactly computed pairs (or None). ValueError when two entries share ``(method, config)``."""
+    from ..nn import layer_class, list_layers
 
     grid: list[dict] = []
-    hp = lsh_projections(D, 7, seed)
-    sp = lsh_projections(D + 2, 7, seed + 1)
-
-    def add(method, config, run, exact_part=None):
-        grid.append({"method": method, "config": config, "run": run, "exact_part": exact_part})
-
-    for assign, suffix in (("rank", ""), ("window", "-window")):
-        for M, b, m in HYPER_GRID[assign]:
-            def h(q, k, v, st, M=M, b=b, m=m, sample=None, assign=assign):
-                g = torch.Generator(device=q.device).manual_seed(seed)
-                return hyper_attention(q, k, v, proj=hp, causal=True, block_size=b, min_seq_len=M, assign=assign,
-                                       sample_size=m if sample is None else sample, generator=g, stats=st)
-            add("hyper" + suffix, f"min_seq_len={M},block={b},sample={m}", h,
-                lambda q, k, v, h=h: h(q, k, v, None, sample=0)[1])
-    for assign, suffix in (("rank", ""), ("window", "-window")):
-        for c, m in SCATTER_GRID[assign]:
-            feats = orthogonal_features(m, D, seed)
-
-            def sb(q, k, v, st, c=c, f=feats, parts="both", assign=assign):
-                return scatterbrain_attention(q, k, v, features=f, lsh_proj=sp, causal=True, cluster_size=c,
-                                              parts=parts, stats=st, assign=assign)
-            add("scatterbrain" + suffix, f"cluster={c},features={m}", sb,
-                lambda q, k, v, sb=sb: sb(q, k, v, None, parts="sparse")[1])
-    for c in (128, 256, 512):
-        def ls(q, k, v, st, c=c):
-            return scatterbrain_attention(q, k, v, features=orthogonal_features(1, D, seed), lsh_proj=sp, causal=True,
-                                          cluster_size=c, parts="sparse", stats=st)
-        add("scatterbrain-sparse", f"cluster={c}", ls, lambda q, k, v, ls=ls: ls(q, k, v, None)[1])
-    for m in (128, 256, 512):
-        f = orthogonal_features(m, D, seed)
-        add("scatterbrain-lowrank", f"features={m}",
-            lambda q, k, v, st, f=f: scatterbrain_attention(q, k, v, features=f, lsh_proj=sp, causal=True,
-                                                            parts="lowrank", stats=st))
-    sea_f = orthogonal_features(int(D * math.log(D)), D, seed)
-    for pool, suffix in (("block", ""), ("previous", "-previous")):
-        for kk in SEA_GRID[pool]:
-            def se(q, k, v, st, kk=kk, pool=pool):
-                return sea_attention(q, k, v, features=sea_f, causal=True, top_k=kk, predictor_length=128,
-                                     block_size=64, stats=st, pool=pool)
-            add("sea" + suffix, f"top_k={kk},K_p=128,block=64", se, lambda q, k, v, se=se: se(q, k, v, None)[1])
-    from ..nn.mixers._approx_common import exact_lse
-    from ..nn.mixers.combiner import combiner_attention, combiner_direct_mask
-
-    for variant, factors in COMBINER_GRID.items():
-        for f in factors:
-            seg = lambda T, f=f: None if f is None else max(1, round(f * math.sqrt(T)))  # noqa: E731
-
-            def cb(q, k, v, st, variant=variant, seg=seg):
-                return combiner_attention(q, k, v, variant=variant, causal=True, segment=seg(q.shape[2]), stats=st)
-
-            def cb_direct(q, k, v, variant=variant, seg=seg):  # lse of the directly attended pairs, head by head
-                keep = combiner_direct_mask(variant, q.shape[2], seg(q.shape[2]), device=q.device)
-                return torch.cat([exact_lse(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], scale=q.shape[-1] ** -0.5,
-                                            causal=False, keep=keep)[1] for h in range(q.shape[1])], 1)
-            add("combiner-" + variant, "segment=sqrt(T)" if f is None else f"segment={f:g}*sqrt(T)", cb, cb_direct)
+    owner: dict = {}
+    for name in list_layers():
+        hook = getattr(layer_class(name), "fidelity_grid", None)
+        if not callable(hook):
+            continue
+        for g in hook(D, seed):
+            missing = {"method", "config", "run", "exact_part"} - set(g)
+            if missing:
+                raise ValueError(f"{name}.fidelity_grid: entry without {sorted(missing)}: {g!r}")
+            key = (g["method"], g["config"])
+            if key in owner:
+                raise ValueError(f"{name}.fidelity_grid: entry {key} already given by layer {owner[key]!r}")
+            owner[key] = name
+            grid.append(g)
     return grid
 
 
