@@ -24,6 +24,15 @@ to the tooling (training command, benchmarks, docs) so that no tool names a laye
 * ``presets``: named example configurations, e.g. ``{"mqar": {...}}``, that the training command
   and the benchmarks use (``"default"`` is the empty dict).
 
+Optional class hooks (a layer declares one by defining it; tools look for it, never for a name):
+
+* ``fidelity_grid(D, seed=0)`` (classmethod; the approximations): the layer's rows of the fidelity grid
+  (``sparsattn.eval.approx_quality.method_grid``) for head width ``D``, a list of dicts with
+  ``method`` and ``config`` labels (unique; ``method`` is the registered name or ``name-variant``),
+  ``run(q, k, v, stats) -> (out, lse)`` on ``[B, H, T, D]`` (causal; ``stats`` None or a dict
+  accumulating ``"pairs"`` / ``"lowrank"``) and ``exact_part(q, k, v)`` -> the lse of the exactly
+  computed pairs (None when there are none); its budgets live in the layer's file.
+
 ``forward(x)`` returns ``y`` with the shape of ``x``. A layer with an auxiliary training loss
 (distillation, commitment) returns it from ``extra_loss()`` after a forward (None otherwise).
 
