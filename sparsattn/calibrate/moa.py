@@ -50,6 +50,9 @@ class _Profiler:
     def __init__(self, n_layers: int, sink: int, take_abs: bool):
         self.sink, self.take_abs = sink, take_abs
         self.acc: dict[int, Tensor] = {}
+        # the probabilities wait here for their gradient: a hook closing over its own tensor would be a
+        # reference cycle, freed only by the garbage collector (every sample's O(L H T^2) kept alive)
+        self._probs: dict[int, Tensor] = {}
 
     def forward(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         layer = int(getattr(module, "layer_idx", 0))
@@ -64,13 +67,18 @@ class _Profiler:
         if not A.requires_grad:
             A.requires_grad_(True)
         sink, take_abs = self.sink, self.take_abs
+        self._probs[layer] = A.detach()
 
-        def hook(G, A=A, layer=layer):
-            with torch.no_grad():
-                e = masking_effect(A.detach(), G.float(), take_abs=take_abs)
-                if sink:
-                    e[..., :sink] = 0
-                d = diagonal_sums(e).sum(0).double().cpu()  # [Hq, T]
+        def hook(G, layer=layer):
+            with torch.no_grad():  # one head at a time: the temporaries stay O(T^2), not O(H T^2)
+                Ad = self._probs.pop(layer)
+                d = torch.zeros(Ad.shape[1], Ad.shape[-1], dtype=torch.float64)
+                for h in range(Ad.shape[1]):
+                    e = masking_effect(Ad[:, h], G[:, h].float(), take_abs=take_abs)
+                    if sink:
+                        e[..., :sink] = 0
+                    d[h] = diagonal_sums(e).sum(0).double().cpu()  # [T]
+                    del e
                 self.acc[layer] = self.acc.get(layer, 0) + d
             return G
 
@@ -111,6 +119,7 @@ def profile_moa(model, samples: Sequence[tuple[Tensor, Tensor]], *, sink: int = 
                 raise ValueError("samples: a loss_mask selects no answer token")
             loss = torch.nn.functional.cross_entropy(logits[m], tgt[m])
             loss.backward()
+            prof._probs.clear()  # a layer the loss does not reach leaves its probabilities here
             if not prof.acc:
                 raise RuntimeError("profile_moa: no attention call went through the profiling function")
             one, prof.acc = prof.acc, {}
