@@ -84,7 +84,11 @@ def exact_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     leading index: callers use it on blocks. On CUDA without gradients (inference) it runs through
     ``sparsattn.attention`` instead (flash-style kernel, same result)."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if q.is_cuda and keep is None and not needs_grad and q.dtype != torch.float64 and q.shape[-1] <= 256:
+    # float32 tiles of head_dim > 64 ask for more shared memory than a Hopper SM has (H100, 2026-12-05:
+    # 416 KB asked at head_dim 128 in the layer grid): those take the blockwise torch path below
+    kernel_ok = q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 or \
+        q.dtype == torch.float32 and q.shape[-1] <= 64
+    if q.is_cuda and keep is None and not needs_grad and kernel_ok:
         # inference on the GPU: the block-sparse kernel (dense pattern), no O(n * m) scores in memory
         from ...api import attention
 
