@@ -17,7 +17,7 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["retrieval_prompts"]
+__all__ = ["retrieval_prompts", "prose_windows", "eval_prose_files", "calibration_prose_files"]
 
 
 def retrieval_prompts(tokenizer, length: int, n: int, *, seed: int = 0, depths=None, haystack=None) -> list[dict]:
@@ -65,3 +65,59 @@ def retrieval_prompts(tokenizer, length: int, n: int, *, seed: int = 0, depths=N
                     "needle": list(range(pos[0], pos[0] + len(digits))), "answer": list(range(P, P + len(answer))),
                     "depth": depths[i % len(depths)]})
     return out
+
+
+def eval_prose_files(seed: int, lines: int) -> list:
+    """eval_prose_files: the documentation files whose prose the held-out check's haystack stream (seed
+    ``seed``, ``eval.tasks`` prose haystack) reads for its first ``lines`` lines: every file a check
+    prompt of up to about ``lines`` prose lines can touch (all of them when the corpus is smaller)."""
+    from ..eval.tasks._base import _Haystack
+
+    h = _Haystack("prose", seed)
+    try:
+        h.units(lines)
+    except ValueError:  # the corpus has fewer lines: the stream read every file
+        pass
+    return h.files_read()
+
+
+def calibration_prose_files(exclude_seed: int = 2112, exclude_lines: int = 4000) -> list:
+    """calibration_prose_files: the documentation files (``sparsattn.data.prose_files``) left for
+    calibration once ``eval_prose_files(exclude_seed, exclude_lines)`` are taken out."""
+    from ..data import prose_files
+
+    skip = set(eval_prose_files(exclude_seed, exclude_lines))
+    return [f for f in prose_files() if f not in skip]
+
+
+def prose_windows(tokenizer, length: int, *, seed: int = 0, exclude_seed: int = 2112, exclude_lines: int = 4000):
+    """prose_windows: endless ``[1, length]`` token windows of prose lines (``sparsattn.data.prose``) for
+    calibration haystacks, from the documentation files the held-out check never reads: the files
+    holding the first ``exclude_lines`` lines of the check's stream (seed ``exclude_seed``, issue 21's
+    2112; 4000 lines are about 70K tokens, far past the check's 8K) are left out, so no calibration
+    haystack shares a file with a check prompt. Lines are joined by spaces as the check joins them;
+    files are shuffled by ``seed`` and repeated when the stream runs out.
+
+    Raises:
+        ValueError: ``length`` < 1, or no prose line is left after the exclusion.
+    """
+    from ..data import prose_lines
+
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ValueError(f"length: expected a positive int, got {length!r}")
+    files = calibration_prose_files(exclude_seed, exclude_lines)
+    texts = [" ".join(ls) for ls in (prose_lines(f) for f in files) if ls]
+    if not texts:
+        raise ValueError(f"exclude_lines: no prose left for calibration after leaving out the files of the "
+                         f"check's first {exclude_lines} lines")
+    rng = random.Random(f"calibration-prose-{seed}")
+    buf: list[int] = []
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    while True:
+        order = list(texts)
+        rng.shuffle(order)
+        for t in order:
+            buf.extend(enc(" " + t))
+            while len(buf) >= length:
+                chunk, buf = buf[:length], buf[length:]
+                yield torch.tensor([chunk], dtype=torch.long)

@@ -44,7 +44,8 @@ OUT = "seer_gate"
 PROVENANCE_KEY = "seer_gate"
 DEFAULTS = {"steps": 300, "seq_len": 2048, "minutes": 20.0, "seed": 0, "lr": 1e-3, "rope_input": "pre",
             "data": "retrieval", "retrieval_fraction": 0.75, "init": None, "stream": False, "cache": None,
-            "cache_lengths": (2048, 4096), "n_retrieval": (78, 24), "n_source": (4, 0), "answer_weight": 30.0,
+            "cache_lengths": (2048, 4096), "n_retrieval": (78, 24), "n_source": (4, 0), "n_prose": (0, 0),
+            "answer_weight": 30.0,
             "target_power": 8.0, "batch_size": 8}
 
 
@@ -69,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-retrieval", type=ints, default=DEFAULTS["n_retrieval"],
                    help="passkey prompts cached per length (78,24)")
     p.add_argument("--n-source", type=ints, default=DEFAULTS["n_source"], help="source windows per length (4,0)")
+    p.add_argument("--n-prose", type=ints, default=DEFAULTS["n_prose"],
+                   help="passkey prompts per length over prose haystacks from documentation files the held-out "
+                        "check never reads (_retrieval.prose_windows) (0,0)")
     p.add_argument("--answer-weight", type=float, default=DEFAULTS["answer_weight"],
                    help="loss weight of the query blocks holding answer rows (30; 1 = the repository's loss)")
     p.add_argument("--target-power", type=float, default=DEFAULTS["target_power"],
@@ -135,7 +139,7 @@ def train(model, tokenizer, out: str, *, steps: int = 300, seq_len: int = 2048, 
 
 
 def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048, 4096), n_retrieval=(78, 24),
-                 n_source=(4, 0), steps: int = 3000, minutes: Optional[float] = 20.0, seed: int = 0, lr: float = 1e-3,
+                 n_source=(4, 0), n_prose=None, steps: int = 3000, minutes: Optional[float] = 20.0, seed: int = 0, lr: float = 1e-3,
                  rope_input: str = "pre", init: Optional[str] = None, answer_weight: float = 30.0,
                  target_power: float = 8.0, batch_size: int = 8, info: Optional[dict] = None, haystack=None,
                  source=None, log=print):
@@ -152,17 +156,19 @@ def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048,
 
     lengths = [int(x) for x in cache_lengths]
     nr, ns = [int(x) for x in n_retrieval], [int(x) for x in n_source]
-    if not lengths or len(nr) != len(lengths) or len(ns) != len(lengths):
-        raise ValueError(f"n_retrieval/n_source: expected one count per cache length {lengths}, got {nr} and {ns}")
+    npr = [0] * len(lengths) if n_prose is None else [int(x) for x in n_prose]
+    if not lengths or len(nr) != len(lengths) or len(ns) != len(lengths) or len(npr) != len(lengths):
+        raise ValueError(f"n_retrieval/n_source/n_prose: expected one count per cache length {lengths}, got {nr}, "
+                         f"{ns} and {npr}")
     for p in model.parameters():
         p.requires_grad_(False)
     tmp = None if cache is not None else tempfile.mkdtemp(prefix="seer_cache_")
     folder = cache if cache is not None else tmp
     try:
         paths = []
-        for T, a, b in zip(lengths, nr, ns):
+        for T, a, b, c in zip(lengths, nr, ns, npr):
             paths += build_cache(model, tokenizer, folder, lengths=(T,), n_retrieval=a, n_source=b, seed=seed,
-                                 haystack=haystack, source=source, log=log)
+                                 haystack=haystack, source=source, n_prose=c, log=log)
         records = load_cache(paths)
     finally:
         if tmp is not None:
@@ -183,7 +189,8 @@ def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048,
                             "final_loss": losses[-1] if losses else None, "seconds": round(time.time() - t0, 1),
                             "seq_len": lengths, "steps": steps, "lr": lr, "init": init,
                             "data": f"cached: {dict(zip(lengths, nr))} passkey prompts + {dict(zip(lengths, ns))} "
-                                    "source windows per length",
+                                    "source windows per length"
+                                    + (f" + {dict(zip(lengths, npr))} prose-haystack passkey prompts" if any(npr) else ""),
                             "answer_weight": answer_weight, "target_power": target_power,
                             "batch_size": batch_size, **(info or {})})
     gate.save(out, dtype=torch.bfloat16)
@@ -193,7 +200,8 @@ def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048,
 def run(model_path: Optional[str], out: str, *, device: str = "cpu", steps: int = 300, seq_len: int = 2048,
         minutes: Optional[float] = 20.0, seed: int = 0, lr: float = 1e-3, rope_input: str = "pre",
         data: str = "retrieval", retrieval_fraction: float = 0.75, init: Optional[str] = None, stream: bool = False,
-        cache=None, cache_lengths=(2048, 4096), n_retrieval=(78, 24), n_source=(4, 0), answer_weight: float = 30.0,
+        cache=None, cache_lengths=(2048, 4096), n_retrieval=(78, 24), n_source=(4, 0), n_prose=(0, 0),
+        answer_weight: float = 30.0,
         target_power: float = 8.0, batch_size: int = 8) -> tuple:
     """run: ``(SeerAttention with the trained gate, provenance record)`` of the model at ``model_path``
     (None: bundled). ``data="retrieval"`` without ``stream``: cached training (``train_cached``)."""
@@ -204,21 +212,25 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", steps: int 
     opts = dict(steps=steps, minutes=minutes, seed=seed, lr=lr, rope_input=rope_input, data=data, device=device)
     if data == "retrieval" and not stream:
         opts.update(cache_lengths=cache_lengths, n_retrieval=n_retrieval, n_source=n_source,
-                    answer_weight=answer_weight, target_power=target_power, batch_size=batch_size)
+                    **({"n_prose": n_prose} if any(int(x) for x in n_prose) else {}), answer_weight=answer_weight, target_power=target_power, batch_size=batch_size)
         if cache is not None:
             opts["cache"] = cache
         if init:
             opts["init"] = init
         info = {"model_path": model_path or "bundled", "call": call_text("seer_attention", opts)}
         gate, losses, n_rec = train_cached(model, tok, out, cache=cache, cache_lengths=cache_lengths,
-                                           n_retrieval=n_retrieval, n_source=n_source, steps=steps, minutes=minutes,
+                                           n_retrieval=n_retrieval, n_source=n_source, n_prose=n_prose, steps=steps,
+                                           minutes=minutes,
                                            seed=seed, lr=lr, rope_input=rope_input, init=init,
                                            answer_weight=answer_weight, target_power=target_power,
                                            batch_size=batch_size, info=info)
         what = (f"{n_rec} cached sequences (build_cache): per length {list(cache_lengths)}, {list(n_retrieval)} "
                 f"passkey prompts (calibrate._retrieval.retrieval_prompts: training-split source haystack, needle at a random "
                 f"depth, seeds 1000 x {seed} + 7919 x length + i) and {list(n_source)} source windows of "
-                "source_files('train')")
+                "source_files('train')" + (
+                    f" and {list(n_prose)} passkey prompts over prose haystacks (_retrieval.prose_windows: "
+                    "documentation files outside the held-out check's first 4000 lines, seed 2112)"
+                    if any(int(x) for x in n_prose) else ""))
     else:
         gate, losses = train(model, tok, out, steps=steps, seq_len=seq_len, minutes=minutes, seed=seed, lr=lr,
                              rope_input=rope_input, data=data, retrieval_fraction=retrieval_fraction, init=init)
@@ -255,21 +267,24 @@ def _reading_mass(q: "torch.Tensor", k: "torch.Tensor", rows: list, needle: list
 
 
 def build_cache(model, tokenizer, cache_dir, *, lengths=(2048,), n_retrieval: int = 64, n_source: int = 16,
-                seed: int = 0, haystack=None, source=None, log=print) -> list:
+                seed: int = 0, haystack=None, source=None, n_prose: int = 0, prose=None, log=print) -> list:
     """build_cache: capture the gate's training features once (``train.seer_gate.gate_features``: pooled
     pre-RoPE q/k and the ``attn_pool`` target of every layer) for ``n_retrieval`` passkey prompts
     (``_retrieval.retrieval_prompts`` over the training-split haystack, random depth, seeds
     ``1000 x seed + i``) and ``n_source`` source windows per length; one safetensors file per sequence
     in ``cache_dir`` (files already there are kept: the cache resumes). Retrieval files also hold
     ``read.L`` (per head, the answer rows' dense attention on the value's tokens) and, in the metadata,
-    the prompt length, the value's positions and the answer-deciding rows. Returns the file paths."""
+    the prompt length, the value's positions and the answer-deciding rows. ``n_prose`` more passkey
+    prompts per length use a prose haystack (``prose``: an iterator of token windows; default
+    ``_retrieval.prose_windows``, documentation text from files the held-out check never reads),
+    cached as ``prose_<T>_<i>`` files. Returns the file paths."""
     import json
     from pathlib import Path
 
     from safetensors.torch import save_file
 
     from ..train.seer_gate import capture_for_gate, gate_features, gate_for_model, token_windows
-    from ._retrieval import retrieval_prompts
+    from ._retrieval import prose_windows, retrieval_prompts
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -280,14 +295,17 @@ def build_cache(model, tokenizer, cache_dir, *, lengths=(2048,), n_retrieval: in
     for T in lengths:
         hay = haystack if haystack is not None else token_windows(tokenizer, T, seed=10_000 + seed)
         win = source if source is not None else token_windows(tokenizer, T, seed=seed)
-        for i in range(n_retrieval + n_source):
-            kind = "retrieval" if i < n_retrieval else "source"
+        pro = None
+        for i in range(n_retrieval + n_source + n_prose):
+            kind = "retrieval" if i < n_retrieval else "source" if i < n_retrieval + n_source else "prose"
             path = cache_dir / f"{kind}_{T}_{i:04d}.safetensors"
             paths.append(path)
             depth = rng.random()
-            if kind == "retrieval":
+            if kind == "prose" and pro is None:
+                pro = prose if prose is not None else prose_windows(tokenizer, T, seed=seed)
+            if kind in ("retrieval", "prose"):
                 p = retrieval_prompts(tokenizer, T, 1, seed=1000 * seed + 7919 * T + i, depths=[depth],
-                                      haystack=hay)[0]
+                                      haystack=hay if kind == "retrieval" else pro)[0]
                 ids = p["ids"]
             else:
                 ids = next(win)[:, :T]
@@ -296,15 +314,16 @@ def build_cache(model, tokenizer, cache_dir, *, lengths=(2048,), n_retrieval: in
             t0 = time.time()
             with torch.no_grad():
                 cap = capture_for_gate(model, ids.to(dev), gate.layers)
-                tensors, meta = {}, {"kind": kind, "T": T}
-                if kind == "retrieval":
+                tensors, meta = {}, {"kind": "source" if kind == "source" else "retrieval", "T": T,
+                                     "haystack": "prose" if kind == "prose" else "code"}
+                if kind != "source":
                     P = p["prompt_len"]
                     rows = list(range(P - 1, T - 1))
                     meta.update(prompt_len=P, needle=p["needle"], rows=rows, depth=depth)
                 for l, tup in cap.items():
                     f = gate_features(gate, *tup)
                     tensors.update({f"q.{l}": f["q"], f"k.{l}": f["k"], f"t.{l}": f["t"]})
-                    if kind == "retrieval":
+                    if kind != "source":
                         tensors[f"read.{l}"] = _reading_mass(tup[0], tup[1], rows, p["needle"])
             save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path),
                       metadata={"meta": json.dumps(meta)})

@@ -125,3 +125,24 @@ def test_check_razor_top_keeps_the_best_scored_heads(tmp_path):
     src = save_calibration(tmp_path / "r.json", "razor", shape, data, {})
     out = razor_top(str(src), 2, str(tmp_path / "top2.json"))
     assert RazorAttention.load(out).retrieval_heads == {0: [0], 1: [3]}
+
+
+def test_prose_windows_never_read_the_checks_files(tok):
+    """Calibration prose comes from documentation files the held-out check's stream does not read."""
+    from sparsattn.calibrate._retrieval import calibration_prose_files, eval_prose_files, prose_windows
+    from sparsattn.eval.tasks._base import _Haystack
+
+    h = _Haystack("prose", 2112)
+    try:
+        h.units(600)
+    except ValueError:
+        pytest.skip("this installation has too little documentation prose")
+    read = set(h.files_read())
+    assert read and read <= set(eval_prose_files(2112, 600))
+    windows = prose_windows(tok, 128, seed=1, exclude_lines=600)
+    w = [next(windows) for _ in range(3)]
+    assert all(x.shape == (1, 128) and x.dtype == torch.long for x in w)
+    cal = calibration_prose_files(2112, 600)
+    assert cal and not (set(cal) & read)  # the windows are drawn from these files only
+    with pytest.raises(ValueError, match="length"):
+        next(prose_windows(tok, 0))

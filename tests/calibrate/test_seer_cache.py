@@ -75,3 +75,19 @@ def test_train_cached_saves_a_gate_with_its_recipe(tiny, tok, tmp_path):
     with pytest.raises(ValueError, match="n_retrieval"):
         train_cached(tiny, tok, str(tmp_path / "g2"), cache_lengths=(256, 512), n_retrieval=(1,), n_source=(1,),
                      steps=1, log=None)
+
+
+def test_prose_prompts_are_cached_as_retrieval_records(tiny, tok, tmp_path):
+    paths = build_cache(tiny, tok, tmp_path / "c", lengths=(256,), n_retrieval=1, n_source=0, n_prose=2,
+                        haystack=_windows(), prose=_windows(5), log=None)
+    assert [p.name for p in paths] == ["retrieval_256_0000.safetensors", "prose_256_0001.safetensors",
+                                       "prose_256_0002.safetensors"]
+    recs = load_cache(tmp_path / "c")
+    assert [r["meta"]["haystack"] for r in recs] == ["prose", "prose", "code"]  # sorted file names
+    assert all(r["meta"]["kind"] == "retrieval" and r["read"] for r in recs)
+    # the prose prompts come from the prose stream, not the code one
+    code = next(_windows())[0, :32].tolist()
+    assert recs[0]["meta"]["needle"] != [] and code != next(_windows(5))[0, :32].tolist()
+    with pytest.raises(ValueError, match="n_prose"):
+        train_cached(tiny, tok, str(tmp_path / "g"), cache_lengths=(256,), n_retrieval=(1,), n_source=(0,),
+                     n_prose=(1, 1), steps=1, log=None)

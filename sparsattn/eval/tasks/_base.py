@@ -231,6 +231,10 @@ class _Haystack:
             self._lines.extend(ln.rstrip() for ln in text.splitlines() if len(ln) <= self._max_line_chars)
         return self._lines[:n]
 
+    def files_read(self) -> list:
+        """The corpus files this stream has read so far, in reading order (empty for noise)."""
+        return list(self._files[:self._file_pos]) if self._files is not None else []
+
     def sample_units(self, k: int = 64) -> list[str]:
         return self.units(k)
 
