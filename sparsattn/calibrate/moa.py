@@ -53,6 +53,9 @@ class _Profiler:
         # the probabilities wait here for their gradient: a hook closing over its own tensor would be a
         # reference cycle, freed only by the garbage collector (every sample's O(L H T^2) kept alive)
         self._probs: dict[int, Tensor] = {}
+        self.rows: Optional[list] = None  # the answer-predicting rows and the needle of the current sample
+        self.needle: Optional[list] = None
+        self.reading: dict[int, Tensor] = {}  # per layer, per head: max over samples of the needle share
 
     def forward(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         layer = int(getattr(module, "layer_idx", 0))
@@ -68,6 +71,10 @@ class _Profiler:
             A.requires_grad_(True)
         sink, take_abs = self.sink, self.take_abs
         self._probs[layer] = A.detach()
+        if self.needle is not None:  # share of the answer rows' attention on the value's tokens, per head
+            with torch.no_grad():
+                r = A.detach()[0][:, self.rows][..., self.needle].sum(-1).mean(-1).double().cpu()  # [Hq]
+            self.reading[layer] = torch.maximum(self.reading[layer], r) if layer in self.reading else r
 
         def hook(G, layer=layer):
             with torch.no_grad():  # one head at a time: the temporaries stay O(T^2), not O(H T^2)
@@ -87,8 +94,8 @@ class _Profiler:
         return out.transpose(1, 2).contiguous(), None
 
 
-def profile_moa(model, samples: Sequence[tuple[Tensor, Tensor]], *, sink: int = 64, take_abs: bool = True,
-                per_sample: str = "mean") -> Tensor:
+def profile_moa(model, samples: Sequence[tuple], *, sink: int = 64, take_abs: bool = True,
+                per_sample: str = "mean", reading: Optional[dict] = None) -> Tensor:
     """profile_moa: ``[L, Hq, N]`` diagonal profile of the masking effect, averaged over ``samples``.
 
     ``samples``: ``(input_ids [1, N], loss_mask [1, N] bool)`` pairs of one length ``N``; the loss is
@@ -97,6 +104,10 @@ def profile_moa(model, samples: Sequence[tuple[Tensor, Tensor]], *, sink: int = 
     sample's profile divided by its total (absolute) effect over every layer, head and distance first, so that
     every sample counts alike: the effect of a sample scales with ``1 - p`` of its answer tokens,
     which spans orders of magnitude between passkey prompts the model answers at p = 0.99 and 0.9999).
+    A sample may carry a third element, the needle's token positions (``retrieval_samples(...,
+    with_needle=True)``); then ``reading`` (a dict) receives, per layer, each head's largest share of
+    the answer rows' dense attention on the needle over the samples (updated with the max of what
+    it already holds).
     """
     if per_sample not in ("mean", "share"):
         raise ValueError(f"per_sample: expected 'mean' or 'share', got {per_sample!r}")
@@ -108,7 +119,13 @@ def profile_moa(model, samples: Sequence[tuple[Tensor, Tensor]], *, sink: int = 
     total: dict = {}
     n = None
     with attention_swapped(model, _PROFILE, prof.forward, modules=mods):
-        for ids, mask in samples:
+        for sample in samples:
+            ids, mask = sample[0], sample[1]
+            if len(sample) > 2:
+                prof.needle = [int(i) for i in sample[2]]
+                prof.rows = [int(i) - 1 for i in mask[0].nonzero().flatten().tolist()]
+            else:
+                prof.needle = prof.rows = None
             if n is not None and ids.shape[1] != n:
                 raise ValueError(f"samples: expected one length per call, got {n} and {ids.shape[1]}")
             n = ids.shape[1]
@@ -129,6 +146,9 @@ def profile_moa(model, samples: Sequence[tuple[Tensor, Tensor]], *, sink: int = 
                 w = 1.0 / tot if tot > 0 else 0.0
             for l, d in one.items():
                 total[l] = total.get(l, 0) + d * w
+    if reading is not None:
+        for l, r in prof.reading.items():
+            reading[l] = torch.maximum(reading[l], r) if l in reading else r
     Hq = next(iter(total.values())).shape[0]
     out = torch.zeros(L, Hq, n, dtype=torch.float64)
     for l, d in total.items():
@@ -165,11 +185,13 @@ def calibration_samples(model, tokenizer, length: int, n: int, *, answer_len: in
     return out
 
 
-def retrieval_samples(model, tokenizer, length: int, n: int, *, seed: int = 0, haystack=None) -> list[tuple[Tensor, Tensor]]:
+def retrieval_samples(model, tokenizer, length: int, n: int, *, seed: int = 0, haystack=None,
+                      with_needle: bool = False) -> list[tuple]:
     """Long-range dependent calibration samples of ``length`` tokens: passkey prompts over a
     training-split haystack (``calibrate._retrieval.retrieval_prompts``, depths ``linspace(0, 1, n)``)
     whose answer is the dense model's own argmax continuation (teacher-forced on the gold value,
-    which the bundled model reproduces), the loss mask on the answer tokens."""
+    which the bundled model reproduces), the loss mask on the answer tokens; ``with_needle`` adds the
+    value's token positions as a third element (for ``profile_moa``'s reading heads)."""
     from ._retrieval import retrieval_prompts
 
     dev = next(model.parameters()).device
@@ -182,7 +204,7 @@ def retrieval_samples(model, tokenizer, length: int, n: int, *, seed: int = 0, h
         ids = torch.cat([ids[:, :P], pred[None]], 1)  # the model's own answer
         mask = torch.zeros_like(ids, dtype=torch.bool)
         mask[:, P:] = True
-        out.append((ids, mask))
+        out.append((ids, mask, list(p["needle"])) if with_needle else (ids, mask))
     return out
 
 
@@ -191,7 +213,7 @@ def fit_moa(model_or_path, tokenizer=None, *, lengths: Sequence[int] = (2048, 40
             alpha_step: int = 1024, n_beta: int = 9, take_abs: bool = True, device: Optional[str] = None,
             out_path=None, seed: int = 0, files: Optional[list] = None, data: str = "copy", normalize: Optional[str] = None,
             extend_lengths: Sequence[int] = (), per_sample: str = "mean", bounds: Optional[dict] = None,
-            extend_loss: str = "none", log=print) -> MoA:
+            extend_loss: str = "none", keep_readers: float = 0.0, log=print) -> MoA:
     """fit_moa: profile an HF causal LM at ``lengths``, search per-head spans under ``budget``.
 
     ``model_or_path``: a loaded model or a local path (then ``tokenizer`` may be None). Returns a
@@ -203,10 +225,16 @@ def fit_moa(model_or_path, tokenizer=None, *, lengths: Sequence[int] = (2048, 40
     needle anywhere in the context). ``normalize`` (None, ``"head"``, ``"layer"``) and
     ``extend_lengths`` go to ``MoA.fit`` (per-head normalised profiles; density bounds at unprofiled
     lengths), ``bounds`` (``{length: density}``, per-length density bounds) and ``extend_loss`` go to ``MoA.fit``;
-    ``per_sample`` goes to ``profile_moa``.
+    ``per_sample`` goes to ``profile_moa``. ``keep_readers`` (> 0, ``data="retrieval"`` only; a
+    departure from MoA, whose loss-driven search may cut one of several redundant needle readers):
+    every head whose answer rows put at least this share of their dense attention on a calibration
+    needle keeps every key (``MoA.fit``'s ``full_heads``); the heads are recorded in the plan's info.
     """
     if data not in ("copy", "retrieval"):
         raise ValueError(f"data: expected 'copy' or 'retrieval', got {data!r}")
+    if not 0 <= keep_readers < 1 or (keep_readers > 0 and data != "retrieval"):
+        raise ValueError(f"keep_readers: expected a share in [0, 1), and data='retrieval' when > 0; got "
+                         f"{keep_readers!r} with data={data!r}")
     from ..data import source_files
 
     if data == "copy":  # listing the source files takes seconds; retrieval prompts stream their own
@@ -239,21 +267,28 @@ def fit_moa(model_or_path, tokenizer=None, *, lengths: Sequence[int] = (2048, 40
     hkv = getattr(cfg, "num_key_value_heads", None) or hq
     hd = getattr(m0, "head_dim", None) or cfg.hidden_size // hq
     shape = ModelShape(max(mods) + 1, int(hq), int(hkv), int(hd))
-    profiles = {}
+    profiles, reading = {}, {}
     for n in lengths:
         if data == "retrieval":
-            samples = retrieval_samples(model, tokenizer, n, samples_per_length, seed=seed + n)
+            samples = retrieval_samples(model, tokenizer, n, samples_per_length, seed=seed + n,
+                                        with_needle=keep_readers > 0)
         else:
             samples = calibration_samples(model, tokenizer, n, samples_per_length, answer_len=answer_len,
                                           seed=seed + n, files=files)
-        profiles[n] = profile_moa(model, samples, sink=sink, take_abs=take_abs, per_sample=per_sample)  # [L, H, n]
+        profiles[n] = profile_moa(model, samples, sink=sink, take_abs=take_abs, per_sample=per_sample,
+                                  reading=reading)  # [L, H, n]
         if log:
             log(f"profiled length {n}: {samples_per_length} samples, total effect {float(profiles[n].sum()):.4g}")
+    full = [l * shape.num_heads + h for l, r in sorted(reading.items()) for h in range(len(r))
+            if float(r[h]) >= keep_readers] if keep_readers > 0 else []
+    if log and keep_readers > 0:
+        log(f"needle readers (share >= {keep_readers}): {[(i // shape.num_heads, i % shape.num_heads) for i in full]}")
     moa = MoA.fit({"shape": shape, "profiles": profiles}, budget=budget, path=out_path, sink=sink,
                   min_span=min_span, alpha_step=alpha_step, n_beta=n_beta, normalize=normalize,
-                  extend_lengths=tuple(extend_lengths), bounds=bounds, extend_loss=extend_loss,
+                  extend_lengths=tuple(extend_lengths), bounds=bounds, extend_loss=extend_loss, full_heads=full,
                   info=dict({"samples_per_length": samples_per_length, "take_abs": take_abs, "answer_len": answer_len,
-                             "data": data}, **({} if per_sample == "mean" else {"per_sample": per_sample})))
+                             "data": data}, **({} if per_sample == "mean" else {"per_sample": per_sample}),
+                            **({"keep_readers": keep_readers} if keep_readers > 0 else {})))
     info = moa.plan["info"]
     if log:
         log(f"MoA plan: density per length {['%.3f' % d for d in info['density']]} (budget {budget}), "
@@ -271,7 +306,7 @@ PROVENANCE_KEY = "moa"
 DEFAULTS = {"lengths": (1024, 2048), "budget": 0.5, "samples_per_length": 1, "answer_len": 16, "alpha_step": 256,
             "seed": 0, "data": "copy", "sink": 64, "min_span": 64, "normalize": "none", "extend_lengths": (),
             "per_sample": "mean", "signed": False, "bounds": (), "extend_loss": "none",
-            "add": False}
+            "add": False, "keep_readers": 0.0}
 #: the options of the shipped sparse plan, added to the shipped file (``sparsattn calibrate moa`` with
 #: these options and ``--add``; issue 21, docs/results/moa_cpu_2026-12-05): passkey prompts, the signed
 #: effect, density bounds 0.3 / 0.2 at the profiled 1K / 2K (sink + shortest span alone are 12% of a 1K
@@ -325,6 +360,9 @@ def add_arguments(p) -> None:
                         "stretched: effects stay at the same relative distance)")
     p.add_argument("--signed", action="store_true",
                    help="profile the signed masking effect (a span's loss = |signed sum beyond it|) instead of MoA's |E|")
+    p.add_argument("--keep-readers", type=float, default=DEFAULTS["keep_readers"],
+                   help="with --data retrieval: heads whose answer rows put at least this share of their attention "
+                        "on a calibration needle keep every key (a departure from MoA; 0 = off)")
     p.add_argument("--add", action="store_true",
                    help="add the plan to the plans already in --out (same model; a plan of the same budget is "
                         "replaced; the file's default plan stays first) instead of replacing the file")
@@ -334,7 +372,7 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", lengths=(10
         samples_per_length: int = 1, answer_len: int = 16, alpha_step: int = 256, seed: int = 0,
         data: str = "copy", sink: int = 64, min_span: int = 64, normalize: str = "none", extend_lengths=(),
         per_sample: str = "mean", signed: bool = False, bounds=(), extend_loss: str = "none",
-        add: bool = False) -> tuple:
+        add: bool = False, keep_readers: float = 0.0) -> tuple:
     """run: ``(fitted MoA, provenance record)`` of the model at ``model_path`` (None: bundled); with
     ``add`` the plan joins the plans of the existing file ``out`` (the record then lists every plan's
     command: from the plan's ``info.call``, or for a plan written before plans recorded it, from the
@@ -357,7 +395,8 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", lengths=(10
     kw = dict(lengths=tuple(lengths), budget=budget, samples_per_length=samples_per_length, answer_len=answer_len,
               alpha_step=alpha_step, seed=seed, data=data, sink=sink, min_span=min_span)
     more = {k: v for k, v in (("normalize", normalize), ("extend_lengths", tuple(extend_lengths)),
-                              ("per_sample", per_sample), ("extend_loss", extend_loss)) if v not in ("none", (), "mean")}
+                              ("per_sample", per_sample), ("extend_loss", extend_loss),
+                              ("keep_readers", keep_readers)) if v not in ("none", (), "mean", 0.0)}
     bounds = _bounds(bounds) if isinstance(bounds, str) else tuple((int(n), float(b)) for n, b in dict(bounds).items()) \
         if isinstance(bounds, dict) else tuple(bounds)
     if bounds:
@@ -365,7 +404,7 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", lengths=(10
     call = call_text("moa", dict(kw, **more)) + (" --signed" if signed else "") + (" --add" if add else "")
     m = fit_moa(model, tok, out_path=None, device=device, normalize=None if normalize == "none" else normalize,
                 extend_lengths=tuple(extend_lengths), per_sample=per_sample, take_abs=not signed,
-                bounds=dict(bounds) or None, extend_loss=extend_loss, **kw)
+                bounds=dict(bounds) or None, extend_loss=extend_loss, keep_readers=keep_readers, **kw)
     m.plan["info"]["call"] = call
     if prev is not None:
         m = prev.add_plan(m)

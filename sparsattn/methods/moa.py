@@ -369,7 +369,7 @@ class MoA(Calibrated, Method):
     def fit(cls, data, *, budget: float, path: Optional[str] = None, sink: int = 64, min_span: int = 64,
             alpha_step: int = 1024, n_beta: int = 9, info: Optional[dict] = None, normalize: Optional[str] = None,
             extend_lengths: Sequence[int] = (), bounds: Optional[dict] = None, extend_loss: str = "none",
-            **config) -> "MoA":
+            full_heads: Sequence[int] = (), **config) -> "MoA":
         """fit: search the span plan from profiles and return a fitted instance (saved to ``path`` if given).
 
         ``data``: ``{"shape": ModelShape (or its dict), "profiles": {n: Tensor [L, Hq, n]}}``: per
@@ -394,7 +394,10 @@ class MoA(Calibrated, Method):
         with a growing one, and the bound picks the constant one) or ``"relative"`` (the longest
         profile stretched to the extended length, i.e. the effect stays at the same *relative*
         distance, as a needle at a given depth does: the loss of span ``s`` at length ``n`` is the
-        longest profiled length ``N``'s loss of span ``ceil(s N / n)``).
+        longest profiled length ``N``'s loss of span ``ceil(s N / n)``). ``full_heads``: flat head indices
+        (``layer * num_heads + head``) that must keep every key at every length (a departure from
+        MoA, off when empty: ``calibrate.moa``'s ``keep_readers`` passes the heads that read the
+        calibration needles): their shorter candidates carry a loss above any other choice.
         """
         if not isinstance(data, dict) or "shape" not in data or "profiles" not in data:
             raise ValueError("data: expected {'shape': ModelShape, 'profiles': {length: Tensor [L, H, n]}}")
@@ -440,6 +443,14 @@ class MoA(Calibrated, Method):
             else:
                 losses.append(torch.zeros(LH, sp.numel(), dtype=torch.float64))
             dens.append(span_density(sp, sink, n)[None].expand(LH, -1))
+        full = sorted({int(i) for i in full_heads})
+        if any(not 0 <= i < LH for i in full):
+            raise ValueError(f"full_heads: expected flat head indices in [0, {LH}), got {list(full_heads)}")
+        if full:  # every shorter span of these heads costs more than all other losses together
+            big = 1.0 + 1e3 * float(sum(x.abs().sum() for x in losses))
+            for x, n in zip(losses, lengths + ext):
+                short = spans_for(alphas, betas, n, min_span) < n
+                x[full] = x[full] + big * short.to(x.dtype)[None]
         bounds = {int(k): float(v) for k, v in (bounds or {}).items()}
         if set(bounds) - set(lengths) - set(ext):
             raise ValueError(f"bounds: expected lengths among {lengths + ext}, got {sorted(bounds)}")
@@ -447,6 +458,8 @@ class MoA(Calibrated, Method):
         a = alphas[choice].view(shape.num_layers, shape.num_heads)
         b = betas[choice].view(shape.num_layers, shape.num_heads)
         found.update({"lengths": lengths, "budget": budget})
+        if full:
+            found["full_heads"] = [[i // shape.num_heads, i % shape.num_heads] for i in full]
         if ext or normalize is not None or bounds:  # (density then lists the profiled lengths first, then these)
             found.update({"extend_lengths": ext, "normalize": normalize, "extend_loss": extend_loss,
                           "bounds": {str(n): bounds.get(n, budget) for n in lengths + ext}})

@@ -83,3 +83,26 @@ def test_command_line_options_of_the_shipped_sparse_plan():
     for bad in ("1024", "1024:1.5", "x:0.2"):
         with pytest.raises(ValueError, match="bounds"):
             cal._bounds(bad)
+
+
+def test_reading_heads_from_the_profiled_samples():
+    """profile_moa with needle positions: each head's largest share of the answer rows' attention on the
+    needle, equal to the share computed from the dense probabilities directly; the profile unchanged."""
+    model = _tiny()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 259, (1, 64), generator=g)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, -4:] = True
+    needle = [10, 11, 12]
+    reading: dict = {}
+    prof = cal.profile_moa(model, [(ids, mask, needle)], sink=4, reading=reading)
+    assert torch.allclose(prof, cal.profile_moa(model, [(ids, mask)], sink=4))
+    assert sorted(reading) == [0, 1] and all(r.shape == (4,) for r in reading.values())
+    out = model(input_ids=ids, output_attentions=True, use_cache=False)
+    for l, att in enumerate(out.attentions):  # eager attention probabilities [1, H, T, T]
+        direct = att[0][:, 59:63][..., needle].sum(-1).mean(-1).double()
+        torch.testing.assert_close(reading[l], direct, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="keep_readers"):
+        cal.fit_moa(model, None, data="copy", keep_readers=0.5, lengths=(512,))

@@ -135,3 +135,20 @@ def test_relative_extension_keeps_a_far_reader_whole_beyond_the_profiled_lengths
         MoA.fit({"shape": SHAPE, "profiles": prof}, bounds={4096: 0.5}, **kw)
     with pytest.raises(ValueError, match="extend_loss"):
         MoA.fit({"shape": SHAPE, "profiles": prof}, extend_loss="absolute", **kw)
+
+
+def test_full_heads_keep_every_key_at_every_length():
+    lengths = (1024, 2048)
+    kw = dict(budget=0.45, sink=16, min_span=16, alpha_step=256, extend_lengths=(4096,))
+    prof = _profiles(lengths)
+    for n in lengths:  # head (0, 1) predicts no loss beyond a short span: the plain search cuts it
+        prof[n][0, 1] = 0
+        prof[n][0, 1, :8] = 1.0
+    free = MoA.fit({"shape": SHAPE, "profiles": prof}, **kw)
+    assert free.spans(0, 4096)[1] < 4096
+    kept = MoA.fit({"shape": SHAPE, "profiles": prof}, full_heads=[1], **kw)
+    assert [int(kept.spans(0, n)[1]) for n in lengths + (4096,)] == [1024, 2048, 4096]
+    assert kept.plan["info"]["full_heads"] == [[0, 1]]
+    assert all(d <= 0.45 + 1e-9 for d in kept.plan["info"]["density"])
+    with pytest.raises(ValueError, match="full_heads"):
+        MoA.fit({"shape": SHAPE, "profiles": prof}, full_heads=[8], **kw)
