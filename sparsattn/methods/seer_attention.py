@@ -336,6 +336,10 @@ class SeerAttention(Calibrated, Method):
     Args:
         threshold: keep blocks whose gate probability exceeds it (default 2e-3, ``seerattn_threshold``).
         nz_ratio: if set (0 < r <= 1), top-k mode instead: ``int((1 - sqrt(1 - r)) * nk)`` blocks per row.
+        topk_rule: how top-k mode sizes a row: ``"constant"`` (the repository's rule above: the same
+            ``k`` for every query-block row, so the last rows of a long prompt keep the smallest share
+            of their keys) or ``"row"`` (a departure: each row keeps ``ceil(r * its causal blocks)``,
+            the same share of every row; ``r`` is then the density of the row).
         last_block_dense: the last two query-block rows keep every causal block (True).
         gate_path: deprecated alias of ``path`` (kept for older code; mirrors ``path``).
         path: directory of a trained gate (``save`` / ``SeerGate.save``; trained by
@@ -350,6 +354,7 @@ class SeerAttention(Calibrated, Method):
 
     threshold: float = 2e-3
     nz_ratio: Optional[float] = None
+    topk_rule: str = "constant"
     last_block_dense: bool = True
     gate_path: Optional[str] = None
     path: Optional[str] = None
@@ -370,14 +375,19 @@ class SeerAttention(Calibrated, Method):
     def density_variants(cls, T: int, target: float, ctx: PresetContext) -> dict:
         """Preset: ``threshold``: the gate ``ctx.calibration("seer_attention")`` in threshold mode (the
         paper's default mode), ``last_block_dense=False``; knob the threshold in [1e-4, 0.3] (density
-        decreasing in it; guess 4e-3 / target, 0.03 at 12%)."""
+        decreasing in it; guess 4e-3 / target, 0.03 at 12%). ``row``: top-k mode with
+        ``topk_rule="row"`` (every row keeps the same share of its causal blocks); knob nz_ratio."""
         gate = ctx.calibration(cls.name)
         if gate is None:
             raise ValueError("seer_gate: expected the SeerAttention gate directory, got None")
         return {"threshold": DensityKnob(cls.name, "threshold", 1e-4, 0.3, False, False, min(0.3, 4e-3 / target),
                                          lambda x: dict(gate_path=gate, threshold=float(f"{float(x):.4g}"),
                                                         last_block_dense=False),
-                                         lambda x: f"thr{float(x):.3g}")}
+                                         lambda x: f"thr{float(x):.3g}"),
+                "row": DensityKnob(cls.name, "nz_ratio", 1e-3, 1.0, False, True, target,
+                                   lambda x: dict(gate_path=gate, nz_ratio=round(float(x), 5), topk_rule="row",
+                                                  last_block_dense=False),
+                                   lambda x: f"row{float(x):.3f}")}
 
 
     def __post_init__(self):
@@ -387,6 +397,8 @@ class SeerAttention(Calibrated, Method):
             raise ValueError(f"nz_ratio: expected None or a float in (0, 1], got {self.nz_ratio!r}")
         if not isinstance(self.last_block_dense, bool):
             raise ValueError(f"last_block_dense: expected a bool, got {self.last_block_dense!r}")
+        if self.topk_rule not in ("constant", "row"):
+            raise ValueError(f"topk_rule: expected 'constant' or 'row', got {self.topk_rule!r}")
         if self.gate_path is not None:
             if self.path is not None and self.path != self.gate_path:
                 raise ValueError(f"gate_path/path: gate_path is a deprecated alias of path; got both "
@@ -488,9 +500,16 @@ class SeerAttention(Calibrated, Method):
             # top-k of the logits = top-k of the probabilities (softmax is monotonic), scattered into
             # the block mask: no softmax and no full sort of the [nq, nk] scores
             logits = self.block_logits(q, k, ctx)
-            kk = min(nz_topk(self.nz_ratio, logits.shape[-1]), logits.shape[-1])
             keep = torch.zeros(logits.shape, dtype=torch.bool, device=q.device)
-            keep.scatter_(-1, torch.topk(logits.masked_fill_(~allowed, float("-inf")), kk, dim=-1).indices, True)
+            if self.topk_rule == "constant":
+                kk = min(nz_topk(self.nz_ratio, logits.shape[-1]), logits.shape[-1])
+                keep.scatter_(-1, torch.topk(logits.masked_fill_(~allowed, float("-inf")), kk, dim=-1).indices, True)
+            else:  # "row": ceil(r * causal blocks) of each row, ranks beyond a row's own k dropped
+                k_row = torch.ceil(self.nz_ratio * allowed.sum(-1).double()).clamp_min(1).long()  # [nq]
+                kk = int(k_row.max())
+                top = torch.topk(logits.masked_fill_(~allowed, float("-inf")), kk, dim=-1).indices
+                take = torch.arange(kk, device=q.device)[None, :] < k_row[:, None]  # [nq, kk]
+                keep.scatter_(-1, top, take.expand_as(top))
         keep = (keep | diag) & allowed
         if self.last_block_dense:
             keep[:, :, -2:, :] = allowed[-2:]

@@ -30,6 +30,8 @@ def test_hyper_parameters_validated():
         SeerAttention(threshold=-1.0)
     with pytest.raises(ValueError, match="nz_ratio"):
         SeerAttention(nz_ratio=0.0)
+    with pytest.raises(ValueError, match="topk_rule"):
+        SeerAttention(nz_ratio=0.3, topk_rule="global")
     with pytest.raises(ValueError, match="rope_input"):
         SeerGate(4, 2, 32, 1, rope_input="mid")
 
@@ -234,3 +236,26 @@ def test_train_gates_end_to_end_on_a_tiny_hf_model(tmp_path):
     m.select(q, k, SelectContext(layer=1)).validate()
     with pytest.raises(SystemExit):
         main(["--help"])
+
+
+@pytest.mark.parametrize("nz_ratio", [0.15, 0.5])
+def test_select_row_rule_keeps_the_same_share_of_every_row(nz_ratio):
+    """topk_rule="row": row r keeps its ceil(r * causal blocks) best blocks (plus the diagonal); the
+    constant rule keeps one k for every row."""
+    q, k = _qk(T=600)
+    gate = SeerGate(4, 2, 32, [0], seed=3)
+    allowed = causal_block_mask(600, 600, 64)
+    m = SeerAttention(nz_ratio=nz_ratio, topk_rule="row", last_block_dense=False).set_gate(gate)
+    bm = m.select(q, k, SelectContext(layer=0)).block_mask()[0]
+    probs = m.block_probs(q, k, SelectContext(layer=0))[0]
+    diag = diagonal_block_mask(600, 600, 64)
+    expect = torch.zeros_like(bm)
+    for h in range(4):
+        for r in range(bm.shape[1]):
+            kr = max(1, math.ceil(nz_ratio * int(allowed[r].sum())))
+            vals = probs[h, r].masked_fill(~allowed[r], -1)
+            expect[h, r, vals.topk(kr).indices] = True
+    assert torch.equal(bm, (expect | diag) & allowed)
+    const = SeerAttention(nz_ratio=nz_ratio, last_block_dense=False).set_gate(gate)
+    bc = const.select(q, k, SelectContext(layer=0)).block_mask()[0]
+    assert int(bc[:, -1].sum()) <= int(bm[:, -1].sum())  # the last row keeps at least as much under "row"
