@@ -308,12 +308,15 @@ DEFAULTS = {"lengths": (1024, 2048), "budget": 0.5, "samples_per_length": 1, "an
             "per_sample": "mean", "signed": False, "bounds": (), "extend_loss": "none",
             "add": False, "keep_readers": 0.0}
 #: the options of the shipped sparse plan, added to the shipped file (``sparsattn calibrate moa`` with
-#: these options and ``--add``; issue 21, docs/results/moa_cpu_2026-12-05): passkey prompts, the signed
-#: effect, density bounds 0.3 / 0.2 at the profiled 1K / 2K (sink + shortest span alone are 12% of a 1K
-#: context), 0.12 at 4K and 8K with the 2K profile stretched there
+#: these options and ``--add``; issue 21, docs/results/moa_cpu_2026-12-05 and
+#: docs/results/retrieval_prose_cpu_2026-12-05): passkey prompts, the signed effect, density bounds
+#: 0.3 / 0.2 at the profiled 1K / 2K (sink + shortest span alone are 12% of a 1K context), 0.125 at 4K
+#: (the six needle readers whole and 58 heads at sink + shortest span already cost 0.122 there), 0.12
+#: at 8K, the 2K profile stretched to 4K / 8K, the heads reading the calibration needles kept whole
 RETRIEVAL_PLAN = {"data": "retrieval", "budget": 0.12, "lengths": (1024, 2048), "samples_per_length": 4,
                   "sink": 32, "min_span": 32, "signed": True, "extend_lengths": (4096, 8192),
-                  "extend_loss": "relative", "bounds": ((1024, 0.3), (2048, 0.2))}
+                  "extend_loss": "relative", "bounds": ((1024, 0.3), (2048, 0.2), (4096, 0.125)),
+                  "keep_readers": 0.5}
 
 
 def _bounds(text: str) -> tuple:

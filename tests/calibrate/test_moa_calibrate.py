@@ -76,9 +76,10 @@ def test_command_line_options_of_the_shipped_sparse_plan():
 
     assert set(cal.RETRIEVAL_PLAN) <= set(cal.DEFAULTS)
     a = build_parser(argparse.ArgumentParser()).parse_args(
-        ["moa", "--bounds", "1024:0.3,2048:0.2", "--signed", "--extend-lengths", "4096,8192", "--extend-loss",
-         "relative", "--add"])
-    assert a.bounds == ((1024, 0.3), (2048, 0.2)) == cal.RETRIEVAL_PLAN["bounds"] and a.signed and a.add
+        ["moa", "--bounds", "1024:0.3,2048:0.2,4096:0.125", "--signed", "--extend-lengths", "4096,8192",
+         "--extend-loss", "relative", "--keep-readers", "0.5", "--add"])
+    assert a.bounds == ((1024, 0.3), (2048, 0.2), (4096, 0.125)) == cal.RETRIEVAL_PLAN["bounds"] and a.signed and a.add
+    assert a.keep_readers == 0.5 == cal.RETRIEVAL_PLAN["keep_readers"]
     assert a.extend_lengths == (4096, 8192) and a.extend_loss == "relative"
     for bad in ("1024", "1024:1.5", "x:0.2"):
         with pytest.raises(ValueError, match="bounds"):
