@@ -45,8 +45,7 @@ PROVENANCE_KEY = "seer_gate"
 DEFAULTS = {"steps": 300, "seq_len": 2048, "minutes": 20.0, "seed": 0, "lr": 1e-3, "rope_input": "pre",
             "data": "retrieval", "retrieval_fraction": 0.75, "init": None, "stream": False, "cache": None,
             "cache_lengths": (2048, 4096), "n_retrieval": (78, 24), "n_source": (4, 0), "n_prose": (0, 0),
-            "answer_weight": 30.0,
-            "target_power": 8.0, "batch_size": 8}
+            "answer_weight": 30.0, "target_power": 8.0, "batch_size": 8}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -139,7 +138,8 @@ def train(model, tokenizer, out: str, *, steps: int = 300, seq_len: int = 2048, 
 
 
 def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048, 4096), n_retrieval=(78, 24),
-                 n_source=(4, 0), n_prose=None, steps: int = 3000, minutes: Optional[float] = 20.0, seed: int = 0, lr: float = 1e-3,
+                 n_source=(4, 0), n_prose=None, steps: int = 3000, minutes: Optional[float] = 20.0, seed: int = 0,
+                 lr: float = 1e-3,
                  rope_input: str = "pre", init: Optional[str] = None, answer_weight: float = 30.0,
                  target_power: float = 8.0, batch_size: int = 8, info: Optional[dict] = None, haystack=None,
                  source=None, log=print):
@@ -212,7 +212,8 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", steps: int 
     opts = dict(steps=steps, minutes=minutes, seed=seed, lr=lr, rope_input=rope_input, data=data, device=device)
     if data == "retrieval" and not stream:
         opts.update(cache_lengths=cache_lengths, n_retrieval=n_retrieval, n_source=n_source,
-                    **({"n_prose": n_prose} if any(int(x) for x in n_prose) else {}), answer_weight=answer_weight, target_power=target_power, batch_size=batch_size)
+                    **({"n_prose": n_prose} if any(int(x) for x in n_prose) else {}), answer_weight=answer_weight,
+                    target_power=target_power, batch_size=batch_size)
         if cache is not None:
             opts["cache"] = cache
         if init:
