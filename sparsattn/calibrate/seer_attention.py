@@ -30,7 +30,6 @@ first). ``--stream`` keeps the older per-step capture (a frozen-model forward pe
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import time
 from typing import Optional
@@ -257,16 +256,6 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", steps: int 
 # ------------------------------------------------------------------------------------------------
 
 
-def _reading_mass(q: "torch.Tensor", k: "torch.Tensor", rows: list, needle: list) -> "torch.Tensor":
-    """Per query head, the mean over ``rows`` of the dense attention mass on the ``needle`` keys."""
-    g = q.shape[1] // k.shape[1]
-    kk = k.float().repeat_interleave(g, dim=1)
-    s = torch.matmul(q[:, :, rows].float(), kk.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    r = torch.tensor(rows)[:, None]
-    s = s.masked_fill(torch.arange(k.shape[2])[None, :] > r, float("-inf"))
-    return torch.softmax(s, -1)[..., needle].sum(-1).mean(-1)[0]  # [Hq]
-
-
 def build_cache(model, tokenizer, cache_dir, *, lengths=(2048,), n_retrieval: int = 64, n_source: int = 16,
                 seed: int = 0, haystack=None, source=None, n_prose: int = 0, prose=None, log=print) -> list:
     """build_cache: capture the gate's training features once (``train.seer_gate.gate_features``: pooled
@@ -285,6 +274,7 @@ def build_cache(model, tokenizer, cache_dir, *, lengths=(2048,), n_retrieval: in
     from safetensors.torch import save_file
 
     from ..train.seer_gate import capture_for_gate, gate_features, gate_for_model, token_windows
+    from ..eval.needle import needle_mass
     from ._retrieval import prose_windows, retrieval_prompts
 
     cache_dir = Path(cache_dir)
@@ -325,7 +315,7 @@ def build_cache(model, tokenizer, cache_dir, *, lengths=(2048,), n_retrieval: in
                     f = gate_features(gate, *tup)
                     tensors.update({f"q.{l}": f["q"], f"k.{l}": f["k"], f"t.{l}": f["t"]})
                     if kind != "source":
-                        tensors[f"read.{l}"] = _reading_mass(tup[0], tup[1], rows, p["needle"])
+                        tensors[f"read.{l}"] = needle_mass(tup[0], tup[1], rows, p["needle"]).float()
             save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path),
                       metadata={"meta": json.dumps(meta)})
             if log:

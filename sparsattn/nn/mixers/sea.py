@@ -54,7 +54,7 @@ from ..layers._qkv import QKVLayer, check_int, check_pow2
 from ._approx_common import add_stat, cdiv, check_qkv, check_scale, grid_entry, wide_dtype
 from ._approx_performer import favor_features, linear_attention, orthogonal_features
 
-__all__ = ["sea_attention", "SEA", "column_of_key", "POOLS"]
+__all__ = ["sea_attention", "SEA", "column_of_key", "POOLS", "SEA_GRID"]
 
 POOLS = ("block", "previous")
 #: the fidelity grid's budgets (``SEA.fidelity_grid``): ``top_k`` per pool (the paper's rule at four
