@@ -70,3 +70,18 @@ def test_cli_single_run(tmp_path):
                  "--steps", "2", "--vocab", "32", "--out", str(out), "--no-progress"]) == 0
     rows = read_rows(out)
     assert len(rows) == 1 and rows[0]["layer"] == "selective" and rows[0]["error"] == ""
+
+
+def test_lr_schedule_follows_the_budget_that_runs_out_first():
+    from sparsattn.train.layerbench.loop import _lr_at
+
+    # steps alone: 10% warmup of 1000 steps, peak at step 99, cosine to 10% at the end
+    assert _lr_at(0, 1000, 100, 1.0) == pytest.approx(0.01)
+    assert _lr_at(99, 1000, 100, 1.0) == pytest.approx(1.0)
+    assert _lr_at(999, 1000, 100, 1.0) == pytest.approx(0.1, abs=1e-4)
+    # a time budget half spent at step 10: the schedule is past its warmup, at its middle
+    assert _lr_at(10, 1000, 100, 1.0, time_frac=0.5) == pytest.approx(_lr_at(500, 1000, 100, 1.0))
+    assert _lr_at(10, 1000, 100, 1.0, time_frac=0.5) > 0.5
+    # the time fraction never moves the schedule back
+    assert _lr_at(800, 1000, 100, 1.0, time_frac=0.1) == pytest.approx(_lr_at(800, 1000, 100, 1.0))
+    assert _lr_at(10, 1000, 100, 1.0, time_frac=1.0) == pytest.approx(0.1)

@@ -45,7 +45,14 @@ def _label(mixers: Sequence) -> str:
     return names[0] if len(set(names)) == 1 else "+".join(names)
 
 
-def _lr_at(step: int, total: int, warmup: int, lr: float) -> float:
+def _lr_at(step: int, total: int, warmup: int, lr: float, time_frac: float = 0.0) -> float:
+    """The learning rate at ``step`` of ``total``: linear warmup over ``warmup`` steps, then cosine to 10%.
+
+    ``time_frac`` (elapsed / time limit) moves the schedule on when the time budget runs out before
+    the step budget: the schedule's position is the further of the two, so a run cut by its time
+    limit still warms up and decays inside that limit (a 20 000-step schedule cut at 1 700 steps
+    would otherwise end still in its 2 000-step warmup)."""
+    step = max(step, int(time_frac * total))
     if step < warmup:
         return lr * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
@@ -122,7 +129,8 @@ def train_layer(layer: Union[str, Sequence], task: Union[str, TaskData] = "mqar"
             library's table on CUDA).
         progress: tqdm bar.
         time_limit_s: stop training after this many seconds (then evaluate); the row's
-            ``steps_done < steps`` shows it (the grid uses it to stay inside a device time limit).
+            ``steps_done < steps`` shows it (the grid uses it to stay inside a device time limit). The
+            learning-rate schedule (warmup, cosine) follows whichever budget, steps or time, runs out first.
     """
     task_name = task.name if isinstance(task, TaskData) else task
     if task_name not in TASK_DEFAULTS:
@@ -178,7 +186,8 @@ def train_layer(layer: Union[str, Sequence], task: Union[str, TaskData] = "mqar"
             pos += d["batch_size"]
             x, y = data.x_train[idx].to(dev, non_blocking=True), data.y_train[idx].to(dev, non_blocking=True)
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, steps, warm, d["lr"])
+                g["lr"] = _lr_at(step, steps, warm, d["lr"],
+                                 (time.perf_counter() - t0) / time_limit_s if time_limit_s else 0.0)
             with autocast() if autocast else contextlib.nullcontext():
                 loss, _, _ = task_loss(model, data, x, y)
                 extra = model.extra_loss()
