@@ -64,6 +64,8 @@ def test_triton_forward_backward(dtype, T, D, E, block):
     """Kernel output and its chunked backward (three reversed/forward launches) vs the quadratic
     form in float64 (the kernel accumulates in float32: tolerance 1e-5 relative)."""
     assert can_run(torch.empty(1, device=KDEV))[0], "tests run on CUDA, or with TRITON_INTERPRET=1 on the CPU"
+    if dtype == torch.float64 and KDEV == "cuda":
+        pytest.skip("the kernel takes float64 in the interpreter only (on CUDA it refuses it with a ValueError)")
     q, k, v, g = _inputs(2, 3, T, D, E, device=KDEV)
     ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = lightning_quadratic(*ref_in, g, scale=0.3)
