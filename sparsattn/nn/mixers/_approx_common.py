@@ -6,6 +6,7 @@ torch, float32 inside, differentiable, and vectorised (no loop over tokens).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -61,6 +62,15 @@ def softmax_lse(s: torch.Tensor, v: torch.Tensor, keep: Optional[torch.Tensor] =
     out = torch.matmul(p / den_safe, v)
     lse = torch.where(ok, torch.log(den_safe) + m, torch.full_like(den, NEG_INF))[..., 0]
     return out, lse
+
+
+def autocast_off(x: torch.Tensor):
+    """A context with autocast disabled on ``x``'s device (a no-op context where the device has no
+    autocast), so that a mixer's arithmetic stays in ``wide_dtype``: under bf16 autocast every
+    matmul/einsum would otherwise round to bf16 (8 bits), and on the CPU exp/sum/cumsum too, which a
+    normaliser that subtracts nearly equal sums (Scatterbrain's low-rank complement) cannot afford."""
+    dev = x.device.type
+    return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
 
 
 def wide_dtype(x: torch.Tensor) -> torch.dtype:

@@ -32,12 +32,19 @@ def orthogonal_features(m: int, d: int, seed: int) -> torch.Tensor:
     return (w * norms).float()
 
 
+def favor_exponents(x: torch.Tensor, w: torch.Tensor, scale: float) -> torch.Tensor:
+    """``[..., T, m]``: the exponents ``w_r . x' - |x'|^2 / 2`` (``x' = x * scale**0.5``) of the FAVOR+
+    features of ``x [..., T, D]`` under directions ``w [m, D]``, in ``wide_dtype`` (so
+    ``phi(x)_r = exp(exponent_r) / sqrt(m)`` before any stabiliser)."""
+    dt = wide_dtype(x)
+    xs = x.to(dt) * scale ** 0.5
+    return torch.matmul(xs, w.to(dt).T) - 0.5 * (xs * xs).sum(-1, keepdim=True)
+
+
 def favor_features(x: torch.Tensor, w: torch.Tensor, scale: float, *, is_query: bool):
     """``(phi [..., T, m], c)``: FAVOR+ features of ``x [..., T, D]`` under directions ``w [m, D]`` and
     their log-stabiliser ``c`` (``[..., T]`` for queries, ``[...]`` for keys: one per leading index)."""
-    dt = wide_dtype(x)
-    xs = x.to(dt) * scale ** 0.5
-    base = torch.matmul(xs, w.to(dt).T) - 0.5 * (xs * xs).sum(-1, keepdim=True)
+    base = favor_exponents(x, w, scale)
     if is_query:
         c = base.amax(-1, keepdim=True).detach()
     else:

@@ -43,10 +43,11 @@ import torch
 from ...kernels.merge import merge_lse
 from ..base import register_layer
 from ..layers._qkv import QKVLayer, check_int
-from ._approx_common import (NEG_INF, add_stat, cdiv, check_qkv, check_scale, exact_lse, gather_rows, grid_entry,
-                             pad_tokens, softmax_lse, wide_dtype)
+from ._approx_common import (NEG_INF, add_stat, autocast_off, cdiv, check_qkv, check_scale, exact_lse, gather_rows,
+                             grid_entry, pad_tokens, softmax_lse, wide_dtype)
 from ._approx_lsh import lsh_projections, lsh_rank, sort_by_rank, window_attention
-from ._approx_performer import favor_features, linear_attention, orthogonal_features
+from ._approx_logfavor import log_linear_attention, pair_weights
+from ._approx_performer import favor_exponents, orthogonal_features
 
 __all__ = ["scatterbrain_attention", "Scatterbrain", "xbox_transform", "SCATTER_GRID"]
 
@@ -75,18 +76,19 @@ def xbox_transform(q: torch.Tensor, k: torch.Tensor, running: bool = False) -> t
     return q2, k2
 
 
-def _window_lowrank(fq, fks, vs, idx, keep):
+def _window_lowrank(eq, eks, vs, idx, keep, C):
     """The low-rank terms ``sum_{j in window} phi(q_i).phi(k_j) [v_j]`` of each row's window support
-    (``idx``/``keep`` from ``window_attention``), in row chunks of bounded memory."""
+    (``idx``/``keep`` from ``window_attention``) on the rows' scale ``exp(C_i)`` (``eq``/``eks``: the
+    query and sorted key exponents), in row chunks of bounded memory."""
     B, H, T, w = idx.shape
-    step = max(1, (1 << 24) // max(B * H * w * (fks.shape[-1] + vs.shape[-1]), 1))
+    step = max(1, (1 << 24) // max(B * H * w * (eks.shape[-1] + vs.shape[-1]), 1))
     nums, dens = [], []
     for a in range(0, T, step):
         ix, kp = idx[:, :, a:a + step], keep[:, :, a:a + step]
         flat = ix.reshape(B, H, -1)
-        fkg = fks.gather(-2, flat[..., None].expand(*flat.shape, fks.shape[-1])).reshape(*ix.shape, -1)
+        ekg = eks.gather(-2, flat[..., None].expand(*flat.shape, eks.shape[-1])).reshape(*ix.shape, -1)
         vg = vs.gather(-2, flat[..., None].expand(*flat.shape, vs.shape[-1])).reshape(*ix.shape, -1)
-        s = torch.einsum("bhim,bhiwm->bhiw", fq[:, :, a:a + step], fkg) * kp
+        s = pair_weights(eq[:, :, a:a + step, None, :], ekg, C[:, :, a:a + step, None], kp)
         nums.append(torch.einsum("bhiw,bhiwd->bhid", s, vg))
         dens.append(s.sum(-1))
     return torch.cat(nums, 2), torch.cat(dens, 2)
@@ -129,6 +131,12 @@ def scatterbrain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         raise ValueError(f"features: expected Performer directions [m, {D}], got {tuple(getattr(features, 'shape', ()))}")
     if not isinstance(lsh_proj, torch.Tensor) or lsh_proj.dim() != 2 or lsh_proj.shape[0] != D + 2:
         raise ValueError(f"lsh_proj: expected LSH hyperplanes [{D + 2}, r], got {tuple(getattr(lsh_proj, 'shape', ()))}")
+    with autocast_off(q):  # float32 arithmetic under bf16 autocast (the complement subtracts near-equal sums)
+        return _estimate(q, k, v, features, lsh_proj, causal, scale, cluster_size, parts, chunk, stats, assign)
+
+
+def _estimate(q, k, v, features, lsh_proj, causal, scale, cluster_size, parts, chunk, stats, assign):
+    """The body of ``scatterbrain_attention`` (arguments checked; autocast off)."""
     B, H, T, _ = q.shape
     dt = wide_dtype(q)
     per = B * H
@@ -136,9 +144,9 @@ def scatterbrain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     use_sparse, use_lr = parts in ("both", "sparse"), parts in ("both", "lowrank")
     out_parts = []
     if use_lr:
-        fq, cq = favor_features(q, features.to(q.device), scale, is_query=True)
-        fk, ck = favor_features(k, features.to(q.device), scale, is_query=False)
-        num, den = linear_attention(fq, fk, v.to(dt), causal=causal, chunk=chunk)
+        eq = favor_exponents(q, features.to(q.device), scale)
+        ek = favor_exponents(k, features.to(q.device), scale)
+        num, den, c_row = log_linear_attention(eq, ek, v.to(dt), causal=causal, chunk=chunk)
         den_all = den
         add_stat(stats, "lowrank", per * T * features.shape[0])
     if use_sparse and assign == "window" and cluster_size >= T:  # every key is in the support: exact
@@ -167,7 +175,7 @@ def scatterbrain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         add_stat(stats, "pairs", per * T * c)
         out_parts.append((o_s, l_s))
         if use_lr:
-            n_sub, d_sub = _window_lowrank(fq, gather_rows(fk, k_order), vs, idx, keep)
+            n_sub, d_sub = _window_lowrank(eq, gather_rows(ek, k_order), vs, idx, keep, c_row)
             num, den = num - n_sub, den - d_sub
     elif use_sparse:
         q2, k2 = xbox_transform(q.to(dt), k.to(dt))
@@ -195,16 +203,19 @@ def scatterbrain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         out_parts.append((unsort(o_s), unsort(l_s[..., None])[..., 0]))
         if use_lr:
             # the low-rank terms on the support, removed from the low-rank sums (no double counting)
-            fqs = pad_tokens(gather_rows(fq, q_order), Tp).reshape(B, H, n, b, -1)
-            fks = pad_tokens(gather_rows(fk, k_order), Tp).reshape(B, H, n, b, -1)
-            a = torch.matmul(fqs, fks.transpose(-1, -2)) * keep
+            eqs = pad_tokens(gather_rows(eq, q_order), Tp).reshape(B, H, n, b, 1, -1)
+            eks = pad_tokens(gather_rows(ek, k_order), Tp).reshape(B, H, n, 1, b, -1)
+            cs = pad_tokens(gather_rows(c_row[..., None], q_order), Tp).reshape(B, H, n, b, 1)
+            a = pair_weights(eqs, eks, cs, keep)
             num = num - unsort(torch.matmul(a, vs))
             den = den - unsort(a.sum(-1, keepdim=True))[..., 0]
     if use_lr:
-        ok = den > 64 * torch.finfo(dt).eps * den_all  # what rounding leaves of an empty complement is empty
+        # what rounding leaves of an empty complement is empty (den_all >= 1/m on the rows' log scale, so
+        # den is never near the float range's floor: the division's gradient num / den**2 stays finite)
+        ok = den > 64 * torch.finfo(dt).eps * den_all
         den_safe = torch.where(ok, den, torch.ones_like(den))
         o_lr = torch.where(ok[..., None], num / den_safe[..., None], torch.zeros_like(num))
-        l_lr = torch.where(ok, torch.log(den_safe) + cq + ck[..., None], torch.full_like(den, NEG_INF))
+        l_lr = torch.where(ok, torch.log(den_safe) + c_row, torch.full_like(den, NEG_INF))
         out_parts.append((o_lr, l_lr))
     out, lse = merge_lse(out_parts)
     return out.to(q.dtype), lse.to(dt)
