@@ -10,6 +10,7 @@ import torch
 
 from sparsattn.kernels.block_sparse.reference import dense_reference
 from sparsattn.nn import get_layer
+from sparsattn.nn.mixers._approx_logfavor import log_linear_attention
 from sparsattn.nn.mixers._approx_lsh import lsh_projections
 from sparsattn.nn.mixers._approx_performer import favor_features, orthogonal_features
 from sparsattn.nn.mixers.scatterbrain import scatterbrain_attention
@@ -44,7 +45,8 @@ def test_estimator_matches_dense_float64_formula(assign):
         support = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < c)
     else:  # equal chunks of the (unchanged) order
         support = (i[:, None] // c) == (i[None, :] // c)
-    out, lse = scatterbrain_attention(q, k, v, features=F, lsh_proj=ONE_BUCKET, cluster_size=c, assign=assign)
+    out, lse = scatterbrain_attention(q, k, v, features=F, lsh_proj=ONE_BUCKET, cluster_size=c, assign=assign,
+                                      chunk=16)  # three chunks of the causal scan, the last one padded
     ref, lref = _reference(q, k, v, support, causal=True)
     torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(lse, lref, atol=1e-9, rtol=1e-9)
@@ -113,3 +115,66 @@ def test_bf16_long_sequence_no_nan():
     for assign in ("rank", "window"):
         bf16_long_finite(lambda q, k, v: scatterbrain_attention(q, k, v, features=feats, lsh_proj=proj,
                                                                 cluster_size=64, assign=assign), T=1024)
+
+
+def _large_norm_layer(width, gain=16.0, **cfg):
+    """The MQAR preset layer with q/k/v projections scaled up, as a trained model's (logits of
+    several hundred at gain 16: rows whose Performer normaliser underflowed under one key stabiliser)."""
+    torch.manual_seed(0)
+    layer = get_layer("scatterbrain", width, 2, cluster_size=32, nb_features=32, **cfg)
+    with torch.no_grad():
+        layer.qkv_proj.weight.mul_(gain)
+    return layer
+
+
+@pytest.mark.parametrize("assign", ["window", "rank"])
+@pytest.mark.parametrize("width", [128, 256])
+def test_bf16_autocast_large_norm_forward_and_backward_finite(width, assign):
+    # the GPU failure of 2026-12-05 (non-finite loss in bf16 at widths 128/256): NaN gradients from the
+    # division by a row's underflowed low-rank normaliser
+    layer = _large_norm_layer(width, assign=assign)
+    x = torch.randn(4, 256, width, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        loss = y.float().pow(2).mean()
+    loss.backward()
+    assert torch.isfinite(y).all()
+    for name, p in [*layer.named_parameters(), ("x", x)]:
+        assert torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("assign", ["window", "rank"])
+def test_float32_matches_float64_at_large_norms(assign):
+    # the low-rank sums in log scale: float32 is float64 up to rounding even where one stabiliser over
+    # all keys let rows' normalisers underflow (before: relative error 9e11 (window), 0.11 (rank))
+    layer = _large_norm_layer(128)
+    x = torch.nn.functional.layer_norm(torch.randn(2, 256, 128, generator=torch.Generator().manual_seed(2)), (128,))
+    with torch.no_grad():
+        q, k, v = layer.split(x)
+        kw = dict(features=layer.features, lsh_proj=layer.lsh_proj, cluster_size=32, assign=assign)
+        out, lse = scatterbrain_attention(q, k, v, **kw)
+        ref, lref = scatterbrain_attention(q.double(), k.double(), v.double(), **kw)
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-4
+    torch.testing.assert_close(lse.double(), lref, atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_log_linear_attention_is_the_favor_sums_in_log_scale(causal):
+    # the scan over chunks (odd length: a padded last chunk) against the dense float64 sums
+    # (1/m) sum_r exp(a_ir + b_jr) [v_j], on exponents spread over hundreds (where one stabiliser underflows)
+    g = torch.Generator().manual_seed(4)
+    T, m = 53, 6
+    a = torch.randn(2, T, m, generator=g, dtype=torch.float64) * 8
+    b = torch.randn(2, T, m, generator=g, dtype=torch.float64) * 8 - 300 * torch.rand(2, T, 1, generator=g, dtype=torch.float64)
+    v = torch.randn(2, T, 3, generator=g, dtype=torch.float64)
+    num, den, C = log_linear_attention(a, b, v, causal=causal, chunk=16)
+    s = torch.logsumexp(a[:, :, None, :] + b[:, None, :, :], -1) - math.log(m)
+    if causal:
+        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    torch.testing.assert_close(torch.log(den) + C, lse, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(num / den[..., None], torch.softmax(s, -1) @ v, atol=1e-9, rtol=1e-9)
+    assert (den >= 1 / m - 1e-12).all()
+    num32, den32, C32 = log_linear_attention(a.float(), b.float(), v.float(), causal=causal, chunk=16)
+    torch.testing.assert_close((torch.log(den32) + C32).double(), lse, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close((num32 / den32[..., None]).double(), torch.softmax(s, -1) @ v, atol=1e-4, rtol=1e-4)

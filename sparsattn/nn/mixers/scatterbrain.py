@@ -29,9 +29,12 @@ selection. With ``"window"`` the support of query ``i`` is the ``cluster_size`` 
 
 Differences from the paper / authors' code (``HazyResearch/scatterbrain``, read, not copied): one
 hash round (SMYRF uses ``n_hashes`` rounds with E2LSH); the angular LSH of ``hyper`` instead of
-E2LSH buckets; the Performer's key stabiliser is one max over all keys (as Performer), and no
-feature epsilon; causal by prefix sums over chunks for the low-rank part and a position mask on the
-clusters.
+E2LSH buckets; no feature epsilon; a position mask on the clusters for causality. The low-rank part
+is computed in log scale (``_approx_logfavor``: a stabiliser per query row and per feature, a scan
+over chunks for the causal sums) where Performer stabilises all keys by one maximum: with a trained
+model's large-norm q/k that maximum let whole rows' normalisers underflow and the division's
+gradient overflow (NaN under bf16 autocast at widths 128/256, 2026-12-05). The same estimator up to
+rounding. The core runs with autocast off (float32 arithmetic, output in q's dtype).
 """
 from __future__ import annotations
 
