@@ -165,7 +165,8 @@ def test_log_linear_attention_is_the_favor_sums_in_log_scale(causal):
     g = torch.Generator().manual_seed(4)
     T, m = 53, 6
     a = torch.randn(2, T, m, generator=g, dtype=torch.float64) * 8
-    b = torch.randn(2, T, m, generator=g, dtype=torch.float64) * 8 - 300 * torch.rand(2, T, 1, generator=g, dtype=torch.float64)
+    b = (torch.randn(2, T, m, generator=g, dtype=torch.float64) * 8
+         - 300 * torch.rand(2, T, 1, generator=g, dtype=torch.float64))
     v = torch.randn(2, T, 3, generator=g, dtype=torch.float64)
     num, den, C = log_linear_attention(a, b, v, causal=causal, chunk=16)
     s = torch.logsumexp(a[:, :, None, :] + b[:, None, :, :], -1) - math.log(m)
