@@ -179,3 +179,14 @@ def test_log_linear_attention_is_the_favor_sums_in_log_scale(causal):
     num32, den32, C32 = log_linear_attention(a.float(), b.float(), v.float(), causal=causal, chunk=16)
     torch.testing.assert_close((torch.log(den32) + C32).double(), lse, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close((num32 / den32[..., None]).double(), torch.softmax(s, -1) @ v, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("assign", ["window", "rank"])
+def test_gradients_through_the_detached_stabilisers(assign):
+    # the row/feature stabilisers are detached shifts: the gradient is still that of the estimator
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 21, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    feats, proj = orthogonal_features(6, 4, 0), lsh_projections(6, 2, 1)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: scatterbrain_attention(q * 3, k * 3, v, features=feats, lsh_proj=proj, cluster_size=4, chunk=8,
+                                               assign=assign), (q, k, v))
