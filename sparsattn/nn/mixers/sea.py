@@ -10,7 +10,12 @@ estimate with ``return_estimate``):
    width ``K_p = predictor_length``. Performer linear attention of q on k with the one-hot column
    of each key as its value (SEA's identity-like value) gives, per query, the estimated attention
    mass of every column (a row of the compressed ``T x K_p`` matrix; causal prefix sums when
-   causal). An optional learned ``decoder`` refines its log (the paper's MLP + CNN decoder);
+   causal). The sums are kept in log scale (``_approx_logfavor.log_linear_attention``: a stabiliser
+   per query row and per feature, float32 under autocast): with Performer's one key stabiliser per
+   head, large-norm q/k (projections x16 at the MQAR preset, logits ~400) left 5.1-6.5% of the float32
+   causal rows with an all-zero estimate (9.3-11.5% under bf16 autocast), and the exclusive prefix sums
+   cancelled, giving float64 estimates far outside [0, 1] (measured 2026-12-05). An optional learned
+   ``decoder`` refines its log (the paper's MLP + CNN decoder);
 2. top-k: the compressed rows are averaged over each query block of ``block_size`` rows, and the
    ``top_k`` columns with most estimated mass are kept per query block;
 3. resize: the kept columns are mapped to the key blocks that contain their keys (nearest
@@ -51,8 +56,9 @@ from torch import nn
 from ... import patterns as _patterns
 from ..base import attend, register_layer
 from ..layers._qkv import QKVLayer, check_int, check_pow2
-from ._approx_common import add_stat, cdiv, check_qkv, check_scale, grid_entry, wide_dtype
-from ._approx_performer import favor_features, linear_attention, orthogonal_features
+from ._approx_common import add_stat, autocast_off, cdiv, check_qkv, check_scale, grid_entry
+from ._approx_logfavor import log_linear_attention
+from ._approx_performer import favor_exponents, orthogonal_features
 
 __all__ = ["sea_attention", "SEA", "column_of_key", "POOLS", "SEA_GRID"]
 
@@ -68,17 +74,44 @@ def column_of_key(T: int, width: int, device=None) -> torch.Tensor:
 
 
 def _estimate(q, k, features, scale, width, causal, chunk):
-    """Per-query estimated attention mass of each compressed column, ``[B, H, T, width]`` (rows sum
-    to 1 where the estimate is defined, else 0)."""
+    """Per-query estimated attention mass of each compressed column, ``[B, H, T, width]`` in
+    ``wide_dtype`` (rows sum to 1): Performer linear attention of the detached q on k with one-hot
+    column values, in log scale (``_approx_logfavor.log_linear_attention``: a stabiliser per query row
+    and per feature, so every row's normaliser is at least ``1/m``; Performer's one key stabiliser
+    per head let causal rows' normalisers underflow to 0 with large-norm q/k, leaving all-zero rows),
+    float32 under autocast."""
     B, H, T, _ = q.shape
-    dt = wide_dtype(q)
-    fq, _ = favor_features(q.detach(), features.to(q.device), scale, is_query=True)
-    fk, _ = favor_features(k.detach(), features.to(q.device), scale, is_query=False)
-    onehot = torch.nn.functional.one_hot(column_of_key(T, width, q.device), width).to(dt)
-    num, den = linear_attention(fq, fk, onehot.expand(B, H, T, width), causal=causal, chunk=chunk)
-    ok = den > 0
-    return torch.where(ok[..., None], num / torch.where(ok, den, torch.ones_like(den))[..., None],
-                       torch.zeros_like(num))
+    with autocast_off(q):
+        w = features.to(q.device)
+        a = favor_exponents(q.detach(), w, scale)
+        b = favor_exponents(k.detach(), w, scale)
+        onehot = torch.nn.functional.one_hot(column_of_key(T, width, q.device), width).to(a.dtype)
+        num, den, _ = log_linear_attention(a, b, onehot.expand(B, H, T, width), causal=causal, chunk=chunk)
+        ok = den > 0  # always, up to non-finite inputs (den >= 1 / m)
+        return torch.where(ok[..., None], num / torch.where(ok, den, torch.ones_like(den))[..., None],
+                           torch.zeros_like(num))
+
+
+def _select_blocks(logits, T, block_size, top_k, pool):
+    """Bool ``[B, H, nq, n_key_blocks]``: the key blocks of each query block (``nq = ceil(T /
+    block_size)``) from the compressed estimate's ``logits [B, H, T, K_p]``: softmax per row, summed
+    over the query block's rows (``pool="block"``) or the previous block's (``"previous"``; block 0
+    then has no estimate), the ``top_k`` columns with most mass, the key blocks holding their keys,
+    plus the diagonal block."""
+    B, H, _, W = logits.shape
+    nq = cdiv(T, block_size)
+    probs = torch.softmax(logits.detach(), -1)
+    pad = nq * block_size - T
+    pooled = torch.nn.functional.pad(probs, (0, 0, 0, pad)).reshape(B, H, nq, block_size, W).sum(3)
+    if pool == "previous":  # block r selects with the rows of block r - 1 (all earlier than its own rows)
+        pooled = torch.nn.functional.pad(pooled, (0, 0, 1, 0))[:, :, :nq]
+    kk = min(top_k, W)
+    cols = torch.zeros_like(pooled, dtype=torch.bool).scatter_(-1, pooled.topk(kk, dim=-1).indices, True)
+    key_block = torch.arange(T, device=logits.device) // block_size
+    overlap = torch.zeros(nq, W, device=logits.device)
+    overlap[key_block, column_of_key(T, W, logits.device)] = 1.0  # key block b holds keys of column c
+    blocks = torch.matmul(cols.float(), overlap.T) > 0  # [B, H, nq, n_key_blocks]
+    return blocks | torch.eye(nq, dtype=torch.bool, device=logits.device)
 
 
 def sea_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, features: torch.Tensor, causal: bool = True,
@@ -118,20 +151,7 @@ def sea_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, features
     if decoder is not None:
         logits = logits + decoder(logits)
     add_stat(stats, "lowrank", B * H * T * features.shape[0] * W / D)
-    # top-k compressed columns per query block (the kernel's unit), then the key blocks holding them
-    nq = cdiv(T, block_size)
-    probs = torch.softmax(logits.detach(), -1)
-    pad = nq * block_size - T
-    pooled = torch.nn.functional.pad(probs, (0, 0, 0, pad)).reshape(B, H, nq, block_size, W).sum(3)
-    if pool == "previous":  # block r selects with the rows of block r - 1 (all earlier than its own rows)
-        pooled = torch.nn.functional.pad(pooled, (0, 0, 1, 0))[:, :, :nq]
-    kk = min(top_k, W)
-    cols = torch.zeros_like(pooled, dtype=torch.bool).scatter_(-1, pooled.topk(kk, dim=-1).indices, True)
-    key_block = torch.arange(T, device=q.device) // block_size
-    overlap = torch.zeros(nq, W, device=q.device)
-    overlap[key_block, column_of_key(T, W, q.device)] = 1.0  # key block b holds keys of column c
-    blocks = torch.matmul(cols.float(), overlap.T) > 0  # [B, H, nq, n_key_blocks]
-    blocks = blocks | torch.eye(nq, dtype=torch.bool, device=q.device)
+    blocks = _select_blocks(logits, T, block_size, top_k, pool)  # top-k columns per query block -> key blocks
     pattern = _patterns.from_block_mask(blocks, block_size=block_size, q_len=T, causal=causal)
     out, lse = attend(q, k, v, pattern, causal=causal, scale=scale, return_lse=True)
     full = T * (T + 1) / 2 if causal else float(T * T)
