@@ -1,16 +1,18 @@
 """sea mixer: exact at full budget (through the block-sparse kernel's reference), lse mergeable, the
 compressed estimate against the true pooled attention, budget honoured, distillation loss, causal
-layer never reads the future, training smoke, bad configs, bf16 on a long sequence."""
+layer never reads the future, training smoke, bad configs, bf16 on a long sequence; the estimator in log
+scale against a dense float64 evaluation at large q/k norms, and the layer with large-norm q/k under bf16
+autocast (no empty estimate rows, the float64 selection, finite forward and backward)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from sparsattn.kernels.block_sparse.reference import dense_reference
-from sparsattn.nn import get_layer
+from sparsattn.nn import get_layer, layer_class
 from sparsattn.nn.base import attention_backend
-from sparsattn.nn.mixers._approx_performer import orthogonal_features
-from sparsattn.nn.mixers.sea import _estimate, column_of_key, sea_attention
+from sparsattn.nn.mixers._approx_performer import favor_exponents, orthogonal_features
+from sparsattn.nn.mixers.sea import _estimate, _select_blocks, column_of_key, sea_attention
 
 from ._approx_checks import assert_lse_merges_with_extra_keys, bf16_long_finite, future_change, qkv
 from .mixer_helpers import train_smoke
@@ -100,3 +102,52 @@ def test_bf16_long_sequence_no_nan():
     feats = orthogonal_features(110, 32, 0)
     bf16_long_finite(lambda q, k, v: sea_attention(q, k, v, features=feats, top_k=4, predictor_length=64,
                                                    block_size=64), T=1024)
+
+
+def test_estimate_is_exact_in_log_scale_at_large_norms():
+    # logits up to ~590: Performer's one key stabiliser per head left 1% of the float32 rows all zero
+    # and float64 estimates off by up to 1e10 (the prefix sums cancel); the log-scale scan does neither
+    q, k, _ = qkv(T=150, D=D, scale=10.0, seed=2)
+    s, W = D ** -0.5, 8
+    a, b = favor_exponents(q, F, s), favor_exponents(k, F, s)
+    pair = torch.logsumexp(a[..., :, None, :] + b[..., None, :, :], -1)  # log sum_r exp(a_ir + b_jr), dense
+    pair = pair.masked_fill(~torch.ones(150, 150, dtype=torch.bool).tril(), float("-inf"))
+    ref = torch.matmul(torch.softmax(pair, -1), torch.nn.functional.one_hot(column_of_key(150, W), W).double())
+    torch.testing.assert_close(_estimate(q, k, F, s, W, True, 32), ref, atol=1e-12, rtol=0)
+    est32 = _estimate(q.float(), k.float(), F, s, W, True, 32)
+    assert est32.dtype == torch.float32
+    torch.testing.assert_close(est32.double(), ref, atol=1e-4, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the estimator stays float32 under autocast
+        est_ac = _estimate(q.float(), k.float(), F, s, W, True, 32)
+    assert est_ac.dtype == torch.float32
+    torch.testing.assert_close(est_ac.double(), ref, atol=1e-4, rtol=0)
+
+
+def test_large_norm_layer_bf16_autocast_selects_as_float64():
+    # MQAR preset at width 128, q/k/v projection x16 (logits up to ~400): before the log-scale estimator
+    # 5-9% of the causal rows had an all-zero estimate (uniform selection logits, arbitrary blocks)
+    torch.manual_seed(0)
+    layer = get_layer("sea", 128, 2, **layer_class("sea").presets["mqar"])
+    with torch.no_grad():
+        layer.qkv_proj.weight.mul_(16)
+    x = torch.nn.functional.layer_norm(torch.randn(2, 256, 128, generator=torch.Generator().manual_seed(1)), (128,))
+    W, s = layer.predictor_length, layer.head_dim ** -0.5
+    for autocast in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            q, k, _ = layer.split(x)
+            est = _estimate(q, k, layer.features, s, W, True, 64)
+        ref = _estimate(q.double(), k.double(), layer.features, s, W, True, 64)  # the same (rounded) q/k
+        torch.testing.assert_close(est.sum(-1), torch.ones_like(est.sum(-1)), atol=1e-4, rtol=0)  # no empty row
+        for pool in ("previous", "block"):
+            sel = _select_blocks(torch.log(est.float().clamp_min(1e-6)), 256, layer.block_size, layer.top_k, pool)
+            want = _select_blocks(torch.log(ref.float().clamp_min(1e-6)), 256, layer.block_size, layer.top_k, pool)
+            assert torch.equal(sel, want), (autocast, pool, float((sel != want).float().mean()))
+    layer.train()
+    xg = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(xg)
+        loss = y.float().pow(2).mean() + layer.extra_loss()
+    assert torch.isfinite(y).all() and torch.isfinite(loss)
+    loss.backward()
+    for name, p in [("x", xg)] + list(layer.named_parameters()):
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
