@@ -383,3 +383,103 @@ def test_separate_qk_defaults_causality_and_ema_from_queries_and_keys():
             assert torch.allclose(ema.means[0, c], F.normalize(pts[a == c].mean(0), dim=0), atol=1e-5)
     first, last = train_falls("routing", (24,), num_clusters=2, local_window=4, shared_qk=False)
     assert last < 0.7 * first
+
+
+# -- routing_stats: do a query's cluster and the key it needs coincide? (issue 12, MQAR diagnosis) -----
+
+def _offset_layer(key_offset):
+    """1 routed head, d = 4, 2 clusters: query = (x0, x1, 3, 0) and key = (x0, x1, 3 * key_offset, 0)
+    for inputs x = (x0, x1, 0, 1); centroids +e2 and -e2 (the offset direction)."""
+    layer = get_layer("routing", 4, 1, num_clusters=2, local_heads=0, shared_qk=False)
+    wq = torch.zeros(4, 4)
+    wq[0, 0] = wq[1, 1] = 1.0
+    wk = wq.clone()
+    wq[2, 3], wk[2, 3] = 3.0, 3.0 * key_offset
+    with torch.no_grad():
+        layer.q_proj.weight.copy_(wq)
+        layer.k_proj.weight.copy_(wk)
+        layer.means.copy_(torch.tensor([[[0.0, 0, 1, 0], [0.0, 0, -1, 0]]]))
+    return layer.eval()
+
+
+def _two_token_input(g, B=2, T=11):
+    tok = torch.randint(0, 2, (B, T), generator=g)
+    x = torch.zeros(B, T, 4)
+    x[..., 0], x[..., 1], x[..., 3] = (tok == 0).float(), (tok == 1).float(), 1.0
+    return x, tok
+
+
+def test_routing_stats_measures_separated_and_shared_clusters():
+    """Queries offset one way and keys the other (dense attention is blind to a common key offset,
+    the unit vectors are not): every query lands in one cluster and every key in the other, so no
+    query has a key; with the same offset on both, every query reads its dense top key. A third
+    case checks dense_mass against a count by hand."""
+    g = torch.Generator().manual_seed(0)
+    x, tok = _two_token_input(g)
+    sep = _offset_layer(-1.0).routing_stats(x)
+    assert sep["no_key"] == 1.0 and sep["co_clustered"] == 0.0 and sep["dense_mass"] == 0.0
+    assert sep["query_use"].tolist() == [[1.0, 0.0]] and sep["key_use"].tolist() == [[0.0, 1.0]]
+    same = _offset_layer(1.0).routing_stats(x)
+    assert same["no_key"] == 0.0 and same["co_clustered"] == 1.0 and abs(same["dense_mass"] - 1.0) < 1e-6
+
+    layer = _offset_layer(0.0)                      # no offset; centroids e0 / e1: one cluster per token
+    with torch.no_grad():
+        layer.q_proj.weight[2, 3] = 0.0
+        layer.means.copy_(torch.tensor([[[1.0, 0, 0, 0], [0.0, 1, 0, 0]]]))
+    st = layer.routing_stats(x)
+    assert st["no_key"] == 0.0 and st["co_clustered"] == 1.0
+    B, T = tok.shape
+    want = []
+    for b in range(B):
+        for i in range(T):
+            n_same = int((tok[b, :i + 1] == tok[b, i]).sum())
+            e = torch.exp(torch.tensor(0.5)).item()      # logit 1 / sqrt(4) for the same token, 0 else
+            want.append(n_same * e / (n_same * e + (i + 1 - n_same)))
+    assert abs(st["dense_mass"] - sum(want) / len(want)) < 1e-5
+    pos = torch.zeros(B, T, dtype=torch.bool)
+    pos[:, -1] = True
+    last = [w for k, w in enumerate(want) if k % T == T - 1]
+    assert abs(layer.routing_stats(x, positions=pos)["dense_mass"] - sum(last) / len(last)) < 1e-5
+    with pytest.raises(ValueError, match="positions"):
+        layer.routing_stats(x, positions=pos[:, :-1])
+    with pytest.raises(ValueError, match="local_heads"):
+        get_layer("routing", 8, 2, local_heads=2).routing_stats(torch.randn(1, 5, 8))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_layer_qk_norm_matches_reference(causal):
+    """qk_norm='layer' (the authors' code): the routed heads' q and k layer-normalised without scale
+    or bias, routed by their unit vectors and attended with logits LN(q) . LN(k) (no 1/sqrt(d));
+    float64 reference from the layer's weights, outputs and gradients (eval, 3 clusters, 1 local
+    head); with shared Q = K the key is LN(q) and the own key is masked as before."""
+    for shared in (False, True):
+        layer = get_layer("routing", 24, 3, num_clusters=3, local_heads=1, local_window=5, causal=causal,
+                          shared_qk=shared, routing="assign", qk_norm="layer")
+        layer.eval()
+
+        def ref(l64, x):
+            B, T, _ = x.shape
+            sp = lambda t: t.view(B, T, -1, 8).transpose(1, 2)  # noqa: E731
+            q, k, v = sp(l64.q_proj(x)), sp(l64.k_proj(x)), sp(l64.v_proj(x))
+            i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+            near = (i - j).abs() < 5
+            loc = masked_ref(q[:, :1], k[:, :1], v[:, :1], near & (j <= i) if causal else near)
+            ln = lambda t: F.layer_norm(t, (8,), eps=1e-6)  # noqa: E731
+            ql = ln(q[:, 1:])
+            kl = ql if shared else ln(k[:, 1:])
+            mu = l64.means
+            qa = torch.einsum("bhtd,hkd->bhtk", F.normalize(ql, dim=-1), mu).argmax(-1)
+            ka = torch.einsum("bhtd,hkd->bhtk", F.normalize(kl, dim=-1), mu).argmax(-1)
+            m = qa[..., :, None] == ka[..., None, :]
+            if causal:
+                m = m & (j <= i)
+            if shared:  # own key masked unless the query is its cluster's first member (causal) / alone
+                first = torch.stack([m[..., r, :r].sum(-1) == 0 for r in range(T)], -1) if causal else \
+                    (m.sum(-1) == 1)
+                m = m & ((i != j) | first[..., :, None])
+            rout = masked_ref(ql, kl, v[:, 1:], m, scale=1.0)
+            return l64.out(torch.cat([loc, rout], 1).transpose(1, 2).reshape(B, T, 24))
+
+        compare_with_reference(layer, torch.randn(2, 21, 24), ref, atol=5e-5)
+    with pytest.raises(ValueError, match="qk_norm"):
+        get_layer("routing", 16, 2, qk_norm="rms")

@@ -2,6 +2,7 @@
 Attention with Routing Transformers, Roy et al., arXiv 2003.05997)."""
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Optional
 
@@ -117,7 +118,9 @@ class RoutingAttention(Layer):
     def __init__(self, dim: int, heads: int, num_clusters: int = 8, window_size: Optional[int] = None,
                  local_heads: Optional[int] = None, local_window: int = 256, decay: float = 0.999,
                  commitment: float = 1e-4, kmeans_init_iters: int = 10, exclude_self: Optional[bool] = None,
-                 causal: bool = True, routing: Optional[str] = None, shared_qk: Optional[bool] = None):
+                 causal: bool = True, routing: Optional[str] = None, shared_qk: Optional[bool] = None,
+                 qk_norm: str = "l2", center: bool = False, center_decay: float = 0.0, kmeans_on: str = "both",
+                 qk_scale: Optional[float] = None, learn_qk_scale: bool = False):
         super().__init__()
         check_dim_heads(dim, heads)
         check_int("num_clusters", num_clusters)
@@ -146,7 +149,25 @@ class RoutingAttention(Layer):
         if routing == "assign" and window_size is not None:
             raise ValueError("window_size: only used by routing='balanced' (assign gives every token its nearest "
                              f"centroid), got {window_size}")
-        self.routing = routing
+        if qk_norm not in ("l2", "layer"):
+            raise ValueError(f"qk_norm: expected 'l2' or 'layer', got {qk_norm!r}")
+        self.routing, self.qk_norm = routing, qk_norm
+        self.center = check_bool("center", center)
+        self.center_decay = check_float("center_decay", center_decay, 0.0, 1.0)
+        if kmeans_on not in ("both", "keys"):
+            raise ValueError(f"kmeans_on: expected 'both' or 'keys', got {kmeans_on!r}")
+        if kmeans_on == "keys" and shared_qk:
+            raise ValueError("kmeans_on: 'keys' (centroids from the keys only) needs shared_qk=False")
+        self.kmeans_on = kmeans_on
+        if qk_scale is not None:
+            check_float("qk_scale", qk_scale, 0.0, 1e4, lo_open=True)
+        check_bool("learn_qk_scale", learn_qk_scale)
+        if (qk_scale is not None or learn_qk_scale) and qk_norm != "layer":
+            raise ValueError("qk_scale: the logit scale of normalised q and k, only with qk_norm='layer'")
+        self.qk_scale = qk_scale
+        if center and shared_qk:
+            raise ValueError("center: removes the offset between the queries' and the keys' distributions, only for "
+                             "shared_qk=False")
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.num_clusters, self.window_size = num_clusters, window_size
         self.local_heads, self.routed_heads = local_heads, heads - local_heads
@@ -162,6 +183,10 @@ class RoutingAttention(Layer):
         hr = max(self.routed_heads, 1)
         self.register_buffer("means", F.normalize(torch.randn(hr, num_clusters, d), dim=-1))
         self.register_buffer("initted", torch.tensor(False))
+        self.qk_log_scale = nn.Parameter(torch.full((hr,), math.log(qk_scale or d))) if learn_qk_scale else None
+        if center:  # running means of the unit queries / keys (routing only)
+            self.register_buffer("q_center", torch.zeros(hr, d))
+            self.register_buffer("k_center", torch.zeros(hr, d))
         self._aux: Optional[torch.Tensor] = None
         self._patterns: "OrderedDict[tuple, object]" = OrderedDict()
 
@@ -416,39 +441,158 @@ class RoutingAttention(Layer):
     def _nearest(self, xn: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bhtd,hkd->bhtk", xn.detach(), self.means.float()).argmax(-1)
 
+    def unit_vectors(self, qr: torch.Tensor, kr: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routed heads' unit queries and keys (float32), before ``center``, from their
+        projections ``qr`` / ``kr [B, h, T, d]`` (``kr`` None with shared Q = K: the keys are the
+        queries): ``q / |q|`` (``qk_norm="l2"``) or the unit vector of ``q`` layer-normalised
+        without scale or bias (``"layer"``, the authors' code), the same for ``k``."""
+        if self.qk_norm == "layer":
+            d = qr.shape[-1]
+            qu = F.normalize(F.layer_norm(qr.float(), (d,), eps=1e-6), dim=-1)
+            ku = qu if kr is None else F.normalize(F.layer_norm(kr.float(), (d,), eps=1e-6), dim=-1)
+            return qu, ku
+        qu = F.normalize(qr.float(), dim=-1)
+        return qu, (qu if kr is None else F.normalize(kr.float(), dim=-1))
+
+    def routed_inputs(self, qr: torch.Tensor, kr: Optional[torch.Tensor]):
+        """The routed heads' attention query, attention key and routing unit vectors (queries, keys)
+        from their projections ``qr`` / ``kr [B, h, T, d]`` (``kr`` None with shared Q = K; then
+        the keys' unit vectors are the queries'), per ``qk_norm`` and ``center``:
+
+        * routing vectors: ``unit_vectors``; with ``center``, less their running means and
+          normalised again;
+        * ``qk_norm="l2"``: attention on the raw ``q`` and ``k`` (shared Q = K: the raw ``q``
+          against the unit key ``q / |q|``);
+        * ``qk_norm="layer"`` (the authors' code): attention on the routing vectors themselves with
+          logits ``d * cos`` (without ``center``: ``LN(q) . LN(k)``, the authors' logits,
+          ``d`` times the correlation of q and k): a logit is large only where the query and the
+          key point the same way on the sphere the centroids live on, so the key a query needs is
+          near it and k-means tends to put both in one cluster (the paper's argument for routing,
+          which holds for unit vectors only).
+        """
+        qn, kn = self.unit_vectors(qr, kr)
+        if kr is not None:
+            qn, kn = self._centered(qn, kn)
+        if self.qk_norm == "layer":
+            d = qr.shape[-1]
+            scale = self.qk_log_scale.exp()[None, :, None, None] if self.qk_log_scale is not None else \
+                float(self.qk_scale or d)
+            return (qn * scale).to(qr.dtype), (kn * math.sqrt(d)).to(qr.dtype), qn, kn
+        if kr is None:
+            return qr, qn.to(qr.dtype), qn, qn
+        return qr, kr, qn, kn
+
     def _routed_shared(self, qr, kr, vr):
         """Routed heads with the shared Q = K projection -> (output, routed unit vectors, their clusters)."""
-        xn = F.normalize(qr.float(), dim=-1)
+        qa, ka, xn, _ = self.routed_inputs(qr, None)
         first_batch = self.training and not bool(self.initted)
         if first_batch and self.routing == "balanced":
             self._kmeans_init(xn.detach())
         assign = self._nearest(xn)
         if self.routing == "assign":
-            o = self.assigned_attention(qr, xn.to(qr.dtype), vr, assign)
+            o = self.assigned_attention(qa, ka, vr, assign)
             if first_batch:  # after this batch's routing: its later tokens never reach its earlier outputs
                 self._kmeans_init(xn.detach())
                 assign = self._nearest(xn)
         else:
-            o = self.routed_attention(qr, xn.to(qr.dtype), vr, self.route(xn))
+            o = self.routed_attention(qa, ka, vr, self.route(xn))
         return o, xn, assign
 
     def _routed_separate(self, qr, kr, vr):
         """Routed heads with separate query and key projections (``shared_qk=False``): queries and
         keys are routed to the same centroids, each by its own unit vector; the centroids learn
         from both -> (output, the queries' and keys' unit vectors ``[B, h, 2T, d]``, their clusters)."""
-        qn, kn = F.normalize(qr.float(), dim=-1), F.normalize(kr.float(), dim=-1)
-        both = torch.cat([qn, kn], 2)
+        qu, ku = self.unit_vectors(qr, kr)
         first_batch = self.training and not bool(self.initted)
         if first_batch and self.routing == "balanced":
-            self._kmeans_init(both.detach())
+            if self.center:
+                self._update_center(qu, ku, first=True)
+            self._kmeans_init(self._fit_points(*self._centered(qu, ku)).detach())
+        qr, kr, qn, kn = self.routed_inputs(qr, kr)
         if self.routing == "assign":
             (qpos, qseg), (kpos, kseg) = self._assign_order(self._nearest(qn)), self._assign_order(self._nearest(kn))
         else:
             (qpos, qseg), (kpos, kseg) = self._balanced_order(self.route(qn)), self._balanced_order(self.route(kn))
         o = self.two_order_attention(qr, kr, vr, qpos, qseg, kpos, kseg)
         if first_batch and self.routing == "assign":  # after this batch's routing (causal, as above)
-            self._kmeans_init(both.detach())
-        return o, both, self._nearest(both)
+            if self.center:
+                self._update_center(qu, ku, first=True)
+                qn, kn = self._centered(qu, ku)
+            self._kmeans_init(self._fit_points(qn, kn).detach())
+        elif self.training and self.center and not first_batch:  # after routing: no batch statistic reaches it
+            self._update_center(qu, ku, first=False)
+        pts = self._fit_points(qn, kn)
+        return o, pts, self._nearest(pts)
+
+    def _fit_points(self, qn: torch.Tensor, kn: torch.Tensor) -> torch.Tensor:
+        """The unit vectors the centroids learn from (k-means initialisation, EMA, commitment):
+        queries and keys (``kmeans_on="both"``) or the keys only (``"keys"``)."""
+        return kn if self.kmeans_on == "keys" else torch.cat([qn, kn], 2)
+
+    def _centered(self, qu: torch.Tensor, ku: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing vectors: the unit queries / keys ``[B, h, T, d]``, with ``center`` less their
+        running means (per routed head) and normalised again."""
+        if not self.center:
+            return qu, ku
+        return (F.normalize(qu - self.q_center.float()[None, :, None], dim=-1),
+                F.normalize(ku - self.k_center.float()[None, :, None], dim=-1))
+
+    @torch.no_grad()
+    def _update_center(self, qu: torch.Tensor, ku: torch.Tensor, first: bool) -> None:
+        """Running means of the unit queries and keys per routed head: set by the first training
+        batch, then ``c <- center_decay * c + (1 - center_decay) * batch mean`` (default 0: the
+        previous training batch's mean)."""
+        for buf, u in ((self.q_center, qu), (self.k_center, ku)):
+            m = u.detach().float().mean((0, 2))
+            buf.copy_(m if first else self.center_decay * buf + (1 - self.center_decay) * m)
+
+    @torch.no_grad()
+    def routing_stats(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> dict:
+        """Whether the routed heads' clusters hold the keys their queries need, on ``x [B, T, dim]``
+        with the current centroids (nothing is updated). Every query and key is put in its nearest
+        centroid's cluster (the ``routing="assign"`` clusters; balanced routing may add or drop
+        members). Returns, over the routed heads and the query positions (all, or those where
+        ``positions``, bool ``[B, T]``, is True, e.g. MQAR's answer positions):
+
+        * ``no_key``: share of queries whose cluster holds no key they may read (causal: at or
+          before them; with ``exclude_self``, other than their own key): their routed output is zero
+          (separate q/k) or their own value (shared Q = K);
+        * ``co_clustered``: share of queries whose dense top key, the key the same head's dense
+          attention (same query and key vectors, every key it may read) weights most, is in their
+          cluster;
+        * ``dense_mass``: mean share of that dense attention on the keys of the query's cluster;
+        * ``query_use`` / ``key_use``: ``[routed heads, num_clusters]`` share of the queries / keys
+          in each cluster (all positions).
+        """
+        check_input(x, 3, self.dim, "[B, T, dim]")
+        if self.routed_heads == 0:
+            raise ValueError("local_heads: routing_stats needs a routed head (local_heads < heads)")
+        B, T, _ = x.shape
+        if positions is not None and (positions.dtype != torch.bool or tuple(positions.shape) != (B, T)):
+            raise ValueError(f"positions: expected a bool tensor of shape {(B, T)}, got {positions.dtype} "
+                             f"{tuple(positions.shape)}")
+        d, hl, hr, nc = self.head_dim, self.local_heads, self.routed_heads, self.num_clusters
+        q = self.q_proj(x).view(B, T, self.heads, d).transpose(1, 2)[:, hl:]
+        k = None if self.shared_qk else self.k_proj(x).view(B, T, -1, d).transpose(1, 2)[:, hl:]
+        qa, ka, qn, kn = self.routed_inputs(q, k)
+        cq, ck = self._nearest(qn), self._nearest(kn)                       # [B, hr, T]
+        i = torch.arange(T, device=x.device)
+        visible = (i[None, :] <= i[:, None]) if self.causal else torch.ones(T, T, dtype=torch.bool, device=x.device)
+        if self.exclude_self:
+            visible = visible & (i[None, :] != i[:, None])
+        logits = (qa.float() @ ka.float().transpose(-1, -2) / math.sqrt(d)).masked_fill(~visible, float("-inf"))
+        none = ~visible.any(-1)                                                 # shared causal: position 0
+        logits[..., none, :] = torch.where(torch.eye(T, dtype=torch.bool, device=x.device)[none], 0.0, float("-inf"))
+        p = logits.softmax(-1)
+        same = cq[..., :, None] == ck[..., None, :]                             # [B, hr, T, T]
+        sel = torch.ones(B, hr, T, dtype=torch.bool, device=x.device) if positions is None else \
+            positions[:, None, :].expand(B, hr, T)
+        share = lambda t: float(t.float()[sel].mean()) if bool(sel.any()) else float("nan")  # noqa: E731
+        use = lambda c: F.one_hot(c, nc).float().mean((0, 2))  # noqa: E731
+        return {"no_key": share(~(same & visible).any(-1)),
+                "co_clustered": share(same.gather(-1, logits.argmax(-1, keepdim=True))[..., 0]),
+                "dense_mass": share((p * same).sum(-1)),
+                "query_use": use(cq), "key_use": use(ck)}
 
     def extra_loss(self) -> Optional[torch.Tensor]:
         """The commitment loss of the last training forward (None in eval mode)."""
