@@ -1,6 +1,7 @@
 """Log-scale FAVOR+ linear attention: Performer's low-rank estimate of softmax attention with a
 stabiliser per query row and per feature, so that no row's normaliser underflows (used by the
-``scatterbrain`` mixer; Rethinking Attention with Performers, arXiv 2009.14794).
+``scatterbrain`` mixer and ``sea``'s mask estimator; Rethinking Attention with Performers,
+arXiv 2009.14794).
 
 With exponents ``a_ir`` of the queries and ``b_jr`` of the keys (``_approx_performer.favor_exponents``)
 and ``m`` features, the estimate of ``exp(scale q_i . k_j)`` is ``(1/m) sum_r exp(a_ir + b_jr)``.
