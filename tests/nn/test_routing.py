@@ -483,3 +483,93 @@ def test_layer_qk_norm_matches_reference(causal):
         compare_with_reference(layer, torch.randn(2, 21, 24), ref, atol=5e-5)
     with pytest.raises(ValueError, match="qk_norm"):
         get_layer("routing", 16, 2, qk_norm="rms")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_keys_in_several_clusters_match_reference(backend):
+    """key_clusters=2: every key joins its 2 nearest clusters, every query its nearest one (padding
+    query slots keep the two orders the same length); a query reads the keys of its cluster at
+    positions <= its own, one softmax; float64 reference from the layer's weights, outputs and
+    gradients (eval, causal, 4 clusters, qk_norm='layer' with the sqrt(d) logit scale)."""
+    _skip_triton_on_cpu_tensors(backend)
+    layer = get_layer("routing", 24, 3, num_clusters=4, local_heads=1, local_window=5, shared_qk=False,
+                      qk_norm="layer", qk_scale="sqrt", key_clusters=2)
+    layer.eval()
+
+    def ref(l64, x):
+        B, T, _ = x.shape
+        sp = lambda t: t.view(B, T, -1, 8).transpose(1, 2)  # noqa: E731
+        q, k, v = sp(l64.q_proj(x)), sp(l64.k_proj(x)), sp(l64.v_proj(x))
+        i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+        loc = masked_ref(q[:, :1], k[:, :1], v[:, :1], ((i - j).abs() < 5) & (j <= i))
+        qn = F.normalize(F.layer_norm(q[:, 1:], (8,), eps=1e-6), dim=-1)
+        kn = F.normalize(F.layer_norm(k[:, 1:], (8,), eps=1e-6), dim=-1)
+        qa = torch.einsum("bhtd,hkd->bhtk", qn, l64.means).argmax(-1)
+        ktop = torch.einsum("bhtd,hkd->bhtk", kn, l64.means).topk(2, -1).indices
+        m = (qa[..., :, None, None] == ktop[..., None, :, :]).any(-1) & (j <= i)
+        rout = masked_ref(qn * 8 ** 0.5, kn, v[:, 1:], m, scale=1.0)  # logits sqrt(d) * cos
+        return l64.out(torch.cat([loc, rout], 1).transpose(1, 2).reshape(B, T, 24))
+
+    compare_with_reference(layer, torch.randn(2, 21, 24), ref, atol=5e-5, backend=backend)
+    one = get_layer("routing", 24, 3, num_clusters=4, local_heads=1, local_window=5, shared_qk=False)
+    assert layer.cost(64)["density"] > one.cost(64)["density"]
+    bad = [({"key_clusters": 5, "shared_qk": False}, "key_clusters"), ({"key_clusters": 2, "shared_qk": True}, "key_clusters"),
+           ({"key_clusters": 2, "shared_qk": False, "routing": "balanced"}, "key_clusters"),
+           ({"qk_scale": 2.0}, "qk_scale"), ({"qk_scale": "cube", "qk_norm": "layer"}, "qk_scale"),
+           ({"kmeans_on": "keys", "shared_qk": True}, "kmeans_on"), ({"center": True, "shared_qk": True}, "center"),
+           ({"center_decay": 1.5, "shared_qk": False}, "center_decay")]
+    for kw, arg in bad:
+        with pytest.raises(ValueError, match=arg):
+            get_layer("routing", 24, 3, num_clusters=4, **kw)
+
+
+def _recall_run(seed=0, steps=150, T=16, V=16, dim=32, **cfg):
+    """One routed head (4 clusters, no local head) trained on a one-step associative recall: every
+    context position holds a (key, value) pair, the last one asks a key; the answer is its value.
+    -> (held-out accuracy, routing_stats at the asking position)."""
+    from torch import nn
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    layer = get_layer("routing", dim, 1, local_heads=0, num_clusters=4, **cfg)
+    ek, ev, head = nn.Embedding(V, dim), nn.Embedding(V + 1, dim), nn.Linear(dim, V)
+    opt = torch.optim.Adam([*layer.parameters(), *ek.parameters(), *ev.parameters(), *head.parameters()], lr=1e-2)
+
+    def batch(n):
+        keys = torch.stack([torch.randperm(V, generator=g)[:T - 1] for _ in range(n)])
+        vals = torch.randint(0, V, (n, T - 1), generator=g)
+        pick = torch.randint(0, T - 1, (n, 1), generator=g)
+        x = torch.cat([ek(keys) + ev(vals), (ek(keys.gather(1, pick)[:, 0]) + ev.weight[V])[:, None]], 1)
+        return x, vals.gather(1, pick)[:, 0]
+
+    with attention_backend("reference"):
+        for _ in range(steps):
+            x, y = batch(64)
+            loss = F.cross_entropy(head(layer(x)[:, -1]), y) + layer.extra_loss()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        layer.eval()
+        with torch.no_grad():
+            x, y = batch(256)
+            acc = float((head(layer(x)[:, -1]).argmax(-1) == y).float().mean())
+            ask = torch.zeros(256, T, dtype=torch.bool)
+            ask[:, -1] = True
+            return acc, layer.routing_stats(x, positions=ask)
+
+
+def test_mqar_preset_routing_co_clusters_queries_with_their_keys():
+    """The fix of the MQAR failure (docs/layers.md): with the mqar preset's routing (separate q/k,
+    cosine logits, centroids from the queries, every key in its 2 nearest clusters) the routed head
+    learns a lookup and the asked key lies in the query's cluster; with the earlier separate-q/k
+    routing (raw logits, centroids from queries and keys, one cluster per key) it does not."""
+    from sparsattn.nn import layer_class
+
+    mqar = {k: v for k, v in layer_class("routing").presets["mqar"].items()
+            if k in ("shared_qk", "qk_norm", "qk_scale", "kmeans_on", "key_clusters")}
+    assert mqar == {"shared_qk": False, "qk_norm": "layer", "qk_scale": "sqrt", "kmeans_on": "queries",
+                    "key_clusters": 2}
+    acc, st = _recall_run(**mqar)
+    assert acc >= 0.85 and st["co_clustered"] >= 0.8 and st["no_key"] == 0.0, (acc, st)
+    acc_old, st_old = _recall_run(shared_qk=False)
+    assert acc_old <= 0.75 and st_old["co_clustered"] <= 0.7, (acc_old, st_old)

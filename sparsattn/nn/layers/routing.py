@@ -103,7 +103,13 @@ class RoutingAttention(Layer):
     # run), the paper's shared Q = K kept: MQAR T = 64, 2 heads, seeds 0/1/2: 0.929/0.934/0.929 against
     # 0.858/0.864 with decay 0.999; separate q/k gave 0.898/0.903 (0.999) and 0.935/0.830/0.865 (0.99)
     # (docs/layers/routing_qk_cpu.csv, docs/layers/routing_assign_cpu.csv)
-    presets = {"default": {}, "mqar": {"num_clusters": 4, "local_window": 32, "decay": 0.99}}
+    # mqar since the co-clustering fix (docs/layers/routing_mqar_fix_cpu.csv): separate q/k (shared Q = K matches a
+    # question against the other occurrence of its own token), cosine logits sqrt(d) * cos (the learned raw
+    # bilinear form does not put a query near its key: cos 0.2), centroids from the queries only and every key in
+    # its 2 nearest clusters (with centroids from both, queries and keys drift into separate clusters)
+    presets = {"default": {}, "mqar": {"num_clusters": 4, "local_window": 32, "decay": 0.99, "shared_qk": False,
+                                       "qk_norm": "layer", "qk_scale": "sqrt", "kmeans_on": "queries",
+                                       "key_clusters": 2}}
 
     causal_caveat = ("the causal form with routing='balanced' is not strictly causal: balanced top-w routing (the "
                      "paper's) picks the w tokens nearest each centroid from the whole sequence, so later tokens "
@@ -120,7 +126,7 @@ class RoutingAttention(Layer):
                  commitment: float = 1e-4, kmeans_init_iters: int = 10, exclude_self: Optional[bool] = None,
                  causal: bool = True, routing: Optional[str] = None, shared_qk: Optional[bool] = None,
                  qk_norm: str = "l2", center: bool = False, center_decay: float = 0.0, kmeans_on: str = "both",
-                 qk_scale: Optional[float] = None, learn_qk_scale: bool = False):
+                 qk_scale=None, learn_qk_scale: bool = False, key_clusters: int = 1):
         super().__init__()
         check_dim_heads(dim, heads)
         check_int("num_clusters", num_clusters)
@@ -152,19 +158,27 @@ class RoutingAttention(Layer):
         if qk_norm not in ("l2", "layer"):
             raise ValueError(f"qk_norm: expected 'l2' or 'layer', got {qk_norm!r}")
         self.routing, self.qk_norm = routing, qk_norm
-        self.center = check_bool("center", center)
+        if center not in (False, True, "keys"):
+            raise ValueError(f"center: expected False, True or 'keys', got {center!r}")
+        self.center = center
         self.center_decay = check_float("center_decay", center_decay, 0.0, 1.0)
-        if kmeans_on not in ("both", "keys"):
-            raise ValueError(f"kmeans_on: expected 'both' or 'keys', got {kmeans_on!r}")
-        if kmeans_on == "keys" and shared_qk:
-            raise ValueError("kmeans_on: 'keys' (centroids from the keys only) needs shared_qk=False")
+        if kmeans_on not in ("both", "queries", "keys"):
+            raise ValueError(f"kmeans_on: expected 'both', 'queries' or 'keys', got {kmeans_on!r}")
+        if kmeans_on != "both" and shared_qk:
+            raise ValueError(f"kmeans_on: {kmeans_on!r} (centroids from one side only) needs shared_qk=False")
         self.kmeans_on = kmeans_on
-        if qk_scale is not None:
+        if qk_scale is not None and qk_scale != "sqrt":
             check_float("qk_scale", qk_scale, 0.0, 1e4, lo_open=True)
         check_bool("learn_qk_scale", learn_qk_scale)
         if (qk_scale is not None or learn_qk_scale) and qk_norm != "layer":
             raise ValueError("qk_scale: the logit scale of normalised q and k, only with qk_norm='layer'")
         self.qk_scale = qk_scale
+        check_int("key_clusters", key_clusters)
+        if key_clusters > num_clusters:
+            raise ValueError(f"key_clusters: expected at most num_clusters={num_clusters}, got {key_clusters}")
+        if key_clusters > 1 and (shared_qk or routing != "assign"):
+            raise ValueError("key_clusters: a key in several clusters needs shared_qk=False and routing='assign'")
+        self.key_clusters = key_clusters
         if center and shared_qk:
             raise ValueError("center: removes the offset between the queries' and the keys' distributions, only for "
                              "shared_qk=False")
@@ -183,7 +197,7 @@ class RoutingAttention(Layer):
         hr = max(self.routed_heads, 1)
         self.register_buffer("means", F.normalize(torch.randn(hr, num_clusters, d), dim=-1))
         self.register_buffer("initted", torch.tensor(False))
-        self.qk_log_scale = nn.Parameter(torch.full((hr,), math.log(qk_scale or d))) if learn_qk_scale else None
+        self.qk_log_scale = nn.Parameter(torch.full((hr,), math.log(self._logit_scale(d)))) if learn_qk_scale else None
         if center:  # running means of the unit queries / keys (routing only)
             self.register_buffer("q_center", torch.zeros(hr, d))
             self.register_buffer("k_center", torch.zeros(hr, d))
@@ -377,7 +391,9 @@ class RoutingAttention(Layer):
         slots ``kpos`` / ``kseg`` the same way, each cluster-major with ascending positions inside a
         cluster. A query slot attends to the key slots of its cluster (causal: at positions <= its
         own); the output of a token is the mean over its query slots (zero for a token in none, or
-        for a query whose cluster holds no key at or before it) -> ``[B, h, T, d]``."""
+        for a query whose cluster holds no key at or before it) -> ``[B, h, T, d]``. A query slot at
+        position ``T`` is padding (its output is dropped): with ``key_clusters > 1`` there are more
+        key slots than queries, and both orders must have the same length."""
         B, h, T, d = q.shape
         L = qpos.shape[-1]
         gq = qpos[..., None].expand(-1, -1, -1, d)
@@ -385,11 +401,12 @@ class RoutingAttention(Layer):
         fold = lambda t, g: torch.gather(t, 2, g).reshape(1, B * h, L, d)  # noqa: E731
         pat = self._two_order_pattern(qseg.reshape(B * h, L), qpos.reshape(B * h, L),
                                       kseg.reshape(B * h, L), kpos.reshape(B * h, L))
-        o = attend(fold(q, gq), fold(k, gk), fold(v, gk), pat).reshape(B, h, L, d)
-        acc = torch.zeros(B, h, T, d, device=q.device, dtype=torch.float32).scatter_add(2, gq, o.float())
-        cnt = torch.zeros(B, h, T, device=q.device, dtype=torch.float32).scatter_add(
+        qz = torch.cat([q, q.new_zeros(B, h, 1, d)], 2)  # row T: padding query slots (see key_clusters)
+        o = attend(fold(qz, gq), fold(k, gk), fold(v, gk), pat).reshape(B, h, L, d)
+        acc = torch.zeros(B, h, T + 1, d, device=q.device, dtype=torch.float32).scatter_add(2, gq, o.float())
+        cnt = torch.zeros(B, h, T + 1, device=q.device, dtype=torch.float32).scatter_add(
             2, qpos, torch.ones_like(qpos, dtype=torch.float32))
-        return (acc / cnt.clamp(min=1)[..., None]).to(o.dtype)
+        return (acc / cnt.clamp(min=1)[..., None])[:, :, :T].to(o.dtype)
 
     @staticmethod
     def _assign_order(assign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -398,6 +415,16 @@ class RoutingAttention(Layer):
         pos = torch.arange(T, device=assign.device)
         order = (assign.long() * T + pos).argsort(-1)
         return order, assign.long().gather(-1, order)
+
+    def _multi_order(self, xn: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each of the ``T`` unit vectors ``xn [B, h, T, d]`` in its ``r`` nearest clusters ->
+        (positions, clusters) ``[B, h, r * T]`` in (cluster, position) order."""
+        B, h, T, _ = xn.shape
+        top = torch.einsum("bhtd,hkd->bhtk", xn.detach(), self.means.float()).topk(r, -1).indices
+        assign = top.reshape(B, h, T * r)
+        pos = torch.arange(T, device=xn.device).repeat_interleave(r).expand(B, h, -1)
+        order = (assign * T + pos).argsort(-1)
+        return pos.gather(-1, order), assign.gather(-1, order)
 
     @staticmethod
     def _balanced_order(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -441,6 +468,13 @@ class RoutingAttention(Layer):
     def _nearest(self, xn: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bhtd,hkd->bhtk", xn.detach(), self.means.float()).argmax(-1)
 
+    def _logit_scale(self, d: int) -> float:
+        """The logit scale of ``qk_norm="layer"``: ``qk_scale``, ``sqrt(d)`` for ``"sqrt"``, ``d`` (the
+        authors') for None."""
+        if self.qk_scale is None:
+            return float(d)
+        return math.sqrt(d) if self.qk_scale == "sqrt" else float(self.qk_scale)
+
     def unit_vectors(self, qr: torch.Tensor, kr: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The routed heads' unit queries and keys (float32), before ``center``, from their
         projections ``qr`` / ``kr [B, h, T, d]`` (``kr`` None with shared Q = K: the keys are the
@@ -476,7 +510,7 @@ class RoutingAttention(Layer):
         if self.qk_norm == "layer":
             d = qr.shape[-1]
             scale = self.qk_log_scale.exp()[None, :, None, None] if self.qk_log_scale is not None else \
-                float(self.qk_scale or d)
+                self._logit_scale(d)
             return (qn * scale).to(qr.dtype), (kn * math.sqrt(d)).to(qr.dtype), qn, kn
         if kr is None:
             return qr, qn.to(qr.dtype), qn, qn
@@ -509,7 +543,14 @@ class RoutingAttention(Layer):
                 self._update_center(qu, ku, first=True)
             self._kmeans_init(self._fit_points(*self._centered(qu, ku)).detach())
         qr, kr, qn, kn = self.routed_inputs(qr, kr)
-        if self.routing == "assign":
+        if self.routing == "assign" and self.key_clusters > 1:
+            qpos, qseg = self._assign_order(self._nearest(qn))
+            kpos, kseg = self._multi_order(kn, self.key_clusters)
+            B, h, T = qpos.shape
+            pad = (self.key_clusters - 1) * T  # padding query slots: position T, a cluster beyond every key's
+            qpos = torch.cat([qpos, qpos.new_full((B, h, pad), T)], -1)
+            qseg = torch.cat([qseg, qseg.new_full((B, h, pad), self.num_clusters)], -1)
+        elif self.routing == "assign":
             (qpos, qseg), (kpos, kseg) = self._assign_order(self._nearest(qn)), self._assign_order(self._nearest(kn))
         else:
             (qpos, qseg), (kpos, kseg) = self._balanced_order(self.route(qn)), self._balanced_order(self.route(kn))
@@ -526,16 +567,21 @@ class RoutingAttention(Layer):
 
     def _fit_points(self, qn: torch.Tensor, kn: torch.Tensor) -> torch.Tensor:
         """The unit vectors the centroids learn from (k-means initialisation, EMA, commitment):
-        queries and keys (``kmeans_on="both"``) or the keys only (``"keys"``)."""
-        return kn if self.kmeans_on == "keys" else torch.cat([qn, kn], 2)
+        queries and keys (``kmeans_on="both"``), the queries only (``"queries"``) or the keys only
+        (``"keys"``)."""
+        if self.kmeans_on == "both":
+            return torch.cat([qn, kn], 2)
+        return qn if self.kmeans_on == "queries" else kn
 
     def _centered(self, qu: torch.Tensor, ku: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing vectors: the unit queries / keys ``[B, h, T, d]``, with ``center`` less their
-        running means (per routed head) and normalised again."""
+        running means (per routed head; ``center="keys"``: the keys only) and normalised again."""
         if not self.center:
             return qu, ku
-        return (F.normalize(qu - self.q_center.float()[None, :, None], dim=-1),
-                F.normalize(ku - self.k_center.float()[None, :, None], dim=-1))
+        kc = F.normalize(ku - self.k_center.float()[None, :, None], dim=-1)
+        if self.center == "keys":
+            return qu, kc
+        return F.normalize(qu - self.q_center.float()[None, :, None], dim=-1), kc
 
     @torch.no_grad()
     def _update_center(self, qu: torch.Tensor, ku: torch.Tensor, first: bool) -> None:
@@ -562,7 +608,9 @@ class RoutingAttention(Layer):
           cluster;
         * ``dense_mass``: mean share of that dense attention on the keys of the query's cluster;
         * ``query_use`` / ``key_use``: ``[routed heads, num_clusters]`` share of the queries / keys
-          in each cluster (all positions).
+          whose nearest centroid is that cluster's (all positions).
+
+        With ``key_clusters > 1`` a key counts as in each of its ``key_clusters`` nearest clusters.
         """
         check_input(x, 3, self.dim, "[B, T, dim]")
         if self.routed_heads == 0:
@@ -584,7 +632,11 @@ class RoutingAttention(Layer):
         none = ~visible.any(-1)                                                 # shared causal: position 0
         logits[..., none, :] = torch.where(torch.eye(T, dtype=torch.bool, device=x.device)[none], 0.0, float("-inf"))
         p = logits.softmax(-1)
-        same = cq[..., :, None] == ck[..., None, :]                             # [B, hr, T, T]
+        if self.key_clusters > 1:  # a key is in its key_clusters nearest clusters
+            top = torch.einsum("bhtd,hkd->bhtk", kn, self.means.float()).topk(self.key_clusters, -1).indices
+            same = (cq[..., :, None, None] == top[..., None, :, :]).any(-1)
+        else:
+            same = cq[..., :, None] == ck[..., None, :]                         # [B, hr, T, T]
         sel = torch.ones(B, hr, T, dtype=torch.bool, device=x.device) if positions is None else \
             positions[:, None, :].expand(B, hr, T)
         share = lambda t: float(t.float()[sel].mean()) if bool(sel.any()) else float("nan")  # noqa: E731
@@ -610,7 +662,8 @@ class RoutingAttention(Layer):
         local = float(torch.clamp(t + 1, max=win).sum()) if self.causal else \
             float((torch.clamp(t + win - 1, max=T - 1) - torch.clamp(t - win + 1, min=0) + 1).sum())
         w = self.window(T)
-        routed = self.num_clusters * (w * (w + 1) / 2 if self.causal else w * w)
+        r = self.key_clusters  # keys in r clusters: r times the keys per cluster
+        routed = self.num_clusters * (w * (r * w + 1) / 2 if self.causal else w * r * w)
         pairs = self.local_heads * local + self.routed_heads * routed
         flops = 4.0 * pairs * self.head_dim + 2.0 * T * self.num_clusters * self.head_dim * self.routed_heads
         return {"density": min(1.0, pairs / (self.heads * total)), "flops": flops}
