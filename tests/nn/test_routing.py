@@ -513,11 +513,13 @@ def test_keys_in_several_clusters_match_reference(backend):
     compare_with_reference(layer, torch.randn(2, 21, 24), ref, atol=5e-5, backend=backend)
     one = get_layer("routing", 24, 3, num_clusters=4, local_heads=1, local_window=5, shared_qk=False)
     assert layer.cost(64)["density"] > one.cost(64)["density"]
-    bad = [({"key_clusters": 5, "shared_qk": False}, "key_clusters"), ({"key_clusters": 2, "shared_qk": True}, "key_clusters"),
+    bad = [({"key_clusters": 5, "shared_qk": False}, "key_clusters"),
+           ({"key_clusters": 2, "shared_qk": True}, "key_clusters"),
            ({"key_clusters": 2, "shared_qk": False, "routing": "balanced"}, "key_clusters"),
            ({"qk_scale": 2.0}, "qk_scale"), ({"qk_scale": "cube", "qk_norm": "layer"}, "qk_scale"),
-           ({"kmeans_on": "keys", "shared_qk": True}, "kmeans_on"), ({"center": True, "shared_qk": True}, "center"),
-           ({"center_decay": 1.5, "shared_qk": False}, "center_decay")]
+           ({"kmeans_on": "keys", "shared_qk": True}, "kmeans_on"),
+           ({"kmeans_on": "all", "shared_qk": False}, "kmeans_on"),
+           ({"learn_qk_scale": True, "shared_qk": False}, "qk_scale")]
     for kw, arg in bad:
         with pytest.raises(ValueError, match=arg):
             get_layer("routing", 24, 3, num_clusters=4, **kw)

@@ -31,11 +31,19 @@ class RoutingAttention(Layer):
          * ``shared_qk=False`` (default when not causal; the authors' encoder self-attention):
            separate query and key projections; queries are routed by ``q / |q|`` and keys by
            ``k / |k|`` to the same centroids, and attention uses the raw ``q`` and ``k``;
+         * ``qk_norm="layer"`` (the authors' code): q and k layer-normalised without scale or bias
+           before routing, and attention on those unit vectors with logits ``qk_scale * cos``
+           (default ``d``, the authors' ``LN(q) . LN(k)``; ``"sqrt"``: ``sqrt(d)``, the usual
+           ``LN(q) . LN(k) / sqrt(d)`` of QK-LayerNorm; ``learn_qk_scale``: a learned scale per
+           head from that value): a query then reads a key strongly only when it points the same
+           way, the condition under which a shared centroid holds both (``routed_inputs``);
       2. ``num_clusters`` centroids per head (buffers), updated in training by EMA of the mean of
          the normalised vectors assigned to them (nearest centroid; with separate q/k, the queries'
          and the keys' vectors together, the paper's ``(1 - decay) / 2`` share each when their
          counts are equal): ``mu <- normalize(decay * mu + (1 - decay) * mean)``; the first
-         training batch initialises them with ``kmeans_init_iters`` Lloyd iterations;
+         training batch initialises them with ``kmeans_init_iters`` Lloyd iterations; with separate
+         q/k ``kmeans_on`` picks what they learn from: ``"both"`` (default), ``"queries"`` or
+         ``"keys"`` (initialisation, EMA and commitment loss alike);
       3. routing, two forms (``routing``):
          * ``"balanced"`` (the paper's; default when not causal): every centroid takes the
            ``w = ceil(T / num_clusters)`` tokens closest to it (``window_size`` when given; with
@@ -44,7 +52,10 @@ class RoutingAttention(Layer):
          * ``"assign"`` (default when causal): every token (query and key separately when
            ``shared_qk=False``) joins its nearest centroid only, so a token's cluster depends on
            that token alone and the layer is strictly causal; clusters have the sizes the data
-           gives them (attention inside a cluster costs its size squared);
+           gives them (attention inside a cluster costs its size squared); with separate q/k a key
+           may join its ``key_clusters`` nearest centroids (default 1; still causal), so a query
+           whose key lies near the border of its cell still finds it (one softmax per query: a
+           query is in one cluster only);
       4. attention inside each cluster, causal on sequence positions: a query reads the keys of its
          cluster at positions <= its own. Shared Q = K: a token's own key is masked unless it is
          the cluster's first member (``exclude_self``; self-attention dominates when the key is
@@ -77,6 +88,10 @@ class RoutingAttention(Layer):
     8 clusters of 64 at T = 512), ``decay=0.999``, ``commitment=1e-4``, ``local_window=256``,
     ``kmeans_init_iters=10``, ``shared_qk=causal``.
 
+    ``routing_stats(x, positions)``: whether the clusters hold the keys the queries need (share
+    of queries without a key, share whose dense top key is co-clustered, dense attention mass in
+    the cluster, centroid use): the measurement behind the ``mqar`` preset.
+
     Differences from the paper kept: duplicates are averaged, not log-sum-exp merged (the kernels
     give no gradient through the lse); the balanced top-w selection is a competition over the
     whole sequence, so whether a token is routed depends on later tokens (as in the paper's and
@@ -87,8 +102,13 @@ class RoutingAttention(Layer):
     earlier output); the authors' code (and lucidrains') mask causality inside a cluster by slot
     index, which equals the position order only when queries and keys share their routing: with
     separate q/k this layer masks by sequence position instead (exact, in any routing); the
-    authors' code layer-normalises q and k and updates the centroids once from the queries and
-    once from the keys, this layer l2-normalises for routing only and makes one update from both;
+    authors' code layer-normalises q and k (routing and attention) and updates the centroids once
+    from the queries and once from the keys, this layer by default l2-normalises for routing only
+    and makes one update from both (``qk_norm="layer"`` follows the authors' normalisation);
+    centroids from the queries only (``kmeans_on="queries"``), keys in several nearest clusters
+    (``key_clusters``) and the ``sqrt(d)`` logit scale are this layer's additions (the ``mqar``
+    preset: with centroids learned from both, the queries and the keys of a separate-q/k head
+    drift into different clusters and the routed head stops learning; docs/layers.md);
     routing is used in every layer of a model built from this layer (the paper routes in some
     layers only: build hybrids with the harness); local attention is a sliding window, not
     lucidrains' blocked look-back window.
@@ -103,10 +123,12 @@ class RoutingAttention(Layer):
     # run), the paper's shared Q = K kept: MQAR T = 64, 2 heads, seeds 0/1/2: 0.929/0.934/0.929 against
     # 0.858/0.864 with decay 0.999; separate q/k gave 0.898/0.903 (0.999) and 0.935/0.830/0.865 (0.99)
     # (docs/layers/routing_qk_cpu.csv, docs/layers/routing_assign_cpu.csv)
-    # mqar since the co-clustering fix (docs/layers/routing_mqar_fix_cpu.csv): separate q/k (shared Q = K matches a
-    # question against the other occurrence of its own token), cosine logits sqrt(d) * cos (the learned raw
-    # bilinear form does not put a query near its key: cos 0.2), centroids from the queries only and every key in
-    # its 2 nearest clusters (with centroids from both, queries and keys drift into separate clusters)
+    # mqar since the co-clustering fix (docs/layers/routing_mqar_fix_cpu.csv, 2-core CPU, T = 64, local window 4:
+    # 0.9617 against 0.2343 before, dense 0.9972): separate q/k (shared Q = K matches a question against the other
+    # occurrence of its own token: 0.22 with one cluster), cosine logits sqrt(d) * cos (the learned raw bilinear
+    # form does not put a query near its key: cos 0.2; the authors' d * cos learns slowly), centroids from the
+    # queries only and every key in its 2 nearest clusters (with centroids from both, the queries and the keys
+    # drift into separate clusters: 89-100 % of the queries in a cluster holding 1-2 % of the keys)
     presets = {"default": {}, "mqar": {"num_clusters": 4, "local_window": 32, "decay": 0.99, "shared_qk": False,
                                        "qk_norm": "layer", "qk_scale": "sqrt", "kmeans_on": "queries",
                                        "key_clusters": 2}}
@@ -125,7 +147,7 @@ class RoutingAttention(Layer):
                  local_heads: Optional[int] = None, local_window: int = 256, decay: float = 0.999,
                  commitment: float = 1e-4, kmeans_init_iters: int = 10, exclude_self: Optional[bool] = None,
                  causal: bool = True, routing: Optional[str] = None, shared_qk: Optional[bool] = None,
-                 qk_norm: str = "l2", center: bool = False, center_decay: float = 0.0, kmeans_on: str = "both",
+                 qk_norm: str = "l2", kmeans_on: str = "both",
                  qk_scale=None, learn_qk_scale: bool = False, key_clusters: int = 1):
         super().__init__()
         check_dim_heads(dim, heads)
@@ -158,10 +180,6 @@ class RoutingAttention(Layer):
         if qk_norm not in ("l2", "layer"):
             raise ValueError(f"qk_norm: expected 'l2' or 'layer', got {qk_norm!r}")
         self.routing, self.qk_norm = routing, qk_norm
-        if center not in (False, True, "keys"):
-            raise ValueError(f"center: expected False, True or 'keys', got {center!r}")
-        self.center = center
-        self.center_decay = check_float("center_decay", center_decay, 0.0, 1.0)
         if kmeans_on not in ("both", "queries", "keys"):
             raise ValueError(f"kmeans_on: expected 'both', 'queries' or 'keys', got {kmeans_on!r}")
         if kmeans_on != "both" and shared_qk:
@@ -179,9 +197,6 @@ class RoutingAttention(Layer):
         if key_clusters > 1 and (shared_qk or routing != "assign"):
             raise ValueError("key_clusters: a key in several clusters needs shared_qk=False and routing='assign'")
         self.key_clusters = key_clusters
-        if center and shared_qk:
-            raise ValueError("center: removes the offset between the queries' and the keys' distributions, only for "
-                             "shared_qk=False")
         self.dim, self.heads, self.head_dim = dim, heads, dim // heads
         self.num_clusters, self.window_size = num_clusters, window_size
         self.local_heads, self.routed_heads = local_heads, heads - local_heads
@@ -198,9 +213,6 @@ class RoutingAttention(Layer):
         self.register_buffer("means", F.normalize(torch.randn(hr, num_clusters, d), dim=-1))
         self.register_buffer("initted", torch.tensor(False))
         self.qk_log_scale = nn.Parameter(torch.full((hr,), math.log(self._logit_scale(d)))) if learn_qk_scale else None
-        if center:  # running means of the unit queries / keys (routing only)
-            self.register_buffer("q_center", torch.zeros(hr, d))
-            self.register_buffer("k_center", torch.zeros(hr, d))
         self._aux: Optional[torch.Tensor] = None
         self._patterns: "OrderedDict[tuple, object]" = OrderedDict()
 
@@ -337,52 +349,10 @@ class RoutingAttention(Layer):
         return torch.empty_like(o).scatter(2, gi, o)
 
     def _two_order_pattern(self, qseg: torch.Tensor, qpos: torch.Tensor, kseg: torch.Tensor, kpos: torch.Tensor):
-        """Pattern of separate query and key orders (``shared_qk=False``): query slot ``i`` (cluster
-        ``qseg[h, i]``, sequence position ``qpos[h, i]``) reads key slot ``j`` iff both are in the same
-        cluster and (causal) ``kpos[h, j] <= qpos[h, i]``. ``qseg`` / ``kseg`` ``[N, L]`` are
-        non-decreasing per row (cluster-major orders), so a block is computed only where the two
-        clusters' ranges meet (and, causal, where some key position is not after some query
-        position); the causal condition on original positions is exact through element tiles."""
-        from ...patterns import from_predicate, mask_mod
+        """The block pattern of separate query and key orders (``_routing_patterns.two_order_pattern``)."""
+        from ._routing_patterns import two_order_pattern
 
-        N, L = qseg.shape
-        if kseg.shape != (N, L) or qpos.shape != (N, L) or kpos.shape != (N, L):
-            raise ValueError(f"kseg: expected the shape of qseg {(N, L)}, got {tuple(kseg.shape)}")
-        hs = torch.arange(N, device=qseg.device)[:, None, None]
-        causal = self.causal
-        bq = 64 if L >= 64 else 16
-        nb = -(-L // bq)
-        pad = nb * bq - L
-
-        def blocks(t, fill, op):  # per-block min / max of the positions [N, nb]
-            t = F.pad(t, (0, pad), value=fill).view(N, nb, bq)
-            return t.amin(-1) if op == "min" else t.amax(-1)
-
-        big = 1 << 40
-        qmin, qmax = blocks(qpos, big, "min"), blocks(qpos, -1, "max")
-        kmin, kmax = blocks(kpos, big, "min"), blocks(kpos, -1, "max")
-
-        def elem(qi, kj, h):
-            qi, kj = qi.clamp(max=L - 1), kj.clamp(max=L - 1)  # tile rows / columns past L are cut later
-            keep = qseg[h, qi] == kseg[h, kj]
-            if causal:
-                keep = keep & (kpos[h, kj] <= qpos[h, qi])
-            return keep
-
-        def any_(r0, r1, c0, c1):
-            meet = (qseg[hs, r1] >= kseg[hs, c0]) & (qseg[hs, r0] <= kseg[hs, c1])
-            if causal:
-                meet = meet & (kmin[:, None, (c0 // bq)[0]] <= qmax[:, (r0 // bq)[:, 0], None])
-            return meet
-
-        def full(r0, r1, c0, c1):
-            one = (qseg[hs, r0] == qseg[hs, r1]) & (kseg[hs, c0] == kseg[hs, c1]) & (qseg[hs, r0] == kseg[hs, c0])
-            if causal:
-                one = one & (kmax[:, None, (c0 // bq)[0]] <= qmin[:, (r0 // bq)[:, 0], None])
-            return one
-
-        return from_predicate(mask_mod(elem, any=any_, full=full), L, causal=False, block_q=bq, heads=N,
-                              device=qseg.device)
+        return two_order_pattern(qseg, qpos, kseg, kpos, causal=self.causal)
 
     def two_order_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor,
                             qseg: torch.Tensor, kpos: torch.Tensor, kseg: torch.Tensor) -> torch.Tensor:
@@ -476,7 +446,7 @@ class RoutingAttention(Layer):
         return math.sqrt(d) if self.qk_scale == "sqrt" else float(self.qk_scale)
 
     def unit_vectors(self, qr: torch.Tensor, kr: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The routed heads' unit queries and keys (float32), before ``center``, from their
+        """The routed heads' unit queries and keys (float32) from their
         projections ``qr`` / ``kr [B, h, T, d]`` (``kr`` None with shared Q = K: the keys are the
         queries): ``q / |q|`` (``qk_norm="l2"``) or the unit vector of ``q`` layer-normalised
         without scale or bias (``"layer"``, the authors' code), the same for ``k``."""
@@ -491,22 +461,19 @@ class RoutingAttention(Layer):
     def routed_inputs(self, qr: torch.Tensor, kr: Optional[torch.Tensor]):
         """The routed heads' attention query, attention key and routing unit vectors (queries, keys)
         from their projections ``qr`` / ``kr [B, h, T, d]`` (``kr`` None with shared Q = K; then
-        the keys' unit vectors are the queries'), per ``qk_norm`` and ``center``:
+        the keys' unit vectors are the queries'), per ``qk_norm``:
 
-        * routing vectors: ``unit_vectors``; with ``center``, less their running means and
-          normalised again;
+        * routing vectors: ``unit_vectors``;
         * ``qk_norm="l2"``: attention on the raw ``q`` and ``k`` (shared Q = K: the raw ``q``
           against the unit key ``q / |q|``);
         * ``qk_norm="layer"`` (the authors' code): attention on the routing vectors themselves with
-          logits ``d * cos`` (without ``center``: ``LN(q) . LN(k)``, the authors' logits,
-          ``d`` times the correlation of q and k): a logit is large only where the query and the
+          logits ``qk_scale * cos`` (default ``d``: ``LN(q) . LN(k)``, the authors' logits, ``d`` times
+          the correlation of q and k; ``"sqrt"``: ``sqrt(d)``): a logit is large only where the query and the
           key point the same way on the sphere the centroids live on, so the key a query needs is
           near it and k-means tends to put both in one cluster (the paper's argument for routing,
           which holds for unit vectors only).
         """
         qn, kn = self.unit_vectors(qr, kr)
-        if kr is not None:
-            qn, kn = self._centered(qn, kn)
         if self.qk_norm == "layer":
             d = qr.shape[-1]
             scale = self.qk_log_scale.exp()[None, :, None, None] if self.qk_log_scale is not None else \
@@ -536,13 +503,10 @@ class RoutingAttention(Layer):
         """Routed heads with separate query and key projections (``shared_qk=False``): queries and
         keys are routed to the same centroids, each by its own unit vector; the centroids learn
         from both -> (output, the queries' and keys' unit vectors ``[B, h, 2T, d]``, their clusters)."""
-        qu, ku = self.unit_vectors(qr, kr)
         first_batch = self.training and not bool(self.initted)
-        if first_batch and self.routing == "balanced":
-            if self.center:
-                self._update_center(qu, ku, first=True)
-            self._kmeans_init(self._fit_points(*self._centered(qu, ku)).detach())
         qr, kr, qn, kn = self.routed_inputs(qr, kr)
+        if first_batch and self.routing == "balanced":
+            self._kmeans_init(self._fit_points(qn, kn).detach())
         if self.routing == "assign" and self.key_clusters > 1:
             qpos, qseg = self._assign_order(self._nearest(qn))
             kpos, kseg = self._multi_order(kn, self.key_clusters)
@@ -556,12 +520,7 @@ class RoutingAttention(Layer):
             (qpos, qseg), (kpos, kseg) = self._balanced_order(self.route(qn)), self._balanced_order(self.route(kn))
         o = self.two_order_attention(qr, kr, vr, qpos, qseg, kpos, kseg)
         if first_batch and self.routing == "assign":  # after this batch's routing (causal, as above)
-            if self.center:
-                self._update_center(qu, ku, first=True)
-                qn, kn = self._centered(qu, ku)
             self._kmeans_init(self._fit_points(qn, kn).detach())
-        elif self.training and self.center and not first_batch:  # after routing: no batch statistic reaches it
-            self._update_center(qu, ku, first=False)
         pts = self._fit_points(qn, kn)
         return o, pts, self._nearest(pts)
 
@@ -573,78 +532,13 @@ class RoutingAttention(Layer):
             return torch.cat([qn, kn], 2)
         return qn if self.kmeans_on == "queries" else kn
 
-    def _centered(self, qu: torch.Tensor, ku: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Routing vectors: the unit queries / keys ``[B, h, T, d]``, with ``center`` less their
-        running means (per routed head; ``center="keys"``: the keys only) and normalised again."""
-        if not self.center:
-            return qu, ku
-        kc = F.normalize(ku - self.k_center.float()[None, :, None], dim=-1)
-        if self.center == "keys":
-            return qu, kc
-        return F.normalize(qu - self.q_center.float()[None, :, None], dim=-1), kc
-
-    @torch.no_grad()
-    def _update_center(self, qu: torch.Tensor, ku: torch.Tensor, first: bool) -> None:
-        """Running means of the unit queries and keys per routed head: set by the first training
-        batch, then ``c <- center_decay * c + (1 - center_decay) * batch mean`` (default 0: the
-        previous training batch's mean)."""
-        for buf, u in ((self.q_center, qu), (self.k_center, ku)):
-            m = u.detach().float().mean((0, 2))
-            buf.copy_(m if first else self.center_decay * buf + (1 - self.center_decay) * m)
-
-    @torch.no_grad()
     def routing_stats(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None) -> dict:
         """Whether the routed heads' clusters hold the keys their queries need, on ``x [B, T, dim]``
-        with the current centroids (nothing is updated). Every query and key is put in its nearest
-        centroid's cluster (the ``routing="assign"`` clusters; balanced routing may add or drop
-        members). Returns, over the routed heads and the query positions (all, or those where
-        ``positions``, bool ``[B, T]``, is True, e.g. MQAR's answer positions):
+        (``no_key``, ``co_clustered``, ``dense_mass``, ``query_use``, ``key_use``; optionally only at
+        ``positions``, bool ``[B, T]``): see ``sparsattn.nn.layers._routing_stats.routing_stats``."""
+        from ._routing_stats import routing_stats
 
-        * ``no_key``: share of queries whose cluster holds no key they may read (causal: at or
-          before them; with ``exclude_self``, other than their own key): their routed output is zero
-          (separate q/k) or their own value (shared Q = K);
-        * ``co_clustered``: share of queries whose dense top key, the key the same head's dense
-          attention (same query and key vectors, every key it may read) weights most, is in their
-          cluster;
-        * ``dense_mass``: mean share of that dense attention on the keys of the query's cluster;
-        * ``query_use`` / ``key_use``: ``[routed heads, num_clusters]`` share of the queries / keys
-          whose nearest centroid is that cluster's (all positions).
-
-        With ``key_clusters > 1`` a key counts as in each of its ``key_clusters`` nearest clusters.
-        """
-        check_input(x, 3, self.dim, "[B, T, dim]")
-        if self.routed_heads == 0:
-            raise ValueError("local_heads: routing_stats needs a routed head (local_heads < heads)")
-        B, T, _ = x.shape
-        if positions is not None and (positions.dtype != torch.bool or tuple(positions.shape) != (B, T)):
-            raise ValueError(f"positions: expected a bool tensor of shape {(B, T)}, got {positions.dtype} "
-                             f"{tuple(positions.shape)}")
-        d, hl, hr, nc = self.head_dim, self.local_heads, self.routed_heads, self.num_clusters
-        q = self.q_proj(x).view(B, T, self.heads, d).transpose(1, 2)[:, hl:]
-        k = None if self.shared_qk else self.k_proj(x).view(B, T, -1, d).transpose(1, 2)[:, hl:]
-        qa, ka, qn, kn = self.routed_inputs(q, k)
-        cq, ck = self._nearest(qn), self._nearest(kn)                       # [B, hr, T]
-        i = torch.arange(T, device=x.device)
-        visible = (i[None, :] <= i[:, None]) if self.causal else torch.ones(T, T, dtype=torch.bool, device=x.device)
-        if self.exclude_self:
-            visible = visible & (i[None, :] != i[:, None])
-        logits = (qa.float() @ ka.float().transpose(-1, -2) / math.sqrt(d)).masked_fill(~visible, float("-inf"))
-        none = ~visible.any(-1)                                                 # shared causal: position 0
-        logits[..., none, :] = torch.where(torch.eye(T, dtype=torch.bool, device=x.device)[none], 0.0, float("-inf"))
-        p = logits.softmax(-1)
-        if self.key_clusters > 1:  # a key is in its key_clusters nearest clusters
-            top = torch.einsum("bhtd,hkd->bhtk", kn, self.means.float()).topk(self.key_clusters, -1).indices
-            same = (cq[..., :, None, None] == top[..., None, :, :]).any(-1)
-        else:
-            same = cq[..., :, None] == ck[..., None, :]                         # [B, hr, T, T]
-        sel = torch.ones(B, hr, T, dtype=torch.bool, device=x.device) if positions is None else \
-            positions[:, None, :].expand(B, hr, T)
-        share = lambda t: float(t.float()[sel].mean()) if bool(sel.any()) else float("nan")  # noqa: E731
-        use = lambda c: F.one_hot(c, nc).float().mean((0, 2))  # noqa: E731
-        return {"no_key": share(~(same & visible).any(-1)),
-                "co_clustered": share(same.gather(-1, logits.argmax(-1, keepdim=True))[..., 0]),
-                "dense_mass": share((p * same).sum(-1)),
-                "query_use": use(cq), "key_use": use(ck)}
+        return routing_stats(self, x, positions)
 
     def extra_loss(self) -> Optional[torch.Tensor]:
         """The commitment loss of the last training forward (None in eval mode)."""
