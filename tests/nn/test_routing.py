@@ -300,6 +300,18 @@ def test_separate_qk_matches_reference_with_grads(backend, routing, causal, T):
             assert float((a.grad.double() - b.grad).abs().max()) < 1e-4
 
 
+def _heads_and_local(l64, x, causal, window=5, d=8):
+    """The float64 references' common start (1 local head of ``window``, head_dim ``d``): per-head
+    q, k, v of the layer's projections and the local head's masked attention -> (q, k, v, local, (B, T))."""
+    B, T, _ = x.shape
+    sp = lambda t: t.view(B, T, -1, d).transpose(1, 2)  # noqa: E731
+    q, k, v = sp(l64.q_proj(x)), sp(l64.k_proj(x)), sp(l64.v_proj(x))
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    near = (i - j).abs() < window
+    loc = masked_ref(q[:, :1], k[:, :1], v[:, :1], near & (j <= i) if causal else near)
+    return q, k, v, loc, (B, T)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_separate_qk_layer_matches_reference(causal):
     """The whole layer (eval, assign routing, 1 local + 2 routed heads) against a float64
@@ -310,12 +322,8 @@ def test_separate_qk_layer_matches_reference(causal):
     layer.eval()
 
     def ref(l64, x):
-        B, T, _ = x.shape
-        sp = lambda t: t.view(B, T, -1, 8).transpose(1, 2)  # noqa: E731
-        q, k, v = sp(l64.q_proj(x)), sp(l64.k_proj(x)), sp(l64.v_proj(x))
+        q, k, v, loc, (B, T) = _heads_and_local(l64, x, causal)
         i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
-        near = (i - j).abs() < 5
-        loc = masked_ref(q[:, :1], k[:, :1], v[:, :1], near & (j <= i) if causal else near)
         mu = l64.means
         qa = torch.einsum("bhtd,hkd->bhtk", F.normalize(q[:, 1:], dim=-1), mu).argmax(-1)
         ka = torch.einsum("bhtd,hkd->bhtk", F.normalize(k[:, 1:], dim=-1), mu).argmax(-1)
@@ -458,12 +466,8 @@ def test_layer_qk_norm_matches_reference(causal):
         layer.eval()
 
         def ref(l64, x):
-            B, T, _ = x.shape
-            sp = lambda t: t.view(B, T, -1, 8).transpose(1, 2)  # noqa: E731
-            q, k, v = sp(l64.q_proj(x)), sp(l64.k_proj(x)), sp(l64.v_proj(x))
+            q, k, v, loc, (B, T) = _heads_and_local(l64, x, causal)
             i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
-            near = (i - j).abs() < 5
-            loc = masked_ref(q[:, :1], k[:, :1], v[:, :1], near & (j <= i) if causal else near)
             ln = lambda t: F.layer_norm(t, (8,), eps=1e-6)  # noqa: E731
             ql = ln(q[:, 1:])
             kl = ql if shared else ln(k[:, 1:])
