@@ -52,11 +52,9 @@ def routing_stats(layer, x: torch.Tensor, positions: Optional[torch.Tensor] = No
     none = ~visible.any(-1)                                                 # shared causal: position 0
     logits[..., none, :] = torch.where(torch.eye(T, dtype=torch.bool, device=x.device)[none], 0.0, float("-inf"))
     p = logits.softmax(-1)
-    if layer.key_clusters > 1:  # a key is in its key_clusters nearest clusters
-        top = torch.einsum("bhtd,hkd->bhtk", kn, layer.means.float()).topk(layer.key_clusters, -1).indices
-        same = (cq[..., :, None, None] == top[..., None, :, :]).any(-1)
-    else:
-        same = cq[..., :, None] == ck[..., None, :]                         # [B, hr, T, T]
+    # a key is in its key_clusters nearest clusters                       same: [B, hr, T, T]
+    top = torch.einsum("bhtd,hkd->bhtk", kn, layer.means.float()).topk(layer.key_clusters, -1).indices
+    same = (cq[..., :, None, None] == top[..., None, :, :]).any(-1)
     sel = torch.ones(B, hr, T, dtype=torch.bool, device=x.device) if positions is None else \
         positions[:, None, :].expand(B, hr, T)
     share = lambda t: float(t.float()[sel].mean()) if bool(sel.any()) else float("nan")  # noqa: E731

@@ -508,15 +508,14 @@ class RoutingAttention(Layer):
         qr, kr, qn, kn = self.routed_inputs(qr, kr)
         if first_batch and self.routing == "balanced":
             self._kmeans_init(self._fit_points(qn, kn).detach())
-        if self.routing == "assign" and self.key_clusters > 1:
+        if self.routing == "assign":  # every key in its key_clusters nearest clusters (1: nearest only)
             qpos, qseg = self._assign_order(self._nearest(qn))
             kpos, kseg = self._multi_order(kn, self.key_clusters)
             B, h, T = qpos.shape
             pad = (self.key_clusters - 1) * T  # padding query slots: position T, a cluster beyond every key's
-            qpos = torch.cat([qpos, qpos.new_full((B, h, pad), T)], -1)
-            qseg = torch.cat([qseg, qseg.new_full((B, h, pad), self.num_clusters)], -1)
-        elif self.routing == "assign":
-            (qpos, qseg), (kpos, kseg) = self._assign_order(self._nearest(qn)), self._assign_order(self._nearest(kn))
+            if pad:
+                qpos = torch.cat([qpos, qpos.new_full((B, h, pad), T)], -1)
+                qseg = torch.cat([qseg, qseg.new_full((B, h, pad), self.num_clusters)], -1)
         else:
             (qpos, qseg), (kpos, kseg) = self._balanced_order(self.route(qn)), self._balanced_order(self.route(kn))
         o = self.two_order_attention(qr, kr, vr, qpos, qseg, kpos, kseg)

@@ -31,14 +31,9 @@ from __future__ import annotations
 
 import torch
 
-from ._approx_common import cdiv
+from ._approx_common import cdiv, pad_tokens
 
 __all__ = ["log_linear_attention", "pair_weights"]
-
-
-def _pad(x: torch.Tensor, n: int, value: float) -> torch.Tensor:
-    T = x.shape[-2]
-    return x if T == n else torch.nn.functional.pad(x, (0, 0, 0, n - T), value=value)
 
 
 def log_linear_attention(a: torch.Tensor, b: torch.Tensor, v: torch.Tensor, *, causal: bool, chunk: int = 64):
@@ -67,9 +62,9 @@ def log_linear_attention(a: torch.Tensor, b: torch.Tensor, v: torch.Tensor, *, c
     n = cdiv(T, chunk)
     Tp = n * chunk
     low = torch.finfo(a.dtype).min / 4  # padded keys: exp(low - anything finite) = 0, and no inf - inf
-    a_c = _pad(a, Tp, 0.0).reshape(*lead, n, chunk, m)
-    b_c = _pad(b, Tp, low).reshape(*lead, n, chunk, m)
-    v_c = _pad(v, Tp, 0.0).reshape(*lead, n, chunk, Dv)
+    a_c = pad_tokens(a, Tp, 0.0).reshape(*lead, n, chunk, m)
+    b_c = pad_tokens(b, Tp, low).reshape(*lead, n, chunk, m)
+    v_c = pad_tokens(v, Tp, 0.0).reshape(*lead, n, chunk, Dv)
     later = ~torch.ones(chunk, chunk, dtype=torch.bool, device=a.device).tril()
     kv = torch.zeros(*lead, m, Dv, dtype=v.dtype, device=v.device)
     ks = torch.zeros(*lead, m, dtype=v.dtype, device=v.device)

@@ -1,5 +1,5 @@
-"""Performer FAVOR+ positive random features and (causal) linear attention with a log-scale
-normaliser (shared by the ``scatterbrain`` and ``sea`` mixers).
+"""Performer FAVOR+ positive random features (shared by the ``scatterbrain`` and ``sea`` mixers; their
+linear attention is ``_approx_logfavor.log_linear_attention``, which works on ``favor_exponents``).
 
 Rethinking Attention with Performers (arXiv 2009.14794): with ``x' = x * scale**0.5`` and ``m``
 orthogonal random directions ``w_r``,
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._approx_common import cdiv, pad_tokens, wide_dtype
+from ._approx_common import cdiv, wide_dtype
 
 
 def orthogonal_features(m: int, d: int, seed: int) -> torch.Tensor:
@@ -43,7 +43,9 @@ def favor_exponents(x: torch.Tensor, w: torch.Tensor, scale: float) -> torch.Ten
 
 def favor_features(x: torch.Tensor, w: torch.Tensor, scale: float, *, is_query: bool):
     """``(phi [..., T, m], c)``: FAVOR+ features of ``x [..., T, D]`` under directions ``w [m, D]`` and
-    their log-stabiliser ``c`` (``[..., T]`` for queries, ``[...]`` for keys: one per leading index)."""
+    their log-stabiliser ``c`` (``[..., T]`` for queries, ``[...]`` for keys: one per leading index):
+    Performer's single-stabiliser form, the plain reference the Scatterbrain tests check the log-scale
+    sums against (the mixers use ``favor_exponents``)."""
     base = favor_exponents(x, w, scale)
     if is_query:
         c = base.amax(-1, keepdim=True).detach()
@@ -51,31 +53,3 @@ def favor_features(x: torch.Tensor, w: torch.Tensor, scale: float, *, is_query: 
         c = base.amax(dim=(-1, -2), keepdim=True).detach()
     phi = torch.exp(base - c) * w.shape[0] ** -0.5
     return phi, (c[..., 0] if is_query else c[..., 0, 0])
-
-
-def linear_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, *, causal: bool, chunk: int = 64):
-    """Unnormalised linear attention: ``num_i = sum_j phi_q(i).phi_k(j) v_j`` and
-    ``den_i = sum_j phi_q(i).phi_k(j)`` over all j (or ``j <= i`` when ``causal``), for
-    ``fq [..., Tq, m]``, ``fk [..., Tk, m]``, ``v [..., Tk, Dv]``. Causal: chunks of ``chunk`` tokens,
-    exact masked products inside a chunk, a prefix sum of chunk states across chunks (no loop over
-    tokens; memory ``O(T/chunk * m * Dv)``). Returns ``(num [..., Tq, Dv], den [..., Tq])``."""
-    if not causal:
-        kv = torch.matmul(fk.transpose(-1, -2), v)
-        return torch.matmul(fq, kv), torch.matmul(fq, fk.sum(-2)[..., None])[..., 0]
-    lead, T, m = fq.shape[:-2], fq.shape[-2], fq.shape[-1]
-    n = cdiv(T, chunk)
-    Tp = n * chunk
-    q_c = pad_tokens(fq, Tp).reshape(*lead, n, chunk, m)
-    k_c = pad_tokens(fk, Tp).reshape(*lead, n, chunk, m)
-    v_c = pad_tokens(v, Tp).reshape(*lead, n, chunk, v.shape[-1])
-    tri = torch.ones(chunk, chunk, dtype=torch.bool, device=fq.device).tril()
-    a = torch.matmul(q_c, k_c.transpose(-1, -2)).masked_fill(~tri, 0.0)  # [..., n, c, c]
-    num = torch.matmul(a, v_c)
-    den = a.sum(-1)
-    kv = torch.matmul(k_c.transpose(-1, -2), v_c)  # [..., n, m, Dv] per-chunk states
-    ks = k_c.sum(-2)  # [..., n, m]
-    kv_prev = torch.cumsum(kv, dim=-3) - kv  # exclusive prefix over chunks
-    ks_prev = torch.cumsum(ks, dim=-2) - ks
-    num = num + torch.matmul(q_c, kv_prev)
-    den = den + torch.matmul(q_c, ks_prev[..., None])[..., 0]
-    return num.reshape(*lead, Tp, -1)[..., :T, :], den.reshape(*lead, Tp)[..., :T]
