@@ -32,16 +32,16 @@ def _worker(i: int, queue, args, t_start: float) -> None:
     rows = []
     while True:
         try:
-            layer, width, seed = queue.get_nowait()
+            layer, width, seed, lr = queue.get_nowait()
         except Exception:
             break
         name = layer if isinstance(layer, str) else "+".join(layer)
         left = args.deadline - (time.time() - t_start) - args.eval_margin
         if left < args.min_run:
-            print(f"[w{i}] skipped {name} d={width} seed={seed}: {left:.0f} s left", flush=True)
+            print(f"[w{i}] skipped {name} d={width} seed={seed} lr={lr}: {left:.0f} s left", flush=True)
             continue
         kw = {k: v for k, v in (("vocab", args.vocab), ("n_train", args.n_train), ("n_test", args.n_test),
-                                ("eval_every", args.eval_every), ("lr", args.lr), ("n_layers", args.n_layers),
+                                ("eval_every", args.eval_every), ("lr", lr), ("n_layers", args.n_layers),
                                 ("heads", args.heads), ("batch_size", args.batch_size)) if v is not None}
         try:
             row = train_layer(layer, args.task, seq_len=args.seq_len, width=width, steps=args.steps, seed=seed,
@@ -49,11 +49,11 @@ def _worker(i: int, queue, args, t_start: float) -> None:
             row["error"] = ""
         except Exception as e:  # recorded in the row
             traceback.print_exc()
-            row = {"layer": name, "task": args.task, "seq_len": args.seq_len, "width": width, "seed": seed,
+            row = {"layer": name, "task": args.task, "seq_len": args.seq_len, "width": width, "seed": seed, "lr": lr,
                    "error": f"{type(e).__name__}: {e}"[:300]}
         rows.append(row)
         write_csv(rows, Path(args.out) / f"{args.task}_w{i}.csv", COLUMNS + ["error"])
-        print(f"[w{i}] {name:>16s} d={width} seed={seed}: acc={row.get('accuracy')} steps={row.get('steps_done')} "
+        print(f"[w{i}] {name:>16s} d={width} seed={seed} lr={lr}: acc={row.get('accuracy')} steps={row.get('steps_done')} "
               f"({row.get('train_s')} s) {row.get('error', '')}", flush=True)
 
 
@@ -77,14 +77,16 @@ def main() -> int:
     p.add_argument("--hybrids", nargs="*", default=["baseconv,dense", "lightning,dense"])
     for k in ("vocab", "n_train", "n_test", "eval_every", "n_layers", "heads", "batch_size"):
         p.add_argument("--" + k.replace("_", "-"), type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", type=float, help="one learning rate for every run (default: the task's)")
+    p.add_argument("--lrs", type=float, nargs="+", help="a learning-rate sweep: every run once per value")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = args.layers if args.layers is not None else default_layers(args.task)
     models = list(names) + [h.split(",") for h in args.hybrids]
     # widest first: the longest runs start first
-    runs = [(m, w, s) for w in sorted(args.widths, reverse=True) for m in models for s in args.seeds]
+    lrs = args.lrs or [args.lr]
+    runs = [(m, w, s, lr) for w in sorted(args.widths, reverse=True) for m in models for s in args.seeds for lr in lrs]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     for r in runs:
