@@ -91,7 +91,12 @@ def test_text_generation_pipeline_on_the_bundled_model():
     dense = model.generate(**x, **kw)
     hf.patch(model, method="a_shape", n_init=16, n_local=64, block_size=16)
     sparse = model.generate(**x, **kw)
-    pipe = pipeline("text-generation", model=model, tokenizer=tok)
+    # device: without it, pipeline() moves the model to the first accelerator (transformers 5.x
+    # defaults to device 0 when CUDA is there), and the CPU inputs `x` below no longer match the
+    # model's device (H100, 2026-12-05: "index is on cpu, different from other tensors on cuda:0")
+    device = model.device
+    pipe = pipeline("text-generation", model=model, tokenizer=tok, device=device)
+    assert model.device == device
     out = pipe(prompt, return_full_text=False, **kw)[0]["generated_text"]
     assert out == tok.decode(sparse[0, x["input_ids"].shape[1]:], skip_special_tokens=True)
     assert x["input_ids"].shape[1] > 150  # well past the 80-token budget: the prefill was sparse
