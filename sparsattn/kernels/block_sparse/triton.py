@@ -187,8 +187,12 @@ def _bs_fwd_kernel(
     # pipeline's buffers do not multiply by SUB (key blocks wider than BLOCK_N)
     if off < P_OFF:
         # causal, and this sequence's diagonal lies left of the pattern's (kv_len - q_len smaller than
-        # the pattern's kv_len - q_len): a full block can cross it, so mask full blocks too
-        for j in range(0, n_full * SUB):
+        # the pattern's kv_len - q_len): a full block can cross it, so mask full blocks too. Not
+        # software-pipelined: each pipelined loop keeps its own stages of K and V tiles, and this loop
+        # beside the one below asked for 416 KB at head_dim 128 in bf16 whenever a length was not a multiple
+        # of the block (H100, triton 3.6, 2026-12-05;
+        # tests/kernels/test_smem_budget.py compiles every launch for sm_90 and checks 227 KB)
+        for j in tl.range(0, n_full * SUB, num_stages=1):
             kb = tl.load(f_list + j // SUB)
             cols = kb * BLOCK_KP + (j % SUB) * BLOCK_N + offs_n
             ok = (cols[None, :] < kv_len) & (cols[None, :] <= offs_m[:, None] + off)

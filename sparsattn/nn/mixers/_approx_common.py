@@ -94,12 +94,7 @@ def exact_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     leading index: callers use it on blocks. On CUDA without gradients (inference) it runs through
     ``sparsattn.attention`` instead (flash-style kernel, same result)."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    # head_dim <= 64 only: at head_dim 128 this call asked the block-sparse forward for 416 KB of shared
-    # memory on an H100 (2026-12-05, hyper at width 256 under bf16 autocast; the launch configuration
-    # was not captured), more than an SM has; wider heads take the blockwise torch path below. The
-    # probe (scripts/gpu_kernel_smem_probe.py, H200, same day) ran float32 head_dim <= 128 causal
-    # problems with the default launch configuration; its bf16 / rectangular cases were not reached
-    if q.is_cuda and keep is None and not needs_grad and q.dtype != torch.float64 and q.shape[-1] <= 64:
+    if q.is_cuda and keep is None and not needs_grad and q.dtype != torch.float64:
         # inference on the GPU: the block-sparse kernel (dense pattern), no O(n * m) scores in memory
         from ...api import attention
 
