@@ -79,3 +79,33 @@ def test_explicit_filter_length_checked():
         m(torch.randn(1, 17, 8))
     with pytest.raises(ValueError, match="x"):
         m(torch.randn(1, 17, 9))
+
+
+def test_per_layer_kernel_sizes():
+    """Zoology's list form: layer ``layer_index`` takes ``kernel_size[layer_index]`` (its MQAR
+    configuration is [3, -1, 3, -1]: short, long, short, long), and the harness passes the index."""
+    short = get_layer("baseconv", 16, 1, kernel_size=[3, -1], layer_index=0)
+    long = get_layer("baseconv", 16, 1, kernel_size=[3, -1], layer_index=1)
+    assert short.kernel_size == 3 and hasattr(short, "short") and not hasattr(short, "filter")
+    assert long.kernel_size == -1 and hasattr(long, "filter")
+    x = torch.randn(2, 9, 16)
+    ref = get_layer("baseconv", 16, 1, kernel_size=3)
+    ref.load_state_dict(short.state_dict())
+    torch.testing.assert_close(short(x), ref(x))
+    with pytest.raises(ValueError, match="kernel_size"):
+        get_layer("baseconv", 16, 1, kernel_size=[3, -1], layer_index=2)
+    with pytest.raises(ValueError, match="kernel_size"):
+        get_layer("baseconv", 16, 1, kernel_size=[3, 0], layer_index=1)
+    with pytest.raises(ValueError, match="layer_index"):
+        get_layer("baseconv", 16, 1, kernel_size=[3, -1], layer_index=-1)
+
+
+def test_mqar_preset_is_zoologys_short_then_long():
+    """The MQAR preset through the harness's mixer builder: a short convolution in the first block,
+    a long one in the second."""
+    from sparsattn.train.layerbench.model import build_mixer
+
+    cfg = layer_class("baseconv").presets["mqar"]
+    blocks = [build_mixer("baseconv", 16, 1, cfg, causal=True, index=i, n_layers=2, max_len=32) for i in range(2)]
+    assert [b.kernel_size for b in blocks] == [3, -1]
+    assert blocks[1].l_max == 32

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,8 @@ class BaseConv(Layer):
     Hyper-parameters (Zoology's code defaults): ``kernel_size`` = 3, ``implicit_long_conv`` = True,
     ``use_act`` = False, ``l_max`` = 2048 (the longest sequence of the filter's position scale;
     Zoology passes the task's length: the MQAR preset sets it per length through the harness).
+    ``kernel_size`` may be a list with one size per layer, as in Zoology's configurations: layer
+    ``layer_index`` (passed by the training harness) takes ``kernel_size[layer_index]``.
     ``heads`` is unused (the convolution is per channel) but kept for the common signature.
 
     The Zoology hybrid (BaseConv plus a few attention layers) is not a separate layer: give the
@@ -90,14 +93,23 @@ class BaseConv(Layer):
     paper = "Zoology: Measuring and Improving Recall in Efficient Language Models (arXiv 2312.04927)"
     kind = "mixer"
     causal_modes = (True,)
-    presets = {"default": {}, "mqar": {"kernel_size": -1}}
+    #: MQAR: Zoology's figure-2 configuration, a short convolution (3) in the first layer and a long one
+    #: in the second (``kernel_size=[3, -1, 3, -1]`` for its layers; our two-layer models use the first two)
+    presets = {"default": {}, "mqar": {"kernel_size": [3, -1]}}
 
-    def __init__(self, dim: int, heads: int, causal: bool = True, kernel_size: int = 3,
-                 implicit_long_conv: bool = True, use_act: bool = False, l_max: int = 2048):
+    def __init__(self, dim: int, heads: int, causal: bool = True, kernel_size: Union[int, Sequence[int]] = 3,
+                 implicit_long_conv: bool = True, use_act: bool = False, l_max: int = 2048, layer_index: int = 0):
         super().__init__()
         check_common(dim, heads, causal)
+        check_int("layer_index", layer_index, 0)
+        if isinstance(kernel_size, (list, tuple)):  # one per layer, as Zoology's list form
+            if layer_index >= len(kernel_size):
+                raise ValueError(f"kernel_size: a list of {len(kernel_size)} per-layer sizes has none for "
+                                 f"layer_index={layer_index}")
+            kernel_size = kernel_size[layer_index]
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or (kernel_size < 1 and kernel_size != -1):
-            raise ValueError(f"kernel_size: expected an int >= 1 (short convolution) or -1 (long), got {kernel_size!r}")
+            raise ValueError(f"kernel_size: expected an int >= 1 (short convolution) or -1 (long), or a list of "
+                             f"them (one per layer), got {kernel_size!r}")
         check_bool("implicit_long_conv", implicit_long_conv)
         check_bool("use_act", use_act)
         check_int("l_max", l_max)
