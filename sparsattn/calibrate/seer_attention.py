@@ -44,7 +44,7 @@ PROVENANCE_KEY = "seer_gate"
 DEFAULTS = {"steps": 300, "seq_len": 2048, "minutes": 20.0, "seed": 0, "lr": 1e-3, "rope_input": "pre",
             "data": "retrieval", "retrieval_fraction": 0.75, "init": None, "stream": False, "cache": None,
             "cache_lengths": (2048, 4096), "n_retrieval": (78, 24), "n_source": (4, 0), "n_prose": (0, 0),
-            "answer_weight": 30.0, "target_power": 8.0, "batch_size": 8}
+            "answer_weight": 30.0, "target_power": 8.0, "batch_size": 8, "length_mix": "count"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sharpen the target rows to t^p (8; 1 = the repository's loss)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
                    help="cached sequences of one length per step (8)")
+    p.add_argument("--length-mix", choices=("count", "equal"), default=DEFAULTS["length_mix"],
+                   help="how a step's cached length is drawn: count (in proportion to the records of each "
+                        "length, the default) or equal (every cached length equally often)")
 
 
 def sequences(tokenizer, seq_len: int, *, data: str = "retrieval", retrieval_fraction: float = 0.75, seed: int = 0,
@@ -141,10 +144,11 @@ def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048,
                  lr: float = 1e-3,
                  rope_input: str = "pre", init: Optional[str] = None, answer_weight: float = 30.0,
                  target_power: float = 8.0, batch_size: int = 8, info: Optional[dict] = None, haystack=None,
-                 source=None, log=print):
+                 source=None, log=print, length_mix: str = "count"):
     """train_cached: capture the gate's features once (``build_cache`` into ``cache``; None: a temporary
     folder, removed afterwards) and distil a gate (fresh, or from ``init``) on them for ``steps`` steps
-    of ``batch_size`` sequences (``answer_weight``, ``target_power``: see the module docstring); the
+    of ``batch_size`` sequences (``answer_weight``, ``target_power``: see the module docstring;
+    ``length_mix``: ``cached_batches``' draw of a step's length); the
     recipe (and ``info``, e.g. the command line) goes to the gate's ``model_info`` ->
     ``(SeerGate, losses, n_records)``."""
     import shutil
@@ -182,7 +186,7 @@ def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048,
                            "init_model_info": dict(gate.model_info)}
     answer_row_weights(records, answer_weight, gate.block_size)
     t0 = time.time()
-    losses = train_gate(gate, cached_batches(records, seed=seed, batch_size=batch_size), steps=steps, lr=lr,
+    losses = train_gate(gate, cached_batches(records, seed=seed, batch_size=batch_size, length_mix=length_mix), steps=steps, lr=lr,
                         warmup=min(50, steps), minutes=minutes, target_power=target_power, log=log, log_every=250)
     gate.model_info.update({"steps_done": len(losses), "first_loss": losses[0] if losses else None,
                             "final_loss": losses[-1] if losses else None, "seconds": round(time.time() - t0, 1),
@@ -191,7 +195,8 @@ def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048,
                                     "source windows per length"
                                     + (f" + {dict(zip(lengths, npr))} prose-haystack passkey prompts" if any(npr) else ""),
                             "answer_weight": answer_weight, "target_power": target_power,
-                            "batch_size": batch_size, **(info or {})})
+                            "batch_size": batch_size, **({"length_mix": length_mix} if length_mix != "count" else {}),
+                            **(info or {})})
     gate.save(out, dtype=torch.bfloat16)
     return gate, losses, len(records)
 
@@ -201,7 +206,7 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", steps: int 
         data: str = "retrieval", retrieval_fraction: float = 0.75, init: Optional[str] = None, stream: bool = False,
         cache=None, cache_lengths=(2048, 4096), n_retrieval=(78, 24), n_source=(4, 0), n_prose=(0, 0),
         answer_weight: float = 30.0,
-        target_power: float = 8.0, batch_size: int = 8) -> tuple:
+        target_power: float = 8.0, batch_size: int = 8, length_mix: str = "count") -> tuple:
     """run: ``(SeerAttention with the trained gate, provenance record)`` of the model at ``model_path``
     (None: bundled). ``data="retrieval"`` without ``stream``: cached training (``train_cached``)."""
     from ._common import call_text, load_model
@@ -212,7 +217,8 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", steps: int 
     if data == "retrieval" and not stream:
         opts.update(cache_lengths=cache_lengths, n_retrieval=n_retrieval, n_source=n_source,
                     **({"n_prose": n_prose} if any(int(x) for x in n_prose) else {}), answer_weight=answer_weight,
-                    target_power=target_power, batch_size=batch_size)
+                    target_power=target_power, batch_size=batch_size,
+                    **({"length_mix": length_mix} if length_mix != "count" else {}))
         if cache is not None:
             opts["cache"] = cache
         if init:
@@ -223,7 +229,7 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", steps: int 
                                            minutes=minutes,
                                            seed=seed, lr=lr, rope_input=rope_input, init=init,
                                            answer_weight=answer_weight, target_power=target_power,
-                                           batch_size=batch_size, info=info)
+                                           batch_size=batch_size, info=info, length_mix=length_mix)
         what = (f"{n_rec} cached sequences (build_cache): per length {list(cache_lengths)}, {list(n_retrieval)} "
                 f"passkey prompts (calibrate._retrieval.retrieval_prompts: training-split source haystack, needle at a random "
                 f"depth, seeds 1000 x {seed} + 7919 x length + i) and {list(n_source)} source windows of "
@@ -423,18 +429,22 @@ def answer_row_weights(records: list, weight: float, block_size: int = 64) -> No
             f["w"] = w
 
 
-def cached_batches(records: list, *, seed: int = 0, batch_size: int = 1):
+def cached_batches(records: list, *, seed: int = 0, batch_size: int = 1, length_mix: str = "count"):
     """Endless ``{layer: features}`` batches of ``batch_size`` cached records of one length (drawn
-    uniformly; features stacked on the batch axis, the row weights ``"w"`` as ``[B, nq]``)."""
+    uniformly; features stacked on the batch axis, the row weights ``"w"`` as ``[B, nq]``). A step's
+    length is drawn in proportion to its records (``length_mix="count"``) or uniformly over the cached
+    lengths (``"equal"``: the few long prompts are seen as often as the many short ones)."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    if length_mix not in ("count", "equal"):
+        raise ValueError(f"length_mix: expected 'count' or 'equal', got {length_mix!r}")
     rng = random.Random(seed)
     by_len: dict = {}
     for r in records:
         by_len.setdefault(next(iter(r["layers"].values()))["Tq"], []).append(r)
     lens = sorted(by_len)
     while True:
-        group = by_len[rng.choices(lens, weights=[len(by_len[T]) for T in lens])[0]]
+        group = by_len[rng.choices(lens, weights=[len(by_len[T]) if length_mix == "count" else 1 for T in lens])[0]]
         pick = [rng.choice(group) for _ in range(batch_size)]
         if batch_size == 1:
             yield pick[0]["layers"]

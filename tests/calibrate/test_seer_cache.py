@@ -91,3 +91,22 @@ def test_prose_prompts_are_cached_as_retrieval_records(tiny, tok, tmp_path):
     with pytest.raises(ValueError, match="n_prose"):
         train_cached(tiny, tok, str(tmp_path / "g"), cache_lengths=(256,), n_retrieval=(1,), n_source=(0,),
                      n_prose=(1, 1), steps=1, log=None)
+
+
+def _fake_record(T, nb=2):
+    f = {"q": torch.zeros(1, 2, nb, 4), "k": torch.zeros(1, 1, nb, 12), "t": torch.zeros(1, 2, nb, nb), "Tq": T, "Tk": T}
+    return {"layers": {0: f}, "read": {}, "meta": {"kind": "source", "T": T}}
+
+
+def test_cached_batches_length_mix():
+    # 9 short records and 1 long one: "count" draws the long length ~1/10 of the steps, "equal" ~1/2
+    recs = [_fake_record(128) for _ in range(9)] + [_fake_record(256, 4)]
+
+    def long_share(mix):
+        it = cached_batches(recs, seed=0, batch_size=2, length_mix=mix)
+        return sum(next(it)[0]["Tq"] == 256 for _ in range(2000)) / 2000
+
+    assert 0.06 < long_share("count") < 0.14
+    assert 0.45 < long_share("equal") < 0.55
+    with pytest.raises(ValueError, match="length_mix"):
+        next(cached_batches(recs, length_mix="uniform"))
