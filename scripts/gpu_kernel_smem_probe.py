@@ -71,8 +71,11 @@ def main() -> int:
             sync()
             return float(qq.grad.float().abs().max())
 
+        fwd_fit = None  # a forward configuration that ran, for the backward checks (they run the forward first)
         for kind, fn, alts, var in (("fwd", fwd, fwd_alts, "SPARSATTN_FWD_CONFIG"),
                                     ("bwd", bwd, bwd_alts, "SPARSATTN_BWD_CONFIG")):
+            if kind == "bwd" and fwd_fit is not None:
+                os.environ["SPARSATTN_FWD_CONFIG"] = ",".join(map(str, fwd_fit))
             val, err = _try(fn)
             row = dict(dtype=str(dtype).split(".")[-1], D=D, T=T, Tk=Tk, causal=causal, block_q=pat.block_q,
                        block_k=pat.block_k, kind=kind, cfg=cfg, ok=not err, value=val, error=err, alternatives=[])
@@ -84,6 +87,11 @@ def main() -> int:
                     row["alternatives"].append(dict(config=alt, ok=not e2, value=v2,
                                                     required=int(m.group(1)) if m else None, error=e2[:160]))
                     del os.environ[var]
+                    if kind == "fwd" and not e2 and fwd_fit is None:
+                        fwd_fit = alt
+            if kind == "bwd":
+                row["fwd_config_used"] = fwd_fit
+                os.environ.pop("SPARSATTN_FWD_CONFIG", None)
             rows.append(row)
             with open(a.out, "w") as f:
                 json.dump(dict(gpu=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", torch=torch.__version__, rows=rows,
