@@ -44,7 +44,7 @@ PROVENANCE_KEY = "seer_gate"
 DEFAULTS = {"steps": 300, "seq_len": 2048, "minutes": 20.0, "seed": 0, "lr": 1e-3, "rope_input": "pre",
             "data": "retrieval", "retrieval_fraction": 0.75, "init": None, "stream": False, "cache": None,
             "cache_lengths": (2048, 4096), "n_retrieval": (78, 24), "n_source": (4, 0), "n_prose": (0, 0),
-            "answer_weight": 30.0, "target_power": 8.0, "batch_size": 8, "length_mix": "count"}
+            "n_split": (0, 0), "answer_weight": 30.0, "target_power": 8.0, "batch_size": 8, "length_mix": "count"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,6 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-prose", type=ints, default=DEFAULTS["n_prose"],
                    help="passkey prompts per length over prose haystacks from documentation files the held-out "
                         "check never reads (_retrieval.prose_windows) (0,0)")
+    p.add_argument("--n-split", type=ints, default=DEFAULTS["n_split"],
+                   help="passkey prompts per length over prose haystacks (another calibration stream) whose value "
+                        "starts in the first 16 tokens of a key block, so that the needle sentence is cut by the "
+                        "block boundary (0,0)")
     p.add_argument("--answer-weight", type=float, default=DEFAULTS["answer_weight"],
                    help="loss weight of the query blocks holding answer rows (30; 1 = the repository's loss)")
     p.add_argument("--target-power", type=float, default=DEFAULTS["target_power"],
@@ -144,7 +148,7 @@ def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048,
                  lr: float = 1e-3,
                  rope_input: str = "pre", init: Optional[str] = None, answer_weight: float = 30.0,
                  target_power: float = 8.0, batch_size: int = 8, info: Optional[dict] = None, haystack=None,
-                 source=None, log=print, length_mix: str = "count"):
+                 source=None, log=print, length_mix: str = "count", n_split=None):
     """train_cached: capture the gate's features once (``build_cache`` into ``cache``; None: a temporary
     folder, removed afterwards) and distil a gate (fresh, or from ``init``) on them for ``steps`` steps
     of ``batch_size`` sequences (``answer_weight``, ``target_power``: see the module docstring;
@@ -160,6 +164,9 @@ def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048,
     lengths = [int(x) for x in cache_lengths]
     nr, ns = [int(x) for x in n_retrieval], [int(x) for x in n_source]
     npr = [0] * len(lengths) if n_prose is None else [int(x) for x in n_prose]
+    nsp = [0] * len(lengths) if n_split is None else [int(x) for x in n_split]
+    if len(nsp) != len(lengths):
+        raise ValueError(f"n_split: expected one count per cache length {lengths}, got {nsp}")
     if not lengths or len(nr) != len(lengths) or len(ns) != len(lengths) or len(npr) != len(lengths):
         raise ValueError(f"n_retrieval/n_source/n_prose: expected one count per cache length {lengths}, got {nr}, "
                          f"{ns} and {npr}")
@@ -169,9 +176,9 @@ def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048,
     folder = cache if cache is not None else tmp
     try:
         paths = []
-        for T, a, b, c in zip(lengths, nr, ns, npr):
+        for T, a, b, c, d in zip(lengths, nr, ns, npr, nsp):
             paths += build_cache(model, tokenizer, folder, lengths=(T,), n_retrieval=a, n_source=b, seed=seed,
-                                 haystack=haystack, source=source, n_prose=c, log=log)
+                                 haystack=haystack, source=source, n_prose=c, n_split=d, log=log)
         records = load_cache(paths)
     finally:
         if tmp is not None:
@@ -193,7 +200,9 @@ def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048,
                             "seq_len": lengths, "steps": steps, "lr": lr, "init": init,
                             "data": f"cached: {dict(zip(lengths, nr))} passkey prompts + {dict(zip(lengths, ns))} "
                                     "source windows per length"
-                                    + (f" + {dict(zip(lengths, npr))} prose-haystack passkey prompts" if any(npr) else ""),
+                                    + (f" + {dict(zip(lengths, npr))} prose-haystack passkey prompts" if any(npr) else "")
+                                    + (f" + {dict(zip(lengths, nsp))} prose-haystack passkey prompts with the value "
+                                       "in the first 16 tokens of a key block" if any(nsp) else ""),
                             "answer_weight": answer_weight, "target_power": target_power,
                             "batch_size": batch_size, **({"length_mix": length_mix} if length_mix != "count" else {}),
                             **(info or {})})
@@ -206,7 +215,7 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", steps: int 
         data: str = "retrieval", retrieval_fraction: float = 0.75, init: Optional[str] = None, stream: bool = False,
         cache=None, cache_lengths=(2048, 4096), n_retrieval=(78, 24), n_source=(4, 0), n_prose=(0, 0),
         answer_weight: float = 30.0,
-        target_power: float = 8.0, batch_size: int = 8, length_mix: str = "count") -> tuple:
+        target_power: float = 8.0, batch_size: int = 8, length_mix: str = "count", n_split=(0, 0)) -> tuple:
     """run: ``(SeerAttention with the trained gate, provenance record)`` of the model at ``model_path``
     (None: bundled). ``data="retrieval"`` without ``stream``: cached training (``train_cached``)."""
     from ._common import call_text, load_model
@@ -216,7 +225,8 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", steps: int 
     opts = dict(steps=steps, minutes=minutes, seed=seed, lr=lr, rope_input=rope_input, data=data, device=device)
     if data == "retrieval" and not stream:
         opts.update(cache_lengths=cache_lengths, n_retrieval=n_retrieval, n_source=n_source,
-                    **({"n_prose": n_prose} if any(int(x) for x in n_prose) else {}), answer_weight=answer_weight,
+                    **({"n_prose": n_prose} if any(int(x) for x in n_prose) else {}),
+                    **({"n_split": n_split} if any(int(x) for x in n_split) else {}), answer_weight=answer_weight,
                     target_power=target_power, batch_size=batch_size,
                     **({"length_mix": length_mix} if length_mix != "count" else {}))
         if cache is not None:
@@ -229,14 +239,16 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", steps: int 
                                            minutes=minutes,
                                            seed=seed, lr=lr, rope_input=rope_input, init=init,
                                            answer_weight=answer_weight, target_power=target_power,
-                                           batch_size=batch_size, info=info, length_mix=length_mix)
+                                           batch_size=batch_size, info=info, length_mix=length_mix, n_split=n_split)
         what = (f"{n_rec} cached sequences (build_cache): per length {list(cache_lengths)}, {list(n_retrieval)} "
                 f"passkey prompts (calibrate._retrieval.retrieval_prompts: training-split source haystack, needle at a random "
                 f"depth, seeds 1000 x {seed} + 7919 x length + i) and {list(n_source)} source windows of "
                 "source_files('train')" + (
                     f" and {list(n_prose)} passkey prompts over prose haystacks (_retrieval.prose_windows: "
                     "documentation files outside the held-out check's first 4000 lines, seed 2112)"
-                    if any(int(x) for x in n_prose) else ""))
+                    if any(int(x) for x in n_prose) else "") + (
+                    f" and {list(n_split)} prose-haystack passkey prompts (_retrieval.prose_windows, seed + 1) with the "
+                    "value in the first 16 tokens of a key block" if any(int(x) for x in n_split) else ""))
     else:
         gate, losses = train(model, tok, out, steps=steps, seq_len=seq_len, minutes=minutes, seed=seed, lr=lr,
                              rope_input=rope_input, data=data, retrieval_fraction=retrieval_fraction, init=init)
@@ -263,7 +275,8 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", steps: int 
 
 
 def build_cache(model, tokenizer, cache_dir, *, lengths=(2048,), n_retrieval: int = 64, n_source: int = 16,
-                seed: int = 0, haystack=None, source=None, n_prose: int = 0, prose=None, log=print) -> list:
+                seed: int = 0, haystack=None, source=None, n_prose: int = 0, prose=None, n_split: int = 0,
+                log=print) -> list:
     """build_cache: capture the gate's training features once (``train.seer_gate.gate_features``: pooled
     pre-RoPE q/k and the ``attn_pool`` target of every layer) for ``n_retrieval`` passkey prompts
     (``_retrieval.retrieval_prompts`` over the training-split haystack, random depth, seeds
@@ -273,7 +286,11 @@ def build_cache(model, tokenizer, cache_dir, *, lengths=(2048,), n_retrieval: in
     the prompt length, the value's positions and the answer-deciding rows. ``n_prose`` more passkey
     prompts per length use a prose haystack (``prose``: an iterator of token windows; default
     ``_retrieval.prose_windows``, documentation text from files the held-out check never reads),
-    cached as ``prose_<T>_<i>`` files. Returns the file paths."""
+    cached as ``prose_<T>_<i>`` files. ``n_split`` more (``split_<T>_<i>``, prose haystack of another
+    calibration stream, ``prose_windows`` seed + 1) put the value in the first ``SPLIT_OFFSETS`` tokens
+    of a key block (``block_start_prompt``): the needle sentence is then cut by the block boundary, the
+    case where the gate lost the needle on the held-out prose check (docs/results/
+    retrieval_prose_cpu_2026-12-05/ninth_session). Returns the file paths."""
     import json
     from pathlib import Path
 
@@ -292,9 +309,10 @@ def build_cache(model, tokenizer, cache_dir, *, lengths=(2048,), n_retrieval: in
     for T in lengths:
         hay = haystack if haystack is not None else token_windows(tokenizer, T, seed=10_000 + seed)
         win = source if source is not None else token_windows(tokenizer, T, seed=seed)
-        pro = None
-        for i in range(n_retrieval + n_source + n_prose):
-            kind = "retrieval" if i < n_retrieval else "source" if i < n_retrieval + n_source else "prose"
+        pro = spl = None
+        for i in range(n_retrieval + n_source + n_prose + n_split):
+            kind = ("retrieval" if i < n_retrieval else "source" if i < n_retrieval + n_source else
+                    "prose" if i < n_retrieval + n_source + n_prose else "split")
             path = cache_dir / f"{kind}_{T}_{i:04d}.safetensors"
             paths.append(path)
             depth = rng.random()
@@ -303,6 +321,11 @@ def build_cache(model, tokenizer, cache_dir, *, lengths=(2048,), n_retrieval: in
             if kind in ("retrieval", "prose"):
                 p = retrieval_prompts(tokenizer, T, 1, seed=1000 * seed + 7919 * T + i, depths=[depth],
                                       haystack=hay if kind == "retrieval" else pro)[0]
+                ids = p["ids"]
+            elif kind == "split":
+                spl = spl if spl is not None else (prose if prose is not None else prose_windows(tokenizer, T, seed=seed + 1))
+                off = random.Random(f"seer-split-{seed}-{T}-{i}").randrange(SPLIT_OFFSETS)
+                p = block_start_prompt(tokenizer, T, 1000 * seed + 7919 * T + i, depth, next(spl), off, gate.block_size)
                 ids = p["ids"]
             else:
                 ids = next(win)[:, :T]
@@ -313,6 +336,8 @@ def build_cache(model, tokenizer, cache_dir, *, lengths=(2048,), n_retrieval: in
                 cap = capture_for_gate(model, ids.to(dev), gate.layers)
                 tensors, meta = {}, {"kind": "source" if kind == "source" else "retrieval", "T": T,
                                      "haystack": "prose" if kind == "prose" else "code"}
+                if kind == "split":
+                    meta["haystack"] = "prose"
                 if kind != "source":
                     P = p["prompt_len"]
                     rows = list(range(P - 1, T - 1))
@@ -327,6 +352,39 @@ def build_cache(model, tokenizer, cache_dir, *, lengths=(2048,), n_retrieval: in
             if log:
                 log(f"cached {path.name} ({time.time() - t0:.1f} s)")
     return paths
+
+
+#: ``--n-split`` prompts put the value in the first this many tokens of a key block (the needle
+#: template before the value is about this long)
+SPLIT_OFFSETS = 16
+
+
+def block_start_prompt(tokenizer, T: int, seed: int, depth: float, window, offset: int, block_size: int = 64) -> dict:
+    """block_start_prompt: a ``_retrieval.retrieval_prompts`` passkey prompt over the haystack ``window``
+    (``[1, >= T]`` token ids) whose value's first token sits ``offset`` tokens after a key-block
+    boundary, the needle as near ``depth`` as that allows (the needle sentence before the value is then
+    cut by the boundary). Raises ValueError for an ``offset`` outside ``[0, block_size)``."""
+    import itertools
+
+    from ._retrieval import retrieval_prompts
+
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < block_size:
+        raise ValueError(f"offset: expected an int in [0, {block_size}), got {offset!r}")
+    make = lambda d: retrieval_prompts(tokenizer, T, 1, seed=seed, depths=[d],  # noqa: E731
+                                       haystack=itertools.repeat(window))[0]
+    v0 = make(0.0)["needle"][0]
+    hay_len = make(1.0)["needle"][0] - v0
+    if hay_len < block_size:
+        raise ValueError(f"T: expected a haystack of at least {block_size} tokens, got {hay_len}")
+    cut = round(depth * hay_len)
+    cut += (offset - (v0 + cut)) % block_size
+    if cut > hay_len:
+        cut -= block_size
+    p = make(cut / hay_len)
+    if p["needle"][0] % block_size != offset:
+        raise ValueError(f"offset: could not place the value {offset} tokens into a block (got "
+                         f"{p['needle'][0] % block_size})")
+    return p
 
 
 def load_cache(paths) -> list:

@@ -110,3 +110,16 @@ def test_cached_batches_length_mix():
     assert 0.45 < long_share("equal") < 0.55
     with pytest.raises(ValueError, match="length_mix"):
         next(cached_batches(recs, length_mix="uniform"))
+
+
+def test_block_start_prompt_puts_the_value_after_a_block_boundary(tok):
+    from sparsattn.calibrate.seer_attention import block_start_prompt
+
+    window = torch.randint(300, 8000, (1, 600), generator=torch.Generator().manual_seed(0))
+    for off, depth in ((0, 0.5), (7, 0.0), (15, 1.0), (63, 0.3)):
+        p = block_start_prompt(tok, 512, 3, depth, window, off, 64)
+        assert p["needle"][0] % 64 == off and p["ids"].shape[1] <= 512
+        ids = p["ids"][0].tolist()
+        assert ids[p["needle"][0]:p["needle"][-1] + 1] == ids[p["answer"][0]:][-len(p["needle"]):]
+    with pytest.raises(ValueError, match="offset"):
+        block_start_prompt(tok, 512, 3, 0.5, window, 64, 64)
