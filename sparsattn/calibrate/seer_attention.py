@@ -165,11 +165,9 @@ def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048,
     nr, ns = [int(x) for x in n_retrieval], [int(x) for x in n_source]
     npr = [0] * len(lengths) if n_prose is None else [int(x) for x in n_prose]
     nsp = [0] * len(lengths) if n_split is None else [int(x) for x in n_split]
-    if len(nsp) != len(lengths):
-        raise ValueError(f"n_split: expected one count per cache length {lengths}, got {nsp}")
-    if not lengths or len(nr) != len(lengths) or len(ns) != len(lengths) or len(npr) != len(lengths):
-        raise ValueError(f"n_retrieval/n_source/n_prose: expected one count per cache length {lengths}, got {nr}, "
-                         f"{ns} and {npr}")
+    if not lengths or any(len(c) != len(lengths) for c in (nr, ns, npr, nsp)):
+        raise ValueError(f"n_retrieval/n_source/n_prose/n_split: expected one count per cache length {lengths}, "
+                         f"got {nr}, {ns}, {npr} and {nsp}")
     for p in model.parameters():
         p.requires_grad_(False)
     tmp = None if cache is not None else tempfile.mkdtemp(prefix="seer_cache_")
@@ -335,9 +333,7 @@ def build_cache(model, tokenizer, cache_dir, *, lengths=(2048,), n_retrieval: in
             with torch.no_grad():
                 cap = capture_for_gate(model, ids.to(dev), gate.layers)
                 tensors, meta = {}, {"kind": "source" if kind == "source" else "retrieval", "T": T,
-                                     "haystack": "prose" if kind == "prose" else "code"}
-                if kind == "split":
-                    meta["haystack"] = "prose"
+                                     "haystack": "prose" if kind in ("prose", "split") else "code"}
                 if kind != "source":
                     P = p["prompt_len"]
                     rows = list(range(P - 1, T - 1))
@@ -501,8 +497,9 @@ def cached_batches(records: list, *, seed: int = 0, batch_size: int = 1, length_
     for r in records:
         by_len.setdefault(next(iter(r["layers"].values()))["Tq"], []).append(r)
     lens = sorted(by_len)
+    weights = [len(by_len[T]) if length_mix == "count" else 1 for T in lens]
     while True:
-        group = by_len[rng.choices(lens, weights=[len(by_len[T]) if length_mix == "count" else 1 for T in lens])[0]]
+        group = by_len[rng.choices(lens, weights=weights)[0]]
         pick = [rng.choice(group) for _ in range(batch_size)]
         if batch_size == 1:
             yield pick[0]["layers"]
