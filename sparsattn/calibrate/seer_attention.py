@@ -24,7 +24,10 @@ loss, tested equal in value and gradient). Two changes to the repository's loss,
 retrieval prompts (one block in ~30 otherwise), and ``--target-power`` sharpens each target row
 (``t^p / sum t^p``: the same ranking; the block-max-pooled row of the answer block is flat at the top,
 the needle block at ~0.15 against ~0.10 for local blocks, so the plain KL barely rewards ranking it
-first). ``--stream`` keeps the older per-step capture (a frozen-model forward per step).
+first). ``--k-overlap N`` trains a gate whose key-block features also pool the last ``N`` tokens of
+the previous block (``SeerGate``'s ``k_overlap``, a departure from the paper; default: 0 for a fresh
+gate, the ``--init`` gate's own value when fine-tuning); the cache records the overlap its pooled keys
+were built with and a cache built with another one is refused. ``--stream`` keeps the older per-step capture (a frozen-model forward per step).
 ``sparsattn calibrate seer_attention`` runs it.
 """
 from __future__ import annotations
@@ -44,7 +47,8 @@ PROVENANCE_KEY = "seer_gate"
 DEFAULTS = {"steps": 300, "seq_len": 2048, "minutes": 20.0, "seed": 0, "lr": 1e-3, "rope_input": "pre",
             "data": "retrieval", "retrieval_fraction": 0.75, "init": None, "stream": False, "cache": None,
             "cache_lengths": (2048, 4096), "n_retrieval": (78, 24), "n_source": (4, 0), "n_prose": (0, 0),
-            "n_split": (0, 0), "answer_weight": 30.0, "target_power": 8.0, "batch_size": 8, "length_mix": "count"}
+            "n_split": (0, 0), "answer_weight": 30.0, "target_power": 8.0, "batch_size": 8, "length_mix": "count",
+            "k_overlap": None}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,6 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length-mix", choices=("count", "equal"), default=DEFAULTS["length_mix"],
                    help="how a step's cached length is drawn: count (in proportion to the records of each "
                         "length, the default) or equal (every cached length equally often)")
+    p.add_argument("--k-overlap", type=int, default=DEFAULTS["k_overlap"],
+                   help="tokens of the previous key block pooled with each key block (a departure from the paper, "
+                        "0 = the paper's pooling; default: the --init gate's value, else 0)")
 
 
 def sequences(tokenizer, seq_len: int, *, data: str = "retrieval", retrieval_fraction: float = 0.75, seed: int = 0,
@@ -115,17 +122,17 @@ def sequences(tokenizer, seq_len: int, *, data: str = "retrieval", retrieval_fra
 
 def train(model, tokenizer, out: str, *, steps: int = 300, seq_len: int = 2048, minutes: Optional[float] = 20.0,
           seed: int = 0, lr: float = 1e-3, rope_input: str = "pre", data: str = "retrieval",
-          retrieval_fraction: float = 0.75, init: Optional[str] = None, haystack=None, source=None, log=print):
+          retrieval_fraction: float = 0.75, init: Optional[str] = None, haystack=None, source=None, log=print,
+          k_overlap: Optional[int] = None):
     """train: distil a gate for ``model`` (fresh, or loaded from ``init``) on ``sequences(...)`` and save
-    it to ``out`` -> ``(SeerGate, losses)``."""
+    it to ``out`` -> ``(SeerGate, losses)``; ``k_overlap``: see ``new_gate``."""
     from ..methods.seer_attention import SeerGate
     from ..train.seer_gate import capture_for_gate, gate_for_model, train_gate
 
     for p in model.parameters():
         p.requires_grad_(False)
     dev = next(model.parameters()).device
-    gate = SeerGate.load(init) if init else gate_for_model(model, rope_input=rope_input, seed=seed)
-    gate = gate.to(dev).float()
+    gate = new_gate(model, init, rope_input=rope_input, seed=seed, k_overlap=k_overlap).to(dev).float()
     stream = sequences(tokenizer, seq_len, data=data, retrieval_fraction=retrieval_fraction, seed=seed,
                        haystack=haystack, source=source)
 
@@ -143,23 +150,47 @@ def train(model, tokenizer, out: str, *, steps: int = 300, seq_len: int = 2048, 
     return gate, losses
 
 
+def new_gate(model, init: Optional[str] = None, *, rope_input: str = "pre", seed: int = 0,
+             k_overlap: Optional[int] = None):
+    """new_gate: the gate a calibration starts from: loaded from ``init`` or fresh for ``model``, with
+    key-block overlap ``k_overlap`` (None: the ``init`` gate's own, or 0; the weight shapes do not
+    depend on it, so an ``init`` gate of another overlap is fine-tuned to the new one)."""
+    from ..methods.seer_attention import SeerGate, check_k_overlap
+    from ..train.seer_gate import gate_for_model
+
+    gate = SeerGate.load(init) if init else gate_for_model(model, rope_input=rope_input, seed=seed)
+    if k_overlap is not None:
+        gate.k_overlap = check_k_overlap(k_overlap, gate.block_size)
+    return gate
+
+
+def check_cache_overlap(records: list, k_overlap: int, where) -> None:
+    """Refuse cached records whose pooled keys were built with another key-block overlap (the metadata
+    field ``k_overlap``; files without it were built with 0): ValueError naming the cache and the field."""
+    for r in records:
+        got = int(r["meta"].get("k_overlap", 0))
+        if got != k_overlap:
+            raise ValueError(f"cache: {where} holds features pooled with k_overlap={got} ({r['path']}, metadata "
+                             f"field k_overlap), the gate uses k_overlap={k_overlap}; use another --cache folder")
+
+
 def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048, 4096), n_retrieval=(78, 24),
                  n_source=(4, 0), n_prose=None, steps: int = 3000, minutes: Optional[float] = 20.0, seed: int = 0,
                  lr: float = 1e-3,
                  rope_input: str = "pre", init: Optional[str] = None, answer_weight: float = 30.0,
                  target_power: float = 8.0, batch_size: int = 8, info: Optional[dict] = None, haystack=None,
-                 source=None, log=print, length_mix: str = "count", n_split=None):
+                 source=None, log=print, length_mix: str = "count", n_split=None, k_overlap: Optional[int] = None):
     """train_cached: capture the gate's features once (``build_cache`` into ``cache``; None: a temporary
     folder, removed afterwards) and distil a gate (fresh, or from ``init``) on them for ``steps`` steps
     of ``batch_size`` sequences (``answer_weight``, ``target_power``: see the module docstring;
-    ``length_mix``: ``cached_batches``' draw of a step's length); the
+    ``length_mix``: ``cached_batches``' draw of a step's length; ``k_overlap``: see ``new_gate``; the
+    cache is built with the gate's overlap and refused if it holds another); the
     recipe (and ``info``, e.g. the command line) goes to the gate's ``model_info`` ->
     ``(SeerGate, losses, n_records)``."""
     import shutil
     import tempfile
 
-    from ..methods.seer_attention import SeerGate
-    from ..train.seer_gate import gate_for_model, train_gate
+    from ..train.seer_gate import train_gate
 
     lengths = [int(x) for x in cache_lengths]
     nr, ns = [int(x) for x in n_retrieval], [int(x) for x in n_source]
@@ -168,23 +199,24 @@ def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048,
     if not lengths or any(len(c) != len(lengths) for c in (nr, ns, npr, nsp)):
         raise ValueError(f"n_retrieval/n_source/n_prose/n_split: expected one count per cache length {lengths}, "
                          f"got {nr}, {ns}, {npr} and {nsp}")
+    if rope_input != "pre":
+        raise ValueError(f"rope_input: the cache holds pre-RoPE features; use --stream for {rope_input!r}")
     for p in model.parameters():
         p.requires_grad_(False)
+    gate = new_gate(model, init, rope_input=rope_input, seed=seed, k_overlap=k_overlap).float()
     tmp = None if cache is not None else tempfile.mkdtemp(prefix="seer_cache_")
     folder = cache if cache is not None else tmp
     try:
         paths = []
         for T, a, b, c, d in zip(lengths, nr, ns, npr, nsp):
             paths += build_cache(model, tokenizer, folder, lengths=(T,), n_retrieval=a, n_source=b, seed=seed,
-                                 haystack=haystack, source=source, n_prose=c, n_split=d, log=log)
+                                 haystack=haystack, source=source, n_prose=c, n_split=d, log=log,
+                                 k_overlap=gate.k_overlap)
         records = load_cache(paths)
+        check_cache_overlap(records, gate.k_overlap, folder)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    if rope_input != "pre":
-        raise ValueError(f"rope_input: the cache holds pre-RoPE features; use --stream for {rope_input!r}")
-    gate = SeerGate.load(init) if init else gate_for_model(model, rope_input=rope_input, seed=seed)
-    gate = gate.float()
     if init:  # the starting gate's own record, kept apart from this run's
         gate.model_info = {"model_type": gate.model_info.get("model_type"),
                            "num_hidden_layers": gate.model_info.get("num_hidden_layers"),
@@ -203,6 +235,7 @@ def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048,
                                        "in the first 16 tokens of a key block" if any(nsp) else ""),
                             "answer_weight": answer_weight, "target_power": target_power,
                             "batch_size": batch_size, **({"length_mix": length_mix} if length_mix != "count" else {}),
+                            **({"k_overlap": gate.k_overlap} if gate.k_overlap else {}),
                             **(info or {})})
     gate.save(out, dtype=torch.bfloat16)
     return gate, losses, len(records)
@@ -213,7 +246,8 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", steps: int 
         data: str = "retrieval", retrieval_fraction: float = 0.75, init: Optional[str] = None, stream: bool = False,
         cache=None, cache_lengths=(2048, 4096), n_retrieval=(78, 24), n_source=(4, 0), n_prose=(0, 0),
         answer_weight: float = 30.0,
-        target_power: float = 8.0, batch_size: int = 8, length_mix: str = "count", n_split=(0, 0)) -> tuple:
+        target_power: float = 8.0, batch_size: int = 8, length_mix: str = "count", n_split=(0, 0),
+        k_overlap: Optional[int] = None) -> tuple:
     """run: ``(SeerAttention with the trained gate, provenance record)`` of the model at ``model_path``
     (None: bundled). ``data="retrieval"`` without ``stream``: cached training (``train_cached``)."""
     from ._common import call_text, load_model
@@ -226,7 +260,8 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", steps: int 
                     **({"n_prose": n_prose} if any(int(x) for x in n_prose) else {}),
                     **({"n_split": n_split} if any(int(x) for x in n_split) else {}), answer_weight=answer_weight,
                     target_power=target_power, batch_size=batch_size,
-                    **({"length_mix": length_mix} if length_mix != "count" else {}))
+                    **({"length_mix": length_mix} if length_mix != "count" else {}),
+                    **({"k_overlap": k_overlap} if k_overlap is not None else {}))
         if cache is not None:
             opts["cache"] = cache
         if init:
@@ -237,7 +272,8 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", steps: int 
                                            minutes=minutes,
                                            seed=seed, lr=lr, rope_input=rope_input, init=init,
                                            answer_weight=answer_weight, target_power=target_power,
-                                           batch_size=batch_size, info=info, length_mix=length_mix, n_split=n_split)
+                                           batch_size=batch_size, info=info, length_mix=length_mix, n_split=n_split,
+                                           k_overlap=k_overlap)
         what = (f"{n_rec} cached sequences (build_cache): per length {list(cache_lengths)}, {list(n_retrieval)} "
                 f"passkey prompts (calibrate._retrieval.retrieval_prompts: training-split source haystack, needle at a random "
                 f"depth, seeds 1000 x {seed} + 7919 x length + i) and {list(n_source)} source windows of "
@@ -249,12 +285,14 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", steps: int 
                     "value in the first 16 tokens of a key block" if any(int(x) for x in n_split) else ""))
     else:
         gate, losses = train(model, tok, out, steps=steps, seq_len=seq_len, minutes=minutes, seed=seed, lr=lr,
-                             rope_input=rope_input, data=data, retrieval_fraction=retrieval_fraction, init=init)
+                             rope_input=rope_input, data=data, retrieval_fraction=retrieval_fraction, init=init,
+                             k_overlap=k_overlap)
         what = f"{seq_len}-token sequences: " + (
             "sparsattn.data.source_files('train'), token_windows" if data == "source" else
             f"{retrieval_fraction:.2f} passkey prompts (calibrate._retrieval.retrieval_prompts: training-split source "
             f"haystack, needle at a random depth, seeds 1000 x {seed} + i) + source windows of source_files('train')")
-        opts.update(seq_len=seq_len, retrieval_fraction=retrieval_fraction)
+        opts.update(seq_len=seq_len, retrieval_fraction=retrieval_fraction,
+                    **({"k_overlap": k_overlap} if k_overlap is not None else {}))
     m = SeerAttention.load(str(out))
     if init:
         opts["init"] = init
@@ -274,7 +312,7 @@ def run(model_path: Optional[str], out: str, *, device: str = "cpu", steps: int 
 
 def build_cache(model, tokenizer, cache_dir, *, lengths=(2048,), n_retrieval: int = 64, n_source: int = 16,
                 seed: int = 0, haystack=None, source=None, n_prose: int = 0, prose=None, n_split: int = 0,
-                log=print) -> list:
+                log=print, k_overlap: int = 0) -> list:
     """build_cache: capture the gate's training features once (``train.seer_gate.gate_features``: pooled
     pre-RoPE q/k and the ``attn_pool`` target of every layer) for ``n_retrieval`` passkey prompts
     (``_retrieval.retrieval_prompts`` over the training-split haystack, random depth, seeds
@@ -288,7 +326,9 @@ def build_cache(model, tokenizer, cache_dir, *, lengths=(2048,), n_retrieval: in
     calibration stream, ``prose_windows`` seed + 1) put the value in the first ``SPLIT_OFFSETS`` tokens
     of a key block (``block_start_prompt``): the needle sentence is then cut by the block boundary, the
     case where the gate lost the needle on the held-out prose check (docs/results/
-    retrieval_prose_cpu_2026-12-05/ninth_session). Returns the file paths."""
+    retrieval_prose_cpu_2026-12-05/ninth_session). ``k_overlap``: the key-block overlap of the pooled
+    keys (``SeerGate``), recorded in every file's metadata; a file already there with another overlap
+    raises ValueError naming the cache folder and the field. Returns the file paths."""
     import json
     from pathlib import Path
 
@@ -298,9 +338,11 @@ def build_cache(model, tokenizer, cache_dir, *, lengths=(2048,), n_retrieval: in
     from ..eval.needle import needle_mass
     from ._retrieval import prose_windows, retrieval_prompts
 
+    from safetensors import safe_open
+
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    gate = gate_for_model(model, rope_input="pre")
+    gate = gate_for_model(model, rope_input="pre", k_overlap=k_overlap)
     dev = next(model.parameters()).device
     rng = random.Random(f"seer-cache-{seed}")
     paths = []
@@ -328,6 +370,12 @@ def build_cache(model, tokenizer, cache_dir, *, lengths=(2048,), n_retrieval: in
             else:
                 ids = next(win)[:, :T]
             if path.is_file():
+                with safe_open(str(path), framework="pt") as fh:
+                    got = int(json.loads((fh.metadata() or {}).get("meta", "{}")).get("k_overlap", 0))
+                if got != k_overlap:
+                    raise ValueError(f"cache: {str(cache_dir)!r} was built with k_overlap={got} ({path.name}, "
+                                     f"metadata field k_overlap), this gate pools with k_overlap={k_overlap}; "
+                                     "use another --cache folder")
                 continue
             t0 = time.time()
             with torch.no_grad():
@@ -338,6 +386,8 @@ def build_cache(model, tokenizer, cache_dir, *, lengths=(2048,), n_retrieval: in
                     P = p["prompt_len"]
                     rows = list(range(P - 1, T - 1))
                     meta.update(prompt_len=P, needle=p["needle"], rows=rows, depth=depth)
+                if k_overlap:
+                    meta["k_overlap"] = k_overlap
                 for l, tup in cap.items():
                     f = gate_features(gate, *tup)
                     tensors.update({f"q.{l}": f["q"], f"k.{l}": f["k"], f"t.{l}": f["t"]})

@@ -23,6 +23,17 @@ rotate-half RoPE exactly with the inverse frequencies stored in the gate file (r
 model at training time; queries at positions ``Tk - Tq + i``, keys at ``j``). A gate trained
 with ``rope_input="post"`` pools the given q/k directly.
 
+**Key-block overlap (``k_overlap``, a departure from the paper; default 0 = the paper).** With
+``k_overlap = o > 0`` the key features of block ``j >= 1`` are max/min/avg-pooled over the keys at
+positions ``[j * bs - o, (j + 1) * bs)``: the block together with the last ``o`` tokens of block
+``j - 1`` (block 0 and the query features are unchanged; the feature of block ``j`` still reads no key
+at or after ``(j + 1) * bs``, so it is causal-safe, and the weight shapes are the same, so a gate can
+be fine-tuned from one overlap to another). Why: in issue 21's held-out prose check the gate lost the
+needle in heads 7.4-7.7 where the needle sentence is cut by a key-block boundary; the max-pooled part
+of the value's block still carries the needle but the min/avg parts of a block that holds only the
+value and unrelated text outweigh it, and pooling that block together with the previous block's tail
+raised its rank from 45/59/22 to 18/9/7 (docs/results/retrieval_prose_cpu_2026-12-05/ninth_session).
+
 Gate weights live in a directory: ``gate.safetensors`` + ``config.json`` (model shape, layers,
 block size, RoPE data); ``SeerAttention(gate_path=...)`` or ``.load_gate(path)`` loads it, and a
 mismatch with the model's shape is refused naming the field. Training: ``sparsattn.train.seer_gate``.
@@ -72,10 +83,12 @@ def default_inv_freq(dim: int, theta: float) -> Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)).float()
 
 
-def _pool_blocks(x: Tensor, bs: int, kinds: Sequence[str]) -> Tensor:
+def _pool_blocks(x: Tensor, bs: int, kinds: Sequence[str], overlap: int = 0) -> Tensor:
     """``x [B, H, T, D]`` -> float32 ``[B, H, ceil(T/bs), D * len(kinds)]`` (partial last block: valid rows only).
 
-    Reduces x in its own dtype (mean accumulated in float32): no float32 or padded copy of x."""
+    Reduces x in its own dtype (mean accumulated in float32): no float32 or padded copy of x.
+    ``overlap = o > 0``: block ``j >= 1`` is pooled together with the last ``o`` rows of block ``j - 1``
+    (rows ``[j * bs - o, min((j + 1) * bs, T))``; ``SeerGate``'s ``k_overlap``); 0 is the plain pooling."""
     B, H, T, D = x.shape
     nfull, tail = divmod(T, bs)
     pieces = []
@@ -86,13 +99,46 @@ def _pool_blocks(x: Tensor, bs: int, kinds: Sequence[str]) -> Tensor:
         outs = []
         for kind in kinds:
             if kind == "avg":
-                outs.append(xs.sum(3, dtype=torch.float32) / n)
+                outs.append(xs.sum(3, dtype=torch.float32) / n if not overlap else xs.sum(3, dtype=torch.float32))
             else:
                 outs.append((xs.amax(3) if kind == "max" else xs.amin(3)).float())
         pieces.append(torch.cat(outs, dim=-1))
     if not pieces:
         return torch.zeros(B, H, 0, D * len(kinds), dtype=torch.float32, device=x.device)
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+    if not overlap:
+        return out
+    # overlap: combine every block j >= 1 with the last `overlap` rows of block j - 1 (always a full block);
+    # "avg" parts hold sums until here
+    nb = out.shape[2]
+    counts = torch.full((nb,), float(bs), device=x.device)
+    if tail:
+        counts[-1] = float(tail)
+    if nb > 1:
+        prev = x[:, :, : (nb - 1) * bs].reshape(B, H, nb - 1, bs, D)[:, :, :, bs - overlap:]
+        out = out.clone()
+        for i, kind in enumerate(kinds):
+            sl = slice(i * D, (i + 1) * D)
+            cur = out[:, :, 1:, sl]
+            if kind == "avg":
+                out[:, :, 1:, sl] = cur + prev.sum(3, dtype=torch.float32)
+            elif kind == "max":
+                out[:, :, 1:, sl] = torch.maximum(cur, prev.amax(3).float())
+            else:
+                out[:, :, 1:, sl] = torch.minimum(cur, prev.amin(3).float())
+        counts[1:] += overlap
+    for i, kind in enumerate(kinds):
+        if kind == "avg":
+            out[:, :, :, i * D:(i + 1) * D] /= counts[:, None]
+    return out
+
+
+def check_k_overlap(k_overlap, block_size: int) -> int:
+    """``k_overlap`` as an int in ``[0, block_size)``, else ValueError naming ``k_overlap``."""
+    if isinstance(k_overlap, bool) or not isinstance(k_overlap, int) or not 0 <= k_overlap < block_size:
+        raise ValueError(f"k_overlap: expected an int in [0, {block_size}) (tokens of the previous key block "
+                         f"pooled with each block), got {k_overlap!r}")
+    return k_overlap
 
 
 class SeerGate(nn.Module):
@@ -109,11 +155,14 @@ class SeerGate(nn.Module):
         head_inv_freq: the model's RoPE inverse frequencies ``[head_dim / 2]`` used to undo RoPE
             on post-RoPE inputs (default: from ``rope_theta``).
         model_info: free-form JSON-able dict saved with the gate (model path, training data...).
+        k_overlap: tokens of the previous key block pooled with each key block (0 = the paper; an int in
+            ``[0, block_size)``; a departure from the paper, see the module docstring).
     """
 
     def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, layers=1, *, hidden_size: int = 128,
                  block_size: int = 64, rope_theta: float = 10000.0, rope_input: str = "pre",
-                 head_inv_freq: Optional[Tensor] = None, model_info: Optional[dict] = None, seed: Optional[int] = None):
+                 head_inv_freq: Optional[Tensor] = None, model_info: Optional[dict] = None, seed: Optional[int] = None,
+                 k_overlap: int = 0):
         super().__init__()
         for name, v in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
                         ("hidden_size", hidden_size)):
@@ -127,6 +176,7 @@ class SeerGate(nn.Module):
             raise ValueError(f"block_size: expected a power of two >= 16, got {block_size!r}")
         if rope_input not in ("pre", "post"):
             raise ValueError(f"rope_input: expected 'pre' or 'post', got {rope_input!r}")
+        self.k_overlap = check_k_overlap(k_overlap, block_size)
         if not (isinstance(rope_theta, (int, float)) and rope_theta > 0):
             raise ValueError(f"rope_theta: expected a positive number, got {rope_theta!r}")
         layers = list(range(layers)) if isinstance(layers, int) else [int(x) for x in layers]
@@ -157,7 +207,8 @@ class SeerGate(nn.Module):
         return {"format": GATE_FORMAT, "version": GATE_VERSION, "gate_type": "Qavg_Kmaxminavg",
                 "num_q_heads": self.num_q_heads, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
                 "layers": self.layers, "hidden_size": self.hidden_size, "block_size": self.block_size,
-                "rope_theta": self.rope_theta, "rope_input": self.rope_input, "model_info": self.model_info}
+                "rope_theta": self.rope_theta, "rope_input": self.rope_input, "k_overlap": self.k_overlap,
+                "model_info": self.model_info}
 
     def save(self, path, *, dtype: torch.dtype = torch.float32) -> Path:
         """Write ``path/gate.safetensors`` and ``path/config.json``; returns the directory.
@@ -216,6 +267,7 @@ class SeerGate(nn.Module):
             raise cfg["layers"].error("a non-empty list of distinct layer indices >= 0")
         rope_theta = cfg["rope_theta"].as_float(0.0, lo_open=True)
         rope_input = cfg["rope_input"].as_str(["pre", "post"])
+        k_overlap = cfg["k_overlap"].as_int(0, block_size - 1) if "k_overlap" in cfg else 0  # older files: 0
         info = cfg.get("model_info")
         model_info = None if info is None else {k: f.plain() for k, f in info.as_dict().items()}
         for key, want in (expect or {}).items():
@@ -227,7 +279,7 @@ class SeerGate(nn.Module):
         inv = tensor_field(t, "head_inv_freq", wf, (ints["head_dim"] // 2,))
         gate = cls(ints["num_q_heads"], ints["num_kv_heads"], ints["head_dim"], layers,
                    hidden_size=ints["hidden_size"], block_size=block_size, rope_theta=rope_theta,
-                   rope_input=rope_input, head_inv_freq=inv, model_info=model_info)
+                   rope_input=rope_input, head_inv_freq=inv, model_info=model_info, k_overlap=k_overlap)
         with torch.no_grad():
             for layer in gate.layers:
                 for name, store in (("wq", gate.wq), ("wk", gate.wk)):
@@ -264,10 +316,11 @@ class SeerGate(nn.Module):
 
     def pool(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """The gate's block features of its inputs: float32 ``(q_avg [B, Hq, nq, D], k_maxminavg
-        [B, Hkv, nk, 3D])`` (``_pool_blocks``); ``scores_pooled`` of them equals ``scores``."""
+        [B, Hkv, nk, 3D])`` (``_pool_blocks``; key blocks with the previous block's last ``k_overlap``
+        tokens); ``scores_pooled`` of them equals ``scores``."""
         self.check_shape(q, k)
         bs = self.block_size
-        return _pool_blocks(q, bs, ("avg",)), _pool_blocks(k, bs, ("max", "min", "avg"))
+        return _pool_blocks(q, bs, ("avg",)), _pool_blocks(k, bs, ("max", "min", "avg"), self.k_overlap)
 
     def scores(self, layer: int, q: Tensor, k: Tensor, *, causal: bool = True) -> Tensor:
         """Gate logits float32 ``[B, Hq, nq, nk]`` for the gate inputs ``q [B, Hq, Tq, D]``,

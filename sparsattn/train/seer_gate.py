@@ -186,8 +186,9 @@ def _cfg_get(cfg, *names, default=None):
 
 
 def gate_for_model(model, *, hidden_size: int = 128, block_size: int = 64, rope_input: str = "pre",
-                   layers=None, seed: int = 0) -> SeerGate:
-    """gate_for_model: a fresh ``SeerGate`` shaped for an HF causal LM (heads, head_dim, RoPE)."""
+                   layers=None, seed: int = 0, k_overlap: int = 0) -> SeerGate:
+    """gate_for_model: a fresh ``SeerGate`` shaped for an HF causal LM (heads, head_dim, RoPE);
+    ``k_overlap``: ``SeerGate``'s key-block overlap (0 = the paper's pooling)."""
     from ..integrations.hf import attention_modules
 
     cfg = getattr(model, "config", None)
@@ -207,7 +208,8 @@ def gate_for_model(model, *, hidden_size: int = 128, block_size: int = 64, rope_
     layers = sorted(mods) if layers is None else sorted(int(x) for x in layers)
     info = {"model_type": getattr(tcfg, "model_type", None), "num_hidden_layers": getattr(tcfg, "num_hidden_layers", None)}
     return SeerGate(int(hq), int(hkv), int(head_dim), layers, hidden_size=hidden_size, block_size=block_size,
-                    rope_theta=float(theta), rope_input=rope_input, head_inv_freq=inv, model_info=info, seed=seed)
+                    rope_theta=float(theta), rope_input=rope_input, head_inv_freq=inv, model_info=info, seed=seed,
+                    k_overlap=k_overlap)
 
 
 def capture_for_gate(model, input_ids: Tensor, layers: list[int]) -> dict[int, tuple]:
