@@ -11,10 +11,14 @@ time anything else on the GPU while it runs.
 
     python scripts/gpu_mqar_sweep.py --out DIR --seq-len 512 --widths 128 256 --workers 12 \
         --steps 20000 --time-limit 150 --deadline 540 [--task mqar] [--layers ...] [--hybrids baseconv,dense ...]
+
+A run longer than one call: ``--checkpoint-dir DIR --schedule-time 1000 --time-limit 500`` saves each
+run cut by its time limit under DIR and the same command resumes it (the schedule spans 1000 s).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import time
@@ -43,6 +47,16 @@ def _worker(i: int, queue, args, t_start: float) -> None:
         kw = {k: v for k, v in (("vocab", args.vocab), ("n_train", args.n_train), ("n_test", args.n_test),
                                 ("eval_every", args.eval_every), ("lr", lr), ("n_layers", args.n_layers),
                                 ("heads", args.heads), ("batch_size", args.batch_size)) if v is not None}
+        ck = None
+        if args.checkpoint_dir:  # one folder per run: a later call with the same arguments resumes it
+            ck = Path(args.checkpoint_dir) / f"{args.task}_T{args.seq_len}_{name}_d{width}_s{seed}_lr{lr}"
+            if (ck / "finished.json").exists():  # done in an earlier call: not trained again
+                print(f"[w{i}] {name} d={width} seed={seed} lr={lr}: finished in an earlier call "
+                      f"({ck / 'finished.json'})", flush=True)
+                continue
+            kw["checkpoint"] = str(ck)
+        if args.schedule_time:
+            kw["schedule_time_s"] = args.schedule_time
         try:
             row = train_layer(layer, args.task, seq_len=args.seq_len, width=width, steps=args.steps, seed=seed,
                               device=args.device, progress=False, time_limit_s=min(args.time_limit, left), **kw)
@@ -51,6 +65,9 @@ def _worker(i: int, queue, args, t_start: float) -> None:
             traceback.print_exc()
             row = {"layer": name, "task": args.task, "seq_len": args.seq_len, "width": width, "seed": seed, "lr": lr,
                    "error": f"{type(e).__name__}: {e}"[:300]}
+        if ck is not None and not row["error"] and int(row.get("steps_done") or 0) > 0 and not (ck / "state.json").exists():
+            ck.mkdir(parents=True, exist_ok=True)  # neither cut by time nor failed: finished
+            (ck / "finished.json").write_text(json.dumps(row, default=str))
         rows.append(row)
         write_csv(rows, Path(args.out) / f"{args.task}_w{i}.csv", COLUMNS + ["error"])
         print(f"[w{i}] {name:>16s} d={width} seed={seed} lr={lr}: acc={row.get('accuracy')} steps={row.get('steps_done')} "
@@ -79,6 +96,10 @@ def main() -> int:
         p.add_argument("--" + k.replace("_", "-"), type=int)
     p.add_argument("--lr", type=float, help="one learning rate for every run (default: the task's)")
     p.add_argument("--lrs", type=float, nargs="+", help="a learning-rate sweep: every run once per value")
+    p.add_argument("--checkpoint-dir", help="save runs cut by their time limit here (one folder per run) and "
+                   "resume them on the next call with the same arguments")
+    p.add_argument("--schedule-time", type=float, help="seconds the learning-rate schedule is spread over "
+                   "(default --time-limit; with --checkpoint-dir, the whole run's time over its calls)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

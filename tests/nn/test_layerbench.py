@@ -85,3 +85,42 @@ def test_lr_schedule_follows_the_budget_that_runs_out_first():
     # the time fraction never moves the schedule back
     assert _lr_at(800, 1000, 100, 1.0, time_frac=0.1) == pytest.approx(_lr_at(800, 1000, 100, 1.0))
     assert _lr_at(10, 1000, 100, 1.0, time_frac=1.0) == pytest.approx(0.1)
+
+
+def _tiny(**kw):
+    return dict(layer="dense", task="mqar", seq_len=32, width=16, steps=6, vocab=64, n_test=20, n_train=24,
+                batch_size=8, eval_every=2, stop_at=1.01, progress=False, schedule_time_s=1e9, **kw)
+
+
+def test_a_run_cut_by_its_time_limit_resumes_exactly(tmp_path):
+    """One step per call (a time limit of a nanosecond), resumed from the folder each time, gives the
+    same row as the uninterrupted run: the model, optimiser, data order and RNG all come back."""
+    import json
+
+    from sparsattn.train.layerbench.resume import has_run
+
+    whole = train_layer(**_tiny())
+    ck = tmp_path / "run"
+    calls = 0
+    while True:
+        row = train_layer(**_tiny(time_limit_s=1e-9, checkpoint=str(ck)))
+        calls += 1
+        if row["steps_done"] == 6:
+            break
+        assert has_run(ck) and row["steps_done"] == calls
+        assert calls < 10
+    assert calls == 6
+    assert not has_run(ck)  # a finished run removes its state
+    for k in ("accuracy", "final_loss", "steps_done", "params"):
+        assert row[k] == whole[k], k
+    assert json.loads(row["curve"]) == json.loads(whole["curve"])
+    assert [s for s, _ in json.loads(whole["curve"])] == [2, 4, 6]
+
+
+def test_a_checkpoint_folder_refuses_another_run(tmp_path):
+    ck = tmp_path / "run"
+    train_layer(**_tiny(time_limit_s=1e-9, checkpoint=str(ck)))
+    with pytest.raises(ValueError, match=r"identity\.width"):
+        train_layer(**{**_tiny(time_limit_s=1e-9, checkpoint=str(ck)), "width": 32})
+    with pytest.raises(ValueError, match="schedule_time_s"):
+        train_layer(**{**_tiny(), "schedule_time_s": -1})

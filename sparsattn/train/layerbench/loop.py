@@ -37,7 +37,7 @@ TASK_DEFAULTS = {
 #: the columns of a result row (the grid's CSV)
 COLUMNS = ["layer", "task", "seq_len", "width", "heads", "layers", "steps", "seed", "accuracy", "density",
            "train_density", "flops", "params", "steps_done", "final_loss", "lr", "batch_size", "train_s",
-           "device", "torch", "date", "config"]
+           "device", "torch", "date", "config", "curve"]
 
 
 def _label(mixers: Sequence) -> str:
@@ -110,7 +110,8 @@ def train_layer(layer: Union[str, Sequence], task: Union[str, TaskData] = "mqar"
                 warmup: float = 0.1, clip: float = 1.0, mlp: Optional[bool] = None, dropout: Optional[float] = None,
                 n_train: Optional[int] = None, n_test: Optional[int] = None, eval_every: Optional[int] = None,
                 vocab: Optional[int] = None, stop_at: float = 0.99, backend: Optional[str] = None, progress: bool = True,
-                time_limit_s: Optional[float] = None) -> dict:
+                time_limit_s: Optional[float] = None, schedule_time_s: Optional[float] = None,
+                checkpoint: Optional[str] = None) -> dict:
     """train_layer: train one model around ``layer`` on ``task`` and return its result row (``COLUMNS``).
 
     Args:
@@ -131,6 +132,17 @@ def train_layer(layer: Union[str, Sequence], task: Union[str, TaskData] = "mqar"
         time_limit_s: stop training after this many seconds (then evaluate); the row's
             ``steps_done < steps`` shows it (the grid uses it to stay inside a device time limit). The
             learning-rate schedule (warmup, cosine) follows whichever budget, steps or time, runs out first.
+        schedule_time_s: the time budget the schedule is spread over (default ``time_limit_s``); with
+            ``checkpoint``, the whole run's training time over all its calls, so a run split into
+            calls of ``time_limit_s`` seconds decays once, not once per call.
+        checkpoint: a folder (``resume.py``): a run stopped by ``time_limit_s`` before its steps and
+            its early stop saves its state there, and a later call with the same arguments goes on
+            from it (the row then counts every call's steps and seconds); a finished run removes the
+            state. A folder holding another run raises ``ValueError``.
+
+    The row's ``curve`` column is the periodic evaluations as JSON ``[[step, accuracy], ...]`` (the
+    final evaluation on the whole held-out split last), so a run cut by time shows whether it was
+    still rising.
     """
     task_name = task.name if isinstance(task, TaskData) else task
     if task_name not in TASK_DEFAULTS:
@@ -175,19 +187,35 @@ def train_layer(layer: Union[str, Sequence], task: Union[str, TaskData] = "mqar"
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, desc=f"{_label(mixers)} {task_name} T={data.seq_len} d={width}", leave=False)
-    loss_ema, acc_mid, done = None, None, 0
-    t0 = time.perf_counter()
+    loss_ema, acc_mid, done, elapsed0, curve = None, None, 0, 0.0, []
+    if schedule_time_s is not None and not (isinstance(schedule_time_s, (int, float)) and schedule_time_s > 0):
+        raise ValueError(f"schedule_time_s: expected a positive number of seconds, got {schedule_time_s!r}")
+    sched_s = schedule_time_s if schedule_time_s is not None else time_limit_s
+    identity = {"layer": _label(mixers), "task": task_name, "seq_len": data.seq_len, "width": width, "steps": steps,
+                "seed": seed, "lr": d["lr"], "batch_size": d["batch_size"], "n_layers": len(mixers), "heads": d["heads"],
+                "n_train": n, "config": json.dumps(base_cfg, sort_keys=True, default=str),
+                "schedule_time_s": sched_s}
+    if checkpoint is not None:
+        from .resume import load_run
+        got = load_run(checkpoint, identity=identity, model=model, opt=opt, gen=gen)
+        if got is not None:
+            perm, pos, done = got["perm"], int(got["pos"]), int(got["done"])
+            elapsed0, loss_ema, curve = float(got["elapsed_s"]), got["loss_ema"], list(got["curve"])
+            acc_mid = curve[-1][1] if curve else None
+            if bar is not None:
+                bar.update(done)
+    stopped_by_time = False
+    t0 = time.perf_counter() - elapsed0
     with attention_backend(be):
         model.train()
-        for step in range(steps):
+        for step in range(done, steps):
             if pos + d["batch_size"] > n:
                 perm, pos = torch.randperm(n, generator=gen), 0
             idx = perm[pos:pos + d["batch_size"]]
             pos += d["batch_size"]
             x, y = data.x_train[idx].to(dev, non_blocking=True), data.y_train[idx].to(dev, non_blocking=True)
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, steps, warm, d["lr"],
-                                 (time.perf_counter() - t0) / time_limit_s if time_limit_s else 0.0)
+                g["lr"] = _lr_at(step, steps, warm, d["lr"], (time.perf_counter() - t0) / sched_s if sched_s else 0.0)
             with autocast() if autocast else contextlib.nullcontext():
                 loss, _, _ = task_loss(model, data, x, y)
                 extra = model.extra_loss()
@@ -204,15 +232,25 @@ def train_layer(layer: Union[str, Sequence], task: Union[str, TaskData] = "mqar"
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_ema:.3f}", acc=acc_mid)
-            if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s:
-                break
             if d["eval_every"] and done % d["eval_every"] == 0 and done < steps:
                 acc_mid = round(evaluate(model, data, device=dev, batch_size=d["batch_size"], limit=1000,
                                          autocast=autocast), 4)
+                curve.append([done, acc_mid])
                 if acc_mid >= stop_at:
                     break
+            if time_limit_s is not None and time.perf_counter() - t0 - elapsed0 > time_limit_s:
+                stopped_by_time = done < steps
+                break
         train_s = time.perf_counter() - t0
+        if checkpoint is not None:
+            from .resume import clear_run, save_run
+            if stopped_by_time:
+                save_run(checkpoint, identity=identity, model=model, opt=opt, perm=perm, gen=gen,
+                         loop={"pos": pos, "done": done, "elapsed_s": train_s, "loss_ema": loss_ema, "curve": curve})
+            else:
+                clear_run(checkpoint)
         acc = evaluate(model, data, device=dev, batch_size=d["batch_size"], autocast=autocast)
+        curve.append([done, round(acc, 4)])
         cost = model.cost(data.seq_len)
     if bar is not None:
         bar.close()
@@ -226,5 +264,5 @@ def train_layer(layer: Union[str, Sequence], task: Union[str, TaskData] = "mqar"
         "final_loss": round(loss_ema, 4) if loss_ema is not None else None, "lr": d["lr"],
         "batch_size": d["batch_size"], "train_s": round(train_s, 1), "device": _device_name(dev),
         "torch": torch.__version__, "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "config": json.dumps(cfgs, sort_keys=True, default=str),
+        "config": json.dumps(cfgs, sort_keys=True, default=str), "curve": json.dumps(curve),
     }
