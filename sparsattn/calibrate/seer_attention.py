@@ -184,7 +184,8 @@ def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048,
     folder, removed afterwards) and distil a gate (fresh, or from ``init``) on them for ``steps`` steps
     of ``batch_size`` sequences (``answer_weight``, ``target_power``: see the module docstring;
     ``length_mix``: ``cached_batches``' draw of a step's length; ``k_overlap``: see ``new_gate``; the
-    cache is built with the gate's overlap and refused if it holds another); the
+    cache is built with the gate's overlap and refused if it holds another; the steps run on the
+    model's device); the
     recipe (and ``info``, e.g. the command line) goes to the gate's ``model_info`` ->
     ``(SeerGate, losses, n_records)``."""
     import shutil
@@ -222,6 +223,13 @@ def train_cached(model, tokenizer, out: str, *, cache=None, cache_lengths=(2048,
                            "num_hidden_layers": gate.model_info.get("num_hidden_layers"),
                            "init_model_info": dict(gate.model_info)}
     answer_row_weights(records, answer_weight, gate.block_size)
+    dev = next(model.parameters()).device  # train where the model runs (the cached features are small)
+    if dev.type != "cpu":
+        gate = gate.to(dev)
+        for r in records:
+            for f in r["layers"].values():
+                for n in ("q", "k", "t", "w"):
+                    f[n] = f[n].to(dev)
     t0 = time.time()
     losses = train_gate(gate, cached_batches(records, seed=seed, batch_size=batch_size, length_mix=length_mix), steps=steps, lr=lr,
                         warmup=min(50, steps), minutes=minutes, target_power=target_power, log=log, log_every=250)
