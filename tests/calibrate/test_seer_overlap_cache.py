@@ -67,3 +67,18 @@ def test_cli_k_overlap_option():
     add_arguments(p)
     assert p.parse_args([]).k_overlap is None and DEFAULTS["k_overlap"] is None
     assert p.parse_args(["--k-overlap", "16"]).k_overlap == 16
+
+
+@pytest.mark.gpu
+def test_train_cached_steps_on_the_model_device(tiny, tok, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = tiny.to("cuda")
+    try:
+        gate, losses, _ = train_cached(model, tok, str(tmp_path / "g"), cache=str(tmp_path / "c"), cache_lengths=(256,),
+                                       n_retrieval=(1,), n_source=(1,), steps=2, minutes=None, batch_size=2,
+                                       haystack=_windows(), source=_windows(1), log=None, k_overlap=8)
+        assert gate.wq["0"].device.type == "cuda" and len(losses) == 2
+        assert SeerGate.load(tmp_path / "g").k_overlap == 8
+    finally:
+        tiny.to("cpu")

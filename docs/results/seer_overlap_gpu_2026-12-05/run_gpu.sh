@@ -12,7 +12,7 @@
 set -u
 HERE=docs/results/seer_overlap_gpu_2026-12-05
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY=${PY:-python}
+PY=${PY:-python3}
 OUTD=${OUT:-/tmp/seer_gpu_local}
 mkdir -p "$OUTD"
 W=${WORK:-$(mktemp -d /tmp/seerw.XXXXXX)}
@@ -108,5 +108,5 @@ for S in $SETS; do H=${S%%:*}; L=${S##*:}; tail -2 "$W/logs/check_${H}_$L.log" |
 $PY "$HERE/summarize.py" "$W/chk" "$W/summary" >> "$LOG" 2>&1 || log "summary FAILED"
 rm -rf "$W"/cache_o*                      # the caches stay behind (hundreds of MB)
 cp "$LOG" "$W/seer.log"
-tar -czf "$OUTD/seer.tgz" -C "$W" . 2>>"$LOG" || log "tar FAILED"
+tar -czf "$OUTD/seer.tgz" --exclude="*.png" -C "$W" . 2>>"$LOG" || log "tar FAILED"
 log "done: $(du -h "$OUTD/seer.tgz" | cut -f1) in $OUTD/seer.tgz"
