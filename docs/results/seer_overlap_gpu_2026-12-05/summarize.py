@@ -34,7 +34,10 @@ def main(check_dir, prefix):
         doc = json.loads(cj.read_text())
         strong = {}  # label -> {(method, setting): ...}
         for key, sub in doc["protocol"]["runs"].items():
-            strong[key.rsplit("_d", 1)[0]] = strong_of(Path(sub) / "needle.json")
+            sub = Path(sub)
+            if not sub.is_dir():  # unpacked elsewhere: the group folder beside the check json
+                sub = cj.parent / cj.stem / sub.name
+            strong[key.rsplit("_d", 1)[0]] = strong_of(sub / "needle.json")
         for r in doc["rows"]:
             base, _, label = r["method"].partition("@")
             groups = [strong.get(label or "shipped", {})] + list(strong.values())  # dense: any group
