@@ -12,8 +12,12 @@ time anything else on the GPU while it runs.
     python scripts/gpu_mqar_sweep.py --out DIR --seq-len 512 --widths 128 256 --workers 12 \
         --steps 20000 --time-limit 150 --deadline 540 [--task mqar] [--layers ...] [--hybrids baseconv,dense ...]
 
-A run longer than one call: ``--checkpoint-dir DIR --schedule-time 1000 --time-limit 500`` saves each
-run cut by its time limit under DIR and the same command resumes it (the schedule spans 1000 s).
+``--deadline`` also stops training that has not finished by then (the data of a run is built
+before its time limit starts: 160 000 Pathfinder images take about a minute). A run longer than
+one call: ``--checkpoint-dir DIR --schedule-time 1000 --time-limit 500`` saves each run cut by its
+time limit under DIR and the same command resumes it (the schedule spans 1000 s).
+The device machine does not keep an ignored folder between calls (seen 2026-12-05): bring DIR back
+through $OUT and send it again with the call's ``carry`` (its size counts against the 64 MiB).
 """
 from __future__ import annotations
 
@@ -59,7 +63,8 @@ def _worker(i: int, queue, args, t_start: float) -> None:
             kw["schedule_time_s"] = args.schedule_time
         try:
             row = train_layer(layer, args.task, seq_len=args.seq_len, width=width, steps=args.steps, seed=seed,
-                              device=args.device, progress=False, time_limit_s=min(args.time_limit, left), **kw)
+                              device=args.device, progress=False, time_limit_s=min(args.time_limit, left),
+                              stop_by=t_start + args.deadline - args.eval_margin, **kw)
             row["error"] = ""
         except Exception as e:  # recorded in the row
             traceback.print_exc()

@@ -124,3 +124,14 @@ def test_a_checkpoint_folder_refuses_another_run(tmp_path):
         train_layer(**{**_tiny(time_limit_s=1e-9, checkpoint=str(ck)), "width": 32})
     with pytest.raises(ValueError, match="schedule_time_s"):
         train_layer(**{**_tiny(), "schedule_time_s": -1})
+
+
+def test_stop_by_ends_training_at_a_wall_clock_deadline(tmp_path):
+    """A deadline already passed stops after the first step (the sweep's deadline covers data building),
+    and with a checkpoint folder the cut run is saved to go on."""
+    import time
+
+    from sparsattn.train.layerbench.resume import has_run
+
+    row = train_layer(**_tiny(stop_by=time.time() - 1.0, checkpoint=str(tmp_path / "r")))
+    assert row["steps_done"] == 1 and has_run(tmp_path / "r")
