@@ -126,8 +126,7 @@ def train(model, tokenizer, out: str, *, steps: int = 300, seq_len: int = 2048, 
           k_overlap: Optional[int] = None):
     """train: distil a gate for ``model`` (fresh, or loaded from ``init``) on ``sequences(...)`` and save
     it to ``out`` -> ``(SeerGate, losses)``; ``k_overlap``: see ``new_gate``."""
-    from ..methods.seer_attention import SeerGate
-    from ..train.seer_gate import capture_for_gate, gate_for_model, train_gate
+    from ..train.seer_gate import capture_for_gate, train_gate
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -340,10 +339,7 @@ def build_cache(model, tokenizer, cache_dir, *, lengths=(2048,), n_retrieval: in
     import json
     from pathlib import Path
 
-    from safetensors.torch import save_file
-
-    from ..train.seer_gate import capture_for_gate, gate_features, gate_for_model, token_windows
-    from ..eval.needle import needle_mass
+    from ..train.seer_gate import gate_for_model, token_windows
     from ._retrieval import prose_windows, retrieval_prompts
 
     from safetensors import safe_open
@@ -351,7 +347,6 @@ def build_cache(model, tokenizer, cache_dir, *, lengths=(2048,), n_retrieval: in
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     gate = gate_for_model(model, rope_input="pre", k_overlap=k_overlap)
-    dev = next(model.parameters()).device
     rng = random.Random(f"seer-cache-{seed}")
     paths = []
     for T in lengths:
@@ -386,26 +381,43 @@ def build_cache(model, tokenizer, cache_dir, *, lengths=(2048,), n_retrieval: in
                                      "use another --cache folder")
                 continue
             t0 = time.time()
-            with torch.no_grad():
-                cap = capture_for_gate(model, ids.to(dev), gate.layers)
-                tensors, meta = {}, {"kind": "source" if kind == "source" else "retrieval", "T": T,
-                                     "haystack": "prose" if kind in ("prose", "split") else "code"}
-                if kind != "source":
-                    P = p["prompt_len"]
-                    rows = list(range(P - 1, T - 1))
-                    meta.update(prompt_len=P, needle=p["needle"], rows=rows, depth=depth)
-                if k_overlap:
-                    meta["k_overlap"] = k_overlap
-                for l, tup in cap.items():
-                    f = gate_features(gate, *tup)
-                    tensors.update({f"q.{l}": f["q"], f"k.{l}": f["k"], f"t.{l}": f["t"]})
-                    if kind != "source":
-                        tensors[f"read.{l}"] = needle_mass(tup[0], tup[1], rows, p["needle"]).float()
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path),
-                      metadata={"meta": json.dumps(meta)})
+            meta = {"kind": "source" if kind == "source" else "retrieval", "T": T,
+                    "haystack": "prose" if kind in ("prose", "split") else "code"}
+            if kind != "source":
+                P = p["prompt_len"]
+                meta.update(prompt_len=P, needle=p["needle"], rows=list(range(P - 1, T - 1)), depth=depth)
+            cache_record(model, gate, ids, meta, path)
             if log:
                 log(f"cached {path.name} ({time.time() - t0:.1f} s)")
     return paths
+
+
+def cache_record(model, gate, ids, meta: dict, path) -> None:
+    """cache_record: capture ``ids`` (``[1, T]``) once and write one ``build_cache`` file at ``path``: the
+    features of ``gate`` (``gate_features``: pooled pre-RoPE q/k with the gate's ``k_overlap``, the
+    ``attn_pool`` target) of every layer, and for retrieval records (``meta["kind"] == "retrieval"``, with
+    ``needle`` and ``rows``) the answer rows' dense attention on the value (``read.L``); ``meta`` (plus
+    ``k_overlap`` when nonzero) goes to the file's metadata."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from ..eval.needle import needle_mass
+    from ..train.seer_gate import capture_for_gate, gate_features
+
+    meta = dict(meta)
+    if gate.k_overlap:
+        meta["k_overlap"] = gate.k_overlap
+    dev = next(model.parameters()).device
+    tensors = {}
+    with torch.no_grad():
+        cap = capture_for_gate(model, ids.to(dev), gate.layers)
+        for l, tup in cap.items():
+            f = gate_features(gate, *tup)
+            tensors.update({f"q.{l}": f["q"], f"k.{l}": f["k"], f"t.{l}": f["t"]})
+            if meta.get("kind") == "retrieval":
+                tensors[f"read.{l}"] = needle_mass(tup[0], tup[1], meta["rows"], meta["needle"]).float()
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"meta": json.dumps(meta)})
 
 
 #: ``--n-split`` prompts put the value in the first this many tokens of a key block (the needle

@@ -3,6 +3,7 @@
 # From the repository root:  bash docs/results/seer_overlap_gpu_2026-12-05/run_gpu.sh
 # Writes $OUT/seer.tgz (gates, provenance, check outputs, logs, summary) and $OUT/seer.log.
 # CPU smoke test of the whole pipeline: SMOKE=1 DEV=cpu OUT=/tmp/x bash docs/results/seer_overlap_gpu_2026-12-05/run_gpu.sh
+# Second call: IDS=$HERE/train_ids.json OVERLAPS="0 24 32 48" (train on the CPU environment's sequences).
 # Phase 1 (<= P1 s): `sparsattn calibrate seer_attention --k-overlap O --init <shipped gate>` for O in OVERLAPS, in
 #   parallel, each with the eighth session's (shipped gate's) data recipe, its own cache, on $DEV.
 # Phase 2 (the rest, less 25 s): issue 21's retrieval check (passkey + needle coverage, 10 prompts, seed 2112,
@@ -27,6 +28,8 @@ P1=${P1:-170}                  # seconds for the gate trainings (they run in par
 SHIPPED=sparsattn/models/bundled/calibration/seer_gate
 log() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+left1() { echo $(( P1 - ($(date +%s) - T0) > 5 ? P1 - ($(date +%s) - T0) : 5 )); }  # what is left of phase 1
+IDS=${IDS:-}   # train_ids.json: train on the CPU environment's sequences (cache_from_ids.py) instead of this machine's
 
 if [ "$SMOKE" = 1 ]; then
   OVERLAPS=${OVERLAPS:-"0 16"}
@@ -39,7 +42,7 @@ else
   SETS=${SETS:-"prose:8192 prose:4096 code:8192 code:4096"}; N=10
 fi
 export TOKENIZERS_PARALLELISM=false
-log "start: SMOKE=$SMOKE DEV=$DEV OVERLAPS='$OVERLAPS' SETS='$SETS' N=$N BUDGET=${BUDGET}s P1=${P1}s work=$W"
+log "start: SMOKE=$SMOKE DEV=$DEV IDS='$IDS' OVERLAPS='$OVERLAPS' SETS='$SETS' N=$N BUDGET=${BUDGET}s P1=${P1}s work=$W"
 { git log -1 --format='commit %H %s' 2>/dev/null; git status --short 2>/dev/null | head -20
   $PY -c "import torch, transformers, platform; print('torch', torch.__version__, 'transformers', transformers.__version__, 'python', platform.python_version()); print('cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '-')"
   $PY -c "import triton; print('triton', triton.__version__)" 2>&1
@@ -51,7 +54,9 @@ NT=$(( $(nproc) / $(echo $OVERLAPS | wc -w) )); [ "$NT" -lt 1 ] && NT=1
 pids=()
 for O in $OVERLAPS; do
   mkdir -p "$W/cal_o$O"
-  ( OMP_NUM_THREADS=$NT MKL_NUM_THREADS=$NT timeout -k 5 "$P1" $PY -m sparsattn.cli calibrate seer_attention \
+  ( if [ -n "$IDS" ]; then OMP_NUM_THREADS=$NT timeout -k 5 "$P1" $PY "$HERE/cache_from_ids.py" "$IDS" "$W/cache_o$O" "$O" \
+        "$DEV" > "$W/logs/ids_o$O.log" 2>&1; echo "rc=$?" >> "$W/logs/ids_o$O.log"; fi
+    OMP_NUM_THREADS=$NT MKL_NUM_THREADS=$NT timeout -k 5 "$(left1)" $PY -m sparsattn.cli calibrate seer_attention \
       --out "$W/cal_o$O/seer_gate" --provenance "$W/cal_o$O/provenance.json" --device "$DEV" --k-overlap "$O" \
       $CAL --seed 0 --lr 0.001 --rope-input pre --data retrieval --answer-weight 100 --target-power 8 \
       --batch-size 8 --cache "$W/cache_o$O" --init "$SHIPPED" > "$W/logs/cal_o$O.log" 2>&1
