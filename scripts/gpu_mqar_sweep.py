@@ -16,8 +16,9 @@ time anything else on the GPU while it runs.
 before its time limit starts: 160 000 Pathfinder images take about a minute). A run longer than
 one call: ``--checkpoint-dir DIR --schedule-time 1000 --time-limit 500`` saves each run cut by its
 time limit under DIR and the same command resumes it (the schedule spans 1000 s).
-The device machine does not keep an ignored folder between calls (seen 2026-12-05): bring DIR back
-through $OUT and send it again with the call's ``carry`` (its size counts against the 64 MiB).
+On the device machine put DIR outside the repository (``/tmp/ckpt``): a warm machine keeps /tmp
+between calls, but a folder inside the working-tree copy did not survive the next call (seen
+2026-12-05, ``.ckpt``); a machine given back in between loses both.
 """
 from __future__ import annotations
 
