@@ -45,13 +45,13 @@ def label(m):
     return m if isinstance(m, str) else "+".join(m)
 
 
-def runs(lengths=(64, 128), plain: bool = True):
+def runs(lengths=(64, 128), plain: bool = True, widths=(64, 128), prompts: bool = True):
     out = []
     for T in (lengths if plain else ()):
-        for W in (64, 128):
+        for W in widths:
             for m in MODELS:
                 out.append(dict(model=m, T=T, W=W, prompt=False))
-    for m in ("lightning", "baseconv"):
+    for m in (("lightning", "baseconv") if prompts else ()):
         for W in (64, 128):
             if 64 in lengths:
                 out.append(dict(model=m, T=64, W=W, prompt=True))
@@ -139,12 +139,12 @@ def table(path: Path) -> str:
     return "\n".join(lines)
 
 
-def main(lr: float = LR, lengths=(64, 128), plain: bool = True):
+def main(lr: float = LR, lengths=(64, 128), plain: bool = True, widths=(64, 128), prompts: bool = True):
     torch.set_num_threads(1)
     CSV = csv_for(lr)
     rows = read_rows(CSV)
     done = {(r["layer"], r["seq_len"], r["width"]) for r in rows if not r.get("error")}
-    for r in runs(lengths, plain):
+    for r in runs(lengths, plain, widths, prompts):
         name = label(r["model"]) + (" (JRT-Prompt)" if r["prompt"] else "")
         key = (name, str(r["T"]), str(r["W"]))
         if key in done:
@@ -190,6 +190,8 @@ if __name__ == "__main__":
     ap.add_argument("--long", help="one 3000-step run of this model at T=64, width 64 (long_runs.csv)")
     ap.add_argument("--extra", help="one 1000-step run at T=64 of NAME or NAME,NAME per block (extra_runs.csv)")
     ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--widths", type=int, nargs="*", default=[64, 128], help="widths of the plain grid")
+    ap.add_argument("--no-prompts", action="store_true", help="skip the JRT-Prompt runs")
     a = ap.parse_args()
     if a.combine:
         print(table(combine()))
@@ -198,4 +200,4 @@ if __name__ == "__main__":
     elif a.extra:
         extra_run(a.extra, width=a.width)
     else:
-        main(a.lr, tuple(a.lengths), plain=not a.prompts_only)
+        main(a.lr, tuple(a.lengths), plain=not a.prompts_only, widths=tuple(a.widths), prompts=not a.no_prompts)

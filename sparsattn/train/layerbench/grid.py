@@ -166,7 +166,8 @@ def _num(v) -> Optional[float]:
 def plot_grid(csv_path: Path, out_dir: Optional[Path] = None) -> list[Path]:
     """plot_grid: ``accuracy_vs_width.png`` (per layer, one panel per task and length) and
     ``accuracy_vs_compute.png`` (accuracy against attention FLOPs per sequence, log scale) next
-    to the CSV (or in ``out_dir``). Rows with an error are left out."""
+    to the CSV (or in ``out_dir``). Rows with an error are left out; several rows of one layer at one
+    x (seeds) are drawn as their mean with a min-max bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,10 +193,19 @@ def plot_grid(csv_path: Path, out_dir: Optional[Path] = None) -> list[Path]:
         for ax, (task, T) in zip(axes[0], panels):
             sub = [r for r in rows if r["task"] == task and int(r["seq_len"]) == T]
             for name in names:
-                pts = sorted((_num(r[xkey]), _num(r["accuracy"])) for r in sub if r["layer"] == name
-                             and _num(r[xkey]) is not None and _num(r[xkey]) > 0)
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], ms=5, label=name, **styles[name])
+                by_x: dict = {}  # several seeds (or learning rates) at one x: their mean, min-max as a bar
+                for r in sub:
+                    if r["layer"] == name and _num(r[xkey]) is not None and _num(r[xkey]) > 0:
+                        by_x.setdefault(_num(r[xkey]), []).append(_num(r["accuracy"]))
+                if by_x:
+                    xs = sorted(by_x)
+                    mean = [sum(by_x[x]) / len(by_x[x]) for x in xs]
+                    ax.plot(xs, mean, ms=5, label=name, **styles[name])
+                    spread = [(x, m, min(by_x[x]), max(by_x[x])) for x, m in zip(xs, mean) if len(by_x[x]) > 1]
+                    if spread:
+                        ax.errorbar([t[0] for t in spread], [t[1] for t in spread],
+                                    yerr=[[t[1] - t[2] for t in spread], [t[3] - t[1] for t in spread]],
+                                    fmt="none", ecolor=styles[name]["color"], elinewidth=1, capsize=3)
             ax.set_title(f"{task}, T={T}")
             ax.set_xlabel(xlabel)
             ax.set_ylabel("accuracy")
