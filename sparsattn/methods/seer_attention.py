@@ -33,6 +33,8 @@ needle in heads 7.4-7.7 where the needle sentence is cut by a key-block boundary
 of the value's block still carries the needle but the min/avg parts of a block that holds only the
 value and unrelated text outweigh it, and pooling that block together with the previous block's tail
 raised its rank from 45/59/22 to 18/9/7 (docs/results/retrieval_prose_cpu_2026-12-05/ninth_session).
+Gates trained with overlap 16 or 32 keep that prompt's readers but lose others at 4K, so the shipped
+gate keeps overlap 0 (docs/results/seer_overlap_gpu_2026-12-05).
 
 Gate weights live in a directory: ``gate.safetensors`` + ``config.json`` (model shape, layers,
 block size, RoPE data); ``SeerAttention(gate_path=...)`` or ``.load_gate(path)`` loads it, and a
