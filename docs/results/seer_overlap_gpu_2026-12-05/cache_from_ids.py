@@ -1,8 +1,9 @@
 """Build a SeerAttention training cache (``build_cache``'s files, via ``calibrate.seer_attention.cache_record``)
-from the saved token ids of train_ids.json (the shipped gate's training sequences as the project's CPU
+from the saved token ids of train_ids.json.gz (the shipped gate's training sequences as the project's CPU
 environment builds them; make_train_ids.py), for a gate with key-block overlap K_OVERLAP.
 ``sparsattn calibrate seer_attention --cache CACHE_DIR`` then trains on these files (it finds them by name
 and skips their capture). Usage: python cache_from_ids.py IDS_JSON CACHE_DIR K_OVERLAP DEVICE"""
+import gzip
 import json
 import sys
 import time
@@ -20,7 +21,8 @@ model, _, _ = load_model(device=device)  # float32, as the calibration loads it
 gate = gate_for_model(model, rope_input="pre", k_overlap=k_overlap)
 cache_dir.mkdir(parents=True, exist_ok=True)
 t0 = time.time()
-recs = json.loads(Path(ids_json).read_text())["records"]
+raw = Path(ids_json).read_bytes()
+recs = json.loads(gzip.decompress(raw) if ids_json.endswith(".gz") else raw)["records"]
 for i, r in enumerate(recs):
     path = cache_dir / f"{r['name']}.safetensors"
     if not path.is_file():

@@ -1,8 +1,9 @@
 """Derive an overlap-K training cache from an overlap-0 ``build_cache`` folder of the same sequences (CPU
 shortcut): only the pooled keys depend on ``k_overlap``, so each record's ``k.L`` is recomputed from a
-capture of its token ids (train_ids.json) and ``q.L``, ``t.L`` (the attn_pool target, the expensive part)
+capture of its token ids (train_ids.json.gz) and ``q.L``, ``t.L`` (the attn_pool target, the expensive part)
 and ``read.L`` are copied. The first record's overlap-0 keys are checked against the source cache.
 Usage: python cpu_overlap_cache.py IDS_JSON SRC_CACHE DST_CACHE K_OVERLAP"""
+import gzip
 import json
 import sys
 import time
@@ -21,7 +22,8 @@ torch.set_grad_enabled(False)
 model, _, _ = load_model()
 dst.mkdir(parents=True, exist_ok=True)
 t0 = time.time()
-recs = json.loads(Path(ids_json).read_text())["records"]
+raw = Path(ids_json).read_bytes()
+recs = json.loads(gzip.decompress(raw) if ids_json.endswith(".gz") else raw)["records"]
 for i, r in enumerate(recs):
     out = dst / f"{r['name']}.safetensors"
     if out.is_file():

@@ -1,9 +1,10 @@
-"""Write prompts.json: the token ids of issue 21's held-out check prompts as ``make_prompts`` builds them on
+"""Write prompts.json.gz: the token ids of issue 21's held-out check prompts as ``make_prompts`` builds them on
 the project's CPU environment (prose and source haystacks depend on the installed packages, so the
 device machine would build other prompts), so that the GPU run measures exactly the prompts of the
 eighth and ninth sessions' tables. Keys: ``haystack|length|n|seed`` (the check's 10 prompts, seed 2112,
 and the density search's calibration prompt, n 1, seed CAL_SEED). Run from the repository root:
 ``python docs/results/seer_overlap_gpu_2026-12-05/make_prompts_file.py``."""
+import gzip
 import json
 import platform
 import sys
@@ -30,5 +31,5 @@ for hay, L, n in [(h, L, 10) for h, L in SETS] + SMOKE:
         out[f"{hay}|{L}|{nn}|{seed}"] = [{"task": p.task, "depth": p.depth, "prompt_ids": list(p.prompt_ids),
                                           "answer_ids": list(p.answer_ids), "answer": p.answer} for p in ps]
         print(hay, L, nn, seed, f"{time.time() - t0:.1f}s", flush=True)
-(HERE / "prompts.json").write_text(json.dumps(out, separators=(",", ":")) + "\n")
-print("wrote", HERE / "prompts.json")
+(HERE / "prompts.json.gz").write_bytes(gzip.compress((json.dumps(out, separators=(",", ":")) + "\n").encode(), 9, mtime=0))
+print("wrote", HERE / "prompts.json.gz")

@@ -1,9 +1,10 @@
-"""Write train_ids.json: the token ids (and needle metadata) of the shipped gate's training sequences, built
+"""Write train_ids.json.gz: the token ids (and needle metadata) of the shipped gate's training sequences, built
 on the project's CPU environment exactly as ``build_cache`` builds them for the eighth session's recipe
 (``--cache-lengths 2048,4096,8192 --n-retrieval 78,24,8 --n-source 4,0,0 --n-prose 40,12,8``, seed 0;
 ``train_cached`` calls ``build_cache`` once per length, so the depth generator and the haystack streams
 restart per length). The device machine's installed files differ, so its own ``build_cache`` would train
 on other text; ``cache_from_ids.py`` turns these ids into a cache there. Run from the repository root."""
+import gzip
 import json
 import random
 import sys
@@ -45,6 +46,6 @@ for T, nr, ns, npr in RECIPE:  # build_cache(lengths=(T,), ...) as train_cached 
             rec.update(ids=next(win)[0, :T].tolist(), meta={"kind": "source", "T": T, "haystack": "code"})
         out["records"].append(rec)
     print(T, f"{time.time() - t0:.1f}s", flush=True)
-name = "train_ids_smoke.json" if RECIPE[0][1] == 3 else "train_ids.json"
-(HERE / name).write_text(json.dumps(out, separators=(",", ":")) + "\n")
+name = "train_ids_smoke.json.gz" if RECIPE[0][1] == 3 else "train_ids.json.gz"
+(HERE / name).write_bytes(gzip.compress((json.dumps(out, separators=(",", ":")) + "\n").encode(), 9, mtime=0))
 print("wrote", HERE / name, len(out["records"]), "records")

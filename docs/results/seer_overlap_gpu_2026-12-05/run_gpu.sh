@@ -3,12 +3,12 @@
 # From the repository root:  bash docs/results/seer_overlap_gpu_2026-12-05/run_gpu.sh
 # Writes $OUT/seer.tgz (gates, provenance, check outputs, logs, summary) and $OUT/seer.log.
 # CPU smoke test of the whole pipeline: SMOKE=1 DEV=cpu OUT=/tmp/x bash docs/results/seer_overlap_gpu_2026-12-05/run_gpu.sh
-# Second call: IDS=$HERE/train_ids.json OVERLAPS="0 24 32 48" (train on the CPU environment's sequences).
+# Second call: IDS=$HERE/train_ids.json.gz OVERLAPS="0 24 32 48" (train on the CPU environment's sequences).
 # Phase 1 (<= P1 s): `sparsattn calibrate seer_attention --k-overlap O --init <shipped gate>` for O in OVERLAPS, in
 #   parallel, each with the eighth session's (shipped gate's) data recipe, its own cache, on $DEV.
 # Phase 2 (the rest, less 25 s): issue 21's retrieval check (passkey + needle coverage, 10 prompts, seed 2112,
 #   target density 0.12, row and threshold modes) of the shipped gate and every new gate, one process per
-#   (haystack, length), on the prompts saved in prompts.json (the CPU environment's; check.py).
+#   (haystack, length), on the prompts saved in prompts.json.gz (the CPU environment's; check.py).
 # Phase 3: summary.md/json (strong readers per setting), seer.tgz.
 set -u
 HERE=docs/results/seer_overlap_gpu_2026-12-05
@@ -29,7 +29,7 @@ SHIPPED=sparsattn/models/bundled/calibration/seer_gate
 log() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 left1() { echo $(( P1 - ($(date +%s) - T0) > 5 ? P1 - ($(date +%s) - T0) : 5 )); }  # what is left of phase 1
-IDS=${IDS:-}   # train_ids.json: train on the CPU environment's sequences (cache_from_ids.py) instead of this machine's
+IDS=${IDS:-}   # train_ids.json.gz: train on the CPU environment's sequences (cache_from_ids.py) instead of this machine's
 
 if [ "$SMOKE" = 1 ]; then
   OVERLAPS=${OVERLAPS:-"0 16"}
