@@ -94,31 +94,22 @@ def _pool_blocks(x: Tensor, bs: int, kinds: Sequence[str], overlap: int = 0) -> 
     B, H, T, D = x.shape
     nfull, tail = divmod(T, bs)
     pieces = []
-    for xs, n in ((x[:, :, : nfull * bs].reshape(B, H, nfull, bs, D), bs),
-                  (x[:, :, nfull * bs:].reshape(B, H, 1 if tail else 0, tail, D), tail)):
+    for xs in (x[:, :, : nfull * bs].reshape(B, H, nfull, bs, D),
+               x[:, :, nfull * bs:].reshape(B, H, 1 if tail else 0, tail, D)):
         if xs.shape[2] == 0:
             continue
-        outs = []
-        for kind in kinds:
-            if kind == "avg":
-                outs.append(xs.sum(3, dtype=torch.float32) / n if not overlap else xs.sum(3, dtype=torch.float32))
-            else:
-                outs.append((xs.amax(3) if kind == "max" else xs.amin(3)).float())
-        pieces.append(torch.cat(outs, dim=-1))
+        # "avg" parts hold float32 sums until the division by the block counts below
+        pieces.append(torch.cat([xs.sum(3, dtype=torch.float32) if kind == "avg" else
+                                 (xs.amax(3) if kind == "max" else xs.amin(3)).float() for kind in kinds], dim=-1))
     if not pieces:
         return torch.zeros(B, H, 0, D * len(kinds), dtype=torch.float32, device=x.device)
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
-    if not overlap:
-        return out
-    # overlap: combine every block j >= 1 with the last `overlap` rows of block j - 1 (always a full block);
-    # "avg" parts hold sums until here
     nb = out.shape[2]
     counts = torch.full((nb,), float(bs), device=x.device)
     if tail:
         counts[-1] = float(tail)
-    if nb > 1:
+    if overlap and nb > 1:  # every block j >= 1 also pools the last `overlap` rows of block j - 1 (a full block)
         prev = x[:, :, : (nb - 1) * bs].reshape(B, H, nb - 1, bs, D)[:, :, :, bs - overlap:]
-        out = out.clone()
         for i, kind in enumerate(kinds):
             sl = slice(i * D, (i + 1) * D)
             cur = out[:, :, 1:, sl]
