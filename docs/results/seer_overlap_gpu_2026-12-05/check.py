@@ -2,15 +2,15 @@
 saved in prompts.json.gz (the project's CPU environment's held-out prompts; see make_prompts_file.py)
 instead of prompts rebuilt from the running machine's installed files. A prompt set missing from the
 file is an error, not a silent rebuild."""
-import gzip
-import json
 import sys
 from pathlib import Path
 
 import sparsattn.eval.prefill_quality as pq
 from sparsattn.eval import retrieval_check
 
-PROMPTS = json.loads(gzip.decompress((Path(__file__).resolve().parent / "prompts.json.gz").read_bytes()))
+import jsongz  # this folder's saved-input reader / writer
+
+PROMPTS = jsongz.read(Path(__file__).resolve().parent / "prompts.json.gz")
 
 
 def saved_prompts(tok, task, T, n, seed, haystack="noise"):

@@ -3,7 +3,6 @@ shortcut): only the pooled keys depend on ``k_overlap``, so each record's ``k.L`
 capture of its token ids (train_ids.json.gz) and ``q.L``, ``t.L`` (the attn_pool target, the expensive part)
 and ``read.L`` are copied. The first record's overlap-0 keys are checked against the source cache.
 Usage: python cpu_overlap_cache.py IDS_JSON SRC_CACHE DST_CACHE K_OVERLAP"""
-import gzip
 import json
 import sys
 import time
@@ -17,13 +16,14 @@ from sparsattn.calibrate._common import load_model
 from sparsattn.methods.seer_attention import _pool_blocks
 from sparsattn.train.seer_gate import capture_for_gate
 
+import jsongz  # this folder's saved-input reader / writer
+
 ids_json, src, dst, K = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 torch.set_grad_enabled(False)
 model, _, _ = load_model()
 dst.mkdir(parents=True, exist_ok=True)
 t0 = time.time()
-raw = Path(ids_json).read_bytes()
-recs = json.loads(gzip.decompress(raw) if ids_json.endswith(".gz") else raw)["records"]
+recs = jsongz.read(ids_json)["records"]
 for i, r in enumerate(recs):
     out = dst / f"{r['name']}.safetensors"
     if out.is_file():

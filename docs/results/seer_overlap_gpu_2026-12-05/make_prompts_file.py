@@ -4,8 +4,6 @@ device machine would build other prompts), so that the GPU run measures exactly 
 eighth and ninth sessions' tables. Keys: ``haystack|length|n|seed`` (the check's 10 prompts, seed 2112,
 and the density search's calibration prompt, n 1, seed CAL_SEED). Run from the repository root:
 ``python docs/results/seer_overlap_gpu_2026-12-05/make_prompts_file.py``."""
-import gzip
-import json
 import platform
 import sys
 import time
@@ -16,6 +14,8 @@ import transformers
 
 from sparsattn.calibrate._common import load_model
 from sparsattn.eval.prefill_quality import CAL_SEED, HELDOUT_SEED, make_prompts
+
+import jsongz  # this folder's saved-input reader / writer
 
 HERE = Path(__file__).resolve().parent
 SETS = [("prose", 4096), ("prose", 8192), ("code", 4096), ("code", 8192)]
@@ -31,5 +31,5 @@ for hay, L, n in [(h, L, 10) for h, L in SETS] + SMOKE:
         out[f"{hay}|{L}|{nn}|{seed}"] = [{"task": p.task, "depth": p.depth, "prompt_ids": list(p.prompt_ids),
                                           "answer_ids": list(p.answer_ids), "answer": p.answer} for p in ps]
         print(hay, L, nn, seed, f"{time.time() - t0:.1f}s", flush=True)
-(HERE / "prompts.json.gz").write_bytes(gzip.compress((json.dumps(out, separators=(",", ":")) + "\n").encode(), 9, mtime=0))
+jsongz.write(HERE / "prompts.json.gz", out)
 print("wrote", HERE / "prompts.json.gz")

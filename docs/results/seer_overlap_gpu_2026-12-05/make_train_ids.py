@@ -4,8 +4,6 @@ on the project's CPU environment exactly as ``build_cache`` builds them for the 
 ``train_cached`` calls ``build_cache`` once per length, so the depth generator and the haystack streams
 restart per length). The device machine's installed files differ, so its own ``build_cache`` would train
 on other text; ``cache_from_ids.py`` turns these ids into a cache there. Run from the repository root."""
-import gzip
-import json
 import random
 import sys
 import time
@@ -14,6 +12,8 @@ from pathlib import Path
 from sparsattn.calibrate._common import load_model
 from sparsattn.calibrate._retrieval import prose_windows, retrieval_prompts
 from sparsattn.train.seer_gate import token_windows
+
+import jsongz  # this folder's saved-input reader / writer
 
 HERE = Path(__file__).resolve().parent
 RECIPE = [(2048, 78, 4, 40), (4096, 24, 0, 12), (8192, 8, 0, 8)]
@@ -47,5 +47,5 @@ for T, nr, ns, npr in RECIPE:  # build_cache(lengths=(T,), ...) as train_cached 
         out["records"].append(rec)
     print(T, f"{time.time() - t0:.1f}s", flush=True)
 name = "train_ids_smoke.json.gz" if RECIPE[0][1] == 3 else "train_ids.json.gz"
-(HERE / name).write_bytes(gzip.compress((json.dumps(out, separators=(",", ":")) + "\n").encode(), 9, mtime=0))
+jsongz.write(HERE / name, out)
 print("wrote", HERE / name, len(out["records"]), "records")
