@@ -28,6 +28,11 @@ P1=${P1:-170}                  # seconds for the gate trainings (they run in par
 SHIPPED=sparsattn/models/bundled/calibration/seer_gate
 log() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+# wait_logging PHASE SECONDS STATUS_FN PID...: until every PID has ended, log every SECONDS how many run
+# and what STATUS_FN prints
+wait_logging() { local phase=$1 every=$2 status=$3 n p; shift 3
+  while :; do n=0; for p in "$@"; do kill -0 "$p" 2>/dev/null && n=$((n+1)); done
+    [ "$n" = 0 ] && break; sleep "$every"; log "$phase: $n running; $($status)"; done; }
 left1() { echo $(( P1 - ($(date +%s) - T0) > 5 ? P1 - ($(date +%s) - T0) : 5 )); }  # what is left of phase 1
 IDS=${IDS:-}   # train_ids.json.gz: train on the CPU environment's sequences (cache_from_ids.py) instead of this machine's
 
@@ -64,13 +69,10 @@ for O in $OVERLAPS; do
   pids+=($!)
   log "phase 1: started calibrate --k-overlap $O (threads $NT)"
 done
-while :; do
-  n=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && n=$((n+1)); done
-  [ "$n" = 0 ] && break
-  sleep 10
-  msg=""; for O in $OVERLAPS; do msg="$msg o$O:$(ls "$W/cache_o$O" 2>/dev/null | wc -l)c/$(grep -c '^step\|step ' "$W/logs/cal_o$O.log" 2>/dev/null)"; done
-  log "phase 1: $n running; cache files / log step lines:$msg"
-done
+p1_status() { local O msg=""; for O in $OVERLAPS; do
+  msg="$msg o$O:$(ls "$W/cache_o$O" 2>/dev/null | wc -l)c/$(grep -c '^step\|step ' "$W/logs/cal_o$O.log" 2>/dev/null)"; done
+  echo "cache files / log step lines:$msg"; }
+wait_logging "phase 1" 10 p1_status "${pids[@]}"
 LABELS=""; CALDIRS=""
 for O in $OVERLAPS; do
   tail -3 "$W/logs/cal_o$O.log" | sed "s/^/  [o$O] /" | tee -a "$LOG"
@@ -100,13 +102,10 @@ for S in $SETS; do
   cpids+=($!)
   log "phase 2: started check $H $L"
 done
-while :; do
-  n=0; for p in "${cpids[@]}"; do kill -0 "$p" 2>/dev/null && n=$((n+1)); done
-  [ "$n" = 0 ] && break
-  sleep 15
-  msg=""; for S in $SETS; do H=${S%%:*}; L=${S##*:}; msg="$msg ${H}$L:$(grep -c 'passkey\|coverage' "$W/logs/check_${H}_$L.log" 2>/dev/null)"; done
-  log "phase 2: $n running; log lines:$msg"
-done
+p2_status() { local S H L msg=""; for S in $SETS; do H=${S%%:*}; L=${S##*:}
+  msg="$msg ${H}$L:$(grep -c 'passkey\|coverage' "$W/logs/check_${H}_$L.log" 2>/dev/null)"; done
+  echo "log lines:$msg"; }
+wait_logging "phase 2" 15 p2_status "${cpids[@]}"
 for S in $SETS; do H=${S%%:*}; L=${S##*:}; tail -2 "$W/logs/check_${H}_$L.log" | sed "s/^/  [$H$L] /" | tee -a "$LOG"; done
 
 # ---- phase 3: summary and the archive
