@@ -37,10 +37,15 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["pathfinder_dataset", "reach", "connected", "PATH_LEVEL", "MARKER_LEVEL"]
+__all__ = ["pathfinder_dataset", "reach", "connected", "PATH_LEVEL", "MARKER_LEVEL", "SIZE_PRESETS"]
 
 #: candidate images generated per attempt at most (bounds memory for large data sets)
 _CHUNK = 16384
+#: generator settings per image side where they differ from the defaults (which are for 32x32,
+#: LRA's Pathfinder-32): the reduced CPU grid's 16x16 images hold 3 curves of 12 pixels (4 curves of
+#: 18 pixels ink a quarter of a 16x16 image, and its flood-fill checks reject so many candidates that
+#: 2000 images take 22 s instead of 0.8 s on the project's CPU)
+SIZE_PRESETS = {16: dict(n_paths=3, path_len=12.0, min_sep=5.0)}
 #: pixel intensity of the dashed curves and of the two markers
 PATH_LEVEL = 128
 MARKER_LEVEL = 255

@@ -22,7 +22,9 @@ to the tooling (training command, benchmarks, docs) so that no tool names a laye
   an instance's ``caveat()`` says whether it applies to that configuration (default: when built
   causal);
 * ``presets``: named example configurations, e.g. ``{"mqar": {...}}``, that the training command
-  and the benchmarks use (``"default"`` is the empty dict).
+  and the benchmarks use (``"default"`` is the empty dict); a key ``"task:T"`` (e.g.
+  ``"pathfinder:256"``) is applied over ``presets[task]`` at sequence length ``T`` only
+  (``preset_config``), for hyper-parameters that must follow the input size.
 
 Optional class hooks (a layer declares one by defining it; tools look for it, never for a name):
 
@@ -105,6 +107,17 @@ class Layer(nn.Module):
         causal = bool(cfg.get("causal", True))
         pairs = T * (T + 1) / 2 if causal else float(T * T)
         return {"density": 1.0, "flops": 4.0 * pairs * int(cfg.get("dim", 0))}
+
+
+def preset_config(cls, task: str, seq_len: Optional[int] = None) -> dict:
+    """preset_config: the configuration a tool gives layer class ``cls`` on ``task``: its
+    ``presets[task]``, then ``presets[f"{task}:{seq_len}"]`` over it when ``seq_len`` is given
+    (a copy; empty when the layer has neither)."""
+    presets = getattr(cls, "presets", {}) or {}
+    cfg = dict(presets.get(task, {}))
+    if seq_len is not None:
+        cfg.update(presets.get(f"{task}:{seq_len}", {}))
+    return cfg
 
 
 def register_layer(name: str):

@@ -135,3 +135,27 @@ def test_stop_by_ends_training_at_a_wall_clock_deadline(tmp_path):
 
     row = train_layer(**_tiny(stop_by=time.time() - 1.0, checkpoint=str(tmp_path / "r")))
     assert row["steps_done"] == 1 and has_run(tmp_path / "r")
+
+
+def test_length_presets_apply_at_their_length_only():
+    from sparsattn.nn.base import Layer, preset_config
+
+    class Toy(Layer):
+        presets = {"t": {"a": 1, "b": 2}, "t:8": {"b": 3}}
+
+    assert preset_config(Toy, "t", 8) == {"a": 1, "b": 3}
+    assert preset_config(Toy, "t", 16) == preset_config(Toy, "t") == {"a": 1, "b": 2}
+    assert preset_config(Toy, "other", 8) == {}
+    preset_config(Toy, "t", 8)["a"] = 9                       # a copy: the class is untouched
+    assert Toy.presets["t"] == {"a": 1, "b": 2}
+
+
+def test_pathfinder_task_uses_the_generators_size_preset_and_the_layers_length_preset():
+    from sparsattn.eval.pathfinder import SIZE_PRESETS, pathfinder_dataset
+
+    data = make_task("pathfinder", 256, n_train=6, n_test=4, seed=5)
+    x, y = pathfinder_dataset(6, seed=5, size=16, **SIZE_PRESETS[16])
+    assert data.grid == (16, 16) and torch.equal(data.x_train, x.long().reshape(6, -1)) and torch.equal(data.y_train, y)
+    row = train_layer("halo", data, seq_len=256, width=16, steps=1, n_test=4, progress=False)
+    assert '"block": 4' in row["config"] and '"halo": 2' in row["config"]     # presets["pathfinder:256"]
+    assert row["density"] < 0.3

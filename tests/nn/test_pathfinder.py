@@ -65,3 +65,15 @@ def test_invalid_arguments(kwargs, arg):
     kw.update(kwargs)
     with pytest.raises(ValueError, match=arg):
         pathfinder_dataset(kw.pop("n"), **kw)
+
+
+def test_size_preset_keeps_the_labels_true_on_16x16_images():
+    """The reduced grid's 16x16 images (SIZE_PRESETS[16]) are balanced and their labels agree
+    with the BFS, like the 32x32 ones."""
+    from sparsattn.eval.pathfinder import SIZE_PRESETS
+
+    x, y, meta = pathfinder_dataset(60, seed=1, size=16, return_meta=True, **SIZE_PRESETS[16])
+    assert x.shape == (60, 16, 16) and int(y.sum()) == 30
+    a, b = meta["marker_a"].numpy(), meta["marker_b"].numpy()
+    for i in range(60):
+        assert _bfs_linked(x[i].numpy(), a[i], b[i], meta["reach"]) == bool(y[i]), i

@@ -19,12 +19,15 @@ from ...nn import layer_class, list_layers
 from .loop import COLUMNS, train_layer
 
 #: the grids. "reduced": the CPU grid of issue 12 (short MQAR with a 512-token vocabulary, small
-#: ListOps); "full": issue 18's GPU sweep (Zoology MQAR at 256 / 512, widths 64..512, V = 8192;
+#: ListOps, Pathfinder on 16x16 images); "full": issue 18's GPU sweep (Zoology MQAR at 256 / 512, widths 64..512, V = 8192;
 #: LRA-size ListOps and Pathfinder-32).
 GRIDS = {
     "reduced": [
         dict(task="mqar", seq_lens=[64, 128], widths=[64, 128], steps=2000, kw=dict(vocab=512)),
         dict(task="listops", seq_lens=[128], widths=[64], steps=1500, kw=dict(n_train=20000)),
+        # Pathfinder on 16x16 images (256 tokens; the generator's SIZE_PRESETS[16]): a 32x32 image
+        # costs 13 s per step for dense attention on one CPU core, a 16x16 one 0.6 s
+        dict(task="pathfinder", seq_lens=[256], widths=[64], steps=2000, kw=dict(n_train=64000, eval_every=250)),
     ],
     "full": [
         dict(task="mqar", seq_lens=[256, 512], widths=[64, 128, 256, 512], steps=20000,

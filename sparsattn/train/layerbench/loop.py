@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ...nn import layer_class
-from ...nn.base import attention_backend
+from ...nn.base import attention_backend, preset_config
 from .model import LayerModel
 from .tasks import TaskData, make_task
 
@@ -120,7 +120,8 @@ def train_layer(layer: Union[str, Sequence], task: Union[str, TaskData] = "mqar"
         task: ``"mqar"``, ``"listops"``, ``"pathfinder"`` or a prepared ``TaskData``.
         seq_len, width: sequence length and model width; steps: optimizer steps; seed: data and init.
         device: ``"cpu"`` or ``"cuda"`` (bf16 autocast on CUDA).
-        layer_config: hyper-parameters for the named layer(s), over the layer's ``presets[task]``.
+        layer_config: hyper-parameters for the named layer(s), over the layer's ``presets[task]``
+            (and ``presets["task:T"]`` at ``seq_len`` T: ``sparsattn.nn.base.preset_config``).
         heads, n_layers, batch_size, lr, weight_decay, mlp, dropout, n_test, eval_every: override
             ``TASK_DEFAULTS[task]``; n_train defaults to ``min(steps * batch_size, 100_000)``.
         vocab: MQAR vocabulary (default Zoology's 8192; the reduced CPU grid uses a smaller one).
@@ -167,7 +168,7 @@ def train_layer(layer: Union[str, Sequence], task: Union[str, TaskData] = "mqar"
     mixers = [layer] * d["n_layers"] if isinstance(layer, str) else list(layer)
     base_cfg = {}
     if isinstance(layer, str):
-        base_cfg = {**getattr(layer_class(layer), "presets", {}).get(task_name, {}), **(layer_config or {})}
+        base_cfg = {**preset_config(layer_class(layer), task_name, seq_len), **(layer_config or {})}
     torch.manual_seed(seed)
     if isinstance(task, TaskData):
         data = task
