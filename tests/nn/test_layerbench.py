@@ -159,3 +159,23 @@ def test_pathfinder_task_uses_the_generators_size_preset_and_the_layers_length_p
     row = train_layer("halo", data, seq_len=256, width=16, steps=1, n_test=4, progress=False)
     assert '"block": 4' in row["config"] and '"halo": 2' in row["config"]     # presets["pathfinder:256"]
     assert row["density"] < 0.3
+
+
+def test_plot_grid_draws_the_evaluation_curves_and_names_a_bad_curve(tmp_path):
+    from sparsattn.bench.common import write_csv
+    from sparsattn.train.layerbench import plot_grid
+
+    def row(layer, curve):
+        r = {c: "" for c in COLUMNS}
+        r.update(layer=layer, task="pathfinder", seq_len=256, width=64, accuracy=0.9, flops=1e6, curve=curve)
+        return r
+
+    out = tmp_path / "g.csv"
+    write_csv([row("dense", "[[250, 0.5]]"), row("halo", "[[250, 0.6], [500, 0.8]]")], out, COLUMNS + ["error"])
+    names = [p.name for p in plot_grid(out)]
+    assert names == ["accuracy_vs_width.png", "accuracy_vs_compute.png", "accuracy_vs_step.png"]
+    write_csv([row("dense", "[[250, 0.5]]")], out, COLUMNS + ["error"])      # one evaluation: no curve to draw
+    assert "accuracy_vs_step.png" not in [p.name for p in plot_grid(out, tmp_path / "one")]
+    write_csv([row("halo", "[[250, 0.6], [500")], out, COLUMNS + ["error"])
+    with pytest.raises(ValueError, match="curve"):
+        plot_grid(out)

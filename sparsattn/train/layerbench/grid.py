@@ -9,6 +9,7 @@ and accuracy vs compute (attention FLOPs), one panel per (task, seq_len).
 from __future__ import annotations
 
 import csv
+import json
 import time
 import traceback
 from pathlib import Path
@@ -167,9 +168,10 @@ def _num(v) -> Optional[float]:
 
 
 def plot_grid(csv_path: Path, out_dir: Optional[Path] = None) -> list[Path]:
-    """plot_grid: ``accuracy_vs_width.png`` (per layer, one panel per task and length) and
-    ``accuracy_vs_compute.png`` (accuracy against attention FLOPs per sequence, log scale) next
-    to the CSV (or in ``out_dir``). Rows with an error are left out; several rows of one layer at one
+    """plot_grid: ``accuracy_vs_width.png`` (per layer, one panel per task and length),
+    ``accuracy_vs_compute.png`` (accuracy against attention FLOPs per sequence, log scale) and, for
+    rows whose ``curve`` has two or more evaluations, ``accuracy_vs_step.png`` (held-out accuracy
+    during training, one line per run) next to the CSV (or in ``out_dir``). Rows with an error are left out; several rows of one layer at one
     x (seeds) are drawn as their mean with a min-max bar."""
     import matplotlib
 
@@ -219,18 +221,48 @@ def plot_grid(csv_path: Path, out_dir: Optional[Path] = None) -> list[Path]:
                     ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(sep=""))
                 ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded minor labels
             ax.grid(alpha=0.3)
-        handles = {}
-        for ax in axes[0]:
-            for h, lab in zip(*ax.get_legend_handles_labels()):
-                handles.setdefault(lab, h)
-        fig.legend([handles[n] for n in names if n in handles], [n for n in names if n in handles], fontsize=7,
-                   loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-        fig.tight_layout()
-        p = out_dir / fname
-        fig.savefig(p, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save(fig, axes[0], names, out_dir / fname))
+    curves = [(r, c) for r, c in ((r, _curve(r, csv_path)) for r in rows if r.get("curve")) if len(c) >= 2]
+    curve_panels = [pn for pn in panels if any((r["task"], int(r["seq_len"])) == pn for r, _ in curves)]
+    if curve_panels:  # the periodic evaluations: was a run still rising when it stopped?
+        fig, axes = plt.subplots(1, len(curve_panels), figsize=(4.6 * len(curve_panels), 3.8), squeeze=False)
+        for ax, (task, T) in zip(axes[0], curve_panels):
+            for r, pts in curves:
+                if (r["task"], int(r["seq_len"])) == (task, T):
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], ms=3, label=r["layer"],
+                            **{**styles[r["layer"]], "lw": 1.5 if r["layer"] == "dense" else 1.0})
+            ax.set_title(f"{task}, T={T}")
+            ax.set_xlabel("training step")
+            ax.set_ylabel("held-out accuracy")
+            ax.grid(alpha=0.3)
+        paths.append(_save(fig, axes[0], names, out_dir / "accuracy_vs_step.png"))
     return paths
+
+
+def _curve(row: dict, csv_path: Path) -> list:
+    """A row's ``curve`` field as ``[[step, accuracy], ...]`` (ValueError naming the file and field)."""
+    try:
+        pts = json.loads(row["curve"])
+        return [(float(a), float(b)) for a, b in pts]
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{csv_path}: field 'curve' of the {row.get('layer')!r} row is not a JSON list of "
+                         f"[step, accuracy] pairs ({e})") from None
+
+
+def _save(fig, axes, names, path: Path) -> Path:
+    """One legend (a layer once, in ``names`` order) to the right of the panels, then save and close."""
+    import matplotlib.pyplot as plt
+
+    handles = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend([handles[n] for n in names if n in handles], [n for n in names if n in handles], fontsize=7,
+               loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def markdown_tables(csv_paths: Sequence[Path]) -> str:
