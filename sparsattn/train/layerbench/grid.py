@@ -20,8 +20,8 @@ from ...nn import layer_class, list_layers
 from .loop import COLUMNS, train_layer
 
 #: the grids. "reduced": the CPU grid of issue 12 (short MQAR with a 512-token vocabulary, small
-#: ListOps, Pathfinder on 16x16 images); "full": issue 18's GPU sweep (Zoology MQAR at 256 / 512, widths 64..512, V = 8192;
-#: LRA-size ListOps and Pathfinder-32).
+#: ListOps, Pathfinder on 16x16 images); "full": issue 18's GPU sweep (Zoology MQAR at 256 / 512,
+#: widths 64..512, V = 8192; LRA-size ListOps and Pathfinder-32).
 GRIDS = {
     "reduced": [
         dict(task="mqar", seq_lens=[64, 128], widths=[64, 128], steps=2000, kw=dict(vocab=512)),
@@ -171,8 +171,9 @@ def plot_grid(csv_path: Path, out_dir: Optional[Path] = None) -> list[Path]:
     """plot_grid: ``accuracy_vs_width.png`` (per layer, one panel per task and length),
     ``accuracy_vs_compute.png`` (accuracy against attention FLOPs per sequence, log scale) and, for
     rows whose ``curve`` has two or more evaluations, ``accuracy_vs_step.png`` (held-out accuracy
-    during training, one line per run) next to the CSV (or in ``out_dir``). Rows with an error are left out; several rows of one layer at one
-    x (seeds) are drawn as their mean with a min-max bar."""
+    during training, one line per run) next to the CSV (or in ``out_dir``). Rows with an error are
+    left out; several rows of one layer at one x (seeds) are drawn as their mean with a min-max bar.
+    Raises ValueError when a ``curve`` field is not a JSON list of ``[step, accuracy]`` pairs."""
     import matplotlib
 
     matplotlib.use("Agg")
