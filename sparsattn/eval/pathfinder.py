@@ -33,6 +33,7 @@ numbers on these images are therefore comparable in spirit, not in value, to LRA
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import torch
@@ -41,10 +42,13 @@ __all__ = ["pathfinder_dataset", "reach", "connected", "PATH_LEVEL", "MARKER_LEV
 
 #: candidate images generated per attempt at most (bounds memory for large data sets)
 _CHUNK = 16384
-#: generator settings per image side where they differ from the defaults (which are for 32x32,
-#: LRA's Pathfinder-32): the reduced CPU grid's 16x16 images hold 3 curves of 12 pixels (4 curves of
-#: 18 pixels ink a quarter of a 16x16 image, and its flood-fill checks reject so many candidates that
-#: 2000 images take 22 s instead of 0.8 s on the project's CPU)
+#: the curve settings ``pathfinder_dataset`` uses when they are not given: LRA's Pathfinder-32 ones,
+#: or ``SIZE_PRESETS[size]`` over them
+_CURVE_DEFAULTS = dict(n_paths=4, path_len=18.0, min_sep=6.0)
+#: curve settings per image side where they differ from the 32x32 ones: the reduced CPU grid's 16x16
+#: images hold 3 curves of 12 pixels (4 curves of 18 pixels ink a quarter of a 16x16 image, and its
+#: flood-fill checks reject so many candidates that 2000 images take 22 s instead of 0.8 s on the
+#: project's CPU)
 SIZE_PRESETS = {16: dict(n_paths=3, path_len=12.0, min_sep=5.0)}
 #: pixel intensity of the dashed curves and of the two markers
 PATH_LEVEL = 128
@@ -132,9 +136,10 @@ def _marker_masks(pts: np.ndarray, size: int) -> np.ndarray:
     return (dr <= 1) & (dc <= 1) & np.ones((m, 1, 1), dtype=bool)
 
 
-def pathfinder_dataset(n: int, *, seed: int = 0, size: int = 32, n_paths: int = 4, path_len: float = 18.0,
-                       dash_len: float = 2.0, gap_len: float = 1.0, step: float = 0.5, turn_std: float = 0.2,
-                       min_sep: float = 6.0, margin: float = 2.0, return_meta: bool = False):
+def pathfinder_dataset(n: int, *, seed: int = 0, size: int = 32, n_paths: Optional[int] = None,
+                       path_len: Optional[float] = None, dash_len: float = 2.0, gap_len: float = 1.0,
+                       step: float = 0.5, turn_std: float = 0.2, min_sep: Optional[float] = None,
+                       margin: float = 2.0, return_meta: bool = False):
     """pathfinder_dataset: ``n`` Pathfinder images and labels (module docstring), seeded.
 
     Args:
@@ -144,13 +149,18 @@ def pathfinder_dataset(n: int, *, seed: int = 0, size: int = 32, n_paths: int = 
             ones and distractors). path_len: curve length in pixels. dash_len, gap_len: dash and
             gap lengths along the curve (pixels). step: sampling step along the curve (pixels).
             turn_std: direction change per step (radians, Gaussian). min_sep: minimum distance of
-            the two markers. margin: start points keep this far from the border.
+            the two markers. margin: start points keep this far from the border. ``n_paths``,
+            ``path_len`` and ``min_sep`` default to 4, 18 and 6 (32x32), or to ``SIZE_PRESETS[size]``.
         return_meta: also return a dict with the marker pixels (``marker_a``, ``marker_b``
             ``[n, 2]``) and ``reach`` (for tests).
 
     Returns:
         ``(images uint8 [n, size, size], labels int64 [n])`` as torch tensors (and the meta dict).
     """
+    curve = {**_CURVE_DEFAULTS, **SIZE_PRESETS.get(size, {})}
+    n_paths = curve["n_paths"] if n_paths is None else n_paths
+    path_len = curve["path_len"] if path_len is None else path_len
+    min_sep = curve["min_sep"] if min_sep is None else min_sep
     for name, v, lo in (("n", n, 1), ("size", size, 8), ("n_paths", n_paths, 2)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")

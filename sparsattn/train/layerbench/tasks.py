@@ -96,8 +96,6 @@ def _pathfinder(seq_len, n_train, n_test, seed, vocab=None):
         if name in params:
             kw[name] = side
             break
-    # the generator's own settings for this image side (SIZE_PRESETS: the reduced grid's 16x16)
-    kw.update({k: v for k, v in getattr(mod, "SIZE_PRESETS", {}).get(side, {}).items() if k in params})
     xs = []
     for n, s in ((n_train, seed), (n_test, seed + TEST_SEED_OFFSET)):
         img, lab = fn(n, seed=s, **kw)
