@@ -230,8 +230,7 @@ def plot_grid(csv_path: Path, out_dir: Optional[Path] = None) -> list[Path]:
         for ax, (task, T) in zip(axes[0], curve_panels):
             for r, pts in curves:
                 if (r["task"], int(r["seq_len"])) == (task, T):
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], ms=3, label=r["layer"],
-                            **{**styles[r["layer"]], "lw": 1.5 if r["layer"] == "dense" else 1.0})
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], ms=3, label=r["layer"], **styles[r["layer"]])
             ax.set_title(f"{task}, T={T}")
             ax.set_xlabel("training step")
             ax.set_ylabel("held-out accuracy")
